@@ -1,0 +1,78 @@
+"""Command line: ``curation run --config CONFIG.yaml [--set key=value ...]`` and
+``curation demo [--out DIR]``.
+
+Exit status: 0 when the run published (``_SUCCESS`` written); 2 for a bad config or an
+unreachable input (one line on stderr naming the key or URI and why, before any work); 1 when
+the run itself failed.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import sys
+
+EXIT_OK, EXIT_FAILED, EXIT_CONFIG = 0, 1, 2
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="curation", description="Curate image datasets by their embeddings.")
+    sub = parser.add_subparsers(dest="command", required=True)
+    run = sub.add_parser("run", help="run the curation job")
+    run.add_argument("--config", required=True, help="YAML config file")
+    run.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY.PATH=VALUE",
+                     help="override a config key (repeatable)")
+    run.add_argument("--quiet", action="store_true", help="only warnings and errors")
+    demo = sub.add_parser("demo", help="make a demo data set with planted defects and curate it")
+    demo.add_argument("--out", default="./demo-output", help="folder for data and outputs (default ./demo-output)")
+    demo.add_argument("--n", type=int, default=2400, help="clean images to generate (default 2400)")
+    demo.add_argument("--quiet", action="store_true", help="only warnings and errors")
+    return parser
+
+
+def _setup_logging(quiet: bool) -> None:
+    logging.basicConfig(level=logging.WARNING if quiet else logging.INFO,
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s", datefmt="%H:%M:%S")
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    _setup_logging(args.quiet)
+    from curation.config import ConfigError, load_config
+    from curation.embedders import EmbedderError
+    from curation.io.filesystem import StorageError
+
+    try:
+        if args.command == "demo":
+            from curation.demo import run_demo
+
+            return run_demo(out=args.out, n=args.n)
+        config = load_config(args.config, overrides=args.overrides)
+        from curation.io.filesystem import Resolver
+        from curation.io.inputs import check_inputs
+
+        resolver = Resolver(config.storage)
+        check_inputs(config, resolver)
+        from curation.job import run_job
+
+        result = run_job(config, resolver=resolver)
+        print(result.run_uri)
+        return EXIT_OK
+    except (ConfigError, EmbedderError, StorageError) as exc:
+        print(f"curation: error: {exc}", file=sys.stderr)
+        return EXIT_CONFIG
+    except KeyboardInterrupt:
+        print("curation: interrupted", file=sys.stderr)
+        return EXIT_FAILED
+    except Exception as exc:  # the run failed: one line, full trace in the log at debug level
+        logging.getLogger("curation").debug("run failed", exc_info=True)
+        print(f"curation: run failed: {type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}",
+              file=sys.stderr)
+        if os.environ.get("CURATION_DEBUG"):
+            raise
+        return EXIT_FAILED
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,418 @@
+"""Typed job configuration, validated when it is loaded.
+
+Every key has a default except ``input`` (one of images / manifest / embeddings) and
+``output.uri``. Unknown keys, wrong types and out-of-range values are refused at load time
+with a :class:`ConfigError` that names the key, so a bad config fails before any work starts.
+
+Overrides use dotted paths (``--set embedder.batch_size=64``); values are parsed as YAML
+scalars, so ``true``, ``0.9`` and ``[a, b]`` arrive typed.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import types
+import typing
+from dataclasses import dataclass, field
+from typing import Any
+
+import yaml
+
+
+class ConfigError(ValueError):
+    """A configuration problem; the message names the offending key and says why."""
+
+
+@dataclass
+class InputConfig:
+    """What to curate.
+
+    Attributes:
+        images: a local folder or ``s3://bucket/prefix`` listed recursively for image files.
+        manifest: a Parquet or CSV file with a ``uri`` column, optional ``label`` and any
+            metadata columns (carried through to ``samples``).
+        labels: optional CSV ``path,label``; ``path`` relative to ``images`` or a full URI.
+        embeddings: optional precomputed Parquet ``uri, embedding[, label]``; skips decoding
+            and embedding entirely.
+        extensions: file suffixes that count as images when listing ``images``.
+    """
+
+    images: str | None = None
+    manifest: str | None = None
+    labels: str | None = None
+    embeddings: str | None = None
+    extensions: list[str] = field(
+        default_factory=lambda: [".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff"]
+    )
+
+
+@dataclass
+class StorageConfig:
+    """S3-compatible storage. Unset fields fall back to the standard AWS environment variables
+    (``AWS_ENDPOINT_URL``, ``AWS_ACCESS_KEY_ID``, ``AWS_SECRET_ACCESS_KEY``, ``AWS_REGION``).
+    Secrets are never logged nor written to ``run.json``."""
+
+    endpoint_url: str | None = None
+    region: str | None = None
+    access_key_id: str | None = field(default=None, repr=False)
+    secret_access_key: str | None = field(default=None, repr=False)
+
+
+@dataclass
+class DecodeConfig:
+    """Decoding on CPU tasks.
+
+    Attributes:
+        max_pixels: images with more pixels than this are rejected before pixels are allocated.
+        background: RGB used to composite transparent images.
+        batch_size: rows per decode task batch.
+    """
+
+    max_pixels: int = 100_000_000
+    background: list[int] = field(default_factory=lambda: [255, 255, 255])
+    batch_size: int = 64
+
+
+@dataclass
+class EmbedderConfig:
+    """The embedding model.
+
+    Attributes:
+        model: a registered name: ``thumbnail`` (weight-free pixel descriptor), a torchvision
+            backbone (``resnet18``, ``resnet50``, ``mobilenet_v3_small``, ...), or
+            ``torchscript`` (a user program file given in ``weights``).
+        weights: ``DEFAULT`` (torchvision's published weights, downloaded once), a path or
+            ``s3://`` URI of a state_dict / TorchScript file, or ``none`` (random init; tests only).
+        image_size: square input size the decoder resizes to.
+        batch_size: images per forward pass.
+        device: ``auto`` (GPU when present), ``cpu`` or ``cuda``.
+        precision: ``auto`` (bf16 autocast on GPU, fp32 on CPU), ``fp32`` or ``bf16``.
+        min_actors / max_actors: embedding actor pool size; ``max_actors: 0`` sizes it from the
+            cluster (one per GPU, else leave half the CPUs to reading and decoding).
+        store_dtype: ``float32`` or ``float16`` for the stored embeddings.
+    """
+
+    model: str = "resnet18"
+    weights: str = "DEFAULT"
+    image_size: int = 224
+    batch_size: int = 64
+    device: str = "auto"
+    precision: str = "auto"
+    min_actors: int = 1
+    max_actors: int = 0
+    store_dtype: str = "float32"
+
+
+@dataclass
+class KnnConfig:
+    """Nearest neighbours. ``k`` neighbours per item, self excluded."""
+
+    k: int = 10
+
+
+@dataclass
+class ScoresConfig:
+    """Score thresholds. Defaults were measured on the demo set (see README, "Scores").
+
+    Attributes:
+        near_duplicate_cosine: embedding cosine similarity at or above which two items are
+            near duplicates.
+        near_duplicate_hamming: 64-bit perceptual-hash distance at or below which two items
+            are near duplicates (catches re-encodes that embeddings separate poorly).
+        dark_brightness: mean luminance below which an image is dark.
+        bright_brightness: mean luminance above which an image is over-exposed.
+        washed_out_brightness / washed_out_contrast: a light image (mean above the first) with
+            luminance std below the second is washed out (also flagged ``is_bright``).
+        blurry_sharpness: normalised Laplacian energy below which an image is blurry.
+        low_information_std: luminance std below which an image carries no information.
+        label_quality_threshold: labelled items below this whose suggested label differs are
+            suspected mislabels.
+        rare_tail_quantile: sparseness above this is the "rarest tail" excluded from
+            ``representative``.
+        n_clusters: k-means clusters; 0 picks ``clamp(sqrt(N/2), 2, 256)``.
+        map_points: at most this many items get 2-D map coordinates.
+    """
+
+    near_duplicate_cosine: float = 0.97
+    near_duplicate_hamming: int = 4
+    dark_brightness: float = 0.16
+    bright_brightness: float = 0.90
+    washed_out_brightness: float = 0.70
+    washed_out_contrast: float = 0.08
+    blurry_sharpness: float = 0.06
+    low_information_std: float = 0.02
+    label_quality_threshold: float = 0.5
+    rare_tail_quantile: float = 0.98
+    n_clusters: int = 0
+    map_points: int = 5000
+
+
+SELECTION_MODES = ("representative", "edge_cases", "label_review", "clean")
+
+
+@dataclass
+class SelectionConfig:
+    """One named selection.
+
+    Attributes:
+        name: output file ``selections/<name>.parquet``.
+        mode: ``representative`` | ``edge_cases`` | ``label_review`` | ``clean``.
+        budget: maximum rows (``clean`` ignores it unless set).
+        class_balance: ``uniform`` | ``proportional`` | ``tempered:<alpha>`` (representative).
+        where: a filter over sample/metadata columns (pandas ``query`` syntax).
+        balance_on: balance over this column instead of ``label``.
+    """
+
+    name: str
+    mode: str
+    budget: int | None = None
+    class_balance: str = "uniform"
+    where: str | None = None
+    balance_on: str | None = None
+
+
+def _default_selections() -> list[SelectionConfig]:
+    return [
+        SelectionConfig(name="train", mode="representative", budget=1000),
+        SelectionConfig(name="edge_cases", mode="edge_cases", budget=200),
+        SelectionConfig(name="label_review", mode="label_review", budget=300),
+        SelectionConfig(name="clean", mode="clean"),
+    ]
+
+
+@dataclass
+class OutputConfig:
+    """Where results go. ``run_id`` defaults to a UTC timestamp."""
+
+    uri: str | None = None
+    run_id: str | None = None
+
+
+@dataclass
+class RayConfig:
+    """Local Ray settings, used only when neither ``RAY_ADDRESS`` is set nor Ray is running."""
+
+    num_cpus: int | None = None
+    object_store_memory: int | None = None
+
+
+@dataclass
+class Config:
+    """The whole job configuration."""
+
+    input: InputConfig = field(default_factory=InputConfig)
+    storage: StorageConfig = field(default_factory=StorageConfig)
+    decode: DecodeConfig = field(default_factory=DecodeConfig)
+    embedder: EmbedderConfig = field(default_factory=EmbedderConfig)
+    knn: KnnConfig = field(default_factory=KnnConfig)
+    scores: ScoresConfig = field(default_factory=ScoresConfig)
+    selections: list[SelectionConfig] = field(default_factory=_default_selections)
+    output: OutputConfig = field(default_factory=OutputConfig)
+    ray: RayConfig = field(default_factory=RayConfig)
+
+    def to_dict(self, *, redact: bool = True) -> dict[str, Any]:
+        """Plain dict (for run.json); credentials replaced by ``"***"`` when ``redact``."""
+        data = dataclasses.asdict(self)
+        if redact:
+            for key in ("access_key_id", "secret_access_key"):
+                if data["storage"].get(key):
+                    data["storage"][key] = "***"
+        return data
+
+
+# ---------------------------------------------------------------- building from plain data
+
+
+def _type_name(tp: Any) -> str:
+    return getattr(tp, "__name__", str(tp)).replace("NoneType", "null")
+
+
+def _coerce(value: Any, tp: Any, key: str) -> Any:
+    origin = typing.get_origin(tp)
+    if origin in (typing.Union, types.UnionType):
+        args = typing.get_args(tp)
+        if value is None and type(None) in args:
+            return None
+        for arg in args:
+            if arg is type(None):
+                continue
+            try:
+                return _coerce(value, arg, key)
+            except ConfigError:
+                continue
+        raise ConfigError(f"config key '{key}': expected {' or '.join(_type_name(a) for a in args)}, got {value!r}")
+    if origin is list:
+        (item_tp,) = typing.get_args(tp)
+        if not isinstance(value, list):
+            raise ConfigError(f"config key '{key}': expected a list, got {value!r}")
+        return [_coerce(v, item_tp, f"{key}[{i}]") for i, v in enumerate(value)]
+    if dataclasses.is_dataclass(tp):
+        return _build(tp, value, key)
+    if tp is bool:
+        if isinstance(value, bool):
+            return value
+    elif tp is int:
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+    elif tp is float:
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+    elif tp is str:
+        if isinstance(value, (str, int, float)) and not isinstance(value, bool):
+            return str(value)
+    raise ConfigError(f"config key '{key}': expected {_type_name(tp)}, got {value!r}")
+
+
+def _build(cls: type, data: Any, prefix: str) -> Any:
+    if data is None:
+        data = {}
+    if not isinstance(data, dict):
+        raise ConfigError(f"config key '{prefix or '<root>'}': expected a mapping, got {data!r}")
+    hints = typing.get_type_hints(cls)
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    unknown = sorted(set(data) - set(fields))
+    if unknown:
+        where = f"'{prefix}.{unknown[0]}'" if prefix else f"'{unknown[0]}'"
+        raise ConfigError(f"unknown config key {where} (known: {', '.join(fields)})")
+    kwargs = {}
+    for name, f in fields.items():
+        key = f"{prefix}.{name}" if prefix else name
+        if name in data:
+            kwargs[name] = _coerce(data[name], hints[name], key)
+        elif f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING:
+            raise ConfigError(f"config key '{key}': required")
+    return cls(**kwargs)
+
+
+def _set_dotted(data: dict, dotted: str, value: Any) -> None:
+    parts = dotted.split(".")
+    node = data
+    for part in parts[:-1]:
+        if isinstance(node, list):
+            node = node[int(part)]
+            continue
+        node = node.setdefault(part, {})
+        if not isinstance(node, (dict, list)):
+            raise ConfigError(f"--set {dotted}: '{part}' is not a section")
+    last = parts[-1]
+    if isinstance(node, list):
+        node[int(last)] = value
+    else:
+        node[last] = value
+
+
+def parse_overrides(overrides: list[str]) -> list[tuple[str, Any]]:
+    """Parse ``key.path=value`` strings; values are YAML scalars."""
+    parsed = []
+    for item in overrides:
+        if "=" not in item:
+            raise ConfigError(f"--set {item!r}: expected key.path=value")
+        key, raw = item.split("=", 1)
+        parsed.append((key.strip(), yaml.safe_load(raw) if raw.strip() else None))
+    return parsed
+
+
+def load_config(path: str | os.PathLike | None = None, *, overrides: list[str] | None = None,
+                data: dict | None = None) -> Config:
+    """Load, override and validate a configuration.
+
+    Args:
+        path: a local YAML file (optional when ``data`` is given).
+        overrides: ``key.path=value`` strings applied on top.
+        data: a mapping used instead of (or under) the file.
+
+    Returns:
+        A validated :class:`Config`.
+
+    Raises:
+        ConfigError: with one line naming the key and the problem.
+    """
+    raw: dict = dict(data or {})
+    if path is not None:
+        try:
+            with open(path, encoding="utf-8") as fh:
+                loaded = yaml.safe_load(fh)
+        except FileNotFoundError:
+            raise ConfigError(f"config file {str(path)!r}: not found") from None
+        except yaml.YAMLError as exc:
+            raise ConfigError(f"config file {str(path)!r}: invalid YAML ({str(exc).splitlines()[0]})") from None
+        if loaded is not None and not isinstance(loaded, dict):
+            raise ConfigError(f"config file {str(path)!r}: expected a mapping at the top level")
+        raw.update(loaded or {})
+    for key, value in parse_overrides(overrides or []):
+        try:
+            _set_dotted(raw, key, value)
+        except (IndexError, ValueError) as exc:
+            raise ConfigError(f"--set {key}: {exc}") from None
+    config = _build(Config, raw, "")
+    validate(config)
+    return config
+
+
+def validate(config: Config) -> None:
+    """Check cross-field rules and ranges; raises :class:`ConfigError`."""
+    inp = config.input
+    if not (inp.images or inp.manifest or inp.embeddings):
+        raise ConfigError("config key 'input': set one of input.images, input.manifest or input.embeddings")
+    if inp.images and inp.manifest:
+        raise ConfigError("config key 'input.manifest': give input.images or input.manifest, not both")
+    if not config.output.uri:
+        raise ConfigError("config key 'output.uri': required")
+    emb = config.embedder
+    if emb.device not in ("auto", "cpu", "cuda"):
+        raise ConfigError(f"config key 'embedder.device': expected auto, cpu or cuda, got {emb.device!r}")
+    if emb.precision not in ("auto", "fp32", "bf16"):
+        raise ConfigError(f"config key 'embedder.precision': expected auto, fp32 or bf16, got {emb.precision!r}")
+    if emb.store_dtype not in ("float32", "float16"):
+        raise ConfigError(f"config key 'embedder.store_dtype': expected float32 or float16, got {emb.store_dtype!r}")
+    for key in ("image_size", "batch_size", "min_actors"):
+        if getattr(emb, key) < 1:
+            raise ConfigError(f"config key 'embedder.{key}': must be >= 1, got {getattr(emb, key)}")
+    if emb.max_actors < 0:
+        raise ConfigError(f"config key 'embedder.max_actors': must be >= 0, got {emb.max_actors}")
+    if config.knn.k < 1:
+        raise ConfigError(f"config key 'knn.k': must be >= 1, got {config.knn.k}")
+    if config.decode.max_pixels < 1:
+        raise ConfigError("config key 'decode.max_pixels': must be >= 1")
+    if len(config.decode.background) != 3 or not all(0 <= v <= 255 for v in config.decode.background):
+        raise ConfigError("config key 'decode.background': expected three integers in [0, 255]")
+    sc = config.scores
+    for key in ("near_duplicate_cosine", "dark_brightness", "bright_brightness", "washed_out_brightness",
+                "label_quality_threshold", "rare_tail_quantile"):
+        value = getattr(sc, key)
+        if not 0.0 <= value <= 1.0:
+            raise ConfigError(f"config key 'scores.{key}': must be in [0, 1], got {value}")
+    if not 0 <= sc.near_duplicate_hamming <= 64:
+        raise ConfigError("config key 'scores.near_duplicate_hamming': must be in [0, 64]")
+    names = set()
+    for i, sel in enumerate(config.selections):
+        key = f"selections[{i}]"
+        if sel.mode not in SELECTION_MODES:
+            raise ConfigError(f"config key '{key}.mode': expected one of {', '.join(SELECTION_MODES)}, got {sel.mode!r}")
+        if sel.name in names:
+            raise ConfigError(f"config key '{key}.name': duplicate selection name {sel.name!r}")
+        if not sel.name or "/" in sel.name:
+            raise ConfigError(f"config key '{key}.name': must be a non-empty name without '/'")
+        names.add(sel.name)
+        if sel.budget is not None and sel.budget < 1:
+            raise ConfigError(f"config key '{key}.budget': must be >= 1, got {sel.budget}")
+        if sel.mode in ("representative", "edge_cases", "label_review") and sel.budget is None:
+            raise ConfigError(f"config key '{key}.budget': required for mode {sel.mode}")
+        parse_class_balance(sel.class_balance, key=f"{key}.class_balance")
+
+
+def parse_class_balance(value: str, *, key: str = "class_balance") -> float:
+    """Return the tempering exponent: uniform = 0, proportional = 1, tempered:a = a."""
+    if value == "uniform":
+        return 0.0
+    if value == "proportional":
+        return 1.0
+    if value.startswith("tempered:"):
+        try:
+            alpha = float(value.split(":", 1)[1])
+        except ValueError:
+            alpha = -1.0
+        if 0.0 <= alpha <= 1.0:
+            return alpha
+    raise ConfigError(f"config key '{key}': expected uniform, proportional or tempered:<alpha in [0,1]>, got {value!r}")

@@ -1,0 +1,169 @@
+"""Embedding model registry.
+
+``embedder.model`` names one of:
+
+* ``thumbnail`` -- a weight-free pixel descriptor: the image average-pooled to 16x16, per-image
+  standardised (brightness/contrast invariant), flattened (768-d). Needs no download, so it is
+  the offline demo's default. It captures colour and layout, **not semantics**: classes that
+  differ only in meaning separate weakly (see NOTES: 10-NN accuracy ~0.49 on CIFAR-10 versus
+  ~0.87 for a trained network), but near copies it finds well.
+* a torchvision backbone (``resnet18``, ``resnet50``, ``mobilenet_v3_small``, ``efficientnet_b0``,
+  ``convnext_tiny``, ``vit_b_16``, ... any ``torchvision.models`` name) with its classifier
+  head removed (penultimate features).
+* ``torchscript`` -- a user TorchScript program file (``weights`` = its path or ``s3://`` URI),
+  mapping a float (N, 3, S, S) ImageNet-normalised batch to (N, D) features.
+
+``embedder.weights``: ``DEFAULT`` (torchvision's published weights, downloaded and cached by
+torchvision; needs internet once), a path or ``s3://`` URI of a state_dict (loaded with
+``weights_only=True``), or ``none`` (random init: only meaningful for tests and timing).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import logging
+from dataclasses import asdict, dataclass
+
+import torch
+from torch import nn
+
+from curation.io.filesystem import Resolver, read_bytes
+
+log = logging.getLogger(__name__)
+
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+WEIGHT_FREE_MODELS = ("thumbnail",)
+
+
+class EmbedderError(ValueError):
+    """The model or its weights cannot be loaded; the message names which and why."""
+
+
+@dataclass
+class EmbedderIdentity:
+    """What produced an embedding; stored in run.json and beside every stored embedding."""
+
+    model: str
+    weights: str
+    weights_sha256: str | None
+    image_size: int
+    mean: tuple[float, float, float]
+    std: tuple[float, float, float]
+    dim: int
+    semantic: bool
+    warning: str | None = None
+
+    @property
+    def model_id(self) -> str:
+        digest = (self.weights_sha256 or self.weights)[:12]
+        return f"{self.model}@{digest}/{self.image_size}px"
+
+    def to_dict(self) -> dict:
+        data = asdict(self)
+        data["model_id"] = self.model_id
+        return data
+
+
+class ThumbnailEmbedder(nn.Module):
+    """Average-pool to ``grid`` x ``grid``, standardise per image, flatten."""
+
+    def __init__(self, grid: int = 16):
+        super().__init__()
+        self.grid = grid
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        pooled = nn.functional.adaptive_avg_pool2d(x, self.grid).flatten(1)
+        pooled = pooled - pooled.mean(dim=1, keepdim=True)
+        return pooled / (pooled.std(dim=1, keepdim=True) + 1e-3)
+
+
+def _strip_head(model: nn.Module) -> nn.Module:
+    """Replace the last Linear layer (the classifier) with Identity -> penultimate features."""
+    last_name = None
+    for name, module in model.named_modules():
+        if isinstance(module, nn.Linear):
+            last_name = name
+    if last_name is None:
+        raise EmbedderError("model has no Linear classifier head to remove")
+    parent = model
+    *path, leaf = last_name.split(".")
+    for part in path:
+        parent = getattr(parent, part)
+    setattr(parent, leaf, nn.Identity())
+    return model
+
+
+def _load_bytes(uri: str, resolver: Resolver) -> bytes:
+    try:
+        return read_bytes(resolver.resolve(uri))
+    except (OSError, ValueError) as exc:
+        raise EmbedderError(f"embedder.weights: cannot read {uri} ({exc})") from None
+
+
+def load_embedder(model: str, weights: str, *, image_size: int,
+                  resolver: Resolver | None = None) -> tuple[nn.Module, EmbedderIdentity]:
+    """Build the model (eval mode, on CPU) and describe it.
+
+    Raises:
+        EmbedderError: unknown model name, unreadable or mismatched weights.
+    """
+    import torchvision
+
+    resolver = resolver or Resolver()
+    weights_sha = None
+    warning = None
+    semantic = True
+    weights_key = (weights or "none").strip()
+    if model == "thumbnail":
+        net: nn.Module = ThumbnailEmbedder()
+        weights_key, semantic = "none", False
+        warning = ("thumbnail embedder: a weight-free pixel descriptor (colour and layout, no "
+                   "semantics); label quality and clusters reflect appearance only")
+    elif model == "torchscript":
+        if weights_key.lower() in ("none", "default"):
+            raise EmbedderError("embedder.weights: model 'torchscript' needs the program file's path or s3:// URI")
+        data = _load_bytes(weights_key, resolver)
+        weights_sha = hashlib.sha256(data).hexdigest()
+        try:
+            net = torch.jit.load(io.BytesIO(data), map_location="cpu")
+        except Exception as exc:
+            raise EmbedderError(f"embedder.weights: {weights_key} is not a TorchScript program ({exc})") from None
+    else:
+        available = set(torchvision.models.list_models())
+        if model not in available:
+            raise EmbedderError(f"embedder.model: unknown model {model!r}; expected 'thumbnail', "
+                                f"'torchscript' or a torchvision model such as resnet18, resnet50")
+        if weights_key.upper() == "DEFAULT":
+            # torchvision downloads once and caches; needs internet on first use.
+            tv_weights = torchvision.models.get_model_weights(model).DEFAULT
+            net = torchvision.models.get_model(model, weights=tv_weights)
+            weights_key = f"torchvision:{tv_weights}"
+        elif weights_key.lower() == "none":
+            net = torchvision.models.get_model(model, weights=None)
+            semantic = False
+            warning = (f"embedder {model} has random weights (weights: none): embeddings carry no "
+                       f"semantics; use only for tests and timing")
+            log.warning(warning)
+        else:
+            data = _load_bytes(weights_key, resolver)
+            weights_sha = hashlib.sha256(data).hexdigest()
+            net = torchvision.models.get_model(model, weights=None)
+            try:
+                state = torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
+                if isinstance(state, dict) and "state_dict" in state and isinstance(state["state_dict"], dict):
+                    state = state["state_dict"]
+                net.load_state_dict(state)
+            except Exception as exc:
+                raise EmbedderError(f"embedder.weights: {weights_key} does not load into {model} "
+                                    f"({str(exc).splitlines()[0][:300]})") from None
+        net = _strip_head(net)
+    net.eval()
+    with torch.inference_mode():
+        dim = int(net(torch.zeros(1, 3, image_size, image_size)).reshape(1, -1).shape[1])
+    identity = EmbedderIdentity(
+        model=model, weights=weights_key, weights_sha256=weights_sha, image_size=image_size,
+        mean=IMAGENET_MEAN, std=IMAGENET_STD, dim=dim, semantic=semantic, warning=warning,
+    )
+    return net, identity

@@ -1,0 +1,1 @@
+"""Storage: the filesystem helper, inputs in, outputs out."""

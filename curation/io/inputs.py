@@ -1,0 +1,187 @@
+"""Turn ``input.*`` into one table of input items: one row per listed file, manifest row or
+labels row, so that accounting (every input appears in ``samples`` exactly once) can hold.
+
+Columns: ``input_id`` (int64, stable order), ``uri``, ``label`` (nullable), ``input_error``
+(a reason known before reading, e.g. a non-image extension or a repeated labels row) and any
+manifest metadata columns.
+"""
+
+from __future__ import annotations
+
+import csv
+import logging
+import posixpath
+
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.csv as pacsv
+import pyarrow.parquet as pq
+
+from curation.config import Config, ConfigError
+from curation.io.filesystem import Location, Resolver, StorageError, check_readable, list_files, open_text
+from curation.schema import RESERVED_COLUMNS
+
+log = logging.getLogger(__name__)
+
+
+def check_inputs(config: Config, resolver: Resolver) -> None:
+    """Fail fast (before Ray starts) when an input URI is unreachable or of the wrong kind."""
+    inp = config.input
+    checks = [("input.images", inp.images, "dir"), ("input.manifest", inp.manifest, "file"),
+              ("input.labels", inp.labels, "file"), ("input.embeddings", inp.embeddings, "any")]
+    for key, uri, want in checks:
+        if not uri:
+            continue
+        try:
+            location = resolver.resolve(uri)
+            check_readable(location, want=want)
+        except StorageError as exc:
+            raise ConfigError(f"config key '{key}': {exc}") from None
+
+
+def _read_labels(location: Location) -> list[tuple[str, str]]:
+    reader = csv.reader(open_text(location))
+    rows = [row for row in reader if row and any(cell.strip() for cell in row)]
+    if not rows:
+        return []
+    header = [cell.strip().lower() for cell in rows[0]]
+    if "label" in header and ("path" in header or "uri" in header):
+        path_col = header.index("path") if "path" in header else header.index("uri")
+        label_col = header.index("label")
+        rows = rows[1:]
+    else:
+        path_col, label_col = 0, 1
+    out = []
+    for i, row in enumerate(rows):
+        if len(row) <= max(path_col, label_col):
+            raise StorageError(f"{location.uri}: row {i + 2} has {len(row)} columns, expected path,label")
+        out.append((row[path_col].strip(), row[label_col].strip()))
+    return out
+
+
+def _label_uri(path: str, images_root: Location | None, resolver: Resolver) -> str:
+    if "://" in path or path.startswith("/"):
+        return resolver.resolve(path).uri
+    if images_root is None:
+        raise StorageError(f"labels path {path!r} is relative but input.images is not set")
+    return images_root.child(path).uri
+
+
+def _list_images(config: Config, resolver: Resolver) -> tuple[Location, list[str], list[str | None]]:
+    root = resolver.resolve(config.input.images)
+    extensions = {ext.lower() for ext in config.input.extensions}
+    uris, errors = [], []
+    for info in list_files(root):
+        uri = root.child(posixpath.relpath(info.path, root.path)).uri
+        suffix = posixpath.splitext(info.path)[1].lower()
+        uris.append(uri)
+        if posixpath.basename(info.path).startswith("."):
+            errors.append("skipped: hidden file")
+        elif suffix not in extensions:
+            errors.append(f"not an image: extension {suffix or '(none)'!r} is not in input.extensions")
+        else:
+            errors.append(None)
+    return root, uris, errors
+
+
+def _read_table(location: Location) -> pa.Table:
+    try:
+        if location.path.lower().endswith(".csv"):
+            with location.filesystem.open_input_stream(location.path) as fh:
+                return pacsv.read_csv(fh)
+        return pq.read_table(location.path, filesystem=location.filesystem)
+    except (OSError, pa.ArrowException) as exc:
+        raise StorageError(f"{location.uri}: cannot read table ({exc})") from exc
+
+
+def _read_manifest(config: Config, resolver: Resolver) -> pa.Table:
+    location = resolver.resolve(config.input.manifest)
+    table = _read_table(location)
+    if "uri" not in table.column_names:
+        raise ConfigError(f"config key 'input.manifest': {location.uri} has no 'uri' column "
+                          f"(columns: {', '.join(table.column_names)})")
+    base = Location(location.filesystem, posixpath.dirname(location.path), "")
+    uris = []
+    for value in table["uri"].to_pylist():
+        value = (value or "").strip()
+        if value and "://" not in value and not value.startswith("/"):
+            uris.append(base.child(value).uri)  # relative to the manifest's folder
+        else:
+            uris.append(value)
+    columns = {"uri": pa.array(uris, pa.string())}
+    if "label" in table.column_names:
+        labels = pc.cast(table["label"], pa.string())
+        columns["label"] = labels
+    for name in table.column_names:
+        if name in ("uri", "label"):
+            continue
+        if name in RESERVED_COLUMNS:
+            raise ConfigError(f"config key 'input.manifest': column {name!r} clashes with an output column; rename it")
+        columns[name] = table[name]
+    return pa.table(columns)
+
+
+def list_inputs(config: Config, resolver: Resolver) -> pa.Table:
+    """Build the inputs table for ``input.images`` or ``input.manifest`` (+ ``input.labels``)."""
+    images_root: Location | None = None
+    if config.input.manifest:
+        table = _read_manifest(config, resolver)
+        errors: list[str | None] = [None if u else "missing: empty uri in manifest" for u in table["uri"].to_pylist()]
+    else:
+        images_root, uris, errors = _list_images(config, resolver)
+        table = pa.table({"uri": pa.array(uris, pa.string())})
+    n = table.num_rows
+    labels: list[str | None] = table["label"].to_pylist() if "label" in table.column_names else [None] * n
+
+    extra_uris: list[str] = []
+    extra_labels: list[str | None] = []
+    extra_errors: list[str | None] = []
+    if config.input.labels:
+        labels_location = resolver.resolve(config.input.labels)
+        index = {uri: i for i, uri in enumerate(table["uri"].to_pylist())}
+        seen: set[str] = set()
+        for path, label in _read_labels(labels_location):
+            uri = _label_uri(path, images_root, resolver)
+            if uri in seen:
+                extra_uris.append(uri)
+                extra_labels.append(label)
+                extra_errors.append(f"duplicate labels row for {path!r} (first row kept)")
+                continue
+            seen.add(uri)
+            if uri in index:
+                labels[index[uri]] = label or None
+            else:
+                # A labels row whose file was not listed is still an input; decoding reports it missing.
+                extra_uris.append(uri)
+                extra_labels.append(label or None)
+                extra_errors.append(None)
+
+    columns = {
+        "uri": pa.array(table["uri"].to_pylist() + extra_uris, pa.string()),
+        "label": pa.array(labels + extra_labels, pa.string()),
+        "input_error": pa.array(errors + extra_errors, pa.string()),
+    }
+    for name in table.column_names:
+        if name not in ("uri", "label"):
+            column = table[name].combine_chunks()
+            if extra_uris:
+                column = pa.concat_arrays([column, pa.nulls(len(extra_uris), column.type)])
+            columns[name] = column
+    total = n + len(extra_uris)
+    columns = {"input_id": pa.array(range(total), pa.int64()), **columns}
+    log.info("inputs: %d items (%d listed, %d from labels only)", total, n, len(extra_uris))
+    return pa.table(columns)
+
+
+def read_embeddings_input(config: Config, resolver: Resolver) -> pa.Table:
+    """Read ``input.embeddings`` (Parquet file or folder: ``uri, embedding[, label]``)."""
+    location = resolver.resolve(config.input.embeddings)
+    try:
+        table = pq.read_table(location.path, filesystem=location.filesystem)
+    except (OSError, pa.ArrowException) as exc:
+        raise ConfigError(f"config key 'input.embeddings': {location.uri}: cannot read Parquet ({exc})") from None
+    for required in ("uri", "embedding"):
+        if required not in table.column_names:
+            raise ConfigError(f"config key 'input.embeddings': {location.uri} has no {required!r} column "
+                              f"(columns: {', '.join(table.column_names)})")
+    return table

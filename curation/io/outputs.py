@@ -1,0 +1,76 @@
+"""Write a run's outputs and publish it.
+
+Layout under ``output.uri``::
+
+    <run_id>/samples/part-00000.parquet
+    <run_id>/selections/<name>.parquet
+    <run_id>/embeddings/*.parquet        (written by Ray Data in the pipeline)
+    <run_id>/report.html
+    <run_id>/run.json
+    <run_id>/_SUCCESS                    written last
+    latest                               {"run_id": ...}, replaced only after _SUCCESS
+
+Readers should only trust a run whose ``_SUCCESS`` exists, and should find the newest complete
+run through ``latest``; a crashed run leaves a folder without ``_SUCCESS`` and ``latest``
+untouched.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import json
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from curation.io.filesystem import Location, write_bytes
+from curation.schema import SAMPLES_CONTRACT, SAMPLES_EXTRA
+
+SAMPLES_ROWS_PER_FILE = 1_000_000
+
+
+def new_run_id() -> str:
+    return dt.datetime.now(dt.timezone.utc).strftime("%Y%m%dT%H%M%S%fZ")
+
+
+def order_samples(samples: pa.Table) -> pa.Table:
+    """Contract columns first (cast to their contract types), then our extras, then metadata."""
+    columns, names = [], []
+    for schema in (SAMPLES_CONTRACT, SAMPLES_EXTRA):
+        for field in schema:
+            if field.name in samples.column_names:
+                columns.append(samples[field.name].cast(field.type))
+                names.append(field.name)
+    for name in samples.column_names:
+        if name not in names and name not in ("embedding", "pixels", "input_error"):
+            columns.append(samples[name])
+            names.append(name)
+    return pa.table(dict(zip(names, columns)))
+
+
+def write_samples(run: Location, samples: pa.Table) -> list[str]:
+    folder = run.child("samples")
+    folder.filesystem.create_dir(folder.path, recursive=True)
+    paths = []
+    for part, start in enumerate(range(0, max(samples.num_rows, 1), SAMPLES_ROWS_PER_FILE)):
+        target = folder.child(f"part-{part:05d}.parquet")
+        pq.write_table(samples.slice(start, SAMPLES_ROWS_PER_FILE), target.path, filesystem=target.filesystem)
+        paths.append(target.uri)
+    return paths
+
+
+def write_table(location: Location, table: pa.Table) -> None:
+    parent = location.path.rsplit("/", 1)[0]
+    location.filesystem.create_dir(parent, recursive=True)
+    pq.write_table(table, location.path, filesystem=location.filesystem)
+
+
+def write_json(location: Location, data: dict) -> None:
+    write_bytes(location, json.dumps(data, indent=2, sort_keys=False, default=str).encode("utf-8"))
+
+
+def publish(output: Location, run_id: str) -> None:
+    """Mark the run complete, then point ``latest`` at it (in that order)."""
+    run = output.child(run_id)
+    write_bytes(run.child("_SUCCESS"), b"")
+    write_json(output.child("latest"), {"run_id": run_id, "uri": run.uri})

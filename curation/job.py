@@ -1,0 +1,195 @@
+"""The curation job, start to finish: inputs -> decode/embed (Ray) -> kNN -> scores ->
+selections -> outputs -> publish."""
+
+from __future__ import annotations
+
+import logging
+import platform
+import time
+from dataclasses import dataclass
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+
+import curation
+from curation.config import Config
+from curation.embedders import EmbedderIdentity, load_embedder
+from curation.index.knn import exact_knn
+from curation.io import inputs as inputs_io
+from curation.io import outputs
+from curation.io.filesystem import Location, Resolver, write_bytes
+from curation.report import render_report
+from curation.schema import STATUS_OK, STATUS_REJECTED
+from curation.scores import run_scores
+from curation.select import build_selections
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class RunResult:
+    run_id: str
+    run_uri: str
+    samples: pa.Table
+    run_info: dict
+
+
+def _embeddings_matrix(column: pa.ChunkedArray | pa.Array) -> np.ndarray:
+    array = column.combine_chunks() if isinstance(column, pa.ChunkedArray) else column
+    if pa.types.is_fixed_size_list(array.type):
+        dim = array.type.list_size
+    else:
+        dim = len(array[0]) if len(array) else 0
+    flat = array.flatten().to_numpy(zero_copy_only=False).astype(np.float32)
+    return flat.reshape(len(array), dim)
+
+
+def _samples_from_embeddings(table: pa.Table) -> tuple[pa.Table, np.ndarray]:
+    """Rows of ``input.embeddings``: no pixels, so no decode statistics; all rows ok unless
+    their vector is null, of the wrong length or not finite."""
+    n = table.num_rows
+    emb_col = table["embedding"].combine_chunks()
+    valid = np.asarray(emb_col.is_valid(), bool)
+    lengths = pc.list_value_length(emb_col).to_numpy(zero_copy_only=False)
+    dim = int(np.median(lengths[valid])) if valid.any() else 0
+    good = valid & (lengths == dim)
+    matrix = np.zeros((n, dim), np.float32)
+    if good.any():
+        matrix[good] = _embeddings_matrix(emb_col.filter(pa.array(good)))
+    finite = np.isfinite(matrix).all(axis=1)
+    norms = np.linalg.norm(matrix, axis=1)
+    good &= finite & (norms > 0)
+    matrix[good] /= norms[good, None]
+    reasons = np.where(~valid, "corrupt: null embedding",
+                       np.where(lengths != dim, f"corrupt: embedding length differs from {dim}",
+                                np.where(~good, "corrupt: embedding is zero or not finite", None)))
+    columns = {
+        "input_id": pa.array(np.arange(n, dtype=np.int64)),
+        "uri": table["uri"].cast(pa.string()),
+        "label": table["label"].cast(pa.string()) if "label" in table.column_names else pa.nulls(n, pa.string()),
+        "status": pa.array(np.where(good, STATUS_OK, STATUS_REJECTED), pa.string()),
+        "reason": pa.array(list(reasons), pa.string()),
+        "width": pa.nulls(n, pa.int32()), "height": pa.nulls(n, pa.int32()),
+        "brightness": pa.array(np.full(n, np.nan, np.float32)),
+        "contrast": pa.array(np.full(n, np.nan, np.float32)),
+        "sharpness": pa.array(np.full(n, np.nan, np.float32)),
+        "content_hash": pa.nulls(n, pa.string()), "pixel_hash": pa.nulls(n, pa.string()),
+        "phash": pa.array(np.zeros(n, np.int64)),
+    }
+    for name in table.column_names:
+        if name not in columns and name != "embedding":
+            columns[name] = table[name]
+    return pa.table(columns), matrix[good]
+
+
+def run_job(config: Config, *, resolver: Resolver | None = None) -> RunResult:
+    """Run the whole job; returns after ``_SUCCESS`` and ``latest`` are written."""
+    from curation import pipeline  # imports Ray; kept out of module import for fast CLI errors
+
+    resolver = resolver or Resolver(config.storage)
+    timings: dict[str, float] = {}
+    t0 = time.perf_counter()
+    inputs_io.check_inputs(config, resolver)
+    output = resolver.resolve(config.output.uri)
+    run_id = config.output.run_id or outputs.new_run_id()
+    run = output.child(run_id)
+    log.info("run %s -> %s", run_id, run.uri)
+
+    if config.input.embeddings:
+        table = inputs_io.read_embeddings_input(config, resolver)
+        samples, embeddings_ok = _samples_from_embeddings(table)
+        identity = {"model": "precomputed", "source": config.input.embeddings,
+                    "model_id": str(table["model_id"][0]) if "model_id" in table.column_names and table.num_rows else None}
+        timings["read_embeddings"] = round(time.perf_counter() - t0, 3)
+        n_inputs = samples.num_rows
+    else:
+        inputs = inputs_io.list_inputs(config, resolver)
+        n_inputs = inputs.num_rows
+        timings["list_inputs"] = round(time.perf_counter() - t0, 3)
+        # Describe (and validate) the model on the driver before any Ray work starts.
+        _, ident = load_embedder(config.embedder.model, config.embedder.weights,
+                                 image_size=config.embedder.image_size, resolver=resolver)
+        identity = ident.to_dict()
+        started_ray = pipeline.init_ray(config)
+        try:
+            t = time.perf_counter()
+            ds = pipeline.decode_and_embed(inputs, config, resolver)
+            timings["decode_embed"] = round(time.perf_counter() - t, 3)
+            t = time.perf_counter()
+            pipeline.embeddings_from_dataset(ds, model_id=ident.model_id, store_dtype=config.embedder.store_dtype,
+                                             location=run.child("embeddings"))
+            samples = pipeline.collect_table(ds)
+            timings["write_embeddings"] = round(time.perf_counter() - t, 3)
+        finally:
+            if started_ray:
+                import ray
+                ray.shutdown()
+        ok_mask = pc.equal(samples["status"], STATUS_OK)
+        embeddings_ok = _embeddings_matrix(samples["embedding"].filter(ok_mask)) if samples.num_rows else np.zeros((0, 1), np.float32)
+        samples = samples.drop_columns(["embedding"])
+
+    if samples.num_rows != n_inputs:
+        raise RuntimeError(f"accounting: {n_inputs} inputs but {samples.num_rows} sample rows")
+
+    t = time.perf_counter()
+    knn = exact_knn(embeddings_ok, config.knn.k)
+    timings["knn"] = round(time.perf_counter() - t, 3)
+    samples, score_timings = run_scores(samples, embeddings_ok, knn, config.scores)
+    timings.update({f"score_{k}": v for k, v in score_timings.items()})
+    t = time.perf_counter()
+    results = build_selections(samples, knn, config.scores, config.selections)
+    timings["selections"] = round(time.perf_counter() - t, 3)
+
+    samples = outputs.order_samples(samples)
+    status = samples["status"].to_numpy(zero_copy_only=False)
+    counts = {"inputs": n_inputs, "ok": int((status == STATUS_OK).sum()),
+              "rejected": int((status == STATUS_REJECTED).sum())}
+    flags = {name: int(pc.sum(samples[name]).as_py() or 0)
+             for name in ("is_dark", "is_bright", "is_blurry", "is_low_information", "is_suspected_mislabel")}
+    flags["duplicates_not_kept"] = int(samples["dup_of"].is_valid().to_numpy(zero_copy_only=False).sum())
+    flags["duplicate_groups"] = len(pc.unique(samples["dup_group"].drop_null()))
+    labels = samples["label"].drop_null()
+    class_counts = {str(v["values"]): int(v["counts"]) for v in pc.value_counts(labels).to_pylist()} if len(labels) else {}
+    run_info = {
+        "run_id": run_id,
+        "uri": run.uri,
+        "version": curation.__version__,
+        "counts": counts,
+        "flags": flags,
+        "class_balance": class_counts,
+        "embedder": identity,
+        "knn": {"method": "exact (faiss.IndexFlatIP)", "k": config.knn.k},
+        "selections": [{"name": r.name, "mode": r.mode, "rows": r.table.num_rows, "eligible": r.eligible,
+                        "note": r.note} for r in results],
+        "config": config.to_dict(redact=True),
+        "versions": _versions(),
+    }
+
+    t = time.perf_counter()
+    outputs.write_samples(run, samples)
+    for r in results:
+        outputs.write_table(run.child("selections", f"{r.name}.parquet"), r.table)
+    write_bytes(run.child("report.html"), render_report(
+        run_id=run_id, samples=samples, run_info=run_info,
+        selections={r.name: r.table for r in results}).encode("utf-8"))
+    timings["write_outputs"] = round(time.perf_counter() - t, 3)
+    timings["total"] = round(time.perf_counter() - t0, 3)
+    run_info["timings_s"] = timings
+    outputs.write_json(run.child("run.json"), run_info)
+    outputs.publish(output, run_id)
+    log.info("published %s: %d inputs, %d ok, %d rejected in %.1fs", run.uri, counts["inputs"], counts["ok"],
+             counts["rejected"], timings["total"])
+    return RunResult(run_id, run.uri, samples, run_info)
+
+
+def _versions() -> dict:
+    import faiss
+    import ray
+    import sklearn
+    import torch
+    import torchvision
+
+    return {"python": platform.python_version(), "ray": ray.__version__, "torch": torch.__version__,
+            "torchvision": torchvision.__version__, "faiss": faiss.__version__, "pyarrow": pa.__version__,
+            "scikit-learn": sklearn.__version__}

@@ -1,0 +1,56 @@
+"""Junk flags from decode-time pixel statistics.
+
+* ``is_dark``: mean luminance < ``scores.dark_brightness``.
+* ``is_bright``: mean luminance > ``scores.bright_brightness`` (over-exposed), or a washed-out
+  light image: mean > ``scores.washed_out_brightness`` with luminance std <
+  ``scores.washed_out_contrast``.
+* ``is_low_information``: luminance std < ``scores.low_information_std`` (a flat image).
+* ``is_blurry``: sharpness (Laplacian variance / luminance variance, at <= 256 px, never
+  upscaled) < ``scores.blurry_sharpness``; flat images are low-information, not blurry.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pyarrow as pa
+
+from curation.scores.base import REASON_COLUMN, ScoreContext
+
+
+class JunkScore:
+    name = "junk"
+    columns = ("is_dark", "is_bright", "is_blurry", "is_low_information")
+
+    def compute(self, ctx: ScoreContext) -> pa.Table:
+        cfg = ctx.config
+        brightness = ctx.column("brightness").astype(np.float64)
+        contrast = ctx.column("contrast").astype(np.float64)
+        sharpness = ctx.column("sharpness").astype(np.float64)
+        known = ctx.ok & np.isfinite(brightness)
+        with np.errstate(invalid="ignore"):
+            dark = known & (brightness < cfg.dark_brightness)
+            bright = known & ((brightness > cfg.bright_brightness)
+                              | ((brightness > cfg.washed_out_brightness) & (contrast < cfg.washed_out_contrast)))
+            flat = known & (contrast < cfg.low_information_std)
+            blurry = known & ~flat & (sharpness < cfg.blurry_sharpness)
+        reasons = np.empty(ctx.n, dtype=object)
+        for i in np.flatnonzero(dark | bright | flat | blurry):
+            parts = []
+            if dark[i]:
+                parts.append(f"dark (brightness {brightness[i]:.2f})")
+            if bright[i]:
+                parts.append(f"bright (brightness {brightness[i]:.2f}, contrast {contrast[i]:.2f})")
+            if flat[i]:
+                parts.append(f"low information (contrast {contrast[i]:.3f})")
+            if blurry[i]:
+                parts.append(f"blurry (sharpness {sharpness[i]:.3f})")
+            reasons[i] = "; ".join(parts)
+        return pa.table({
+            "is_dark": dark, "is_bright": bright, "is_blurry": blurry, "is_low_information": flat,
+            REASON_COLUMN: pa.array(reasons, pa.string()),
+        })
+
+
+def is_junk(columns: dict[str, np.ndarray]) -> np.ndarray:
+    """Any junk flag set."""
+    return (columns["is_dark"] | columns["is_bright"] | columns["is_blurry"] | columns["is_low_information"])

@@ -1,0 +1,39 @@
+"""Sparseness (rarity): mean cosine distance to the k nearest neighbours, rank-normalised.
+
+``sparseness`` is the rank of that distance among ok items scaled to [0, 1] (1 = the most
+isolated item), so it is comparable across runs and models. ``neighbor_similarity`` is the
+cosine similarity to the single nearest neighbour. Null for rejected items.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pyarrow as pa
+from scipy.stats import rankdata
+
+from curation.scores.base import ScoreContext, masked
+
+
+def rank_normalise(values: np.ndarray) -> np.ndarray:
+    """Average ranks scaled to [0, 1]; a single value maps to 0.5."""
+    if len(values) == 0:
+        return values.astype(np.float32)
+    if len(values) == 1:
+        return np.array([0.5], np.float32)
+    return ((rankdata(values, method="average") - 1) / (len(values) - 1)).astype(np.float32)
+
+
+class SparsenessScore:
+    name = "sparseness"
+    columns = ("sparseness", "neighbor_similarity")
+
+    def compute(self, ctx: ScoreContext) -> pa.Table:
+        graph = ctx.knn_ok
+        valid = graph.ids >= 0
+        distance = np.where(valid, 1.0 - graph.sims, 0.0).sum(axis=1) / np.maximum(valid.sum(axis=1), 1)
+        distance[valid.sum(axis=1) == 0] = 2.0  # no neighbour at all: as isolated as it gets
+        nearest = np.where(valid[:, 0], graph.sims[:, 0], np.nan) if graph.k else np.full(len(distance), np.nan)
+        return pa.table({
+            "sparseness": masked(ctx.scatter(rank_normalise(distance), np.nan, np.float32), ctx.ok, pa.float32()),
+            "neighbor_similarity": masked(ctx.scatter(nearest, np.nan, np.float32), ctx.ok, pa.float32()),
+        })

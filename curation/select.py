@@ -1,0 +1,260 @@
+"""Selection modes: subsets of ``samples`` with a rank, a score and a reason per row.
+
+* ``representative``: up to ``budget`` items balanced over classes (``class_balance``:
+  ``uniform``, ``proportional`` or ``tempered:<alpha>``, quota ~ n_c^alpha) and, within each
+  class, over k-means clusters (quota ~ cluster size); inside a cluster the most central items
+  (highest cosine to the centroid) first, skipping items whose kNN neighbour with cosine >=
+  ``REDUNDANCY_COSINE`` is already picked. Excludes junk, non-kept duplicates, suspected
+  mislabels and the rarest tail (sparseness > ``scores.rare_tail_quantile``).
+* ``edge_cases``: the rarest items (highest sparseness), excluding junk, non-kept duplicates
+  and suspected mislabels.
+* ``label_review``: labelled items by lowest label quality, with the suggested label;
+  non-kept duplicates excluded (their twin is reviewed).
+* ``clean``: every ok item except junk and non-kept duplicates, most typical first.
+
+Every mode takes ``where`` (a pandas ``query`` over sample and metadata columns, applied
+before selection) and ``balance_on`` (a column to balance over: for ``representative`` it
+replaces ``label``; for the others ranks are interleaved round-robin over its values).
+A budget larger than what is eligible returns what is eligible and says so.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+
+import numpy as np
+import pandas as pd
+import pyarrow as pa
+
+from curation.config import ConfigError, ScoresConfig, SelectionConfig, parse_class_balance
+from curation.index.knn import KnnGraph
+from curation.schema import SELECTION_SCHEMA
+
+log = logging.getLogger(__name__)
+
+REDUNDANCY_COSINE = 0.95
+
+
+@dataclass
+class SelectionResult:
+    name: str
+    mode: str
+    table: pa.Table
+    eligible: int
+    note: str | None
+
+
+def allocate(budget: int, capacity: np.ndarray, weights: np.ndarray) -> np.ndarray:
+    """Integer quotas summing to min(budget, sum(capacity)), proportional to ``weights`` and
+    capped by ``capacity`` (water-filling; largest remainders get the leftover units)."""
+    capacity = np.asarray(capacity, np.int64)
+    weights = np.where(capacity > 0, np.asarray(weights, np.float64), 0.0)
+    quota = np.zeros(len(capacity), np.int64)
+    remaining = min(int(budget), int(capacity.sum()))
+    while remaining > 0:
+        open_ = (quota < capacity) & (weights > 0)
+        if not open_.any():
+            break
+        share = np.where(open_, weights, 0.0)
+        ideal = remaining * share / share.sum()
+        add = np.minimum(np.floor(ideal).astype(np.int64), capacity - quota)
+        if add.sum() == 0:
+            order = np.argsort(-(ideal - np.floor(ideal)) - open_ * 1e-9, kind="stable")
+            for j in order:
+                if remaining == 0:
+                    break
+                if open_[j] and quota[j] < capacity[j]:
+                    quota[j] += 1
+                    remaining -= 1
+            continue
+        quota += add
+        remaining -= int(add.sum())
+    return quota
+
+
+def _interleave(order: np.ndarray, groups: np.ndarray) -> np.ndarray:
+    """Reorder ``order`` round-robin over the values of ``groups[order]``, keeping each group's order."""
+    buckets: dict = {}
+    for idx in order:
+        buckets.setdefault(groups[idx], []).append(idx)
+    out = []
+    lists = list(buckets.values())
+    depth = 0
+    while len(out) < len(order):
+        for lst in lists:
+            if depth < len(lst):
+                out.append(lst[depth])
+        depth += 1
+    return np.array(out, np.int64)
+
+
+class Selector:
+    """Builds every configured selection from the scored ``samples`` table.
+
+    Args:
+        samples: the scored samples (one row per input).
+        knn_ok: the kNN graph among ok rows (for redundancy checks).
+        scores: thresholds (rare tail).
+    """
+
+    def __init__(self, samples: pa.Table, knn_ok: KnnGraph, scores: ScoresConfig):
+        self.df = samples.to_pandas()
+        self.ok_rows = np.flatnonzero((self.df["status"] == "ok").to_numpy())
+        self.row_to_ok = np.full(len(self.df), -1, np.int64)
+        self.row_to_ok[self.ok_rows] = np.arange(len(self.ok_rows))
+        self.knn = knn_ok
+        self.scores = scores
+        df = self.df
+        ok = (df["status"] == "ok").to_numpy()
+        junk = (df["is_dark"] | df["is_bright"] | df["is_blurry"] | df["is_low_information"]).to_numpy(bool)
+        self.ok = ok
+        self.junk = junk
+        self.kept = df["dup_of"].isna().to_numpy()
+        self.suspected = df["is_suspected_mislabel"].fillna(False).to_numpy(bool)
+        self.labelled = df["label"].notna().to_numpy()
+
+    def _where(self, sel: SelectionConfig) -> np.ndarray:
+        if not sel.where:
+            return np.ones(len(self.df), bool)
+        try:
+            mask = self.df.eval(sel.where)
+        except Exception as exc:
+            raise ConfigError(f"selection {sel.name!r} where: cannot evaluate {sel.where!r} ({exc})") from None
+        if not isinstance(mask, pd.Series) or mask.dtype != bool:
+            raise ConfigError(f"selection {sel.name!r} where: {sel.where!r} is not a true/false condition")
+        return mask.to_numpy(bool)
+
+    def _group_values(self, sel: SelectionConfig, column: str) -> np.ndarray:
+        if column not in self.df.columns:
+            raise ConfigError(f"selection {sel.name!r} balance_on: no column {column!r} "
+                              f"(columns: {', '.join(self.df.columns)})")
+        return self.df[column].astype(object).where(self.df[column].notna(), "<null>").to_numpy()
+
+    def build(self, sel: SelectionConfig) -> SelectionResult:
+        where = self._where(sel)
+        base = self.ok & where
+        df = self.df
+        if sel.mode == "representative":
+            eligible = base & ~self.junk & self.kept & ~self.suspected & (
+                df["sparseness"].fillna(1.0).to_numpy() <= self.scores.rare_tail_quantile)
+            rows, score, reasons = self._representative(sel, np.flatnonzero(eligible))
+        elif sel.mode == "edge_cases":
+            eligible = base & ~self.junk & self.kept & ~self.suspected
+            idx = np.flatnonzero(eligible)
+            rarity = df["sparseness"].to_numpy(np.float64)[idx]
+            rows = idx[np.argsort(-rarity, kind="stable")]
+            score = df["sparseness"].to_numpy(np.float64)
+            reasons = [f"rare: sparseness {score[r]:.3f}" for r in range(len(df))] if len(rows) else []
+        elif sel.mode == "label_review":
+            quality = df["label_quality"].to_numpy(np.float64)
+            eligible = base & self.labelled & self.kept & np.isfinite(quality)
+            idx = np.flatnonzero(eligible)
+            rows = idx[np.argsort(quality[idx], kind="stable")]
+            score = quality
+            labels, suggested = df["label"].to_numpy(), df["suggested_label"].to_numpy()
+            reasons = [f"label quality {quality[r]:.3f}: labelled {labels[r]!r}, suggested {suggested[r]!r}"
+                       if np.isfinite(quality[r]) else None for r in range(len(df))]
+        elif sel.mode == "clean":
+            eligible = base & ~self.junk & self.kept
+            idx = np.flatnonzero(eligible)
+            typical = 1.0 - df["sparseness"].to_numpy(np.float64)
+            rows = idx[np.argsort(-typical[idx], kind="stable")]
+            score = typical
+            reasons = ["ok: not junk, not a duplicate"] * len(df)
+        else:  # validated at load time
+            raise ConfigError(f"selection {sel.name!r}: unknown mode {sel.mode!r}")
+
+        if sel.balance_on and sel.mode != "representative":
+            rows = _interleave(rows, self._group_values(sel, sel.balance_on))
+        n_eligible = int(eligible.sum())
+        note = None
+        if sel.budget is not None:
+            if sel.budget > len(rows):
+                note = f"budget {sel.budget} exceeds the {len(rows)} eligible items; returned {len(rows)}"
+            rows = rows[: sel.budget]
+        if sel.mode == "representative":
+            picked_scores = score
+            picked_reasons = reasons
+        else:
+            picked_scores = score[rows] if len(rows) else np.empty(0)
+            picked_reasons = [reasons[r] for r in rows]
+        table = pa.table({
+            "uri": pa.array(df["uri"].to_numpy()[rows], pa.string()),
+            "label": pa.array(df["label"].astype(object).where(df["label"].notna(), None).to_numpy()[rows], pa.string()),
+            "rank": pa.array(np.arange(1, len(rows) + 1, dtype=np.int32)),
+            "score": pa.array(np.asarray(picked_scores, np.float32)[: len(rows)], pa.float32()),
+            "reason": pa.array(list(picked_reasons)[: len(rows)], pa.string()),
+        }, schema=SELECTION_SCHEMA)
+        if note:
+            log.warning("selection %s: %s", sel.name, note)
+        return SelectionResult(sel.name, sel.mode, table, n_eligible, note)
+
+    def _representative(self, sel: SelectionConfig, idx: np.ndarray):
+        df = self.df
+        alpha = parse_class_balance(sel.class_balance, key=f"selection {sel.name} class_balance")
+        column = sel.balance_on or "label"
+        groups = self._group_values(sel, column) if column in df.columns else np.full(len(df), "<null>", object)
+        clusters = df["cluster"].to_numpy()
+        central = df["cluster_similarity"].to_numpy(np.float64)
+        groups = np.array([str(g) for g in groups], dtype=object)
+        names, capacity = np.unique(groups[idx].astype(str), return_counts=True)
+        quotas = allocate(sel.budget or len(idx), capacity, capacity.astype(np.float64) ** alpha)
+        picked = np.zeros(len(df), bool)
+        per_group: list[list[int]] = []
+        for name, quota in zip(names, quotas):
+            members = idx[groups[idx] == name]
+            per_group.append(self._spread_over_clusters(members, int(quota), clusters, central, picked))
+        # Rank: round-robin over groups, so any prefix of the selection is balanced too.
+        order = []
+        depth = 0
+        while any(depth < len(p) for p in per_group):
+            for p in per_group:
+                if depth < len(p):
+                    order.append(p[depth])
+            depth += 1
+        rows = np.array(order, np.int64)
+        score = central[rows] if len(rows) else np.empty(0)
+        reasons = [f"representative of {column} {groups[r]!r}, cluster {clusters[r]} (centrality {central[r]:.3f})"
+                   for r in rows]
+        return rows, score, reasons
+
+    def _spread_over_clusters(self, members: np.ndarray, quota: int, clusters: np.ndarray,
+                              central: np.ndarray, picked: np.ndarray) -> list[int]:
+        if quota <= 0 or len(members) == 0:
+            return []
+        cluster_ids, sizes = np.unique(clusters[members], return_counts=True)
+        cluster_quota = allocate(quota, sizes, sizes.astype(np.float64))
+        chosen: list[int] = []
+        for cid, cq in zip(cluster_ids, cluster_quota):
+            if cq == 0:
+                continue
+            in_cluster = members[clusters[members] == cid]
+            ranked = in_cluster[np.argsort(-central[in_cluster], kind="stable")]
+            took, skipped = [], []
+            for r in ranked:
+                if len(took) == cq:
+                    break
+                if self._redundant(r, picked):
+                    skipped.append(r)
+                    continue
+                took.append(r)
+                picked[r] = True
+            for r in skipped[: cq - len(took)]:  # fill with redundant ones only if needed
+                took.append(r)
+                picked[r] = True
+            chosen.extend(int(r) for r in took)
+        return chosen
+
+    def _redundant(self, row: int, picked: np.ndarray) -> bool:
+        k = self.row_to_ok[row]
+        ids = self.knn.ids[k]
+        sims = self.knn.sims[k]
+        close = ids[(ids >= 0) & (sims >= REDUNDANCY_COSINE)]
+        return bool(close.size and picked[self.ok_rows[close]].any())
+
+
+def build_selections(samples: pa.Table, knn_ok: KnnGraph, scores: ScoresConfig,
+                     selections: list[SelectionConfig]) -> list[SelectionResult]:
+    selector = Selector(samples, knn_ok, scores)
+    return [selector.build(sel) for sel in selections]

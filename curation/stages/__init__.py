@@ -1,0 +1,1 @@
+"""Pipeline stages: batch callables with ``setup()`` and ``__call__(batch)``; no Ray imports."""

@@ -1,0 +1,245 @@
+"""Read and decode images on CPU: one output row per input row, failures as data.
+
+Each input row yields exactly one output row. A file that cannot be read or decoded becomes
+``status='rejected'`` with a specific ``reason`` (``missing: ...``, ``corrupt: ...``,
+``not an image: ...``, ``too many pixels: ...``) instead of an exception, so one bad JPEG never
+fails the job. Pixel statistics for the junk scores are computed here, once, from the decoded
+image.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import warnings
+from dataclasses import dataclass
+
+import numpy as np
+from PIL import Image, ImageFile, ImageOps, UnidentifiedImageError
+
+from curation.io.filesystem import Resolver
+from curation.schema import STATUS_OK, STATUS_REJECTED
+
+# We enforce our own pixel cap (decode.max_pixels) before pixels are allocated.
+Image.MAX_IMAGE_PIXELS = None
+ImageFile.LOAD_TRUNCATED_IMAGES = False
+
+STATS_MAX_SIDE = 256  # statistics are computed at most at this size; never upscaled
+
+
+class RejectedInput(Exception):
+    """An input item that cannot be used; ``str()`` is the human-readable reason."""
+
+
+@dataclass
+class Decoded:
+    pixels: np.ndarray  # (S, S, 3) uint8, model input
+    width: int
+    height: int
+    brightness: float
+    contrast: float
+    sharpness: float
+    pixel_hash: str
+    phash: int
+
+
+def _describe_non_image(data: bytes) -> str:
+    head = data[:64].lstrip().lower()
+    if head.startswith((b"<!doctype", b"<html", b"<?xml", b"<")):
+        return "not an image: looks like HTML/XML text"
+    if head[:1] in (b"{", b"["):
+        return "not an image: looks like JSON text"
+    try:
+        data[:256].decode("utf-8")
+        return "not an image: looks like text"
+    except UnicodeDecodeError:
+        return f"not an image: unrecognised format (first bytes {data[:8].hex()})"
+
+
+def _to_rgb(image: Image.Image, background: tuple[int, int, int]) -> Image.Image:
+    """Deterministic RGB conversion for every mode PIL can hand us."""
+    mode = image.mode
+    if mode in ("I;16", "I;16B", "I;16L", "I;16N", "I", "F"):
+        arr = np.asarray(image, dtype=np.float64)
+        hi = 65535.0 if mode.startswith("I;16") or arr.max(initial=0) > 255 else 255.0
+        arr = np.clip(arr / hi * 255.0 + 0.5, 0, 255).astype(np.uint8)
+        return Image.fromarray(arr, "L").convert("RGB")
+    if mode == "P":
+        image = image.convert("RGBA" if "transparency" in image.info else "RGB")
+        mode = image.mode
+    if mode in ("RGBA", "LA", "PA", "RGBa", "La"):
+        rgba = image.convert("RGBA")
+        canvas = Image.new("RGBA", rgba.size, (*background, 255))
+        canvas.alpha_composite(rgba)
+        return canvas.convert("RGB")
+    if mode != "RGB":
+        return image.convert("RGB")
+    return image
+
+
+def _resize_square(image: Image.Image, size: int) -> np.ndarray:
+    """Resize the shorter side to ``size`` and centre-crop to ``size``x``size``."""
+    w, h = image.size
+    scale = size / min(w, h)
+    nw, nh = max(size, round(w * scale)), max(size, round(h * scale))
+    resized = image.resize((nw, nh), Image.BILINEAR, reducing_gap=3.0)
+    left, top = (nw - size) // 2, (nh - size) // 2
+    return np.asarray(resized.crop((left, top, left + size, top + size)), dtype=np.uint8)
+
+
+def pixel_statistics(image: Image.Image) -> tuple[float, float, float, int]:
+    """Brightness, contrast, sharpness and a 64-bit difference hash of an RGB image.
+
+    brightness: mean luminance in [0, 1]; contrast: luminance std; sharpness: variance of the
+    Laplacian over the variance of the luminance, at most ``STATS_MAX_SIDE`` px (never
+    upscaled, so a sharp small image stays sharp; dividing by the variance makes it
+    independent of contrast); phash: dHash on a 9x8 grey thumbnail (robust to re-encoding,
+    resizing and brightness shifts).
+    """
+    grey = image.convert("L")
+    w, h = grey.size
+    if max(w, h) > STATS_MAX_SIDE:
+        scale = STATS_MAX_SIDE / max(w, h)
+        grey_small = grey.resize((max(1, round(w * scale)), max(1, round(h * scale))), Image.BILINEAR)
+    else:
+        grey_small = grey
+    lum = np.asarray(grey_small, dtype=np.float32) / 255.0
+    brightness = float(lum.mean())
+    contrast = float(lum.std())
+    if lum.shape[0] >= 3 and lum.shape[1] >= 3:
+        lap = (lum[:-2, 1:-1] + lum[2:, 1:-1] + lum[1:-1, :-2] + lum[1:-1, 2:] - 4.0 * lum[1:-1, 1:-1])
+        sharpness = float(lap.var() / (contrast**2 + 1e-4))
+    else:
+        sharpness = 0.0
+    thumb = np.asarray(grey.resize((9, 8), Image.BILINEAR), dtype=np.int16)
+    bits = (thumb[:, 1:] > thumb[:, :-1]).flatten()
+    phash = int(np.packbits(bits).view(">i8")[0])
+    return brightness, contrast, sharpness, phash
+
+
+def decode_image(data: bytes, *, image_size: int, max_pixels: int,
+                 background: tuple[int, int, int] = (255, 255, 255)) -> Decoded:
+    """Decode encoded image bytes; raises :class:`RejectedInput` with a specific reason."""
+    if not data:
+        raise RejectedInput("corrupt: empty file (0 bytes)")
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            image = Image.open(io.BytesIO(data))
+    except UnidentifiedImageError:
+        raise RejectedInput(_describe_non_image(data)) from None
+    except Exception as exc:  # PIL raises many types on malformed headers
+        raise RejectedInput(f"corrupt: unreadable header ({type(exc).__name__}: {exc})") from None
+    width, height = image.size
+    if width <= 0 or height <= 0:
+        raise RejectedInput(f"corrupt: invalid size {width}x{height}")
+    if width * height > max_pixels:
+        raise RejectedInput(f"too many pixels: {width}x{height} exceeds decode.max_pixels={max_pixels}")
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            if image.format == "JPEG" and min(width, height) > 4 * max(image_size, STATS_MAX_SIDE):
+                # Decode at reduced scale: the DCT draft is >= the requested size.
+                image.draft("RGB", (2 * max(image_size, STATS_MAX_SIDE),) * 2)
+            image.seek(0)  # first frame of animations
+            image.load()
+            scale = width / image.size[0]  # > 1 when draft mode decoded at reduced size
+            image = ImageOps.exif_transpose(image)
+            rgb = _to_rgb(image, background)
+    except (OSError, SyntaxError, ValueError, EOFError) as exc:
+        text = str(exc)
+        if "truncated" in text or isinstance(exc, EOFError):
+            raise RejectedInput(f"corrupt: truncated {image.format or 'image'} data") from None
+        raise RejectedInput(f"corrupt: {image.format or 'image'} decode failed ({text})") from None
+    except Exception as exc:
+        raise RejectedInput(f"unsupported format: {image.format} mode {image.mode} ({type(exc).__name__}: {exc})") from None
+    pixels_full = np.asarray(rgb, dtype=np.uint8)
+    pixel_hash = hashlib.blake2b(pixels_full.tobytes() + repr(pixels_full.shape).encode(), digest_size=16).hexdigest()
+    brightness, contrast, sharpness, phash = pixel_statistics(rgb)
+    return Decoded(
+        pixels=_resize_square(rgb, image_size),
+        width=round(rgb.size[0] * scale),  # decoded size, EXIF orientation applied
+        height=round(rgb.size[1] * scale),
+        brightness=brightness,
+        contrast=contrast,
+        sharpness=sharpness,
+        pixel_hash=pixel_hash,
+        phash=phash,
+    )
+
+
+class DecodeStage:
+    """Read bytes by URI and decode them: a Ray Data batch callable (``batch_format='numpy'``).
+
+    Input batch columns: ``uri``, ``input_error`` and anything else (passed through).
+    Output adds: ``status``, ``reason``, ``width``, ``height``, ``brightness``, ``contrast``,
+    ``sharpness``, ``content_hash``, ``pixel_hash``, ``phash`` and ``pixels`` (N, S, S, 3) uint8.
+
+    Args:
+        resolver: resolves ``s3://`` and local URIs.
+        image_size: square model input size.
+        max_pixels: refuse images larger than this before decoding.
+        background: RGB for compositing transparency.
+    """
+
+    num_cpus = 1
+    memory_bytes = 512 * 1024 * 1024  # one batch of decoded images plus PIL's working set
+
+    def __init__(self, *, resolver: Resolver, image_size: int, max_pixels: int,
+                 background: tuple[int, int, int] = (255, 255, 255)):
+        self.resolver = resolver
+        self.image_size = image_size
+        self.max_pixels = max_pixels
+        self.background = tuple(background)
+
+    def _read(self, uri: str) -> bytes:
+        location = self.resolver.resolve(uri)
+        try:
+            with location.filesystem.open_input_stream(location.path) as fh:
+                return fh.read()
+        except FileNotFoundError:
+            raise RejectedInput("missing: object does not exist") from None
+        except OSError as exc:
+            text = str(exc)
+            if "does not exist" in text or "NoSuchKey" in text or "not found" in text.lower():
+                raise RejectedInput("missing: object does not exist") from None
+            if "directory" in text.lower():
+                raise RejectedInput("not an image: a folder, not a file") from None
+            raise RejectedInput(f"unreadable: {text.splitlines()[0][:200]}") from None
+
+    def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        n = len(batch["uri"])
+        size = self.image_size
+        out = {
+            "status": np.empty(n, dtype=object), "reason": np.empty(n, dtype=object),
+            "width": np.zeros(n, np.int32), "height": np.zeros(n, np.int32),
+            "brightness": np.full(n, np.nan, np.float32), "contrast": np.full(n, np.nan, np.float32),
+            "sharpness": np.full(n, np.nan, np.float32),
+            "content_hash": np.empty(n, dtype=object), "pixel_hash": np.empty(n, dtype=object),
+            "phash": np.zeros(n, np.int64), "pixels": np.zeros((n, size, size, 3), np.uint8),
+        }
+        errors = batch.get("input_error")
+        for i, uri in enumerate(batch["uri"]):
+            try:
+                if errors is not None and errors[i]:
+                    raise RejectedInput(str(errors[i]))
+                data = self._read(str(uri))
+                out["content_hash"][i] = hashlib.blake2b(data, digest_size=16).hexdigest()
+                decoded = decode_image(data, image_size=size, max_pixels=self.max_pixels,
+                                       background=self.background)
+            except RejectedInput as exc:
+                out["status"][i] = STATUS_REJECTED
+                out["reason"][i] = str(exc)
+                continue
+            out["status"][i] = STATUS_OK
+            out["reason"][i] = None
+            out["width"][i], out["height"][i] = decoded.width, decoded.height
+            out["brightness"][i] = decoded.brightness
+            out["contrast"][i] = decoded.contrast
+            out["sharpness"][i] = decoded.sharpness
+            out["pixel_hash"][i] = decoded.pixel_hash
+            out["phash"][i] = decoded.phash
+            out["pixels"][i] = decoded.pixels
+        result = {key: value for key, value in batch.items() if key != "input_error"}
+        result.update(out)
+        return result
