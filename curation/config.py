@@ -134,15 +134,15 @@ class ScoresConfig:
         map_points: at most this many items get 2-D map coordinates.
     """
 
-    near_duplicate_cosine: float = 0.97
-    near_duplicate_hamming: int = 4
+    near_duplicate_cosine: float = 0.95
+    near_duplicate_hamming: int = 8
     dark_brightness: float = 0.16
     bright_brightness: float = 0.90
-    washed_out_brightness: float = 0.70
-    washed_out_contrast: float = 0.08
-    blurry_sharpness: float = 0.06
+    washed_out_brightness: float = 0.60
+    washed_out_contrast: float = 0.038
+    blurry_sharpness: float = 0.05
     low_information_std: float = 0.02
-    label_quality_threshold: float = 0.5
+    label_quality_threshold: float = 0.3
     rare_tail_quantile: float = 0.98
     n_clusters: int = 0
     map_points: int = 5000

@@ -42,32 +42,35 @@ def _jitter(color, rng, amount=25):
 
 
 def render_scene(cls: str, rng: np.random.Generator, size: int = SIZE) -> Image.Image:
-    """One image of class ``cls``: gradient background, class shapes, fine texture."""
+    """One image of class ``cls``: a softly graded background in one palette colour, 4-8
+    shapes of the class's kind in the other palette colours, and fine sensor-like noise."""
     palette, shape = CLASSES[cls]
-    a, b = _jitter(palette[rng.integers(4)], rng), _jitter(palette[rng.integers(4)], rng)
-    t = np.linspace(0, 1, size)[:, None] if rng.random() < 0.5 else np.linspace(0, 1, size)[None, :]
-    t = np.broadcast_to(t, (size, size))[..., None]
-    bg = (np.array(a) * (1 - t) + np.array(b) * t).astype(np.float32)
-    image = Image.fromarray(bg.astype(np.uint8), "RGB")
+    bg_index = int(rng.integers(2))
+    base = np.array(_jitter(palette[bg_index], rng), np.float32)
+    ramp = np.linspace(-18, 18, size, dtype=np.float32)
+    ramp = ramp[:, None] if rng.random() < 0.5 else ramp[None, :]
+    bg = base[None, None, :] + np.broadcast_to(ramp, (size, size))[..., None]
+    image = Image.fromarray(np.clip(bg, 0, 255).astype(np.uint8), "RGB")
     draw = ImageDraw.Draw(image)
-    for _ in range(rng.integers(3, 7)):
-        color = _jitter(palette[rng.integers(4)], rng, 40)
-        x, y = rng.integers(0, size, 2)
-        r = int(rng.integers(8, size // 3))
+    others = [c for j, c in enumerate(palette) if j != bg_index]
+    for _ in range(rng.integers(4, 9)):
+        color = _jitter(others[rng.integers(len(others))], rng, 30)
+        x, y = (int(v) for v in rng.integers(0, size, 2))
+        r = int(rng.integers(size // 10, size // 3))
         if shape == "circle":
             draw.ellipse([x - r, y - r, x + r, y + r], fill=color)
         elif shape == "triangle":
             pts = [(int(x + r * np.cos(th)), int(y + r * np.sin(th))) for th in rng.uniform(0, 2 * np.pi, 3)]
             draw.polygon(pts, fill=color)
         elif shape == "stripes":
-            draw.rectangle([0, y, size, y + r // 3 + 2], fill=color)
+            draw.rectangle([0, y, size, y + r // 3 + 3], fill=color)
         elif shape == "rect":
             draw.rectangle([x - r, y - r // 2, x + r, y + r // 2], fill=color)
         elif shape == "ring":
             draw.ellipse([x - r, y - r, x + r, y + r], outline=color, width=max(3, r // 4))
         else:
-            draw.line([(x, y), (int(rng.integers(size)), int(rng.integers(size)))], fill=color, width=4)
-    arr = np.asarray(image, dtype=np.float32) + rng.normal(0, 6, (size, size, 3))
+            draw.line([(x, y), (int(rng.integers(size)), int(rng.integers(size)))], fill=color, width=5)
+    arr = np.asarray(image, dtype=np.float32) + rng.normal(0, 8, (size, size, 3))
     return Image.fromarray(np.clip(arr, 0, 255).astype(np.uint8), "RGB")
 
 
@@ -145,7 +148,7 @@ def make_demo_dataset(root: str, *, n: int = 2400, seed: int = 0, defect_scale: 
         elif kind == "brightness":
             data = _jpeg(ImageEnhance.Brightness(img).enhance(1.15))
         else:
-            m = SIZE // 20
+            m = max(1, SIZE * 3 // 100)  # 'slightly cropped': 3% off each side, resized back
             data = _jpeg(img.crop((m, m, SIZE - m, SIZE - m)).resize((SIZE, SIZE), Image.BICUBIC))
         rel = put(f"{cls}/near_{kind}_{os.path.basename(src)}", data, cls)
         near.append({"item": rel, "of": src, "kind": kind})

@@ -67,16 +67,29 @@ class EmbedderIdentity:
 
 
 class ThumbnailEmbedder(nn.Module):
-    """Average-pool to ``grid`` x ``grid``, standardise per image, flatten."""
+    """A weight-free appearance descriptor: layout plus colour.
 
-    def __init__(self, grid: int = 16):
+    The image is average-pooled to ``grid`` x ``grid``. The layout part is that thumbnail with
+    each channel's mean removed (unit norm, so invariant to brightness and contrast shifts);
+    the colour part is the channel means plus a constant (unit norm). They are concatenated
+    with weights sqrt(``layout_weight``) and sqrt(1 - ``layout_weight``), so the cosine of two
+    embeddings is ``layout_weight * cos(layout) + (1 - layout_weight) * cos(colour)``.
+    """
+
+    def __init__(self, grid: int = 16, layout_weight: float = 0.7):
         super().__init__()
         self.grid = grid
+        self.layout_weight = layout_weight
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        pooled = nn.functional.adaptive_avg_pool2d(x, self.grid).flatten(1)
-        pooled = pooled - pooled.mean(dim=1, keepdim=True)
-        return pooled / (pooled.std(dim=1, keepdim=True) + 1e-3)
+        pooled = nn.functional.adaptive_avg_pool2d(x, self.grid)
+        means = pooled.mean(dim=(2, 3))
+        layout = (pooled - means[:, :, None, None]).flatten(1)
+        layout = nn.functional.normalize(layout, dim=1, eps=1e-6)
+        colour = torch.cat([means, torch.ones_like(means[:, :1])], dim=1)
+        colour = nn.functional.normalize(colour, dim=1)
+        w = self.layout_weight
+        return torch.cat([layout * w**0.5, colour * (1.0 - w) ** 0.5], dim=1)
 
 
 def _strip_head(model: nn.Module) -> nn.Module:

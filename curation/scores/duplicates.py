@@ -25,7 +25,7 @@ import pyarrow as pa
 from curation.scores.base import REASON_COLUMN, ScoreContext, masked
 from curation.scores.junk import is_junk
 
-PHASH_MIN_COSINE = 0.80
+PHASH_MIN_COSINE = 0.85
 PHASH_QUERY_BATCH = 16384
 
 

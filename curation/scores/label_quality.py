@@ -3,16 +3,17 @@
 For a labelled ok item i with neighbours j (labelled, not in i's duplicate group -- a copy
 must not vote for its twin):
 
-1. vote weights ``w_j = exp((sim_ij - 1) / T)`` with ``T = TEMPERATURE`` (closer neighbours
-   count more);
+1. vote weights ``w_j = exp((sim_ij - max_j' sim_ij') / T)`` with ``T = TEMPERATURE``
+   (closer neighbours count more; the closest usable neighbour weighs 1);
 2. ``p_i(c) = (sum_j w_j [y_j = c] + PRIOR_WEIGHT * pi_c) / (sum_j w_j + PRIOR_WEIGHT)``, where
    ``pi_c`` is the class frequency (a neighbour-less item falls back to the prior);
 3. per-class calibration (as in confident learning): ``t_c`` = mean ``p_i(c)`` over items
    labelled c, and ``q_i(c) = (p_i(c) / t_c) / sum_c' (p_i(c') / t_c')`` -- a rare class whose
    members see fewer same-class neighbours is not drowned by frequent ones;
 4. ``label_quality = q_i(y_i)`` in [0, 1]; ``suggested_label = argmax_c q_i(c)``;
-   ``is_suspected_mislabel`` when the suggestion differs and quality <
-   ``scores.label_quality_threshold``.
+   ``is_suspected_mislabel`` when the suggestion differs, quality <
+   ``scores.label_quality_threshold`` and the item is not in the rarest tail (sparseness >
+   ``scores.rare_tail_quantile``: isolated items have no peers to judge their label by).
 
 Unlabelled items get nulls.
 """
@@ -58,7 +59,12 @@ class LabelQualityScore:
             their_group = np.where(valid, group_vals[np.maximum(ids, 0)], -1)
             same_group = (own_group >= 0) & (their_group == own_group)
             usable = valid & (neighbour_codes >= 0) & ~same_group
-            weights = np.where(usable, np.exp((graph.sims.astype(np.float64) - 1.0) / TEMPERATURE), 0.0)
+            sims = graph.sims.astype(np.float64)
+            # Relative to each item's closest usable neighbour, so the prior's weight means the
+            # same in dense and sparse regions.
+            best = np.max(np.where(usable, sims, -np.inf), axis=1, keepdims=True)
+            best = np.where(np.isfinite(best), best, 0.0)
+            weights = np.where(usable, np.exp((sims - best) / TEMPERATURE), 0.0)
 
             votes = np.zeros((len(ok_rows), n_classes))
             rows = np.repeat(np.arange(len(ok_rows)), ids.shape[1])
@@ -77,7 +83,10 @@ class LabelQualityScore:
         quality = ctx.scatter(quality_ok, np.nan, np.float32)
         suggested = ctx.scatter(suggested_ok, None, object)
         has_quality = np.isfinite(quality)
-        suspected = has_quality & (quality < ctx.config.label_quality_threshold) & np.array(
+        # An item in the rarest tail has no peers to vote on its label: it is an edge case,
+        # not a suspected mislabel (its label_quality is still reported).
+        rare = np.nan_to_num(ctx.column("sparseness").astype(np.float64), nan=1.0) > ctx.config.rare_tail_quantile
+        suspected = has_quality & ~rare & (quality < ctx.config.label_quality_threshold) & np.array(
             [s is not None and s != lab for s, lab in zip(suggested, labels_all)], bool)
         reasons = np.empty(n, dtype=object)
         for i in np.flatnonzero(suspected):
