@@ -302,6 +302,17 @@ def _set_dotted(data: dict, dotted: str, value: Any) -> None:
         node[last] = value
 
 
+def _deep_merge(base: dict, override: dict) -> dict:
+    """Mappings merge key by key; anything else (lists included) is replaced."""
+    out = dict(base)
+    for key, value in override.items():
+        if isinstance(value, dict) and isinstance(out.get(key), dict):
+            out[key] = _deep_merge(out[key], value)
+        else:
+            out[key] = value
+    return out
+
+
 def parse_overrides(overrides: list[str]) -> list[tuple[str, Any]]:
     """Parse ``key.path=value`` strings; values are YAML scalars."""
     parsed = []
@@ -328,7 +339,7 @@ def load_config(path: str | os.PathLike | None = None, *, overrides: list[str] |
     Raises:
         ConfigError: with one line naming the key and the problem.
     """
-    raw: dict = dict(data or {})
+    raw: dict = {}
     if path is not None:
         try:
             with open(path, encoding="utf-8") as fh:
@@ -340,6 +351,7 @@ def load_config(path: str | os.PathLike | None = None, *, overrides: list[str] |
         if loaded is not None and not isinstance(loaded, dict):
             raise ConfigError(f"config file {str(path)!r}: expected a mapping at the top level")
         raw.update(loaded or {})
+    raw = _deep_merge(dataclasses.asdict(Config()), {**(data or {}), **raw})
     for key, value in parse_overrides(overrides or []):
         try:
             _set_dotted(raw, key, value)

@@ -194,7 +194,7 @@ class Selector:
         df = self.df
         alpha = parse_class_balance(sel.class_balance, key=f"selection {sel.name} class_balance")
         column = sel.balance_on or "label"
-        groups = self._group_values(sel, column) if column in df.columns else np.full(len(df), "<null>", object)
+        groups = self._group_values(sel, column)
         clusters = df["cluster"].to_numpy()
         central = df["cluster_similarity"].to_numpy(np.float64)
         groups = np.array([str(g) for g in groups], dtype=object)

@@ -17,6 +17,7 @@ import pyarrow as pa
 from curation.scores.base import ScoreContext, masked
 
 SEED = 1234
+N_RESTARTS = 5
 
 
 def choose_n_clusters(n: int, requested: int = 0) -> int:
@@ -33,7 +34,10 @@ def kmeans_assign(x: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
         centroid = x.mean(axis=0, keepdims=True)
         centroid /= max(np.linalg.norm(centroid), 1e-12)
         return np.zeros(n, np.int32), (x @ centroid.T).ravel().astype(np.float32)
-    km = faiss.Kmeans(d, k, niter=20, seed=SEED, spherical=True, max_points_per_centroid=256, verbose=False)
+    # Random initialisation can put two centroids in one blob; a few restarts (on at most 256
+    # points per centroid, so cheap) keep the best objective.
+    km = faiss.Kmeans(d, k, niter=20, nredo=N_RESTARTS, seed=SEED, spherical=True,
+                      max_points_per_centroid=256, verbose=False)
     km.train(np.ascontiguousarray(x, dtype=np.float32))
     sims, labels = km.index.search(np.ascontiguousarray(x, dtype=np.float32), 1)
     return labels.ravel().astype(np.int32), sims.ravel().astype(np.float32)

@@ -1,0 +1,23 @@
+# The two commands a fresh machine needs: `make demo` and `make test`.
+# Each builds the virtualenv it needs (.venv, from pyproject.toml) first.
+PYTHON ?= python3
+VENV ?= .venv
+STAMP := $(VENV)/.installed-dev
+
+.PHONY: demo test venv clean bench
+
+$(STAMP): pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(VENV)/bin/pip install --quiet --disable-pip-version-check -e '.[dev]'
+	touch $(STAMP)
+
+venv: $(STAMP)
+
+demo: $(STAMP)
+	$(VENV)/bin/curation demo --out demo-output
+
+test: $(STAMP)
+	$(VENV)/bin/python -m pytest -q
+
+clean:
+	rm -rf $(VENV) demo-output .pytest_cache

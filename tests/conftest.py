@@ -1,0 +1,56 @@
+"""Session fixtures: one real local Ray, one real S3 server on loopback, one small demo set."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import tempfile
+
+import pytest
+
+os.environ.setdefault("RAY_AUTH_MODE", "disabled")
+SHARED_DATA = os.path.join(os.path.dirname(__file__), "..", "..", "shared", "data")
+
+
+@pytest.fixture(scope="session")
+def ray_local():
+    import ray
+
+    temp_dir = tempfile.mkdtemp(prefix="ray-", dir="/tmp")
+    ray.init(num_cpus=2, object_store_memory=256 * 1024 * 1024, include_dashboard=False,
+             _temp_dir=temp_dir, _node_ip_address="127.0.0.1", logging_level="WARNING")
+    ray.data.DataContext.get_current().enable_progress_bars = False
+    yield ray
+    ray.shutdown()
+    shutil.rmtree(temp_dir, ignore_errors=True)
+
+
+@pytest.fixture(scope="session")
+def s3():
+    from curation.testing.s3server import S3Server
+
+    server = S3Server()
+    endpoint = server.start()
+    endpoint.server = server
+    yield endpoint
+    server.stop()
+
+
+@pytest.fixture(scope="session")
+def demo_set(tmp_path_factory):
+    """A small labelled set with planted defects (about 300 files) and its truth record."""
+    from curation.demo import make_demo_dataset
+
+    root = str(tmp_path_factory.mktemp("demo-set"))
+    truth = make_demo_dataset(root, n=240, seed=7, defect_scale=0.25)
+    return root, truth
+
+
+def upload_folder(fs, local_root: str, bucket_path: str) -> None:
+    """Copy a local folder to ``bucket/prefix`` on a pyarrow filesystem."""
+    for folder, _, files in os.walk(local_root):
+        for name in files:
+            local = os.path.join(folder, name)
+            rel = os.path.relpath(local, local_root)
+            with open(local, "rb") as src, fs.open_output_stream(f"{bucket_path}/{rel}") as dst:
+                dst.write(src.read())

@@ -1,0 +1,131 @@
+"""Decoding: every input yields one row; bad inputs are rejected with a specific reason."""
+
+from __future__ import annotations
+
+import io
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from curation.io.filesystem import Resolver
+from curation.stages.decode import DecodeStage, RejectedInput, decode_image
+
+
+def _encode(image: Image.Image, fmt: str, **kwargs) -> bytes:
+    buf = io.BytesIO()
+    image.save(buf, fmt, **kwargs)
+    return buf.getvalue()
+
+
+def _photo(w=120, h=80, seed=0) -> Image.Image:
+    rng = np.random.default_rng(seed)
+    arr = np.zeros((h, w, 3), np.uint8)
+    arr[: h // 2, : w // 3] = (250, 20, 20)  # an asymmetric block, so rotation is visible
+    arr += rng.integers(0, 20, arr.shape, dtype=np.uint8)
+    return Image.fromarray(arr, "RGB")
+
+
+def _decode(data: bytes, **kw):
+    return decode_image(data, image_size=kw.pop("image_size", 32), max_pixels=kw.pop("max_pixels", 10**8), **kw)
+
+
+@pytest.mark.parametrize("data, reason", [
+    (b"", "corrupt: empty file"),
+    (b"<!DOCTYPE html><html>not found</html>", "not an image: looks like HTML"),
+    (b'{"error": "denied"}', "not an image: looks like JSON"),
+    (bytes(range(256)) * 4, "not an image: unrecognised format"),
+])
+def test_non_images_are_rejected_with_reason(data, reason):
+    with pytest.raises(RejectedInput) as err:
+        _decode(data)
+    assert str(err.value).startswith(reason)
+
+
+def test_truncated_jpeg_is_rejected():
+    data = _encode(_photo(400, 300), "JPEG", quality=90)
+    with pytest.raises(RejectedInput, match="corrupt: truncated"):
+        _decode(data[: len(data) // 2])
+
+
+def test_pixel_cap_refuses_before_decoding():
+    data = _encode(Image.new("RGB", (3000, 3000), "gray"), "PNG")
+    with pytest.raises(RejectedInput, match="too many pixels: 3000x3000"):
+        _decode(data, max_pixels=1_000_000)
+
+
+@pytest.mark.parametrize("mode", ["L", "P", "RGBA", "LA", "CMYK", "I;16", "1"])
+def test_odd_but_valid_modes_decode_to_rgb(mode):
+    base = _photo()
+    if mode == "I;16":
+        image = Image.fromarray((np.asarray(base.convert("L"), np.uint16) * 257))
+        assert image.mode.startswith("I;16")
+    else:
+        image = base.convert(mode)
+    fmt = "TIFF" if mode == "CMYK" else "PNG"
+    decoded = _decode(_encode(image, fmt))
+    assert decoded.pixels.shape == (32, 32, 3) and decoded.pixels.dtype == np.uint8
+    assert (decoded.width, decoded.height) == (120, 80)
+    assert 0.0 <= decoded.brightness <= 1.0
+
+
+def test_transparency_is_composited_on_background():
+    image = Image.new("RGBA", (40, 40), (0, 0, 0, 0))
+    decoded = _decode(_encode(image, "PNG"), background=(255, 255, 255))
+    assert decoded.pixels.min() == 255 and decoded.brightness > 0.99
+
+
+def test_exif_rotation_is_applied():
+    upright = _photo(120, 80)
+    stored = upright.transpose(Image.Transpose.ROTATE_270)  # stored sideways (90 degrees clockwise) ...
+    exif = Image.Exif()
+    exif[0x0112] = 8  # ... with orientation 8: rotate 90 degrees counter-clockwise to view
+    rotated = _decode(_encode(stored, "PNG", exif=exif.tobytes()))
+    plain = _decode(_encode(upright, "PNG"))
+    assert (rotated.width, rotated.height) == (120, 80)
+    np.testing.assert_array_equal(rotated.pixels, plain.pixels)
+
+
+def test_animated_gif_uses_first_frame():
+    frames = [Image.new("RGB", (30, 30), c) for c in ((255, 0, 0), (0, 0, 255))]
+    buf = io.BytesIO()
+    frames[0].save(buf, "GIF", save_all=True, append_images=frames[1:])
+    decoded = _decode(buf.getvalue())
+    assert decoded.pixels[..., 0].mean() > 200 and decoded.pixels[..., 2].mean() < 50
+
+
+def test_large_jpeg_uses_draft_mode_but_reports_full_size():
+    data = _encode(_photo(2400, 1800), "JPEG", quality=85)
+    decoded = _decode(data, image_size=64)
+    assert (decoded.width, decoded.height) == (2400, 1800)
+
+
+def test_pixel_statistics_separate_dark_bright_blurry():
+    from PIL import ImageFilter
+
+    sharp = _decode(_encode(_photo(200, 200), "PNG"))
+    dark = _decode(_encode(Image.eval(_photo(200, 200), lambda v: v // 12), "PNG"))
+    blurry = _decode(_encode(_photo(200, 200).filter(ImageFilter.GaussianBlur(6)), "PNG"))
+    assert dark.brightness < 0.05 < sharp.brightness
+    assert blurry.sharpness < sharp.sharpness / 10
+    # A sharp small image is not blurry: statistics are never computed on an upscaled image.
+    small = _decode(_encode(_photo(32, 32), "PNG"))
+    assert small.sharpness > blurry.sharpness * 10
+
+
+def test_stage_returns_one_row_per_input(tmp_path):
+    good = tmp_path / "good.png"
+    good.write_bytes(_encode(_photo(), "PNG"))
+    (tmp_path / "empty.jpg").write_bytes(b"")
+    stage = DecodeStage(resolver=Resolver(), image_size=16, max_pixels=10**8)
+    batch = {
+        "uri": np.array([str(good), str(tmp_path / "empty.jpg"), str(tmp_path / "gone.jpg"), str(good)], object),
+        "input_error": np.array([None, None, None, "duplicate labels row"], object),
+        "label": np.array(["a", "b", None, "a"], object),
+    }
+    out = stage(batch)
+    assert list(out["status"]) == ["ok", "rejected", "rejected", "rejected"]
+    assert out["reason"][1].startswith("corrupt: empty") and out["reason"][2].startswith("missing")
+    assert out["reason"][3] == "duplicate labels row"
+    assert out["pixels"].shape == (4, 16, 16, 3) and list(out["label"]) == ["a", "b", None, "a"]
+    assert out["content_hash"][0] and out["pixel_hash"][0]

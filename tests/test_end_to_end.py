@@ -1,0 +1,87 @@
+"""The whole job on a planted demo set: local folders, and s3:// in and out of a real S3 server."""
+
+from __future__ import annotations
+
+import os
+
+import pyarrow.fs as pafs
+import pytest
+
+from curation.config import load_config
+from curation.demo import demo_config, evaluate
+from curation.job import run_job
+from tests.conftest import upload_folder
+from tests.contract import check_run_outputs
+
+SELECTIONS = ["train", "edge_cases", "label_review", "clean"]
+
+
+def _config(images: str, labels: str, output: str, storage: dict | None = None):
+    data = demo_config("/unused", output, budget=60)
+    data["input"] = {"images": images, "labels": labels}
+    data["selections"][1]["budget"] = 10
+    data["selections"][2]["budget"] = 40
+    if storage:
+        data["storage"] = storage
+    return load_config(data=data)
+
+
+@pytest.fixture(scope="module")
+def local_run(ray_local, demo_set, tmp_path_factory):
+    root, truth = demo_set
+    out = str(tmp_path_factory.mktemp("out"))
+    config = _config(os.path.join(root, "images"), os.path.join(root, "labels.csv"), out)
+    return run_job(config), out, truth, root
+
+
+def test_local_run_meets_the_output_contract(local_run):
+    result, out, truth, root = local_run
+    samples = check_run_outputs(pafs.LocalFileSystem(), out, result.run_id,
+                                images_uri=os.path.join(root, "images"), truth=truth, selection_names=SELECTIONS)
+    assert samples.num_rows == result.run_info["counts"]["inputs"]
+
+
+def test_local_run_finds_planted_defects(local_run):
+    result, out, truth, root = local_run
+    import pyarrow.parquet as pq
+
+    selections = {name: pq.read_table(f"{result.run_uri}/selections/{name}.parquet").to_pandas() for name in SELECTIONS}
+    rows = {r["defect"]: r for r in evaluate(truth, result.samples.to_pandas(), selections, os.path.join(root, "images"))}
+    # Thresholds well below what the demo set gives, so a regression fails without flakiness.
+    assert rows["exact duplicate"]["recall"] == 1.0
+    assert rows["near duplicate"]["recall"] >= 0.75
+    assert rows["dark"]["recall"] == 1.0 and rows["dark"]["precision"] >= 0.9
+    assert rows["bright"]["recall"] >= 0.8 and rows["bright"]["precision"] >= 0.8
+    assert rows["blurry"]["recall"] >= 0.8 and rows["blurry"]["precision"] >= 0.8
+    assert rows["flipped label in label_review"]["recall"] >= 0.8
+    assert rows["corrupt (rejected)"]["recall"] == 1.0
+
+
+def test_rerun_moves_latest_only_after_success(local_run, tmp_path):
+    result, out, truth, root = local_run
+    import json
+
+    before = json.load(open(os.path.join(out, "latest")))
+    assert before["run_id"] == result.run_id
+    assert os.path.exists(os.path.join(result.run_uri, "_SUCCESS"))
+    run_json = json.load(open(os.path.join(result.run_uri, "run.json")))
+    assert run_json["embedder"]["model"] == "thumbnail" and run_json["embedder"]["warning"]
+    assert run_json["config"]["output"]["uri"] == out
+
+
+def test_s3_in_and_out(ray_local, s3, demo_set):
+    root, truth = demo_set
+    fs = s3.pyarrow_fs()
+    fs.create_dir("curation-e2e")
+    upload_folder(fs, root, "curation-e2e/raw")
+    config = _config("s3://curation-e2e/raw/images", "s3://curation-e2e/raw/labels.csv",
+                     "s3://curation-e2e/curation", storage=s3.storage())
+    result = run_job(config)
+    assert result.run_uri == f"s3://curation-e2e/curation/{result.run_id}"
+    samples = check_run_outputs(fs, "curation-e2e/curation", result.run_id,
+                                images_uri="s3://curation-e2e/raw/images", truth=truth, selection_names=SELECTIONS)
+    assert all(u.startswith("s3://curation-e2e/raw/images/") for u in samples["uri"].to_pylist())
+    # Credentials never reach run.json.
+    with fs.open_input_stream(f"curation-e2e/curation/{result.run_id}/run.json") as fh:
+        text = fh.read().decode()
+    assert s3.secret_key not in text and s3.access_key not in text

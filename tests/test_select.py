@@ -1,0 +1,119 @@
+"""Selection modes and options on a scored synthetic table."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from curation.config import ConfigError, ScoresConfig, SelectionConfig
+from curation.index.knn import exact_knn
+from curation.scores import run_scores
+from curation.select import allocate, build_selections
+from tests.test_scores import blobs, make_samples, unit
+
+
+@pytest.fixture(scope="module")
+def scored():
+    # Three classes of unequal size (60 / 30 / 10), each its own blob, plus defects.
+    sizes = {"a": 60, "b": 30, "c": 10}
+    rng = np.random.default_rng(11)
+    centers = rng.normal(size=(3, 16))
+    emb = np.concatenate([centers[i] + 0.35 * rng.normal(size=(n, 16)) for i, n in enumerate(sizes.values())])
+    labels = [c for c, n in sizes.items() for _ in range(n)]
+    n = len(labels)
+    brightness = np.full(n, 0.5)
+    brightness[[0, 1]] = 0.02  # dark
+    labels[5] = "b"  # flipped
+    content = [f"c{i}" for i in range(n)]
+    content[7] = content[8]  # exact duplicates
+    import pyarrow as pa
+    samples = make_samples(n, labels=labels, brightness=brightness, content=content)
+    samples = samples.append_column("site", pa.array(["north" if i % 4 == 0 else "south" for i in range(n)]))
+    emb_ok = unit(emb)
+    knn = exact_knn(emb_ok, 8)
+    table, _ = run_scores(samples, emb_ok, knn, ScoresConfig())
+    return table, knn
+
+
+def select(scored, **kw):
+    table, knn = scored
+    kw.setdefault("name", "s")
+    return build_selections(table, knn, ScoresConfig(), [SelectionConfig(**kw)])[0]
+
+
+def test_allocate_water_fills():
+    assert allocate(10, np.array([100, 100]), np.array([1.0, 1.0])).tolist() == [5, 5]
+    assert allocate(10, np.array([2, 100]), np.array([1.0, 1.0])).tolist() == [2, 8]
+    assert allocate(1000, np.array([2, 3]), np.array([1.0, 1.0])).tolist() == [2, 3]
+    assert allocate(7, np.array([10, 10, 10]), np.array([1.0, 1.0, 1.0])).sum() == 7
+
+
+def test_representative_uniform_balances_classes_and_excludes_defects(scored):
+    result = select(scored, mode="representative", budget=24, class_balance="uniform")
+    labels = result.table["label"].to_pylist()
+    assert len(labels) == 24 and {labels.count(c) for c in "abc"} == {8}
+    uris = set(result.table["uri"].to_pylist())
+    assert not uris & {"/d/000.jpg", "/d/001.jpg", "/d/005.jpg"}  # dark, dark, flipped
+    assert not ({"/d/007.jpg", "/d/008.jpg"} <= uris)  # never both copies
+    assert labels[:3] == sorted(labels[:3]) or len(set(labels[:3])) == 3  # ranks interleave classes
+
+
+def test_representative_proportional_and_tempered(scored):
+    prop = select(scored, mode="representative", budget=20, class_balance="proportional").table["label"].to_pylist()
+    assert prop.count("a") > prop.count("b") > prop.count("c")
+    tempered = select(scored, mode="representative", budget=20, class_balance="tempered:0.5").table["label"].to_pylist()
+    assert prop.count("a") > tempered.count("a") > tempered.count("c") >= prop.count("c")
+
+
+def test_budget_above_eligible_returns_eligible_and_says_so(scored):
+    result = select(scored, mode="representative", budget=10_000)
+    assert result.table.num_rows == result.eligible < 100 and "exceeds" in result.note
+
+
+def test_edge_cases_are_rarest_first(scored):
+    table, _ = scored
+    result = select(scored, mode="edge_cases", budget=5)
+    scores = result.table["score"].to_pylist()
+    assert scores == sorted(scores, reverse=True)
+    sparse = dict(zip(table["uri"].to_pylist(), table["sparseness"].to_pylist()))
+    assert scores[0] == pytest.approx(max(v for u, v in sparse.items() if u not in ("/d/000.jpg", "/d/001.jpg", "/d/005.jpg")), abs=1e-6)
+
+
+def test_label_review_puts_the_flip_first(scored):
+    result = select(scored, mode="label_review", budget=3)
+    assert result.table["uri"][0].as_py() == "/d/005.jpg"
+    assert "suggested 'a'" in result.table["reason"][0].as_py()
+    quality = result.table["score"].to_pylist()
+    assert quality == sorted(quality)
+
+
+def test_clean_excludes_junk_and_non_kept_duplicates(scored):
+    result = select(scored, mode="clean")
+    uris = set(result.table["uri"].to_pylist())
+    assert "/d/000.jpg" not in uris and len({"/d/007.jpg", "/d/008.jpg"} & uris) == 1
+    table, _ = scored
+    df = table.to_pandas()
+    expected = df[(df.status == "ok") & ~df.is_dark & ~df.is_bright & ~df.is_blurry & ~df.is_low_information
+                  & df.dup_of.isna()]
+    assert result.table.num_rows == len(expected) > 50
+    assert set(expected.uri) == uris
+
+
+def test_where_and_balance_on(scored):
+    only_b = select(scored, mode="clean", where="label == 'b' and brightness > 0.1")
+    assert set(only_b.table["label"].to_pylist()) == {"b"}
+    by_site = select(scored, mode="representative", budget=10, balance_on="site")
+    table, _ = scored
+    site = dict(zip(table["uri"].to_pylist(), table["site"].to_pylist()))
+    picked = [site[u] for u in by_site.table["uri"].to_pylist()]
+    assert picked.count("north") == picked.count("south") == 5
+    interleaved = select(scored, mode="edge_cases", budget=6, balance_on="site")
+    picked = [site[u] for u in interleaved.table["uri"].to_pylist()]
+    assert picked[0] != picked[1]
+
+
+def test_bad_where_and_balance_on_are_config_errors(scored):
+    with pytest.raises(ConfigError, match="where"):
+        select(scored, mode="clean", where="no_such_column > 1")
+    with pytest.raises(ConfigError, match="balance_on: no column 'nope'"):
+        select(scored, mode="representative", budget=5, balance_on="nope")
