@@ -182,6 +182,20 @@ def _default_selections() -> list[SelectionConfig]:
 
 
 @dataclass
+class StoreConfig:
+    """The incremental embedding store.
+
+    Attributes:
+        enabled: reuse stored embeddings for unchanged inputs (same uri, size and mtime, same
+            embedder) and write the new snapshot after the run.
+        uri: where it lives; default ``<output.uri>/embedding-store``.
+    """
+
+    enabled: bool = True
+    uri: str | None = None
+
+
+@dataclass
 class OutputConfig:
     """Where results go. ``run_id`` defaults to a UTC timestamp."""
 
@@ -205,6 +219,7 @@ class Config:
     storage: StorageConfig = field(default_factory=StorageConfig)
     decode: DecodeConfig = field(default_factory=DecodeConfig)
     embedder: EmbedderConfig = field(default_factory=EmbedderConfig)
+    store: StoreConfig = field(default_factory=StoreConfig)
     knn: KnnConfig = field(default_factory=KnnConfig)
     scores: ScoresConfig = field(default_factory=ScoresConfig)
     selections: list[SelectionConfig] = field(default_factory=_default_selections)

@@ -14,11 +14,12 @@ import pyarrow.compute as pc
 
 import curation
 from curation.config import Config
-from curation.embedders import EmbedderIdentity, load_embedder
+from curation.embedders import load_embedder
 from curation.index.knn import exact_knn
 from curation.io import inputs as inputs_io
 from curation.io import outputs
-from curation.io.filesystem import Location, Resolver, write_bytes
+from curation.io.filesystem import Resolver, write_bytes
+from curation.io.store import EmbeddingStore
 from curation.report import render_report
 from curation.schema import STATUS_OK, STATUS_REJECTED
 from curation.scores import run_scores
@@ -83,10 +84,37 @@ def _samples_from_embeddings(table: pa.Table) -> tuple[pa.Table, np.ndarray]:
     return pa.table(columns), matrix[good]
 
 
-def run_job(config: Config, *, resolver: Resolver | None = None) -> RunResult:
-    """Run the whole job; returns after ``_SUCCESS`` and ``latest`` are written."""
+def _decode_and_embed(todo: pa.Table, config: Config, resolver: Resolver, timings: dict) -> pa.Table | None:
+    """Run the Ray Data graph over the inputs that need it; None when there are none."""
+    if todo.num_rows == 0:
+        return None
     from curation import pipeline  # imports Ray; kept out of module import for fast CLI errors
 
+    started_ray = pipeline.init_ray(config)
+    try:
+        t = time.perf_counter()
+        ds = pipeline.decode_and_embed(todo, config, resolver)
+        fresh = pipeline.collect_table(ds)
+        timings["decode_embed"] = round(time.perf_counter() - t, 3)
+    finally:
+        if started_ray:
+            import ray
+
+            ray.shutdown()
+    return fresh
+
+
+def _concat_samples(reused: pa.Table, fresh: pa.Table | None) -> pa.Table:
+    if fresh is None:
+        return reused
+    if reused.num_rows == 0:
+        return fresh
+    reused = reused.select([name for name in fresh.column_names if name in reused.column_names])
+    return pa.concat_tables([reused, fresh], promote_options="permissive").sort_by("input_id")
+
+
+def run_job(config: Config, *, resolver: Resolver | None = None) -> RunResult:
+    """Run the whole job; returns after ``_SUCCESS`` and ``latest`` are written."""
     resolver = resolver or Resolver(config.storage)
     timings: dict[str, float] = {}
     t0 = time.perf_counter()
@@ -111,22 +139,32 @@ def run_job(config: Config, *, resolver: Resolver | None = None) -> RunResult:
         _, ident = load_embedder(config.embedder.model, config.embedder.weights,
                                  image_size=config.embedder.image_size, resolver=resolver)
         identity = ident.to_dict()
-        started_ray = pipeline.init_ray(config)
-        try:
-            t = time.perf_counter()
-            ds = pipeline.decode_and_embed(inputs, config, resolver)
-            timings["decode_embed"] = round(time.perf_counter() - t, 3)
-            t = time.perf_counter()
-            pipeline.embeddings_from_dataset(ds, model_id=ident.model_id, store_dtype=config.embedder.store_dtype,
-                                             location=run.child("embeddings"))
-            samples = pipeline.collect_table(ds)
-            timings["write_embeddings"] = round(time.perf_counter() - t, 3)
-        finally:
-            if started_ray:
-                import ray
-                ray.shutdown()
+        store = None
+        reused = inputs.slice(0, 0)
+        todo = inputs
+        if config.store.enabled:
+            store_location = resolver.resolve(config.store.uri) if config.store.uri else output.child("embedding-store")
+            store = EmbeddingStore(store_location, ident.model_id)
+            reused, todo = store.split(inputs)
+        log.info("inputs: %d; reused from the embedding store: %d; to decode and embed: %d",
+                 n_inputs, reused.num_rows, todo.num_rows)
+        fresh = _decode_and_embed(todo, config, resolver, timings)
+        samples = _concat_samples(reused, fresh)
+        status = samples["status"].to_numpy(zero_copy_only=False)
+        embedded = fresh.filter(pc.equal(fresh["status"], STATUS_OK)).num_rows if fresh is not None else 0
+        store_counts = {"reused": reused.num_rows, "embedded": embedded,
+                        "rejected": int((status == STATUS_REJECTED).sum())}
+        identity["store"] = store_counts
+        log.info("embedding store: reused %(reused)d, embedded %(embedded)d, rejected %(rejected)d", store_counts)
+        t = time.perf_counter()
+        outputs.write_embeddings(run.child("embeddings"), samples, model_id=ident.model_id,
+                                 store_dtype=config.embedder.store_dtype)
+        if store is not None:
+            store.write(samples, run_id)
+        timings["write_embeddings"] = round(time.perf_counter() - t, 3)
         ok_mask = pc.equal(samples["status"], STATUS_OK)
-        embeddings_ok = _embeddings_matrix(samples["embedding"].filter(ok_mask)) if samples.num_rows else np.zeros((0, 1), np.float32)
+        embeddings_ok = (_embeddings_matrix(samples["embedding"].filter(ok_mask)) if samples.num_rows
+                         else np.zeros((0, 1), np.float32))
         samples = samples.drop_columns(["embedding"])
 
     if samples.num_rows != n_inputs:

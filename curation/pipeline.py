@@ -10,12 +10,10 @@ import math
 import os
 
 import pyarrow as pa
-import pyarrow.compute as pc
 import ray
 
 from curation.config import Config
-from curation.io.filesystem import Location, Resolver
-from curation.schema import STATUS_OK
+from curation.io.filesystem import Resolver
 from curation.stages.decode import DecodeStage
 from curation.stages.embed import EmbedStage
 
@@ -73,7 +71,7 @@ def embed_pool_size(config: Config) -> dict:
 
 
 def decode_and_embed(inputs: pa.Table, config: Config, resolver: Resolver) -> ray.data.Dataset:
-    """Build and run decode -> embed; returns a materialised dataset (pixels dropped)."""
+    """Build decode -> embed (lazy; executed by :func:`collect_table`). Pixels are dropped."""
     ctx = ray.data.DataContext.get_current()
     ctx.enable_progress_bars = log.isEnabledFor(logging.INFO)
     n = inputs.num_rows
@@ -118,31 +116,11 @@ def decode_and_embed(inputs: pa.Table, config: Config, resolver: Resolver) -> ra
         batch_format="numpy",
         **pool["per_actor"],
     )
-    return ds.materialize()
+    return ds
 
 
 def _decode_batch(batch, stage: DecodeStage):
     return stage(batch)
-
-
-def embeddings_from_dataset(ds: ray.data.Dataset, *, model_id: str, store_dtype: str, location: Location) -> None:
-    """Write ``uri, embedding, model_id`` for ok rows as Parquet with Ray Data's writer."""
-
-    def keep_ok(table: pa.Table) -> pa.Table:
-        table = table.filter(pc.equal(table["status"], STATUS_OK))
-        embedding = table["embedding"]
-        if store_dtype == "float16":
-            dim = embedding.type.list_size
-            embedding = pc.cast(embedding, pa.list_(pa.float16(), dim))
-        return pa.table({
-            "uri": table["uri"],
-            "embedding": embedding,
-            "model_id": pa.array([model_id] * table.num_rows, pa.string()),
-        })
-
-    ds.map_batches(keep_ok, batch_format="pyarrow", batch_size=None).write_parquet(
-        location.path, filesystem=location.filesystem, min_rows_per_file=100_000,
-    )
 
 
 def collect_table(ds: ray.data.Dataset) -> pa.Table:

@@ -39,6 +39,7 @@ SAMPLES_CONTRACT = pa.schema(
 SAMPLES_EXTRA = pa.schema(
     [
         ("input_id", pa.int64()),
+        ("fingerprint", pa.string()),
         ("contrast", pa.float32()),
         ("sharpness", pa.float32()),
         ("is_low_information", pa.bool_()),
@@ -61,7 +62,7 @@ SELECTION_SCHEMA = pa.schema(
 )
 
 # Columns produced by listing inputs; anything else in a manifest is metadata.
-INPUT_COLUMNS = ("input_id", "uri", "label", "input_error")
+INPUT_COLUMNS = ("input_id", "uri", "label", "input_error", "fingerprint")
 
 # Columns produced by decoding (besides pass-through input columns).
 DECODE_COLUMNS = (

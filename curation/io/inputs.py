@@ -67,21 +67,28 @@ def _label_uri(path: str, images_root: Location | None, resolver: Resolver) -> s
     return images_root.child(path).uri
 
 
-def _list_images(config: Config, resolver: Resolver) -> tuple[Location, list[str], list[str | None]]:
+def _fingerprint(info) -> str:
+    """Size and modification time from the listing: changes when the object is rewritten."""
+    mtime = info.mtime_ns if info.mtime_ns is not None else ""
+    return f"{info.size}:{mtime}"
+
+
+def _list_images(config: Config, resolver: Resolver) -> tuple[Location, list[str], list[str | None], list[str]]:
     root = resolver.resolve(config.input.images)
     extensions = {ext.lower() for ext in config.input.extensions}
-    uris, errors = [], []
+    uris, errors, fingerprints = [], [], []
     for info in list_files(root):
         uri = root.child(posixpath.relpath(info.path, root.path)).uri
         suffix = posixpath.splitext(info.path)[1].lower()
         uris.append(uri)
+        fingerprints.append(_fingerprint(info))
         if posixpath.basename(info.path).startswith("."):
             errors.append("skipped: hidden file")
         elif suffix not in extensions:
             errors.append(f"not an image: extension {suffix or '(none)'!r} is not in input.extensions")
         else:
             errors.append(None)
-    return root, uris, errors
+    return root, uris, errors, fingerprints
 
 
 def _read_table(location: Location) -> pa.Table:
@@ -109,11 +116,16 @@ def _read_manifest(config: Config, resolver: Resolver) -> pa.Table:
         else:
             uris.append(value)
     columns = {"uri": pa.array(uris, pa.string())}
+    # A manifest may carry a change token per row; without one its rows are always re-embedded.
+    for name in ("fingerprint", "etag"):
+        if name in table.column_names:
+            columns["fingerprint"] = pc.cast(table[name], pa.string())
+            break
     if "label" in table.column_names:
         labels = pc.cast(table["label"], pa.string())
         columns["label"] = labels
     for name in table.column_names:
-        if name in ("uri", "label"):
+        if name in ("uri", "label", "fingerprint", "etag"):
             continue
         if name in RESERVED_COLUMNS:
             raise ConfigError(f"config key 'input.manifest': column {name!r} clashes with an output column; rename it")
@@ -128,8 +140,8 @@ def list_inputs(config: Config, resolver: Resolver) -> pa.Table:
         table = _read_manifest(config, resolver)
         errors: list[str | None] = [None if u else "missing: empty uri in manifest" for u in table["uri"].to_pylist()]
     else:
-        images_root, uris, errors = _list_images(config, resolver)
-        table = pa.table({"uri": pa.array(uris, pa.string())})
+        images_root, uris, errors, fingerprints = _list_images(config, resolver)
+        table = pa.table({"uri": pa.array(uris, pa.string()), "fingerprint": pa.array(fingerprints, pa.string())})
     n = table.num_rows
     labels: list[str | None] = table["label"].to_pylist() if "label" in table.column_names else [None] * n
 
@@ -161,6 +173,8 @@ def list_inputs(config: Config, resolver: Resolver) -> pa.Table:
         "label": pa.array(labels + extra_labels, pa.string()),
         "input_error": pa.array(errors + extra_errors, pa.string()),
     }
+    if "fingerprint" not in table.column_names:
+        table = table.append_column("fingerprint", pa.nulls(n, pa.string()))
     for name in table.column_names:
         if name not in ("uri", "label"):
             column = table[name].combine_chunks()

@@ -59,6 +59,22 @@ def write_samples(run: Location, samples: pa.Table) -> list[str]:
     return paths
 
 
+def write_embeddings(folder: Location, samples: pa.Table, *, model_id: str, store_dtype: str) -> None:
+    """``uri, embedding, model_id`` of the ok rows as Parquet (fixed_size_list<float32|float16>)."""
+    import pyarrow.compute as pc
+
+    ok = samples.filter(pc.equal(samples["status"], "ok"))
+    embedding = ok["embedding"].combine_chunks() if ok.num_rows else pa.array([], pa.list_(pa.float32(), 1))
+    if store_dtype == "float16" and ok.num_rows:
+        embedding = pc.cast(embedding, pa.list_(pa.float16(), embedding.type.list_size))
+    table = pa.table({"uri": ok["uri"], "embedding": embedding,
+                      "model_id": pa.array([model_id] * ok.num_rows, pa.string())})
+    folder.filesystem.create_dir(folder.path, recursive=True)
+    for part, start in enumerate(range(0, max(table.num_rows, 1), SAMPLES_ROWS_PER_FILE)):
+        target = folder.child(f"part-{part:05d}.parquet")
+        pq.write_table(table.slice(start, SAMPLES_ROWS_PER_FILE), target.path, filesystem=target.filesystem)
+
+
 def write_table(location: Location, table: pa.Table) -> None:
     parent = location.path.rsplit("/", 1)[0]
     location.filesystem.create_dir(parent, recursive=True)

@@ -125,7 +125,9 @@ class DuplicatesScore:
         input_id = ctx.column("input_id")[ok_rows]
         uri = ctx.column("uri")[ok_rows]
         junk = is_junk(ctx.columns)[ok_rows]
-        area = ctx.column("width")[ok_rows].astype(np.int64) * ctx.column("height")[ok_rows].astype(np.int64)
+        width = np.nan_to_num(ctx.column("width")[ok_rows].astype(np.float64))  # null for precomputed embeddings
+        height = np.nan_to_num(ctx.column("height")[ok_rows].astype(np.float64))
+        area = width * height
 
         group_ok = np.zeros(n_ok, np.int64)
         has_group = np.zeros(n_ok, bool)

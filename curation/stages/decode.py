@@ -43,8 +43,21 @@ class Decoded:
     phash: int
 
 
+# Formats PIL cannot decode here, recognised by their magic bytes.
+UNSUPPORTED_MAGIC = (
+    (4, b"ftypheic", "HEIC"), (4, b"ftypheix", "HEIC"), (4, b"ftypmif1", "HEIF"), (4, b"ftypavif", "AVIF"),
+    (0, b"\xff\x0a", "JPEG XL"), (0, b"\x00\x00\x00\x0cJXL ", "JPEG XL"), (0, b"%PDF", "PDF"),
+    (0, b"8BPS", "Photoshop PSD"),
+)
+
+
 def _describe_non_image(data: bytes) -> str:
+    for offset, magic, name in UNSUPPORTED_MAGIC:
+        if data[offset:offset + len(magic)] == magic:
+            return f"unsupported format: {name}"
     head = data[:64].lstrip().lower()
+    if b"<svg" in data[:512].lower():
+        return "unsupported format: SVG (vector image)"
     if head.startswith((b"<!doctype", b"<html", b"<?xml", b"<")):
         return "not an image: looks like HTML/XML text"
     if head[:1] in (b"{", b"["):

@@ -95,7 +95,8 @@ class EmbedStage:
 
 # Columns whose values may all be null in one batch: give them their type explicitly so
 # batches concatenate (an all-null object column would otherwise be inferred as null/float).
-STRING_COLUMNS = {name: pa.string() for name in ("uri", "label", "status", "reason", "content_hash", "pixel_hash")}
+STRING_COLUMNS = {name: pa.string() for name in ("uri", "label", "status", "reason", "content_hash", "pixel_hash",
+                                                     "fingerprint")}
 
 
 def _to_arrow(values: np.ndarray, type_: pa.DataType | None = None) -> pa.Array:
