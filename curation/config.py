@@ -106,9 +106,30 @@ class EmbedderConfig:
 
 @dataclass
 class KnnConfig:
-    """Nearest neighbours. ``k`` neighbours per item, self excluded."""
+    """Nearest neighbours (see ``curation/index/params.py`` for how defaults are chosen).
+
+    Attributes:
+        k: neighbours per item, self excluded.
+        index: ``auto`` (exact below ``exact_below`` items, IVF above), ``flat`` or ``ivf``.
+        exact_below: item count under which ``auto`` searches exactly.
+        nlist / nprobe: IVF lists and lists probed per query; 0 = from N.
+        codec: ``auto``, ``flat`` or ``sq8`` (8-bit scalar quantisation) for IVF vectors.
+        max_flat_bytes: ``auto`` switches to ``sq8`` above this many bytes of float32 vectors.
+        train_size: vectors sampled to train the coarse quantiser; 0 = max(40 * nlist, 50 000).
+        shards: index shards (Ray actors); 0 = one per 2 cluster CPUs.
+        query_batch: queries per fan-out round.
+    """
 
     k: int = 10
+    index: str = "auto"
+    exact_below: int = 50_000
+    nlist: int = 0
+    nprobe: int = 0
+    codec: str = "auto"
+    max_flat_bytes: int = 8 * 1024**3
+    train_size: int = 0
+    shards: int = 0
+    query_batch: int = 16384
 
 
 @dataclass
@@ -400,6 +421,15 @@ def validate(config: Config) -> None:
         raise ConfigError(f"config key 'embedder.max_actors': must be >= 0, got {emb.max_actors}")
     if config.knn.k < 1:
         raise ConfigError(f"config key 'knn.k': must be >= 1, got {config.knn.k}")
+    if config.knn.index not in ("auto", "flat", "ivf"):
+        raise ConfigError(f"config key 'knn.index': expected auto, flat or ivf, got {config.knn.index!r}")
+    if config.knn.codec not in ("auto", "flat", "sq8"):
+        raise ConfigError(f"config key 'knn.codec': expected auto, flat or sq8, got {config.knn.codec!r}")
+    for key in ("nlist", "nprobe", "train_size", "shards"):
+        if getattr(config.knn, key) < 0:
+            raise ConfigError(f"config key 'knn.{key}': must be >= 0")
+    if config.knn.query_batch < 1:
+        raise ConfigError("config key 'knn.query_batch': must be >= 1")
     if config.decode.max_pixels < 1:
         raise ConfigError("config key 'decode.max_pixels': must be >= 1")
     if len(config.decode.background) != 3 or not all(0 <= v <= 255 for v in config.decode.background):

@@ -15,7 +15,6 @@ import pyarrow.compute as pc
 import curation
 from curation.config import Config
 from curation.embedders import load_embedder
-from curation.index.knn import exact_knn
 from curation.io import inputs as inputs_io
 from curation.io import outputs
 from curation.io.filesystem import Resolver, write_bytes
@@ -104,6 +103,21 @@ def _decode_and_embed(todo: pa.Table, config: Config, resolver: Resolver, timing
     return fresh
 
 
+def _knn(embeddings_ok: np.ndarray, config: Config):
+    from curation import pipeline
+
+    started_ray = False
+    if len(embeddings_ok) >= config.knn.exact_below or config.knn.shards > 1 or config.knn.index == "ivf":
+        started_ray = pipeline.init_ray(config)
+    try:
+        return pipeline.knn_graph(embeddings_ok, config.knn)
+    finally:
+        if started_ray:
+            import ray
+
+            ray.shutdown()
+
+
 def _concat_samples(reused: pa.Table, fresh: pa.Table | None) -> pa.Table:
     if fresh is None:
         return reused
@@ -171,7 +185,7 @@ def run_job(config: Config, *, resolver: Resolver | None = None) -> RunResult:
         raise RuntimeError(f"accounting: {n_inputs} inputs but {samples.num_rows} sample rows")
 
     t = time.perf_counter()
-    knn = exact_knn(embeddings_ok, config.knn.k)
+    knn, knn_info = _knn(embeddings_ok, config)
     timings["knn"] = round(time.perf_counter() - t, 3)
     samples, score_timings = run_scores(samples, embeddings_ok, knn, config.scores)
     timings.update({f"score_{k}": v for k, v in score_timings.items()})
@@ -197,7 +211,7 @@ def run_job(config: Config, *, resolver: Resolver | None = None) -> RunResult:
         "flags": flags,
         "class_balance": class_counts,
         "embedder": identity,
-        "knn": {"method": "exact (faiss.IndexFlatIP)", "k": config.knn.k},
+        "knn": knn_info,
         "selections": [{"name": r.name, "mode": r.mode, "rows": r.table.num_rows, "eligible": r.eligible,
                         "note": r.note} for r in results],
         "config": config.to_dict(redact=True),

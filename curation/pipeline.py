@@ -9,10 +9,14 @@ import logging
 import math
 import os
 
+import numpy as np
 import pyarrow as pa
 import ray
 
-from curation.config import Config
+from curation.config import Config, KnnConfig
+from curation.index.knn import KnnGraph, exact_knn
+from curation.index.params import IndexParams, choose_params
+from curation.index.shard import IndexShard, drop_self, merge_shard_results, train_empty_index
 from curation.io.filesystem import Resolver
 from curation.stages.decode import DecodeStage
 from curation.stages.embed import EmbedStage
@@ -128,3 +132,82 @@ def collect_table(ds: ray.data.Dataset) -> pa.Table:
     tables = [t for t in ray.get(ds.to_arrow_refs()) if t.num_rows]
     table = pa.concat_tables(tables, promote_options="permissive")
     return table.sort_by("input_id")
+
+
+def knn_graph(embeddings: np.ndarray, cfg: KnnConfig, *, seed: int = 0) -> tuple[KnnGraph, dict]:
+    """The all-items kNN graph: exact in-process for small N, sharded over Ray actors above.
+
+    Returns the graph and a description (index parameters, timings, per-shard sizes) for run.json.
+    """
+    import time
+
+    n, d = embeddings.shape
+    cpus = int(ray.cluster_resources().get("CPU", 2)) if ray.is_initialized() else 2
+    params = choose_params(n, d, cfg, cpus=cpus)
+    info: dict = {"k": cfg.k, **params.to_dict()}
+    if params.kind == "flat" and params.shards == 1:
+        t = time.perf_counter()
+        graph = exact_knn(embeddings, cfg.k)
+        info.update(method="exact (faiss.IndexFlatIP, in process)", search_s=round(time.perf_counter() - t, 3))
+        return graph, info
+    graph, timing = sharded_knn(embeddings, cfg.k, params, query_batch=cfg.query_batch, seed=seed)
+    info.update(method=f"{params.factory(d)} over {params.shards} Ray shard actor(s)", **timing)
+    return graph, info
+
+
+def sharded_knn(embeddings: np.ndarray, k: int, params: IndexParams, *, query_batch: int = 16384,
+                seed: int = 0) -> tuple[KnnGraph, dict]:
+    """Train once on a uniform sample, add contiguous partitions to shard actors, fan queries
+    out to every shard and merge the per-shard top-k with FAISS."""
+    import time
+
+    x = np.ascontiguousarray(embeddings, dtype=np.float32)
+    n, d = x.shape
+    timing: dict = {}
+    t = time.perf_counter()
+    rng = np.random.default_rng(seed)
+    sample = x[np.sort(rng.choice(n, size=params.train_size, replace=False))] if params.kind == "ivf" else x[:1]
+    empty = train_empty_index(sample, params.factory(d))
+    import faiss
+
+    blob = faiss.serialize_index(empty)
+    timing["train_s"] = round(time.perf_counter() - t, 3)
+
+    t = time.perf_counter()
+    cpus = max(1, int(ray.cluster_resources().get("CPU", 1)))
+    threads = max(1, cpus // params.shards)
+    actor_cls = ray.remote(num_cpus=min(1, cpus / params.shards))(IndexShard)
+    blob_ref = ray.put(blob)
+    shards = [actor_cls.remote(blob_ref, nprobe=params.nprobe, num_threads=threads) for _ in range(params.shards)]
+    bounds = np.linspace(0, n, params.shards + 1).astype(np.int64)
+    ray.get([shard.add.remote(np.arange(lo, hi), x[lo:hi]) for shard, lo, hi in zip(shards, bounds[:-1], bounds[1:])])
+    timing["add_s"] = round(time.perf_counter() - t, 3)
+    timing["shard_sizes"] = [int(hi - lo) for lo, hi in zip(bounds[:-1], bounds[1:])]
+
+    t = time.perf_counter()
+    ids = np.full((n, k), -1, np.int64)
+    sims = np.full((n, k), -np.inf, np.float32)
+    search_k = min(k + 1, n)
+    pending = None
+    for start in range(0, n, query_batch):
+        stop = min(start + query_batch, n)
+        q_ref = ray.put(x[start:stop])
+        futures = [shard.search.remote(q_ref, search_k) for shard in shards]
+        if pending is not None:  # merge the previous batch while this one searches
+            _store(pending, ids, sims, k)
+        pending = (start, stop, futures)
+    if pending is not None:
+        _store(pending, ids, sims, k)
+    timing["search_s"] = round(time.perf_counter() - t, 3)
+    timing["shard_peak_rss_bytes"] = ray.get([shard.memory_bytes.remote() for shard in shards])
+    for shard in shards:
+        ray.kill(shard)
+    return KnnGraph(ids, sims), timing
+
+
+def _store(pending, ids: np.ndarray, sims: np.ndarray, k: int) -> None:
+    start, stop, futures = pending
+    merged_sims, merged_ids = merge_shard_results(ray.get(futures))
+    batch_sims, batch_ids = drop_self(merged_sims, merged_ids, np.arange(start, stop), k)
+    ids[start:stop, : batch_ids.shape[1]] = batch_ids
+    sims[start:stop, : batch_sims.shape[1]] = batch_sims

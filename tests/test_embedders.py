@@ -63,7 +63,7 @@ def test_wrong_weights_and_unknown_models_are_clear_errors(tmp_path, resnet18_we
         load_embedder("resnet18", str(pickled), image_size=64)
 
 
-def test_random_weights_warn(caplog):
+def test_random_weights_warn():
     _, identity = load_embedder("resnet18", "none", image_size=32)
     assert not identity.semantic and "random weights" in identity.warning
 

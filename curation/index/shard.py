@@ -1,0 +1,84 @@
+"""One shard of a FAISS index: a plain class that the pipeline wraps as a Ray actor.
+
+The trained, empty index arrives serialised (trained once on the driver); the shard adds its
+partition of the vectors with their global ids and answers top-k searches. Results from all
+shards are merged with ``faiss.merge_knn_results``.
+"""
+
+from __future__ import annotations
+
+import faiss
+import numpy as np
+
+
+class IndexShard:
+    """Args:
+        index_bytes: ``faiss.serialize_index`` of the trained empty index.
+        nprobe: lists probed per query (IVF only).
+        num_threads: OpenMP threads (match the actor's CPU reservation).
+    """
+
+    def __init__(self, index_bytes: np.ndarray, *, nprobe: int = 0, num_threads: int = 1):
+        faiss.omp_set_num_threads(max(1, num_threads))
+        index = faiss.deserialize_index(np.asarray(index_bytes, dtype=np.uint8))
+        if nprobe and hasattr(faiss, "extract_index_ivf"):
+            try:
+                faiss.extract_index_ivf(index).nprobe = nprobe
+            except RuntimeError:
+                pass  # a flat index has no lists
+        self.index = faiss.IndexIDMap2(index) if not isinstance(index, faiss.IndexIVF) else index
+        self.is_ivf = isinstance(index, faiss.IndexIVF)
+
+    def add(self, ids: np.ndarray, vectors: np.ndarray) -> int:
+        vectors = np.ascontiguousarray(vectors, dtype=np.float32)
+        self.index.add_with_ids(vectors, np.ascontiguousarray(ids, dtype=np.int64))
+        return int(self.index.ntotal)
+
+    def search(self, queries: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+        """Top-k (similarities, global ids); missing results are (-inf, -1)."""
+        sims, ids = self.index.search(np.ascontiguousarray(queries, dtype=np.float32), k)
+        sims = np.where(ids >= 0, sims, -np.inf).astype(np.float32)
+        return sims, ids
+
+    def ntotal(self) -> int:
+        return int(self.index.ntotal)
+
+    def memory_bytes(self) -> int:
+        import resource
+
+        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+
+
+def train_empty_index(sample: np.ndarray, factory: str) -> faiss.Index:
+    """Build and train (on ``sample``) an empty inner-product index."""
+    d = sample.shape[1]
+    index = faiss.index_factory(d, factory, faiss.METRIC_INNER_PRODUCT)
+    if not index.is_trained:
+        index.train(np.ascontiguousarray(sample, dtype=np.float32))
+    return index
+
+
+def merge_shard_results(results: list[tuple[np.ndarray, np.ndarray]]) -> tuple[np.ndarray, np.ndarray]:
+    """Merge per-shard top-k lists (each sorted by decreasing similarity) into a global top-k."""
+    if len(results) == 1:
+        return results[0]
+    sims = np.stack([r[0] for r in results])
+    ids = np.stack([r[1] for r in results])
+    return faiss.merge_knn_results(sims, ids, keep_max=True)
+
+
+def drop_self(sims: np.ndarray, ids: np.ndarray, own: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+    """Remove each row's own id (wherever it landed) and keep k columns; pad with -1/-inf."""
+    keep = ids != own[:, None]
+    keep[keep.all(axis=1), -1] = False  # self not found: drop the last column instead
+    width = ids.shape[1] - 1
+    if width <= 0:
+        return np.full((len(ids), k), -np.inf, np.float32), np.full((len(ids), k), -1, np.int64)
+    out_ids = ids[keep].reshape(-1, width)[:, :k]
+    out_sims = sims[keep].reshape(-1, width)[:, :k]
+    if out_ids.shape[1] < k:
+        pad = k - out_ids.shape[1]
+        out_ids = np.pad(out_ids, ((0, 0), (0, pad)), constant_values=-1)
+        out_sims = np.pad(out_sims, ((0, 0), (0, pad)), constant_values=-np.inf)
+    out_sims = np.where(out_ids >= 0, out_sims, -np.inf).astype(np.float32)
+    return out_sims, out_ids
