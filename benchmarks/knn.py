@@ -1,0 +1,103 @@
+"""kNN benchmark: our sharded index vs exact FAISS all-pairs on the same synthetic embeddings.
+
+Synthetic clustered embeddings (Gaussian clusters, L2-normalised). For each N: exact
+``IndexFlatIP`` all-pairs kNN (timed on all queries, or on a query sample and extrapolated
+when ``--exact-sample`` is set), then our ``knn_graph`` (training + adding + searching over Ray
+shard actors) side by side, recall@k against exact, and the speed ratio. Also a 1/2/4-shard
+sweep with time and peak memory per shard. Prints a table and writes JSON.
+
+    python benchmarks/knn.py --n 200000 --shards 1 2 4 --out benchmarks/results/knn.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+
+import numpy as np
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+os.environ.setdefault("RAY_AUTH_MODE", "disabled")
+
+
+def clustered(n: int, d: int, clusters: int, seed: int = 0, spread: float = 1.0) -> np.ndarray:
+    rng = np.random.default_rng(seed)
+    centers = rng.normal(size=(clusters, d)).astype(np.float32)
+    x = centers[rng.integers(clusters, size=n)]
+    x += spread * rng.normal(size=(n, d)).astype(np.float32) * np.float32(1.0)
+    x /= np.linalg.norm(x, axis=1, keepdims=True)
+    return x
+
+
+def exact_graph(x: np.ndarray, k: int, sample: int | None) -> tuple[np.ndarray, float, int]:
+    import faiss
+
+    index = faiss.IndexFlatIP(x.shape[1])
+    index.add(x)
+    queries = np.arange(len(x)) if not sample else np.sort(np.random.default_rng(1).choice(len(x), sample, replace=False))
+    t = time.perf_counter()
+    ids = np.empty((len(queries), k + 1), np.int64)
+    for start in range(0, len(queries), 8192):
+        _, ids[start:start + 8192] = index.search(x[queries[start:start + 8192]], k + 1)
+    elapsed = time.perf_counter() - t
+    return ids, elapsed * len(x) / len(queries), queries
+
+
+def recall_at_k(graph_ids: np.ndarray, exact_ids: np.ndarray, queries: np.ndarray, k: int) -> float:
+    hits = 0
+    for row, q in enumerate(queries):
+        truth = [i for i in exact_ids[row] if i != q][:k]
+        hits += len(set(truth) & set(graph_ids[q][:k].tolist()))
+    return hits / (len(queries) * k)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--n", type=int, nargs="+", default=[200_000])
+    parser.add_argument("--d", type=int, default=512)
+    parser.add_argument("--clusters", type=int, default=200)
+    parser.add_argument("--k", type=int, default=10)
+    parser.add_argument("--shards", type=int, nargs="+", default=[1, 2])
+    parser.add_argument("--nprobe", type=int, default=0)
+    parser.add_argument("--exact-sample", type=int, default=0, help="time exact search on this many queries and extrapolate")
+    parser.add_argument("--out", default="benchmarks/results/knn.json")
+    args = parser.parse_args()
+
+    import ray
+
+    from curation.config import KnnConfig
+    from curation.pipeline import knn_graph
+
+    ray.init(num_cpus=os.cpu_count(), include_dashboard=False, logging_level="WARNING")
+    rows = []
+    for n in args.n:
+        x = clustered(n, args.d, args.clusters)
+        exact_ids, exact_s, queries = exact_graph(x, args.k, args.exact_sample or None)
+        for shards in args.shards:
+            t = time.perf_counter()
+            graph, info = knn_graph(x, KnnConfig(k=args.k, index="ivf", shards=shards, nprobe=args.nprobe))
+            ours_s = time.perf_counter() - t
+            rec = recall_at_k(graph.ids, exact_ids, queries, args.k)
+            rss = info.get("shard_peak_rss_bytes") or [0]
+            rows.append({"n": n, "d": args.d, "shards": shards, "index": f"IVF{info['nlist']},{info['codec']}",
+                         "nprobe": info["nprobe"], "exact_s": round(exact_s, 1), "ours_s": round(ours_s, 1),
+                         "speedup": round(exact_s / ours_s, 2), "recall@k": round(rec, 4),
+                         "train_s": info["train_s"], "add_s": info["add_s"], "search_s": info["search_s"],
+                         "peak_rss_per_shard_gb": round(max(rss) / 1e9, 2),
+                         "exact_extrapolated": bool(args.exact_sample)})
+            print(json.dumps(rows[-1]), flush=True)
+    ray.shutdown()
+    cols = ["n", "shards", "index", "nprobe", "exact_s", "ours_s", "speedup", "recall@k", "peak_rss_per_shard_gb"]
+    print("\n" + "  ".join(f"{c:>12}" for c in cols))
+    for r in rows:
+        print("  ".join(f"{str(r[c]):>12}" for c in cols))
+    os.makedirs(os.path.dirname(args.out) or ".", exist_ok=True)
+    with open(args.out, "w") as fh:
+        json.dump({"machine": f"{os.cpu_count()} CPUs", "rows": rows}, fh, indent=1)
+
+
+if __name__ == "__main__":
+    main()
