@@ -4,7 +4,7 @@ PYTHON ?= python3
 VENV ?= .venv
 STAMP := $(VENV)/.installed-dev
 
-.PHONY: demo test venv clean bench
+.PHONY: demo test venv clean bench-venv
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -18,6 +18,10 @@ demo: $(STAMP)
 
 test: $(STAMP)
 	$(VENV)/bin/python -m pytest -q
+
+# Extra packages for benchmarks/quality.py (cleanlab Datalab, CleanVision), into the same venv.
+bench-venv: $(STAMP)
+	$(VENV)/bin/pip install --quiet --disable-pip-version-check -e '.[dev,bench]'
 
 clean:
 	rm -rf $(VENV) demo-output .pytest_cache

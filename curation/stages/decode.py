@@ -196,7 +196,7 @@ class DecodeStage:
     """
 
     num_cpus = 1
-    memory_bytes = 512 * 1024 * 1024  # one batch of decoded images plus PIL's working set
+    memory_bytes = 640 * 1024 * 1024  # one batch of decoded images plus PIL's working set
 
     def __init__(self, *, resolver: Resolver, image_size: int, max_pixels: int,
                  background: tuple[int, int, int] = (255, 255, 255)):

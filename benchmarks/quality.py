@@ -1,0 +1,290 @@
+"""Quality benchmark: our scores and selections beside cleanlab Datalab and CleanVision on the
+same data and the same features, in one run.
+
+Part A -- MNIST test split (``../shared/data/mnist``), features = PCA-64 of the pixels
+(L2-normalised). 8,000 digits form the pool, 2,000 are a clean held-out split. Planted in the
+pool: 6% flipped labels (half random, half look-alike digits 4<->9, 3<->5, 1<->7), 100 exact
+duplicates, 100 near duplicates (1-px shift or brightness x0.8), 100 out-of-distribution
+items (CIFAR-10 photos turned grey 28x28, random labels). Reported: label-noise AUROC and
+out-of-distribution AUROC (ours vs Datalab's label and outlier scores), exact/near duplicate
+recall and precision (ours vs Datalab's near_duplicate), and the ``representative``
+selection (1,000 items, uniform): share of flips/duplicates/OOD selected, class max/min, and
+downstream accuracy of a logistic regression trained on it vs on random same-size subsets
+(mean of 5 draws), tested on the held-out split.
+
+Part B -- CIFAR-10 train photos (``../shared/data/cifar10``): 3,000 photos plus 150 dark,
+150 bright (over-exposed or washed out) and 150 blurry versions of other photos, as JPEG
+files. Reported: precision/recall of our junk flags (from our decoder's statistics) beside
+CleanVision's dark / light / blurry issues on the same files.
+
+    python benchmarks/quality.py --out benchmarks/results/quality.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import gzip
+import io
+import json
+import os
+import sys
+import tarfile
+import tempfile
+import time
+
+import numpy as np
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)
+DATA = os.path.join(ROOT, "..", "shared", "data")
+LOOKALIKE = {4: 9, 9: 4, 3: 5, 5: 3, 1: 7, 7: 1}
+
+
+def load_mnist():
+    images = np.frombuffer(gzip.open(os.path.join(DATA, "mnist", "t10k-images-idx3-ubyte.gz")).read(), np.uint8,
+                           offset=16).reshape(-1, 28, 28)
+    labels = np.frombuffer(gzip.open(os.path.join(DATA, "mnist", "t10k-labels-idx1-ubyte.gz")).read(), np.uint8, offset=8)
+    return images, labels.astype(np.int64)
+
+
+def load_cifar(split: str, limit: int, seed: int = 0):
+    from PIL import Image
+
+    images, labels = [], []
+    with tarfile.open(os.path.join(DATA, "cifar10", f"{split}.tar.gz")) as tar:
+        members = [m for m in tar.getmembers() if m.isfile() and m.name.endswith(".jpg")]
+        rng = np.random.default_rng(seed)
+        for idx in rng.choice(len(members), min(limit, len(members)), replace=False):
+            m = members[idx]
+            images.append(np.asarray(Image.open(io.BytesIO(tar.extractfile(m).read())).convert("RGB")))
+            labels.append(m.name.split("/")[-2])
+    return np.stack(images), labels
+
+
+def auroc(y, score):
+    from sklearn.metrics import roc_auc_score
+
+    return round(float(roc_auc_score(y, score)), 4)
+
+
+def pr(flagged: np.ndarray, truth: np.ndarray) -> dict:
+    tp = int((flagged & truth).sum())
+    return {"precision": round(tp / max(1, flagged.sum()), 3), "recall": round(tp / max(1, truth.sum()), 3),
+            "flagged": int(flagged.sum()), "planted": int(truth.sum())}
+
+
+def part_a(seed: int = 0) -> dict:
+    import pyarrow as pa
+    from sklearn.decomposition import PCA
+    from sklearn.linear_model import LogisticRegression
+
+    from curation.config import ScoresConfig, SelectionConfig
+    from curation.index.knn import exact_knn
+    from curation.scores import run_scores
+    from curation.select import build_selections
+    from curation.stages.decode import pixel_statistics
+    from PIL import Image
+
+    rng = np.random.default_rng(seed)
+    images, labels = load_mnist()
+    order = rng.permutation(len(images))
+    pool, held = order[:8000], order[8000:]
+    x = images[pool].astype(np.float32)
+    y = labels[pool].copy()
+    true_y = y.copy()
+    n0 = len(x)
+    kind = np.array(["clean"] * n0, dtype=object)
+    # flipped labels: 3% random, 3% look-alike
+    flip = rng.choice(n0, int(0.06 * n0), replace=False)
+    for j, i in enumerate(flip):
+        if j % 2 == 0 and true_y[i] in LOOKALIKE:
+            y[i] = LOOKALIKE[true_y[i]]
+        else:
+            y[i] = (true_y[i] + rng.integers(1, 10)) % 10
+    kind[flip] = "flip"
+    clean_idx = np.setdiff1d(np.arange(n0), flip)
+    src_exact = rng.choice(clean_idx, 100, replace=False)
+    src_near = rng.choice(np.setdiff1d(clean_idx, src_exact), 100, replace=False)
+    near = []
+    for j, i in enumerate(src_near):
+        img = x[i]
+        near.append(np.roll(img, 1, axis=1) if j % 2 == 0 else img * 0.8)
+    cifar, _ = load_cifar("test", 100, seed)
+    ood = np.stack([np.asarray(Image.fromarray(c).convert("L").resize((28, 28), Image.BILINEAR), np.float32) for c in cifar])
+    x = np.concatenate([x, x[src_exact], np.stack(near), ood])
+    y = np.concatenate([y, y[src_exact], y[src_near], rng.integers(0, 10, 100)])
+    true_y = np.concatenate([true_y, true_y[src_exact], true_y[src_near], np.full(100, -1)])
+    kind = np.concatenate([kind, ["exact"] * 100, ["near"] * 100, ["ood"] * 100])
+    pair_of = np.concatenate([np.full(n0, -1), src_exact, src_near, np.full(100, -1)])
+    n = len(x)
+
+    pca = PCA(64, random_state=0).fit(images[pool].reshape(len(pool), -1).astype(np.float32))
+    feats = pca.transform(x.reshape(n, -1))
+    feats /= np.linalg.norm(feats, axis=1, keepdims=True)
+    held_feats = pca.transform(images[held].reshape(len(held), -1).astype(np.float32))
+    held_feats /= np.linalg.norm(held_feats, axis=1, keepdims=True)
+
+    # ours
+    t = time.perf_counter()
+    stats = [pixel_statistics(Image.fromarray(np.clip(img, 0, 255).astype(np.uint8)).convert("RGB")) for img in x]
+    pixel_bytes = [np.clip(img, 0, 255).astype(np.uint8).tobytes() for img in x]
+    import hashlib
+    samples = pa.table({
+        "input_id": np.arange(n, dtype=np.int64), "uri": [f"mnist/{i:05d}.png" for i in range(n)],
+        "label": [str(v) for v in y], "status": ["ok"] * n, "reason": pa.nulls(n, pa.string()),
+        "width": np.full(n, 28, np.int32), "height": np.full(n, 28, np.int32),
+        "brightness": np.array([s[0] for s in stats], np.float32), "contrast": np.array([s[1] for s in stats], np.float32),
+        "sharpness": np.array([s[2] for s in stats], np.float32),
+        "content_hash": [hashlib.blake2b(b, digest_size=16).hexdigest() for b in pixel_bytes],
+        "pixel_hash": [hashlib.blake2b(b, digest_size=16).hexdigest() for b in pixel_bytes],
+        "phash": np.array([s[3] for s in stats], np.int64),
+    })
+    knn = exact_knn(feats.astype(np.float32), 10)
+    # MNIST is white-on-black: it is "dark" by design, so junk flags are not scored in part A.
+    cfg = ScoresConfig(dark_brightness=0.0)
+    scored, _ = run_scores(samples, feats.astype(np.float32), knn, cfg)
+    ours_s = time.perf_counter() - t
+    df = scored.to_pandas()
+    labelled = kind != "ood"
+    ours = {
+        "label_auroc": auroc((kind == "flip")[labelled], -df.label_quality.to_numpy()[labelled]),
+        "ood_auroc": auroc(kind == "ood", df.sparseness.to_numpy()),
+        "exact_dup_recall": float(np.mean([df.dup_group[i] == df.dup_group[pair_of[i]] for i in np.flatnonzero(kind == "exact")])),
+        "near_dup_recall": float(np.mean([df.dup_group[i] == df.dup_group[pair_of[i]] for i in np.flatnonzero(kind == "near")])),
+        "seconds": round(ours_s, 1),
+    }
+    planted_dup = np.isin(np.arange(n), np.concatenate([np.flatnonzero(np.isin(kind, ["exact", "near"])), src_exact, src_near]))
+    ours["dup_precision"] = pr(df.dup_of.notna().to_numpy(), planted_dup)["precision"]
+
+    # the representative selection and downstream accuracy
+    sel = build_selections(scored, knn, cfg, [SelectionConfig(name="train", mode="representative", budget=1000)])[0]
+    picked = np.array([int(u.split("/")[1][:5]) for u in sel.table["uri"].to_pylist()])
+    counts = np.bincount(y[picked], minlength=10)
+    clf_kwargs = {"max_iter": 2000}
+
+    def accuracy(idx):
+        model = LogisticRegression(**clf_kwargs).fit(feats[idx], y[idx])
+        return float((model.predict(held_feats) == labels[held]).mean())
+
+    rep_acc = accuracy(picked)
+    random_accs = [accuracy(rng.choice(n, len(picked), replace=False)) for _ in range(5)]
+    selection = {
+        "size": int(len(picked)), "flipped_share": round(float(np.isin(picked, flip).mean()), 4),
+        "duplicate_share": round(float(np.isin(kind[picked], ["exact", "near"]).mean()), 4),
+        "ood_share": round(float((kind[picked] == "ood").mean()), 4),
+        "class_max_min": round(float(counts.max() / max(1, counts.min())), 3),
+        "downstream_acc": round(rep_acc, 4), "random_acc_mean": round(float(np.mean(random_accs)), 4),
+        "gain_points": round(100 * (rep_acc - float(np.mean(random_accs))), 2),
+    }
+
+    # cleanlab Datalab on the same features and labels
+    datalab = None
+    try:
+        from cleanlab import Datalab
+
+        t = time.perf_counter()
+        lab = Datalab(data={"label": y.astype(str)}, label_name="label", verbosity=0)
+        lab.find_issues(features=feats, issue_types={"label": {}, "outlier": {}, "near_duplicate": {}})
+        dl_s = time.perf_counter() - t
+        li = lab.get_issues("label")
+        oi = lab.get_issues("outlier")
+        nd = lab.get_issues("near_duplicate")
+        nd_sets = nd["near_duplicate_sets"].to_numpy()
+        datalab = {
+            "label_auroc": auroc((kind == "flip")[labelled], -li["label_score"].to_numpy()[labelled]),
+            "ood_auroc": auroc(kind == "ood", -oi["outlier_score"].to_numpy()),
+            "exact_dup_recall": float(np.mean([pair_of[i] in set(nd_sets[i]) for i in np.flatnonzero(kind == "exact")])),
+            "near_dup_recall": float(np.mean([pair_of[i] in set(nd_sets[i]) for i in np.flatnonzero(kind == "near")])),
+            "dup_precision": pr(nd["is_near_duplicate_issue"].to_numpy(), planted_dup)["precision"],
+            "seconds": round(dl_s, 1),
+        }
+    except ImportError as exc:
+        datalab = {"skipped": f"cleanlab not installed ({exc})"}
+    return {"n": int(n), "features": "PCA-64 of pixels", "ours": ours, "datalab": datalab, "representative": selection}
+
+
+def part_b(seed: int = 0) -> dict:
+    from PIL import Image, ImageEnhance, ImageFilter
+
+    from curation.config import ScoresConfig
+    from curation.stages.decode import decode_image
+
+    rng = np.random.default_rng(seed)
+    photos, _ = load_cifar("train", 3450, seed)
+    folder = tempfile.mkdtemp(prefix="quality-cifar-")
+    kinds = []
+    for i, arr in enumerate(photos):
+        img = Image.fromarray(arr)
+        kind = "clean"
+        if 3000 <= i < 3150:
+            img, kind = ImageEnhance.Brightness(img).enhance(rng.uniform(0.08, 0.2)), "dark"
+        elif 3150 <= i < 3300:
+            if i % 2:
+                img = Image.blend(img, Image.new("RGB", img.size, "white"), rng.uniform(0.8, 0.9))
+            else:
+                img = Image.blend(ImageEnhance.Contrast(img).enhance(0.25), Image.new("RGB", img.size, "white"), 0.55)
+            kind = "bright"
+        elif 3300 <= i < 3450:
+            img, kind = img.filter(ImageFilter.GaussianBlur(rng.uniform(1.5, 2.5))), "blurry"
+        img.save(os.path.join(folder, f"{i:05d}.jpg"), quality=92)
+        kinds.append(kind)
+    kinds = np.array(kinds)
+    cfg = ScoresConfig()
+    stats = []
+    for i in range(len(kinds)):
+        with open(os.path.join(folder, f"{i:05d}.jpg"), "rb") as fh:
+            d = decode_image(fh.read(), image_size=32, max_pixels=10**8)
+        stats.append((d.brightness, d.contrast, d.sharpness))
+    b, c, s = (np.array(v) for v in zip(*stats))
+    ours = {
+        "dark": pr(b < cfg.dark_brightness, kinds == "dark"),
+        "bright": pr((b > cfg.bright_brightness) | ((b > cfg.washed_out_brightness) & (c < cfg.washed_out_contrast)),
+                     kinds == "bright"),
+        "blurry": pr((s < cfg.blurry_sharpness) & (c >= cfg.low_information_std), kinds == "blurry"),
+    }
+    cleanvision = None
+    try:
+        from cleanvision import Imagelab
+
+        imagelab = Imagelab(data_path=folder)
+        imagelab.find_issues({"dark": {}, "light": {}, "blurry": {}}, verbose=False)
+        issues = imagelab.issues.copy()
+        issues.index = [os.path.basename(p) for p in issues.index]
+        issues = issues.loc[[f"{i:05d}.jpg" for i in range(len(kinds))]]
+        cleanvision = {
+            "dark": pr(issues["is_dark_issue"].to_numpy(), kinds == "dark"),
+            "bright": pr(issues["is_light_issue"].to_numpy(), kinds == "bright"),
+            "blurry": pr(issues["is_blurry_issue"].to_numpy(), kinds == "blurry"),
+        }
+    except ImportError as exc:
+        cleanvision = {"skipped": f"cleanvision not installed ({exc})"}
+    return {"n": int(len(kinds)), "ours": ours, "cleanvision": cleanvision}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--out", default="benchmarks/results/quality.json")
+    args = parser.parse_args()
+    if not os.path.isdir(os.path.join(DATA, "mnist")):
+        sys.exit(f"reference data not found under {DATA}")
+    a = part_a()
+    b = part_b()
+    print("\nPart A: MNIST pool of", a["n"], "items, features", a["features"])
+    print(f"{'metric':<20}{'ours':>10}{'datalab':>10}")
+    for key in ("label_auroc", "ood_auroc", "exact_dup_recall", "near_dup_recall", "dup_precision", "seconds"):
+        print(f"{key:<20}{a['ours'].get(key, ''):>10}{str(a['datalab'].get(key, '-')):>10}")
+    print("\nrepresentative (1000, uniform):", json.dumps(a["representative"]))
+    print("\nPart B: CIFAR-10 junk,", b["n"], "files")
+    print(f"{'flag':<8}{'ours P/R':>14}{'cleanvision P/R':>18}")
+    for key in ("dark", "bright", "blurry"):
+        o = b["ours"][key]
+        cv = b["cleanvision"].get(key) if isinstance(b["cleanvision"], dict) else None
+        cv_text = f"{cv['precision']}/{cv['recall']}" if cv else "-"
+        print(f"{key:<8}{o['precision']:>7}/{o['recall']:<6}{cv_text:>18}")
+    os.makedirs(os.path.dirname(args.out) or ".", exist_ok=True)
+    with open(args.out, "w") as fh:
+        json.dump({"machine": f"{os.cpu_count()} CPUs", "mnist": a, "cifar_junk": b}, fh, indent=1, default=str)
+
+
+if __name__ == "__main__":
+    main()
