@@ -4,7 +4,7 @@ same data and the same features, in one run.
 Part A -- MNIST test split (``../shared/data/mnist``), features = PCA-64 of the pixels
 (L2-normalised). 8,000 digits form the pool, 2,000 are a clean held-out split. Planted in the
 pool: 6% flipped labels (half random, half look-alike digits 4<->9, 3<->5, 1<->7), 100 exact
-duplicates, 100 near duplicates (1-px shift or brightness x0.8), 100 out-of-distribution
+duplicates, 100 near duplicates (1-px shift or brightness x0.8), 30 out-of-distribution
 items (CIFAR-10 photos turned grey 28x28, random labels). Reported: label-noise AUROC and
 out-of-distribution AUROC (ours vs Datalab's label and outlier scores), exact/near duplicate
 recall and precision (ours vs Datalab's near_duplicate), and the ``representative``
@@ -37,6 +37,7 @@ import numpy as np
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 DATA = os.path.join(ROOT, "..", "shared", "data")
+N_OOD = 30  # rare by construction: a hundred look-alike photos would form their own cluster
 LOOKALIKE = {4: 9, 9: 4, 3: 5, 5: 3, 1: 7, 7: 1}
 
 
@@ -109,13 +110,13 @@ def part_a(seed: int = 0) -> dict:
     for j, i in enumerate(src_near):
         img = x[i]
         near.append(np.roll(img, 1, axis=1) if j % 2 == 0 else img * 0.8)
-    cifar, _ = load_cifar("test", 100, seed)
+    cifar, _ = load_cifar("test", N_OOD, seed)
     ood = np.stack([np.asarray(Image.fromarray(c).convert("L").resize((28, 28), Image.BILINEAR), np.float32) for c in cifar])
     x = np.concatenate([x, x[src_exact], np.stack(near), ood])
-    y = np.concatenate([y, y[src_exact], y[src_near], rng.integers(0, 10, 100)])
-    true_y = np.concatenate([true_y, true_y[src_exact], true_y[src_near], np.full(100, -1)])
-    kind = np.concatenate([kind, ["exact"] * 100, ["near"] * 100, ["ood"] * 100])
-    pair_of = np.concatenate([np.full(n0, -1), src_exact, src_near, np.full(100, -1)])
+    y = np.concatenate([y, y[src_exact], y[src_near], rng.integers(0, 10, N_OOD)])
+    true_y = np.concatenate([true_y, true_y[src_exact], true_y[src_near], np.full(N_OOD, -1)])
+    kind = np.concatenate([kind, ["exact"] * 100, ["near"] * 100, ["ood"] * N_OOD])
+    pair_of = np.concatenate([np.full(n0, -1), src_exact, src_near, np.full(N_OOD, -1)])
     n = len(x)
 
     pca = PCA(64, random_state=0).fit(images[pool].reshape(len(pool), -1).astype(np.float32))
@@ -157,7 +158,8 @@ def part_a(seed: int = 0) -> dict:
     ours["dup_precision"] = pr(df.dup_of.notna().to_numpy(), planted_dup)["precision"]
 
     # the representative selection and downstream accuracy
-    sel = build_selections(scored, knn, cfg, [SelectionConfig(name="train", mode="representative", budget=1000)])[0]
+    sel = build_selections(scored, knn, cfg, [SelectionConfig(name="train", mode="representative", budget=1000)],
+                           feats.astype(np.float32))[0]
     picked = np.array([int(u.split("/")[1][:5]) for u in sel.table["uri"].to_pylist()])
     counts = np.bincount(y[picked], minlength=10)
     clf_kwargs = {"max_iter": 2000}

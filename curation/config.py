@@ -139,6 +139,8 @@ class ScoresConfig:
     Attributes:
         near_duplicate_cosine: embedding cosine similarity at or above which two items are
             near duplicates.
+        near_duplicate_ratio: a near pair's distance must also be at most this share of the
+            local scale (distance to the k-th neighbour): a ratio test against dense regions.
         near_duplicate_hamming: 64-bit perceptual-hash distance at or below which two items
             are near duplicates (catches re-encodes that embeddings separate poorly).
         dark_brightness: mean luminance below which an image is dark.
@@ -156,6 +158,7 @@ class ScoresConfig:
     """
 
     near_duplicate_cosine: float = 0.95
+    near_duplicate_ratio: float = 0.25
     near_duplicate_hamming: int = 8
     dark_brightness: float = 0.16
     bright_brightness: float = 0.90
@@ -435,7 +438,7 @@ def validate(config: Config) -> None:
     if len(config.decode.background) != 3 or not all(0 <= v <= 255 for v in config.decode.background):
         raise ConfigError("config key 'decode.background': expected three integers in [0, 255]")
     sc = config.scores
-    for key in ("near_duplicate_cosine", "dark_brightness", "bright_brightness", "washed_out_brightness",
+    for key in ("near_duplicate_cosine", "near_duplicate_ratio", "dark_brightness", "bright_brightness", "washed_out_brightness",
                 "label_quality_threshold", "rare_tail_quantile"):
         value = getattr(sc, key)
         if not 0.0 <= value <= 1.0:

@@ -36,31 +36,42 @@ class RunResult:
 
 
 def _embeddings_matrix(column: pa.ChunkedArray | pa.Array) -> np.ndarray:
-    array = column.combine_chunks() if isinstance(column, pa.ChunkedArray) else column
-    if pa.types.is_fixed_size_list(array.type):
-        dim = array.type.list_size
-    else:
-        dim = len(array[0]) if len(array) else 0
-    flat = array.flatten().to_numpy(zero_copy_only=False).astype(np.float32)
-    return flat.reshape(len(array), dim)
+    """(N, d) float32 from a list column, filled chunk by chunk (no combined intermediate)."""
+    chunks = column.chunks if isinstance(column, pa.ChunkedArray) else [column]
+    total = sum(len(c) for c in chunks)
+    first = next((c for c in chunks if len(c)), None)
+    if first is None:
+        return np.zeros((0, 1), np.float32)
+    dim = first.type.list_size if pa.types.is_fixed_size_list(first.type) else len(first[0])
+    out = np.empty((total, dim), np.float32)
+    pos = 0
+    for chunk in chunks:
+        if len(chunk):
+            out[pos:pos + len(chunk)] = chunk.flatten().to_numpy(zero_copy_only=False).reshape(len(chunk), dim)
+            pos += len(chunk)
+    return out
 
 
 def _samples_from_embeddings(table: pa.Table) -> tuple[pa.Table, np.ndarray]:
     """Rows of ``input.embeddings``: no pixels, so no decode statistics; all rows ok unless
     their vector is null, of the wrong length or not finite."""
     n = table.num_rows
-    emb_col = table["embedding"].combine_chunks()
-    valid = np.asarray(emb_col.is_valid(), bool)
+    emb_col = table["embedding"]
+    valid = np.asarray(emb_col.is_valid().to_numpy(zero_copy_only=False), bool)
     lengths = pc.list_value_length(emb_col).to_numpy(zero_copy_only=False)
     dim = int(np.median(lengths[valid])) if valid.any() else 0
     good = valid & (lengths == dim)
-    matrix = np.zeros((n, dim), np.float32)
-    if good.any():
-        matrix[good] = _embeddings_matrix(emb_col.filter(pa.array(good)))
+    if good.all():
+        matrix = _embeddings_matrix(emb_col)  # one copy, straight from the Arrow buffer
+    else:
+        matrix = np.zeros((n, dim), np.float32)
+        if good.any():
+            matrix[good] = _embeddings_matrix(emb_col.filter(pa.array(good)))
+    del emb_col
     finite = np.isfinite(matrix).all(axis=1)
     norms = np.linalg.norm(matrix, axis=1)
     good &= finite & (norms > 0)
-    matrix[good] /= norms[good, None]
+    np.divide(matrix, np.where(good, norms, 1.0)[:, None], out=matrix)
     reasons = np.where(~valid, "corrupt: null embedding",
                        np.where(lengths != dim, f"corrupt: embedding length differs from {dim}",
                                 np.where(~good, "corrupt: embedding is zero or not finite", None)))
@@ -80,7 +91,7 @@ def _samples_from_embeddings(table: pa.Table) -> tuple[pa.Table, np.ndarray]:
     for name in table.column_names:
         if name not in columns and name != "embedding":
             columns[name] = table[name]
-    return pa.table(columns), matrix[good]
+    return pa.table(columns), (matrix if good.all() else matrix[good])
 
 
 def _decode_and_embed(todo: pa.Table, config: Config, resolver: Resolver, timings: dict) -> pa.Table | None:
@@ -140,9 +151,10 @@ def run_job(config: Config, *, resolver: Resolver | None = None) -> RunResult:
 
     if config.input.embeddings:
         table = inputs_io.read_embeddings_input(config, resolver)
+        model_id = str(table["model_id"][0]) if "model_id" in table.column_names and table.num_rows else None
         samples, embeddings_ok = _samples_from_embeddings(table)
-        identity = {"model": "precomputed", "source": config.input.embeddings,
-                    "model_id": str(table["model_id"][0]) if "model_id" in table.column_names and table.num_rows else None}
+        del table  # the vectors now live in embeddings_ok only
+        identity = {"model": "precomputed", "source": config.input.embeddings, "model_id": model_id}
         timings["read_embeddings"] = round(time.perf_counter() - t0, 3)
         n_inputs = samples.num_rows
     else:
@@ -190,7 +202,7 @@ def run_job(config: Config, *, resolver: Resolver | None = None) -> RunResult:
     samples, score_timings = run_scores(samples, embeddings_ok, knn, config.scores)
     timings.update({f"score_{k}": v for k, v in score_timings.items()})
     t = time.perf_counter()
-    results = build_selections(samples, knn, config.scores, config.selections)
+    results = build_selections(samples, knn, config.scores, config.selections, embeddings_ok)
     timings["selections"] = round(time.perf_counter() - t, 3)
 
     samples = outputs.order_samples(samples)

@@ -180,7 +180,9 @@ def sharded_knn(embeddings: np.ndarray, k: int, params: IndexParams, *, query_ba
     blob_ref = ray.put(blob)
     shards = [actor_cls.remote(blob_ref, nprobe=params.nprobe, num_threads=threads) for _ in range(params.shards)]
     bounds = np.linspace(0, n, params.shards + 1).astype(np.int64)
-    ray.get([shard.add.remote(np.arange(lo, hi), x[lo:hi]) for shard, lo, hi in zip(shards, bounds[:-1], bounds[1:])])
+    # One partition in flight at a time: the object store never holds more than one slice.
+    for shard, lo, hi in zip(shards, bounds[:-1], bounds[1:]):
+        ray.get(shard.add.remote(np.arange(lo, hi), x[lo:hi]))
     timing["add_s"] = round(time.perf_counter() - t, 3)
     timing["shard_sizes"] = [int(hi - lo) for lo, hi in zip(bounds[:-1], bounds[1:])]
 

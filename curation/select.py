@@ -1,11 +1,12 @@
 """Selection modes: subsets of ``samples`` with a rank, a score and a reason per row.
 
 * ``representative``: up to ``budget`` items balanced over classes (``class_balance``:
-  ``uniform``, ``proportional`` or ``tempered:<alpha>``, quota ~ n_c^alpha) and, within each
-  class, over k-means clusters (quota ~ cluster size); inside a cluster the most central items
-  (highest cosine to the centroid) first, skipping items whose kNN neighbour with cosine >=
-  ``REDUNDANCY_COSINE`` is already picked. Excludes junk, non-kept duplicates, suspected
-  mislabels and the rarest tail (sparseness > ``scores.rare_tail_quantile``).
+  ``uniform``, ``proportional`` or ``tempered:<alpha>``, quota ~ n_c^alpha); inside each class
+  the quota is spent on coverage: spherical k-means with k = quota over the class's eligible
+  embeddings and the item nearest each centroid (a prototype per region, so no two picks
+  are redundant and every mode of the class is represented; largest regions rank first).
+  Excludes junk, non-kept duplicates, suspected mislabels and the rarest tail (sparseness >
+  ``scores.rare_tail_quantile``).
 * ``edge_cases``: the rarest items (highest sparseness), excluding junk, non-kept duplicates
   and suspected mislabels.
 * ``label_review``: labelled items by lowest label quality, with the suggested label;
@@ -23,6 +24,7 @@ from __future__ import annotations
 import logging
 from dataclasses import dataclass
 
+import faiss
 import numpy as np
 import pandas as pd
 import pyarrow as pa
@@ -33,7 +35,7 @@ from curation.schema import SELECTION_SCHEMA
 
 log = logging.getLogger(__name__)
 
-REDUNDANCY_COSINE = 0.95
+SEED = 1234
 
 
 @dataclass
@@ -98,12 +100,13 @@ class Selector:
         scores: thresholds (rare tail).
     """
 
-    def __init__(self, samples: pa.Table, knn_ok: KnnGraph, scores: ScoresConfig):
+    def __init__(self, samples: pa.Table, knn_ok: KnnGraph, scores: ScoresConfig, embeddings_ok: np.ndarray):
         self.df = samples.to_pandas()
         self.ok_rows = np.flatnonzero((self.df["status"] == "ok").to_numpy())
         self.row_to_ok = np.full(len(self.df), -1, np.int64)
         self.row_to_ok[self.ok_rows] = np.arange(len(self.ok_rows))
         self.knn = knn_ok
+        self.embeddings = embeddings_ok
         self.scores = scores
         df = self.df
         ok = (df["status"] == "ok").to_numpy()
@@ -195,66 +198,65 @@ class Selector:
         alpha = parse_class_balance(sel.class_balance, key=f"selection {sel.name} class_balance")
         column = sel.balance_on or "label"
         groups = self._group_values(sel, column)
-        clusters = df["cluster"].to_numpy()
-        central = df["cluster_similarity"].to_numpy(np.float64)
         groups = np.array([str(g) for g in groups], dtype=object)
         names, capacity = np.unique(groups[idx].astype(str), return_counts=True)
         quotas = allocate(sel.budget or len(idx), capacity, capacity.astype(np.float64) ** alpha)
-        picked = np.zeros(len(df), bool)
-        per_group: list[list[int]] = []
+        per_group: list[list[tuple[int, float]]] = []
         for name, quota in zip(names, quotas):
             members = idx[groups[idx] == name]
-            per_group.append(self._spread_over_clusters(members, int(quota), clusters, central, picked))
+            per_group.append(self._cover(members, int(quota)))
         # Rank: round-robin over groups, so any prefix of the selection is balanced too.
-        order = []
+        order: list[tuple[int, float]] = []
         depth = 0
         while any(depth < len(p) for p in per_group):
             for p in per_group:
                 if depth < len(p):
                     order.append(p[depth])
             depth += 1
-        rows = np.array(order, np.int64)
-        score = central[rows] if len(rows) else np.empty(0)
-        reasons = [f"representative of {column} {groups[r]!r}, cluster {clusters[r]} (centrality {central[r]:.3f})"
-                   for r in rows]
+        rows = np.array([r for r, _ in order], np.int64)
+        score = np.array([c for _, c in order], np.float64)
+        clusters = df["cluster"].to_numpy()
+        reasons = [f"representative of {column} {groups[r]!r} (prototype of a region holding {int(c)} eligible items; "
+                   f"embedding cluster {clusters[r]})" for r, c in order]
         return rows, score, reasons
 
-    def _spread_over_clusters(self, members: np.ndarray, quota: int, clusters: np.ndarray,
-                              central: np.ndarray, picked: np.ndarray) -> list[int]:
+    def _cover(self, members: np.ndarray, quota: int) -> list[tuple[int, float]]:
+        """``quota`` prototypes covering ``members``: k-means with k = quota on their embeddings,
+        then the member nearest each centroid (largest regions first). Returns (row, region size)."""
         if quota <= 0 or len(members) == 0:
             return []
-        cluster_ids, sizes = np.unique(clusters[members], return_counts=True)
-        cluster_quota = allocate(quota, sizes, sizes.astype(np.float64))
-        chosen: list[int] = []
-        for cid, cq in zip(cluster_ids, cluster_quota):
-            if cq == 0:
-                continue
-            in_cluster = members[clusters[members] == cid]
-            ranked = in_cluster[np.argsort(-central[in_cluster], kind="stable")]
-            took, skipped = [], []
-            for r in ranked:
-                if len(took) == cq:
+        if quota >= len(members):
+            return [(int(r), 1.0) for r in members]
+        x = np.ascontiguousarray(self.embeddings[self.row_to_ok[members]], dtype=np.float32)
+        if quota == 1:
+            centroids = x.mean(axis=0, keepdims=True)
+        else:
+            km = faiss.Kmeans(x.shape[1], quota, niter=15, seed=SEED, spherical=True, max_points_per_centroid=64,
+                              verbose=False)
+            km.train(x)
+            centroids = km.centroids
+        index = faiss.IndexFlatIP(x.shape[1])
+        index.add(x)
+        centroid_index = faiss.IndexFlatIP(x.shape[1])
+        centroid_index.add(np.ascontiguousarray(centroids, dtype=np.float32))
+        _, owner = centroid_index.search(x, 1)
+        sizes = np.bincount(owner.ravel(), minlength=len(centroids))
+        search = min(len(members), 8)
+        _, nearest = index.search(np.ascontiguousarray(centroids, dtype=np.float32), search)
+        taken = np.zeros(len(members), bool)
+        picks: list[tuple[int, float]] = []
+        for c in np.argsort(-sizes, kind="stable"):
+            for j in nearest[c]:
+                if j >= 0 and not taken[j]:
+                    taken[j] = True
+                    picks.append((int(members[j]), float(sizes[c])))
                     break
-                if self._redundant(r, picked):
-                    skipped.append(r)
-                    continue
-                took.append(r)
-                picked[r] = True
-            for r in skipped[: cq - len(took)]:  # fill with redundant ones only if needed
-                took.append(r)
-                picked[r] = True
-            chosen.extend(int(r) for r in took)
-        return chosen
-
-    def _redundant(self, row: int, picked: np.ndarray) -> bool:
-        k = self.row_to_ok[row]
-        ids = self.knn.ids[k]
-        sims = self.knn.sims[k]
-        close = ids[(ids >= 0) & (sims >= REDUNDANCY_COSINE)]
-        return bool(close.size and picked[self.ok_rows[close]].any())
+        if len(picks) < quota:  # collisions: fill with the remaining members in order
+            picks.extend((int(members[j]), 0.0) for j in np.flatnonzero(~taken)[: quota - len(picks)])
+        return picks[:quota]
 
 
 def build_selections(samples: pa.Table, knn_ok: KnnGraph, scores: ScoresConfig,
-                     selections: list[SelectionConfig]) -> list[SelectionResult]:
-    selector = Selector(samples, knn_ok, scores)
+                     selections: list[SelectionConfig], embeddings_ok: np.ndarray) -> list[SelectionResult]:
+    selector = Selector(samples, knn_ok, scores, embeddings_ok)
     return [selector.build(sel) for sel in selections]

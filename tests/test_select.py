@@ -32,13 +32,13 @@ def scored():
     emb_ok = unit(emb)
     knn = exact_knn(emb_ok, 8)
     table, _ = run_scores(samples, emb_ok, knn, ScoresConfig())
-    return table, knn
+    return table, knn, emb_ok
 
 
 def select(scored, **kw):
-    table, knn = scored
+    table, knn, emb = scored
     kw.setdefault("name", "s")
-    return build_selections(table, knn, ScoresConfig(), [SelectionConfig(**kw)])[0]
+    return build_selections(table, knn, ScoresConfig(), [SelectionConfig(**kw)], emb)[0]
 
 
 def test_allocate_water_fills():
@@ -55,7 +55,8 @@ def test_representative_uniform_balances_classes_and_excludes_defects(scored):
     uris = set(result.table["uri"].to_pylist())
     assert not uris & {"/d/000.jpg", "/d/001.jpg", "/d/005.jpg"}  # dark, dark, flipped
     assert not ({"/d/007.jpg", "/d/008.jpg"} <= uris)  # never both copies
-    assert labels[:3] == sorted(labels[:3]) or len(set(labels[:3])) == 3  # ranks interleave classes
+    assert len(set(labels[:3])) == 3  # ranks interleave classes
+    assert len(uris) == 24  # prototypes are distinct items
 
 
 def test_representative_proportional_and_tempered(scored):
@@ -65,13 +66,32 @@ def test_representative_proportional_and_tempered(scored):
     assert prop.count("a") > tempered.count("a") > tempered.count("c") >= prop.count("c")
 
 
+def test_representative_covers_every_mode_of_a_class(scored):
+    """Within a class, prototypes spread over its regions instead of piling into the densest."""
+    import numpy as np
+
+    table, knn, emb = scored
+    rng = np.random.default_rng(0)
+    # class "a" = two far-apart modes of 30 items each; a budget of 4 for "a" must touch both
+    modes = np.concatenate([np.tile(emb[0], (30, 1)), np.tile(-emb[0], (30, 1))]) + 0.05 * rng.normal(size=(60, emb.shape[1]))
+    from tests.test_scores import unit
+    emb2 = emb.copy()
+    emb2[:60] = unit(modes)
+    from curation.select import Selector
+    selector = Selector(table, knn, ScoresConfig(), emb2)
+    eligible = np.arange(20, 60)  # 10 items of the first mode, 30 of the second
+    picks = [r for r, _ in selector._cover(eligible, 4)]
+    assert len(set(picks)) == 4
+    assert any(r < 30 for r in picks) and any(r >= 30 for r in picks)
+
+
 def test_budget_above_eligible_returns_eligible_and_says_so(scored):
     result = select(scored, mode="representative", budget=10_000)
     assert result.table.num_rows == result.eligible < 100 and "exceeds" in result.note
 
 
 def test_edge_cases_are_rarest_first(scored):
-    table, _ = scored
+    table, _, _ = scored
     result = select(scored, mode="edge_cases", budget=5)
     scores = result.table["score"].to_pylist()
     assert scores == sorted(scores, reverse=True)
@@ -91,7 +111,7 @@ def test_clean_excludes_junk_and_non_kept_duplicates(scored):
     result = select(scored, mode="clean")
     uris = set(result.table["uri"].to_pylist())
     assert "/d/000.jpg" not in uris and len({"/d/007.jpg", "/d/008.jpg"} & uris) == 1
-    table, _ = scored
+    table, _, _ = scored
     df = table.to_pandas()
     expected = df[(df.status == "ok") & ~df.is_dark & ~df.is_bright & ~df.is_blurry & ~df.is_low_information
                   & df.dup_of.isna()]
@@ -103,7 +123,7 @@ def test_where_and_balance_on(scored):
     only_b = select(scored, mode="clean", where="label == 'b' and brightness > 0.1")
     assert set(only_b.table["label"].to_pylist()) == {"b"}
     by_site = select(scored, mode="representative", budget=10, balance_on="site")
-    table, _ = scored
+    table, _, _ = scored
     site = dict(zip(table["uri"].to_pylist(), table["site"].to_pylist()))
     picked = [site[u] for u in by_site.table["uri"].to_pylist()]
     assert picked.count("north") == picked.count("south") == 5

@@ -48,15 +48,19 @@ def order_samples(samples: pa.Table) -> pa.Table:
     return pa.table(dict(zip(names, columns)))
 
 
-def write_samples(run: Location, samples: pa.Table) -> list[str]:
-    folder = run.child("samples")
+def write_parquet_parts(folder: Location, table: pa.Table, rows_per_file: int = SAMPLES_ROWS_PER_FILE) -> list[str]:
+    """Write ``table`` as ``part-NNNNN.parquet`` files of at most ``rows_per_file`` rows."""
     folder.filesystem.create_dir(folder.path, recursive=True)
-    paths = []
-    for part, start in enumerate(range(0, max(samples.num_rows, 1), SAMPLES_ROWS_PER_FILE)):
+    uris = []
+    for part, start in enumerate(range(0, max(table.num_rows, 1), rows_per_file)):
         target = folder.child(f"part-{part:05d}.parquet")
-        pq.write_table(samples.slice(start, SAMPLES_ROWS_PER_FILE), target.path, filesystem=target.filesystem)
-        paths.append(target.uri)
-    return paths
+        pq.write_table(table.slice(start, rows_per_file), target.path, filesystem=target.filesystem)
+        uris.append(target.uri)
+    return uris
+
+
+def write_samples(run: Location, samples: pa.Table) -> list[str]:
+    return write_parquet_parts(run.child("samples"), samples)
 
 
 def write_embeddings(folder: Location, samples: pa.Table, *, model_id: str, store_dtype: str) -> None:
@@ -69,10 +73,7 @@ def write_embeddings(folder: Location, samples: pa.Table, *, model_id: str, stor
         embedding = pc.cast(embedding, pa.list_(pa.float16(), embedding.type.list_size))
     table = pa.table({"uri": ok["uri"], "embedding": embedding,
                       "model_id": pa.array([model_id] * ok.num_rows, pa.string())})
-    folder.filesystem.create_dir(folder.path, recursive=True)
-    for part, start in enumerate(range(0, max(table.num_rows, 1), SAMPLES_ROWS_PER_FILE)):
-        target = folder.child(f"part-{part:05d}.parquet")
-        pq.write_table(table.slice(start, SAMPLES_ROWS_PER_FILE), target.path, filesystem=target.filesystem)
+    write_parquet_parts(folder, table)
 
 
 def write_table(location: Location, table: pa.Table) -> None:

@@ -26,6 +26,7 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from curation.io.filesystem import Location, read_bytes, write_bytes
+from curation.io.outputs import write_parquet_parts
 
 log = logging.getLogger(__name__)
 
@@ -107,10 +108,6 @@ class EmbeddingStore:
         columns["model_id"] = pa.array([self.model_id] * ok.num_rows, pa.string())
         table = pa.table(columns)
         snapshot = f"snapshot-{run_id}"
-        folder = self.root.child(snapshot)
-        folder.filesystem.create_dir(folder.path, recursive=True)
-        for part, start in enumerate(range(0, max(table.num_rows, 1), ROWS_PER_FILE)):
-            target = folder.child(f"part-{part:05d}.parquet")
-            pq.write_table(table.slice(start, ROWS_PER_FILE), target.path, filesystem=target.filesystem)
+        write_parquet_parts(self.root.child(snapshot), table, ROWS_PER_FILE)
         write_bytes(self.root.child("CURRENT"), json.dumps({"snapshot": snapshot, "rows": table.num_rows}).encode())
         return table.num_rows

@@ -4,9 +4,14 @@ Edges between ok items:
 
 * exact: equal content hash of the bytes, or equal hash of the decoded pixels (the same image
   saved twice with different lossless encodings);
-* near (embedding): cosine similarity >= ``scores.near_duplicate_cosine`` among the kNN graph;
+* near (embedding): a kNN pair with cosine >= ``scores.near_duplicate_cosine`` whose distance
+  (1 - cosine) is at most ``scores.near_duplicate_ratio`` times the local scale (the distance
+  to the k-th neighbour of the sparser of the two) -- a ratio test, so a dense region of
+  distinct look-alikes is not one big group; cosine >= 0.998 always counts;
 * near (perceptual): 64-bit dHash Hamming distance <= ``scores.near_duplicate_hamming`` with an
-  embedding cosine of at least ``PHASH_MIN_COSINE`` as a guard against hash collisions.
+  embedding cosine of at least ``PHASH_MIN_COSINE`` and the same ratio test (``PHASH_RATIO``)
+  as guards against hash collisions; hashes with fewer than ``PHASH_MIN_BITS`` set or unset
+  bits (large flat areas) are not used.
   Semantic embeddings pull same-class photos as close as true copies, so the low-level hash
   is what finds re-encoded, resized and brightness-shifted copies. Flat (low-information)
   images are left out of hash matching: their hashes are noise.
@@ -26,6 +31,9 @@ from curation.scores.base import REASON_COLUMN, ScoreContext, masked
 from curation.scores.junk import is_junk
 
 PHASH_MIN_COSINE = 0.85
+PHASH_MIN_BITS = 12
+PHASH_RATIO = 0.25
+CERTAIN_DISTANCE = 0.002  # cosine >= 0.998: a duplicate whatever the neighbourhood
 PHASH_QUERY_BATCH = 16384
 
 
@@ -86,6 +94,16 @@ def phash_pairs(hashes: np.ndarray, radius: int) -> tuple[np.ndarray, np.ndarray
     return np.concatenate(left), np.concatenate(right)
 
 
+def _neighbourhood_distance(graph) -> np.ndarray:
+    """Each item's distance (1 - cosine) to its k-th neighbour: the local scale of "close"."""
+    if graph.k == 0:
+        return np.ones(len(graph.ids))
+    valid = graph.ids >= 0
+    last = np.where(valid.any(axis=1), valid.sum(axis=1) - 1, 0)
+    sims = graph.sims[np.arange(len(graph.ids)), last]
+    return np.where(valid.any(axis=1), 1.0 - sims, 1.0)
+
+
 class DuplicatesScore:
     name = "duplicates"
     columns = ("dup_group", "dup_of", "dup_kind")
@@ -102,9 +120,18 @@ class DuplicatesScore:
         _union_equal_keys(uf, pixels, np.array([p is not None for p in pixels]))
         exact_roots = uf.roots() if n_ok else np.empty(0, np.int64)
 
-        # Near duplicates from the kNN graph.
+        # Near duplicates from the kNN graph: close in absolute terms AND much closer than the
+        # item's own neighbourhood (a ratio test), so dense regions of distinct look-alikes
+        # (every handwritten "1", every product shot on white) are not merged into one group.
         graph = ctx.knn_ok
-        rows, cols = np.nonzero((graph.sims >= cfg.near_duplicate_cosine) & (graph.ids >= 0))
+        valid_ids = graph.ids >= 0
+        reference = _neighbourhood_distance(graph)
+        partner = np.maximum(graph.ids, 0)
+        distance = 1.0 - graph.sims
+        local = np.maximum(reference[:, None], reference[partner])  # the sparser of the two
+        edge = valid_ids & (graph.sims >= cfg.near_duplicate_cosine) & (
+            distance <= np.maximum(cfg.near_duplicate_ratio * local, CERTAIN_DISTANCE))
+        rows, cols = np.nonzero(edge)
         for a, b in zip(rows, graph.ids[rows, cols]):
             uf.union(int(a), int(b))
 
@@ -112,13 +139,20 @@ class DuplicatesScore:
         if "phash" in ctx.columns and cfg.near_duplicate_hamming > 0:
             informative = ~ctx.column("is_low_information")[ok_rows] & np.isfinite(
                 ctx.column("contrast")[ok_rows].astype(np.float64))
-            idx = np.flatnonzero(informative & valid)
-            left, right = phash_pairs(ctx.column("phash")[ok_rows][idx], cfg.near_duplicate_hamming)
+            hashes = ctx.column("phash")[ok_rows]
+            bits = np.unpackbits(hashes.astype(">i8").view(np.uint8).reshape(-1, 8), axis=1).sum(axis=1)
+            # A hash with few or many set bits comes from large flat areas (a digit on black, a
+            # logo on white): such hashes collide between unrelated images, so they do not vote.
+            balanced = (bits >= PHASH_MIN_BITS) & (bits <= 64 - PHASH_MIN_BITS)
+            idx = np.flatnonzero(informative & balanced)
+            left, right = phash_pairs(hashes[idx], cfg.near_duplicate_hamming)
             if len(left):
                 a, b = idx[left], idx[right]
                 emb = ctx.embeddings_ok
                 cos = np.einsum("ij,ij->i", emb[a], emb[b])
-                for x, y in zip(a[cos >= PHASH_MIN_COSINE], b[cos >= PHASH_MIN_COSINE]):
+                local = np.maximum(reference[a], reference[b])
+                keep = (cos >= PHASH_MIN_COSINE) & (1.0 - cos <= np.maximum(PHASH_RATIO * local, CERTAIN_DISTANCE))
+                for x, y in zip(a[keep], b[keep]):
                     uf.union(int(x), int(y))
 
         roots = uf.roots() if n_ok else np.empty(0, np.int64)

@@ -25,7 +25,7 @@ import pyarrow as pa
 
 from curation.scores.base import REASON_COLUMN, ScoreContext, masked
 
-TEMPERATURE = 0.05
+TEMPERATURE = 0.1
 PRIOR_WEIGHT = 0.1
 
 
