@@ -80,8 +80,9 @@ class EmbedderConfig:
 
     Attributes:
         model: a registered name: ``thumbnail`` (weight-free pixel descriptor), a torchvision
-            backbone (``resnet18``, ``resnet50``, ``mobilenet_v3_small``, ...), or
-            ``torchscript`` (a user program file given in ``weights``).
+            backbone (``resnet18``, ``resnet50``, ``mobilenet_v3_small``, ...),
+            ``torchscript`` or ``exported`` (a user TorchScript / torch.export program file
+            given in ``weights``).
         weights: ``DEFAULT`` (torchvision's published weights, downloaded once), a path or
             ``s3://`` URI of a state_dict / TorchScript file, or ``none`` (random init; tests only).
         image_size: square input size the decoder resizes to.

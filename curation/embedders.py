@@ -12,6 +12,8 @@
   head removed (penultimate features).
 * ``torchscript`` -- a user TorchScript program file (``weights`` = its path or ``s3://`` URI),
   mapping a float (N, 3, S, S) ImageNet-normalised batch to (N, D) features.
+* ``exported`` -- the same contract as a ``torch.export`` program (``torch.export.save``, a
+  ``.pt2`` file; export it with a dynamic batch dimension).
 
 ``embedder.weights``: ``DEFAULT`` (torchvision's published weights, downloaded and cached by
 torchvision; needs internet once), a path or ``s3://`` URI of a state_dict (loaded with
@@ -134,15 +136,20 @@ def load_embedder(model: str, weights: str, *, image_size: int,
         weights_key, semantic = "none", False
         warning = ("thumbnail embedder: a weight-free pixel descriptor (colour and layout, no "
                    "semantics); label quality and clusters reflect appearance only")
-    elif model == "torchscript":
+    elif model in ("torchscript", "exported"):
         if weights_key.lower() in ("none", "default"):
-            raise EmbedderError("embedder.weights: model 'torchscript' needs the program file's path or s3:// URI")
+            raise EmbedderError(f"embedder.weights: model '{model}' needs the program file's path or s3:// URI")
         data = _load_bytes(weights_key, resolver)
         weights_sha = hashlib.sha256(data).hexdigest()
         try:
-            net = torch.jit.load(io.BytesIO(data), map_location="cpu")
+            if model == "torchscript":
+                net = torch.jit.load(io.BytesIO(data), map_location="cpu")
+            else:
+                net = torch.export.load(io.BytesIO(data)).module()
         except Exception as exc:
-            raise EmbedderError(f"embedder.weights: {weights_key} is not a TorchScript program ({exc})") from None
+            kind = "TorchScript" if model == "torchscript" else "torch.export"
+            raise EmbedderError(f"embedder.weights: {weights_key} is not a {kind} program "
+                                f"({str(exc).splitlines()[0][:300]})") from None
     else:
         available = set(torchvision.models.list_models())
         if model not in available:
@@ -172,7 +179,8 @@ def load_embedder(model: str, weights: str, *, image_size: int,
                 raise EmbedderError(f"embedder.weights: {weights_key} does not load into {model} "
                                     f"({str(exc).splitlines()[0][:300]})") from None
         net = _strip_head(net)
-    net.eval()
+    if hasattr(net, "eval") and model != "exported":  # an exported program's module has no train mode
+        net.eval()
     with torch.inference_mode():
         dim = int(net(torch.zeros(1, 3, image_size, image_size)).reshape(1, -1).shape[1])
     identity = EmbedderIdentity(

@@ -87,6 +87,21 @@ def test_user_torchscript_program_from_s3(s3):
         load_embedder("torchscript", "none", image_size=32)
 
 
+def test_user_torch_export_program_from_file(tmp_path):
+    program = torch.export.export(TinyNet(), (torch.randn(2, 3, 32, 32),),
+                                  dynamic_shapes={"x": {0: torch.export.Dim("batch", min=1, max=4096)}})
+    path = tmp_path / "tiny.pt2"
+    torch.export.save(program, str(path))
+    net, identity = load_embedder("exported", str(path), image_size=32)
+    assert identity.dim == 6 and identity.weights_sha256
+    stage = EmbedStage(model="exported", weights=str(path), image_size=32)
+    emb = stage.embed(np.random.default_rng(0).integers(0, 255, (5, 32, 32, 3)).astype(np.uint8))
+    assert emb.shape == (5, 6)
+    np.testing.assert_allclose(np.linalg.norm(emb, axis=1), 1.0, atol=1e-5)
+    with pytest.raises(EmbedderError, match="not a torch.export program"):
+        load_embedder("exported", __file__, image_size=32)
+
+
 def test_thumbnail_is_brightness_invariant_in_layout_and_separates_colour():
     stage = EmbedStage(model="thumbnail", weights="none", image_size=32)
     rng = np.random.default_rng(0)
