@@ -14,7 +14,6 @@ import pyarrow.compute as pc
 
 import curation
 from curation.config import Config
-from curation.embedders import load_embedder
 from curation.io import inputs as inputs_io
 from curation.io import outputs
 from curation.io.filesystem import Resolver, write_bytes
@@ -52,22 +51,12 @@ def _embeddings_matrix(column: pa.ChunkedArray | pa.Array) -> np.ndarray:
     return out
 
 
-def _samples_from_embeddings(table: pa.Table) -> tuple[pa.Table, np.ndarray]:
+def _samples_from_embeddings(table: pa.Table, matrix: np.ndarray, valid: np.ndarray, lengths: np.ndarray,
+                             dim: int) -> tuple[pa.Table, np.ndarray]:
     """Rows of ``input.embeddings``: no pixels, so no decode statistics; all rows ok unless
-    their vector is null, of the wrong length or not finite."""
+    their vector is null, of the wrong length or not finite. Normalises ``matrix`` in place."""
     n = table.num_rows
-    emb_col = table["embedding"]
-    valid = np.asarray(emb_col.is_valid().to_numpy(zero_copy_only=False), bool)
-    lengths = pc.list_value_length(emb_col).to_numpy(zero_copy_only=False)
-    dim = int(np.median(lengths[valid])) if valid.any() else 0
     good = valid & (lengths == dim)
-    if good.all():
-        matrix = _embeddings_matrix(emb_col)  # one copy, straight from the Arrow buffer
-    else:
-        matrix = np.zeros((n, dim), np.float32)
-        if good.any():
-            matrix[good] = _embeddings_matrix(emb_col.filter(pa.array(good)))
-    del emb_col
     finite = np.isfinite(matrix).all(axis=1)
     norms = np.linalg.norm(matrix, axis=1)
     good &= finite & (norms > 0)
@@ -89,7 +78,7 @@ def _samples_from_embeddings(table: pa.Table) -> tuple[pa.Table, np.ndarray]:
         "phash": pa.array(np.zeros(n, np.int64)),
     }
     for name in table.column_names:
-        if name not in columns and name != "embedding":
+        if name not in columns:
             columns[name] = table[name]
     return pa.table(columns), (matrix if good.all() else matrix[good])
 
@@ -150,10 +139,10 @@ def run_job(config: Config, *, resolver: Resolver | None = None) -> RunResult:
     log.info("run %s -> %s", run_id, run.uri)
 
     if config.input.embeddings:
-        table = inputs_io.read_embeddings_input(config, resolver)
+        table, matrix, valid, lengths, dim = inputs_io.read_embeddings_input(config, resolver)
         model_id = str(table["model_id"][0]) if "model_id" in table.column_names and table.num_rows else None
-        samples, embeddings_ok = _samples_from_embeddings(table)
-        del table  # the vectors now live in embeddings_ok only
+        samples, embeddings_ok = _samples_from_embeddings(table, matrix, valid, lengths, dim)
+        del table, matrix
         identity = {"model": "precomputed", "source": config.input.embeddings, "model_id": model_id}
         timings["read_embeddings"] = round(time.perf_counter() - t0, 3)
         n_inputs = samples.num_rows
@@ -161,6 +150,8 @@ def run_job(config: Config, *, resolver: Resolver | None = None) -> RunResult:
         inputs = inputs_io.list_inputs(config, resolver)
         n_inputs = inputs.num_rows
         timings["list_inputs"] = round(time.perf_counter() - t0, 3)
+        from curation.embedders import load_embedder  # torch: only when there is something to embed
+
         # Describe (and validate) the model on the driver before any Ray work starts.
         _, ident = load_embedder(config.embedder.model, config.embedder.weights,
                                  image_size=config.embedder.image_size, resolver=resolver)

@@ -24,6 +24,7 @@ from curation.stages.embed import EmbedStage
 log = logging.getLogger(__name__)
 
 TARGET_ROWS_PER_BLOCK = 256
+ADD_CHUNK = 65536  # vectors per add() call to a shard actor
 
 
 def init_ray(config: Config) -> bool:
@@ -180,9 +181,17 @@ def sharded_knn(embeddings: np.ndarray, k: int, params: IndexParams, *, query_ba
     blob_ref = ray.put(blob)
     shards = [actor_cls.remote(blob_ref, nprobe=params.nprobe, num_threads=threads) for _ in range(params.shards)]
     bounds = np.linspace(0, n, params.shards + 1).astype(np.int64)
-    # One partition in flight at a time: the object store never holds more than one slice.
-    for shard, lo, hi in zip(shards, bounds[:-1], bounds[1:]):
-        ray.get(shard.add.remote(np.arange(lo, hi), x[lo:hi]))
+    # Partitions travel in chunks, one chunk per shard in flight: the object store (and each
+    # shard's mapped copy of its argument) never holds more than a few hundred MB.
+    starts = [list(range(lo, hi, ADD_CHUNK)) for lo, hi in zip(bounds[:-1], bounds[1:])]
+    for step in range(max((len(s) for s in starts), default=0)):
+        futures = []
+        for shard, shard_starts, hi in zip(shards, starts, bounds[1:]):
+            if step < len(shard_starts):
+                lo = shard_starts[step]
+                top = min(lo + ADD_CHUNK, hi)
+                futures.append(shard.add.remote(np.arange(lo, top), x[lo:top]))
+        ray.get(futures)
     timing["add_s"] = round(time.perf_counter() - t, 3)
     timing["shard_sizes"] = [int(hi - lo) for lo, hi in zip(bounds[:-1], bounds[1:])]
 

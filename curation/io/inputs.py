@@ -12,6 +12,7 @@ import csv
 import logging
 import posixpath
 
+import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.csv as pacsv
@@ -187,15 +188,54 @@ def list_inputs(config: Config, resolver: Resolver) -> pa.Table:
     return pa.table(columns)
 
 
-def read_embeddings_input(config: Config, resolver: Resolver) -> pa.Table:
-    """Read ``input.embeddings`` (Parquet file or folder: ``uri, embedding[, label]``)."""
+def read_embeddings_input(config: Config, resolver: Resolver):
+    """Stream ``input.embeddings`` (Parquet file or folder: ``uri, embedding[, label, ...]``).
+
+    The vectors go straight from each record batch into one preallocated float32 matrix, so the
+    whole Arrow column is never held (at 1M x 512 that is 2 GB saved).
+
+    Returns:
+        (other columns as a table, matrix (N, d), valid mask, vector lengths, d)
+    """
+    import pyarrow.dataset as pads
+
     location = resolver.resolve(config.input.embeddings)
     try:
-        table = pq.read_table(location.path, filesystem=location.filesystem)
+        dataset = pads.dataset(location.path, filesystem=location.filesystem, format="parquet")
+        names = dataset.schema.names
+        for required in ("uri", "embedding"):
+            if required not in names:
+                raise ConfigError(f"config key 'input.embeddings': {location.uri} has no {required!r} column "
+                                  f"(columns: {', '.join(names)})")
+        n = dataset.count_rows()
+        emb_type = dataset.schema.field("embedding").type
+        dim = emb_type.list_size if pa.types.is_fixed_size_list(emb_type) else None
+        matrix = None
+        valid = np.zeros(n, bool)
+        lengths = np.zeros(n, np.int64)
+        others, pos = [], 0
+        for batch in dataset.to_batches(batch_size=65536):
+            emb = batch.column("embedding")
+            rows = batch.num_rows
+            ok = np.asarray(emb.is_valid().to_numpy(zero_copy_only=False), bool)
+            lens = np.nan_to_num(pc.list_value_length(emb).to_numpy(zero_copy_only=False).astype(np.float64)).astype(np.int64)
+            if dim is None and ok.any():
+                dim = int(lens[ok][0])
+            if matrix is None and dim is not None:
+                matrix = np.zeros((n, dim), np.float32)
+            good = ok & (lens == dim)
+            if good.any():
+                values = emb.filter(pa.array(good)) if not good.all() else emb
+                flat = values.flatten().to_numpy(zero_copy_only=False)
+                matrix[pos:pos + rows][good] = flat.reshape(-1, dim)
+            valid[pos:pos + rows] = ok
+            lengths[pos:pos + rows] = lens
+            others.append(pa.Table.from_batches([batch.drop_columns(["embedding"])]))
+            pos += rows
     except (OSError, pa.ArrowException) as exc:
         raise ConfigError(f"config key 'input.embeddings': {location.uri}: cannot read Parquet ({exc})") from None
-    for required in ("uri", "embedding"):
-        if required not in table.column_names:
-            raise ConfigError(f"config key 'input.embeddings': {location.uri} has no {required!r} column "
-                              f"(columns: {', '.join(table.column_names)})")
-    return table
+    meta = pa.concat_tables(others) if others else pa.table({"uri": pa.array([], pa.string())})
+    if matrix is None:
+        matrix = np.zeros((n, 1), np.float32)
+        dim = 1
+    return meta, matrix, valid, lengths, dim
