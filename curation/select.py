@@ -148,7 +148,7 @@ class Selector:
             rarity = df["sparseness"].to_numpy(np.float64)[idx]
             rows = idx[np.argsort(-rarity, kind="stable")]
             score = df["sparseness"].to_numpy(np.float64)
-            reasons = [f"rare: sparseness {score[r]:.3f}" for r in range(len(df))] if len(rows) else []
+            reasons = lambda r: f"rare: sparseness {score[r]:.3f}"  # noqa: E731
         elif sel.mode == "label_review":
             quality = df["label_quality"].to_numpy(np.float64)
             eligible = base & self.labelled & self.kept & np.isfinite(quality)
@@ -156,15 +156,14 @@ class Selector:
             rows = idx[np.argsort(quality[idx], kind="stable")]
             score = quality
             labels, suggested = df["label"].to_numpy(), df["suggested_label"].to_numpy()
-            reasons = [f"label quality {quality[r]:.3f}: labelled {labels[r]!r}, suggested {suggested[r]!r}"
-                       if np.isfinite(quality[r]) else None for r in range(len(df))]
+            reasons = lambda r: f"label quality {quality[r]:.3f}: labelled {labels[r]!r}, suggested {suggested[r]!r}"  # noqa: E731
         elif sel.mode == "clean":
             eligible = base & ~self.junk & self.kept
             idx = np.flatnonzero(eligible)
             typical = 1.0 - df["sparseness"].to_numpy(np.float64)
             rows = idx[np.argsort(-typical[idx], kind="stable")]
             score = typical
-            reasons = ["ok: not junk, not a duplicate"] * len(df)
+            reasons = lambda r: "ok: not junk, not a duplicate"  # noqa: E731
         else:  # validated at load time
             raise ConfigError(f"selection {sel.name!r}: unknown mode {sel.mode!r}")
 
@@ -181,7 +180,7 @@ class Selector:
             picked_reasons = reasons
         else:
             picked_scores = score[rows] if len(rows) else np.empty(0)
-            picked_reasons = [reasons[r] for r in rows]
+            picked_reasons = [reasons(r) for r in rows]  # reasons only for the rows returned
         table = pa.table({
             "uri": pa.array(df["uri"].to_numpy()[rows], pa.string()),
             "label": pa.array(df["label"].astype(object).where(df["label"].notna(), None).to_numpy()[rows], pa.string()),
