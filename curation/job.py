@@ -103,14 +103,14 @@ def _decode_and_embed(todo: pa.Table, config: Config, resolver: Resolver, timing
     return fresh
 
 
-def _knn(embeddings_ok: np.ndarray, config: Config):
+def _knn(embeddings_ok: np.ndarray, config: Config, *, save_to):
     from curation import pipeline
 
     started_ray = False
     if len(embeddings_ok) >= config.knn.exact_below or config.knn.shards > 1 or config.knn.index == "ivf":
         started_ray = pipeline.init_ray(config)
     try:
-        return pipeline.knn_graph(embeddings_ok, config.knn)
+        return pipeline.knn_graph(embeddings_ok, config.knn, save_to=save_to)
     finally:
         if started_ray:
             import ray
@@ -188,7 +188,7 @@ def run_job(config: Config, *, resolver: Resolver | None = None) -> RunResult:
         raise RuntimeError(f"accounting: {n_inputs} inputs but {samples.num_rows} sample rows")
 
     t = time.perf_counter()
-    knn, knn_info = _knn(embeddings_ok, config)
+    knn, knn_info = _knn(embeddings_ok, config, save_to=run.child("index"))
     timings["knn"] = round(time.perf_counter() - t, 3)
     samples, score_timings = run_scores(samples, embeddings_ok, knn, config.scores)
     timings.update({f"score_{k}": v for k, v in score_timings.items()})
@@ -223,6 +223,7 @@ def run_job(config: Config, *, resolver: Resolver | None = None) -> RunResult:
 
     t = time.perf_counter()
     outputs.write_samples(run, samples)
+    outputs.write_knn_graph(run.child("knn"), samples, knn)
     for r in results:
         outputs.write_table(run.child("selections", f"{r.name}.parquet"), r.table)
     write_bytes(run.child("report.html"), render_report(

@@ -17,7 +17,7 @@ from curation.config import Config, KnnConfig
 from curation.index.knn import KnnGraph, exact_knn
 from curation.index.params import IndexParams, choose_params
 from curation.index.shard import IndexShard, drop_self, merge_shard_results, train_empty_index
-from curation.io.filesystem import Resolver
+from curation.io.filesystem import Location, Resolver, write_bytes
 from curation.stages.decode import DecodeStage
 from curation.stages.embed import EmbedStage
 
@@ -135,10 +135,14 @@ def collect_table(ds: ray.data.Dataset) -> pa.Table:
     return table.sort_by("input_id")
 
 
-def knn_graph(embeddings: np.ndarray, cfg: KnnConfig, *, seed: int = 0) -> tuple[KnnGraph, dict]:
+def knn_graph(embeddings: np.ndarray, cfg: KnnConfig, *, seed: int = 0,
+              save_to: Location | None = None) -> tuple[KnnGraph, dict]:
     """The all-items kNN graph: exact in-process for small N, sharded over Ray actors above.
 
     Returns the graph and a description (index parameters, timings, per-shard sizes) for run.json.
+    With ``save_to``, the sharded path writes the trained empty index and every filled shard
+    there (``trained.faissindex``, ``shard-00000.faissindex``, ...; ids are row numbers of
+    the ok items in ``samples`` order).
     """
     import time
 
@@ -151,13 +155,13 @@ def knn_graph(embeddings: np.ndarray, cfg: KnnConfig, *, seed: int = 0) -> tuple
         graph = exact_knn(embeddings, cfg.k)
         info.update(method="exact (faiss.IndexFlatIP, in process)", search_s=round(time.perf_counter() - t, 3))
         return graph, info
-    graph, timing = sharded_knn(embeddings, cfg.k, params, query_batch=cfg.query_batch, seed=seed)
+    graph, timing = sharded_knn(embeddings, cfg.k, params, query_batch=cfg.query_batch, seed=seed, save_to=save_to)
     info.update(method=f"{params.factory(d)} over {params.shards} Ray shard actor(s)", **timing)
     return graph, info
 
 
 def sharded_knn(embeddings: np.ndarray, k: int, params: IndexParams, *, query_batch: int = 16384,
-                seed: int = 0) -> tuple[KnnGraph, dict]:
+                seed: int = 0, save_to: Location | None = None) -> tuple[KnnGraph, dict]:
     """Train once on a uniform sample, add contiguous partitions to shard actors, fan queries
     out to every shard and merge the per-shard top-k with FAISS."""
     import time
@@ -173,13 +177,18 @@ def sharded_knn(embeddings: np.ndarray, k: int, params: IndexParams, *, query_ba
 
     blob = faiss.serialize_index(empty)
     timing["train_s"] = round(time.perf_counter() - t, 3)
+    if save_to is not None:
+        write_bytes(save_to.child("trained.faissindex"), blob.tobytes())
 
     t = time.perf_counter()
-    cpus = max(1, int(ray.cluster_resources().get("CPU", 1)))
+    resources = ray.cluster_resources()
+    cpus = max(1, int(resources.get("CPU", 1)))
     threads = max(1, cpus // params.shards)
-    actor_cls = ray.remote(num_cpus=min(1, cpus / params.shards))(IndexShard)
+    use_gpu = resources.get("GPU", 0) >= params.shards
+    actor_cls = ray.remote(num_cpus=min(1, cpus / params.shards), num_gpus=1 if use_gpu else 0)(IndexShard)
     blob_ref = ray.put(blob)
-    shards = [actor_cls.remote(blob_ref, nprobe=params.nprobe, num_threads=threads) for _ in range(params.shards)]
+    shards = [actor_cls.remote(blob_ref, nprobe=params.nprobe, num_threads=threads, use_gpu=use_gpu)
+              for _ in range(params.shards)]
     bounds = np.linspace(0, n, params.shards + 1).astype(np.int64)
     # Partitions travel in chunks, one chunk per shard in flight: the object store (and each
     # shard's mapped copy of its argument) never holds more than a few hundred MB.
@@ -211,6 +220,11 @@ def sharded_knn(embeddings: np.ndarray, k: int, params: IndexParams, *, query_ba
         _store(pending, ids, sims, k)
     timing["search_s"] = round(time.perf_counter() - t, 3)
     timing["shard_peak_rss_bytes"] = ray.get([shard.memory_bytes.remote() for shard in shards])
+    if save_to is not None:
+        t = time.perf_counter()
+        ray.get([shard.save.remote(save_to.child(f"shard-{i:05d}.faissindex")) for i, shard in enumerate(shards)])
+        timing["save_s"] = round(time.perf_counter() - t, 3)
+        timing["saved_to"] = save_to.uri
     for shard in shards:
         ray.kill(shard)
     return KnnGraph(ids, sims), timing

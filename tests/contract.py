@@ -67,6 +67,9 @@ def check_run_outputs(fs, output_path: str, run_id: str, *, images_uri: str, tru
         assert table["rank"].to_pylist() == list(range(1, table.num_rows + 1))
         assert set(table["uri"].to_pylist()) <= {r["uri"] for r in ok_rows}
 
+    graph = pq.read_table(f"{run}/knn", filesystem=fs)
+    assert graph.num_rows == counts["ok"] and set(graph["uri"].to_pylist()) == {r["uri"] for r in ok_rows}
+
     embeddings = pq.read_table(f"{run}/embeddings", filesystem=fs)
     assert pa.types.is_fixed_size_list(embeddings.schema.field("embedding").type)
     assert embeddings.num_rows == counts["ok"]

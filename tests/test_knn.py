@@ -102,3 +102,36 @@ def test_empty_shard(ray_local):
     graph, timing = sharded_knn(x, 2, IndexParams("flat", "flat", 0, 0, 0, 4))
     assert 0 in timing["shard_sizes"]
     assert ((graph.ids >= 0).sum(axis=1) == 2).all()
+
+
+def test_job_uses_the_sharded_path_and_saves_graph_and_index(ray_local, tmp_path):
+    """Above knn.exact_below the job switches to sharded IVF, writes the kNN graph as Parquet
+    and the trained index + shards, which load back and answer queries."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from curation.config import load_config
+    from curation.io.filesystem import resolve
+    from curation.index.shard import load_index
+    from curation.job import run_job
+
+    x = clustered(3000, d=16, clusters=10, seed=5)
+    table = pa.table({"uri": [f"s3://x/{i}.jpg" for i in range(3000)],
+                      "embedding": pa.FixedSizeListArray.from_arrays(pa.array(x.ravel()), 16)})
+    pq.write_table(table, tmp_path / "emb.parquet")
+    config = load_config(data={"input": {"embeddings": str(tmp_path / "emb.parquet")},
+                               "knn": {"exact_below": 1000, "shards": 2},
+                               "selections": [{"name": "clean", "mode": "clean"}],
+                               "output": {"uri": str(tmp_path / "out")}})
+    result = run_job(config)
+    info = result.run_info["knn"]
+    assert info["kind"] == "ivf" and info["shards"] == 2 and "Ray shard" in info["method"]
+    graph = pq.read_table(f"{result.run_uri}/knn").to_pylist()
+    assert len(graph) == 3000 and all(len(r["neighbor_ids"]) == 10 for r in graph)
+    assert all(r["input_id"] not in r["neighbor_ids"] for r in graph)
+    exact = exact_knn(x, 10)
+    assert recall(type(exact)(np.array([r["neighbor_ids"] for r in graph]), np.zeros((3000, 10))), exact) > 0.95
+    shards = [load_index(resolve(f"{result.run_uri}/index/shard-{i:05d}.faissindex")) for i in range(2)]
+    assert sum(s.ntotal for s in shards) == 3000
+    trained = load_index(resolve(f"{result.run_uri}/index/trained.faissindex"))
+    assert trained.is_trained and trained.ntotal == 0

@@ -18,16 +18,21 @@ class IndexShard:
         num_threads: OpenMP threads (match the actor's CPU reservation).
     """
 
-    def __init__(self, index_bytes: np.ndarray, *, nprobe: int = 0, num_threads: int = 1):
+    def __init__(self, index_bytes: np.ndarray, *, nprobe: int = 0, num_threads: int = 1, use_gpu: bool = False):
         faiss.omp_set_num_threads(max(1, num_threads))
         index = faiss.deserialize_index(np.asarray(index_bytes, dtype=np.uint8))
+        self.gpu = None
+        if use_gpu and gpu_available():
+            # GPU FAISS (faiss-gpu builds only): the same index, searched on the actor's GPU.
+            self.gpu = faiss.StandardGpuResources()
+            index = faiss.index_cpu_to_gpu(self.gpu, 0, index)
         if nprobe and hasattr(faiss, "extract_index_ivf"):
             try:
                 faiss.extract_index_ivf(index).nprobe = nprobe
             except RuntimeError:
                 pass  # a flat index has no lists
-        self.index = faiss.IndexIDMap2(index) if not isinstance(index, faiss.IndexIVF) else index
-        self.is_ivf = isinstance(index, faiss.IndexIVF)
+        self.is_ivf = isinstance(index, faiss.IndexIVF) or "IVF" in type(index).__name__
+        self.index = index if self.is_ivf else faiss.IndexIDMap2(index)
 
     def add(self, ids: np.ndarray, vectors: np.ndarray) -> int:
         vectors = np.ascontiguousarray(vectors, dtype=np.float32)
@@ -40,6 +45,16 @@ class IndexShard:
         sims = np.where(ids >= 0, sims, -np.inf).astype(np.float32)
         return sims, ids
 
+    def save(self, location) -> int:
+        """Stream the filled index to ``location`` (a :class:`curation.io.filesystem.Location`)
+        without building the whole serialised blob in memory. Returns the vectors saved."""
+        index = faiss.index_gpu_to_cpu(self.index) if self.gpu is not None else self.index
+        parent = location.path.rsplit("/", 1)[0]
+        location.filesystem.create_dir(parent, recursive=True)
+        with location.filesystem.open_output_stream(location.path) as fh:
+            faiss.write_index(index, faiss.PyCallbackIOWriter(fh.write))
+        return int(index.ntotal)
+
     def ntotal(self) -> int:
         return int(self.index.ntotal)
 
@@ -47,6 +62,17 @@ class IndexShard:
         import resource
 
         return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+
+
+def gpu_available() -> bool:
+    return hasattr(faiss, "StandardGpuResources") and faiss.get_num_gpus() > 0
+
+
+def load_index(location) -> faiss.Index:
+    """Read an index written by :meth:`IndexShard.save` (or the trained empty index)."""
+    with location.filesystem.open_input_stream(location.path) as fh:
+        data = fh.read()
+    return faiss.deserialize_index(np.frombuffer(data, dtype=np.uint8))
 
 
 def train_empty_index(sample: np.ndarray, factory: str) -> faiss.Index:

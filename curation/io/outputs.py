@@ -4,7 +4,9 @@ Layout under ``output.uri``::
 
     <run_id>/samples/part-00000.parquet
     <run_id>/selections/<name>.parquet
-    <run_id>/embeddings/*.parquet        (written by Ray Data in the pipeline)
+    <run_id>/embeddings/*.parquet        uri, embedding, model_id
+    <run_id>/knn/*.parquet               uri, input_id, neighbor_ids, neighbor_similarities
+    <run_id>/index/*.faissindex          trained + filled shards (sharded path only)
     <run_id>/report.html
     <run_id>/run.json
     <run_id>/_SUCCESS                    written last
@@ -73,6 +75,24 @@ def write_embeddings(folder: Location, samples: pa.Table, *, model_id: str, stor
         embedding = pc.cast(embedding, pa.list_(pa.float16(), embedding.type.list_size))
     table = pa.table({"uri": ok["uri"], "embedding": embedding,
                       "model_id": pa.array([model_id] * ok.num_rows, pa.string())})
+    write_parquet_parts(folder, table)
+
+
+def write_knn_graph(folder: Location, samples: pa.Table, knn) -> None:
+    """The kNN graph the scores used: ``uri, input_id, neighbor_ids`` (their ``input_id``s),
+    ``neighbor_similarities`` (cosine), for every ok item, nearest first."""
+    import numpy as np
+    import pyarrow.compute as pc
+
+    ok = samples.filter(pc.equal(samples["status"], "ok"))
+    input_ids = ok["input_id"].to_numpy()
+    valid = knn.ids >= 0
+    mapped = np.where(valid, input_ids[np.maximum(knn.ids, 0)], -1) if len(input_ids) else knn.ids
+    counts = valid.sum(axis=1)
+    offsets = np.concatenate([[0], np.cumsum(counts)]).astype(np.int32)
+    ids = pa.ListArray.from_arrays(pa.array(offsets), pa.array(mapped[valid], pa.int64()))
+    sims = pa.ListArray.from_arrays(pa.array(offsets), pa.array(knn.sims[valid], pa.float32()))
+    table = pa.table({"uri": ok["uri"], "input_id": ok["input_id"], "neighbor_ids": ids, "neighbor_similarities": sims})
     write_parquet_parts(folder, table)
 
 
