@@ -32,7 +32,7 @@ def clustered(n: int, d: int, clusters: int, seed: int = 0, spread: float = 1.0)
     return x
 
 
-def exact_graph(x: np.ndarray, k: int, sample: int | None) -> tuple[np.ndarray, float, int]:
+def exact_graph(x: np.ndarray, k: int, sample: int | None):
     import faiss
 
     index = faiss.IndexFlatIP(x.shape[1])
@@ -40,10 +40,51 @@ def exact_graph(x: np.ndarray, k: int, sample: int | None) -> tuple[np.ndarray, 
     queries = np.arange(len(x)) if not sample else np.sort(np.random.default_rng(1).choice(len(x), sample, replace=False))
     t = time.perf_counter()
     ids = np.empty((len(queries), k + 1), np.int64)
+    sims = np.empty((len(queries), k + 1), np.float32)
     for start in range(0, len(queries), 8192):
-        _, ids[start:start + 8192] = index.search(x[queries[start:start + 8192]], k + 1)
+        sims[start:start + 8192], ids[start:start + 8192] = index.search(x[queries[start:start + 8192]], k + 1)
     elapsed = time.perf_counter() - t
-    return ids, elapsed * len(x) / len(queries), queries
+    return ids, elapsed * len(x) / len(queries), queries, sims
+
+
+def compare_scores(x: np.ndarray, exact_ids: np.ndarray, exact_sims: np.ndarray, graph, k: int) -> dict:
+    """Run every score on the exact graph and on ours (labels: cluster-derived, 5% flipped) and
+    report how much the scores move."""
+    import pyarrow as pa
+    from scipy.stats import spearmanr
+    from sklearn.metrics import roc_auc_score
+
+    from curation.config import ScoresConfig
+    from curation.index.knn import KnnGraph
+    from curation.index.shard import drop_self
+    from curation.scores import run_scores
+    from curation.scores.clusters import kmeans_assign
+
+    n = len(x)
+    rng = np.random.default_rng(7)
+    labels, _ = kmeans_assign(x, 20)  # classes = 20 coarse regions of the embedding space
+    flipped = rng.random(n) < 0.05
+    labels = labels.astype(np.int64)
+    labels[flipped] = (labels[flipped] + rng.integers(1, 20, flipped.sum())) % 20
+    sims, ids = drop_self(exact_sims, exact_ids, np.arange(n), k)
+    exact = KnnGraph(ids, sims)
+    samples = pa.table({
+        "input_id": np.arange(n, dtype=np.int64), "uri": [str(i) for i in range(n)], "label": [str(v) for v in labels],
+        "status": ["ok"] * n, "reason": pa.nulls(n, pa.string()), "width": np.ones(n, np.int32), "height": np.ones(n, np.int32),
+        "brightness": np.full(n, np.nan, np.float32), "contrast": np.full(n, np.nan, np.float32),
+        "sharpness": np.full(n, np.nan, np.float32), "content_hash": pa.nulls(n, pa.string()),
+        "pixel_hash": pa.nulls(n, pa.string()), "phash": np.zeros(n, np.int64)})
+    a = run_scores(samples, x, exact, ScoresConfig())[0].to_pandas()
+    b = run_scores(samples, x, graph, ScoresConfig())[0].to_pandas()
+    sus_a, sus_b = set(np.flatnonzero(a.is_suspected_mislabel)), set(np.flatnonzero(b.is_suspected_mislabel))
+    return {
+        "sparseness_spearman": round(float(spearmanr(a.sparseness, b.sparseness).statistic), 5),
+        "label_quality_mean_abs_diff": round(float(np.abs(a.label_quality - b.label_quality).mean()), 5),
+        "label_auroc_exact": round(float(roc_auc_score(flipped, -a.label_quality)), 4),
+        "label_auroc_ours": round(float(roc_auc_score(flipped, -b.label_quality)), 4),
+        "suspected_mislabel_jaccard": round(len(sus_a & sus_b) / max(1, len(sus_a | sus_b)), 4),
+        "duplicates_not_kept_exact": int(a.dup_of.notna().sum()), "duplicates_not_kept_ours": int(b.dup_of.notna().sum()),
+    }
 
 
 def recall_at_k(graph_ids: np.ndarray, exact_ids: np.ndarray, queries: np.ndarray, k: int) -> float:
@@ -63,6 +104,8 @@ def main() -> None:
     parser.add_argument("--shards", type=int, nargs="+", default=[1, 2])
     parser.add_argument("--nprobe", type=int, default=0)
     parser.add_argument("--exact-sample", type=int, default=0, help="time exact search on this many queries and extrapolate")
+    parser.add_argument("--compare-scores", action="store_true",
+                        help="also run every score on the exact and on our graph and compare them")
     parser.add_argument("--out", default="benchmarks/results/knn.json")
     args = parser.parse_args()
 
@@ -75,7 +118,7 @@ def main() -> None:
     rows = []
     for n in args.n:
         x = clustered(n, args.d, args.clusters)
-        exact_ids, exact_s, queries = exact_graph(x, args.k, args.exact_sample or None)
+        exact_ids, exact_s, queries, exact_sims = exact_graph(x, args.k, args.exact_sample or None)
         for shards in args.shards:
             t = time.perf_counter()
             graph, info = knn_graph(x, KnnConfig(k=args.k, index="ivf", shards=shards, nprobe=args.nprobe))
@@ -88,6 +131,8 @@ def main() -> None:
                          "train_s": info["train_s"], "add_s": info["add_s"], "search_s": info["search_s"],
                          "peak_rss_per_shard_gb": round(max(rss) / 1e9, 2),
                          "exact_extrapolated": bool(args.exact_sample)})
+            if args.compare_scores and not args.exact_sample:
+                rows[-1]["scores_vs_exact"] = compare_scores(x, exact_ids, exact_sims, graph, args.k)
             print(json.dumps(rows[-1]), flush=True)
     ray.shutdown()
     cols = ["n", "shards", "index", "nprobe", "exact_s", "ours_s", "speedup", "recall@k", "peak_rss_per_shard_gb"]
