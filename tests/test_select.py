@@ -9,7 +9,7 @@ from curation.config import ConfigError, ScoresConfig, SelectionConfig
 from curation.index.knn import exact_knn
 from curation.scores import run_scores
 from curation.select import allocate, build_selections
-from tests.test_scores import blobs, make_samples, unit
+from tests.test_scores import make_samples, unit
 
 
 @pytest.fixture(scope="module")

@@ -113,7 +113,6 @@ class DuplicatesScore:
         ok_rows = ctx.ok_rows
         n_ok = len(ok_rows)
         uf = UnionFind(n_ok)
-        valid = np.ones(n_ok, bool)
         content = ctx.column("content_hash")[ok_rows]
         pixels = ctx.column("pixel_hash")[ok_rows]
         _union_equal_keys(uf, content, np.array([c is not None for c in content]))
