@@ -219,3 +219,19 @@ def test_incremental_store_embeds_only_new_and_changed(ray_local, tmp_path):
     other = run_job(_config(str(images), out, embedder__image_size=24))
     assert other.run_info["embedder"]["store"]["reused"] == 0
     shutil.rmtree(out)
+
+
+def test_embeddings_can_be_stored_as_float16(tmp_path):
+    from curation.io.filesystem import resolve
+    from curation.io.outputs import write_embeddings
+
+    vectors = np.random.default_rng(0).normal(size=(4, 8)).astype(np.float32)
+    vectors /= np.linalg.norm(vectors, axis=1, keepdims=True)
+    samples = pa.table({"uri": ["a", "b", "c", "d"], "status": ["ok", "rejected", "ok", "ok"],
+                        "embedding": pa.FixedSizeListArray.from_arrays(pa.array(vectors.ravel()), 8)})
+    write_embeddings(resolve(str(tmp_path / "emb")), samples, model_id="m@x/32px", store_dtype="float16")
+    table = pq.read_table(tmp_path / "emb")
+    assert table.schema.field("embedding").type == pa.list_(pa.float16(), 8)
+    assert table["uri"].to_pylist() == ["a", "c", "d"] and set(table["model_id"].to_pylist()) == {"m@x/32px"}
+    stored = np.array(table["embedding"].to_pylist(), np.float32)
+    np.testing.assert_allclose(stored, vectors[[0, 2, 3]], atol=2e-3)
