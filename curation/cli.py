@@ -34,6 +34,7 @@ def _parser() -> argparse.ArgumentParser:
 def _setup_logging(quiet: bool) -> None:
     logging.basicConfig(level=logging.WARNING if quiet else logging.INFO,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s", datefmt="%H:%M:%S")
+    logging.getLogger("faiss").setLevel(logging.WARNING)  # its loader narrates CPU-feature probing
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -54,6 +55,10 @@ def main(argv: list[str] | None = None) -> int:
 
         resolver = Resolver(config.storage)
         check_inputs(config, resolver)
+        if not config.input.embeddings:
+            from curation.embedders import check_embedder
+
+            check_embedder(config.embedder.model, config.embedder.weights, resolver=resolver)
         from curation.job import run_job
 
         result = run_job(config, resolver=resolver)

@@ -117,6 +117,24 @@ def _load_bytes(uri: str, resolver: Resolver) -> bytes:
         raise EmbedderError(f"embedder.weights: cannot read {uri} ({exc})") from None
 
 
+def check_embedder(model: str, weights: str, *, resolver: Resolver | None = None) -> None:
+    """Cheap up-front validation (no model is built): a known model name and, for weights given
+    as a path or URI, an object that exists. Raises :class:`EmbedderError`."""
+    import torchvision
+
+    from curation.io.filesystem import StorageError, check_readable
+
+    if model not in ("thumbnail", "torchscript", "exported") and model not in set(torchvision.models.list_models()):
+        raise EmbedderError(f"embedder.model: unknown model {model!r}; expected 'thumbnail', 'torchscript', "
+                            f"'exported' or a torchvision model such as resnet18, resnet50")
+    key = (weights or "none").strip()
+    if model != "thumbnail" and key.lower() not in ("none", "default"):
+        try:
+            check_readable((resolver or Resolver()).resolve(key), want="file")
+        except (StorageError, OSError) as exc:
+            raise EmbedderError(f"embedder.weights: {exc}") from None
+
+
 def load_embedder(model: str, weights: str, *, image_size: int,
                   resolver: Resolver | None = None) -> tuple[nn.Module, EmbedderIdentity]:
     """Build the model (eval mode, on CPU) and describe it.

@@ -22,43 +22,48 @@ def _write(tmp_path, data) -> str:
     return str(path)
 
 
-def test_unknown_config_key_fails_with_one_line(tmp_path):
+def _config_with_images(tmp_path, **sections) -> str:
+    """A config over an existing (empty) images folder, plus the given sections."""
     images = tmp_path / "images"
     images.mkdir()
-    config = _write(tmp_path, {"input": {"images": str(images)}, "output": {"uri": str(tmp_path / "out")},
-                               "embedder": {"modle": "resnet18"}})
-    proc = _run("-m", "curation", "run", "--config", config)
+    return _write(tmp_path, {"input": {"images": str(images)}, "output": {"uri": str(tmp_path / "out")}, **sections})
+
+
+def _one_error_line(proc) -> str:
     assert proc.returncode == 2
     lines = proc.stderr.strip().splitlines()
     assert len(lines) == 1, proc.stderr
-    assert "embedder.modle" in lines[0] and "unknown config key" in lines[0]
+    return lines[0]
+
+
+def test_unknown_config_key_fails_with_one_line(tmp_path):
+    config = _config_with_images(tmp_path, embedder={"modle": "resnet18"})
+    line = _one_error_line(_run("-m", "curation", "run", "--config", config))
+    assert "embedder.modle" in line and "unknown config key" in line
     assert not (tmp_path / "out").exists()
 
 
 def test_missing_input_path_fails_before_any_work(tmp_path):
     config = _write(tmp_path, {"input": {"images": str(tmp_path / "nope")}, "output": {"uri": str(tmp_path / "out")}})
-    proc = _run("jobs/curate.py", "run", "--config", config)
-    assert proc.returncode == 2
-    lines = proc.stderr.strip().splitlines()
-    assert len(lines) == 1, proc.stderr
-    assert "input.images" in lines[0] and "does not exist" in lines[0] and str(tmp_path / "nope") in lines[0]
+    line = _one_error_line(_run("jobs/curate.py", "run", "--config", config))
+    assert "input.images" in line and "does not exist" in line and str(tmp_path / "nope") in line
     assert not (tmp_path / "out").exists()
 
 
 def test_bad_override_value_names_the_key(tmp_path):
-    images = tmp_path / "images"
-    images.mkdir()
-    config = _write(tmp_path, {"input": {"images": str(images)}, "output": {"uri": str(tmp_path / "out")}})
-    proc = _run("-m", "curation", "run", "--config", config, "--set", "embedder.batch_size=lots")
-    assert proc.returncode == 2
-    assert "embedder.batch_size" in proc.stderr and "expected int" in proc.stderr
+    config = _config_with_images(tmp_path)
+    line = _one_error_line(_run("-m", "curation", "run", "--config", config, "--set", "embedder.batch_size=lots"))
+    assert "embedder.batch_size" in line and "expected int" in line
 
 
 def test_unknown_model_is_a_config_error(tmp_path):
-    images = tmp_path / "images"
-    images.mkdir()
-    config = _write(tmp_path, {"input": {"images": str(images)}, "output": {"uri": str(tmp_path / "out")},
-                               "embedder": {"model": "resnet9000"}})
-    proc = _run("-m", "curation", "run", "--config", config)
-    assert proc.returncode == 2
-    assert "unknown model 'resnet9000'" in proc.stderr
+    config = _config_with_images(tmp_path, embedder={"model": "resnet9000"})
+    line = _one_error_line(_run("-m", "curation", "run", "--config", config))
+    assert "unknown model 'resnet9000'" in line
+
+
+def test_missing_weights_file_fails_before_any_work(tmp_path):
+    config = _config_with_images(tmp_path, embedder={"model": "resnet18", "weights": str(tmp_path / "w.pt")})
+    line = _one_error_line(_run("-m", "curation", "run", "--config", config))
+    assert "embedder.weights" in line and "does not exist" in line
+    assert not (tmp_path / "out").exists()
