@@ -56,7 +56,7 @@ def compare_scores(x: np.ndarray, exact_ids: np.ndarray, exact_sims: np.ndarray,
 
     from curation.config import ScoresConfig
     from curation.index.knn import KnnGraph
-    from curation.index.shard import drop_self
+    from curation.index.knn import drop_self
     from curation.scores import run_scores
     from curation.scores.clusters import kmeans_assign
 

@@ -158,7 +158,7 @@ def part_a(seed: int = 0) -> dict:
     ours["dup_precision"] = pr(df.dup_of.notna().to_numpy(), planted_dup)["precision"]
 
     # the representative selection and downstream accuracy
-    sel = build_selections(scored, knn, cfg, [SelectionConfig(name="train", mode="representative", budget=1000)],
+    sel = build_selections(scored, cfg, [SelectionConfig(name="train", mode="representative", budget=1000)],
                            feats.astype(np.float32))[0]
     picked = np.array([int(u.split("/")[1][:5]) for u in sel.table["uri"].to_pylist()])
     counts = np.bincount(y[picked], minlength=10)

@@ -193,7 +193,7 @@ def run_job(config: Config, *, resolver: Resolver | None = None) -> RunResult:
     samples, score_timings = run_scores(samples, embeddings_ok, knn, config.scores)
     timings.update({f"score_{k}": v for k, v in score_timings.items()})
     t = time.perf_counter()
-    results = build_selections(samples, knn, config.scores, config.selections, embeddings_ok)
+    results = build_selections(samples, config.scores, config.selections, embeddings_ok)
     timings["selections"] = round(time.perf_counter() - t, 3)
 
     samples = outputs.order_samples(samples)

@@ -14,9 +14,9 @@ import pyarrow as pa
 import ray
 
 from curation.config import Config, KnnConfig
-from curation.index.knn import KnnGraph, exact_knn
+from curation.index.knn import KnnGraph, drop_self, exact_knn
 from curation.index.params import IndexParams, choose_params
-from curation.index.shard import IndexShard, drop_self, merge_shard_results, train_empty_index
+from curation.index.shard import IndexShard, merge_shard_results, train_empty_index
 from curation.io.filesystem import Location, Resolver, write_bytes
 from curation.stages.decode import DecodeStage
 from curation.stages.embed import EmbedStage

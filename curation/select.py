@@ -30,7 +30,6 @@ import pandas as pd
 import pyarrow as pa
 
 from curation.config import ConfigError, ScoresConfig, SelectionConfig, parse_class_balance
-from curation.index.knn import KnnGraph
 from curation.schema import SELECTION_SCHEMA
 
 log = logging.getLogger(__name__)
@@ -96,16 +95,15 @@ class Selector:
 
     Args:
         samples: the scored samples (one row per input).
-        knn_ok: the kNN graph among ok rows (for redundancy checks).
+        embeddings_ok: L2-normalised embeddings of the ok rows (for coverage).
         scores: thresholds (rare tail).
     """
 
-    def __init__(self, samples: pa.Table, knn_ok: KnnGraph, scores: ScoresConfig, embeddings_ok: np.ndarray):
+    def __init__(self, samples: pa.Table, scores: ScoresConfig, embeddings_ok: np.ndarray):
         self.df = samples.to_pandas()
         self.ok_rows = np.flatnonzero((self.df["status"] == "ok").to_numpy())
         self.row_to_ok = np.full(len(self.df), -1, np.int64)
         self.row_to_ok[self.ok_rows] = np.arange(len(self.ok_rows))
-        self.knn = knn_ok
         self.embeddings = embeddings_ok
         self.scores = scores
         df = self.df
@@ -255,7 +253,7 @@ class Selector:
         return picks[:quota]
 
 
-def build_selections(samples: pa.Table, knn_ok: KnnGraph, scores: ScoresConfig,
-                     selections: list[SelectionConfig], embeddings_ok: np.ndarray) -> list[SelectionResult]:
-    selector = Selector(samples, knn_ok, scores, embeddings_ok)
+def build_selections(samples: pa.Table, scores: ScoresConfig, selections: list[SelectionConfig],
+                     embeddings_ok: np.ndarray) -> list[SelectionResult]:
+    selector = Selector(samples, scores, embeddings_ok)
     return [selector.build(sel) for sel in selections]

@@ -8,7 +8,7 @@ import pytest
 from curation.config import KnnConfig
 from curation.index.knn import exact_knn
 from curation.index.params import choose_params
-from curation.index.shard import drop_self
+from curation.index.knn import drop_self
 
 
 def clustered(n, d=32, clusters=20, spread=0.3, seed=0):

@@ -38,7 +38,7 @@ def scored():
 def select(scored, **kw):
     table, knn, emb = scored
     kw.setdefault("name", "s")
-    return build_selections(table, knn, ScoresConfig(), [SelectionConfig(**kw)], emb)[0]
+    return build_selections(table, ScoresConfig(), [SelectionConfig(**kw)], emb)[0]
 
 
 def test_allocate_water_fills():
@@ -78,7 +78,7 @@ def test_representative_covers_every_mode_of_a_class(scored):
     emb2 = emb.copy()
     emb2[:60] = unit(modes)
     from curation.select import Selector
-    selector = Selector(table, knn, ScoresConfig(), emb2)
+    selector = Selector(table, ScoresConfig(), emb2)
     eligible = np.arange(20, 60)  # 10 items of the first mode, 30 of the second
     picks = [r for r, _ in selector._cover(eligible, 4)]
     assert len(set(picks)) == 4

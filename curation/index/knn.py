@@ -43,10 +43,22 @@ def exact_knn(embeddings: np.ndarray, k: int) -> KnnGraph:
     for start in range(0, n, QUERY_BATCH):
         stop = min(start + QUERY_BATCH, n)
         batch_sims, batch_ids = index.search(x[start:stop], search_k)
-        own = np.arange(start, stop)[:, None]
-        keep = batch_ids != own
-        # Self is normally among the results; when ties pushed it out, drop the last column.
-        keep[keep.all(axis=1), -1] = False
-        ids[start:stop, :k_eff] = batch_ids[keep].reshape(-1, k_eff)
-        sims[start:stop, :k_eff] = batch_sims[keep].reshape(-1, k_eff)
+        sims[start:stop], ids[start:stop] = drop_self(batch_sims, batch_ids, np.arange(start, stop), k)
     return KnnGraph(ids, sims)
+
+
+def drop_self(sims: np.ndarray, ids: np.ndarray, own: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+    """Remove each row's own id (wherever it landed) and keep k columns; pad with -1/-inf."""
+    keep = ids != own[:, None]
+    keep[keep.all(axis=1), -1] = False  # self not found: drop the last column instead
+    width = ids.shape[1] - 1
+    if width <= 0:
+        return np.full((len(ids), k), -np.inf, np.float32), np.full((len(ids), k), -1, np.int64)
+    out_ids = ids[keep].reshape(-1, width)[:, :k]
+    out_sims = sims[keep].reshape(-1, width)[:, :k]
+    if out_ids.shape[1] < k:
+        pad = k - out_ids.shape[1]
+        out_ids = np.pad(out_ids, ((0, 0), (0, pad)), constant_values=-1)
+        out_sims = np.pad(out_sims, ((0, 0), (0, pad)), constant_values=-np.inf)
+    out_sims = np.where(out_ids >= 0, out_sims, -np.inf).astype(np.float32)
+    return out_sims, out_ids

@@ -91,20 +91,3 @@ def merge_shard_results(results: list[tuple[np.ndarray, np.ndarray]]) -> tuple[n
     sims = np.stack([r[0] for r in results])
     ids = np.stack([r[1] for r in results])
     return faiss.merge_knn_results(sims, ids, keep_max=True)
-
-
-def drop_self(sims: np.ndarray, ids: np.ndarray, own: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
-    """Remove each row's own id (wherever it landed) and keep k columns; pad with -1/-inf."""
-    keep = ids != own[:, None]
-    keep[keep.all(axis=1), -1] = False  # self not found: drop the last column instead
-    width = ids.shape[1] - 1
-    if width <= 0:
-        return np.full((len(ids), k), -np.inf, np.float32), np.full((len(ids), k), -1, np.int64)
-    out_ids = ids[keep].reshape(-1, width)[:, :k]
-    out_sims = sims[keep].reshape(-1, width)[:, :k]
-    if out_ids.shape[1] < k:
-        pad = k - out_ids.shape[1]
-        out_ids = np.pad(out_ids, ((0, 0), (0, pad)), constant_values=-1)
-        out_sims = np.pad(out_sims, ((0, 0), (0, pad)), constant_values=-np.inf)
-    out_sims = np.where(out_ids >= 0, out_sims, -np.inf).astype(np.float32)
-    return out_sims, out_ids
