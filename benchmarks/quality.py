@@ -263,6 +263,124 @@ def part_b(seed: int = 0) -> dict:
     return {"n": int(len(kinds)), "ours": ours, "cleanvision": cleanvision}
 
 
+NEAR_KINDS = ("reencoded", "resized", "brightness", "cropped_3pct", "cropped_6pct")
+
+
+def part_c(seed: int = 0, n_photos: int = 2000, per_kind: int = 50) -> dict:
+    """Near duplicates of each kind among real photos, through our decoder and embedder."""
+    import pyarrow as pa
+    from PIL import Image, ImageEnhance
+
+    from curation.config import ScoresConfig
+    from curation.index.knn import exact_knn
+    from curation.io.filesystem import Resolver
+    from curation.scores import run_scores
+    from curation.stages.decode import DecodeStage
+    from curation.stages.embed import EmbedStage
+
+    rng = np.random.default_rng(seed)
+    photos, _ = load_cifar("train", n_photos, seed + 7)
+    folder = tempfile.mkdtemp(prefix="quality-near-")
+
+    def save(img, name, quality=92):
+        img.save(os.path.join(folder, name), quality=quality)
+        return name
+
+    names = [save(Image.fromarray(arr), f"{i:05d}.jpg") for i, arr in enumerate(photos)]
+    kinds = ["clean"] * len(names)
+    source = [-1] * len(names)
+    sources = rng.choice(len(photos), (len(NEAR_KINDS) + 2) * per_kind, replace=False).reshape(-1, per_kind)
+    for src in sources[0]:  # byte-identical copies
+        name = f"exact_{src:05d}.jpg"
+        with open(os.path.join(folder, names[src]), "rb") as fh, open(os.path.join(folder, name), "wb") as out:
+            out.write(fh.read())
+        names.append(name), kinds.append("exact_bytes"), source.append(int(src))
+    for src in sources[1]:  # the same pixels, another lossless encoding
+        decoded = Image.open(os.path.join(folder, names[src])).convert("RGB")
+        names.append(save(decoded, f"png_{src:05d}.png")), kinds.append("exact_pixels"), source.append(int(src))
+    for kind, group in zip(NEAR_KINDS, sources[2:]):
+        for src in group:
+            img = Image.open(os.path.join(folder, names[src])).convert("RGB")
+            quality = 92
+            if kind == "reencoded":
+                quality = 40
+            elif kind == "resized":
+                img = img.resize((24, 24), Image.BICUBIC)
+            elif kind == "brightness":
+                img = ImageEnhance.Brightness(img).enhance(1.25)
+            else:  # cropped: 1 or 2 px off each side of 32 (3% or 6%), resized back
+                m = 1 if kind == "cropped_3pct" else 2
+                img = img.crop((m, m, 32 - m, 32 - m)).resize((32, 32), Image.BICUBIC)
+            names.append(save(img, f"{kind}_{src:05d}.jpg", quality)), kinds.append(kind), source.append(int(src))
+    kinds = np.array(kinds)
+    source = np.array(source)
+    n = len(names)
+    per_kind_count = per_kind
+
+    t = time.perf_counter()
+    decode = DecodeStage(resolver=Resolver(), image_size=32, max_pixels=10**8)
+    batch = decode({"uri": np.array([os.path.join(folder, name) for name in names], dtype=object),
+                    "input_error": np.array([None] * n, dtype=object)})
+    embed = EmbedStage(model="thumbnail", weights="none", image_size=32, device="cpu")
+    feats = embed.embed(batch.pop("pixels"))
+    samples = pa.table({"input_id": np.arange(n, dtype=np.int64), "uri": names,
+                        "label": pa.nulls(n, pa.string()), **{k: v for k, v in batch.items() if k != "uri"}})
+    cfg = ScoresConfig()
+    scored, _ = run_scores(samples, feats, exact_knn(feats, 10), cfg)
+    ours_s = time.perf_counter() - t
+    group = scored["dup_group"].to_numpy(zero_copy_only=False)
+    planted = np.flatnonzero(source >= 0)
+    in_pair = np.zeros(n, bool)
+    in_pair[planted] = True
+    in_pair[source[planted]] = True
+    found = np.array([group[i] == group[source[i]] and group[i] == group[i] for i in range(n)])
+    flagged = scored["dup_of"].is_valid().to_numpy(zero_copy_only=False)
+
+    def per_kind(hit):
+        return {kind: round(float(hit[kinds == kind].mean()), 3) for kind in ("exact_bytes", "exact_pixels", *NEAR_KINDS)}
+
+    ours = {"recall": per_kind(found), "precision": pr(flagged, in_pair)["precision"],
+            "flagged": int(flagged.sum()), "seconds": round(ours_s, 1)}
+
+    datalab = None
+    try:
+        from cleanlab import Datalab
+
+        t = time.perf_counter()
+        lab = Datalab(data={"uri": names}, verbosity=0)
+        lab.find_issues(features=feats, issue_types={"near_duplicate": {}})
+        nd = lab.get_issues("near_duplicate")
+        sets = nd["near_duplicate_sets"].to_numpy()
+        hit = np.array([source[i] >= 0 and source[i] in set(sets[i]) for i in range(n)])
+        datalab = {"recall": per_kind(hit), "seconds": round(time.perf_counter() - t, 1),
+                   "precision": pr(nd["is_near_duplicate_issue"].to_numpy(), in_pair)["precision"],
+                   "flagged": int(nd["is_near_duplicate_issue"].sum())}
+    except ImportError as exc:
+        datalab = {"skipped": f"cleanlab not installed ({exc})"}
+
+    cleanvision = None
+    try:
+        from cleanvision import Imagelab
+
+        t = time.perf_counter()
+        imagelab = Imagelab(data_path=folder)
+        imagelab.find_issues({"exact_duplicates": {}, "near_duplicates": {}}, verbose=False)
+        partner_sets = {}
+        for key in ("exact_duplicates", "near_duplicates"):
+            for members in imagelab.info[key]["sets"]:
+                base = {os.path.basename(m) for m in members}
+                for m in base:
+                    partner_sets.setdefault(m, set()).update(base)
+        hit = np.array([source[i] >= 0 and names[source[i]] in partner_sets.get(names[i], set()) for i in range(n)])
+        flagged_cv = np.array([name in partner_sets for name in names])
+        cleanvision = {"recall": per_kind(hit), "precision": pr(flagged_cv, in_pair)["precision"],
+                       "flagged": int(flagged_cv.sum()), "seconds": round(time.perf_counter() - t, 1)}
+    except ImportError as exc:
+        cleanvision = {"skipped": f"cleanvision not installed ({exc})"}
+    return {"n": int(n), "features": "thumbnail embedder (our default) + decoder hashes", "planted_per_kind": per_kind_count,
+            "ours": ours, "datalab": datalab, "cleanvision": cleanvision}
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--out", default="benchmarks/results/quality.json")
