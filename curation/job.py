@@ -13,6 +13,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 import curation
+from curation.balance import balance_stats
 from curation.config import Config
 from curation.io import inputs as inputs_io
 from curation.io import outputs
@@ -20,7 +21,7 @@ from curation.io.filesystem import Resolver, write_bytes
 from curation.io.store import EmbeddingStore
 from curation.report import render_report
 from curation.schema import STATUS_OK, STATUS_REJECTED
-from curation.scores import run_scores
+from curation.scores import REGISTRY, run_scores
 from curation.select import build_selections
 
 log = logging.getLogger(__name__)
@@ -206,6 +207,8 @@ def run_job(config: Config, *, resolver: Resolver | None = None) -> RunResult:
     flags["duplicate_groups"] = len(pc.unique(samples["dup_group"].drop_null()))
     labels = samples["label"].drop_null()
     class_counts = {str(v["values"]): int(v["counts"]) for v in pc.value_counts(labels).to_pylist()} if len(labels) else {}
+    balance = balance_stats(samples, {r.name: r.table for r in results},
+                            {name for score in REGISTRY for name in score.columns})
     run_info = {
         "run_id": run_id,
         "uri": run.uri,
@@ -213,6 +216,7 @@ def run_job(config: Config, *, resolver: Resolver | None = None) -> RunResult:
         "counts": counts,
         "flags": flags,
         "class_balance": class_counts,
+        "balance": balance,
         "embedder": identity,
         "knn": knn_info,
         "selections": [{"name": r.name, "mode": r.mode, "rows": r.table.num_rows, "eligible": r.eligible,

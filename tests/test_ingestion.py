@@ -135,7 +135,8 @@ def test_manifest_with_metadata_on_s3(ray_local, s3, demo_set):
     config = load_config(data={
         "input": {"manifest": "s3://manifest-e2e/raw/index.parquet"}, "storage": s3.storage(),
         "embedder": {"model": "thumbnail", "image_size": 32},
-        "selections": [{"name": "by_site", "mode": "clean", "balance_on": "site", "where": "captured_at >= 0"}],
+        "selections": [{"name": "by_site", "mode": "clean", "balance_on": "site", "where": "captured_at >= 0",
+                        "budget": 9}],
         "output": {"uri": "s3://manifest-e2e/out"},
     })
     result = run_job(config)
@@ -149,6 +150,13 @@ def test_manifest_with_metadata_on_s3(ray_local, s3, demo_set):
     # a relative uri resolves against the manifest's folder: the same object listed twice
     assert rows[f"s3://manifest-e2e/raw/sky/{names[0]}"]["status"] == "ok"
     assert sum(1 for u in samples["uri"].to_pylist() if u == f"s3://manifest-e2e/raw/sky/{names[0]}") == 2
+    # metadata balance in run.json: the site column overall and inside the balanced selection
+    site = result.run_info["balance"]["site"]
+    ok_sites = [r["site"] for r in samples.to_pylist() if r["status"] == "ok"]
+    assert sum(site["ok"]["counts"].values()) == len(ok_sites)
+    assert site["selections"]["by_site"]["counts"] == {"site-0": 3, "site-1": 3, "site-2": 3}
+    assert site["selections"]["by_site"]["max_min_ratio"] == 1.0
+    assert result.run_info["balance"]["label"]["ok"]["counts"] == {"sky": len(ok_sites)}
 
 
 def test_precomputed_embeddings_on_s3(ray_local, s3):

@@ -137,3 +137,31 @@ def test_bad_where_and_balance_on_are_config_errors(scored):
         select(scored, mode="clean", where="no_such_column > 1")
     with pytest.raises(ConfigError, match="balance_on: no column 'nope'"):
         select(scored, mode="representative", budget=5, balance_on="nope")
+
+
+def test_balance_stats_per_column_and_selection():
+    import pyarrow as pa
+
+    from curation.balance import MAX_VALUES, balance_stats
+
+    n = 12
+    samples = pa.table({
+        "uri": [f"u{i}" for i in range(n)], "label": ["a"] * 8 + ["b"] * 4,
+        "status": ["ok"] * 11 + ["rejected"], "site": ["x", "y"] * 6,
+        "frame_id": [f"f{i % 4}" for i in range(n)],
+        "sparseness": np.zeros(n, np.float32),
+    })
+    picked = pa.table({"uri": ["u0", "u1", "u2"]})  # all labelled "a"
+    stats = balance_stats(samples, {"train": picked}, score_columns={"sparseness"})
+    assert set(stats) == {"label", "site", "frame_id"}  # score columns are not metadata
+    assert stats["label"]["ok"]["counts"] == {"a": 8, "b": 3}  # the rejected row does not count
+    assert stats["label"]["ok"]["max_min_ratio"] == pytest.approx(8 / 3, abs=1e-3)
+    assert stats["label"]["selections"]["train"]["missing"] == ["b"]
+    assert stats["label"]["selections"]["train"]["max_min_ratio"] is None
+    assert stats["site"]["selections"]["train"]["counts"] == {"x": 2, "y": 1}
+    assert 0 < stats["site"]["ok"]["normalized_entropy"] <= 1
+
+    wide = samples.append_column("serial", pa.array([f"s{i}" for i in range(n)]))
+    many = pa.concat_tables([wide] * (MAX_VALUES // n + 1)).set_column(
+        wide.column_names.index("serial"), "serial", pa.array([f"s{i}" for i in range(n * (MAX_VALUES // n + 1))]))
+    assert "skipped" in balance_stats(many, {}, score_columns={"sparseness"})["serial"]

@@ -1,0 +1,75 @@
+"""Class and metadata balance statistics for ``run.json``.
+
+For the label and for every metadata column (manifest columns that are not ours) with at most
+``MAX_VALUES`` distinct values, the counts of each value among the ok items and inside each
+selection, with two summaries per distribution:
+
+* ``max_min_ratio``: the largest count over the smallest (1.0 = perfectly balanced; null when
+  a value present among the ok items is missing from the selection, ``missing`` lists them);
+* ``normalized_entropy``: Shannon entropy over log(number of values) in [0, 1] (1 = uniform).
+
+A column with more distinct values is reported as ``{"skipped": "..."}`` (an id or a free-text
+field is not something to balance on).
+"""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pandas as pd
+import pyarrow as pa
+
+from curation.schema import RESERVED_COLUMNS, STATUS_OK
+
+MAX_VALUES = 50
+NULL_VALUE = "<null>"
+
+
+def metadata_columns(samples: pa.Table, score_columns: set[str]) -> list[str]:
+    """Columns that came from the manifest: neither ours nor a score's."""
+    return [name for name in samples.column_names
+            if name not in RESERVED_COLUMNS and name not in score_columns and not name.startswith("_")]
+
+
+def distribution(values: pd.Series, universe: list[str] | None = None) -> dict:
+    """Counts and balance summaries of ``values`` (nulls counted as ``<null>``)."""
+    counts = values.astype(object).where(values.notna(), NULL_VALUE).astype(str).value_counts()
+    out: dict = {"counts": {str(k): int(v) for k, v in counts.sort_index().items()}}
+    missing = sorted(set(universe or []) - set(out["counts"]))
+    present = np.array(list(out["counts"].values()), np.float64)
+    if len(present) == 0:
+        out.update(max_min_ratio=None, normalized_entropy=None)
+        return out
+    out["max_min_ratio"] = None if missing else round(float(present.max() / present.min()), 4)
+    if missing:
+        out["missing"] = missing
+    k = len(present) + len(missing)
+    p = present / present.sum()
+    entropy = float(-(p * np.log(p)).sum())
+    out["normalized_entropy"] = round(entropy / math.log(k), 4) if k > 1 else 1.0
+    return out
+
+
+def balance_stats(samples: pa.Table, selections: dict[str, pa.Table], score_columns: set[str]) -> dict:
+    """``{column: {"ok": distribution, "selections": {name: distribution}}}`` for the label and
+    every low-cardinality metadata column; see the module docstring."""
+    df = samples.to_pandas()
+    ok = df[df["status"] == STATUS_OK]
+    # A manifest may list one object twice; a selection row names it by uri, so the first row speaks for it.
+    by_uri = ok.drop_duplicates("uri").set_index("uri")
+    stats: dict = {}
+    columns = (["label"] if df["label"].notna().any() else []) + metadata_columns(samples, score_columns)
+    for column in columns:
+        distinct = ok[column].astype(object).where(ok[column].notna(), NULL_VALUE).astype(str).nunique()
+        if distinct > MAX_VALUES:
+            stats[column] = {"skipped": f"{distinct} distinct values among ok items (more than {MAX_VALUES})"}
+            continue
+        overall = distribution(ok[column])
+        universe = list(overall["counts"])
+        per_selection = {}
+        for name, table in selections.items():
+            uris = table["uri"].to_pylist()
+            per_selection[name] = distribution(by_uri[column].reindex(uris), universe)
+        stats[column] = {"ok": overall, "selections": per_selection}
+    return stats
