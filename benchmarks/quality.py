@@ -62,6 +62,10 @@ def load_cifar(split: str, limit: int, seed: int = 0):
     return np.stack(images), labels
 
 
+def pd_counts(series):
+    return series.value_counts()
+
+
 def auroc(y, score):
     from sklearn.metrics import roc_auc_score
 
@@ -74,17 +78,10 @@ def pr(flagged: np.ndarray, truth: np.ndarray) -> dict:
             "flagged": int(flagged.sum()), "planted": int(truth.sum())}
 
 
-def part_a(seed: int = 0) -> dict:
-    import pyarrow as pa
-    from sklearn.decomposition import PCA
-    from sklearn.linear_model import LogisticRegression
-
-    from curation.config import ScoresConfig, SelectionConfig
-    from curation.index.knn import exact_knn
-    from curation.scores import run_scores
-    from curation.select import build_selections
-    from curation.stages.decode import pixel_statistics
+def mnist_set(seed: int) -> dict:
+    """The MNIST pool with planted defects, its PCA-64 features and the clean held-out split."""
     from PIL import Image
+    from sklearn.decomposition import PCA
 
     rng = np.random.default_rng(seed)
     images, labels = load_mnist()
@@ -106,30 +103,40 @@ def part_a(seed: int = 0) -> dict:
     clean_idx = np.setdiff1d(np.arange(n0), flip)
     src_exact = rng.choice(clean_idx, 100, replace=False)
     src_near = rng.choice(np.setdiff1d(clean_idx, src_exact), 100, replace=False)
-    near = []
-    for j, i in enumerate(src_near):
-        img = x[i]
-        near.append(np.roll(img, 1, axis=1) if j % 2 == 0 else img * 0.8)
+    near = [np.roll(x[i], 1, axis=1) if j % 2 == 0 else x[i] * 0.8 for j, i in enumerate(src_near)]
+    near_kind = ["near_shift_1px" if j % 2 == 0 else "near_dimmed" for j in range(len(src_near))]
     cifar, _ = load_cifar("test", N_OOD, seed)
     ood = np.stack([np.asarray(Image.fromarray(c).convert("L").resize((28, 28), Image.BILINEAR), np.float32) for c in cifar])
     x = np.concatenate([x, x[src_exact], np.stack(near), ood])
     y = np.concatenate([y, y[src_exact], y[src_near], rng.integers(0, 10, N_OOD)])
-    true_y = np.concatenate([true_y, true_y[src_exact], true_y[src_near], np.full(N_OOD, -1)])
-    kind = np.concatenate([kind, ["exact"] * 100, ["near"] * 100, ["ood"] * N_OOD])
+    kind = np.concatenate([kind, ["exact"] * 100, near_kind, ["ood"] * N_OOD])
     pair_of = np.concatenate([np.full(n0, -1), src_exact, src_near, np.full(N_OOD, -1)])
     n = len(x)
-
     pca = PCA(64, random_state=0).fit(images[pool].reshape(len(pool), -1).astype(np.float32))
     feats = pca.transform(x.reshape(n, -1))
     feats /= np.linalg.norm(feats, axis=1, keepdims=True)
     held_feats = pca.transform(images[held].reshape(len(held), -1).astype(np.float32))
     held_feats /= np.linalg.norm(held_feats, axis=1, keepdims=True)
+    return {"x": x, "y": y, "kind": kind, "flip": flip, "pair_of": pair_of, "feats": feats.astype(np.float32),
+            "held_feats": held_feats, "held_labels": labels[held], "rng": rng}
 
-    # ours
-    t = time.perf_counter()
+
+def score_mnist(data: dict):
+    """Our scores on the MNIST set, from its pixels (decode statistics, hashes) and features."""
+    import hashlib
+
+    import pyarrow as pa
+    from PIL import Image
+
+    from curation.config import ScoresConfig
+    from curation.index.knn import exact_knn
+    from curation.scores import run_scores
+    from curation.stages.decode import pixel_statistics
+
+    x, y = data["x"], data["y"]
+    n = len(x)
     stats = [pixel_statistics(Image.fromarray(np.clip(img, 0, 255).astype(np.uint8)).convert("RGB")) for img in x]
     pixel_bytes = [np.clip(img, 0, 255).astype(np.uint8).tobytes() for img in x]
-    import hashlib
     samples = pa.table({
         "input_id": np.arange(n, dtype=np.int64), "uri": [f"mnist/{i:05d}.png" for i in range(n)],
         "label": [str(v) for v in y], "status": ["ok"] * n, "reason": pa.nulls(n, pa.string()),
@@ -140,44 +147,73 @@ def part_a(seed: int = 0) -> dict:
         "pixel_hash": [hashlib.blake2b(b, digest_size=16).hexdigest() for b in pixel_bytes],
         "phash": np.array([s[3] for s in stats], np.int64),
     })
-    knn = exact_knn(feats.astype(np.float32), 10)
-    # MNIST is white-on-black: it is "dark" by design, so junk flags are not scored in part A.
+    # MNIST is white-on-black: it is "dark" by design, so junk flags are not scored here.
     cfg = ScoresConfig(dark_brightness=0.0)
-    scored, _ = run_scores(samples, feats.astype(np.float32), knn, cfg)
-    ours_s = time.perf_counter() - t
-    df = scored.to_pandas()
-    labelled = kind != "ood"
-    ours = {
-        "label_auroc": auroc((kind == "flip")[labelled], -df.label_quality.to_numpy()[labelled]),
-        "ood_auroc": auroc(kind == "ood", df.sparseness.to_numpy()),
-        "exact_dup_recall": float(np.mean([df.dup_group[i] == df.dup_group[pair_of[i]] for i in np.flatnonzero(kind == "exact")])),
-        "near_dup_recall": float(np.mean([df.dup_group[i] == df.dup_group[pair_of[i]] for i in np.flatnonzero(kind == "near")])),
-        "seconds": round(ours_s, 1),
-    }
-    planted_dup = np.isin(np.arange(n), np.concatenate([np.flatnonzero(np.isin(kind, ["exact", "near"])), src_exact, src_near]))
-    ours["dup_precision"] = pr(df.dup_of.notna().to_numpy(), planted_dup)["precision"]
+    scored, _ = run_scores(samples, data["feats"], exact_knn(data["feats"], 10), cfg)
+    return scored, cfg
 
-    # the representative selection and downstream accuracy
-    sel = build_selections(scored, cfg, [SelectionConfig(name="train", mode="representative", budget=1000)],
-                           feats.astype(np.float32))[0]
+
+def downstream(data: dict, scored, cfg, budget: int = 1000, draws: int = 5) -> dict:
+    """The ``representative`` selection: what it contains, and the held-out accuracy of a
+    logistic regression trained on it vs on random same-size subsets of the pool."""
+    from sklearn.linear_model import LogisticRegression
+
+    from curation.config import SelectionConfig
+    from curation.select import build_selections
+
+    feats, y, kind, rng = data["feats"], data["y"], data["kind"], data["rng"]
+    sel = build_selections(scored, cfg, [SelectionConfig(name="train", mode="representative", budget=budget)],
+                           feats)[0]
     picked = np.array([int(u.split("/")[1][:5]) for u in sel.table["uri"].to_pylist()])
     counts = np.bincount(y[picked], minlength=10)
-    clf_kwargs = {"max_iter": 2000}
 
     def accuracy(idx):
-        model = LogisticRegression(**clf_kwargs).fit(feats[idx], y[idx])
-        return float((model.predict(held_feats) == labels[held]).mean())
+        model = LogisticRegression(max_iter=2000).fit(feats[idx], y[idx])
+        return float((model.predict(data["held_feats"]) == data["held_labels"]).mean())
 
     rep_acc = accuracy(picked)
-    random_accs = [accuracy(rng.choice(n, len(picked), replace=False)) for _ in range(5)]
-    selection = {
-        "size": int(len(picked)), "flipped_share": round(float(np.isin(picked, flip).mean()), 4),
-        "duplicate_share": round(float(np.isin(kind[picked], ["exact", "near"]).mean()), 4),
+    random_accs = [accuracy(rng.choice(len(y), len(picked), replace=False)) for _ in range(draws)]
+    return {
+        "size": int(len(picked)), "flipped_share": round(float(np.isin(picked, data["flip"]).mean()), 4),
+        "duplicate_share": round(float(np.isin(kind[picked], ["exact", "near_shift_1px", "near_dimmed"]).mean()), 4),
         "ood_share": round(float((kind[picked] == "ood").mean()), 4),
         "class_max_min": round(float(counts.max() / max(1, counts.min())), 3),
         "downstream_acc": round(rep_acc, 4), "random_acc_mean": round(float(np.mean(random_accs)), 4),
         "gain_points": round(100 * (rep_acc - float(np.mean(random_accs))), 2),
     }
+
+
+def part_a(seed: int = 0, splits: int = 5) -> dict:
+    data = mnist_set(seed)
+    kind, pair_of, y, feats = data["kind"], data["pair_of"], data["y"], data["feats"]
+    n = len(y)
+    t = time.perf_counter()
+    scored, cfg = score_mnist(data)
+    ours_s = time.perf_counter() - t
+    df = scored.to_pandas()
+    labelled = kind != "ood"
+    dup_kinds = ("exact", "near_shift_1px", "near_dimmed")
+    ours = {
+        "label_auroc": auroc((kind == "flip")[labelled], -df.label_quality.to_numpy()[labelled]),
+        "ood_auroc": auroc(kind == "ood", df.sparseness.to_numpy()),
+        "seconds": round(ours_s, 1),
+    }
+    for k in dup_kinds:
+        ours[f"{k}_recall"] = float(np.mean([df.dup_group[i] == df.dup_group[pair_of[i]] for i in np.flatnonzero(kind == k)]))
+    planted = np.flatnonzero(pair_of >= 0)
+    planted_dup = np.isin(np.arange(n), np.concatenate([planted, pair_of[planted]]))
+    ours["dup_precision"] = pr(df.dup_of.notna().to_numpy(), planted_dup)["precision"]
+
+    # The representative selection on several pool/held-out splits: one split's accuracy moves
+    # by about a point with the split alone, more than the effect being measured.
+    per_split = [downstream(data, scored, cfg)]
+    for extra in range(1, splits):
+        other = mnist_set(seed + extra)
+        scored_other, _ = score_mnist(other)
+        per_split.append(downstream(other, scored_other, cfg))
+    selection = {key: round(float(np.mean([s[key] for s in per_split])), 4) for key in per_split[0]}
+    selection["per_split_gain_points"] = [s["gain_points"] for s in per_split]
+    selection["splits"] = splits
 
     # cleanlab Datalab on the same features and labels
     datalab = None
@@ -195,24 +231,49 @@ def part_a(seed: int = 0) -> dict:
         datalab = {
             "label_auroc": auroc((kind == "flip")[labelled], -li["label_score"].to_numpy()[labelled]),
             "ood_auroc": auroc(kind == "ood", -oi["outlier_score"].to_numpy()),
-            "exact_dup_recall": float(np.mean([pair_of[i] in set(nd_sets[i]) for i in np.flatnonzero(kind == "exact")])),
-            "near_dup_recall": float(np.mean([pair_of[i] in set(nd_sets[i]) for i in np.flatnonzero(kind == "near")])),
             "dup_precision": pr(nd["is_near_duplicate_issue"].to_numpy(), planted_dup)["precision"],
             "seconds": round(dl_s, 1),
         }
+        for k in dup_kinds:
+            datalab[f"{k}_recall"] = float(np.mean([pair_of[i] in set(nd_sets[i]) for i in np.flatnonzero(kind == k)]))
     except ImportError as exc:
         datalab = {"skipped": f"cleanlab not installed ({exc})"}
     return {"n": int(n), "features": "PCA-64 of pixels", "ours": ours, "datalab": datalab, "representative": selection}
 
 
+def score_folder(folder: str, names: list[str], labels: list[str] | None):
+    """Our decoder, the thumbnail embedder and every score on image files (no Ray: the stages
+    are called directly). Returns (scored samples, embeddings, seconds)."""
+    import pyarrow as pa
+
+    from curation.config import ScoresConfig
+    from curation.index.knn import exact_knn
+    from curation.io.filesystem import Resolver
+    from curation.scores import run_scores
+    from curation.stages.decode import DecodeStage
+    from curation.stages.embed import EmbedStage
+
+    t = time.perf_counter()
+    n = len(names)
+    decode = DecodeStage(resolver=Resolver(), image_size=32, max_pixels=10**8)
+    batch = decode({"uri": np.array([os.path.join(folder, name) for name in names], dtype=object),
+                    "input_error": np.array([None] * n, dtype=object)})
+    feats = EmbedStage(model="thumbnail", weights="none", image_size=32, device="cpu").embed(batch.pop("pixels"))
+    samples = pa.table({"input_id": np.arange(n, dtype=np.int64), "uri": names,
+                        "label": pa.array(labels, pa.string()) if labels else pa.nulls(n, pa.string()),
+                        **{k: v for k, v in batch.items() if k != "uri"}})
+    scored, _ = run_scores(samples, feats, exact_knn(feats, 10), ScoresConfig())
+    return scored, feats, time.perf_counter() - t
+
+
 def part_b(seed: int = 0) -> dict:
     from PIL import Image, ImageEnhance, ImageFilter
 
-    from curation.config import ScoresConfig
-    from curation.stages.decode import decode_image
+    from curation.config import ScoresConfig, SelectionConfig
+    from curation.select import build_selections
 
     rng = np.random.default_rng(seed)
-    photos, _ = load_cifar("train", 3450, seed)
+    photos, classes = load_cifar("train", 3450, seed)
     folder = tempfile.mkdtemp(prefix="quality-cifar-")
     kinds = []
     for i, arr in enumerate(photos):
@@ -231,19 +292,23 @@ def part_b(seed: int = 0) -> dict:
         img.save(os.path.join(folder, f"{i:05d}.jpg"), quality=92)
         kinds.append(kind)
     kinds = np.array(kinds)
-    cfg = ScoresConfig()
-    stats = []
-    for i in range(len(kinds)):
-        with open(os.path.join(folder, f"{i:05d}.jpg"), "rb") as fh:
-            d = decode_image(fh.read(), image_size=32, max_pixels=10**8)
-        stats.append((d.brightness, d.contrast, d.sharpness))
-    b, c, s = (np.array(v) for v in zip(*stats))
-    ours = {
-        "dark": pr(b < cfg.dark_brightness, kinds == "dark"),
-        "bright": pr((b > cfg.bright_brightness) | ((b > cfg.washed_out_brightness) & (c < cfg.washed_out_contrast)),
-                     kinds == "bright"),
-        "blurry": pr((s < cfg.blurry_sharpness) & (c >= cfg.low_information_std), kinds == "blurry"),
-    }
+    names = [f"{i:05d}.jpg" for i in range(len(kinds))]
+    scored, feats, seconds = score_folder(folder, names, classes)
+    flag = {name: scored[f"is_{name}"].to_numpy(zero_copy_only=False) for name in ("dark", "bright", "blurry")}
+    ours = {name: pr(flag[name], kinds == name) for name in flag}
+    ours["seconds"] = round(seconds, 1)
+    # The representative selection on this labelled, junk-laden set: how much junk gets in.
+    sel = build_selections(scored, ScoresConfig(), [SelectionConfig(name="train", mode="representative",
+                                                                    budget=1000)], feats)[0]
+    picked = np.array([names.index(u) for u in sel.table["uri"].to_pylist()])
+    counts = np.unique(np.array(classes)[picked], return_counts=True)[1]
+    df = scored.to_pandas()
+    eligible = (~(df.is_dark | df.is_bright | df.is_blurry | df.is_low_information) & df.dup_of.isna()
+                & ~df.is_suspected_mislabel & (df.sparseness <= ScoresConfig().rare_tail_quantile))
+    representative = {"size": int(len(picked)), "junk_share": round(float((kinds[picked] != "clean").mean()), 4),
+                      "class_max_min": round(float(counts.max() / counts.min()), 3),
+                      "smallest_class_eligible": int(pd_counts(df.label[eligible]).min()),
+                      "suspected_mislabel_share": round(float(df.is_suspected_mislabel.mean()), 3)}
     cleanvision = None
     try:
         from cleanvision import Imagelab
@@ -252,7 +317,7 @@ def part_b(seed: int = 0) -> dict:
         imagelab.find_issues({"dark": {}, "light": {}, "blurry": {}}, verbose=False)
         issues = imagelab.issues.copy()
         issues.index = [os.path.basename(p) for p in issues.index]
-        issues = issues.loc[[f"{i:05d}.jpg" for i in range(len(kinds))]]
+        issues = issues.loc[names]
         cleanvision = {
             "dark": pr(issues["is_dark_issue"].to_numpy(), kinds == "dark"),
             "bright": pr(issues["is_light_issue"].to_numpy(), kinds == "bright"),
@@ -260,23 +325,14 @@ def part_b(seed: int = 0) -> dict:
         }
     except ImportError as exc:
         cleanvision = {"skipped": f"cleanvision not installed ({exc})"}
-    return {"n": int(len(kinds)), "ours": ours, "cleanvision": cleanvision}
-
+    return {"n": int(len(kinds)), "ours": ours, "cleanvision": cleanvision, "representative": representative}
 
 NEAR_KINDS = ("reencoded", "resized", "brightness", "cropped_3pct", "cropped_6pct")
 
 
 def part_c(seed: int = 0, n_photos: int = 2000, per_kind: int = 50) -> dict:
     """Near duplicates of each kind among real photos, through our decoder and embedder."""
-    import pyarrow as pa
     from PIL import Image, ImageEnhance
-
-    from curation.config import ScoresConfig
-    from curation.index.knn import exact_knn
-    from curation.io.filesystem import Resolver
-    from curation.scores import run_scores
-    from curation.stages.decode import DecodeStage
-    from curation.stages.embed import EmbedStage
 
     rng = np.random.default_rng(seed)
     photos, _ = load_cifar("train", n_photos, seed + 7)
@@ -317,17 +373,7 @@ def part_c(seed: int = 0, n_photos: int = 2000, per_kind: int = 50) -> dict:
     n = len(names)
     per_kind_count = per_kind
 
-    t = time.perf_counter()
-    decode = DecodeStage(resolver=Resolver(), image_size=32, max_pixels=10**8)
-    batch = decode({"uri": np.array([os.path.join(folder, name) for name in names], dtype=object),
-                    "input_error": np.array([None] * n, dtype=object)})
-    embed = EmbedStage(model="thumbnail", weights="none", image_size=32, device="cpu")
-    feats = embed.embed(batch.pop("pixels"))
-    samples = pa.table({"input_id": np.arange(n, dtype=np.int64), "uri": names,
-                        "label": pa.nulls(n, pa.string()), **{k: v for k, v in batch.items() if k != "uri"}})
-    cfg = ScoresConfig()
-    scored, _ = run_scores(samples, feats, exact_knn(feats, 10), cfg)
-    ours_s = time.perf_counter() - t
+    scored, feats, ours_s = score_folder(folder, names, None)
     group = scored["dup_group"].to_numpy(zero_copy_only=False)
     planted = np.flatnonzero(source >= 0)
     in_pair = np.zeros(n, bool)
@@ -384,16 +430,20 @@ def part_c(seed: int = 0, n_photos: int = 2000, per_kind: int = 50) -> dict:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--out", default="benchmarks/results/quality.json")
+    parser.add_argument("--splits", type=int, default=5, help="MNIST pool/held-out splits for downstream accuracy")
     args = parser.parse_args()
     if not os.path.isdir(os.path.join(DATA, "mnist")):
         sys.exit(f"reference data not found under {DATA}")
-    a = part_a()
+    a = part_a(splits=args.splits)
     b = part_b()
+    c = part_c()
     print("\nPart A: MNIST pool of", a["n"], "items, features", a["features"])
-    print(f"{'metric':<20}{'ours':>10}{'datalab':>10}")
-    for key in ("label_auroc", "ood_auroc", "exact_dup_recall", "near_dup_recall", "dup_precision", "seconds"):
-        print(f"{key:<20}{a['ours'].get(key, ''):>10}{str(a['datalab'].get(key, '-')):>10}")
-    print("\nrepresentative (1000, uniform):", json.dumps(a["representative"]))
+    print(f"{'metric':<24}{'ours':>10}{'datalab':>10}")
+    for key in ("label_auroc", "ood_auroc", "exact_recall", "near_shift_1px_recall", "near_dimmed_recall",
+                "dup_precision", "seconds"):
+        print(f"{key:<24}{a['ours'].get(key, ''):>10}{str(a['datalab'].get(key, '-')):>10}")
+    print(f"\nrepresentative (1000, uniform), mean of {a['representative']['splits']} splits:",
+          json.dumps(a["representative"]))
     print("\nPart B: CIFAR-10 junk,", b["n"], "files")
     print(f"{'flag':<8}{'ours P/R':>14}{'cleanvision P/R':>18}")
     for key in ("dark", "bright", "blurry"):
@@ -401,9 +451,17 @@ def main() -> None:
         cv = b["cleanvision"].get(key) if isinstance(b["cleanvision"], dict) else None
         cv_text = f"{cv['precision']}/{cv['recall']}" if cv else "-"
         print(f"{key:<8}{o['precision']:>7}/{o['recall']:<6}{cv_text:>18}")
+    print("representative (1000, uniform):", json.dumps(b["representative"]))
+    print("\nPart C: near duplicates among CIFAR-10 photos,", c["n"], "files,", c["planted_per_kind"], "per kind")
+    tools = ("ours", "datalab", "cleanvision")
+    print(f"{'kind (recall)':<16}" + "".join(f"{t:>13}" for t in tools))
+    for key in c["ours"]["recall"]:
+        print(f"{key:<16}" + "".join(f"{str(c[t].get('recall', {}).get(key, '-')):>13}" for t in tools))
+    print(f"{'precision':<16}" + "".join(f"{str(c[t].get('precision', '-')):>13}" for t in tools))
     os.makedirs(os.path.dirname(args.out) or ".", exist_ok=True)
     with open(args.out, "w") as fh:
-        json.dump({"machine": f"{os.cpu_count()} CPUs", "mnist": a, "cifar_junk": b}, fh, indent=1, default=str)
+        json.dump({"machine": f"{os.cpu_count()} CPUs", "mnist": a, "cifar_junk": b, "cifar_near_duplicates": c},
+                  fh, indent=1, default=str)
 
 
 if __name__ == "__main__":

@@ -2,11 +2,13 @@
 
 * ``representative``: up to ``budget`` items balanced over classes (``class_balance``:
   ``uniform``, ``proportional`` or ``tempered:<alpha>``, quota ~ n_c^alpha); inside each class
-  the quota is spent on coverage: spherical k-means with k = quota over the class's eligible
-  embeddings and the item nearest each centroid (a prototype per region, so no two picks
-  are redundant and every mode of the class is represented; largest regions rank first).
-  Excludes junk, non-kept duplicates, suspected mislabels and the rarest tail (sparseness >
-  ``scores.rare_tail_quantile``).
+  the quota is spent on coverage: a farthest-first traversal (greedy k-center, as in the
+  core-set approach to active learning) of the class's eligible embeddings, seeded at its most
+  central item, so no two picks are redundant and every mode of the class is reached (large
+  classes are first split into k-means regions that share the quota by size). Excludes junk,
+  non-kept duplicates, suspected mislabels and the rarest tail (sparseness >
+  ``scores.rare_tail_quantile``), so the traversal spreads over the class without chasing
+  outliers.
 * ``edge_cases``: the rarest items (highest sparseness), excluding junk, non-kept duplicates
   and suspected mislabels.
 * ``label_review``: labelled items by lowest label quality, with the suggested label;
@@ -35,6 +37,7 @@ from curation.schema import SELECTION_SCHEMA
 log = logging.getLogger(__name__)
 
 SEED = 1234
+COVER_WORK = 2e9  # multiply-adds one farthest-first traversal may spend before a class is split into regions
 
 
 @dataclass
@@ -213,44 +216,59 @@ class Selector:
         rows = np.array([r for r, _ in order], np.int64)
         score = np.array([c for _, c in order], np.float64)
         clusters = df["cluster"].to_numpy()
-        reasons = [f"representative of {column} {groups[r]!r} (prototype of a region holding {int(c)} eligible items; "
-                   f"embedding cluster {clusters[r]})" for r, c in order]
+        reasons = [f"representative of {column} {groups[r]!r} (coverage pick: cosine distance {c:.3f} from every "
+                   f"earlier pick of its class; embedding cluster {clusters[r]})" for r, c in order]
         return rows, score, reasons
 
     def _cover(self, members: np.ndarray, quota: int) -> list[tuple[int, float]]:
-        """``quota`` prototypes covering ``members``: k-means with k = quota on their embeddings,
-        then the member nearest each centroid (largest regions first). Returns (row, region size)."""
+        """``quota`` items covering ``members``: farthest-first traversal (greedy k-center) of
+        their embeddings, seeded at the most central member. Returns (row, coverage distance),
+        where the distance is how far the pick was from every earlier pick (largest first).
+
+        When ``quota * len(members) * d`` exceeds ``COVER_WORK`` the class is first split into
+        regions by spherical k-means, the quota is shared in proportion to region sizes and
+        each region is traversed on its own, so the cost stays bounded at millions of items."""
         if quota <= 0 or len(members) == 0:
             return []
         if quota >= len(members):
-            return [(int(r), 1.0) for r in members]
+            return [(int(r), 0.0) for r in members]
         x = np.ascontiguousarray(self.embeddings[self.row_to_ok[members]], dtype=np.float32)
-        if quota == 1:
+        regions = int(min(quota, max(1, np.ceil(quota * len(members) * x.shape[1] / COVER_WORK))))
+        if regions == 1:
+            owner = np.zeros(len(members), np.int64)
             centroids = x.mean(axis=0, keepdims=True)
         else:
-            km = faiss.Kmeans(x.shape[1], quota, niter=15, seed=SEED, spherical=True, max_points_per_centroid=64,
-                              verbose=False)
+            km = faiss.Kmeans(x.shape[1], regions, niter=10, seed=SEED, spherical=True,
+                              max_points_per_centroid=64, verbose=False)
             km.train(x)
             centroids = km.centroids
-        index = faiss.IndexFlatIP(x.shape[1])
-        index.add(x)
-        centroid_index = faiss.IndexFlatIP(x.shape[1])
-        centroid_index.add(np.ascontiguousarray(centroids, dtype=np.float32))
-        _, owner = centroid_index.search(x, 1)
-        sizes = np.bincount(owner.ravel(), minlength=len(centroids))
-        search = min(len(members), 8)
-        _, nearest = index.search(np.ascontiguousarray(centroids, dtype=np.float32), search)
-        taken = np.zeros(len(members), bool)
+            _, assigned = km.index.search(x, 1)
+            owner = assigned.ravel().astype(np.int64)
+        sizes = np.bincount(owner, minlength=len(centroids))
+        quotas = allocate(quota, sizes, sizes.astype(np.float64))
         picks: list[tuple[int, float]] = []
-        for c in np.argsort(-sizes, kind="stable"):
-            for j in nearest[c]:
-                if j >= 0 and not taken[j]:
-                    taken[j] = True
-                    picks.append((int(members[j]), float(sizes[c])))
-                    break
-        if len(picks) < quota:  # collisions: fill with the remaining members in order
-            picks.extend((int(members[j]), 0.0) for j in np.flatnonzero(~taken)[: quota - len(picks)])
-        return picks[:quota]
+        for region in np.flatnonzero(quotas):
+            local = np.flatnonzero(owner == region)
+            chosen, gaps = farthest_first(x[local], int(quotas[region]), start=int(np.argmax(x[local] @ centroids[region])))
+            picks.extend((int(members[local[j]]), g) for j, g in zip(chosen, gaps))
+        picks.sort(key=lambda p: -p[1])  # any prefix covers the class as evenly as it can
+        return picks
+
+
+def farthest_first(x: np.ndarray, count: int, *, start: int) -> tuple[list[int], list[float]]:
+    """Greedy k-center over the rows of L2-normalised ``x``: each step takes the row farthest
+    (cosine distance) from everything taken so far. Returns the rows and, for each, its distance
+    to the nearest earlier pick at the time it was taken (the first gets its farthest row's distance)."""
+    nearest = 1.0 - x @ x[start]
+    chosen, gaps = [start], [float(nearest.max())]
+    nearest[start] = -1.0
+    for _ in range(count - 1):
+        j = int(np.argmax(nearest))
+        chosen.append(j)
+        gaps.append(float(nearest[j]))
+        np.minimum(nearest, 1.0 - x @ x[j], out=nearest)
+        nearest[chosen] = -1.0
+    return chosen, gaps
 
 
 def build_selections(samples: pa.Table, scores: ScoresConfig, selections: list[SelectionConfig],

@@ -56,7 +56,7 @@ def test_representative_uniform_balances_classes_and_excludes_defects(scored):
     assert not uris & {"/d/000.jpg", "/d/001.jpg", "/d/005.jpg"}  # dark, dark, flipped
     assert not ({"/d/007.jpg", "/d/008.jpg"} <= uris)  # never both copies
     assert len(set(labels[:3])) == 3  # ranks interleave classes
-    assert len(uris) == 24  # prototypes are distinct items
+    assert len(uris) == 24  # coverage picks are distinct items
 
 
 def test_representative_proportional_and_tempered(scored):
@@ -67,7 +67,7 @@ def test_representative_proportional_and_tempered(scored):
 
 
 def test_representative_covers_every_mode_of_a_class(scored):
-    """Within a class, prototypes spread over its regions instead of piling into the densest."""
+    """Within a class, coverage picks spread over its modes instead of piling into the densest."""
     import numpy as np
 
     table, knn, emb = scored
