@@ -62,10 +62,6 @@ def load_cifar(split: str, limit: int, seed: int = 0):
     return np.stack(images), labels
 
 
-def pd_counts(series):
-    return series.value_counts()
-
-
 def auroc(y, score):
     from sklearn.metrics import roc_auc_score
 
@@ -307,7 +303,7 @@ def part_b(seed: int = 0) -> dict:
                 & ~df.is_suspected_mislabel & (df.sparseness <= ScoresConfig().rare_tail_quantile))
     representative = {"size": int(len(picked)), "junk_share": round(float((kinds[picked] != "clean").mean()), 4),
                       "class_max_min": round(float(counts.max() / counts.min()), 3),
-                      "smallest_class_eligible": int(pd_counts(df.label[eligible]).min()),
+                      "smallest_class_eligible": int(df.label[eligible].value_counts().min()),
                       "suspected_mislabel_share": round(float(df.is_suspected_mislabel.mean()), 3)}
     cleanvision = None
     try:

@@ -152,6 +152,9 @@ class ScoresConfig:
         low_information_std: luminance std below which an image carries no information.
         label_quality_threshold: labelled items below this whose suggested label differs are
             suspected mislabels.
+        mislabel_min_confidence: ... and only when the neighbours back the suggested label with
+            at least this calibrated probability (with a weak or non-semantic embedder the
+            votes are spread thin and nothing should be flagged).
         rare_tail_quantile: sparseness above this is the "rarest tail" excluded from
             ``representative``.
         n_clusters: k-means clusters; 0 picks ``clamp(sqrt(N/2), 2, 256)``.
@@ -168,6 +171,7 @@ class ScoresConfig:
     blurry_sharpness: float = 0.05
     low_information_std: float = 0.02
     label_quality_threshold: float = 0.3
+    mislabel_min_confidence: float = 0.5
     rare_tail_quantile: float = 0.98
     n_clusters: int = 0
     map_points: int = 5000
@@ -440,7 +444,7 @@ def validate(config: Config) -> None:
         raise ConfigError("config key 'decode.background': expected three integers in [0, 255]")
     sc = config.scores
     for key in ("near_duplicate_cosine", "near_duplicate_ratio", "dark_brightness", "bright_brightness", "washed_out_brightness",
-                "label_quality_threshold", "rare_tail_quantile"):
+                "label_quality_threshold", "mislabel_min_confidence", "rare_tail_quantile"):
         value = getattr(sc, key)
         if not 0.0 <= value <= 1.0:
             raise ConfigError(f"config key 'scores.{key}': must be in [0, 1], got {value}")

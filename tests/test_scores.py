@@ -134,6 +134,18 @@ def test_label_quality_flags_the_flipped_label():
     assert df.label_quality.drop(4).min() > 0.5
 
 
+def test_labels_unrelated_to_the_embedding_are_not_flagged_wholesale():
+    """A non-semantic embedder spreads the votes over every class: low quality everywhere,
+    and few confident suggestions, so far fewer suspected mislabels than without the floor."""
+    rng = np.random.default_rng(11)
+    emb = rng.normal(size=(300, 16))
+    labels = [str(c) for c in rng.integers(0, 6, 300)]
+    df = score(make_samples(300, labels=labels), emb, k=10)
+    assert (df.label_quality < 0.3).mean() > 0.2  # the quality itself does say "unsure"
+    loose = score(make_samples(300, labels=labels), emb, k=10, mislabel_min_confidence=0.0)
+    assert loose.is_suspected_mislabel.mean() > 3 * df.is_suspected_mislabel.mean()  # measured: 0.80 vs 0.21
+
+
 def test_a_duplicate_does_not_vote_for_its_twin():
     emb = blobs(12, 2, spread=0.35, seed=6)
     labels = ["a"] * 12 + ["b"] * 12
