@@ -300,11 +300,13 @@ def part_b(seed: int = 0) -> dict:
     counts = np.unique(np.array(classes)[picked], return_counts=True)[1]
     df = scored.to_pandas()
     eligible = (~(df.is_dark | df.is_bright | df.is_blurry | df.is_low_information) & df.dup_of.isna()
-                & ~df.is_suspected_mislabel & (df.sparseness <= ScoresConfig().rare_tail_quantile))
+                & ~df.is_suspected_mislabel & ~(df.label_quality < ScoresConfig().label_quality_threshold)
+                & (df.sparseness <= ScoresConfig().rare_tail_quantile))
     representative = {"size": int(len(picked)), "junk_share": round(float((kinds[picked] != "clean").mean()), 4),
                       "class_max_min": round(float(counts.max() / counts.min()), 3),
                       "smallest_class_eligible": int(df.label[eligible].value_counts().min()),
-                      "suspected_mislabel_share": round(float(df.is_suspected_mislabel.mean()), 3)}
+                      "suspected_mislabel_share": round(float(df.is_suspected_mislabel.mean()), 3),
+                      "doubtful_label_share": round(float((df.label_quality < ScoresConfig().label_quality_threshold).mean()), 3)}
     cleanvision = None
     try:
         from cleanvision import Imagelab

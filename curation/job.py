@@ -18,6 +18,7 @@ from curation.config import Config
 from curation.io import inputs as inputs_io
 from curation.io import outputs
 from curation.io.filesystem import Resolver, write_bytes
+from curation.index.source import VectorParts, parquet_parts
 from curation.io.store import EmbeddingStore
 from curation.report import render_report
 from curation.schema import STATUS_OK, STATUS_REJECTED
@@ -104,14 +105,14 @@ def _decode_and_embed(todo: pa.Table, config: Config, resolver: Resolver, timing
     return fresh
 
 
-def _knn(embeddings_ok: np.ndarray, config: Config, *, save_to):
+def _knn(embeddings_ok: np.ndarray, config: Config, *, save_to, source: VectorParts | None):
     from curation import pipeline
 
     started_ray = False
     if len(embeddings_ok) >= config.knn.exact_below or config.knn.shards > 1 or config.knn.index == "ivf":
         started_ray = pipeline.init_ray(config)
     try:
-        return pipeline.knn_graph(embeddings_ok, config.knn, save_to=save_to)
+        return pipeline.knn_graph(embeddings_ok, config.knn, save_to=save_to, source=source)
     finally:
         if started_ray:
             import ray
@@ -140,10 +141,13 @@ def run_job(config: Config, *, resolver: Resolver | None = None) -> RunResult:
     log.info("run %s -> %s", run_id, run.uri)
 
     if config.input.embeddings:
-        table, matrix, valid, lengths, dim = inputs_io.read_embeddings_input(config, resolver)
+        table, matrix, valid, lengths, dim, files = inputs_io.read_embeddings_input(config, resolver)
         model_id = str(table["model_id"][0]) if "model_id" in table.column_names and table.num_rows else None
         samples, embeddings_ok = _samples_from_embeddings(table, matrix, valid, lengths, dim)
         del table, matrix
+        # The index shards read the vectors from the input files themselves, skipping rejected rows.
+        ok_rows = samples["status"].to_numpy(zero_copy_only=False) == STATUS_OK
+        vector_source = VectorParts(parquet_parts(files), keep=ok_rows)
         identity = {"model": "precomputed", "source": config.input.embeddings, "model_id": model_id}
         timings["read_embeddings"] = round(time.perf_counter() - t0, 3)
         n_inputs = samples.num_rows
@@ -175,8 +179,9 @@ def run_job(config: Config, *, resolver: Resolver | None = None) -> RunResult:
         identity["store"] = store_counts
         log.info("embedding store: reused %(reused)d, embedded %(embedded)d, rejected %(rejected)d", store_counts)
         t = time.perf_counter()
-        outputs.write_embeddings(run.child("embeddings"), samples, model_id=ident.model_id,
-                                 store_dtype=config.embedder.store_dtype)
+        files = outputs.write_embeddings(run.child("embeddings"), samples, model_id=ident.model_id,
+                                         store_dtype=config.embedder.store_dtype)
+        vector_source = VectorParts(parquet_parts(files))  # the index shards read the run's embeddings
         if store is not None:
             store.write(samples, run_id)
         timings["write_embeddings"] = round(time.perf_counter() - t, 3)
@@ -189,7 +194,7 @@ def run_job(config: Config, *, resolver: Resolver | None = None) -> RunResult:
         raise RuntimeError(f"accounting: {n_inputs} inputs but {samples.num_rows} sample rows")
 
     t = time.perf_counter()
-    knn, knn_info = _knn(embeddings_ok, config, save_to=run.child("index"))
+    knn, knn_info = _knn(embeddings_ok, config, save_to=run.child("index"), source=vector_source)
     timings["knn"] = round(time.perf_counter() - t, 3)
     samples, score_timings = run_scores(samples, embeddings_ok, knn, config.scores)
     timings.update({f"score_{k}": v for k, v in score_timings.items()})

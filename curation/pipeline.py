@@ -136,13 +136,15 @@ def collect_table(ds: ray.data.Dataset) -> pa.Table:
 
 
 def knn_graph(embeddings: np.ndarray, cfg: KnnConfig, *, seed: int = 0,
-              save_to: Location | None = None) -> tuple[KnnGraph, dict]:
+              save_to: Location | None = None, source=None) -> tuple[KnnGraph, dict]:
     """The all-items kNN graph: exact in-process for small N, sharded over Ray actors above.
 
     Returns the graph and a description (index parameters, timings, per-shard sizes) for run.json.
     With ``save_to``, the sharded path writes the trained empty index and every filled shard
     there (``trained.faissindex``, ``shard-00000.faissindex``, ...; ids are row numbers of
-    the ok items in ``samples`` order).
+    the ok items in ``samples`` order). With ``source`` (a
+    :class:`curation.index.source.VectorParts` holding the same vectors in the same order) the
+    shards read their partitions from storage themselves.
     """
     import time
 
@@ -155,15 +157,19 @@ def knn_graph(embeddings: np.ndarray, cfg: KnnConfig, *, seed: int = 0,
         graph = exact_knn(embeddings, cfg.k)
         info.update(method="exact (faiss.IndexFlatIP, in process)", search_s=round(time.perf_counter() - t, 3))
         return graph, info
-    graph, timing = sharded_knn(embeddings, cfg.k, params, query_batch=cfg.query_batch, seed=seed, save_to=save_to)
+    graph, timing = sharded_knn(embeddings, cfg.k, params, query_batch=cfg.query_batch, seed=seed, save_to=save_to,
+                                source=source)
     info.update(method=f"{params.factory(d)} over {params.shards} Ray shard actor(s)", **timing)
     return graph, info
 
 
 def sharded_knn(embeddings: np.ndarray, k: int, params: IndexParams, *, query_batch: int = 16384,
-                seed: int = 0, save_to: Location | None = None) -> tuple[KnnGraph, dict]:
-    """Train once on a uniform sample, add contiguous partitions to shard actors, fan queries
-    out to every shard and merge the per-shard top-k with FAISS."""
+                seed: int = 0, save_to: Location | None = None, source=None) -> tuple[KnnGraph, dict]:
+    """Train once on a uniform sample, fill shard actors with contiguous partitions, fan queries
+    out to every shard and merge the per-shard top-k with FAISS.
+
+    With ``source`` (:class:`curation.index.source.VectorParts`, the same vectors in the same
+    order) each shard streams its partition from storage; without it the driver sends chunks."""
     import time
 
     x = np.ascontiguousarray(embeddings, dtype=np.float32)
@@ -190,17 +196,25 @@ def sharded_knn(embeddings: np.ndarray, k: int, params: IndexParams, *, query_ba
     shards = [actor_cls.remote(blob_ref, nprobe=params.nprobe, num_threads=threads, use_gpu=use_gpu)
               for _ in range(params.shards)]
     bounds = np.linspace(0, n, params.shards + 1).astype(np.int64)
-    # Partitions travel in chunks, one chunk per shard in flight: the object store (and each
-    # shard's mapped copy of its argument) never holds more than a few hundred MB.
-    starts = [list(range(lo, hi, ADD_CHUNK)) for lo, hi in zip(bounds[:-1], bounds[1:])]
-    for step in range(max((len(s) for s in starts), default=0)):
-        futures = []
-        for shard, shard_starts, hi in zip(shards, starts, bounds[1:]):
-            if step < len(shard_starts):
-                lo = shard_starts[step]
-                top = min(lo + ADD_CHUNK, hi)
-                futures.append(shard.add.remote(np.arange(lo, top), x[lo:top]))
-        ray.get(futures)
+    if source is not None:
+        if source.n != n:
+            raise ValueError(f"kNN: the vector source holds {source.n} vectors, the driver {n}")
+        ray.get([shard.add_from.remote(source, int(lo), int(hi), ADD_CHUNK)
+                 for shard, lo, hi in zip(shards, bounds[:-1], bounds[1:])])
+        timing["add_from"] = "storage (each shard streams its partition)"
+    else:
+        # Partitions travel in chunks, one chunk per shard in flight: the object store (and each
+        # shard's mapped copy of its argument) never holds more than a few hundred MB.
+        starts = [list(range(lo, hi, ADD_CHUNK)) for lo, hi in zip(bounds[:-1], bounds[1:])]
+        for step in range(max((len(s) for s in starts), default=0)):
+            futures = []
+            for shard, shard_starts, hi in zip(shards, starts, bounds[1:]):
+                if step < len(shard_starts):
+                    lo = shard_starts[step]
+                    top = min(lo + ADD_CHUNK, hi)
+                    futures.append(shard.add.remote(np.arange(lo, top), x[lo:top]))
+            ray.get(futures)
+        timing["add_from"] = "driver (chunks through the object store)"
     timing["add_s"] = round(time.perf_counter() - t, 3)
     timing["shard_sizes"] = [int(hi - lo) for lo, hi in zip(bounds[:-1], bounds[1:])]
 

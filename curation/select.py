@@ -6,7 +6,8 @@
   core-set approach to active learning) of the class's eligible embeddings, seeded at its most
   central item, so no two picks are redundant and every mode of the class is reached (large
   classes are first split into k-means regions that share the quota by size). Excludes junk,
-  non-kept duplicates, suspected mislabels and the rarest tail (sparseness >
+  non-kept duplicates, suspected mislabels, items whose label quality is below
+  ``scores.label_quality_threshold`` and the rarest tail (sparseness >
   ``scores.rare_tail_quantile``), so the traversal spreads over the class without chasing
   outliers.
 * ``edge_cases``: the rarest items (highest sparseness), excluding junk, non-kept duplicates
@@ -116,6 +117,10 @@ class Selector:
         self.junk = junk
         self.kept = df["dup_of"].isna().to_numpy()
         self.suspected = df["is_suspected_mislabel"].fillna(False).to_numpy(bool)
+        # A training set takes no item whose own label its neighbours doubt, confident
+        # suggestion or not (farthest-first coverage would otherwise seek such atypical items out).
+        quality = df["label_quality"].to_numpy(np.float64)
+        self.doubtful = np.isfinite(quality) & (quality < scores.label_quality_threshold)
         self.labelled = df["label"].notna().to_numpy()
 
     def _where(self, sel: SelectionConfig) -> np.ndarray:
@@ -140,7 +145,7 @@ class Selector:
         base = self.ok & where
         df = self.df
         if sel.mode == "representative":
-            eligible = base & ~self.junk & self.kept & ~self.suspected & (
+            eligible = base & ~self.junk & self.kept & ~self.suspected & ~self.doubtful & (
                 df["sparseness"].fillna(1.0).to_numpy() <= self.scores.rare_tail_quantile)
             rows, score, reasons = self._representative(sel, np.flatnonzero(eligible))
         elif sel.mode == "edge_cases":

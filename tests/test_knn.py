@@ -58,6 +58,39 @@ def test_flat_shards_equal_single_index_exactly(ray_local):
         assert not (graph.ids == np.arange(3000)[:, None]).any()  # self excluded
 
 
+def test_shards_stream_their_partitions_from_parquet(ray_local, tmp_path):
+    """Shards that read their vectors from Parquet files (several files, float16 in one,
+    rejected rows skipped) build the same graph as shards fed by the driver."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from curation.index.params import IndexParams
+    from curation.index.source import VectorParts, parquet_parts
+    from curation.io.filesystem import resolve
+    from curation.pipeline import sharded_knn
+
+    x = clustered(2500, d=16, seed=3)
+    rows = np.concatenate([x[:1000], np.zeros((1, 16), np.float32), x[1000:]])  # row 1000: a rejected vector
+    keep = np.ones(len(rows), bool)
+    keep[1000] = False
+    files = []
+    for i, (lo, hi, dtype) in enumerate([(0, 700, pa.float32()), (700, 1800, pa.float16()), (1800, 2501, pa.float32())]):
+        values = pa.array(rows[lo:hi].ravel(), pa.float32()).cast(dtype)
+        pq.write_table(pa.table({"embedding": pa.FixedSizeListArray.from_arrays(values, 16)}),
+                       tmp_path / f"part-{i}.parquet", row_group_size=300)
+        files.append(resolve(str(tmp_path / f"part-{i}.parquet")))
+    source = VectorParts(parquet_parts(files), keep=keep)
+    assert source.n == 2500 and source.rows == 2501
+    params = IndexParams("flat", "flat", 0, 0, 0, 3)
+    streamed, timing = sharded_knn(x, 8, params, source=source)
+    assert timing["add_from"].startswith("storage")
+    pushed, _ = sharded_knn(x, 8, params)
+    np.testing.assert_allclose(streamed.sims, pushed.sims, atol=2e-3)  # float16 rounding in one file
+    assert (streamed.ids == pushed.ids).mean() > 0.97
+    with pytest.raises(ValueError, match="holds 2501 vectors"):
+        sharded_knn(x, 8, params, source=VectorParts(parquet_parts(files)))
+
+
 def test_ivf_shards_reach_recall(ray_local):
     from curation.pipeline import knn_graph
 

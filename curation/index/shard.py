@@ -39,6 +39,13 @@ class IndexShard:
         self.index.add_with_ids(vectors, np.ascontiguousarray(ids, dtype=np.int64))
         return int(self.index.ntotal)
 
+    def add_from(self, source, lo: int, hi: int, batch_rows: int) -> int:
+        """Stream ids ``[lo, hi)`` of a :class:`curation.index.source.VectorParts` from storage
+        into the index, ``batch_rows`` at a time. Returns the vectors now held."""
+        for ids, vectors in source.read(lo, hi, batch_rows=batch_rows):
+            self.add(ids, vectors)
+        return int(self.index.ntotal)
+
     def search(self, queries: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
         """Top-k (similarities, global ids); missing results are (-inf, -1)."""
         sims, ids = self.index.search(np.ascontiguousarray(queries, dtype=np.float32), k)

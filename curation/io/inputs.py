@@ -19,7 +19,7 @@ import pyarrow.csv as pacsv
 import pyarrow.parquet as pq
 
 from curation.config import Config, ConfigError
-from curation.io.filesystem import Location, Resolver, StorageError, check_readable, list_files, open_text
+from curation.io.filesystem import Location, Resolver, StorageError, check_readable, list_files, open_text, to_uri
 from curation.schema import RESERVED_COLUMNS
 
 log = logging.getLogger(__name__)
@@ -195,7 +195,8 @@ def read_embeddings_input(config: Config, resolver: Resolver):
     whole Arrow column is never held (at 1M x 512 that is 2 GB saved).
 
     Returns:
-        (other columns as a table, matrix (N, d), valid mask, vector lengths, d)
+        (other columns as a table, matrix (N, d), valid mask, vector lengths, d, the Parquet
+        files in the order their rows were read)
     """
     import pyarrow.dataset as pads
 
@@ -207,6 +208,7 @@ def read_embeddings_input(config: Config, resolver: Resolver):
             if required not in names:
                 raise ConfigError(f"config key 'input.embeddings': {location.uri} has no {required!r} column "
                                   f"(columns: {', '.join(names)})")
+        files = [Location(location.filesystem, path, to_uri(location.filesystem, path)) for path in dataset.files]
         n = dataset.count_rows()
         emb_type = dataset.schema.field("embedding").type
         dim = emb_type.list_size if pa.types.is_fixed_size_list(emb_type) else None
@@ -238,4 +240,4 @@ def read_embeddings_input(config: Config, resolver: Resolver):
     if matrix is None:
         matrix = np.zeros((n, 1), np.float32)
         dim = 1
-    return meta, matrix, valid, lengths, dim
+    return meta, matrix, valid, lengths, dim, files

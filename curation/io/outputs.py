@@ -29,6 +29,7 @@ from curation.io.filesystem import Location, write_bytes
 from curation.schema import SAMPLES_CONTRACT, SAMPLES_EXTRA
 
 SAMPLES_ROWS_PER_FILE = 1_000_000
+EMBEDDING_ROW_GROUP = 65_536  # ~128 MB of 512-d float32: what one index shard reads at a time
 
 
 def new_run_id() -> str:
@@ -50,23 +51,26 @@ def order_samples(samples: pa.Table) -> pa.Table:
     return pa.table(dict(zip(names, columns)))
 
 
-def write_parquet_parts(folder: Location, table: pa.Table, rows_per_file: int = SAMPLES_ROWS_PER_FILE) -> list[str]:
+def write_parquet_parts(folder: Location, table: pa.Table, rows_per_file: int = SAMPLES_ROWS_PER_FILE,
+                        row_group_size: int | None = None) -> list[Location]:
     """Write ``table`` as ``part-NNNNN.parquet`` files of at most ``rows_per_file`` rows."""
     folder.filesystem.create_dir(folder.path, recursive=True)
-    uris = []
+    files = []
     for part, start in enumerate(range(0, max(table.num_rows, 1), rows_per_file)):
         target = folder.child(f"part-{part:05d}.parquet")
-        pq.write_table(table.slice(start, rows_per_file), target.path, filesystem=target.filesystem)
-        uris.append(target.uri)
-    return uris
+        pq.write_table(table.slice(start, rows_per_file), target.path, filesystem=target.filesystem,
+                       row_group_size=row_group_size)
+        files.append(target)
+    return files
 
 
-def write_samples(run: Location, samples: pa.Table) -> list[str]:
+def write_samples(run: Location, samples: pa.Table) -> list[Location]:
     return write_parquet_parts(run.child("samples"), samples)
 
 
-def write_embeddings(folder: Location, samples: pa.Table, *, model_id: str, store_dtype: str) -> None:
-    """``uri, embedding, model_id`` of the ok rows as Parquet (fixed_size_list<float32|float16>)."""
+def write_embeddings(folder: Location, samples: pa.Table, *, model_id: str, store_dtype: str) -> list[Location]:
+    """``uri, embedding, model_id`` of the ok rows as Parquet (fixed_size_list<float32|float16>),
+    in row groups of ``EMBEDDING_ROW_GROUP`` rows so readers can stream them. Returns the files."""
     import pyarrow.compute as pc
 
     ok = samples.filter(pc.equal(samples["status"], "ok"))
@@ -75,7 +79,7 @@ def write_embeddings(folder: Location, samples: pa.Table, *, model_id: str, stor
         embedding = pc.cast(embedding, pa.list_(pa.float16(), embedding.type.list_size))
     table = pa.table({"uri": ok["uri"], "embedding": embedding,
                       "model_id": pa.array([model_id] * ok.num_rows, pa.string())})
-    write_parquet_parts(folder, table)
+    return write_parquet_parts(folder, table, row_group_size=EMBEDDING_ROW_GROUP)
 
 
 def write_knn_graph(folder: Location, samples: pa.Table, knn) -> None:

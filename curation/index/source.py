@@ -1,0 +1,98 @@
+"""Where the index shards read their vectors from: Parquet files in storage, not the driver.
+
+A :class:`VectorParts` names the Parquet files that hold the vectors in id order (the run's
+``embeddings/`` output, or the files of ``input.embeddings``) and, for inputs that contain
+rejected rows, which rows become index ids. Each shard actor streams only its own id range,
+batch by batch, so on a cluster the vectors go from object storage to the shard's node without
+passing through the driver or the object store.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Iterator
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.parquet as pq
+
+from curation.io.filesystem import Location
+
+
+@dataclass
+class VectorParts:
+    """Parquet files holding vectors in id order.
+
+    Attributes:
+        parts: ``(file, first row, rows)`` in order; rows are numbered across all files.
+        column: the list column holding the vectors (float32 or float16).
+        keep: optional mask over rows; the kept rows, in order, are ids 0, 1, ... (rows of an
+            ``input.embeddings`` file whose vector was rejected are skipped).
+    """
+
+    parts: list[tuple[Location, int, int]]
+    column: str = "embedding"
+    keep: np.ndarray | None = None
+
+    @property
+    def rows(self) -> int:
+        return sum(rows for _, _, rows in self.parts)
+
+    @property
+    def n(self) -> int:
+        return int(self.keep.sum()) if self.keep is not None else self.rows
+
+    def read(self, lo: int, hi: int, *, batch_rows: int = 65536) -> Iterator[tuple[np.ndarray, np.ndarray]]:
+        """Yield ``(ids, unit vectors float32)`` for ids in ``[lo, hi)``, ``batch_rows`` rows at a time."""
+        if hi <= lo:
+            return
+        if self.keep is None:
+            row_lo, row_hi = lo, hi
+            id_of_row = None
+        else:
+            kept_rows = np.flatnonzero(self.keep)
+            row_lo, row_hi = int(kept_rows[lo]), int(kept_rows[hi - 1]) + 1
+            id_of_row = np.cumsum(self.keep) - 1
+        for location, first, rows in self.parts:
+            if first + rows <= row_lo or first >= row_hi:
+                continue
+            try:
+                with location.filesystem.open_input_file(location.path) as fh:
+                    position = first
+                    for batch in pq.ParquetFile(fh).iter_batches(batch_size=batch_rows, columns=[self.column]):
+                        start, stop = max(position, row_lo), min(position + batch.num_rows, row_hi)
+                        offset = position
+                        position += batch.num_rows
+                        if start >= stop:
+                            continue
+                        values = batch.column(0).slice(start - offset, stop - start)
+                        ids = np.arange(start, stop, dtype=np.int64)
+                        if id_of_row is not None:
+                            mask = self.keep[start:stop]
+                            values = values.filter(pa.array(mask))
+                            ids = id_of_row[start:stop][mask]
+                        yield ids, _unit(values)
+            except (OSError, pa.ArrowException) as exc:
+                raise OSError(f"index shard: cannot read vectors from {location.uri} ({exc})") from exc
+
+
+def _unit(values: pa.Array) -> np.ndarray:
+    """(n, d) float32 rows scaled to unit length (float16 storage is re-normalised after the cast)."""
+    if len(values) == 0:
+        return np.zeros((0, 1), np.float32)
+    flat = pc.cast(values.flatten(), pa.float32()).to_numpy(zero_copy_only=False)
+    x = np.ascontiguousarray(flat.reshape(len(values), -1), dtype=np.float32)
+    norms = np.linalg.norm(x, axis=1, keepdims=True)
+    return x / np.where(norms > 0, norms, 1.0)
+
+
+def parquet_parts(files: list[Location]) -> list[tuple[Location, int, int]]:
+    """``(file, first row, rows)`` for Parquet files read in this order (row counts from footers)."""
+    out, first = [], 0
+    for location in files:
+        with location.filesystem.open_input_file(location.path) as fh:
+            rows = pq.ParquetFile(fh).metadata.num_rows
+        out.append((location, first, rows))
+        first += rows
+    return out
