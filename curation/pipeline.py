@@ -25,6 +25,7 @@ log = logging.getLogger(__name__)
 
 TARGET_ROWS_PER_BLOCK = 256
 ADD_CHUNK = 65536  # vectors per add() call to a shard actor
+SOURCE_BATCH = 16384  # rows a shard reads from storage per step (32 MB at d=512)
 
 
 def init_ray(config: Config) -> bool:
@@ -199,7 +200,7 @@ def sharded_knn(embeddings: np.ndarray, k: int, params: IndexParams, *, query_ba
     if source is not None:
         if source.n != n:
             raise ValueError(f"kNN: the vector source holds {source.n} vectors, the driver {n}")
-        ray.get([shard.add_from.remote(source, int(lo), int(hi), ADD_CHUNK)
+        ray.get([shard.add_from.remote(source, int(lo), int(hi), SOURCE_BATCH)
                  for shard, lo, hi in zip(shards, bounds[:-1], bounds[1:])])
         timing["add_from"] = "storage (each shard streams its partition)"
     else:

@@ -19,6 +19,8 @@ import pyarrow.parquet as pq
 
 from curation.io.filesystem import Location
 
+READ_BUFFER = 8 << 20  # bytes per buffered read from storage
+
 
 @dataclass
 class VectorParts:
@@ -43,7 +45,7 @@ class VectorParts:
     def n(self) -> int:
         return int(self.keep.sum()) if self.keep is not None else self.rows
 
-    def read(self, lo: int, hi: int, *, batch_rows: int = 65536) -> Iterator[tuple[np.ndarray, np.ndarray]]:
+    def read(self, lo: int, hi: int, *, batch_rows: int = 16384) -> Iterator[tuple[np.ndarray, np.ndarray]]:
         """Yield ``(ids, unit vectors float32)`` for ids in ``[lo, hi)``, ``batch_rows`` rows at a time."""
         if hi <= lo:
             return
@@ -59,8 +61,20 @@ class VectorParts:
                 continue
             try:
                 with location.filesystem.open_input_file(location.path) as fh:
-                    position = first
-                    for batch in pq.ParquetFile(fh).iter_batches(batch_size=batch_rows, columns=[self.column]):
+                    # Only the row groups that overlap this range, streamed page by page (no
+                    # pre-buffering of whole row groups), so a shard holds about one batch.
+                    reader = pq.ParquetFile(fh, pre_buffer=False, buffer_size=READ_BUFFER)
+                    groups, position, offset = [], None, first
+                    for g in range(reader.metadata.num_row_groups):
+                        size = reader.metadata.row_group(g).num_rows
+                        if offset < row_hi and offset + size > row_lo:
+                            groups.append(g)
+                            position = offset if position is None else position
+                        offset += size
+                    if not groups:
+                        continue
+                    for batch in reader.iter_batches(batch_size=batch_rows, row_groups=groups, columns=[self.column],
+                                                     use_threads=False):
                         start, stop = max(position, row_lo), min(position + batch.num_rows, row_hi)
                         offset = position
                         position += batch.num_rows
@@ -81,10 +95,13 @@ def _unit(values: pa.Array) -> np.ndarray:
     """(n, d) float32 rows scaled to unit length (float16 storage is re-normalised after the cast)."""
     if len(values) == 0:
         return np.zeros((0, 1), np.float32)
-    flat = pc.cast(values.flatten(), pa.float32()).to_numpy(zero_copy_only=False)
-    x = np.ascontiguousarray(flat.reshape(len(values), -1), dtype=np.float32)
+    flat = values.flatten()
+    if flat.type != pa.float32():
+        flat = pc.cast(flat, pa.float32())
+    x = np.array(flat.to_numpy(zero_copy_only=False), dtype=np.float32).reshape(len(values), -1)  # one copy
     norms = np.linalg.norm(x, axis=1, keepdims=True)
-    return x / np.where(norms > 0, norms, 1.0)
+    x /= np.where(norms > 0, norms, 1.0)
+    return x
 
 
 def parquet_parts(files: list[Location]) -> list[tuple[Location, int, int]]:

@@ -29,7 +29,7 @@ from curation.io.filesystem import Location, write_bytes
 from curation.schema import SAMPLES_CONTRACT, SAMPLES_EXTRA
 
 SAMPLES_ROWS_PER_FILE = 1_000_000
-EMBEDDING_ROW_GROUP = 65_536  # ~128 MB of 512-d float32: what one index shard reads at a time
+EMBEDDING_ROW_GROUP = 16_384  # 32 MB of 512-d float32: index shards read their partition a row group at a time
 
 
 def new_run_id() -> str:
