@@ -157,7 +157,8 @@ class ScoresConfig:
             votes are spread thin and nothing should be flagged).
         rare_tail_quantile: sparseness above this is the "rarest tail" excluded from
             ``representative``.
-        n_clusters: k-means clusters; 0 picks ``clamp(sqrt(N/2), 2, 256)``.
+        n_clusters: k-means clusters; 0 picks ``clamp(sqrt(N/2), 2, 256)``, at most the largest
+            ``representative`` budget.
         map_points: at most this many items get 2-D map coordinates.
     """
 

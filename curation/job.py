@@ -196,7 +196,8 @@ def run_job(config: Config, *, resolver: Resolver | None = None) -> RunResult:
     t = time.perf_counter()
     knn, knn_info = _knn(embeddings_ok, config, save_to=run.child("index"), source=vector_source)
     timings["knn"] = round(time.perf_counter() - t, 3)
-    samples, score_timings = run_scores(samples, embeddings_ok, knn, config.scores)
+    budgets = [sel.budget for sel in config.selections if sel.mode == "representative" and sel.budget]
+    samples, score_timings = run_scores(samples, embeddings_ok, knn, config.scores, budget=max(budgets, default=None))
     timings.update({f"score_{k}": v for k, v in score_timings.items()})
     t = time.perf_counter()
     results = build_selections(samples, config.scores, config.selections, embeddings_ok)

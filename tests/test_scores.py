@@ -182,6 +182,8 @@ def test_clusters_recover_separated_blobs():
         assert len(set(labels[start:start + 30])) == 1
     assert len(set(labels)) == 3 and sims.min() > 0.9
     assert choose_n_clusters(1) == 1 and choose_n_clusters(50) == 5 and choose_n_clusters(10**7) == 256
+    assert choose_n_clusters(10**6, budget=40) == 40 and choose_n_clusters(10**6, budget=1) == 2
+    assert choose_n_clusters(10**6, requested=300, budget=40) == 300  # an explicit k wins
 
 
 def test_map_coordinates_are_limited_to_map_points():

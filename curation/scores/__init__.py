@@ -39,12 +39,12 @@ def table_columns(table: pa.Table) -> dict[str, np.ndarray]:
 
 
 def run_scores(samples: pa.Table, embeddings_ok: np.ndarray, knn_ok: KnnGraph, config: ScoresConfig,
-               *, registry: tuple[Score, ...] = REGISTRY) -> tuple[pa.Table, dict[str, float]]:
+               *, registry: tuple[Score, ...] = REGISTRY, budget: int | None = None) -> tuple[pa.Table, dict[str, float]]:
     """Run every registered score; returns ``samples`` with score columns added (and ``reason``
     merged: the rejection reason for rejected rows, every score's explanation for ok rows) and
     the seconds each score took."""
     ok = (samples["status"].to_numpy(zero_copy_only=False) == "ok")
-    ctx = ScoreContext(table_columns(samples), ok, embeddings_ok, knn_ok, config)
+    ctx = ScoreContext(table_columns(samples), ok, embeddings_ok, knn_ok, config, budget)
     reasons: list[list[str]] = [[] for _ in range(samples.num_rows)]
     timings: dict[str, float] = {}
     for score in registry:

@@ -32,6 +32,7 @@ class ScoreContext:
         embeddings_ok: (n_ok, d) L2-normalised embeddings of the ok rows, in row order.
         knn_ok: kNN graph among ok rows (ids index into the ok rows).
         config: score thresholds.
+        budget: the largest ``representative`` budget, if any (sizes the clustering).
     """
 
     columns: dict[str, np.ndarray]
@@ -39,6 +40,7 @@ class ScoreContext:
     embeddings_ok: np.ndarray
     knn_ok: KnnGraph
     config: ScoresConfig
+    budget: int | None = None
     ok_rows: np.ndarray = field(init=False)
 
     def __post_init__(self) -> None:
@@ -57,7 +59,7 @@ class ScoreContext:
         for name in table.column_names:
             if name != REASON_COLUMN:
                 merged[name] = table[name].to_numpy(zero_copy_only=False)
-        ctx = ScoreContext(merged, self.ok, self.embeddings_ok, self.knn_ok, self.config)
+        ctx = ScoreContext(merged, self.ok, self.embeddings_ok, self.knn_ok, self.config, self.budget)
         return ctx
 
     def scatter(self, values_ok: np.ndarray, fill, dtype) -> np.ndarray:

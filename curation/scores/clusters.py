@@ -1,7 +1,8 @@
 """Clusters: spherical k-means in embedding space (FAISS on CPU).
 
 ``n_clusters`` from ``scores.n_clusters`` or, when 0, ``clamp(round(sqrt(N / 2)), 2, 256)``
-(never more than N). Trained on at most 256 points per centroid (FAISS's own sampling), then
+and no more than the largest ``representative`` budget (a cluster the budget cannot reach
+says nothing useful about the selection); never more than N. Trained on at most 256 points per centroid (FAISS's own sampling), then
 every ok item is assigned. ``cluster_similarity`` is the cosine to the item's centroid
 (used to pick central items). Rejected items get cluster -1.
 """
@@ -20,10 +21,13 @@ SEED = 1234
 N_RESTARTS = 5
 
 
-def choose_n_clusters(n: int, requested: int = 0) -> int:
+def choose_n_clusters(n: int, requested: int = 0, budget: int | None = None) -> int:
+    """k for ``n`` items: ``requested`` when set, else from N, capped by the selection budget."""
     if n <= 1:
         return 1
     k = requested or min(256, max(2, round(math.sqrt(n / 2))))
+    if not requested and budget:
+        k = min(k, max(2, budget))
     return max(1, min(k, n))
 
 
@@ -49,7 +53,7 @@ class ClustersScore:
 
     def compute(self, ctx: ScoreContext) -> pa.Table:
         x = ctx.embeddings_ok
-        k = choose_n_clusters(len(x), ctx.config.n_clusters)
+        k = choose_n_clusters(len(x), ctx.config.n_clusters, ctx.budget)
         if len(x):
             labels, sims = kmeans_assign(x, k)
         else:
