@@ -136,6 +136,7 @@ def main() -> None:
     parser.add_argument("--shards", type=int, nargs="+", default=[1, 2])
     parser.add_argument("--nprobe", type=int, default=0)
     parser.add_argument("--exact-sample", type=int, default=0, help="time exact search on this many queries and extrapolate")
+    parser.add_argument("--query-batch", type=int, default=16384, help="knn.query_batch: queries per fan-out")
     parser.add_argument("--spread", type=float, default=1.0,
                         help="within-cluster noise (larger = harder for IVF: neighbours spill across lists)")
     parser.add_argument("--driver-vectors", action="store_true",
@@ -159,7 +160,8 @@ def main() -> None:
         exact_ids, exact_s, queries, exact_sims = exact_graph(x, args.k, args.exact_sample or None)
         for shards in args.shards:
             t = time.perf_counter()
-            graph, info = knn_graph(x, KnnConfig(k=args.k, index="ivf", shards=shards, nprobe=args.nprobe),
+            graph, info = knn_graph(x, KnnConfig(k=args.k, index="ivf", shards=shards, nprobe=args.nprobe,
+                                                      query_batch=args.query_batch),
                                     source=source)
             ours_s = time.perf_counter() - t
             rec = recall_at_k(graph.ids, exact_ids, queries, args.k)
@@ -170,6 +172,7 @@ def main() -> None:
                          "train_s": info["train_s"], "add_s": info["add_s"], "search_s": info["search_s"],
                          "peak_rss_per_shard_gb": round(max(rss) / 1e9, 2),
                          "above_idle_shard_gb": round((max(rss) - baseline) / 1e9, 2),
+                         "private_per_shard_gb": round(max(info.get("shard_private_bytes") or [0]) / 1e9, 2),
                          "vectors_from": info.get("add_from", ""), "spread": args.spread,
                          "exact_extrapolated": bool(args.exact_sample)})
             if args.compare_scores and not args.exact_sample:
@@ -177,7 +180,7 @@ def main() -> None:
             print(json.dumps(rows[-1]), flush=True)
     ray.shutdown()
     cols = ["n", "shards", "index", "nprobe", "exact_s", "ours_s", "speedup", "recall@k", "peak_rss_per_shard_gb",
-            "above_idle_shard_gb"]
+            "above_idle_shard_gb", "private_per_shard_gb"]
     print("\n" + "  ".join(f"{c:>12}" for c in cols))
     for r in rows:
         print("  ".join(f"{str(r[c]):>12}" for c in cols))

@@ -235,6 +235,7 @@ def sharded_knn(embeddings: np.ndarray, k: int, params: IndexParams, *, query_ba
         _store(pending, ids, sims, k)
     timing["search_s"] = round(time.perf_counter() - t, 3)
     timing["shard_peak_rss_bytes"] = ray.get([shard.memory_bytes.remote() for shard in shards])
+    timing["shard_private_bytes"] = ray.get([shard.private_bytes.remote() for shard in shards])
     if save_to is not None:
         t = time.perf_counter()
         ray.get([shard.save.remote(save_to.child(f"shard-{i:05d}.faissindex")) for i, shard in enumerate(shards)])

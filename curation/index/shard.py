@@ -66,9 +66,21 @@ class IndexShard:
         return int(self.index.ntotal)
 
     def memory_bytes(self) -> int:
+        """Peak resident set of this process (includes pages of Ray's shared object store it read)."""
         import resource
 
         return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+
+    def private_bytes(self) -> int:
+        """Memory now held by this process alone (USS): the index and working buffers, without
+        the shared object-store pages every shard maps while reading query batches. Linux
+        ``/proc/self/smaps_rollup``; elsewhere the peak RSS."""
+        try:
+            with open("/proc/self/smaps_rollup") as fh:
+                fields = dict(line.split(":", 1) for line in fh if ":" in line)
+            return sum(int(fields[key].split()[0]) * 1024 for key in ("Private_Clean", "Private_Dirty"))
+        except (OSError, KeyError, ValueError):
+            return self.memory_bytes()
 
 
 def gpu_available() -> bool:
