@@ -136,6 +136,7 @@ def main() -> None:
     parser.add_argument("--shards", type=int, nargs="+", default=[1, 2])
     parser.add_argument("--nprobe", type=int, default=0)
     parser.add_argument("--exact-sample", type=int, default=0, help="time exact search on this many queries and extrapolate")
+    parser.add_argument("--codec", default="auto", help="knn.codec: auto | flat | sq8 | pq-fastscan")
     parser.add_argument("--query-batch", type=int, default=16384, help="knn.query_batch: queries per fan-out")
     parser.add_argument("--spread", type=float, default=1.0,
                         help="within-cluster noise (larger = harder for IVF: neighbours spill across lists)")
@@ -161,7 +162,7 @@ def main() -> None:
         for shards in args.shards:
             t = time.perf_counter()
             graph, info = knn_graph(x, KnnConfig(k=args.k, index="ivf", shards=shards, nprobe=args.nprobe,
-                                                      query_batch=args.query_batch),
+                                                      query_batch=args.query_batch, codec=args.codec),
                                     source=source)
             ours_s = time.perf_counter() - t
             rec = recall_at_k(graph.ids, exact_ids, queries, args.k)

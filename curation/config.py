@@ -114,8 +114,11 @@ class KnnConfig:
         index: ``auto`` (exact below ``exact_below`` items, IVF above), ``flat`` or ``ivf``.
         exact_below: item count under which ``auto`` searches exactly.
         nlist / nprobe: IVF lists and lists probed per query; 0 = from N.
-        codec: ``auto``, ``flat`` or ``sq8`` (8-bit scalar quantisation) for IVF vectors.
+        codec: ``auto``, ``flat``, ``sq8`` (8-bit scalar quantisation) or ``pq-fastscan``
+            (4-bit product-quantised codes scanned with SIMD, the top ``refine_factor * k``
+            candidates re-ranked on the exact vectors) for IVF vectors.
         max_flat_bytes: ``auto`` switches to ``sq8`` above this many bytes of float32 vectors.
+        refine_factor: ``pq-fastscan`` re-ranks this many times k candidates exactly.
         train_size: vectors sampled to train the coarse quantiser; 0 = max(40 * nlist, 50 000).
         shards: index shards (Ray actors); 0 = one per 2 cluster CPUs.
         query_batch: queries per fan-out round.
@@ -128,6 +131,7 @@ class KnnConfig:
     nprobe: int = 0
     codec: str = "auto"
     max_flat_bytes: int = 8 * 1024**3
+    refine_factor: int = 16
     train_size: int = 0
     shards: int = 0
     query_batch: int = 16384
@@ -432,8 +436,10 @@ def validate(config: Config) -> None:
         raise ConfigError(f"config key 'knn.k': must be >= 1, got {config.knn.k}")
     if config.knn.index not in ("auto", "flat", "ivf"):
         raise ConfigError(f"config key 'knn.index': expected auto, flat or ivf, got {config.knn.index!r}")
-    if config.knn.codec not in ("auto", "flat", "sq8"):
-        raise ConfigError(f"config key 'knn.codec': expected auto, flat or sq8, got {config.knn.codec!r}")
+    if config.knn.codec not in ("auto", "flat", "sq8", "pq-fastscan"):
+        raise ConfigError(f"config key 'knn.codec': expected auto, flat, sq8 or pq-fastscan, got {config.knn.codec!r}")
+    if config.knn.refine_factor < 1:
+        raise ConfigError(f"config key 'knn.refine_factor': must be >= 1, got {config.knn.refine_factor}")
     for key in ("nlist", "nprobe", "train_size", "shards"):
         if getattr(config.knn, key) < 0:
             raise ConfigError(f"config key 'knn.{key}': must be >= 0")

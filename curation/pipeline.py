@@ -159,13 +159,14 @@ def knn_graph(embeddings: np.ndarray, cfg: KnnConfig, *, seed: int = 0,
         info.update(method="exact (faiss.IndexFlatIP, in process)", search_s=round(time.perf_counter() - t, 3))
         return graph, info
     graph, timing = sharded_knn(embeddings, cfg.k, params, query_batch=cfg.query_batch, seed=seed, save_to=save_to,
-                                source=source)
+                                source=source, refine_factor=cfg.refine_factor)
     info.update(method=f"{params.factory(d)} over {params.shards} Ray shard actor(s)", **timing)
     return graph, info
 
 
 def sharded_knn(embeddings: np.ndarray, k: int, params: IndexParams, *, query_batch: int = 16384,
-                seed: int = 0, save_to: Location | None = None, source=None) -> tuple[KnnGraph, dict]:
+                seed: int = 0, save_to: Location | None = None, source=None,
+                refine_factor: int = 16) -> tuple[KnnGraph, dict]:
     """Train once on a uniform sample, fill shard actors with contiguous partitions, fan queries
     out to every shard and merge the per-shard top-k with FAISS.
 
@@ -194,7 +195,8 @@ def sharded_knn(embeddings: np.ndarray, k: int, params: IndexParams, *, query_ba
     use_gpu = resources.get("GPU", 0) >= params.shards
     actor_cls = ray.remote(num_cpus=min(1, cpus / params.shards), num_gpus=1 if use_gpu else 0)(IndexShard)
     blob_ref = ray.put(blob)
-    shards = [actor_cls.remote(blob_ref, nprobe=params.nprobe, num_threads=threads, use_gpu=use_gpu)
+    shards = [actor_cls.remote(blob_ref, nprobe=params.nprobe, num_threads=threads, use_gpu=use_gpu,
+                               refine_factor=refine_factor)
               for _ in range(params.shards)]
     bounds = np.linspace(0, n, params.shards + 1).astype(np.int64)
     if source is not None:

@@ -101,6 +101,22 @@ def test_ivf_shards_reach_recall(ray_local):
     assert recall(graph, exact) >= 0.95
 
 
+def test_pq_fastscan_codec_with_refinement_reaches_recall(ray_local, tmp_path):
+    from curation.index.params import choose_params
+    from curation.index.shard import load_index
+    from curation.io.filesystem import resolve
+    from curation.pipeline import sharded_knn
+
+    x = clustered(20_000, d=32, clusters=50, seed=4)
+    params = choose_params(len(x), 32, KnnConfig(index="ivf", codec="pq-fastscan", shards=2))
+    assert params.factory(32) == f"IVF{params.nlist},PQ16x4fs,RFlat"
+    graph, _ = sharded_knn(x, 10, params, save_to=resolve(str(tmp_path)))
+    assert recall(graph, exact_knn(x, 10)) >= 0.95
+    unrefined, _ = sharded_knn(x, 10, params, refine_factor=1)
+    assert recall(unrefined, exact_knn(x, 10)) < recall(graph, exact_knn(x, 10))
+    assert load_index(resolve(str(tmp_path / "shard-00000.faissindex"))).ntotal == 10_000
+
+
 def test_near_duplicates_are_found_by_the_ann_path(ray_local):
     """Near copies are each other's nearest neighbours, so they share a coarse list or sit in
     adjacent probed lists: the IVF graph must keep every planted near pair."""

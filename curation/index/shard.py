@@ -18,9 +18,13 @@ class IndexShard:
         num_threads: OpenMP threads (match the actor's CPU reservation).
     """
 
-    def __init__(self, index_bytes: np.ndarray, *, nprobe: int = 0, num_threads: int = 1, use_gpu: bool = False):
+    def __init__(self, index_bytes: np.ndarray, *, nprobe: int = 0, num_threads: int = 1, use_gpu: bool = False,
+                 refine_factor: int = 16):
         faiss.omp_set_num_threads(max(1, num_threads))
         index = faiss.deserialize_index(np.asarray(index_bytes, dtype=np.uint8))
+        if isinstance(index, faiss.IndexRefine):
+            index.k_factor = float(refine_factor)
+            use_gpu = False  # the fast-scan codes and the refine step run on CPU
         self.gpu = None
         if use_gpu and gpu_available():
             # GPU FAISS (faiss-gpu builds only): the same index, searched on the actor's GPU.
@@ -28,7 +32,8 @@ class IndexShard:
             index = faiss.index_cpu_to_gpu(self.gpu, 0, index)
         if nprobe and hasattr(faiss, "extract_index_ivf"):
             try:
-                faiss.extract_index_ivf(index).nprobe = nprobe
+                ivf_holder = index.base_index if isinstance(index, faiss.IndexRefine) else index
+                faiss.extract_index_ivf(ivf_holder).nprobe = nprobe
             except RuntimeError:
                 pass  # a flat index has no lists
         self.is_ivf = isinstance(index, faiss.IndexIVF) or "IVF" in type(index).__name__
@@ -95,9 +100,13 @@ def load_index(location) -> faiss.Index:
 
 
 def train_empty_index(sample: np.ndarray, factory: str) -> faiss.Index:
-    """Build and train (on ``sample``) an empty inner-product index."""
+    """Build and train (on ``sample``) an empty inner-product index (``...,RFlat``: the base
+    index wrapped in ``IndexRefineFlat``, which keeps exact vectors to re-rank candidates)."""
     d = sample.shape[1]
-    index = faiss.index_factory(d, factory, faiss.METRIC_INNER_PRODUCT)
+    if factory.endswith(",RFlat"):
+        index = faiss.IndexRefineFlat(faiss.index_factory(d, factory[: -len(",RFlat")], faiss.METRIC_INNER_PRODUCT))
+    else:
+        index = faiss.index_factory(d, factory, faiss.METRIC_INNER_PRODUCT)
     if not index.is_trained:
         index.train(np.ascontiguousarray(sample, dtype=np.float32))
     return index
