@@ -10,6 +10,7 @@ import shutil
 
 import numpy as np
 import pyarrow as pa
+import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 import pytest
 from PIL import Image
@@ -159,7 +160,10 @@ def test_manifest_with_metadata_on_s3(ray_local, s3, demo_set):
     assert result.run_info["balance"]["label"]["ok"]["counts"] == {"sky": len(ok_sites)}
 
 
-def test_precomputed_embeddings_on_s3(ray_local, s3):
+@pytest.mark.parametrize("knn", [{}, {"exact_below": 50, "shards": 2}], ids=["exact", "sharded"])
+def test_precomputed_embeddings_on_s3(ray_local, s3, knn):
+    """Also on the sharded path: the shard actors stream the vectors from the S3 input files
+    themselves (skipping the rejected row) and save their indexes back to S3."""
     rng = np.random.default_rng(9)
     centers = rng.normal(size=(3, 24))
     vectors = np.concatenate([c + 0.6 * rng.normal(size=(40, 24)) for c in centers]).astype(np.float32)
@@ -176,15 +180,21 @@ def test_precomputed_embeddings_on_s3(ray_local, s3):
     config = load_config(data={
         "input": {"embeddings": "s3://emb-e2e/vectors/"}, "storage": s3.storage(),
         "selections": [{"name": "review", "mode": "label_review", "budget": 5}],
-        "output": {"uri": "s3://emb-e2e/out"},
+        "output": {"uri": f"s3://emb-e2e/out-{len(knn)}"}, "knn": knn,
     })
     result = run_job(config)
     rows = {r["uri"]: r for r in result.samples.to_pylist()}
     assert result.run_info["counts"] == {"inputs": n, "ok": n - 1, "rejected": 1}
     assert rows["s3://lake/img/7.jpg"]["reason"] == "corrupt: null embedding"
     assert rows["s3://lake/img/3.jpg"]["is_suspected_mislabel"] and rows["s3://lake/img/3.jpg"]["suggested_label"] == "a"
-    review = pq.read_table(f"emb-e2e/out/{result.run_id}/selections/review.parquet", filesystem=fs)
+    review = pq.read_table(f"emb-e2e/out-{len(knn)}/{result.run_id}/selections/review.parquet", filesystem=fs)
     assert review["uri"][0].as_py() == "s3://lake/img/3.jpg"
+    if knn:
+        info = result.run_info["knn"]
+        assert info["kind"] == "ivf" and info["add_from"].startswith("storage") and sum(info["shard_sizes"]) == n - 1
+        saved = fs.get_file_info(pafs.FileSelector(f"emb-e2e/out-{len(knn)}/{result.run_id}/index"))
+        assert sorted(f.base_name for f in saved) == ["shard-00000.faissindex", "shard-00001.faissindex",
+                                                     "trained.faissindex"]
 
 
 def test_incremental_store_embeds_only_new_and_changed(ray_local, tmp_path):
