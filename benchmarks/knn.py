@@ -87,6 +87,9 @@ def compare_scores(x: np.ndarray, exact_ids: np.ndarray, exact_sims: np.ndarray,
     }
 
 
+TEMP_FOLDERS: list[str] = []
+
+
 def to_parquet(x: np.ndarray):
     """Write the vectors as the job writes the run's embeddings, so shards stream them from disk."""
     import tempfile
@@ -98,6 +101,7 @@ def to_parquet(x: np.ndarray):
     from curation.io.outputs import write_embeddings
 
     folder = resolve(tempfile.mkdtemp(prefix="knn-bench-"))
+    TEMP_FOLDERS.append(folder.path)
     n, d = x.shape
     samples = pa.table({"uri": pa.array([str(i) for i in range(n)]), "status": pa.array(["ok"] * n),
                         "embedding": pa.FixedSizeListArray.from_arrays(pa.array(x.ravel()), d)})
@@ -180,6 +184,10 @@ def main() -> None:
                 rows[-1]["scores_vs_exact"] = compare_scores(x, exact_ids, exact_sims, graph, args.k)
             print(json.dumps(rows[-1]), flush=True)
     ray.shutdown()
+    import shutil
+
+    for folder in TEMP_FOLDERS:  # hundreds of MB each
+        shutil.rmtree(folder, ignore_errors=True)
     cols = ["n", "shards", "index", "nprobe", "exact_s", "ours_s", "speedup", "recall@k", "peak_rss_per_shard_gb",
             "above_idle_shard_gb", "private_per_shard_gb"]
     print("\n" + "  ".join(f"{c:>12}" for c in cols))
