@@ -5,7 +5,7 @@
   the quota is spent on coverage: a farthest-first traversal (greedy k-center, as in the
   core-set approach to active learning) of the class's eligible embeddings, seeded at its most
   central item, so no two picks are redundant and every mode of the class is reached (large
-  classes are first split into k-means regions that share the quota by size). Excludes junk,
+  classes are first split into k-means regions: one pick each, the rest by size). Excludes junk,
   non-kept duplicates, suspected mislabels, items whose label quality is below
   ``scores.label_quality_threshold`` and the rarest tail (sparseness >
   ``scores.rare_tail_quantile``), so the traversal spreads over the class without chasing
@@ -231,8 +231,9 @@ class Selector:
         where the distance is how far the pick was from every earlier pick (largest first).
 
         When ``quota * len(members) * d`` exceeds ``COVER_WORK`` the class is first split into
-        regions by spherical k-means, the quota is shared in proportion to region sizes and
-        each region is traversed on its own, so the cost stays bounded at millions of items."""
+        at most ``quota`` regions by spherical k-means; each region gets one pick and the rest
+        of the quota in proportion to its size, and is traversed on its own, so the cost stays
+        bounded at millions of items."""
         if quota <= 0 or len(members) == 0:
             return []
         if quota >= len(members):
@@ -250,7 +251,10 @@ class Selector:
             _, assigned = km.index.search(x, 1)
             owner = assigned.ravel().astype(np.int64)
         sizes = np.bincount(owner, minlength=len(centroids))
-        quotas = allocate(quota, sizes, sizes.astype(np.float64))
+        # One pick per region first (there are at most ``quota`` regions, so a small far-away
+        # mode is never starved), the rest in proportion to region size.
+        first = (sizes > 0).astype(np.int64)
+        quotas = first + allocate(quota - int(first.sum()), sizes - first, sizes.astype(np.float64))
         picks: list[tuple[int, float]] = []
         for region in np.flatnonzero(quotas):
             local = np.flatnonzero(owner == region)

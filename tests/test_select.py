@@ -85,6 +85,28 @@ def test_representative_covers_every_mode_of_a_class(scored):
     assert any(r < 30 for r in picks) and any(r >= 30 for r in picks)
 
 
+def test_large_classes_are_covered_region_by_region(scored, monkeypatch):
+    """Above COVER_WORK the class is split into k-means regions sharing the quota by size: the
+    quota is still met with distinct items, and a far-away small mode still gets a pick."""
+    import numpy as np
+
+    import curation.select as select_module
+    from curation.select import Selector
+    from tests.test_scores import unit
+
+    table, knn, emb = scored
+    rng = np.random.default_rng(1)
+    base = np.tile(emb[0], (60, 1))
+    base[50:] = -emb[0]  # a small far-away mode of 10 items
+    emb2 = emb.copy()
+    emb2[:60] = unit(base + 0.05 * rng.normal(size=base.shape))
+    monkeypatch.setattr(select_module, "COVER_WORK", 1.0)  # forces one region per pick
+    picks = Selector(table, ScoresConfig(), emb2)._cover(np.arange(60), 6)
+    rows = [r for r, _ in picks]
+    assert len(rows) == len(set(rows)) == 6
+    assert any(r >= 50 for r in rows) and any(r < 50 for r in rows)
+
+
 def test_budget_above_eligible_returns_eligible_and_says_so(scored):
     result = select(scored, mode="representative", budget=10_000)
     assert result.table.num_rows == result.eligible < 100 and "exceeds" in result.note
