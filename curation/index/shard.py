@@ -100,13 +100,9 @@ def load_index(location) -> faiss.Index:
 
 
 def train_empty_index(sample: np.ndarray, factory: str) -> faiss.Index:
-    """Build and train (on ``sample``) an empty inner-product index (``...,RFlat``: the base
-    index wrapped in ``IndexRefineFlat``, which keeps exact vectors to re-rank candidates)."""
+    """Build and train (on ``sample``) an empty inner-product index."""
     d = sample.shape[1]
-    if factory.endswith(",RFlat"):
-        index = faiss.IndexRefineFlat(faiss.index_factory(d, factory[: -len(",RFlat")], faiss.METRIC_INNER_PRODUCT))
-    else:
-        index = faiss.index_factory(d, factory, faiss.METRIC_INNER_PRODUCT)
+    index = faiss.index_factory(d, factory, faiss.METRIC_INNER_PRODUCT)
     if not index.is_trained:
         index.train(np.ascontiguousarray(sample, dtype=np.float32))
     return index

@@ -2,8 +2,8 @@
 
 ``n_clusters`` from ``scores.n_clusters`` or, when 0, ``clamp(round(sqrt(N / 2)), 2, 256)``
 and no more than the largest ``representative`` budget (a cluster the budget cannot reach
-says nothing useful about the selection); never more than N. Trained on at most 256 points per centroid (FAISS's own sampling), then
-every ok item is assigned. ``cluster_similarity`` is the cosine to the item's centroid
+says nothing useful about the selection); never more than N. Trained on at most 256 points
+per centroid (FAISS's own sampling), then every ok item is assigned. ``cluster_similarity`` is the cosine to the item's centroid
 (used to pick central items). Rejected items get cluster -1.
 """
 
