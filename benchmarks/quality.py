@@ -266,7 +266,7 @@ def part_b(seed: int = 0) -> dict:
     from PIL import Image, ImageEnhance, ImageFilter
 
     from curation.config import ScoresConfig, SelectionConfig
-    from curation.select import build_selections
+    from curation.select import Selector
 
     rng = np.random.default_rng(seed)
     photos, classes = load_cifar("train", 3450, seed)
@@ -294,14 +294,12 @@ def part_b(seed: int = 0) -> dict:
     ours = {name: pr(flag[name], kinds == name) for name in flag}
     ours["seconds"] = round(seconds, 1)
     # The representative selection on this labelled, junk-laden set: how much junk gets in.
-    sel = build_selections(scored, ScoresConfig(), [SelectionConfig(name="train", mode="representative",
-                                                                    budget=1000)], feats)[0]
-    picked = np.array([names.index(u) for u in sel.table["uri"].to_pylist()])
+    train = SelectionConfig(name="train", mode="representative", budget=1000)
+    selector = Selector(scored, ScoresConfig(), feats)
+    picked = np.array([names.index(u) for u in selector.build(train).table["uri"].to_pylist()])
     counts = np.unique(np.array(classes)[picked], return_counts=True)[1]
-    df = scored.to_pandas()
-    eligible = (~(df.is_dark | df.is_bright | df.is_blurry | df.is_low_information) & df.dup_of.isna()
-                & ~df.is_suspected_mislabel & ~(df.label_quality < ScoresConfig().label_quality_threshold)
-                & (df.sparseness <= ScoresConfig().rare_tail_quantile))
+    df = selector.df
+    eligible = selector.eligible(train)
     representative = {"size": int(len(picked)), "junk_share": round(float((kinds[picked] != "clean").mean()), 4),
                       "class_max_min": round(float(counts.max() / counts.min()), 3),
                       "smallest_class_eligible": int(df.label[eligible].value_counts().min()),

@@ -140,16 +140,27 @@ class Selector:
                               f"(columns: {', '.join(self.df.columns)})")
         return self.df[column].astype(object).where(self.df[column].notna(), "<null>").to_numpy()
 
+    def eligible(self, sel: SelectionConfig) -> np.ndarray:
+        """Rows ``sel`` may pick from (its ``where`` applied), before the budget."""
+        base = self.ok & self._where(sel)
+        if sel.mode == "representative":
+            # Suspected mislabels are a subset of the doubtful labels.
+            return base & ~self.junk & self.kept & ~self.doubtful & (
+                self.df["sparseness"].fillna(1.0).to_numpy() <= self.scores.rare_tail_quantile)
+        if sel.mode == "edge_cases":
+            return base & ~self.junk & self.kept & ~self.suspected
+        if sel.mode == "label_review":
+            return base & self.labelled & self.kept & np.isfinite(self.df["label_quality"].to_numpy(np.float64))
+        if sel.mode == "clean":
+            return base & ~self.junk & self.kept
+        raise ConfigError(f"selection {sel.name!r}: unknown mode {sel.mode!r}")  # validated at load time
+
     def build(self, sel: SelectionConfig) -> SelectionResult:
-        where = self._where(sel)
-        base = self.ok & where
+        eligible = self.eligible(sel)
         df = self.df
         if sel.mode == "representative":
-            eligible = base & ~self.junk & self.kept & ~self.suspected & ~self.doubtful & (
-                df["sparseness"].fillna(1.0).to_numpy() <= self.scores.rare_tail_quantile)
             rows, score, reasons = self._representative(sel, np.flatnonzero(eligible))
         elif sel.mode == "edge_cases":
-            eligible = base & ~self.junk & self.kept & ~self.suspected
             idx = np.flatnonzero(eligible)
             rarity = df["sparseness"].to_numpy(np.float64)[idx]
             rows = idx[np.argsort(-rarity, kind="stable")]
@@ -157,21 +168,17 @@ class Selector:
             reasons = lambda r: f"rare: sparseness {score[r]:.3f}"  # noqa: E731
         elif sel.mode == "label_review":
             quality = df["label_quality"].to_numpy(np.float64)
-            eligible = base & self.labelled & self.kept & np.isfinite(quality)
             idx = np.flatnonzero(eligible)
             rows = idx[np.argsort(quality[idx], kind="stable")]
             score = quality
             labels, suggested = df["label"].to_numpy(), df["suggested_label"].to_numpy()
             reasons = lambda r: f"label quality {quality[r]:.3f}: labelled {labels[r]!r}, suggested {suggested[r]!r}"  # noqa: E731
         elif sel.mode == "clean":
-            eligible = base & ~self.junk & self.kept
             idx = np.flatnonzero(eligible)
             typical = 1.0 - df["sparseness"].to_numpy(np.float64)
             rows = idx[np.argsort(-typical[idx], kind="stable")]
             score = typical
             reasons = lambda r: "ok: not junk, not a duplicate"  # noqa: E731
-        else:  # validated at load time
-            raise ConfigError(f"selection {sel.name!r}: unknown mode {sel.mode!r}")
 
         if sel.balance_on and sel.mode != "representative":
             rows = _interleave(rows, self._group_values(sel, sel.balance_on))
