@@ -20,7 +20,7 @@ import numpy as np
 import pandas as pd
 import pyarrow as pa
 
-from curation.schema import RESERVED_COLUMNS, STATUS_OK
+from curation.schema import SCHEMA_COLUMNS, STATUS_OK
 
 MAX_VALUES = 50
 NULL_VALUE = "<null>"
@@ -29,7 +29,7 @@ NULL_VALUE = "<null>"
 def metadata_columns(samples: pa.Table, score_columns: set[str]) -> list[str]:
     """Columns that came from the manifest: neither ours nor a score's."""
     return [name for name in samples.column_names
-            if name not in RESERVED_COLUMNS and name not in score_columns and not name.startswith("_")]
+            if name not in SCHEMA_COLUMNS and name not in score_columns and not name.startswith("_")]
 
 
 def distribution(values: pd.Series, universe: list[str] | None = None) -> dict:

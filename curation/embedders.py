@@ -36,7 +36,6 @@ log = logging.getLogger(__name__)
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
-WEIGHT_FREE_MODELS = ("thumbnail",)
 
 
 class EmbedderError(ValueError):

@@ -6,7 +6,9 @@ these may change meaning.
 
 from __future__ import annotations
 
+import numpy as np
 import pyarrow as pa
+import pyarrow.compute as pc
 
 STATUS_OK = "ok"
 STATUS_REJECTED = "rejected"
@@ -48,6 +50,9 @@ SAMPLES_EXTRA = pa.schema(
         ("pixel_hash", pa.string()),
         ("phash", pa.int64()),
         ("neighbor_similarity", pa.float32()),
+        ("dup_kind", pa.string()),
+        ("cluster_similarity", pa.float32()),
+        ("vector_id", pa.int64()),
     ]
 )
 
@@ -64,12 +69,27 @@ SELECTION_SCHEMA = pa.schema(
 # Columns produced by listing inputs; anything else in a manifest is metadata.
 INPUT_COLUMNS = ("input_id", "uri", "label", "input_error", "fingerprint")
 
-# Columns produced by decoding (besides pass-through input columns).
-DECODE_COLUMNS = (
-    "status", "reason", "width", "height", "brightness", "contrast", "sharpness",
-    "content_hash", "pixel_hash", "phash",
-)
+# Internal columns that never reach samples/*.parquet.
+INTERNAL_COLUMNS = ("pixels", "embedding", "vector_file", "vector_row")
 
-RESERVED_COLUMNS = set(SAMPLES_CONTRACT.names) | set(SAMPLES_EXTRA.names) | set(INPUT_COLUMNS) | {
-    "pixels", "embedding",
-}
+# Names a manifest column may not take (the score registry adds its own columns to these:
+# see ``curation.scores.reserved_columns``).
+SCHEMA_COLUMNS = frozenset(SAMPLES_CONTRACT.names) | frozenset(SAMPLES_EXTRA.names) | frozenset(INPUT_COLUMNS) | frozenset(
+    INTERNAL_COLUMNS)
+
+
+def is_ok(status) -> np.ndarray:
+    """The one rule for a usable item: ``status == 'ok'`` (Arrow or numpy column in, bool array out)."""
+    if isinstance(status, (pa.Array, pa.ChunkedArray)):
+        return pc.fill_null(pc.equal(status, STATUS_OK), False).to_numpy(zero_copy_only=False).astype(bool)
+    return np.asarray(status == STATUS_OK, bool)
+
+
+def ok_rows_in_vector_order(samples: pa.Table) -> np.ndarray:
+    """Row numbers of the ok items ordered by ``vector_id`` (their position among the stored
+    vectors, which is also their id in the kNN graph)."""
+    ok = np.flatnonzero(is_ok(samples["status"]))
+    if "vector_id" not in samples.column_names:
+        return ok
+    vector_id = samples["vector_id"].to_numpy(zero_copy_only=False)[ok]
+    return ok[np.argsort(vector_id, kind="stable")]

@@ -67,9 +67,6 @@ class IndexShard:
             faiss.write_index(index, faiss.PyCallbackIOWriter(fh.write))
         return int(index.ntotal)
 
-    def ntotal(self) -> int:
-        return int(self.index.ntotal)
-
     def memory_bytes(self) -> int:
         """Peak resident set of this process (includes pages of Ray's shared object store it read)."""
         import resource

@@ -1,10 +1,14 @@
-"""Where the index shards read their vectors from: Parquet files in storage, not the driver.
+"""Where vectors are read from: Parquet files in storage, not the driver.
 
 A :class:`VectorParts` names the Parquet files that hold the vectors in id order (the run's
 ``embeddings/`` output, or the files of ``input.embeddings``) and, for inputs that contain
-rejected rows, which rows become index ids. Each shard actor streams only its own id range,
-batch by batch, so on a cluster the vectors go from object storage to the shard's node without
-passing through the driver or the object store.
+rejected rows, which rows become ids. Each index shard streams only its own id range, each
+query task its own batch, and :meth:`VectorParts.take` fetches a few rows (a training sample,
+one class for a selection) reading only the row groups that hold them, so on a cluster the
+vectors go from object storage to the worker that needs them, never through the driver.
+
+:class:`MemoryVectors` offers the same interface over a matrix already in memory (tests,
+benchmarks, small in-process runs).
 """
 
 from __future__ import annotations
@@ -40,6 +44,52 @@ class VectorParts:
     @property
     def rows(self) -> int:
         return sum(rows for _, _, rows in self.parts)
+
+    @property
+    def dim(self) -> int:
+        """Vector length, from the first file's schema (or its first vector)."""
+        for location, _, rows in self.parts:
+            with location.filesystem.open_input_file(location.path) as fh:
+                reader = pq.ParquetFile(fh)
+                field = reader.schema_arrow.field(self.column)
+                if pa.types.is_fixed_size_list(field.type):
+                    return field.type.list_size
+                if rows:
+                    first = reader.read_row_group(0, columns=[self.column]).column(0).drop_null()
+                    if len(first):
+                        return len(first[0])
+        return 1
+
+    def rows_of(self, ids: np.ndarray) -> np.ndarray:
+        """File-order row numbers of ``ids``."""
+        ids = np.asarray(ids, np.int64)
+        return np.flatnonzero(self.keep)[ids] if self.keep is not None else ids
+
+    def take(self, ids: np.ndarray) -> np.ndarray:
+        """Unit vectors of ``ids`` (any order, repeats allowed) as ``(len(ids), d)`` float32.
+
+        Only the row groups holding them are read, one task per file (Ray tasks when Ray is
+        up), so the caller receives just these rows."""
+        from curation.session import run_tasks
+
+        ids = np.asarray(ids, np.int64)
+        if len(ids) == 0:
+            return np.zeros((0, self.dim), np.float32)
+        wanted, inverse = np.unique(self.rows_of(ids), return_inverse=True)
+        jobs = []
+        for location, first, rows in self.parts:
+            lo, hi = np.searchsorted(wanted, [first, first + rows])
+            if hi > lo:
+                jobs.append((location, self.column, wanted[lo:hi] - first))
+        out = np.concatenate(run_tasks(_take_rows, jobs))
+        return out[inverse]
+
+    def read_all(self, lo: int, hi: int) -> tuple[np.ndarray, np.ndarray]:
+        """``(ids, vectors)`` of ``[lo, hi)`` in one array (a query batch)."""
+        parts = list(self.read(lo, hi))
+        if not parts:
+            return np.zeros(0, np.int64), np.zeros((0, self.dim), np.float32)
+        return np.concatenate([p[0] for p in parts]), np.concatenate([p[1] for p in parts])
 
     @property
     def n(self) -> int:
@@ -113,3 +163,67 @@ def parquet_parts(files: list[Location]) -> list[tuple[Location, int, int]]:
         out.append((location, first, rows))
         first += rows
     return out
+
+
+def _take_rows(location: Location, column: str, rows: np.ndarray) -> np.ndarray:
+    """Rows ``rows`` (sorted, file-local) of one Parquet file as unit vectors, reading only the
+    row groups that hold them."""
+    try:
+        with location.filesystem.open_input_file(location.path) as fh:
+            reader = pq.ParquetFile(fh, pre_buffer=False, buffer_size=READ_BUFFER)
+            out, start = [], 0
+            for g in range(reader.metadata.num_row_groups):
+                size = reader.metadata.row_group(g).num_rows
+                lo, hi = np.searchsorted(rows, [start, start + size])
+                if hi > lo:
+                    group = reader.read_row_group(g, columns=[column]).column(0)
+                    out.append(_unit(group.take(pa.array(rows[lo:hi] - start)).combine_chunks()))
+                start += size
+    except (OSError, pa.ArrowException) as exc:
+        raise OSError(f"cannot read vectors from {location.uri} ({exc})") from exc
+    return np.concatenate(out) if out else np.zeros((0, 1), np.float32)
+
+
+class MemoryVectors:
+    """The :class:`VectorParts` interface over an in-memory ``(n, d)`` matrix of unit vectors."""
+
+    def __init__(self, x: np.ndarray):
+        self.x = np.ascontiguousarray(x, dtype=np.float32)
+
+    @property
+    def n(self) -> int:
+        return len(self.x)
+
+    @property
+    def dim(self) -> int:
+        return self.x.shape[1]
+
+    def read(self, lo: int, hi: int, *, batch_rows: int = 16384) -> Iterator[tuple[np.ndarray, np.ndarray]]:
+        for start in range(lo, hi, batch_rows):
+            stop = min(start + batch_rows, hi)
+            yield np.arange(start, stop, dtype=np.int64), self.x[start:stop]
+
+    def read_all(self, lo: int, hi: int) -> tuple[np.ndarray, np.ndarray]:
+        return np.arange(lo, hi, dtype=np.int64), self.x[lo:hi]
+
+    def take(self, ids: np.ndarray) -> np.ndarray:
+        return self.x[np.asarray(ids, np.int64)]
+
+    def slice(self, lo: int, hi: int) -> "MemoryVectors":
+        """Rows ``[lo, hi)`` keeping their ids (what one shard receives)."""
+        return _OffsetVectors(self.x[lo:hi], lo)
+
+
+class _OffsetVectors(MemoryVectors):
+    def __init__(self, x: np.ndarray, offset: int):
+        super().__init__(x)
+        self.offset = offset
+
+    def read(self, lo: int, hi: int, *, batch_rows: int = 16384):
+        for ids, x in MemoryVectors.read(self, lo - self.offset, hi - self.offset, batch_rows=batch_rows):
+            yield ids + self.offset, x
+
+
+def as_source(vectors) -> "VectorParts | MemoryVectors":
+    """A vector source from a matrix or a source."""
+    return MemoryVectors(vectors) if isinstance(vectors, np.ndarray) else vectors

@@ -81,18 +81,7 @@ def to_uri(filesystem: pafs.FileSystem, path: str) -> str:
 
 def resolve(uri: str, storage: StorageConfig | None = None) -> Location:
     """Resolve ``uri`` (``s3://bucket/key`` or a local path) to a :class:`Location`."""
-    if not uri:
-        raise StorageError("empty URI")
-    if is_s3(uri):
-        path = uri[len(S3_SCHEME):].rstrip("/")
-        if not path:
-            raise StorageError(f"{uri}: no bucket in S3 URI")
-        fs = make_s3_filesystem(storage or StorageConfig())
-        return Location(fs, path, S3_SCHEME + path)
-    if "://" in uri:
-        raise StorageError(f"{uri}: unsupported scheme (expected s3:// or a local path)")
-    path = os.path.abspath(os.path.expanduser(uri))
-    return Location(pafs.LocalFileSystem(), path, path)
+    return Resolver(storage).resolve(uri)
 
 
 def read_bytes(location: Location) -> bytes:
@@ -106,11 +95,6 @@ def write_bytes(location: Location, data: bytes) -> None:
         location.filesystem.create_dir(parent, recursive=True)
     with location.filesystem.open_output_stream(location.path) as fh:
         fh.write(data)
-
-
-def exists(location: Location) -> bool:
-    info = location.filesystem.get_file_info(location.path)
-    return info.type != pafs.FileType.NotFound
 
 
 def list_files(location: Location) -> list[pafs.FileInfo]:
@@ -156,6 +140,9 @@ class Resolver:
         return {"storage": self.storage, "_s3": None}
 
     def resolve(self, uri: str) -> Location:
+        """``s3://bucket/key`` or a local path (made absolute) as a :class:`Location`."""
+        if not uri:
+            raise StorageError("empty URI")
         if is_s3(uri):
             path = uri[len(S3_SCHEME):].rstrip("/")
             if not path:
@@ -163,4 +150,18 @@ class Resolver:
             if self._s3 is None:
                 self._s3 = make_s3_filesystem(self.storage)
             return Location(self._s3, path, S3_SCHEME + path)
-        return resolve(uri, self.storage)
+        if "://" in uri:
+            raise StorageError(f"{uri}: unsupported scheme (expected s3:// or a local path)")
+        path = os.path.abspath(os.path.expanduser(uri))
+        return Location(pafs.LocalFileSystem(), path, path)
+
+
+def copy_file(source: Location, target: Location) -> None:
+    """Copy one file within a filesystem (S3: a server-side copy, no bytes through this process)."""
+    parent = posixpath.dirname(target.path)
+    if parent:
+        target.filesystem.create_dir(parent, recursive=True)
+    try:
+        target.filesystem.copy_file(source.path, target.path)
+    except (OSError, pa.ArrowException) as exc:
+        raise StorageError(f"cannot copy {source.uri} to {target.uri} ({exc})") from exc

@@ -20,7 +20,6 @@ import pyarrow.parquet as pq
 
 from curation.config import Config, ConfigError
 from curation.io.filesystem import Location, Resolver, StorageError, check_readable, list_files, open_text, to_uri
-from curation.schema import RESERVED_COLUMNS
 
 log = logging.getLogger(__name__)
 
@@ -125,10 +124,13 @@ def _read_manifest(config: Config, resolver: Resolver) -> pa.Table:
     if "label" in table.column_names:
         labels = pc.cast(table["label"], pa.string())
         columns["label"] = labels
+    from curation.scores import reserved_columns
+
+    reserved = reserved_columns()
     for name in table.column_names:
         if name in ("uri", "label", "fingerprint", "etag"):
             continue
-        if name in RESERVED_COLUMNS:
+        if name in reserved:
             raise ConfigError(f"config key 'input.manifest': column {name!r} clashes with an output column; rename it")
         columns[name] = table[name]
     return pa.table(columns)

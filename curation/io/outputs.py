@@ -26,7 +26,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from curation.io.filesystem import Location, write_bytes
-from curation.schema import SAMPLES_CONTRACT, SAMPLES_EXTRA
+from curation.schema import SAMPLES_CONTRACT, SAMPLES_EXTRA, STATUS_OK
 
 SAMPLES_ROWS_PER_FILE = 1_000_000
 EMBEDDING_ROW_GROUP = 16_384  # 32 MB of 512-d float32: index shards read their partition a row group at a time
@@ -45,7 +45,7 @@ def order_samples(samples: pa.Table) -> pa.Table:
                 columns.append(samples[field.name].cast(field.type))
                 names.append(field.name)
     for name in samples.column_names:
-        if name not in names and name not in ("embedding", "pixels", "input_error"):
+        if name not in names and name not in ("embedding", "pixels", "input_error", "vector_file", "vector_row"):
             columns.append(samples[name])
             names.append(name)
     return pa.table(dict(zip(names, columns)))
@@ -68,27 +68,68 @@ def write_samples(run: Location, samples: pa.Table) -> list[Location]:
     return write_parquet_parts(run.child("samples"), samples)
 
 
-def write_embeddings(folder: Location, samples: pa.Table, *, model_id: str, store_dtype: str) -> list[Location]:
-    """``uri, embedding, model_id`` of the ok rows as Parquet (fixed_size_list<float32|float16>),
-    in row groups of ``EMBEDDING_ROW_GROUP`` rows so readers can stream them. Returns the files."""
+# What a vector file holds besides the vector: enough for the embedding store to reuse an item
+# without decoding it again (its key and its decode-time outputs).
+VECTOR_FILE_COLUMNS = ("input_id", "uri", "fingerprint", "width", "height", "brightness", "contrast", "sharpness",
+                       "content_hash", "pixel_hash", "phash")
+
+
+def write_vector_part(folder: Location, rows: pa.Table, *, model_id: str, store_dtype: str) -> pa.Table:
+    """Write the ok rows of one block of embedded rows as one ``embeddings/`` Parquet file and
+    return every row of the block without its vector (the compact per-item columns the driver
+    keeps), with ``vector_file`` / ``vector_row`` saying where each ok row's vector went.
+
+    Runs on the workers (the embeddings datasink), so vectors never reach the driver. The file
+    is named after the block's smallest ``input_id`` so that name order follows input order, and
+    written in row groups of ``EMBEDDING_ROW_GROUP`` rows so readers can stream it.
+    """
+    import uuid
+
+    import numpy as np
     import pyarrow.compute as pc
 
-    ok = samples.filter(pc.equal(samples["status"], "ok"))
-    embedding = ok["embedding"].combine_chunks() if ok.num_rows else pa.array([], pa.list_(pa.float32(), 1))
-    if store_dtype == "float16" and ok.num_rows:
-        embedding = pc.cast(embedding, pa.list_(pa.float16(), embedding.type.list_size))
-    table = pa.table({"uri": ok["uri"], "embedding": embedding,
-                      "model_id": pa.array([model_id] * ok.num_rows, pa.string())})
-    return write_parquet_parts(folder, table, row_group_size=EMBEDDING_ROW_GROUP)
+    rows = rows.sort_by("input_id")
+    ok = pc.equal(rows["status"], STATUS_OK)
+    good = rows.filter(ok)
+    name = None
+    if good.num_rows:
+        embedding = good["embedding"].combine_chunks()
+        if store_dtype == "float16":
+            embedding = pc.cast(embedding, pa.list_(pa.float16(), embedding.type.list_size))
+        columns = {c: good[c] for c in VECTOR_FILE_COLUMNS if c in good.column_names}
+        columns["embedding"] = embedding
+        columns["model_id"] = pa.array([model_id] * good.num_rows, pa.string())
+        name = f"part-{int(good['input_id'][0].as_py()):012d}-{uuid.uuid4().hex[:8]}.parquet"
+        target = folder.child(name)
+        folder.filesystem.create_dir(folder.path, recursive=True)
+        pq.write_table(pa.table(columns), target.path, filesystem=target.filesystem,
+                       row_group_size=EMBEDDING_ROW_GROUP)
+    okmask = ok.to_numpy(zero_copy_only=False)
+    vector_row = np.full(rows.num_rows, -1, np.int64)
+    vector_row[okmask] = np.arange(int(okmask.sum()))
+    compact = rows.drop_columns([c for c in ("embedding", "pixels", "input_error") if c in rows.column_names])
+    compact = compact.append_column("vector_file", pa.array([name if m else None for m in okmask], pa.string()))
+    return compact.append_column("vector_row", pa.array(vector_row))
+
+
+def write_embeddings(folder: Location, samples: pa.Table, *, model_id: str, store_dtype: str) -> list[Location]:
+    """``embeddings/`` from an in-memory table (tests and tools; the job writes through the
+    embeddings datasink). Returns the files."""
+    import pyarrow.compute as pc
+
+    part = write_vector_part(folder, samples, model_id=model_id, store_dtype=store_dtype)
+    names = sorted(set(pc.drop_null(part["vector_file"]).to_pylist()))
+    return [folder.child(name) for name in names]
 
 
 def write_knn_graph(folder: Location, samples: pa.Table, knn) -> None:
     """The kNN graph the scores used: ``uri, input_id, neighbor_ids`` (their ``input_id``s),
     ``neighbor_similarities`` (cosine), for every ok item, nearest first."""
     import numpy as np
-    import pyarrow.compute as pc
 
-    ok = samples.filter(pc.equal(samples["status"], "ok"))
+    from curation.schema import ok_rows_in_vector_order
+
+    ok = samples.take(ok_rows_in_vector_order(samples))
     input_ids = ok["input_id"].to_numpy()
     valid = knn.ids >= 0
     mapped = np.where(valid, input_ids[np.maximum(knn.ids, 0)], -1) if len(input_ids) else knn.ids

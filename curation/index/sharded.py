@@ -1,0 +1,173 @@
+"""The all-items kNN graph: exact in process for small N, FAISS shards on Ray actors above.
+
+Sharded path, start to finish, with vectors read from storage by the workers that need them:
+
+1. train: the coarse quantiser is trained on the driver on a uniform sample fetched from the
+   vector source (``VectorParts.take``: only the sampled rows travel);
+2. fill: ``shards`` :class:`~curation.index.shard.IndexShard` actors each stream a contiguous id
+   range from the source (``add_from``);
+3. search: one Ray task per query batch reads its batch from the source, fans it out to every
+   shard, merges the per-shard top-k with ``faiss.merge_knn_results`` and drops the self match;
+   only the compact ``(ids, sims)`` rows come back to the driver;
+4. save (optional): every shard streams its filled index to storage.
+
+The driver holds the graph: two ``(N, k)`` arrays, int64 ids and float32 similarities
+(120 bytes per item at k = 10).
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+
+import numpy as np
+
+from curation.config import KnnConfig
+from curation.index.knn import KnnGraph, drop_self, exact_knn
+from curation.index.params import IndexParams, choose_params
+from curation.index.shard import IndexShard, merge_shard_results, train_empty_index
+from curation.index.source import MemoryVectors, VectorParts, as_source
+from curation.io.filesystem import Location, write_bytes
+from curation.session import ClusterResources
+
+log = logging.getLogger(__name__)
+
+SOURCE_BATCH = 16384  # rows a shard reads from storage per step (32 MB at d=512)
+QUERY_TASKS_IN_FLIGHT = 2  # one batch searching while the previous one is read and merged
+
+
+def knn_graph(vectors, cfg: KnnConfig, *, seed: int = 0,
+              save_to: Location | None = None) -> tuple[KnnGraph, dict]:
+    """The kNN graph of every vector among all vectors, self excluded.
+
+    Args:
+        vectors: a :class:`~curation.index.source.VectorParts` (vectors in storage), a
+            :class:`~curation.index.source.MemoryVectors` or an ``(N, d)`` matrix.
+        cfg: ``knn.*``.
+        save_to: where the sharded path writes ``trained.faissindex`` and
+            ``shard-NNNNN.faissindex`` (ids are positions in the vector source).
+
+    Returns:
+        The graph and a description for ``run.json`` (index parameters, timings, shard sizes).
+    """
+    source = as_source(vectors)
+    n = source.n
+    d = source.dim if n else 1
+    params = choose_params(n, d, cfg, cpus=ClusterResources.current().cpus)
+    info: dict = {"k": cfg.k, **params.to_dict()}
+    if params.kind == "flat" and params.shards == 1:
+        # Bounded by knn.exact_below rows, so the exact path may hold them in process.
+        t = time.perf_counter()
+        _, x = source.read_all(0, n) if n else (None, np.zeros((0, d), np.float32))
+        graph = exact_knn(x, cfg.k)
+        info.update(method="exact (faiss.IndexFlatIP, in process)", search_s=round(time.perf_counter() - t, 3))
+        return graph, info
+    graph, timing = sharded_knn(None, cfg.k, params, query_batch=cfg.query_batch, seed=seed, save_to=save_to,
+                                source=source, refine_factor=cfg.refine_factor)
+    info.update(method=f"{params.factory(d)} over {params.shards} Ray shard actor(s)", **timing)
+    return graph, info
+
+
+def sharded_knn(embeddings: np.ndarray | None, k: int, params: IndexParams, *, query_batch: int = 16384,
+                seed: int = 0, save_to: Location | None = None, source=None,
+                refine_factor: int = 16) -> tuple[KnnGraph, dict]:
+    """Train once on a uniform sample, fill shard actors with contiguous partitions, search every
+    query batch on every shard from a Ray task and merge the per-shard top-k with FAISS.
+
+    Args:
+        embeddings: an in-memory matrix (tests, benchmarks), or None when ``source`` is given.
+        source: where the vectors are (:class:`~curation.index.source.VectorParts`); shards and
+            query tasks read it themselves. Must hold as many vectors as ``embeddings`` when both
+            are given.
+    """
+    import faiss
+    import ray
+
+    if source is None:
+        source = MemoryVectors(embeddings)
+    elif embeddings is not None and source.n != len(embeddings):
+        raise ValueError(f"kNN: the vector source holds {source.n} vectors, the driver {len(embeddings)}")
+    n, d = source.n, source.dim
+    timing: dict = {}
+    t = time.perf_counter()
+    if params.kind == "ivf":
+        rng = np.random.default_rng(seed)
+        sample = source.take(np.sort(rng.choice(n, size=params.train_size, replace=False)))
+    else:
+        sample = np.zeros((1, d), np.float32)
+    blob = faiss.serialize_index(train_empty_index(sample, params.factory(d)))
+    del sample
+    timing["train_s"] = round(time.perf_counter() - t, 3)
+    if save_to is not None:
+        write_bytes(save_to.child("trained.faissindex"), blob.tobytes())
+
+    t = time.perf_counter()
+    resources = ClusterResources.current()
+    threads = max(1, resources.cpus // params.shards)
+    use_gpu = resources.gpus >= params.shards
+    actor_cls = ray.remote(num_cpus=min(1, resources.cpus / params.shards), num_gpus=1 if use_gpu else 0)(IndexShard)
+    blob_ref = ray.put(blob)
+    shards = [actor_cls.remote(blob_ref, nprobe=params.nprobe, num_threads=threads, use_gpu=use_gpu,
+                               refine_factor=refine_factor)
+              for _ in range(params.shards)]
+    bounds = np.linspace(0, n, params.shards + 1).astype(np.int64)
+    in_storage = isinstance(source, VectorParts)
+    # A source in storage travels as a description (files and a keep mask); an in-memory one
+    # gives each shard only its own rows.
+    ray.get([shard.add_from.remote(source if in_storage else source.slice(int(lo), int(hi)), int(lo), int(hi),
+                                   SOURCE_BATCH)
+             for shard, lo, hi in zip(shards, bounds[:-1], bounds[1:])])
+    timing["add_from"] = ("storage (each shard streams its partition)" if in_storage
+                          else "memory (each shard receives its partition)")
+    timing["add_s"] = round(time.perf_counter() - t, 3)
+    timing["shard_sizes"] = [int(hi - lo) for lo, hi in zip(bounds[:-1], bounds[1:])]
+
+    t = time.perf_counter()
+    ids = np.full((n, k), -1, np.int64)
+    sims = np.full((n, k), -np.inf, np.float32)
+    search_k = min(k + 1, n)
+    source_ref = ray.put(source)
+    # Query tasks reserve no CPU: they mostly wait on the shards, which hold the CPUs.
+    query = ray.remote(num_cpus=0)(_query_batch)
+    pending: list = []
+    done_rows = 0
+    for start in range(0, n, query_batch):
+        stop = min(start + query_batch, n)
+        pending.append((start, stop, query.remote(source_ref, start, stop, shards, search_k, k)))
+        if len(pending) >= QUERY_TASKS_IN_FLIGHT:
+            done_rows += _collect(pending.pop(0), ids, sims)
+            log.info("kNN search: %d / %d items (%.0f s)", done_rows, n, time.perf_counter() - t)
+    while pending:
+        done_rows += _collect(pending.pop(0), ids, sims)
+    timing["search_s"] = round(time.perf_counter() - t, 3)
+    timing["shard_peak_rss_bytes"] = ray.get([shard.memory_bytes.remote() for shard in shards])
+    timing["shard_private_bytes"] = ray.get([shard.private_bytes.remote() for shard in shards])
+    if save_to is not None:
+        t = time.perf_counter()
+        ray.get([shard.save.remote(save_to.child(f"shard-{i:05d}.faissindex")) for i, shard in enumerate(shards)])
+        timing["save_s"] = round(time.perf_counter() - t, 3)
+        timing["saved_to"] = save_to.uri
+    for shard in shards:
+        ray.kill(shard)
+    return KnnGraph(ids, sims), timing
+
+
+def _query_batch(source, start: int, stop: int, shards: list, search_k: int, k: int) -> tuple[np.ndarray, np.ndarray]:
+    """One query batch, run as a Ray task: read it, search every shard, merge, drop self."""
+    import ray
+
+    own, queries = source.read_all(start, stop)
+    results = ray.get([shard.search.remote(queries, search_k) for shard in shards])
+    merged_sims, merged_ids = merge_shard_results(results)
+    sims, ids = drop_self(merged_sims, merged_ids, own, k)
+    return ids, sims
+
+
+def _collect(pending, ids: np.ndarray, sims: np.ndarray) -> int:
+    import ray
+
+    start, stop, ref = pending
+    batch_ids, batch_sims = ray.get(ref)
+    ids[start:stop, : batch_ids.shape[1]] = batch_ids
+    sims[start:stop, : batch_sims.shape[1]] = batch_sims
+    return stop - start
