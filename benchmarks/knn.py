@@ -154,7 +154,7 @@ def main() -> None:
     import ray
 
     from curation.config import KnnConfig
-    from curation.pipeline import knn_graph
+    from curation.index.sharded import knn_graph
 
     ray.init(num_cpus=os.cpu_count(), include_dashboard=False, logging_level="WARNING")
     baseline = idle_shard_rss(args.d)

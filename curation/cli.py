@@ -49,34 +49,39 @@ def main(argv: list[str] | None = None) -> int:
             from curation.demo import run_demo
 
             return run_demo(out=args.out, n=args.n)
+    except Exception as exc:
+        return _failed(exc)
+    try:
         config = load_config(args.config, overrides=args.overrides)
         from curation.io.filesystem import Resolver
-        from curation.io.inputs import check_inputs
+        from curation.job import preflight
 
         resolver = Resolver(config.storage)
-        check_inputs(config, resolver)
-        if not config.input.embeddings:
-            from curation.embedders import check_embedder
-
-            check_embedder(config.embedder.model, config.embedder.weights, resolver=resolver)
-        from curation.job import run_job
-
-        result = run_job(config, resolver=resolver)
-        print(result.run_uri)
-        return EXIT_OK
+        plan = preflight(config, resolver)
     except (ConfigError, EmbedderError, StorageError) as exc:
         print(f"curation: error: {exc}", file=sys.stderr)
         return EXIT_CONFIG
-    except KeyboardInterrupt:
+    try:
+        from curation.job import run_job
+
+        result = run_job(config, resolver=resolver, plan=plan)
+        print(result.run_uri)
+        return EXIT_OK
+    except Exception as exc:
+        return _failed(exc)
+
+
+def _failed(exc: Exception) -> int:
+    """The run failed: one line on stderr, the traceback at debug level (or raised with CURATION_DEBUG)."""
+    if isinstance(exc, KeyboardInterrupt):
         print("curation: interrupted", file=sys.stderr)
         return EXIT_FAILED
-    except Exception as exc:  # the run failed: one line, full trace in the log at debug level
-        logging.getLogger("curation").debug("run failed", exc_info=True)
-        print(f"curation: run failed: {type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}",
-              file=sys.stderr)
-        if os.environ.get("CURATION_DEBUG"):
-            raise
-        return EXIT_FAILED
+    logging.getLogger("curation").debug("run failed", exc_info=True)
+    print(f"curation: run failed: {type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}",
+          file=sys.stderr)
+    if os.environ.get("CURATION_DEBUG"):
+        raise exc
+    return EXIT_FAILED
 
 
 if __name__ == "__main__":

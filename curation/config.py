@@ -24,6 +24,29 @@ class ConfigError(ValueError):
     """A configuration problem; the message names the offending key and says why."""
 
 
+def choice(default: Any, *options: Any) -> Any:
+    """A field whose value must be one of ``options`` (checked at load time)."""
+    return field(default=default, metadata={"choices": options})
+
+
+def ranged(default: Any, low: float | None = None, high: float | None = None) -> Any:
+    """A number that must lie in ``[low, high]`` (either bound optional; checked at load time)."""
+    return field(default=default, metadata={"range": (low, high)})
+
+
+def _check_field(f: dataclasses.Field, value: Any, key: str) -> None:
+    choices = f.metadata.get("choices")
+    if choices is not None and value not in choices:
+        raise ConfigError(f"config key '{key}': expected {' | '.join(map(str, choices))}, got {value!r}")
+    bounds = f.metadata.get("range")
+    if bounds is not None and value is not None:
+        low, high = bounds
+        if (low is not None and value < low) or (high is not None and value > high):
+            want = (f"in [{low:g}, {high:g}]" if low is not None and high is not None
+                    else f">= {low:g}" if low is not None else f"<= {high:g}")
+            raise ConfigError(f"config key '{key}': must be {want}, got {value}")
+
+
 @dataclass
 class InputConfig:
     """What to curate.
@@ -69,9 +92,9 @@ class DecodeConfig:
         batch_size: rows per decode task batch.
     """
 
-    max_pixels: int = 100_000_000
+    max_pixels: int = ranged(100_000_000, 1)
     background: list[int] = field(default_factory=lambda: [255, 255, 255])
-    batch_size: int = 64
+    batch_size: int = ranged(64, 1)
 
 
 @dataclass
@@ -96,13 +119,13 @@ class EmbedderConfig:
 
     model: str = "resnet18"
     weights: str = "DEFAULT"
-    image_size: int = 224
-    batch_size: int = 64
-    device: str = "auto"
-    precision: str = "auto"
-    min_actors: int = 1
-    max_actors: int = 0
-    store_dtype: str = "float32"
+    image_size: int = ranged(224, 1)
+    batch_size: int = ranged(64, 1)
+    device: str = choice("auto", "auto", "cpu", "cuda")
+    precision: str = choice("auto", "auto", "fp32", "bf16")
+    min_actors: int = ranged(1, 1)
+    max_actors: int = ranged(0, 0)
+    store_dtype: str = choice("float32", "float32", "float16")
 
 
 @dataclass
@@ -124,17 +147,17 @@ class KnnConfig:
         query_batch: queries per fan-out round.
     """
 
-    k: int = 10
-    index: str = "auto"
-    exact_below: int = 50_000
-    nlist: int = 0
-    nprobe: int = 0
-    codec: str = "auto"
-    max_flat_bytes: int = 8 * 1024**3
-    refine_factor: int = 16
-    train_size: int = 0
-    shards: int = 0
-    query_batch: int = 16384
+    k: int = ranged(10, 1)
+    index: str = choice("auto", "auto", "flat", "ivf")
+    exact_below: int = ranged(50_000, 0)
+    nlist: int = ranged(0, 0)
+    nprobe: int = ranged(0, 0)
+    codec: str = choice("auto", "auto", "flat", "sq8", "pq-fastscan")
+    max_flat_bytes: int = ranged(8 * 1024**3, 1)
+    refine_factor: int = ranged(16, 1)
+    train_size: int = ranged(0, 0)
+    shards: int = ranged(0, 0)
+    query_batch: int = ranged(16384, 1)
 
 
 @dataclass
@@ -166,20 +189,20 @@ class ScoresConfig:
         map_points: at most this many items get 2-D map coordinates.
     """
 
-    near_duplicate_cosine: float = 0.95
-    near_duplicate_ratio: float = 0.25
-    near_duplicate_hamming: int = 8
-    dark_brightness: float = 0.16
-    bright_brightness: float = 0.90
-    washed_out_brightness: float = 0.60
-    washed_out_contrast: float = 0.038
-    blurry_sharpness: float = 0.05
-    low_information_std: float = 0.02
-    label_quality_threshold: float = 0.3
-    mislabel_min_confidence: float = 0.5
-    rare_tail_quantile: float = 0.98
-    n_clusters: int = 0
-    map_points: int = 5000
+    near_duplicate_cosine: float = ranged(0.95, 0.0, 1.0)
+    near_duplicate_ratio: float = ranged(0.25, 0.0, 1.0)
+    near_duplicate_hamming: int = ranged(8, 0, 64)
+    dark_brightness: float = ranged(0.16, 0.0, 1.0)
+    bright_brightness: float = ranged(0.90, 0.0, 1.0)
+    washed_out_brightness: float = ranged(0.60, 0.0, 1.0)
+    washed_out_contrast: float = ranged(0.038, 0.0, 1.0)
+    blurry_sharpness: float = ranged(0.05, 0.0)
+    low_information_std: float = ranged(0.02, 0.0, 1.0)
+    label_quality_threshold: float = ranged(0.3, 0.0, 1.0)
+    mislabel_min_confidence: float = ranged(0.5, 0.0, 1.0)
+    rare_tail_quantile: float = ranged(0.98, 0.0, 1.0)
+    n_clusters: int = ranged(0, 0)
+    map_points: int = ranged(5000, 0)
 
 
 SELECTION_MODES = ("representative", "edge_cases", "label_review", "clean")
@@ -199,8 +222,8 @@ class SelectionConfig:
     """
 
     name: str
-    mode: str
-    budget: int | None = None
+    mode: str = choice(None, *SELECTION_MODES)
+    budget: int | None = ranged(None, 1)
     class_balance: str = "uniform"
     where: str | None = None
     balance_on: str | None = None
@@ -241,8 +264,8 @@ class OutputConfig:
 class RayConfig:
     """Local Ray settings, used only when neither ``RAY_ADDRESS`` is set nor Ray is running."""
 
-    num_cpus: int | None = None
-    object_store_memory: int | None = None
+    num_cpus: int | None = ranged(None, 1)
+    object_store_memory: int | None = ranged(None, 1)
 
 
 @dataclass
@@ -329,6 +352,7 @@ def _build(cls: type, data: Any, prefix: str) -> Any:
         key = f"{prefix}.{name}" if prefix else name
         if name in data:
             kwargs[name] = _coerce(data[name], hints[name], key)
+            _check_field(f, kwargs[name], key)
         elif f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING:
             raise ConfigError(f"config key '{key}': required")
     return cls(**kwargs)
@@ -412,7 +436,8 @@ def load_config(path: str | os.PathLike | None = None, *, overrides: list[str] |
 
 
 def validate(config: Config) -> None:
-    """Check cross-field rules and ranges; raises :class:`ConfigError`."""
+    """Cross-field rules (allowed values and ranges sit on the fields themselves and are checked
+    as each one is built); raises :class:`ConfigError`."""
     inp = config.input
     if not (inp.images or inp.manifest or inp.embeddings):
         raise ConfigError("config key 'input': set one of input.images, input.manifest or input.embeddings")
@@ -420,55 +445,20 @@ def validate(config: Config) -> None:
         raise ConfigError("config key 'input.manifest': give input.images or input.manifest, not both")
     if not config.output.uri:
         raise ConfigError("config key 'output.uri': required")
-    emb = config.embedder
-    if emb.device not in ("auto", "cpu", "cuda"):
-        raise ConfigError(f"config key 'embedder.device': expected auto, cpu or cuda, got {emb.device!r}")
-    if emb.precision not in ("auto", "fp32", "bf16"):
-        raise ConfigError(f"config key 'embedder.precision': expected auto, fp32 or bf16, got {emb.precision!r}")
-    if emb.store_dtype not in ("float32", "float16"):
-        raise ConfigError(f"config key 'embedder.store_dtype': expected float32 or float16, got {emb.store_dtype!r}")
-    for key in ("image_size", "batch_size", "min_actors"):
-        if getattr(emb, key) < 1:
-            raise ConfigError(f"config key 'embedder.{key}': must be >= 1, got {getattr(emb, key)}")
-    if emb.max_actors < 0:
-        raise ConfigError(f"config key 'embedder.max_actors': must be >= 0, got {emb.max_actors}")
-    if config.knn.k < 1:
-        raise ConfigError(f"config key 'knn.k': must be >= 1, got {config.knn.k}")
-    if config.knn.index not in ("auto", "flat", "ivf"):
-        raise ConfigError(f"config key 'knn.index': expected auto, flat or ivf, got {config.knn.index!r}")
-    if config.knn.codec not in ("auto", "flat", "sq8", "pq-fastscan"):
-        raise ConfigError(f"config key 'knn.codec': expected auto, flat, sq8 or pq-fastscan, got {config.knn.codec!r}")
-    if config.knn.refine_factor < 1:
-        raise ConfigError(f"config key 'knn.refine_factor': must be >= 1, got {config.knn.refine_factor}")
-    for key in ("nlist", "nprobe", "train_size", "shards"):
-        if getattr(config.knn, key) < 0:
-            raise ConfigError(f"config key 'knn.{key}': must be >= 0")
-    if config.knn.query_batch < 1:
-        raise ConfigError("config key 'knn.query_batch': must be >= 1")
-    if config.decode.max_pixels < 1:
-        raise ConfigError("config key 'decode.max_pixels': must be >= 1")
+    if config.embedder.min_actors > config.embedder.max_actors > 0:
+        raise ConfigError("config key 'embedder.min_actors': must not exceed embedder.max_actors")
     if len(config.decode.background) != 3 or not all(0 <= v <= 255 for v in config.decode.background):
         raise ConfigError("config key 'decode.background': expected three integers in [0, 255]")
-    sc = config.scores
-    for key in ("near_duplicate_cosine", "near_duplicate_ratio", "dark_brightness", "bright_brightness", "washed_out_brightness",
-                "label_quality_threshold", "mislabel_min_confidence", "rare_tail_quantile"):
-        value = getattr(sc, key)
-        if not 0.0 <= value <= 1.0:
-            raise ConfigError(f"config key 'scores.{key}': must be in [0, 1], got {value}")
-    if not 0 <= sc.near_duplicate_hamming <= 64:
-        raise ConfigError("config key 'scores.near_duplicate_hamming': must be in [0, 64]")
     names = set()
     for i, sel in enumerate(config.selections):
         key = f"selections[{i}]"
-        if sel.mode not in SELECTION_MODES:
-            raise ConfigError(f"config key '{key}.mode': expected one of {', '.join(SELECTION_MODES)}, got {sel.mode!r}")
+        if sel.mode is None:
+            raise ConfigError(f"config key '{key}.mode': required ({' | '.join(SELECTION_MODES)})")
         if sel.name in names:
             raise ConfigError(f"config key '{key}.name': duplicate selection name {sel.name!r}")
         if not sel.name or "/" in sel.name:
             raise ConfigError(f"config key '{key}.name': must be a non-empty name without '/'")
         names.add(sel.name)
-        if sel.budget is not None and sel.budget < 1:
-            raise ConfigError(f"config key '{key}.budget': must be >= 1, got {sel.budget}")
         if sel.mode in ("representative", "edge_cases", "label_review") and sel.budget is None:
             raise ConfigError(f"config key '{key}.budget': required for mode {sel.mode}")
         parse_class_balance(sel.class_balance, key=f"{key}.class_balance")

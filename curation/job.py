@@ -1,12 +1,26 @@
-"""The curation job, start to finish: inputs -> decode/embed (Ray) -> kNN -> scores ->
-selections -> outputs -> publish."""
+"""The curation job as a sequence of phases, each passing a small typed result to the next:
+
+    preflight ─► ingest ─► neighbours ─► scores ─► selections ─► publish
+
+* **preflight** (before any work): config already validated; inputs reachable; the model name and
+  weights file checked; the inputs listed (or the precomputed embeddings' files found); every
+  selection's ``where`` / ``balance_on`` dry-run against the columns ``samples`` will have.
+* **ingest**: the vectors of every ok item end up in storage (``embeddings/`` written by Ray Data
+  on the workers, or the ``input.embeddings`` files); the driver keeps one compact row per input.
+* **neighbours**: the kNN graph (exact in process, or FAISS shards on Ray actors reading storage).
+* **scores** / **selections**: from the compact rows and the graph; vectors are fetched only as
+  bounded samples or one class at a time, or scanned by Ray tasks where they are stored.
+* **publish**: samples, selections, knn, report, run.json, then ``_SUCCESS`` and ``latest``.
+
+The run holds one Ray session from ingest to selections (:func:`curation.session.ray_session`).
+"""
 
 from __future__ import annotations
 
 import logging
 import platform
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 import pyarrow as pa
@@ -15,17 +29,21 @@ import pyarrow.compute as pc
 import curation
 from curation.balance import balance_stats
 from curation.config import Config
+from curation.index.knn import KnnGraph
+from curation.index.source import VectorParts, parquet_parts
 from curation.io import inputs as inputs_io
 from curation.io import outputs
-from curation.io.filesystem import Resolver, write_bytes
-from curation.index.source import VectorParts, parquet_parts
+from curation.io.filesystem import Location, Resolver, write_bytes
 from curation.io.store import EmbeddingStore
 from curation.report import render_report
-from curation.schema import STATUS_OK, STATUS_REJECTED
-from curation.scores import REGISTRY, run_scores
-from curation.select import build_selections
+from curation.schema import INPUT_COLUMNS, SAMPLES_CONTRACT, SAMPLES_EXTRA, is_ok
+from curation.session import needs_ray, ray_session, run_tasks
 
 log = logging.getLogger(__name__)
+
+
+class NothingToPublish(RuntimeError):
+    """The run has no usable item (no input, or every input rejected): nothing is published."""
 
 
 @dataclass
@@ -36,217 +54,289 @@ class RunResult:
     run_info: dict
 
 
-def _embeddings_matrix(column: pa.ChunkedArray | pa.Array) -> np.ndarray:
-    """(N, d) float32 from a list column, filled chunk by chunk (no combined intermediate)."""
-    chunks = column.chunks if isinstance(column, pa.ChunkedArray) else [column]
-    total = sum(len(c) for c in chunks)
-    first = next((c for c in chunks if len(c)), None)
-    if first is None:
-        return np.zeros((0, 1), np.float32)
-    dim = first.type.list_size if pa.types.is_fixed_size_list(first.type) else len(first[0])
-    out = np.empty((total, dim), np.float32)
-    pos = 0
-    for chunk in chunks:
-        if len(chunk):
-            out[pos:pos + len(chunk)] = chunk.flatten().to_numpy(zero_copy_only=False).reshape(len(chunk), dim)
-            pos += len(chunk)
-    return out
+@dataclass
+class Plan:
+    """What preflight found: where the run goes and what it reads."""
+
+    output: Location
+    run_id: str
+    inputs: pa.Table | None = None  # images / manifest mode: one row per input item
+    embedding_files: list[Location] = field(default_factory=list)  # input.embeddings mode
+    count: int = 0
+
+    @property
+    def run(self) -> Location:
+        return self.output.child(self.run_id)
 
 
-def _samples_from_embeddings(table: pa.Table, matrix: np.ndarray, valid: np.ndarray, lengths: np.ndarray,
-                             dim: int) -> tuple[pa.Table, np.ndarray]:
-    """Rows of ``input.embeddings``: no pixels, so no decode statistics; all rows ok unless
-    their vector is null, of the wrong length or not finite. Normalises ``matrix`` in place."""
-    n = table.num_rows
-    good = valid & (lengths == dim)
-    finite = np.isfinite(matrix).all(axis=1)
-    norms = np.linalg.norm(matrix, axis=1)
-    good &= finite & (norms > 0)
-    np.divide(matrix, np.where(good, norms, 1.0)[:, None], out=matrix)
-    reasons = np.where(~valid, "corrupt: null embedding",
-                       np.where(lengths != dim, f"corrupt: embedding length differs from {dim}",
-                                np.where(~good, "corrupt: embedding is zero or not finite", None)))
-    columns = {
-        "input_id": pa.array(np.arange(n, dtype=np.int64)),
-        "uri": table["uri"].cast(pa.string()),
-        "label": table["label"].cast(pa.string()) if "label" in table.column_names else pa.nulls(n, pa.string()),
-        "status": pa.array(np.where(good, STATUS_OK, STATUS_REJECTED), pa.string()),
-        "reason": pa.array(list(reasons), pa.string()),
-        "width": pa.nulls(n, pa.int32()), "height": pa.nulls(n, pa.int32()),
-        "brightness": pa.array(np.full(n, np.nan, np.float32)),
-        "contrast": pa.array(np.full(n, np.nan, np.float32)),
-        "sharpness": pa.array(np.full(n, np.nan, np.float32)),
-        "content_hash": pa.nulls(n, pa.string()), "pixel_hash": pa.nulls(n, pa.string()),
-        "phash": pa.array(np.zeros(n, np.int64)),
-    }
-    for name in table.column_names:
-        if name not in columns:
-            columns[name] = table[name]
-    return pa.table(columns), (matrix if good.all() else matrix[good])
+@dataclass
+class Ingested:
+    """One compact row per input (sorted by ``input_id``; ok rows carry ``vector_id``) and where
+    the ok rows' vectors are stored (vector id i = i-th vector of ``vectors``)."""
+
+    samples: pa.Table
+    vectors: VectorParts
+    embedder: dict
 
 
-def _decode_and_embed(todo: pa.Table, config: Config, resolver: Resolver, timings: dict) -> pa.Table | None:
-    """Run the Ray Data graph over the inputs that need it; None when there are none."""
-    if todo.num_rows == 0:
-        return None
-    from curation import pipeline  # imports Ray; kept out of module import for fast CLI errors
-
-    started_ray = pipeline.init_ray(config)
-    try:
-        t = time.perf_counter()
-        ds = pipeline.decode_and_embed(todo, config, resolver)
-        fresh = pipeline.collect_table(ds)
-        timings["decode_embed"] = round(time.perf_counter() - t, 3)
-    finally:
-        if started_ray:
-            import ray
-
-            ray.shutdown()
-    return fresh
+@dataclass
+class Neighbours:
+    graph: KnnGraph
+    info: dict
 
 
-def _knn(embeddings_ok: np.ndarray, config: Config, *, save_to, source: VectorParts | None):
-    from curation import pipeline
+class Clock:
+    """Seconds per phase for run.json, and a log line as each phase ends."""
 
-    started_ray = False
-    if len(embeddings_ok) >= config.knn.exact_below or config.knn.shards > 1 or config.knn.index == "ivf":
-        started_ray = pipeline.init_ray(config)
-    try:
-        return pipeline.knn_graph(embeddings_ok, config.knn, save_to=save_to, source=source)
-    finally:
-        if started_ray:
-            import ray
+    def __init__(self):
+        self.start = time.perf_counter()
+        self.timings: dict[str, float] = {}
 
-            ray.shutdown()
+    def phase(self, name: str):
+        clock = self
 
+        class _Phase:
+            def __enter__(self):
+                self.t = time.perf_counter()
 
-def _concat_samples(reused: pa.Table, fresh: pa.Table | None) -> pa.Table:
-    if fresh is None:
-        return reused
-    if reused.num_rows == 0:
-        return fresh
-    reused = reused.select([name for name in fresh.column_names if name in reused.column_names])
-    return pa.concat_tables([reused, fresh], promote_options="permissive").sort_by("input_id")
+            def __exit__(self, *exc):
+                clock.timings[name] = round(time.perf_counter() - self.t, 3)
+                if exc[0] is None:
+                    log.info("phase %s done in %.1fs", name, clock.timings[name])
+
+        return _Phase()
 
 
-def run_job(config: Config, *, resolver: Resolver | None = None) -> RunResult:
+def run_job(config: Config, *, resolver: Resolver | None = None, plan: Plan | None = None) -> RunResult:
     """Run the whole job; returns after ``_SUCCESS`` and ``latest`` are written."""
     resolver = resolver or Resolver(config.storage)
-    timings: dict[str, float] = {}
-    t0 = time.perf_counter()
+    clock = Clock()
+    with clock.phase("preflight"):
+        plan = plan or preflight(config, resolver)
+    log.info("run %s -> %s (%d inputs)", plan.run_id, plan.run.uri, plan.count)
+    if plan.count == 0:
+        raise NothingToPublish("no input items found; nothing published, latest unchanged")
+    with ray_session(config, needed=needs_ray(config, plan.count)):
+        ingested = ingest(plan, config, resolver, clock)
+        with clock.phase("knn"):
+            neighbours = find_neighbours(ingested, config, plan)
+        with clock.phase("scores"):
+            samples, score_report = score(ingested, neighbours, config)
+        with clock.phase("selections"):
+            from curation.select import build_selections
+
+            selections = build_selections(samples, config.scores, config.selections, ingested.vectors)
+    return publish(plan, config, ingested, neighbours, samples, score_report, selections, clock)
+
+
+# ---------------------------------------------------------------------------------- preflight
+
+
+def preflight(config: Config, resolver: Resolver) -> Plan:
+    """Everything that can fail before work starts; raises ConfigError / EmbedderError /
+    StorageError naming the key or URI."""
     inputs_io.check_inputs(config, resolver)
     output = resolver.resolve(config.output.uri)
-    run_id = config.output.run_id or outputs.new_run_id()
-    run = output.child(run_id)
-    log.info("run %s -> %s", run_id, run.uri)
-
+    plan = Plan(output=output, run_id=config.output.run_id or outputs.new_run_id())
     if config.input.embeddings:
-        table, matrix, valid, lengths, dim, files = inputs_io.read_embeddings_input(config, resolver)
-        model_id = str(table["model_id"][0]) if "model_id" in table.column_names and table.num_rows else None
-        samples, embeddings_ok = _samples_from_embeddings(table, matrix, valid, lengths, dim)
-        del table, matrix
-        # The index shards read the vectors from the input files themselves, skipping rejected rows.
-        ok_rows = samples["status"].to_numpy(zero_copy_only=False) == STATUS_OK
-        vector_source = VectorParts(parquet_parts(files), keep=ok_rows)
-        identity = {"model": "precomputed", "source": config.input.embeddings, "model_id": model_id}
-        timings["read_embeddings"] = round(time.perf_counter() - t0, 3)
-        n_inputs = samples.num_rows
+        plan.embedding_files, names, plan.count = inputs_io.embeddings_files(config, resolver)
+        metadata = [n for n in names if n not in ("uri", "embedding", "label", "model_id")]
     else:
-        inputs = inputs_io.list_inputs(config, resolver)
-        n_inputs = inputs.num_rows
-        timings["list_inputs"] = round(time.perf_counter() - t0, 3)
-        from curation.embedders import load_embedder  # torch: only when there is something to embed
+        from curation.embedders import check_embedder
 
-        # Describe (and validate) the model on the driver before any Ray work starts.
-        _, ident = load_embedder(config.embedder.model, config.embedder.weights,
-                                 image_size=config.embedder.image_size, resolver=resolver)
-        identity = ident.to_dict()
-        store = None
-        reused = inputs.slice(0, 0)
-        todo = inputs
-        if config.store.enabled:
-            store_location = resolver.resolve(config.store.uri) if config.store.uri else output.child("embedding-store")
-            store = EmbeddingStore(store_location, ident.model_id)
-            reused, todo = store.split(inputs)
-        log.info("inputs: %d; reused from the embedding store: %d; to decode and embed: %d",
-                 n_inputs, reused.num_rows, todo.num_rows)
-        fresh = _decode_and_embed(todo, config, resolver, timings)
-        samples = _concat_samples(reused, fresh)
-        status = samples["status"].to_numpy(zero_copy_only=False)
-        embedded = fresh.filter(pc.equal(fresh["status"], STATUS_OK)).num_rows if fresh is not None else 0
-        store_counts = {"reused": reused.num_rows, "embedded": embedded,
-                        "rejected": int((status == STATUS_REJECTED).sum())}
-        identity["store"] = store_counts
-        log.info("embedding store: reused %(reused)d, embedded %(embedded)d, rejected %(rejected)d", store_counts)
-        t = time.perf_counter()
-        files = outputs.write_embeddings(run.child("embeddings"), samples, model_id=ident.model_id,
-                                         store_dtype=config.embedder.store_dtype)
-        vector_source = VectorParts(parquet_parts(files))  # the index shards read the run's embeddings
-        if store is not None:
-            store.write(samples, run_id)
-        timings["write_embeddings"] = round(time.perf_counter() - t, 3)
-        ok_mask = pc.equal(samples["status"], STATUS_OK)
-        embeddings_ok = (_embeddings_matrix(samples["embedding"].filter(ok_mask)) if samples.num_rows
-                         else np.zeros((0, 1), np.float32))
-        samples = samples.drop_columns(["embedding"])
+        check_embedder(config.embedder.model, config.embedder.weights, resolver=resolver)
+        plan.inputs = inputs_io.list_inputs(config, resolver)
+        plan.count = plan.inputs.num_rows
+        metadata = [n for n in plan.inputs.column_names if n not in INPUT_COLUMNS]
+    _check_selection_columns(config, metadata, plan)
+    return plan
 
-    if samples.num_rows != n_inputs:
-        raise RuntimeError(f"accounting: {n_inputs} inputs but {samples.num_rows} sample rows")
 
-    t = time.perf_counter()
-    knn, knn_info = _knn(embeddings_ok, config, save_to=run.child("index"), source=vector_source)
-    timings["knn"] = round(time.perf_counter() - t, 3)
+def _check_selection_columns(config: Config, metadata: list[str], plan: Plan) -> None:
+    from curation.scores import reserved_columns
+    from curation.select import check_selection_columns
+
+    fields = list(SAMPLES_CONTRACT) + list(SAMPLES_EXTRA)
+    known = {f.name for f in fields}
+    fields += [pa.field(name, pa.float64()) for name in sorted(reserved_columns() - known - {"pixels", "embedding"})]
+    source = plan.inputs.schema if plan.inputs is not None else None
+    for name in metadata:
+        fields.append(source.field(name) if source is not None else pa.field(name, pa.string()))
+    check_selection_columns(config.selections, pa.schema(fields))
+
+
+# ------------------------------------------------------------------------------------- ingest
+
+
+def ingest(plan: Plan, config: Config, resolver: Resolver, clock: Clock) -> Ingested:
+    """Get every ok item's vector into storage and one compact row per input onto the driver."""
+    if plan.inputs is None:
+        with clock.phase("read_embeddings"):
+            return _ingest_embeddings(plan, config, resolver)
+    return _ingest_images(plan, config, resolver, clock)
+
+
+def _ingest_images(plan: Plan, config: Config, resolver: Resolver, clock: Clock) -> Ingested:
+    from curation import pipeline
+
+    inputs = plan.inputs
+    identity = run_tasks(_describe_embedder, [(config, resolver)])[0]  # the model loads on a worker
+    store = None
+    reused = np.zeros(inputs.num_rows, bool)
+    reuse = None
+    if config.store.enabled:
+        location = resolver.resolve(config.store.uri) if config.store.uri else plan.output.child("embedding-store")
+        store = EmbeddingStore(location, identity["model_id"])
+        reused, reuse = store.lookup(inputs)
+    todo = inputs.filter(pa.array(~reused))
+    log.info("inputs: %d; reused from the embedding store: %d; to decode and embed: %d",
+             inputs.num_rows, int(reused.sum()), todo.num_rows)
+    folder = plan.run.child("embeddings")
+    with clock.phase("decode_embed" if todo.num_rows else "copy_stored"):
+        compact = pipeline.embed_to_storage(todo, reuse, config, resolver, folder=folder,
+                                            model_id=identity["model_id"])
+    samples = _join_compact(inputs, compact)
+    names = sorted(set(pc.drop_null(samples["vector_file"]).to_pylist())) if "vector_file" in samples.column_names else []
+    files = [folder.child(name) for name in names]
+    parts = parquet_parts(files)
+    samples = _with_vector_ids(samples, names, [first for _, first, _ in parts])
+    ok = is_ok(samples["status"])
+    counts = {"reused": int(reused.sum()), "embedded": int(ok.sum()) - int(reused.sum()),
+              "rejected": int((~ok).sum())}
+    identity["store"] = counts
+    log.info("embedding store: reused %(reused)d, embedded %(embedded)d, rejected %(rejected)d", counts)
+    if store is not None and files:
+        store.write(files, plan.run_id, rows=int(ok.sum()))
+    return Ingested(samples, VectorParts(parts), identity)
+
+
+def _describe_embedder(config: Config, resolver: Resolver) -> dict:
+    from curation.embedders import load_embedder
+
+    _, identity = load_embedder(config.embedder.model, config.embedder.weights,
+                                image_size=config.embedder.image_size, resolver=resolver)
+    return identity.to_dict()
+
+
+def _join_compact(inputs: pa.Table, compact: pa.Table | None) -> pa.Table:
+    """The inputs (uri, label, metadata) beside what decoding and embedding said of each row."""
+    n = inputs.num_rows
+    if compact is None:
+        compact = pa.table({"input_id": pa.array([], pa.int64())})
+    compact = compact.sort_by("input_id")
+    ids = compact["input_id"].to_numpy()
+    if len(ids) != n or not np.array_equal(ids, np.arange(n)):
+        raise RuntimeError(f"accounting: {n} inputs but {len(ids)} rows came back from decoding "
+                           f"({len(np.unique(ids))} distinct input ids)")
+    samples = inputs.drop_columns(["input_error"]) if "input_error" in inputs.column_names else inputs
+    for name in compact.column_names:
+        if name not in samples.column_names:
+            samples = samples.append_column(name, compact[name])
+    return samples
+
+
+def _with_vector_ids(samples: pa.Table, names: list[str], offsets: list[int]) -> pa.Table:
+    """``vector_id`` = the first row of the item's vector file + its row there."""
+    n = samples.num_rows
+    if not names:
+        vector_id = pa.nulls(n, pa.int64())
+    else:
+        file_index = pc.index_in(samples["vector_file"], value_set=pa.array(names)).to_numpy(zero_copy_only=False)
+        valid = ~np.isnan(file_index.astype(np.float64))
+        base = np.asarray(offsets, np.int64)[np.where(valid, np.nan_to_num(file_index), 0).astype(np.int64)]
+        values = base + samples["vector_row"].to_numpy(zero_copy_only=False)
+        vector_id = pa.array(values, pa.int64(), mask=~valid)
+    samples = samples.drop_columns([c for c in ("vector_file", "vector_row") if c in samples.column_names])
+    return samples.append_column("vector_id", vector_id)
+
+
+def _ingest_embeddings(plan: Plan, config: Config, resolver: Resolver) -> Ingested:
+    """``input.embeddings``: the driver reads every column but the vectors; Ray tasks (or this
+    process, for small inputs) check each file's vectors where they are stored."""
+    meta, model_id = inputs_io.read_embeddings_metadata(plan.embedding_files)
+    checks = run_tasks(inputs_io.check_vectors, [(location,) for location in plan.embedding_files])
+    lengths = np.concatenate([c[0] for c in checks]) if checks else np.zeros(0, np.int64)
+    finite = np.concatenate([c[1] for c in checks]) if checks else np.zeros(0, bool)
+    samples = inputs_io.samples_from_embeddings(meta, lengths, finite)
+    ok = is_ok(samples["status"])
+    vectors = VectorParts(parquet_parts(plan.embedding_files), keep=ok)
+    identity = {"model": "precomputed", "source": config.input.embeddings, "model_id": model_id}
+    return Ingested(samples, vectors, identity)
+
+
+# --------------------------------------------------------------------------- neighbours, scores
+
+
+def find_neighbours(ingested: Ingested, config: Config, plan: Plan) -> Neighbours:
+    from curation.index.sharded import knn_graph
+
+    n_ok = ingested.vectors.n
+    if n_ok == 0:
+        raise NothingToPublish(f"no usable item: {ingested.samples.num_rows} inputs, all rejected "
+                               f"(see the log for reasons); nothing published, latest unchanged")
+    graph, info = knn_graph(ingested.vectors, config.knn, save_to=plan.run.child("index"))
+    return Neighbours(graph, info)
+
+
+def score(ingested: Ingested, neighbours: Neighbours, config: Config) -> tuple[pa.Table, dict]:
+    from curation.scores import run_scores
+
     budgets = [sel.budget for sel in config.selections if sel.mode == "representative" and sel.budget]
-    samples, score_timings = run_scores(samples, embeddings_ok, knn, config.scores, budget=max(budgets, default=None))
-    timings.update({f"score_{k}": v for k, v in score_timings.items()})
-    t = time.perf_counter()
-    results = build_selections(samples, config.scores, config.selections, embeddings_ok)
-    timings["selections"] = round(time.perf_counter() - t, 3)
+    return run_scores(ingested.samples, ingested.vectors, neighbours.graph, config.scores,
+                      budget=max(budgets, default=None))
 
-    samples = outputs.order_samples(samples)
-    status = samples["status"].to_numpy(zero_copy_only=False)
-    counts = {"inputs": n_inputs, "ok": int((status == STATUS_OK).sum()),
-              "rejected": int((status == STATUS_REJECTED).sum())}
-    flags = {name: int(pc.sum(samples[name]).as_py() or 0)
-             for name in ("is_dark", "is_bright", "is_blurry", "is_low_information", "is_suspected_mislabel")}
-    flags["duplicates_not_kept"] = int(samples["dup_of"].is_valid().to_numpy(zero_copy_only=False).sum())
-    flags["duplicate_groups"] = len(pc.unique(samples["dup_group"].drop_null()))
-    labels = samples["label"].drop_null()
-    class_counts = {str(v["values"]): int(v["counts"]) for v in pc.value_counts(labels).to_pylist()} if len(labels) else {}
-    balance = balance_stats(samples, {r.name: r.table for r in results},
-                            {name for score in REGISTRY for name in score.columns})
-    run_info = {
-        "run_id": run_id,
-        "uri": run.uri,
-        "version": curation.__version__,
-        "counts": counts,
-        "flags": flags,
-        "class_balance": class_counts,
-        "balance": balance,
-        "embedder": identity,
-        "knn": knn_info,
-        "selections": [{"name": r.name, "mode": r.mode, "rows": r.table.num_rows, "eligible": r.eligible,
-                        "note": r.note} for r in results],
-        "config": config.to_dict(redact=True),
-        "versions": _versions(),
-    }
 
-    t = time.perf_counter()
-    outputs.write_samples(run, samples)
-    outputs.write_knn_graph(run.child("knn"), samples, knn)
-    for r in results:
-        outputs.write_table(run.child("selections", f"{r.name}.parquet"), r.table)
-    write_bytes(run.child("report.html"), render_report(
-        run_id=run_id, samples=samples, run_info=run_info,
-        selections={r.name: r.table for r in results}).encode("utf-8"))
-    timings["write_outputs"] = round(time.perf_counter() - t, 3)
-    timings["total"] = round(time.perf_counter() - t0, 3)
-    run_info["timings_s"] = timings
+# ------------------------------------------------------------------------------------ publish
+
+
+def publish(plan: Plan, config: Config, ingested: Ingested, neighbours: Neighbours, samples: pa.Table,
+            score_report: dict, selections: list, clock: Clock) -> RunResult:
+    """Write every output, then ``_SUCCESS``, then ``latest``."""
+    from curation.scores import REGISTRY
+
+    run = plan.run
+    with clock.phase("write_outputs"):
+        samples = outputs.order_samples(samples.sort_by("input_id"))
+        ok = is_ok(samples["status"])
+        counts = {"inputs": plan.count, "ok": int(ok.sum()), "rejected": int((~ok).sum())}
+        if samples.num_rows != plan.count or counts["ok"] + counts["rejected"] != counts["inputs"]:
+            raise RuntimeError(f"accounting: {plan.count} inputs but {samples.num_rows} sample rows")
+        flags = {name: value for summary in score_report["summary"].values()
+                 for name, value in summary.get("flags", {}).items()}
+        labels = samples["label"].drop_null()
+        class_counts = ({str(v["values"]): int(v["counts"]) for v in pc.value_counts(labels).to_pylist()}
+                        if len(labels) else {})
+        selection_tables = {r.name: r.table for r in selections}
+        run_info = {
+            "run_id": plan.run_id,
+            "uri": run.uri,
+            "version": curation.__version__,
+            "counts": counts,
+            "flags": flags,
+            "scores": score_report["summary"],
+            "class_balance": class_counts,
+            "balance": balance_stats(samples, selection_tables, {c for s in REGISTRY for c in s.columns}),
+            "embedder": ingested.embedder,
+            "knn": neighbours.info,
+            "selections": [{"name": r.name, "mode": r.mode, "rows": r.table.num_rows, "eligible": r.eligible,
+                            "note": r.note} for r in selections],
+            "config": config.to_dict(redact=True),
+            "versions": _versions(),
+        }
+        outputs.write_samples(run, samples)
+        outputs.write_knn_graph(run.child("knn"), samples, neighbours.graph)
+        for name, table in selection_tables.items():
+            outputs.write_table(run.child("selections", f"{name}.parquet"), table)
+        write_bytes(run.child("report.html"), render_report(
+            run_id=plan.run_id, samples=samples, run_info=run_info, selections=selection_tables).encode("utf-8"))
+    clock.timings.update({f"score_{k}": v for k, v in score_report["timings_s"].items()})
+    clock.timings["total"] = round(time.perf_counter() - clock.start, 3)
+    run_info["timings_s"] = clock.timings
     outputs.write_json(run.child("run.json"), run_info)
-    outputs.publish(output, run_id)
+    outputs.publish(plan.output, plan.run_id)
     log.info("published %s: %d inputs, %d ok, %d rejected in %.1fs", run.uri, counts["inputs"], counts["ok"],
-             counts["rejected"], timings["total"])
-    return RunResult(run_id, run.uri, samples, run_info)
+             counts["rejected"], clock.timings["total"])
+    return RunResult(plan.run_id, run.uri, samples, run_info)
 
 
 def _versions() -> dict:
@@ -259,3 +349,4 @@ def _versions() -> dict:
     return {"python": platform.python_version(), "ray": ray.__version__, "torch": torch.__version__,
             "torchvision": torchvision.__version__, "faiss": faiss.__version__, "pyarrow": pa.__version__,
             "scikit-learn": sklearn.__version__}
+

@@ -20,12 +20,18 @@ Every mode takes ``where`` (a pandas ``query`` over sample and metadata columns,
 before selection) and ``balance_on`` (a column to balance over: for ``representative`` it
 replaces ``label``; for the others ranks are interleaved round-robin over its values).
 A budget larger than what is eligible returns what is eligible and says so.
+
+Each mode is one class with ``eligible(view, sel)`` and ``rank(view, sel, rows)`` in the explicit
+``MODES`` registry (as the scores are); :class:`Selector` applies what every mode shares
+(``where``, ``balance_on``, the budget, the output table). ``where`` and ``balance_on`` are
+checked against the known columns before any work (:func:`check_selection_columns`).
 """
 
 from __future__ import annotations
 
 import logging
 from dataclasses import dataclass
+from typing import ClassVar, Protocol, Sequence
 
 import faiss
 import numpy as np
@@ -33,7 +39,9 @@ import pandas as pd
 import pyarrow as pa
 
 from curation.config import ConfigError, ScoresConfig, SelectionConfig, parse_class_balance
-from curation.schema import SELECTION_SCHEMA
+from curation.index.source import as_source
+from curation.schema import SELECTION_SCHEMA, is_ok, ok_rows_in_vector_order
+from curation.scores.junk import is_junk
 
 log = logging.getLogger(__name__)
 
@@ -48,6 +56,15 @@ class SelectionResult:
     table: pa.Table
     eligible: int
     note: str | None
+
+
+@dataclass
+class Ranked:
+    """A mode's answer: rows best first, each row's score, and the text of its reason."""
+
+    rows: np.ndarray
+    scores: np.ndarray
+    reasons: Sequence[str] | None = None  # None: the mode's ``reason(view, row, score)`` per returned row
 
 
 def allocate(budget: int, capacity: np.ndarray, weights: np.ndarray) -> np.ndarray:
@@ -78,20 +95,187 @@ def allocate(budget: int, capacity: np.ndarray, weights: np.ndarray) -> np.ndarr
     return quota
 
 
-def _interleave(order: np.ndarray, groups: np.ndarray) -> np.ndarray:
-    """Reorder ``order`` round-robin over the values of ``groups[order]``, keeping each group's order."""
+def interleave(lists: Sequence[Sequence]) -> list:
+    """Round-robin over ``lists`` (first of each, then second of each, ...), keeping each list's order."""
+    out: list = []
+    depth = 0
+    while any(depth < len(lst) for lst in lists):
+        out.extend(lst[depth] for lst in lists if depth < len(lst))
+        depth += 1
+    return out
+
+
+def interleave_by(order: np.ndarray, groups: np.ndarray) -> np.ndarray:
+    """``order`` reordered round-robin over the values of ``groups[order]``."""
     buckets: dict = {}
     for idx in order:
         buckets.setdefault(groups[idx], []).append(idx)
-    out = []
-    lists = list(buckets.values())
-    depth = 0
-    while len(out) < len(order):
-        for lst in lists:
-            if depth < len(lst):
-                out.append(lst[depth])
-        depth += 1
-    return np.array(out, np.int64)
+    return np.array(interleave(list(buckets.values())), np.int64)
+
+
+class SampleView:
+    """The scored samples as the modes read them: a DataFrame plus the shared masks.
+
+    Args:
+        samples: the scored samples (one row per input).
+        scores: thresholds (rare tail, label quality).
+        vectors: the ok rows' vectors (a source in storage or a matrix); vector id of row r is
+            ``vector_of_row[r]``.
+    """
+
+    def __init__(self, samples: pa.Table, scores: ScoresConfig, vectors):
+        self.df = samples.to_pandas()
+        self.scores = scores
+        self.vectors = as_source(vectors)
+        self.ok = is_ok(samples["status"])
+        self.vector_of_row = np.full(len(self.df), -1, np.int64)
+        self.vector_of_row[ok_rows_in_vector_order(samples)] = np.arange(int(self.ok.sum()))
+        df = self.df
+        self.junk = is_junk(df)
+        self.kept = df["dup_of"].isna().to_numpy()
+        self.suspected = df["is_suspected_mislabel"].fillna(False).to_numpy(bool)
+        self.quality = df["label_quality"].to_numpy(np.float64)
+        self.sparseness = df["sparseness"].to_numpy(np.float64)
+        self.labelled = df["label"].notna().to_numpy()
+
+    def values(self, column: str, *, selection: str = "") -> np.ndarray:
+        """A column as objects with nulls as ``'<null>'`` (for grouping)."""
+        if column not in self.df.columns:
+            raise ConfigError(f"selection {selection!r} balance_on: no column {column!r} "
+                              f"(columns: {', '.join(self.df.columns)})")
+        col = self.df[column]
+        return col.astype(object).where(col.notna(), "<null>").to_numpy()
+
+
+class Mode(Protocol):
+    """A selection mode: which rows it may pick and how it ranks them."""
+
+    name: ClassVar[str]
+
+    def eligible(self, view: SampleView, sel: SelectionConfig) -> np.ndarray: ...
+
+    def rank(self, view: SampleView, sel: SelectionConfig, rows: np.ndarray) -> Ranked: ...
+
+    def reason(self, view: SampleView, row: int, score: float) -> str: ...
+
+
+class EdgeCases:
+    name = "edge_cases"
+
+    def eligible(self, view, sel):
+        return view.ok & ~view.junk & view.kept & ~view.suspected
+
+    def rank(self, view, sel, rows):
+        order = rows[np.argsort(-view.sparseness[rows], kind="stable")]
+        return Ranked(order, view.sparseness[order])
+
+    def reason(self, view, row, score):
+        return f"rare: sparseness {score:.3f}"
+
+
+class LabelReview:
+    name = "label_review"
+
+    def eligible(self, view, sel):
+        return view.ok & view.labelled & view.kept & np.isfinite(view.quality)
+
+    def rank(self, view, sel, rows):
+        order = rows[np.argsort(view.quality[rows], kind="stable")]
+        return Ranked(order, view.quality[order])
+
+    def reason(self, view, row, score):
+        return (f"label quality {score:.3f}: labelled {view.df['label'].iat[row]!r}, "
+                f"suggested {view.df['suggested_label'].iat[row]!r}")
+
+
+class Clean:
+    name = "clean"
+
+    def eligible(self, view, sel):
+        return view.ok & ~view.junk & view.kept
+
+    def rank(self, view, sel, rows):
+        typical = 1.0 - view.sparseness[rows]
+        order = np.argsort(-typical, kind="stable")
+        return Ranked(rows[order], typical[order])
+
+    def reason(self, view, row, score):
+        return "ok: not junk, not a duplicate"
+
+
+class Representative:
+    """Coverage inside each class (or ``balance_on`` group), classes balanced by ``class_balance``."""
+
+    name = "representative"
+
+    def eligible(self, view, sel):
+        # Suspected mislabels are a subset of the doubtful labels: a training set takes no item
+        # whose own label its neighbours doubt (the traversal would otherwise seek them out).
+        doubtful = np.isfinite(view.quality) & (view.quality < view.scores.label_quality_threshold)
+        rare = np.nan_to_num(view.sparseness, nan=1.0) > view.scores.rare_tail_quantile
+        return view.ok & ~view.junk & view.kept & ~doubtful & ~rare
+
+    def rank(self, view, sel, rows):
+        alpha = parse_class_balance(sel.class_balance, key=f"selection {sel.name} class_balance")
+        column = sel.balance_on or "label"
+        groups = np.array([str(g) for g in view.values(column, selection=sel.name)], dtype=object)
+        names, capacity = np.unique(groups[rows].astype(str), return_counts=True)
+        quotas = allocate(sel.budget or len(rows), capacity, capacity.astype(np.float64) ** alpha)
+        # One class's vectors at a time are fetched from the store.
+        per_group = [cover(view, rows[groups[rows] == name], int(quota)) for name, quota in zip(names, quotas)]
+        # Round-robin over groups, so any prefix of the selection is balanced too.
+        order = interleave(per_group)
+        picked = np.array([r for r, _ in order], np.int64)
+        gaps = np.array([c for _, c in order], np.float64)
+        clusters = view.df["cluster"].to_numpy()
+        reasons = [f"representative of {column} {groups[r]!r} (coverage pick: cosine distance {c:.3f} from every "
+                   f"earlier pick of its class; embedding cluster {clusters[r]})" for r, c in order]
+        return Ranked(picked, gaps, reasons)
+
+    def reason(self, view, row, score):  # reasons come with the ranking
+        raise NotImplementedError
+
+
+MODES: dict[str, Mode] = {mode.name: mode for mode in (Representative(), EdgeCases(), LabelReview(), Clean())}
+
+
+def cover(view: SampleView, members: np.ndarray, quota: int) -> list[tuple[int, float]]:
+    """``quota`` rows covering ``members``: farthest-first traversal (greedy k-center) of their
+    vectors, seeded at the most central member. Returns (row, coverage distance), where the
+    distance is how far the pick was from every earlier pick (largest first).
+
+    When ``quota * len(members) * d`` exceeds ``COVER_WORK`` the class is first split into at
+    most ``quota`` regions by spherical k-means; each region gets one pick and the rest of the
+    quota in proportion to its size, and is traversed on its own, so the cost stays bounded at
+    millions of items."""
+    if quota <= 0 or len(members) == 0:
+        return []
+    if quota >= len(members):
+        return [(int(r), 0.0) for r in members]
+    x = np.ascontiguousarray(view.vectors.take(view.vector_of_row[members]), dtype=np.float32)
+    regions = int(min(quota, max(1, np.ceil(quota * len(members) * x.shape[1] / COVER_WORK))))
+    if regions == 1:
+        owner = np.zeros(len(members), np.int64)
+        centroids = x.mean(axis=0, keepdims=True)
+    else:
+        km = faiss.Kmeans(x.shape[1], regions, niter=10, seed=SEED, spherical=True,
+                          max_points_per_centroid=64, verbose=False)
+        km.train(x)
+        centroids = km.centroids
+        _, assigned = km.index.search(x, 1)
+        owner = assigned.ravel().astype(np.int64)
+    sizes = np.bincount(owner, minlength=len(centroids))
+    # One pick per region first (there are at most ``quota`` regions, so a small far-away
+    # mode is never starved), the rest in proportion to region size.
+    first = (sizes > 0).astype(np.int64)
+    quotas = first + allocate(quota - int(first.sum()), sizes - first, sizes.astype(np.float64))
+    picks: list[tuple[int, float]] = []
+    for region in np.flatnonzero(quotas):
+        local = np.flatnonzero(owner == region)
+        chosen, gaps = farthest_first(x[local], int(quotas[region]), start=int(np.argmax(x[local] @ centroids[region])))
+        picks.extend((int(members[local[j]]), g) for j, g in zip(chosen, gaps))
+    picks.sort(key=lambda p: -p[1])  # any prefix covers the class as evenly as it can
+    return picks
 
 
 class Selector:
@@ -99,176 +283,77 @@ class Selector:
 
     Args:
         samples: the scored samples (one row per input).
-        embeddings_ok: L2-normalised embeddings of the ok rows (for coverage).
-        scores: thresholds (rare tail).
+        scores: thresholds (rare tail, label quality).
+        vectors: the ok rows' vectors (for coverage), a source in storage or a matrix.
     """
 
-    def __init__(self, samples: pa.Table, scores: ScoresConfig, embeddings_ok: np.ndarray):
-        self.df = samples.to_pandas()
-        self.ok_rows = np.flatnonzero((self.df["status"] == "ok").to_numpy())
-        self.row_to_ok = np.full(len(self.df), -1, np.int64)
-        self.row_to_ok[self.ok_rows] = np.arange(len(self.ok_rows))
-        self.embeddings = embeddings_ok
-        self.scores = scores
-        df = self.df
-        ok = (df["status"] == "ok").to_numpy()
-        junk = (df["is_dark"] | df["is_bright"] | df["is_blurry"] | df["is_low_information"]).to_numpy(bool)
-        self.ok = ok
-        self.junk = junk
-        self.kept = df["dup_of"].isna().to_numpy()
-        self.suspected = df["is_suspected_mislabel"].fillna(False).to_numpy(bool)
-        # A training set takes no item whose own label its neighbours doubt, confident
-        # suggestion or not (farthest-first coverage would otherwise seek such atypical items out).
-        quality = df["label_quality"].to_numpy(np.float64)
-        self.doubtful = np.isfinite(quality) & (quality < scores.label_quality_threshold)
-        self.labelled = df["label"].notna().to_numpy()
+    def __init__(self, samples: pa.Table, scores: ScoresConfig, vectors):
+        self.view = SampleView(samples, scores, vectors)
 
     def _where(self, sel: SelectionConfig) -> np.ndarray:
         if not sel.where:
-            return np.ones(len(self.df), bool)
-        try:
-            mask = self.df.eval(sel.where)
-        except Exception as exc:
-            raise ConfigError(f"selection {sel.name!r} where: cannot evaluate {sel.where!r} ({exc})") from None
-        if not isinstance(mask, pd.Series) or mask.dtype != bool:
-            raise ConfigError(f"selection {sel.name!r} where: {sel.where!r} is not a true/false condition")
-        return mask.to_numpy(bool)
-
-    def _group_values(self, sel: SelectionConfig, column: str) -> np.ndarray:
-        if column not in self.df.columns:
-            raise ConfigError(f"selection {sel.name!r} balance_on: no column {column!r} "
-                              f"(columns: {', '.join(self.df.columns)})")
-        return self.df[column].astype(object).where(self.df[column].notna(), "<null>").to_numpy()
+            return np.ones(len(self.view.df), bool)
+        return evaluate_where(self.view.df, sel)
 
     def eligible(self, sel: SelectionConfig) -> np.ndarray:
         """Rows ``sel`` may pick from (its ``where`` applied), before the budget."""
-        base = self.ok & self._where(sel)
-        if sel.mode == "representative":
-            # Suspected mislabels are a subset of the doubtful labels.
-            return base & ~self.junk & self.kept & ~self.doubtful & (
-                self.df["sparseness"].fillna(1.0).to_numpy() <= self.scores.rare_tail_quantile)
-        if sel.mode == "edge_cases":
-            return base & ~self.junk & self.kept & ~self.suspected
-        if sel.mode == "label_review":
-            return base & self.labelled & self.kept & np.isfinite(self.df["label_quality"].to_numpy(np.float64))
-        if sel.mode == "clean":
-            return base & ~self.junk & self.kept
-        raise ConfigError(f"selection {sel.name!r}: unknown mode {sel.mode!r}")  # validated at load time
+        return MODES[sel.mode].eligible(self.view, sel) & self._where(sel)
+
+    def cover(self, members: np.ndarray, quota: int) -> list[tuple[int, float]]:
+        return cover(self.view, members, quota)
 
     def build(self, sel: SelectionConfig) -> SelectionResult:
+        view, mode = self.view, MODES[sel.mode]
         eligible = self.eligible(sel)
-        df = self.df
-        if sel.mode == "representative":
-            rows, score, reasons = self._representative(sel, np.flatnonzero(eligible))
-        elif sel.mode == "edge_cases":
-            idx = np.flatnonzero(eligible)
-            rarity = df["sparseness"].to_numpy(np.float64)[idx]
-            rows = idx[np.argsort(-rarity, kind="stable")]
-            score = df["sparseness"].to_numpy(np.float64)
-            reasons = lambda r: f"rare: sparseness {score[r]:.3f}"  # noqa: E731
-        elif sel.mode == "label_review":
-            quality = df["label_quality"].to_numpy(np.float64)
-            idx = np.flatnonzero(eligible)
-            rows = idx[np.argsort(quality[idx], kind="stable")]
-            score = quality
-            labels, suggested = df["label"].to_numpy(), df["suggested_label"].to_numpy()
-            reasons = lambda r: f"label quality {quality[r]:.3f}: labelled {labels[r]!r}, suggested {suggested[r]!r}"  # noqa: E731
-        elif sel.mode == "clean":
-            idx = np.flatnonzero(eligible)
-            typical = 1.0 - df["sparseness"].to_numpy(np.float64)
-            rows = idx[np.argsort(-typical[idx], kind="stable")]
-            score = typical
-            reasons = lambda r: "ok: not junk, not a duplicate"  # noqa: E731
-
-        if sel.balance_on and sel.mode != "representative":
-            rows = _interleave(rows, self._group_values(sel, sel.balance_on))
-        n_eligible = int(eligible.sum())
+        ranked = mode.rank(view, sel, np.flatnonzero(eligible))
+        rows, scores, reasons = ranked.rows, ranked.scores, ranked.reasons
+        if sel.balance_on and sel.mode != Representative.name:
+            order = interleave_by(np.arange(len(rows)), view.values(sel.balance_on, selection=sel.name)[rows])
+            rows, scores = rows[order], scores[order]
         note = None
         if sel.budget is not None:
             if sel.budget > len(rows):
                 note = f"budget {sel.budget} exceeds the {len(rows)} eligible items; returned {len(rows)}"
-            rows = rows[: sel.budget]
-        if sel.mode == "representative":
-            picked_scores = score
-            picked_reasons = reasons
-        else:
-            picked_scores = score[rows] if len(rows) else np.empty(0)
-            picked_reasons = [reasons(r) for r in rows]  # reasons only for the rows returned
+            rows, scores = rows[: sel.budget], scores[: sel.budget]
+        if reasons is None:  # only for the rows returned
+            reasons = [mode.reason(view, int(r), float(c)) for r, c in zip(rows, scores)]
+        df = view.df
         table = pa.table({
             "uri": pa.array(df["uri"].to_numpy()[rows], pa.string()),
             "label": pa.array(df["label"].astype(object).where(df["label"].notna(), None).to_numpy()[rows], pa.string()),
             "rank": pa.array(np.arange(1, len(rows) + 1, dtype=np.int32)),
-            "score": pa.array(np.asarray(picked_scores, np.float32)[: len(rows)], pa.float32()),
-            "reason": pa.array(list(picked_reasons)[: len(rows)], pa.string()),
+            "score": pa.array(np.asarray(scores, np.float32), pa.float32()),
+            "reason": pa.array(list(reasons)[: len(rows)], pa.string()),
         }, schema=SELECTION_SCHEMA)
         if note:
             log.warning("selection %s: %s", sel.name, note)
-        return SelectionResult(sel.name, sel.mode, table, n_eligible, note)
+        return SelectionResult(sel.name, sel.mode, table, int(eligible.sum()), note)
 
-    def _representative(self, sel: SelectionConfig, idx: np.ndarray):
-        df = self.df
-        alpha = parse_class_balance(sel.class_balance, key=f"selection {sel.name} class_balance")
-        column = sel.balance_on or "label"
-        groups = self._group_values(sel, column)
-        groups = np.array([str(g) for g in groups], dtype=object)
-        names, capacity = np.unique(groups[idx].astype(str), return_counts=True)
-        quotas = allocate(sel.budget or len(idx), capacity, capacity.astype(np.float64) ** alpha)
-        per_group: list[list[tuple[int, float]]] = []
-        for name, quota in zip(names, quotas):
-            members = idx[groups[idx] == name]
-            per_group.append(self._cover(members, int(quota)))
-        # Rank: round-robin over groups, so any prefix of the selection is balanced too.
-        order: list[tuple[int, float]] = []
-        depth = 0
-        while any(depth < len(p) for p in per_group):
-            for p in per_group:
-                if depth < len(p):
-                    order.append(p[depth])
-            depth += 1
-        rows = np.array([r for r, _ in order], np.int64)
-        score = np.array([c for _, c in order], np.float64)
-        clusters = df["cluster"].to_numpy()
-        reasons = [f"representative of {column} {groups[r]!r} (coverage pick: cosine distance {c:.3f} from every "
-                   f"earlier pick of its class; embedding cluster {clusters[r]})" for r, c in order]
-        return rows, score, reasons
 
-    def _cover(self, members: np.ndarray, quota: int) -> list[tuple[int, float]]:
-        """``quota`` items covering ``members``: farthest-first traversal (greedy k-center) of
-        their embeddings, seeded at the most central member. Returns (row, coverage distance),
-        where the distance is how far the pick was from every earlier pick (largest first).
+def evaluate_where(df: pd.DataFrame, sel: SelectionConfig) -> np.ndarray:
+    """``sel.where`` over ``df`` as a boolean mask; :class:`ConfigError` naming the key otherwise."""
+    try:
+        mask = df.eval(sel.where)
+    except Exception as exc:
+        raise ConfigError(f"selection {sel.name!r} where: cannot evaluate {sel.where!r} ({exc})") from None
+    if not isinstance(mask, pd.Series) or not (mask.dtype == bool or str(mask.dtype).startswith("bool")):
+        raise ConfigError(f"selection {sel.name!r} where: {sel.where!r} is not a true/false condition")
+    return mask.to_numpy(bool)
 
-        When ``quota * len(members) * d`` exceeds ``COVER_WORK`` the class is first split into
-        at most ``quota`` regions by spherical k-means; each region gets one pick and the rest
-        of the quota in proportion to its size, and is traversed on its own, so the cost stays
-        bounded at millions of items."""
-        if quota <= 0 or len(members) == 0:
-            return []
-        if quota >= len(members):
-            return [(int(r), 0.0) for r in members]
-        x = np.ascontiguousarray(self.embeddings[self.row_to_ok[members]], dtype=np.float32)
-        regions = int(min(quota, max(1, np.ceil(quota * len(members) * x.shape[1] / COVER_WORK))))
-        if regions == 1:
-            owner = np.zeros(len(members), np.int64)
-            centroids = x.mean(axis=0, keepdims=True)
-        else:
-            km = faiss.Kmeans(x.shape[1], regions, niter=10, seed=SEED, spherical=True,
-                              max_points_per_centroid=64, verbose=False)
-            km.train(x)
-            centroids = km.centroids
-            _, assigned = km.index.search(x, 1)
-            owner = assigned.ravel().astype(np.int64)
-        sizes = np.bincount(owner, minlength=len(centroids))
-        # One pick per region first (there are at most ``quota`` regions, so a small far-away
-        # mode is never starved), the rest in proportion to region size.
-        first = (sizes > 0).astype(np.int64)
-        quotas = first + allocate(quota - int(first.sum()), sizes - first, sizes.astype(np.float64))
-        picks: list[tuple[int, float]] = []
-        for region in np.flatnonzero(quotas):
-            local = np.flatnonzero(owner == region)
-            chosen, gaps = farthest_first(x[local], int(quotas[region]), start=int(np.argmax(x[local] @ centroids[region])))
-            picks.extend((int(members[local[j]]), g) for j, g in zip(chosen, gaps))
-        picks.sort(key=lambda p: -p[1])  # any prefix covers the class as evenly as it can
-        return picks
+
+def check_selection_columns(selections: list[SelectionConfig], schema: pa.Schema) -> None:
+    """Dry-run every ``where`` and ``balance_on`` against the columns ``samples`` will have
+    (``schema``), before any work: a typo fails at once, naming the selection and the key."""
+    empty = schema.empty_table().to_pandas()
+    for i, sel in enumerate(selections):
+        if sel.balance_on and sel.balance_on not in empty.columns:
+            raise ConfigError(f"config key 'selections[{i}].balance_on': no column {sel.balance_on!r} "
+                              f"(columns: {', '.join(empty.columns)})")
+        if sel.where:
+            try:
+                evaluate_where(empty, sel)
+            except ConfigError as exc:
+                raise ConfigError(f"config key 'selections[{i}].where': {exc}") from None
 
 
 def farthest_first(x: np.ndarray, count: int, *, start: int) -> tuple[list[int], list[float]]:
@@ -288,6 +373,6 @@ def farthest_first(x: np.ndarray, count: int, *, start: int) -> tuple[list[int],
 
 
 def build_selections(samples: pa.Table, scores: ScoresConfig, selections: list[SelectionConfig],
-                     embeddings_ok: np.ndarray) -> list[SelectionResult]:
-    selector = Selector(samples, scores, embeddings_ok)
+                     vectors) -> list[SelectionResult]:
+    selector = Selector(samples, scores, vectors)
     return [selector.build(sel) for sel in selections]

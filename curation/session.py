@@ -93,7 +93,7 @@ def run_tasks(fn: Callable, args: Sequence[tuple], *, max_in_flight: int = 0, nu
     order of ``args``; only the (compact) results come back to the caller."""
     import ray
 
-    if not ray.is_initialized() or len(args) <= 1:
+    if not ray.is_initialized() or not args:
         return [fn(*a) for a in args]
     remote = ray.remote(num_cpus=num_cpus)(fn)
     limit = max_in_flight or ClusterResources.current().cpus

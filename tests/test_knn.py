@@ -43,7 +43,7 @@ def test_drop_self_handles_missing_self_and_padding():
 
 
 def test_flat_shards_equal_single_index_exactly(ray_local):
-    from curation.pipeline import sharded_knn
+    from curation.index.sharded import sharded_knn
     from curation.index.params import IndexParams
 
     x = clustered(3000)
@@ -67,7 +67,7 @@ def test_shards_stream_their_partitions_from_parquet(ray_local, tmp_path):
     from curation.index.params import IndexParams
     from curation.index.source import VectorParts, parquet_parts
     from curation.io.filesystem import resolve
-    from curation.pipeline import sharded_knn
+    from curation.index.sharded import sharded_knn
 
     x = clustered(2500, d=16, seed=3)
     rows = np.concatenate([x[:1000], np.zeros((1, 16), np.float32), x[1000:]])  # row 1000: a rejected vector
@@ -92,7 +92,7 @@ def test_shards_stream_their_partitions_from_parquet(ray_local, tmp_path):
 
 
 def test_ivf_shards_reach_recall(ray_local):
-    from curation.pipeline import knn_graph
+    from curation.index.sharded import knn_graph
 
     x = clustered(20_000, d=64, clusters=100, spread=0.4, seed=1)
     exact = exact_knn(x, 10)
@@ -105,7 +105,7 @@ def test_pq_fastscan_codec_with_refinement_reaches_recall(ray_local, tmp_path):
     from curation.index.params import choose_params
     from curation.index.shard import load_index
     from curation.io.filesystem import resolve
-    from curation.pipeline import sharded_knn
+    from curation.index.sharded import sharded_knn
 
     x = clustered(20_000, d=32, clusters=50, seed=4)
     params = choose_params(len(x), 32, KnnConfig(index="ivf", codec="pq-fastscan", shards=2))
@@ -120,7 +120,7 @@ def test_pq_fastscan_codec_with_refinement_reaches_recall(ray_local, tmp_path):
 def test_near_duplicates_are_found_by_the_ann_path(ray_local):
     """Near copies are each other's nearest neighbours, so they share a coarse list or sit in
     adjacent probed lists: the IVF graph must keep every planted near pair."""
-    from curation.pipeline import knn_graph
+    from curation.index.sharded import knn_graph
 
     rng = np.random.default_rng(4)
     x = clustered(20_000, d=64, clusters=100, spread=0.4, seed=2)
@@ -134,7 +134,7 @@ def test_near_duplicates_are_found_by_the_ann_path(ray_local):
 
 @pytest.mark.parametrize("n, k", [(1, 5), (2, 5), (7, 20)])
 def test_k_larger_than_n_and_tiny_shards(ray_local, n, k):
-    from curation.pipeline import sharded_knn
+    from curation.index.sharded import sharded_knn
     from curation.index.params import IndexParams
 
     x = clustered(n, d=8)
@@ -144,7 +144,7 @@ def test_k_larger_than_n_and_tiny_shards(ray_local, n, k):
 
 
 def test_empty_shard(ray_local):
-    from curation.pipeline import sharded_knn
+    from curation.index.sharded import sharded_knn
     from curation.index.params import IndexParams
 
     x = clustered(3, d=8)

@@ -80,7 +80,7 @@ def test_representative_covers_every_mode_of_a_class(scored):
     from curation.select import Selector
     selector = Selector(table, ScoresConfig(), emb2)
     eligible = np.arange(20, 60)  # 10 items of the first mode, 30 of the second
-    picks = [r for r, _ in selector._cover(eligible, 4)]
+    picks = [r for r, _ in selector.cover(eligible, 4)]
     assert len(set(picks)) == 4
     assert any(r < 30 for r in picks) and any(r >= 30 for r in picks)
 
@@ -101,7 +101,7 @@ def test_large_classes_are_covered_region_by_region(scored, monkeypatch):
     emb2 = emb.copy()
     emb2[:60] = unit(base + 0.05 * rng.normal(size=base.shape))
     monkeypatch.setattr(select_module, "COVER_WORK", 1.0)  # forces one region per pick
-    picks = Selector(table, ScoresConfig(), emb2)._cover(np.arange(60), 6)
+    picks = Selector(table, ScoresConfig(), emb2).cover(np.arange(60), 6)
     rows = [r for r, _ in picks]
     assert len(rows) == len(set(rows)) == 6
     assert any(r >= 50 for r in rows) and any(r < 50 for r in rows)

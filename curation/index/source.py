@@ -227,3 +227,22 @@ class _OffsetVectors(MemoryVectors):
 def as_source(vectors) -> "VectorParts | MemoryVectors":
     """A vector source from a matrix or a source."""
     return MemoryVectors(vectors) if isinstance(vectors, np.ndarray) else vectors
+
+
+def map_vectors(source, fn, *args, rows_per_task: int = 65536) -> list:
+    """``[fn(ids, vectors, *args) for each consecutive range of ids]``, run where the vectors
+    are: one Ray task per range when Ray is up (each reads its own rows from storage), in
+    process otherwise. Only ``fn``'s (compact) results come back."""
+    import ray
+
+    from curation.session import run_tasks
+
+    n = source.n
+    shared = ray.put(source) if ray.is_initialized() and n > rows_per_task else source
+    ranges = [(shared, lo, min(lo + rows_per_task, n), fn, args) for lo in range(0, n, rows_per_task)]
+    return run_tasks(_apply_to_range, ranges)
+
+
+def _apply_to_range(source, lo: int, hi: int, fn, args: tuple):
+    ids, x = source.read_all(lo, hi)
+    return fn(ids, x, *args)

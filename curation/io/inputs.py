@@ -20,6 +20,7 @@ import pyarrow.parquet as pq
 
 from curation.config import Config, ConfigError
 from curation.io.filesystem import Location, Resolver, StorageError, check_readable, list_files, open_text, to_uri
+from curation.schema import STATUS_OK, STATUS_REJECTED
 
 log = logging.getLogger(__name__)
 
@@ -190,16 +191,9 @@ def list_inputs(config: Config, resolver: Resolver) -> pa.Table:
     return pa.table(columns)
 
 
-def read_embeddings_input(config: Config, resolver: Resolver):
-    """Stream ``input.embeddings`` (Parquet file or folder: ``uri, embedding[, label, ...]``).
-
-    The vectors go straight from each record batch into one preallocated float32 matrix, so the
-    whole Arrow column is never held (at 1M x 512 that is 2 GB saved).
-
-    Returns:
-        (other columns as a table, matrix (N, d), valid mask, vector lengths, d, the Parquet
-        files in the order their rows were read)
-    """
+def embeddings_files(config: Config, resolver: Resolver) -> tuple[list[Location], list[str], int]:
+    """The Parquet files of ``input.embeddings`` (a file or a folder), their column names and
+    row count, from the footers alone. Raises ConfigError when a required column is missing."""
     import pyarrow.dataset as pads
 
     location = resolver.resolve(config.input.embeddings)
@@ -211,35 +205,83 @@ def read_embeddings_input(config: Config, resolver: Resolver):
                 raise ConfigError(f"config key 'input.embeddings': {location.uri} has no {required!r} column "
                                   f"(columns: {', '.join(names)})")
         files = [Location(location.filesystem, path, to_uri(location.filesystem, path)) for path in dataset.files]
-        n = dataset.count_rows()
-        emb_type = dataset.schema.field("embedding").type
-        dim = emb_type.list_size if pa.types.is_fixed_size_list(emb_type) else None
-        matrix = None
-        valid = np.zeros(n, bool)
-        lengths = np.zeros(n, np.int64)
-        others, pos = [], 0
-        for batch in dataset.to_batches(batch_size=65536):
-            emb = batch.column("embedding")
-            rows = batch.num_rows
-            ok = np.asarray(emb.is_valid().to_numpy(zero_copy_only=False), bool)
-            lens = np.nan_to_num(pc.list_value_length(emb).to_numpy(zero_copy_only=False).astype(np.float64)).astype(np.int64)
-            if dim is None and ok.any():
-                dim = int(lens[ok][0])
-            if matrix is None and dim is not None:
-                matrix = np.zeros((n, dim), np.float32)
-            good = ok & (lens == dim)
-            if good.any():
-                values = emb.filter(pa.array(good)) if not good.all() else emb
-                flat = values.flatten().to_numpy(zero_copy_only=False)
-                matrix[pos:pos + rows][good] = flat.reshape(-1, dim)
-            valid[pos:pos + rows] = ok
-            lengths[pos:pos + rows] = lens
-            others.append(pa.Table.from_batches([batch.drop_columns(["embedding"])]))
-            pos += rows
+        return files, names, dataset.count_rows()
     except (OSError, pa.ArrowException) as exc:
         raise ConfigError(f"config key 'input.embeddings': {location.uri}: cannot read Parquet ({exc})") from None
-    meta = pa.concat_tables(others) if others else pa.table({"uri": pa.array([], pa.string())})
-    if matrix is None:
-        matrix = np.zeros((n, 1), np.float32)
-        dim = 1
-    return meta, matrix, valid, lengths, dim, files
+
+
+def read_embeddings_metadata(files: list[Location]) -> tuple[pa.Table, str | None]:
+    """Every column of the embeddings files except the vectors, in file order, and the
+    ``model_id`` of the first row (when the files carry one)."""
+    tables = []
+    for location in files:
+        try:
+            with location.filesystem.open_input_file(location.path) as fh:
+                reader = pq.ParquetFile(fh)
+                columns = [n for n in reader.schema_arrow.names if n != "embedding"]
+                tables.append(reader.read(columns=columns))
+        except (OSError, pa.ArrowException) as exc:
+            raise StorageError(f"{location.uri}: cannot read Parquet ({exc})") from exc
+    meta = pa.concat_tables(tables, promote_options="permissive") if tables else pa.table({"uri": pa.array([], pa.string())})
+    model_id = str(meta["model_id"][0]) if "model_id" in meta.column_names and meta.num_rows else None
+    return meta, model_id
+
+
+def check_vectors(location: Location) -> tuple[np.ndarray, np.ndarray]:
+    """Per row of one embeddings file: the vector's length (-1 when null) and whether it is
+    finite and non-zero. Runs where the file is read (a Ray task on a cluster)."""
+    lengths, usable = [], []
+    try:
+        with location.filesystem.open_input_file(location.path) as fh:
+            for batch in pq.ParquetFile(fh).iter_batches(columns=["embedding"], batch_size=16384):
+                emb = batch.column(0)
+                valid = np.asarray(emb.is_valid().to_numpy(zero_copy_only=False), bool)
+                lens = pc.list_value_length(emb).to_numpy(zero_copy_only=False).astype(np.float64)
+                lens = np.where(valid, np.nan_to_num(lens, nan=-1), -1).astype(np.int64)
+                good = np.zeros(len(emb), bool)
+                if valid.any() and len(set(lens[valid].tolist())) == 1:
+                    values = emb.filter(pa.array(valid))
+                    x = values.flatten().to_numpy(zero_copy_only=False).astype(np.float32).reshape(len(values), -1)
+                    good[valid] = np.isfinite(x).all(axis=1) & (np.abs(x).sum(axis=1) > 0)
+                elif valid.any():  # mixed lengths: check row by row
+                    for i in np.flatnonzero(valid):
+                        x = np.asarray(emb[int(i)].values.to_numpy(zero_copy_only=False), np.float32)
+                        good[i] = bool(np.isfinite(x).all() and np.abs(x).sum() > 0)
+                lengths.append(lens)
+                usable.append(good)
+    except (OSError, pa.ArrowException) as exc:
+        raise StorageError(f"{location.uri}: cannot read embeddings ({exc})") from exc
+    return (np.concatenate(lengths) if lengths else np.zeros(0, np.int64),
+            np.concatenate(usable) if usable else np.zeros(0, bool))
+
+
+def samples_from_embeddings(meta: pa.Table, lengths: np.ndarray, usable: np.ndarray) -> pa.Table:
+    """Sample rows for ``input.embeddings``: no pixels, so no decode statistics; a row is ok unless
+    its vector is null, of another length than the first vector, zero or not finite. The ok
+    rows' vector ids follow file order."""
+    n = meta.num_rows
+    valid = lengths >= 0
+    dim = int(lengths[valid][0]) if valid.any() else 0
+    good = valid & (lengths == dim) & usable
+    reasons = np.where(~valid, "corrupt: null embedding",
+                       np.where(lengths != dim, f"corrupt: embedding length differs from {dim}",
+                                np.where(~good, "corrupt: embedding is zero or not finite", None)))
+    vector_id = np.cumsum(good) - 1
+    columns = {
+        "input_id": pa.array(np.arange(n, dtype=np.int64)),
+        "uri": meta["uri"].cast(pa.string()),
+        "label": meta["label"].cast(pa.string()) if "label" in meta.column_names else pa.nulls(n, pa.string()),
+        "status": pa.array(np.where(good, STATUS_OK, STATUS_REJECTED), pa.string()),
+        "reason": pa.array(list(reasons), pa.string()),
+        "width": pa.nulls(n, pa.int32()), "height": pa.nulls(n, pa.int32()),
+        "brightness": pa.array(np.full(n, np.nan, np.float32)),
+        "contrast": pa.array(np.full(n, np.nan, np.float32)),
+        "sharpness": pa.array(np.full(n, np.nan, np.float32)),
+        "content_hash": pa.nulls(n, pa.string()), "pixel_hash": pa.nulls(n, pa.string()),
+        "phash": pa.array(np.zeros(n, np.int64)),
+        "vector_id": pa.array(vector_id, pa.int64(), mask=~good),
+    }
+    for name in meta.column_names:
+        if name not in columns and name != "model_id":
+            columns[name] = meta[name]
+    return pa.table(columns)

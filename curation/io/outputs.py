@@ -88,7 +88,9 @@ def write_vector_part(folder: Location, rows: pa.Table, *, model_id: str, store_
     import numpy as np
     import pyarrow.compute as pc
 
-    rows = rows.sort_by("input_id")
+    keyed = "input_id" in rows.column_names
+    if keyed:
+        rows = rows.sort_by("input_id")
     ok = pc.equal(rows["status"], STATUS_OK)
     good = rows.filter(ok)
     name = None
@@ -99,7 +101,8 @@ def write_vector_part(folder: Location, rows: pa.Table, *, model_id: str, store_
         columns = {c: good[c] for c in VECTOR_FILE_COLUMNS if c in good.column_names}
         columns["embedding"] = embedding
         columns["model_id"] = pa.array([model_id] * good.num_rows, pa.string())
-        name = f"part-{int(good['input_id'][0].as_py()):012d}-{uuid.uuid4().hex[:8]}.parquet"
+        first = int(good["input_id"][0].as_py()) if keyed else 0
+        name = f"part-{first:012d}-{uuid.uuid4().hex[:8]}.parquet"
         target = folder.child(name)
         folder.filesystem.create_dir(folder.path, recursive=True)
         pq.write_table(pa.table(columns), target.path, filesystem=target.filesystem,

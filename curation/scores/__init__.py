@@ -14,6 +14,7 @@ import pyarrow as pa
 
 from curation.config import ScoresConfig
 from curation.index.knn import KnnGraph
+from curation.index.source import as_source
 from curation.scores.base import REASON_COLUMN, Score, ScoreContext
 from curation.scores.clusters import ClustersScore
 from curation.scores.duplicates import DuplicatesScore
@@ -21,6 +22,7 @@ from curation.scores.junk import JunkScore
 from curation.scores.label_quality import LabelQualityScore
 from curation.scores.map2d import Map2dScore
 from curation.scores.sparseness import SparsenessScore
+from curation.schema import SCHEMA_COLUMNS, is_ok, ok_rows_in_vector_order
 
 log = logging.getLogger(__name__)
 
@@ -34,19 +36,36 @@ REGISTRY: tuple[Score, ...] = (
 )
 
 
+def reserved_columns() -> frozenset[str]:
+    """Column names a manifest may not use: the output schema's and every score's."""
+    return SCHEMA_COLUMNS | {name for score in REGISTRY for name in score.columns}
+
+
 def table_columns(table: pa.Table) -> dict[str, np.ndarray]:
     return {name: table[name].to_numpy(zero_copy_only=False) for name in table.column_names}
 
 
-def run_scores(samples: pa.Table, embeddings_ok: np.ndarray, knn_ok: KnnGraph, config: ScoresConfig,
-               *, registry: tuple[Score, ...] = REGISTRY, budget: int | None = None) -> tuple[pa.Table, dict[str, float]]:
-    """Run every registered score; returns ``samples`` with score columns added (and ``reason``
-    merged: the rejection reason for rejected rows, every score's explanation for ok rows) and
-    the seconds each score took."""
-    ok = (samples["status"].to_numpy(zero_copy_only=False) == "ok")
-    ctx = ScoreContext(table_columns(samples), ok, embeddings_ok, knn_ok, config, budget)
+def run_scores(samples: pa.Table, vectors, knn_ok: KnnGraph, config: ScoresConfig,
+               *, registry: tuple[Score, ...] = REGISTRY, budget: int | None = None) -> tuple[pa.Table, dict]:
+    """Run every registered score.
+
+    Args:
+        samples: one row per input; ok rows carry ``vector_id`` (else ok rows in row order are
+            vector ids 0, 1, ...).
+        vectors: the ok rows' vectors: a source in storage (``VectorParts``) or a matrix.
+        knn_ok: the kNN graph among vector ids.
+
+    Returns:
+        ``samples`` with score columns added (and ``reason`` merged: the rejection reason for
+        rejected rows, every score's explanation for ok rows), and a report
+        ``{"timings_s": {score: seconds}, "summary": {score: its run.json summary}}``.
+    """
+    ok = is_ok(samples["status"])
+    ctx = ScoreContext(table_columns(samples), ok, as_source(vectors), knn_ok, config, budget,
+                       ok_rows_in_vector_order(samples))
     reasons: list[list[str]] = [[] for _ in range(samples.num_rows)]
     timings: dict[str, float] = {}
+    summary: dict[str, dict] = {}
     for score in registry:
         start = time.perf_counter()
         result = score.compute(ctx)
@@ -66,8 +85,9 @@ def run_scores(samples: pa.Table, embeddings_ok: np.ndarray, knn_ok: KnnGraph, c
                 samples = samples.append_column(name, column)
         ctx = ctx.with_columns(result)
         timings[score.name] = round(time.perf_counter() - start, 3)
-        log.info("score %s: %.2fs", score.name, timings[score.name])
+        summary[score.name] = score.summary(result)
+        log.info("score %s: %.2fs %s", score.name, timings[score.name], summary[score.name] or "")
     prior = samples["reason"].to_pylist()
     merged = [p if p is not None else ("; ".join(r) if r else None) for p, r in zip(prior, reasons)]
     samples = samples.set_column(samples.column_names.index("reason"), "reason", pa.array(merged, pa.string()))
-    return samples, timings
+    return samples, {"timings_s": timings, "summary": summary}

@@ -1,16 +1,21 @@
 """The common interface every score implements.
 
-A score reads the :class:`ScoreContext` (decode-time statistics, embeddings, the kNN graph,
-labels and the columns of the scores that ran before it) and returns a ``pyarrow.Table`` with
-one row per sample and the columns it declares. It mutates nothing. An optional ``_reason``
+A score reads the :class:`ScoreContext` (decode-time statistics, the kNN graph, labels, the
+columns of the scores that ran before it and, when it must, the vectors) and returns a
+``pyarrow.Table`` with one row per sample and the columns it declares. It mutates nothing.
+Vectors stay where they are stored: a score fetches a bounded sample (``vectors.take``) or runs
+a function over every vector where the vectors are (``map_vectors``), never the whole matrix.
+
+A score may also summarise itself for ``run.json`` (``summary(table) -> dict``); the job
+collects those instead of knowing each score's flags. An optional ``_reason``
 column carries a human-readable explanation per row (null when there is nothing to say); the
 runner merges those into ``samples.reason``.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
-from typing import ClassVar, Protocol
+from dataclasses import dataclass
+from typing import Any, ClassVar, Protocol
 
 import numpy as np
 import pyarrow as pa
@@ -29,22 +34,25 @@ class ScoreContext:
         columns: sample columns as numpy arrays (decode statistics, labels, hashes, and the
             outputs of earlier scores); length N.
         ok: boolean mask of rows with ``status == 'ok'``.
-        embeddings_ok: (n_ok, d) L2-normalised embeddings of the ok rows, in row order.
-        knn_ok: kNN graph among ok rows (ids index into the ok rows).
+        vectors: the ok rows' L2-normalised vectors (a :class:`~curation.index.source.VectorParts`
+            in storage or :class:`~curation.index.source.MemoryVectors`); vector id i is the
+            sample row ``ok_rows[i]``.
+        knn_ok: kNN graph among ok rows (ids are vector ids).
         config: score thresholds.
         budget: the largest ``representative`` budget, if any (sizes the clustering).
     """
 
     columns: dict[str, np.ndarray]
     ok: np.ndarray
-    embeddings_ok: np.ndarray
+    vectors: Any
     knn_ok: KnnGraph
     config: ScoresConfig
     budget: int | None = None
-    ok_rows: np.ndarray = field(init=False)
+    ok_rows: np.ndarray | None = None
 
     def __post_init__(self) -> None:
-        self.ok_rows = np.flatnonzero(self.ok)
+        if self.ok_rows is None:
+            self.ok_rows = np.flatnonzero(self.ok)
 
     @property
     def n(self) -> int:
@@ -59,8 +67,7 @@ class ScoreContext:
         for name in table.column_names:
             if name != REASON_COLUMN:
                 merged[name] = table[name].to_numpy(zero_copy_only=False)
-        ctx = ScoreContext(merged, self.ok, self.embeddings_ok, self.knn_ok, self.config, self.budget)
-        return ctx
+        return ScoreContext(merged, self.ok, self.vectors, self.knn_ok, self.config, self.budget, self.ok_rows)
 
     def scatter(self, values_ok: np.ndarray, fill, dtype) -> np.ndarray:
         """Expand an array over ok rows to all rows, ``fill`` elsewhere."""
@@ -70,12 +77,23 @@ class ScoreContext:
 
 
 class Score(Protocol):
-    """A score: ``name``, declared output ``columns`` and ``compute(ctx) -> pa.Table``."""
+    """A score: ``name``, declared output ``columns``, ``compute(ctx) -> pa.Table`` and
+    ``summary(table) -> dict`` (what ``run.json`` reports about it under ``scores.<name>``; counts
+    of flagged items go under ``"flags"``, which ``run.json`` also merges into its ``flags``)."""
 
     name: ClassVar[str]
     columns: ClassVar[tuple[str, ...]]
 
     def compute(self, ctx: ScoreContext) -> pa.Table: ...
+
+    def summary(self, table: pa.Table) -> dict: ...
+
+
+def count_true(table: pa.Table, *names: str) -> dict[str, int]:
+    """``{name: number of true rows}`` for boolean columns (a common summary)."""
+    import pyarrow.compute as pc
+
+    return {name: int(pc.sum(table[name]).as_py() or 0) for name in names}
 
 
 def masked(values: np.ndarray, valid: np.ndarray, type_: pa.DataType) -> pa.Array:

@@ -1,24 +1,32 @@
-"""Clusters: spherical k-means in embedding space (FAISS on CPU).
+"""Clusters: spherical k-means in embedding space.
 
 ``n_clusters`` from ``scores.n_clusters`` or, when 0, ``clamp(round(sqrt(N / 2)), 2, 256)``
 and no more than the largest ``representative`` budget (a cluster the budget cannot reach
-says nothing useful about the selection); never more than N. Trained on at most 256 points
-per centroid (FAISS's own sampling), then every ok item is assigned. ``cluster_similarity`` is the cosine to the item's centroid
-(used to pick central items). Rejected items get cluster -1.
+says nothing useful about the selection); never more than N. The centroids are trained on a
+uniform sample of at most 256 points per centroid (fetched from the vector store), with cuML's
+k-means when it is installed (``pip install .[gpu]``) and a GPU is present, FAISS's otherwise;
+then every ok item is assigned where its vector is stored (Ray tasks over the Parquet).
+``cluster_similarity`` is the cosine to the item's centroid (used to pick central items).
+Rejected items get cluster -1.
 """
 
 from __future__ import annotations
 
+import logging
 import math
 
 import faiss
 import numpy as np
 import pyarrow as pa
 
+from curation.index.source import as_source, map_vectors
 from curation.scores.base import ScoreContext, masked
+
+log = logging.getLogger(__name__)
 
 SEED = 1234
 N_RESTARTS = 5
+POINTS_PER_CENTROID = 256
 
 
 def choose_n_clusters(n: int, requested: int = 0, budget: int | None = None) -> int:
@@ -31,20 +39,67 @@ def choose_n_clusters(n: int, requested: int = 0, budget: int | None = None) -> 
     return max(1, min(k, n))
 
 
-def kmeans_assign(x: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
-    """Labels and cosine-to-centroid for each row of L2-normalised ``x``."""
-    n, d = x.shape
-    if k <= 1 or n <= 1:
+def kmeans_backend() -> str:
+    """``cuml`` when cuML imports and a GPU is visible, else ``faiss``."""
+    try:
+        import cuml  # noqa: F401
+        import torch
+    except Exception:  # cuML missing or broken: the CPU path is always there
+        return "faiss"
+    return "cuml" if torch.cuda.is_available() else "faiss"
+
+
+def train_centroids(sample: np.ndarray, k: int, *, backend: str | None = None) -> np.ndarray:
+    """(k, d) unit centroids of spherical k-means on the rows of L2-normalised ``sample``."""
+    x = np.ascontiguousarray(sample, dtype=np.float32)
+    if k <= 1 or len(x) <= 1:
         centroid = x.mean(axis=0, keepdims=True)
-        centroid /= max(np.linalg.norm(centroid), 1e-12)
-        return np.zeros(n, np.int32), (x @ centroid.T).ravel().astype(np.float32)
-    # Random initialisation can put two centroids in one blob; a few restarts (on at most 256
-    # points per centroid, so cheap) keep the best objective.
-    km = faiss.Kmeans(d, k, niter=20, nredo=N_RESTARTS, seed=SEED, spherical=True,
-                      max_points_per_centroid=256, verbose=False)
-    km.train(np.ascontiguousarray(x, dtype=np.float32))
-    sims, labels = km.index.search(np.ascontiguousarray(x, dtype=np.float32), 1)
+        return centroid / max(float(np.linalg.norm(centroid)), 1e-12)
+    if (backend or kmeans_backend()) == "cuml":
+        from cuml.cluster import KMeans
+
+        centroids = KMeans(n_clusters=k, n_init=N_RESTARTS, random_state=SEED).fit(x).cluster_centers_
+        centroids = np.asarray(getattr(centroids, "get", lambda: centroids)(), np.float32)
+    else:
+        # Random initialisation can put two centroids in one blob; a few restarts (on at most 256
+        # points per centroid, so cheap) keep the best objective.
+        km = faiss.Kmeans(x.shape[1], k, niter=20, nredo=N_RESTARTS, seed=SEED, spherical=True,
+                          max_points_per_centroid=POINTS_PER_CENTROID, verbose=False)
+        km.train(x)
+        centroids = km.centroids
+    return centroids / np.maximum(np.linalg.norm(centroids, axis=1, keepdims=True), 1e-12)
+
+
+def assign(ids: np.ndarray, x: np.ndarray, centroids: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Nearest centroid (by cosine) of each row of ``x``: (labels int32, similarity float32)."""
+    if len(x) == 0:
+        return np.empty(0, np.int32), np.empty(0, np.float32)
+    index = faiss.IndexFlatIP(centroids.shape[1])
+    index.add(np.ascontiguousarray(centroids, dtype=np.float32))
+    sims, labels = index.search(np.ascontiguousarray(x, dtype=np.float32), 1)
     return labels.ravel().astype(np.int32), sims.ravel().astype(np.float32)
+
+
+def cluster_vectors(vectors, k: int, *, seed: int = SEED) -> tuple[np.ndarray, np.ndarray, str]:
+    """Train on a sample of ``vectors`` (a source or a matrix), assign every vector where it is
+    stored. Returns labels, cosine to the centroid, and the training backend."""
+    source = as_source(vectors)
+    n = source.n
+    rng = np.random.default_rng(seed)
+    size = min(n, max(1, k) * POINTS_PER_CENTROID)
+    sample_ids = np.sort(rng.choice(n, size=size, replace=False)) if size < n else np.arange(n)
+    backend = kmeans_backend() if k > 1 else "mean"
+    centroids = train_centroids(source.take(sample_ids), k, backend=backend)
+    parts = map_vectors(source, assign, centroids)
+    labels = np.concatenate([p[0] for p in parts]) if parts else np.empty(0, np.int32)
+    sims = np.concatenate([p[1] for p in parts]) if parts else np.empty(0, np.float32)
+    return labels, sims, backend
+
+
+def kmeans_assign(x: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+    """Labels and cosine-to-centroid for each row of an in-memory L2-normalised ``x``."""
+    labels, sims, _ = cluster_vectors(x, k)
+    return labels, sims
 
 
 class ClustersScore:
@@ -52,13 +107,20 @@ class ClustersScore:
     columns = ("cluster", "cluster_similarity")
 
     def compute(self, ctx: ScoreContext) -> pa.Table:
-        x = ctx.embeddings_ok
-        k = choose_n_clusters(len(x), ctx.config.n_clusters, ctx.budget)
-        if len(x):
-            labels, sims = kmeans_assign(x, k)
+        n_ok = ctx.vectors.n
+        k = choose_n_clusters(n_ok, ctx.config.n_clusters, ctx.budget)
+        if n_ok:
+            labels, sims, backend = cluster_vectors(ctx.vectors, k)
         else:
-            labels, sims = np.empty(0, np.int32), np.empty(0, np.float32)
+            labels, sims, backend = np.empty(0, np.int32), np.empty(0, np.float32), "none"
+        log.info("clusters: k=%d (%s)", k, backend)
         return pa.table({
             "cluster": pa.array(ctx.scatter(labels, -1, np.int32), pa.int32()),
             "cluster_similarity": masked(ctx.scatter(sims, np.nan, np.float32), ctx.ok, pa.float32()),
         })
+
+    def summary(self, table: pa.Table) -> dict:
+        import pyarrow.compute as pc
+
+        clusters = pc.filter(table["cluster"], pc.greater_equal(table["cluster"], 0))
+        return {"clusters": len(pc.unique(clusters)), "kmeans_backend": kmeans_backend()}

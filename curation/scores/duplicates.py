@@ -147,8 +147,10 @@ class DuplicatesScore:
             left, right = phash_pairs(hashes[idx], cfg.near_duplicate_hamming)
             if len(left):
                 a, b = idx[left], idx[right]
-                emb = ctx.embeddings_ok
-                cos = np.einsum("ij,ij->i", emb[a], emb[b])
+                # Only the pairs' own vectors are fetched from the store.
+                ends, inverse = np.unique(np.concatenate([a, b]), return_inverse=True)
+                emb = ctx.vectors.take(ends)
+                cos = np.einsum("ij,ij->i", emb[inverse[: len(a)]], emb[inverse[len(a):]])
                 local = np.maximum(reference[a], reference[b])
                 keep = (cos >= PHASH_MIN_COSINE) & (1.0 - cos <= np.maximum(PHASH_RATIO * local, CERTAIN_DISTANCE))
                 for x, y in zip(a[keep], b[keep]):
@@ -194,3 +196,11 @@ class DuplicatesScore:
             "dup_kind": pa.array(full_kind, pa.string()),
             REASON_COLUMN: pa.array(reasons, pa.string()),
         })
+
+    def summary(self, table: pa.Table) -> dict:
+        import pyarrow.compute as pc
+
+        kinds = pc.value_counts(table["dup_kind"].drop_null()).to_pylist()
+        return {"flags": {"duplicates_not_kept": int(table["dup_of"].is_valid().to_numpy(zero_copy_only=False).sum()),
+                          "duplicate_groups": len(pc.unique(table["dup_group"].drop_null()))},
+                "by_kind": {str(v["values"]): int(v["counts"]) for v in kinds}}

@@ -14,7 +14,7 @@ from __future__ import annotations
 import numpy as np
 import pyarrow as pa
 
-from curation.scores.base import REASON_COLUMN, ScoreContext
+from curation.scores.base import REASON_COLUMN, ScoreContext, count_true
 
 
 class JunkScore:
@@ -51,6 +51,11 @@ class JunkScore:
         })
 
 
-def is_junk(columns: dict[str, np.ndarray]) -> np.ndarray:
-    """Any junk flag set."""
-    return (columns["is_dark"] | columns["is_bright"] | columns["is_blurry"] | columns["is_low_information"])
+    def summary(self, table: pa.Table) -> dict:
+        return {"flags": count_true(table, *self.columns)}
+
+
+def is_junk(columns) -> np.ndarray:
+    """The one junk rule: any junk flag set (a mapping of numpy columns or a DataFrame)."""
+    flags = [np.asarray(columns[name], dtype=bool) for name in JunkScore.columns]
+    return np.logical_or.reduce(flags)

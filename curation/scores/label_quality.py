@@ -27,7 +27,7 @@ from __future__ import annotations
 import numpy as np
 import pyarrow as pa
 
-from curation.scores.base import REASON_COLUMN, ScoreContext, masked
+from curation.scores.base import REASON_COLUMN, ScoreContext, count_true, masked
 
 TEMPERATURE = 0.1
 PRIOR_WEIGHT = 0.1
@@ -105,3 +105,6 @@ class LabelQualityScore:
             "is_suspected_mislabel": suspected,
             REASON_COLUMN: pa.array(reasons, pa.string()),
         })
+
+    def summary(self, table: pa.Table) -> dict:
+        return {"flags": count_true(table, "is_suspected_mislabel")}

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import numpy as np
 import pyarrow as pa
-from scipy.stats import rankdata
 
 from curation.scores.base import ScoreContext, masked
 
@@ -20,7 +19,19 @@ def rank_normalise(values: np.ndarray) -> np.ndarray:
         return values.astype(np.float32)
     if len(values) == 1:
         return np.array([0.5], np.float32)
-    return ((rankdata(values, method="average") - 1) / (len(values) - 1)).astype(np.float32)
+    return ((average_ranks(values) - 1) / (len(values) - 1)).astype(np.float32)
+
+
+def average_ranks(values: np.ndarray) -> np.ndarray:
+    """1-based ranks, ties sharing the mean of their positions."""
+    order = np.argsort(values, kind="stable")
+    sorted_values = values[order]
+    starts = np.flatnonzero(np.r_[True, sorted_values[1:] != sorted_values[:-1]])
+    ends = np.r_[starts[1:], len(values)]
+    mean_rank = (starts + ends + 1) / 2.0  # positions start..end-1, 1-based
+    ranks = np.empty(len(values), np.float64)
+    ranks[order] = np.repeat(mean_rank, ends - starts)
+    return ranks
 
 
 class SparsenessScore:
@@ -37,3 +48,6 @@ class SparsenessScore:
             "sparseness": masked(ctx.scatter(rank_normalise(distance), np.nan, np.float32), ctx.ok, pa.float32()),
             "neighbor_similarity": masked(ctx.scatter(nearest, np.nan, np.float32), ctx.ok, pa.float32()),
         })
+
+    def summary(self, table: pa.Table) -> dict:
+        return {}
