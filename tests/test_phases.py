@@ -1,0 +1,211 @@
+"""The job's structure: sizing rules, the Ray decision, registries, preflight checks, failed runs
+that publish nothing, and vectors that never reach the driver."""
+
+from __future__ import annotations
+
+import json
+import os
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+
+from curation.config import SELECTION_MODES, ConfigError, EmbedderConfig, load_config
+from curation.session import ClusterResources, embed_pool_size, needs_ray, shard_count
+
+
+def test_embed_pool_on_cpu_leaves_cpus_for_decoding():
+    pool = embed_pool_size(EmbedderConfig(), ClusterResources(cpus=2, gpus=0))
+    assert (pool["min_size"], pool["max_size"], pool["device"]) == (1, 1, "cpu")
+    # An explicit max above half the CPUs is capped: two CPU actors on 2 CPUs starve the readers.
+    assert embed_pool_size(EmbedderConfig(max_actors=4), ClusterResources(cpus=2, gpus=0))["max_size"] == 1
+    assert embed_pool_size(EmbedderConfig(), ClusterResources(cpus=16, gpus=0))["max_size"] == 8
+
+
+def test_embed_pool_on_gpus_honours_max_actors_above_the_gpus_present():
+    # An autoscaling GPU worker group starts with 0-1 GPUs: an explicit max must not be capped to them.
+    pool = embed_pool_size(EmbedderConfig(max_actors=8), ClusterResources(cpus=4, gpus=1))
+    assert (pool["max_size"], pool["device"], pool["per_actor"]["num_gpus"]) == (8, "cuda", 1)
+    assert embed_pool_size(EmbedderConfig(), ClusterResources(cpus=32, gpus=4))["max_size"] == 4
+    assert embed_pool_size(EmbedderConfig(device="cuda", max_actors=2), ClusterResources(cpus=4, gpus=0))["device"] == "cuda"
+    assert embed_pool_size(EmbedderConfig(device="cpu"), ClusterResources(cpus=4, gpus=2))["device"] == "cpu"
+
+
+def test_shard_count():
+    assert shard_count(0, 1_000_000, ClusterResources(cpus=16, gpus=0)) == 8
+    assert shard_count(3, 1_000_000, ClusterResources(cpus=2, gpus=0)) == 3
+    assert shard_count(0, 1, ClusterResources(cpus=16, gpus=0)) == 1
+
+
+def test_needs_ray_is_decided_once_from_the_config_and_n():
+    base = {"output": {"uri": "/o"}}
+    images = load_config(data={**base, "input": {"images": "/i"}})
+    emb = load_config(data={**base, "input": {"embeddings": "/e"}})
+    assert needs_ray(images, 10)
+    assert not needs_ray(emb, 10) and needs_ray(emb, 50_000)
+    assert needs_ray(load_config(data={**base, "input": {"embeddings": "/e"}, "knn": {"shards": 2}}), 10)
+
+
+def test_selection_modes_registry_matches_the_config():
+    from curation.select import MODES
+
+    assert set(MODES) == set(SELECTION_MODES)
+
+
+def test_reserved_columns_include_every_score_column():
+    from curation.scores import REGISTRY, reserved_columns
+
+    reserved = reserved_columns()
+    assert {"dup_kind", "cluster_similarity", "vector_id"} <= reserved
+    assert all(c in reserved for score in REGISTRY for c in score.columns)
+
+
+def test_manifest_column_named_like_a_score_column_is_refused(tmp_path):
+    from curation.io.filesystem import Resolver
+    from curation.io.inputs import list_inputs
+
+    pq.write_table(pa.table({"uri": ["a.jpg"], "dup_kind": ["x"]}), tmp_path / "m.parquet")
+    config = load_config(data={"input": {"manifest": str(tmp_path / "m.parquet")}, "output": {"uri": str(tmp_path)}})
+    with pytest.raises(ConfigError, match="'dup_kind' clashes"):
+        list_inputs(config, Resolver())
+
+
+@pytest.mark.parametrize("key, value, message", [
+    ("decode.batch_size", 0, "'decode.batch_size': must be >= 1"),
+    ("knn.exact_below", -1, "'knn.exact_below': must be >= 0"),
+    ("scores.blurry_sharpness", -0.1, "'scores.blurry_sharpness': must be >= 0"),
+    ("scores.low_information_std", 2, "'scores.low_information_std': must be in [0, 1]"),
+    ("scores.n_clusters", -2, "'scores.n_clusters': must be >= 0"),
+    ("scores.map_points", -1, "'scores.map_points': must be >= 0"),
+])
+def test_ranges_are_checked_at_load_time(key, value, message):
+    with pytest.raises(ConfigError, match=message.replace("[", r"\[").replace("]", r"\]")):
+        load_config(data={"input": {"images": "/i"}, "output": {"uri": "/o"}}, overrides=[f"{key}={value}"])
+
+
+def _images(tmp_path, n=6):
+    from PIL import Image
+
+    folder = tmp_path / "images"
+    folder.mkdir()
+    rng = np.random.default_rng(1)
+    for i in range(n):
+        Image.fromarray(rng.integers(0, 255, (32, 32, 3), dtype=np.uint8)).save(folder / f"{i}.png")
+    return folder
+
+
+@pytest.mark.parametrize("selection, message", [
+    ({"name": "s", "mode": "clean", "where": "lable == 'cat'"}, "'selections[0].where'"),
+    ({"name": "s", "mode": "clean", "balance_on": "site"}, "'selections[0].balance_on': no column 'site'"),
+])
+def test_bad_where_or_balance_on_fails_in_preflight(tmp_path, selection, message):
+    from curation.io.filesystem import Resolver
+    from curation.job import preflight
+
+    config = load_config(data={"input": {"images": str(_images(tmp_path))}, "output": {"uri": str(tmp_path / "out")},
+                               "embedder": {"model": "thumbnail", "weights": "none"}, "selections": [selection]})
+    with pytest.raises(ConfigError, match=message.replace("[", r"\[").replace("]", r"\]")):
+        preflight(config, Resolver())
+    assert not (tmp_path / "out").exists()
+
+
+def test_where_on_a_score_column_passes_preflight(tmp_path):
+    from curation.io.filesystem import Resolver
+    from curation.job import preflight
+
+    config = load_config(data={"input": {"images": str(_images(tmp_path))}, "output": {"uri": str(tmp_path / "out")},
+                               "embedder": {"model": "thumbnail", "weights": "none"},
+                               "selections": [{"name": "s", "mode": "clean",
+                                               "where": "label == 'a' and sparseness < 0.5 and width >= 10"}]})
+    assert preflight(config, Resolver()).count == 6
+
+
+def test_cluster_training_falls_back_to_faiss_without_cuml(monkeypatch):
+    import builtins
+
+    from curation.scores import clusters
+
+    real_import = builtins.__import__
+
+    def no_cuml(name, *args, **kwargs):
+        if name.startswith("cuml"):
+            raise ImportError("no cuML here")
+        return real_import(name, *args, **kwargs)
+
+    monkeypatch.setattr(builtins, "__import__", no_cuml)
+    assert clusters.kmeans_backend() == "faiss"
+    rng = np.random.default_rng(0)
+    x = np.concatenate([rng.normal(size=(50, 8)) + 6 * np.eye(8)[i] for i in range(3)]).astype(np.float32)
+    x /= np.linalg.norm(x, axis=1, keepdims=True)
+    labels, sims, backend = clusters.cluster_vectors(x, 3)
+    assert backend == "faiss" and len(set(labels[:50])) == 1 and len(set(labels)) == 3 and (sims > 0.5).all()
+
+
+def _embeddings_config(tmp_path, n=600, d=16, **knn):
+    rng = np.random.default_rng(3)
+    centers = rng.normal(size=(4, d))
+    x = np.concatenate([c + 0.3 * rng.normal(size=(n // 4, d)) for c in centers]).astype(np.float32)
+    labels = [str(i // (n // 4)) for i in range(n)]
+    table = pa.table({"uri": [f"s3://lake/{i}.jpg" for i in range(n)], "label": labels,
+                      "embedding": pa.FixedSizeListArray.from_arrays(pa.array(x.ravel()), d)})
+    pq.write_table(table, tmp_path / "emb.parquet", row_group_size=100)
+    return load_config(data={"input": {"embeddings": str(tmp_path / "emb.parquet")}, "knn": knn,
+                             "selections": [{"name": "train", "mode": "representative", "budget": 40},
+                                            {"name": "clean", "mode": "clean"}],
+                             "output": {"uri": str(tmp_path / "out")}})
+
+
+def test_vectors_never_reach_the_driver_on_the_sharded_path(ray_local, tmp_path, monkeypatch):
+    """Shards, query tasks, cluster assignment, the map sample and the representative's
+    per-class fetches all read vectors in Ray workers: reading them in this (driver) process fails."""
+    from curation.index import source
+    from curation.job import run_job
+
+    driver = os.getpid()
+
+    def guarded(original):
+        def call(*args, **kwargs):
+            if os.getpid() == driver:
+                raise AssertionError("vectors read on the driver")
+            return original(*args, **kwargs)
+        return call
+
+    monkeypatch.setattr(source.VectorParts, "read", guarded(source.VectorParts.read))
+    monkeypatch.setattr(source, "_take_rows", guarded(source._take_rows))
+    result = run_job(_embeddings_config(tmp_path, exact_below=100, shards=2))
+    assert result.run_info["knn"]["kind"] == "ivf"
+    assert result.run_info["counts"]["ok"] == 600
+    train = pq.read_table(os.path.join(result.run_uri, "selections", "train.parquet"))
+    assert train.num_rows == 40 and sorted(set(train["label"].to_pylist())) == ["0", "1", "2", "3"]
+    assert result.samples["cluster"].null_count == 0 and min(result.samples["cluster"].to_pylist()) >= 0
+
+
+def test_a_run_with_no_usable_item_publishes_nothing_and_keeps_latest(ray_local, tmp_path):
+    """A good run publishes; a later run whose every input is corrupt fails, leaves no
+    _SUCCESS and does not move latest; an empty input folder fails the same way."""
+    from curation.job import NothingToPublish, run_job
+
+    good = run_job(_embeddings_config(tmp_path))
+    out = tmp_path / "out"
+    before = json.loads((out / "latest").read_text())
+    assert before["run_id"] == good.run_id
+
+    bad = tmp_path / "bad"
+    bad.mkdir()
+    for i in range(3):
+        (bad / f"{i}.jpg").write_bytes(b"<html>not an image</html>")
+    config = load_config(data={"input": {"images": str(bad)}, "output": {"uri": str(out), "run_id": "all-bad"},
+                               "embedder": {"model": "thumbnail", "weights": "none"}})
+    with pytest.raises(NothingToPublish, match="no usable item: 3 inputs"):
+        run_job(config)
+    assert not (out / "all-bad" / "_SUCCESS").exists()
+    assert json.loads((out / "latest").read_text()) == before
+
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    config = load_config(data={"input": {"images": str(empty)}, "output": {"uri": str(out), "run_id": "empty"},
+                               "embedder": {"model": "thumbnail", "weights": "none"}})
+    with pytest.raises(NothingToPublish, match="no input items"):
+        run_job(config)
+    assert json.loads((out / "latest").read_text()) == before
