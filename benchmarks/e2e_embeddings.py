@@ -23,48 +23,7 @@ import numpy as np
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 os.environ.setdefault("RAY_AUTH_MODE", "disabled")
 
-from benchmarks.ingest import PeakSampler  # noqa: E402
-
-
-def write_embeddings(path: str, n: int, d: int, clusters: int, classes: int, flip: float, dups: float, seed: int = 0):
-    """Clustered vectors; labels = cluster mod classes, a share flipped; the last ``dups`` share
-    of rows are near copies (cosine ~0.99) of rows from the first chunk."""
-    import pyarrow as pa
-    import pyarrow.parquet as pq
-
-    rng = np.random.default_rng(seed)
-    centers = rng.normal(size=(clusters, d)).astype(np.float32)
-    assign = rng.integers(clusters, size=n)
-    labels = (assign % classes).astype(np.int64)
-    flipped = rng.random(n) < flip
-    labels[flipped] = (labels[flipped] + rng.integers(1, classes, flipped.sum())) % classes
-    chunk = 100_000
-    n_dups = int(n * dups)
-    dup_items = np.arange(n - n_dups, n)
-    dup_src = rng.choice(min(chunk, n - n_dups), n_dups, replace=False)
-    labels[dup_items] = labels[dup_src]
-    flipped[dup_items] = flipped[dup_src]
-    os.makedirs(path, exist_ok=True)
-    first = None
-    for part, start in enumerate(range(0, n, chunk)):
-        stop = min(n, start + chunk)
-        x = centers[assign[start:stop]] + rng.normal(size=(stop - start, d)).astype(np.float32)
-        x /= np.linalg.norm(x, axis=1, keepdims=True)
-        if first is None:
-            first = x.copy()
-        idx = np.arange(start, stop)
-        is_dup = idx >= n - n_dups
-        if is_dup.any():
-            src = dup_src[idx[is_dup] - (n - n_dups)]
-            copy = first[src] + (0.15 / np.sqrt(d)) * rng.normal(size=(len(src), d)).astype(np.float32)
-            x[is_dup] = copy / np.linalg.norm(copy, axis=1, keepdims=True)
-        table = pa.table({
-            "uri": [f"s3://lake/img/{i:08d}.jpg" for i in idx],
-            "embedding": pa.FixedSizeListArray.from_arrays(pa.array(x.ravel()), d),
-            "label": [f"class{c}" for c in labels[start:stop]],
-        })
-        pq.write_table(table, os.path.join(path, f"part-{part:05d}.parquet"))
-    return flipped, dup_src, dup_items
+from benchmarks._common import PeakSampler, write_embeddings  # noqa: E402
 
 
 def main() -> None:

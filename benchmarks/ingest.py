@@ -7,7 +7,8 @@ bucket of the local SeaweedFS server), then measures in one run:
   on a 2-CPU box while the embedding actor holds the other);
 * embed-only: the model's raw forward throughput on pre-decoded uint8 tensors with the
   actor's thread count and batch size (``EmbedStage.embed``);
-* end-to-end: ``pipeline.decode_and_embed`` through Ray Data (tasks + actor pool).
+* end-to-end: ``pipeline.embed_to_storage`` through Ray Data (tasks + actor pool + the
+  embeddings datasink writing Parquet from the workers).
 
 and reports pipeline efficiency = end-to-end / slowest stage alone, and embed efficiency =
 end-to-end / raw forward when the model is the slowest stage. With ``--memory`` it also runs
@@ -25,13 +26,14 @@ import json
 import os
 import sys
 import tempfile
-import threading
 import time
 
 import numpy as np
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 os.environ.setdefault("RAY_AUTH_MODE", "disabled")
+
+from benchmarks._common import PeakSampler  # noqa: E402
 
 
 def make_photos(folder: str, n: int, seed: int = 0) -> list[str]:
@@ -56,47 +58,6 @@ def make_photos(folder: str, n: int, seed: int = 0) -> list[str]:
         with open(path, "wb") as fh:
             fh.write(buf.getvalue())
     return paths
-
-
-def process_tree_rss() -> int:
-    """RSS of this process and all its descendants (Ray workers included), in bytes."""
-    total = 0
-    pids = [os.getpid()]
-    seen = set()
-    while pids:
-        pid = pids.pop()
-        if pid in seen:
-            continue
-        seen.add(pid)
-        try:
-            with open(f"/proc/{pid}/status") as fh:
-                for line in fh:
-                    if line.startswith("VmRSS:"):
-                        total += int(line.split()[1]) * 1024
-            with open(f"/proc/{pid}/task/{pid}/children") as fh:
-                pids.extend(int(c) for c in fh.read().split())
-        except OSError:
-            continue
-    return total
-
-
-class PeakSampler:
-    def __init__(self):
-        self.peak = 0
-        self._stop = threading.Event()
-
-    def __enter__(self):
-        self.thread = threading.Thread(target=self._run, daemon=True)
-        self.thread.start()
-        return self
-
-    def _run(self):
-        while not self._stop.wait(0.2):
-            self.peak = max(self.peak, process_tree_rss())
-
-    def __exit__(self, *exc):
-        self._stop.set()
-        self.thread.join()
 
 
 def decode_only(paths: list[str], image_size: int) -> float:
@@ -129,6 +90,10 @@ def embed_only(model: str, image_size: int, batch: int, threads: int, seconds: f
 
 
 def end_to_end(uris: list[str], model: str, image_size: int, batch: int, storage: dict | None = None) -> tuple[float, int]:
+    """The job's decode -> embed -> embeddings datasink graph over ``uris`` (vectors written to a
+    temporary folder by the workers). Returns images/s and the peak RSS of the process tree."""
+    import shutil
+
     import pyarrow as pa
 
     from curation import pipeline
@@ -139,12 +104,15 @@ def end_to_end(uris: list[str], model: str, image_size: int, batch: int, storage
                                "embedder": {"model": model, "weights": "none", "image_size": image_size,
                                             "batch_size": batch}, "storage": storage or {}})
     inputs = pa.table({"input_id": pa.array(np.arange(len(uris), dtype=np.int64)), "uri": uris,
-                       "label": pa.nulls(len(uris), pa.string()), "input_error": pa.nulls(len(uris), pa.string())})
+                       "input_error": pa.nulls(len(uris), pa.string()), "fingerprint": pa.nulls(len(uris), pa.string())})
     resolver = Resolver(config.storage)
+    folder = tempfile.mkdtemp(prefix="curation-bench-emb-")
     with PeakSampler() as sampler:
         t = time.perf_counter()
-        table = pipeline.collect_table(pipeline.decode_and_embed(inputs, config, resolver))
+        table = pipeline.embed_to_storage(inputs, None, config, resolver, folder=resolver.resolve(folder),
+                                          model_id="bench")
         elapsed = time.perf_counter() - t
+    shutil.rmtree(folder, ignore_errors=True)
     assert table.num_rows == len(uris) and (np.array(table["status"].to_pylist()) == "ok").all()
     return len(uris) / elapsed, sampler.peak
 

@@ -52,7 +52,7 @@ def run_datalab(data: str, work: str) -> dict:
 
 
 def child(tool: str, data: str, work: str, out: str) -> None:
-    from benchmarks.ingest import PeakSampler
+    from benchmarks._common import PeakSampler
 
     with PeakSampler() as sampler:
         t = time.perf_counter()
@@ -77,7 +77,7 @@ def main() -> None:
 
     from sklearn.metrics import roc_auc_score
 
-    from benchmarks.e2e_embeddings import write_embeddings
+    from benchmarks._common import write_embeddings
 
     folder = os.path.join(args.work, f"emb-{args.n}")
     flipped, dup_src, dup_items = write_embeddings(folder, args.n, args.d, 200, 20, 0.05, 0.01)

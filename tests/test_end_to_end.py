@@ -57,16 +57,39 @@ def test_local_run_finds_planted_defects(local_run):
     assert rows["corrupt (rejected)"]["recall"] == 1.0
 
 
-def test_rerun_moves_latest_only_after_success(local_run, tmp_path):
+def test_rerun_moves_latest_only_after_success(local_run, monkeypatch):
+    """A run that fails after its outputs started (a score raises) leaves no _SUCCESS and does
+    not move latest; the next good run does."""
     result, out, truth, root = local_run
     import json
 
-    before = json.load(open(os.path.join(out, "latest")))
+    from curation.scores import REGISTRY
+
+    latest = os.path.join(out, "latest")
+    before = json.load(open(latest))
     assert before["run_id"] == result.run_id
     assert os.path.exists(os.path.join(result.run_uri, "_SUCCESS"))
     run_json = json.load(open(os.path.join(result.run_uri, "run.json")))
     assert run_json["embedder"]["model"] == "thumbnail" and run_json["embedder"]["warning"]
     assert run_json["config"]["output"]["uri"] == out
+
+    def fail(ctx):
+        raise RuntimeError("injected score failure")
+
+    config = _config(os.path.join(root, "images"), os.path.join(root, "labels.csv"), out)
+    config.output.run_id = "failed-run"
+    monkeypatch.setattr(next(s for s in REGISTRY if s.name == "sparseness"), "compute", fail)
+    with pytest.raises(RuntimeError, match="injected score failure"):
+        run_job(config)
+    assert os.path.isdir(os.path.join(out, "failed-run", "embeddings"))  # it had started writing
+    assert not os.path.exists(os.path.join(out, "failed-run", "_SUCCESS"))
+    assert json.load(open(latest)) == before
+
+    monkeypatch.undo()
+    config.output.run_id = "second-run"
+    second = run_job(config)
+    assert json.load(open(latest))["run_id"] == "second-run" == second.run_id
+    assert second.run_info["embedder"]["store"]["embedded"] == 0  # the store made the rerun cheap
 
 
 def test_s3_in_and_out(ray_local, s3, demo_set):
