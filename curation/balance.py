@@ -17,10 +17,10 @@ from __future__ import annotations
 import math
 
 import numpy as np
-import pandas as pd
 import pyarrow as pa
+import pyarrow.compute as pc
 
-from curation.schema import SCHEMA_COLUMNS, STATUS_OK
+from curation.schema import SCHEMA_COLUMNS, is_ok
 
 MAX_VALUES = 50
 NULL_VALUE = "<null>"
@@ -32,10 +32,11 @@ def metadata_columns(samples: pa.Table, score_columns: set[str]) -> list[str]:
             if name not in SCHEMA_COLUMNS and name not in score_columns and not name.startswith("_")]
 
 
-def distribution(values: pd.Series, universe: list[str] | None = None) -> dict:
-    """Counts and balance summaries of ``values`` (nulls counted as ``<null>``)."""
-    counts = values.astype(object).where(values.notna(), NULL_VALUE).astype(str).value_counts()
-    out: dict = {"counts": {str(k): int(v) for k, v in counts.sort_index().items()}}
+def distribution(values, universe: list[str] | None = None) -> dict:
+    """Counts and balance summaries of an Arrow string column (nulls counted as ``<null>``)."""
+    filled = pc.fill_null(values, NULL_VALUE)
+    counts = {str(v["values"]): int(v["counts"]) for v in pc.value_counts(filled).to_pylist()} if len(filled) else {}
+    out: dict = {"counts": dict(sorted(counts.items()))}
     missing = sorted(set(universe or []) - set(out["counts"]))
     present = np.array(list(out["counts"].values()), np.float64)
     if len(present) == 0:
@@ -54,22 +55,26 @@ def distribution(values: pd.Series, universe: list[str] | None = None) -> dict:
 def balance_stats(samples: pa.Table, selections: dict[str, pa.Table], score_columns: set[str]) -> dict:
     """``{column: {"ok": distribution, "selections": {name: distribution}}}`` for the label and
     every low-cardinality metadata column; see the module docstring."""
-    df = samples.to_pandas()
-    ok = df[df["status"] == STATUS_OK]
-    # A manifest may list one object twice; a selection row names it by uri, so the first row speaks for it.
-    by_uri = ok.drop_duplicates("uri").set_index("uri")
+    columns = (["label"] if samples["label"].null_count < samples.num_rows else []) + metadata_columns(
+        samples, score_columns)
+    if not columns:
+        return {}
+    ok = samples.filter(pa.array(is_ok(samples["status"]))).select(["uri", *columns])
     stats: dict = {}
-    columns = (["label"] if df["label"].notna().any() else []) + metadata_columns(samples, score_columns)
     for column in columns:
-        distinct = ok[column].astype(object).where(ok[column].notna(), NULL_VALUE).astype(str).nunique()
+        values = ok[column].cast(pa.string()) if not pa.types.is_string(ok[column].type) else ok[column]
+        distinct = len(pc.unique(values))
         if distinct > MAX_VALUES:
             stats[column] = {"skipped": f"{distinct} distinct values among ok items (more than {MAX_VALUES})"}
             continue
-        overall = distribution(ok[column])
+        overall = distribution(values)
         universe = list(overall["counts"])
         per_selection = {}
         for name, table in selections.items():
-            uris = table["uri"].to_pylist()
-            per_selection[name] = distribution(by_uri[column].reindex(uris), universe)
+            # A manifest may list one object twice; a selection row names it by uri, so the
+            # first ok row with that uri speaks for it.
+            where = pc.index_in(table["uri"], value_set=ok["uri"].combine_chunks())
+            picked = values.take(where)
+            per_selection[name] = distribution(picked, universe)
         stats[column] = {"ok": overall, "selections": per_selection}
     return stats

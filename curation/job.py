@@ -17,6 +17,7 @@ The run holds one Ray session from ingest to selections (:func:`curation.session
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import platform
 import time
@@ -86,25 +87,44 @@ class Neighbours:
 
 
 class Clock:
-    """Seconds per phase for run.json, and a log line as each phase ends."""
+    """Seconds and the driver's peak memory per phase, for run.json, and a log line as each ends."""
 
     def __init__(self):
         self.start = time.perf_counter()
         self.timings: dict[str, float] = {}
+        self.peak_bytes: dict[str, int] = {}
 
+    @contextlib.contextmanager
     def phase(self, name: str):
-        clock = self
+        _reset_peak_memory()
+        t = time.perf_counter()
+        yield
+        self.timings[name] = round(time.perf_counter() - t, 3)
+        peak = _peak_memory()
+        if peak:
+            self.peak_bytes[name] = peak
+        log.info("phase %s done in %.1fs (driver peak %.0f MiB)", name, self.timings[name], peak / 2**20)
 
-        class _Phase:
-            def __enter__(self):
-                self.t = time.perf_counter()
 
-            def __exit__(self, *exc):
-                clock.timings[name] = round(time.perf_counter() - self.t, 3)
-                if exc[0] is None:
-                    log.info("phase %s done in %.1fs", name, clock.timings[name])
+def _reset_peak_memory() -> None:
+    """Restart the kernel's peak-RSS counter of this process (Linux; elsewhere a no-op)."""
+    try:
+        with open("/proc/self/clear_refs", "w") as fh:
+            fh.write("5")
+    except OSError:
+        pass
 
-        return _Phase()
+
+def _peak_memory() -> int:
+    """This process's peak RSS since the last reset, in bytes (0 where /proc is missing)."""
+    try:
+        with open("/proc/self/status") as fh:
+            for line in fh:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return 0
 
 
 def run_job(config: Config, *, resolver: Resolver | None = None, plan: Plan | None = None) -> RunResult:
@@ -296,7 +316,9 @@ def publish(plan: Plan, config: Config, ingested: Ingested, neighbours: Neighbou
 
     run = plan.run
     with clock.phase("write_outputs"):
-        samples = outputs.order_samples(samples.sort_by("input_id"))
+        if not (np.diff(samples["input_id"].to_numpy()) > 0).all():
+            samples = samples.sort_by("input_id")
+        samples = outputs.order_samples(samples)
         ok = is_ok(samples["status"])
         counts = {"inputs": plan.count, "ok": int(ok.sum()), "rejected": int((~ok).sum())}
         if samples.num_rows != plan.count or counts["ok"] + counts["rejected"] != counts["inputs"]:
@@ -332,6 +354,7 @@ def publish(plan: Plan, config: Config, ingested: Ingested, neighbours: Neighbou
     clock.timings.update({f"score_{k}": v for k, v in score_report["timings_s"].items()})
     clock.timings["total"] = round(time.perf_counter() - clock.start, 3)
     run_info["timings_s"] = clock.timings
+    run_info["driver_peak_bytes"] = clock.peak_bytes
     outputs.write_json(run.child("run.json"), run_info)
     outputs.publish(plan.output, plan.run_id)
     log.info("published %s: %d inputs, %d ok, %d rejected in %.1fs", run.uri, counts["inputs"], counts["ok"],

@@ -7,6 +7,9 @@ from collections import Counter
 
 import numpy as np
 import pyarrow as pa
+import pyarrow.compute as pc
+
+from curation.schema import STATUS_REJECTED
 
 PALETTE = ["#4e79a7", "#f28e2b", "#e15759", "#76b7b2", "#59a14f", "#edc948", "#b07aa1", "#ff9da7",
            "#9c755f", "#bab0ac"]
@@ -48,9 +51,8 @@ def _scatter(samples: pa.Table) -> str:
 def render_report(*, run_id: str, samples: pa.Table, run_info: dict, selections: dict[str, pa.Table]) -> str:
     counts = run_info["counts"]
     flags = run_info["flags"]
-    status = samples["status"].to_pylist()
-    reasons = samples["reason"].to_pylist()
-    rejected = Counter((r or "").split(":")[0] for s, r in zip(status, reasons) if s == "rejected")
+    rejected_reasons = samples.filter(pc.equal(samples["status"], STATUS_REJECTED))["reason"].to_pylist()
+    rejected = Counter((r or "").split(":")[0] for r in rejected_reasons)
     review = selections.get("label_review")
     parts = [
         "<!doctype html><html><head><meta charset=utf-8>",

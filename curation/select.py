@@ -30,6 +30,7 @@ checked against the known columns before any work (:func:`check_selection_column
 from __future__ import annotations
 
 import logging
+import re
 from dataclasses import dataclass
 from typing import ClassVar, Protocol, Sequence
 
@@ -37,6 +38,7 @@ import faiss
 import numpy as np
 import pandas as pd
 import pyarrow as pa
+import pyarrow.compute as pc
 
 from curation.config import ConfigError, ScoresConfig, SelectionConfig, parse_class_balance
 from curation.index.source import as_source
@@ -114,21 +116,30 @@ def interleave_by(order: np.ndarray, groups: np.ndarray) -> np.ndarray:
 
 
 class SampleView:
-    """The scored samples as the modes read them: a DataFrame plus the shared masks.
+    """The scored samples as the modes read them: the columns they need plus the shared masks.
+
+    Only the columns the modes read, and those a ``where`` or ``balance_on`` names, are
+    converted (strings stay Arrow-backed), so the view costs tens of bytes per item.
 
     Args:
         samples: the scored samples (one row per input).
         scores: thresholds (rare tail, label quality).
         vectors: the ok rows' vectors (a source in storage or a matrix); vector id of row r is
             ``vector_of_row[r]``.
+        columns: extra columns to make available (named by ``where`` / ``balance_on``).
     """
 
-    def __init__(self, samples: pa.Table, scores: ScoresConfig, vectors):
-        self.df = samples.to_pandas()
+    NEEDED = ("uri", "label", "status", "dup_of", "is_suspected_mislabel", "label_quality", "sparseness",
+              "suggested_label", "cluster", "is_dark", "is_bright", "is_blurry", "is_low_information")
+
+    def __init__(self, samples: pa.Table, scores: ScoresConfig, vectors, columns: set[str] | frozenset = frozenset()):
+        keep = [c for c in samples.column_names if c in self.NEEDED or c in columns]
+        self.table = samples.select(keep)
+        self.df = self.table.to_pandas()
         self.scores = scores
         self.vectors = as_source(vectors)
         self.ok = is_ok(samples["status"])
-        self.vector_of_row = np.full(len(self.df), -1, np.int64)
+        self.vector_of_row = np.full(samples.num_rows, -1, np.int64)
         self.vector_of_row[ok_rows_in_vector_order(samples)] = np.arange(int(self.ok.sum()))
         df = self.df
         self.junk = is_junk(df)
@@ -138,13 +149,29 @@ class SampleView:
         self.sparseness = df["sparseness"].to_numpy(np.float64)
         self.labelled = df["label"].notna().to_numpy()
 
-    def values(self, column: str, *, selection: str = "") -> np.ndarray:
-        """A column as objects with nulls as ``'<null>'`` (for grouping)."""
-        if column not in self.df.columns:
+    def groups(self, column: str, *, selection: str = "") -> tuple[np.ndarray, list[str]]:
+        """``(code per row, value of each code)`` for grouping by ``column`` (null is ``'<null>'``)."""
+        if column not in self.table.column_names:
             raise ConfigError(f"selection {selection!r} balance_on: no column {column!r} "
-                              f"(columns: {', '.join(self.df.columns)})")
-        col = self.df[column]
-        return col.astype(object).where(col.notna(), "<null>").to_numpy()
+                              f"(columns: {', '.join(self.table.column_names)})")
+        encoded = pc.dictionary_encode(self.table[column]).combine_chunks()
+        names = [str(v) for v in encoded.dictionary.to_pylist()] + ["<null>"]
+        codes = encoded.indices.to_numpy(zero_copy_only=False).astype(np.float64)
+        return np.nan_to_num(codes, nan=len(names) - 1).astype(np.int64), names
+
+    def cell(self, column: str, row: int):
+        return self.table[column][int(row)].as_py()
+
+
+def columns_named(selections: list[SelectionConfig], available: list[str]) -> set[str]:
+    """Columns that the selections' ``where`` expressions or ``balance_on`` mention."""
+    names = set()
+    for sel in selections:
+        if sel.balance_on:
+            names.add(sel.balance_on)
+        for quoted, bare in re.findall(r"`([^`]+)`|([A-Za-z_][A-Za-z0-9_]*)", sel.where or ""):
+            names.add(quoted or bare)
+    return names & set(available)
 
 
 class Mode(Protocol):
@@ -184,8 +211,8 @@ class LabelReview:
         return Ranked(order, view.quality[order])
 
     def reason(self, view, row, score):
-        return (f"label quality {score:.3f}: labelled {view.df['label'].iat[row]!r}, "
-                f"suggested {view.df['suggested_label'].iat[row]!r}")
+        return (f"label quality {score:.3f}: labelled {view.cell('label', row)!r}, "
+                f"suggested {view.cell('suggested_label', row)!r}")
 
 
 class Clean:
@@ -218,18 +245,21 @@ class Representative:
     def rank(self, view, sel, rows):
         alpha = parse_class_balance(sel.class_balance, key=f"selection {sel.name} class_balance")
         column = sel.balance_on or "label"
-        groups = np.array([str(g) for g in view.values(column, selection=sel.name)], dtype=object)
-        names, capacity = np.unique(groups[rows].astype(str), return_counts=True)
+        codes, names = view.groups(column, selection=sel.name)
+        present, capacity = np.unique(codes[rows], return_counts=True)
+        # Groups in the order of their values, as before (np.unique over the value strings).
+        order = np.argsort([names[c] for c in present], kind="stable")
+        present, capacity = present[order], capacity[order]
         quotas = allocate(sel.budget or len(rows), capacity, capacity.astype(np.float64) ** alpha)
         # One class's vectors at a time are fetched from the store.
-        per_group = [cover(view, rows[groups[rows] == name], int(quota)) for name, quota in zip(names, quotas)]
+        per_group = [cover(view, rows[codes[rows] == code], int(quota)) for code, quota in zip(present, quotas)]
         # Round-robin over groups, so any prefix of the selection is balanced too.
-        order = interleave(per_group)
-        picked = np.array([r for r, _ in order], np.int64)
-        gaps = np.array([c for _, c in order], np.float64)
+        picks = interleave(per_group)
+        picked = np.array([r for r, _ in picks], np.int64)
+        gaps = np.array([c for _, c in picks], np.float64)
         clusters = view.df["cluster"].to_numpy()
-        reasons = [f"representative of {column} {groups[r]!r} (coverage pick: cosine distance {c:.3f} from every "
-                   f"earlier pick of its class; embedding cluster {clusters[r]})" for r, c in order]
+        reasons = [f"representative of {column} {names[codes[r]]!r} (coverage pick: cosine distance {c:.3f} from "
+                   f"every earlier pick of its class; embedding cluster {clusters[r]})" for r, c in picks]
         return Ranked(picked, gaps, reasons)
 
     def reason(self, view, row, score):  # reasons come with the ranking
@@ -287,8 +317,11 @@ class Selector:
         vectors: the ok rows' vectors (for coverage), a source in storage or a matrix.
     """
 
-    def __init__(self, samples: pa.Table, scores: ScoresConfig, vectors):
-        self.view = SampleView(samples, scores, vectors)
+    def __init__(self, samples: pa.Table, scores: ScoresConfig, vectors,
+                 selections: list[SelectionConfig] | None = None):
+        named = columns_named(selections or [], samples.column_names) if selections is not None else set(
+            samples.column_names)
+        self.view = SampleView(samples, scores, vectors, named)
 
     def _where(self, sel: SelectionConfig) -> np.ndarray:
         if not sel.where:
@@ -308,7 +341,8 @@ class Selector:
         ranked = mode.rank(view, sel, np.flatnonzero(eligible))
         rows, scores, reasons = ranked.rows, ranked.scores, ranked.reasons
         if sel.balance_on and sel.mode != Representative.name:
-            order = interleave_by(np.arange(len(rows)), view.values(sel.balance_on, selection=sel.name)[rows])
+            codes, _ = view.groups(sel.balance_on, selection=sel.name)
+            order = interleave_by(np.arange(len(rows)), codes[rows])
             rows, scores = rows[order], scores[order]
         note = None
         if sel.budget is not None:
@@ -317,10 +351,10 @@ class Selector:
             rows, scores = rows[: sel.budget], scores[: sel.budget]
         if reasons is None:  # only for the rows returned
             reasons = [mode.reason(view, int(r), float(c)) for r, c in zip(rows, scores)]
-        df = view.df
+        take = pa.array(rows, pa.int64())
         table = pa.table({
-            "uri": pa.array(df["uri"].to_numpy()[rows], pa.string()),
-            "label": pa.array(df["label"].astype(object).where(df["label"].notna(), None).to_numpy()[rows], pa.string()),
+            "uri": view.table["uri"].take(take).cast(pa.string()),
+            "label": view.table["label"].take(take).cast(pa.string()),
             "rank": pa.array(np.arange(1, len(rows) + 1, dtype=np.int32)),
             "score": pa.array(np.asarray(scores, np.float32), pa.float32()),
             "reason": pa.array(list(reasons)[: len(rows)], pa.string()),
@@ -374,5 +408,5 @@ def farthest_first(x: np.ndarray, count: int, *, start: int) -> tuple[list[int],
 
 def build_selections(samples: pa.Table, scores: ScoresConfig, selections: list[SelectionConfig],
                      vectors) -> list[SelectionResult]:
-    selector = Selector(samples, scores, vectors)
+    selector = Selector(samples, scores, vectors, selections)
     return [selector.build(sel) for sel in selections]

@@ -80,7 +80,6 @@ def sharded_knn(embeddings: np.ndarray | None, k: int, params: IndexParams, *, q
             query tasks read it themselves. Must hold as many vectors as ``embeddings`` when both
             are given.
     """
-    import faiss
     import ray
 
     if source is None:
@@ -90,13 +89,10 @@ def sharded_knn(embeddings: np.ndarray | None, k: int, params: IndexParams, *, q
     n, d = source.n, source.dim
     timing: dict = {}
     t = time.perf_counter()
-    if params.kind == "ivf":
-        rng = np.random.default_rng(seed)
-        sample = source.take(np.sort(rng.choice(n, size=params.train_size, replace=False)))
-    else:
-        sample = np.zeros((1, d), np.float32)
-    blob = faiss.serialize_index(train_empty_index(sample, params.factory(d)))
-    del sample
+    # Trained in a Ray task, which fetches its own sample: the driver receives only the trained,
+    # empty index (nlist centroids).
+    train = ray.remote(num_cpus=1)(_train)
+    blob = ray.get(train.remote(source, params, d, n, seed))
     timing["train_s"] = round(time.perf_counter() - t, 3)
     if save_to is not None:
         write_bytes(save_to.child("trained.faissindex"), blob.tobytes())
@@ -150,6 +146,18 @@ def sharded_knn(embeddings: np.ndarray | None, k: int, params: IndexParams, *, q
     for shard in shards:
         ray.kill(shard)
     return KnnGraph(ids, sims), timing
+
+
+def _train(source, params: IndexParams, d: int, n: int, seed: int) -> np.ndarray:
+    """Train the empty index on a uniform sample of ``source``; returns it serialised."""
+    import faiss
+
+    if params.kind == "ivf":
+        rng = np.random.default_rng(seed)
+        sample = source.take(np.sort(rng.choice(n, size=params.train_size, replace=False)))
+    else:
+        sample = np.zeros((1, d), np.float32)
+    return faiss.serialize_index(train_empty_index(sample, params.factory(d)))
 
 
 def _query_batch(source, start: int, stop: int, shards: list, search_k: int, k: int) -> tuple[np.ndarray, np.ndarray]:

@@ -125,23 +125,36 @@ def write_embeddings(folder: Location, samples: pa.Table, *, model_id: str, stor
     return [folder.child(name) for name in names]
 
 
+KNN_ROWS_PER_STEP = 262_144  # the graph is converted and written this many rows at a time
+
+
 def write_knn_graph(folder: Location, samples: pa.Table, knn) -> None:
     """The kNN graph the scores used: ``uri, input_id, neighbor_ids`` (their ``input_id``s),
-    ``neighbor_similarities`` (cosine), for every ok item, nearest first."""
+    ``neighbor_similarities`` (cosine), for every ok item, nearest first. Written step by step so
+    no second copy of the whole graph is made."""
     import numpy as np
 
     from curation.schema import ok_rows_in_vector_order
 
-    ok = samples.take(ok_rows_in_vector_order(samples))
-    input_ids = ok["input_id"].to_numpy()
-    valid = knn.ids >= 0
-    mapped = np.where(valid, input_ids[np.maximum(knn.ids, 0)], -1) if len(input_ids) else knn.ids
-    counts = valid.sum(axis=1)
-    offsets = np.concatenate([[0], np.cumsum(counts)]).astype(np.int32)
-    ids = pa.ListArray.from_arrays(pa.array(offsets), pa.array(mapped[valid], pa.int64()))
-    sims = pa.ListArray.from_arrays(pa.array(offsets), pa.array(knn.sims[valid], pa.float32()))
-    table = pa.table({"uri": ok["uri"], "input_id": ok["input_id"], "neighbor_ids": ids, "neighbor_similarities": sims})
-    write_parquet_parts(folder, table)
+    ok_rows = ok_rows_in_vector_order(samples)
+    input_ids = samples["input_id"].to_numpy()[ok_rows]
+    folder.filesystem.create_dir(folder.path, recursive=True)
+    target = folder.child("part-00000.parquet")
+    schema = pa.schema([("uri", pa.string()), ("input_id", pa.int64()), ("neighbor_ids", pa.list_(pa.int64())),
+                        ("neighbor_similarities", pa.list_(pa.float32()))])
+    with pq.ParquetWriter(target.path, schema, filesystem=target.filesystem) as writer:
+        for start in range(0, max(len(ok_rows), 1), KNN_ROWS_PER_STEP):
+            stop = min(start + KNN_ROWS_PER_STEP, len(ok_rows))
+            ids, sims = knn.ids[start:stop], knn.sims[start:stop]
+            valid = ids >= 0
+            mapped = input_ids[ids[valid]] if len(input_ids) else ids[valid]
+            offsets = np.concatenate([[0], np.cumsum(valid.sum(axis=1))]).astype(np.int32)
+            writer.write_table(pa.table({
+                "uri": samples["uri"].take(pa.array(ok_rows[start:stop])).cast(pa.string()),
+                "input_id": pa.array(input_ids[start:stop], pa.int64()),
+                "neighbor_ids": pa.ListArray.from_arrays(pa.array(offsets), pa.array(mapped, pa.int64())),
+                "neighbor_similarities": pa.ListArray.from_arrays(pa.array(offsets), pa.array(sims[valid], pa.float32())),
+            }, schema=schema))
 
 
 def write_table(location: Location, table: pa.Table) -> None:

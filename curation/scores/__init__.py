@@ -11,11 +11,12 @@ import time
 
 import numpy as np
 import pyarrow as pa
+import pyarrow.compute as pc
 
 from curation.config import ScoresConfig
 from curation.index.knn import KnnGraph
 from curation.index.source import as_source
-from curation.scores.base import REASON_COLUMN, Score, ScoreContext
+from curation.scores.base import REASON_COLUMN, Columns, Score, ScoreContext
 from curation.scores.clusters import ClustersScore
 from curation.scores.duplicates import DuplicatesScore
 from curation.scores.junk import JunkScore
@@ -41,8 +42,29 @@ def reserved_columns() -> frozenset[str]:
     return SCHEMA_COLUMNS | {name for score in REGISTRY for name in score.columns}
 
 
-def table_columns(table: pa.Table) -> dict[str, np.ndarray]:
-    return {name: table[name].to_numpy(zero_copy_only=False) for name in table.column_names}
+def merge_reasons(prior, explanations: list) -> pa.Array:
+    """A row's rejection reason when it has one, else every score's explanation joined by '; '
+    (null when none has anything to say). Python strings are made only for the rows with
+    something to say."""
+    prior = _one_array(prior)
+    arrays = [_one_array(pc.cast(e, pa.string())) for e in explanations]
+    said = np.zeros(len(prior), bool)
+    for array in arrays:
+        said |= array.is_valid().to_numpy(zero_copy_only=False)
+    said &= ~prior.is_valid().to_numpy(zero_copy_only=False)
+    rows = np.flatnonzero(said)
+    if len(rows) == 0:
+        return prior
+    picked = [array.take(pa.array(rows)).to_pylist() for array in arrays]
+    texts = ["; ".join(t for t in parts if t) for parts in zip(*picked)]
+    index = np.full(len(prior), -1, np.int64)
+    index[rows] = np.arange(len(rows))
+    merged = pa.array(texts, pa.string()).take(pa.array(index, mask=index < 0))
+    return pc.coalesce(prior, merged)
+
+
+def _one_array(values) -> pa.Array:
+    return values.combine_chunks() if isinstance(values, pa.ChunkedArray) else values
 
 
 def run_scores(samples: pa.Table, vectors, knn_ok: KnnGraph, config: ScoresConfig,
@@ -61,9 +83,9 @@ def run_scores(samples: pa.Table, vectors, knn_ok: KnnGraph, config: ScoresConfi
         ``{"timings_s": {score: seconds}, "summary": {score: its run.json summary}}``.
     """
     ok = is_ok(samples["status"])
-    ctx = ScoreContext(table_columns(samples), ok, as_source(vectors), knn_ok, config, budget,
+    ctx = ScoreContext(Columns(samples), ok, as_source(vectors), knn_ok, config, budget,
                        ok_rows_in_vector_order(samples))
-    reasons: list[list[str]] = [[] for _ in range(samples.num_rows)]
+    reasons: list[pa.ChunkedArray | pa.Array] = []
     timings: dict[str, float] = {}
     summary: dict[str, dict] = {}
     for score in registry:
@@ -74,20 +96,12 @@ def run_scores(samples: pa.Table, vectors, knn_ok: KnnGraph, config: ScoresConfi
             raise RuntimeError(f"score {score.name} returned {result.num_rows} rows / columns "
                                f"{result.column_names}, expected {samples.num_rows} rows with {score.columns}")
         if REASON_COLUMN in result.column_names:
-            for i, text in enumerate(result[REASON_COLUMN].to_pylist()):
-                if text:
-                    reasons[i].append(text)
-        for name in score.columns:
-            column = result[name]
-            if name in samples.column_names:
-                samples = samples.set_column(samples.column_names.index(name), name, column)
-            else:
-                samples = samples.append_column(name, column)
-        ctx = ctx.with_columns(result)
+            reasons.append(result[REASON_COLUMN])
+        ctx = ctx.with_columns(result.select(list(score.columns)))
         timings[score.name] = round(time.perf_counter() - start, 3)
         summary[score.name] = score.summary(result)
         log.info("score %s: %.2fs %s", score.name, timings[score.name], summary[score.name] or "")
-    prior = samples["reason"].to_pylist()
-    merged = [p if p is not None else ("; ".join(r) if r else None) for p, r in zip(prior, reasons)]
-    samples = samples.set_column(samples.column_names.index("reason"), "reason", pa.array(merged, pa.string()))
+    samples = ctx.columns.table
+    samples = samples.set_column(samples.column_names.index("reason"), "reason",
+                                 merge_reasons(samples["reason"], reasons))
     return samples, {"timings_s": timings, "summary": summary}

@@ -14,6 +14,7 @@ runner merges those into ``samples.reason``.
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any, ClassVar, Protocol
 
@@ -26,13 +27,51 @@ from curation.index.knn import KnnGraph
 REASON_COLUMN = "_reason"
 
 
+class Columns(Mapping):
+    """Sample columns by name, converted to numpy only when a score asks for one (and cached),
+    so the driver never holds every column as Python objects. ``arrow(name)`` gives the column
+    itself (strings stay in Arrow)."""
+
+    def __init__(self, table: pa.Table, cache: dict[str, np.ndarray] | None = None):
+        self.table = table
+        self._cache: dict[str, np.ndarray] = dict(cache or {})
+
+    def __getitem__(self, name: str) -> np.ndarray:
+        if name not in self._cache:
+            if name not in self.table.column_names:
+                raise KeyError(name)
+            self._cache[name] = self.table[name].to_numpy(zero_copy_only=False)
+        return self._cache[name]
+
+    def __iter__(self):
+        return iter(self.table.column_names)
+
+    def __len__(self) -> int:
+        return self.table.num_columns
+
+    def arrow(self, name: str) -> pa.ChunkedArray:
+        return self.table[name]
+
+    def with_table(self, result: pa.Table) -> "Columns":
+        """These columns plus (or replaced by) ``result``'s."""
+        table = self.table
+        for name in result.column_names:
+            if name == REASON_COLUMN:
+                continue
+            if name in table.column_names:
+                table = table.set_column(table.column_names.index(name), name, result[name])
+            else:
+                table = table.append_column(name, result[name])
+        return Columns(table, {k: v for k, v in self._cache.items() if k not in result.column_names})
+
+
 @dataclass
 class ScoreContext:
     """Everything a score may read. Arrays indexed by sample row unless named ``*_ok``.
 
     Attributes:
-        columns: sample columns as numpy arrays (decode statistics, labels, hashes, and the
-            outputs of earlier scores); length N.
+        columns: sample columns (decode statistics, labels, hashes, and the outputs of earlier
+            scores), length N, as numpy on access (:class:`Columns`).
         ok: boolean mask of rows with ``status == 'ok'``.
         vectors: the ok rows' L2-normalised vectors (a :class:`~curation.index.source.VectorParts`
             in storage or :class:`~curation.index.source.MemoryVectors`); vector id i is the
@@ -42,7 +81,7 @@ class ScoreContext:
         budget: the largest ``representative`` budget, if any (sizes the clustering).
     """
 
-    columns: dict[str, np.ndarray]
+    columns: Columns
     ok: np.ndarray
     vectors: Any
     knn_ok: KnnGraph
@@ -63,11 +102,8 @@ class ScoreContext:
 
     def with_columns(self, table: pa.Table) -> "ScoreContext":
         """A new context that also sees ``table``'s columns (the runner's merge step)."""
-        merged = dict(self.columns)
-        for name in table.column_names:
-            if name != REASON_COLUMN:
-                merged[name] = table[name].to_numpy(zero_copy_only=False)
-        return ScoreContext(merged, self.ok, self.vectors, self.knn_ok, self.config, self.budget, self.ok_rows)
+        return ScoreContext(self.columns.with_table(table), self.ok, self.vectors, self.knn_ok, self.config,
+                            self.budget, self.ok_rows)
 
     def scatter(self, values_ok: np.ndarray, fill, dtype) -> np.ndarray:
         """Expand an array over ok rows to all rows, ``fill`` elsewhere."""

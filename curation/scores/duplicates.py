@@ -26,6 +26,7 @@ from __future__ import annotations
 import faiss
 import numpy as np
 import pyarrow as pa
+import pyarrow.compute as pc
 
 from curation.scores.base import REASON_COLUMN, ScoreContext, masked
 from curation.scores.junk import is_junk
@@ -61,17 +62,25 @@ class UnionFind:
         self.size[ra] += self.size[rb]
 
     def roots(self) -> np.ndarray:
-        return np.array([self.find(i) for i in range(len(self.parent))])
+        """Every element's root, by vectorised pointer jumping (no per-element Python work)."""
+        roots = self.parent.copy()
+        while True:
+            nxt = roots[roots]
+            if np.array_equal(nxt, roots):
+                return roots
+            roots = nxt
 
 
-def _union_equal_keys(uf: UnionFind, keys: np.ndarray, valid: np.ndarray) -> None:
-    first: dict = {}
-    for i in np.flatnonzero(valid):
-        key = keys[i]
-        if key in first:
-            uf.union(first[key], i)
-        else:
-            first[key] = i
+def _union_equal_keys(uf: UnionFind, keys: pa.ChunkedArray | pa.Array) -> None:
+    """Union the rows whose (non-null) ``keys`` are equal; keys are compared as Arrow dictionary
+    codes, so no per-row Python string is made."""
+    codes = pc.dictionary_encode(keys).combine_chunks().indices
+    codes = np.nan_to_num(codes.to_numpy(zero_copy_only=False).astype(np.float64), nan=-1).astype(np.int64)
+    rows = np.flatnonzero(codes >= 0)
+    order = rows[np.argsort(codes[rows], kind="stable")]
+    same = np.flatnonzero(codes[order[1:]] == codes[order[:-1]])
+    for j in same:
+        uf.union(int(order[j]), int(order[j + 1]))
 
 
 def phash_pairs(hashes: np.ndarray, radius: int) -> tuple[np.ndarray, np.ndarray]:
@@ -113,10 +122,9 @@ class DuplicatesScore:
         ok_rows = ctx.ok_rows
         n_ok = len(ok_rows)
         uf = UnionFind(n_ok)
-        content = ctx.column("content_hash")[ok_rows]
-        pixels = ctx.column("pixel_hash")[ok_rows]
-        _union_equal_keys(uf, content, np.array([c is not None for c in content]))
-        _union_equal_keys(uf, pixels, np.array([p is not None for p in pixels]))
+        take = pa.array(ok_rows, pa.int64())
+        _union_equal_keys(uf, ctx.columns.arrow("content_hash").take(take))
+        _union_equal_keys(uf, ctx.columns.arrow("pixel_hash").take(take))
         exact_roots = uf.roots() if n_ok else np.empty(0, np.int64)
 
         # Near duplicates from the kNN graph: close in absolute terms AND much closer than the
@@ -158,43 +166,41 @@ class DuplicatesScore:
 
         roots = uf.roots() if n_ok else np.empty(0, np.int64)
         input_id = ctx.column("input_id")[ok_rows]
-        uri = ctx.column("uri")[ok_rows]
+        uri = ctx.columns.arrow("uri")
         junk = is_junk(ctx.columns)[ok_rows]
         width = np.nan_to_num(ctx.column("width")[ok_rows].astype(np.float64))  # null for precomputed embeddings
         height = np.nan_to_num(ctx.column("height")[ok_rows].astype(np.float64))
         area = width * height
 
-        group_ok = np.zeros(n_ok, np.int64)
-        has_group = np.zeros(n_ok, bool)
-        dup_of = np.empty(n_ok, dtype=object)
-        kind = np.empty(n_ok, dtype=object)
-        order = np.argsort(roots, kind="stable")
-        boundaries = np.flatnonzero(np.diff(roots[order])) + 1
-        for members in np.split(order, boundaries):
-            if len(members) < 2:
-                continue
-            kept = min(members, key=lambda m: (bool(junk[m]), -int(area[m]), str(uri[m])))
-            group_ok[members] = input_id[members].min()
-            has_group[members] = True
-            for m in members:
-                if m == kept:
-                    continue
-                dup_of[m] = uri[kept]
-                kind[m] = "exact" if exact_roots[m] == exact_roots[kept] else "near"
-
         n = ctx.n
-        full_group = ctx.scatter(group_ok, 0, np.int64)
-        full_has = ctx.scatter(has_group, False, bool)
-        full_of = ctx.scatter(dup_of, None, object)
-        full_kind = ctx.scatter(kind, None, object)
-        reasons = np.empty(n, dtype=object)
-        for i in np.flatnonzero(np.array([k is not None for k in full_kind], bool)):
-            reasons[i] = f"{full_kind[i]} duplicate of {full_of[i]}"
+        group = np.zeros(n, np.int64)
+        has_group = np.zeros(n, bool)
+        dup_of_row = np.full(n, -1, np.int64)  # the kept item's sample row
+        exact = np.zeros(n, bool)
+        # Only groups of two or more are visited (a handful of rows each).
+        root_values, sizes = np.unique(roots, return_counts=True)
+        in_group = np.isin(roots, root_values[sizes > 1])
+        members_all = np.flatnonzero(in_group)
+        members_all = members_all[np.argsort(roots[members_all], kind="stable")]
+        bounds = np.flatnonzero(np.diff(roots[members_all])) + 1
+        for members in np.split(members_all, bounds) if len(members_all) else []:
+            rows = ok_rows[members]
+            kept = min(members, key=lambda m: (bool(junk[m]), -int(area[m]), uri[int(ok_rows[m])].as_py()))
+            group[rows] = input_id[members].min()
+            has_group[rows] = True
+            others = members[members != kept]
+            dup_of_row[ok_rows[others]] = ok_rows[kept]
+            exact[ok_rows[others]] = exact_roots[others] == exact_roots[kept]
+        is_dup = dup_of_row >= 0
+        dup_of = pc.take(uri, pa.array(np.where(is_dup, dup_of_row, 0))) if n else pa.array([], pa.string())
+        dup_of = pc.if_else(pa.array(is_dup), dup_of, pa.scalar(None, pa.string()))
+        kind = pa.array(np.where(exact, "exact", "near"), pa.string(), mask=~is_dup)
+        reasons = pc.binary_join_element_wise(kind, pa.scalar(" duplicate of "), dup_of, pa.scalar(""))
         return pa.table({
-            "dup_group": masked(full_group, full_has, pa.int64()),
-            "dup_of": pa.array(full_of, pa.string()),
-            "dup_kind": pa.array(full_kind, pa.string()),
-            REASON_COLUMN: pa.array(reasons, pa.string()),
+            "dup_group": masked(group, has_group, pa.int64()),
+            "dup_of": dup_of,
+            "dup_kind": kind,
+            REASON_COLUMN: reasons,
         })
 
     def summary(self, table: pa.Table) -> dict:

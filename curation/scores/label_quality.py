@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import numpy as np
 import pyarrow as pa
+import pyarrow.compute as pc
 
 from curation.scores.base import REASON_COLUMN, ScoreContext, count_true, masked
 
@@ -40,71 +41,101 @@ class LabelQualityScore:
     def compute(self, ctx: ScoreContext) -> pa.Table:
         n = ctx.n
         ok_rows = ctx.ok_rows
-        labels_all = ctx.column("label")
-        labels = labels_all[ok_rows]
-        labelled = np.array([lab is not None and lab == lab for lab in labels], bool)
-        quality_ok = np.full(len(ok_rows), np.nan, np.float32)
-        suggested_ok = np.empty(len(ok_rows), dtype=object)
-        confidence_ok = np.zeros(len(ok_rows), np.float64)
+        n_ok = len(ok_rows)
+        # Labels as dictionary codes (no per-row Python strings); -1 = unlabelled.
+        encoded = pc.dictionary_encode(ctx.columns.arrow("label")).combine_chunks()
+        classes = np.asarray(encoded.dictionary.to_pylist(), dtype=object)
+        codes_all = np.nan_to_num(encoded.indices.to_numpy(zero_copy_only=False).astype(np.float64), nan=-1)
+        codes_all = codes_all.astype(np.int64)
+        codes = codes_all[ok_rows]
+        labelled = codes >= 0
+        quality_ok = np.full(n_ok, np.nan, np.float32)
+        suggested_code_ok = np.full(n_ok, -1, np.int64)
+        confidence_ok = np.zeros(n_ok, np.float64)
         if labelled.any():
-            classes, codes_l = np.unique(labels[labelled].astype(str), return_inverse=True)
-            n_classes = len(classes)
-            codes = np.full(len(ok_rows), -1, np.int64)
-            codes[labelled] = codes_l
-            prior = np.bincount(codes_l, minlength=n_classes) / len(codes_l)
-
-            graph = ctx.knn_ok
-            ids = graph.ids
-            valid = ids >= 0
-            neighbour_codes = np.where(valid, codes[np.maximum(ids, 0)], -1)
-            groups_ok = ctx.column("dup_group")[ok_rows]
-            has_group = np.array([g is not None and g == g for g in groups_ok], bool)
-            group_vals = np.where(has_group, np.nan_to_num(groups_ok.astype(np.float64), nan=-1), -1).astype(np.int64)
-            own_group = group_vals[:, None]
-            their_group = np.where(valid, group_vals[np.maximum(ids, 0)], -1)
-            same_group = (own_group >= 0) & (their_group == own_group)
-            usable = valid & (neighbour_codes >= 0) & ~same_group
-            sims = graph.sims.astype(np.float64)
-            # Relative to each item's closest usable neighbour, so the prior's weight means the
-            # same in dense and sparse regions.
-            best = np.max(np.where(usable, sims, -np.inf), axis=1, keepdims=True)
-            best = np.where(np.isfinite(best), best, 0.0)
-            weights = np.where(usable, np.exp((sims - best) / TEMPERATURE), 0.0)
-
-            votes = np.zeros((len(ok_rows), n_classes))
-            rows = np.repeat(np.arange(len(ok_rows)), ids.shape[1])
-            np.add.at(votes, (rows[usable.ravel()], neighbour_codes.ravel()[usable.ravel()]),
-                      weights.ravel()[usable.ravel()])
-            p = (votes + PRIOR_WEIGHT * prior) / (votes.sum(axis=1, keepdims=True) + PRIOR_WEIGHT)
-            lab_idx = np.flatnonzero(labelled)
-            thresholds = np.array([
-                p[lab_idx[codes_l == c], c].mean() if np.any(codes_l == c) else 1.0 for c in range(n_classes)
-            ])
-            q = p / np.maximum(thresholds, 1e-3)
-            q /= q.sum(axis=1, keepdims=True)
-            quality_ok[lab_idx] = q[lab_idx, codes[lab_idx]]
-            suggested_ok[lab_idx] = classes[np.argmax(q[lab_idx], axis=1)]
-            confidence_ok[lab_idx] = q[lab_idx].max(axis=1)
-
+            quality_ok, suggested_code_ok, confidence_ok = self._vote(ctx, codes, len(classes))
         quality = ctx.scatter(quality_ok, np.nan, np.float32)
-        suggested = ctx.scatter(suggested_ok, None, object)
+        suggested_code = ctx.scatter(suggested_code_ok, -1, np.int64)
         has_quality = np.isfinite(quality)
         # An item in the rarest tail has no peers to vote on its label: it is an edge case,
         # not a suspected mislabel (its label_quality is still reported).
         rare = np.nan_to_num(ctx.column("sparseness").astype(np.float64), nan=1.0) > ctx.config.rare_tail_quantile
         confident = ctx.scatter(confidence_ok, 0.0, np.float64) >= ctx.config.mislabel_min_confidence
-        suspected = has_quality & ~rare & confident & (quality < ctx.config.label_quality_threshold) & np.array(
-            [s is not None and s != lab for s, lab in zip(suggested, labels_all)], bool)
+        suspected = (has_quality & ~rare & confident & (quality < ctx.config.label_quality_threshold)
+                     & (suggested_code >= 0) & (suggested_code != codes_all))
+        suggested = pa.DictionaryArray.from_arrays(pa.array(suggested_code, pa.int32(), mask=suggested_code < 0),
+                                                   encoded.dictionary).cast(pa.string())
         reasons = np.empty(n, dtype=object)
         for i in np.flatnonzero(suspected):
-            reasons[i] = (f"suspected mislabel: labelled {labels_all[i]!r}, neighbours suggest "
-                          f"{suggested[i]!r} (label quality {quality[i]:.2f})")
+            reasons[i] = (f"suspected mislabel: labelled {classes[codes_all[i]]!r}, neighbours suggest "
+                          f"{classes[suggested_code[i]]!r} (label quality {quality[i]:.2f})")
         return pa.table({
             "label_quality": masked(quality, has_quality, pa.float32()),
-            "suggested_label": pa.array(suggested, pa.string()),
+            "suggested_label": suggested,
             "is_suspected_mislabel": suspected,
             REASON_COLUMN: pa.array(reasons, pa.string()),
         })
+
+    @staticmethod
+    def _vote(ctx: ScoreContext, codes: np.ndarray, n_classes: int):
+        """Calibrated neighbour votes, kept sparse: only the (at most k) classes a row's neighbours
+        name are materialised, every other class holds its prior share, so memory is O(N k)
+        whatever the number of classes. Returns quality, suggested class code and its
+        calibrated probability per ok row (NaN / -1 / 0 for unlabelled rows)."""
+        n_ok = len(codes)
+        labelled = codes >= 0
+        prior = np.bincount(codes[labelled], minlength=n_classes) / labelled.sum()
+        graph = ctx.knn_ok
+        ids = graph.ids
+        valid = ids >= 0
+        neighbour_codes = np.where(valid, codes[np.maximum(ids, 0)], -1)
+        groups_ok = ctx.column("dup_group")[ctx.ok_rows]
+        group_vals = np.nan_to_num(np.asarray(groups_ok, np.float64), nan=-1).astype(np.int64)
+        their_group = np.where(valid, group_vals[np.maximum(ids, 0)], -1)
+        same_group = (group_vals[:, None] >= 0) & (their_group == group_vals[:, None])
+        usable = valid & (neighbour_codes >= 0) & ~same_group
+        sims = graph.sims.astype(np.float64)
+        # Relative to each item's closest usable neighbour, so the prior's weight means the
+        # same in dense and sparse regions.
+        best = np.max(np.where(usable, sims, -np.inf), axis=1, keepdims=True)
+        best = np.where(np.isfinite(best), best, 0.0)
+        weights = np.where(usable, np.exp((sims - best) / TEMPERATURE), 0.0)
+        total = weights.sum(axis=1) + PRIOR_WEIGHT
+        # Sparse votes: for each row and each neighbour column, the summed weight of that
+        # neighbour's class over the row (the same class repeated in several columns is
+        # counted once, at its first column).
+        cls = np.where(usable, neighbour_codes, -1)
+        vote = np.zeros_like(weights)
+        first = np.ones_like(usable)
+        for j in range(cls.shape[1]):
+            same = (cls == cls[:, j:j + 1]) & usable
+            vote[:, j] = np.where(usable[:, j], (weights * same).sum(axis=1), 0.0)
+            first[:, j] = usable[:, j] & ~(same[:, :j].any(axis=1))
+        p_voted = (vote + PRIOR_WEIGHT * prior[np.maximum(cls, 0)]) / total[:, None]  # p_i(c) of named classes
+        p_prior = PRIOR_WEIGHT / total  # times prior[c]: p_i(c) of the classes no neighbour names
+        own_vote = np.where(cls == codes[:, None], vote, 0.0).max(axis=1, initial=0.0)
+        p_own = (own_vote + PRIOR_WEIGHT * prior[np.maximum(codes, 0)]) / total
+        # Per-class calibration: t_c = mean p_i(c) over the rows labelled c.
+        t = np.bincount(codes[labelled], weights=p_own[labelled], minlength=n_classes)
+        t = np.where(np.bincount(codes[labelled], minlength=n_classes) > 0,
+                     t / np.maximum(np.bincount(codes[labelled], minlength=n_classes), 1), 1.0)
+        t = np.maximum(t, 1e-3)
+        scaled_prior = prior / t
+        named = np.where(first, p_voted / t[np.maximum(cls, 0)], 0.0)
+        # Normaliser: named classes with their votes, every other class with its prior share.
+        named_prior = np.where(first, p_prior[:, None] * scaled_prior[np.maximum(cls, 0)], 0.0).sum(axis=1)
+        z = named.sum(axis=1) + p_prior * scaled_prior.sum() - named_prior
+        quality = (np.where(labelled, p_own / t[np.maximum(codes, 0)], np.nan) / z).astype(np.float32)
+        # The most probable class: the best named class, or the best class by prior alone.
+        best_col = np.argmax(named, axis=1)
+        best_named = named[np.arange(n_ok), best_col]
+        prior_class = int(np.argmax(scaled_prior))
+        prior_value = p_prior * scaled_prior[prior_class]
+        use_prior = prior_value > best_named
+        suggested = np.where(use_prior, prior_class, cls[np.arange(n_ok), best_col])
+        confidence = np.where(use_prior, prior_value, best_named) / z
+        return (np.where(labelled, quality, np.nan).astype(np.float32), np.where(labelled, suggested, -1),
+                np.where(labelled, confidence, 0.0))
 
     def summary(self, table: pa.Table) -> dict:
         return {"flags": count_true(table, "is_suspected_mislabel")}
