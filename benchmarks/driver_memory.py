@@ -77,7 +77,10 @@ def run_once(project: str, config: dict, work: str) -> dict:
     out = config["output"]["uri"]
     run_id = json.load(open(os.path.join(out, "latest")))["run_id"]
     info = json.load(open(os.path.join(out, run_id, "run.json")))
-    return {"peak_bytes": peak, "wall_s": round(wall, 1), "timings_s": info.get("timings_s", {})}
+    phases = info.get("driver_peak_bytes", {})
+    top = max(phases, key=phases.get) if phases else ""
+    return {"peak_bytes": peak, "wall_s": round(wall, 1), "timings_s": info.get("timings_s", {}),
+            "peak_phase": top, "phase_peak_bytes": phases}
 
 
 def main() -> None:
@@ -128,7 +131,7 @@ def main() -> None:
                                   if k in ("read_embeddings", "decode_embed", "knn", "scores", "selections",
                                            "write_outputs"))
     print(f"\ndriver peak memory ({args.label})")
-    print_table(rows, ["mode", "d", "n", "peak_mib", "bytes_per_item", "wall_s", "phases"])
+    print_table(rows, ["mode", "d", "n", "peak_mib", "bytes_per_item", "peak_phase", "wall_s", "phases"])
     save_json(args.out, {"label": args.label, "project": args.project, "machine": f"{os.cpu_count()} CPUs",
                          "rows": rows})
 

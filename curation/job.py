@@ -363,13 +363,13 @@ def publish(plan: Plan, config: Config, ingested: Ingested, neighbours: Neighbou
 
 
 def _versions() -> dict:
-    import faiss
-    import ray
-    import sklearn
-    import torch
-    import torchvision
+    """Package versions from their metadata (importing torch on the driver would cost ~300 MB)."""
+    from importlib.metadata import PackageNotFoundError, version
 
-    return {"python": platform.python_version(), "ray": ray.__version__, "torch": torch.__version__,
-            "torchvision": torchvision.__version__, "faiss": faiss.__version__, "pyarrow": pa.__version__,
-            "scikit-learn": sklearn.__version__}
-
+    out = {"python": platform.python_version()}
+    for name in ("ray", "torch", "torchvision", "faiss-cpu", "pyarrow", "scikit-learn", "cuml-cu13"):
+        try:
+            out[name] = version(name)
+        except PackageNotFoundError:
+            continue
+    return out

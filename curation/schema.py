@@ -1,6 +1,6 @@
 """Output column names and Arrow schemas: the ``samples`` and ``selections`` contract.
 
-Names here are part of the product contract (DESIGN.md); more columns are welcome, none of
+Names here are part of the output contract (docs/contract.md); more columns are welcome, none of
 these may change meaning.
 """
 

@@ -87,7 +87,8 @@ def ray_session(config: Config, *, needed: bool = True) -> Iterator[bool]:
         ray.shutdown()
 
 
-def run_tasks(fn: Callable, args: Sequence[tuple], *, max_in_flight: int = 0, num_cpus: float = 1) -> list:
+def run_tasks(fn: Callable, args: Sequence[tuple], *, max_in_flight: int = 0, num_cpus: float = 1,
+              num_gpus: float = 0) -> list:
     """``[fn(*a) for a in args]``, as Ray tasks when Ray is initialised (at most
     ``max_in_flight`` at once; 0 = one per cluster CPU), in process otherwise. Results keep the
     order of ``args``; only the (compact) results come back to the caller."""
@@ -95,7 +96,7 @@ def run_tasks(fn: Callable, args: Sequence[tuple], *, max_in_flight: int = 0, nu
 
     if not ray.is_initialized() or not args:
         return [fn(*a) for a in args]
-    remote = ray.remote(num_cpus=num_cpus)(fn)
+    remote = ray.remote(num_cpus=num_cpus, num_gpus=num_gpus)(fn)
     limit = max_in_flight or ClusterResources.current().cpus
     results: list = [None] * len(args)
     pending: dict = {}

@@ -1,4 +1,4 @@
-"""Assertions shared by the end-to-end tests: the output contract of DESIGN.md."""
+"""Assertions shared by the end-to-end tests: the output contract of docs/contract.md."""
 
 from __future__ import annotations
 

@@ -83,17 +83,26 @@ def assign(ids: np.ndarray, x: np.ndarray, centroids: np.ndarray) -> tuple[np.nd
 def cluster_vectors(vectors, k: int, *, seed: int = SEED) -> tuple[np.ndarray, np.ndarray, str]:
     """Train on a sample of ``vectors`` (a source or a matrix), assign every vector where it is
     stored. Returns labels, cosine to the centroid, and the training backend."""
+    from curation.session import ClusterResources, run_tasks
+
     source = as_source(vectors)
     n = source.n
     rng = np.random.default_rng(seed)
     size = min(n, max(1, k) * POINTS_PER_CENTROID)
     sample_ids = np.sort(rng.choice(n, size=size, replace=False)) if size < n else np.arange(n)
-    backend = kmeans_backend() if k > 1 else "mean"
-    centroids = train_centroids(source.take(sample_ids), k, backend=backend)
+    # Trained in a task (on a GPU worker when the cluster has one, where cuML can run); only the
+    # centroids come back.
+    gpus = 1 if ClusterResources.current().gpus > 0 else 0
+    centroids, backend = run_tasks(_train_on_sample, [(source, sample_ids, k)], num_gpus=gpus)[0]
     parts = map_vectors(source, assign, centroids)
     labels = np.concatenate([p[0] for p in parts]) if parts else np.empty(0, np.int32)
     sims = np.concatenate([p[1] for p in parts]) if parts else np.empty(0, np.float32)
     return labels, sims, backend
+
+
+def _train_on_sample(source, sample_ids: np.ndarray, k: int) -> tuple[np.ndarray, str]:
+    backend = kmeans_backend() if k > 1 else "mean"
+    return train_centroids(source.take(sample_ids), k, backend=backend), backend
 
 
 def kmeans_assign(x: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
