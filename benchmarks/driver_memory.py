@@ -112,6 +112,7 @@ def main() -> None:
         images = os.path.join(args.work, "images", str(n))
         _write_images(images, n)
         shutil.rmtree(work, ignore_errors=True)
+        os.makedirs(work)
         config = {"input": {"images": images}, "output": {"uri": os.path.join(work, "out")},
                   "embedder": {"model": "thumbnail", "weights": "none"},
                   "selections": [{"name": "clean", "mode": "clean"}]}

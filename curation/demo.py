@@ -22,6 +22,8 @@ import sys
 import numpy as np
 from PIL import Image, ImageDraw, ImageEnhance, ImageFilter
 
+from curation.schema import STATUS_REJECTED
+
 log = logging.getLogger(__name__)
 
 CLASSES = {
@@ -270,7 +272,7 @@ def evaluate(truth: dict, samples, selections: dict, images_uri: str) -> list[di
     row("out of distribution (in edge_cases)", len(planted), len(planted & flagged), planted_set=planted, flagged_set=flagged)
     for kind in ("corrupt", "missing"):
         planted = {uri(p) for p in truth[kind]}
-        rejected = set(samples.loc[samples["status"] == "rejected", "uri"])
+        rejected = set(samples.loc[samples["status"] == STATUS_REJECTED, "uri"])
         row(f"{kind} (rejected)", len(planted), len(planted & rejected))
     return rows
 

@@ -49,6 +49,7 @@ log = logging.getLogger(__name__)
 
 SEED = 1234
 COVER_WORK = 2e9  # multiply-adds one farthest-first traversal may spend before a class is split into regions
+COVER_FETCH_BYTES = 256 << 20  # vectors of whole classes fetched together for coverage
 
 
 @dataclass
@@ -66,7 +67,7 @@ class Ranked:
 
     rows: np.ndarray
     scores: np.ndarray
-    reasons: Sequence[str] | None = None  # None: the mode's ``reason(view, row, score)`` per returned row
+    reasons: Sequence[str] | pa.Array | None = None  # None: the mode's ``reason(view, row, score)`` per returned row
 
 
 def allocate(budget: int, capacity: np.ndarray, weights: np.ndarray) -> np.ndarray:
@@ -115,6 +116,17 @@ def interleave_by(order: np.ndarray, groups: np.ndarray) -> np.ndarray:
     return np.array(interleave(list(buckets.values())), np.int64)
 
 
+JUNK_FLAGS = ("is_dark", "is_bright", "is_blurry", "is_low_information")
+
+
+def _filled(column, value) -> np.ndarray:
+    return pc.fill_null(column, value).to_numpy(zero_copy_only=False)
+
+
+def _floats(column) -> np.ndarray:
+    return column.to_numpy(zero_copy_only=False).astype(np.float64)
+
+
 class SampleView:
     """The scored samples as the modes read them: the columns they need plus the shared masks.
 
@@ -135,19 +147,28 @@ class SampleView:
     def __init__(self, samples: pa.Table, scores: ScoresConfig, vectors, columns: set[str] | frozenset = frozenset()):
         keep = [c for c in samples.column_names if c in self.NEEDED or c in columns]
         self.table = samples.select(keep)
-        self.df = self.table.to_pandas()
+        self.where_columns = [c for c in samples.column_names if c in columns]
+        self._df: pd.DataFrame | None = None
         self.scores = scores
         self.vectors = as_source(vectors)
         self.ok = is_ok(samples["status"])
         self.vector_of_row = np.full(samples.num_rows, -1, np.int64)
         self.vector_of_row[ok_rows_in_vector_order(samples)] = np.arange(int(self.ok.sum()))
-        df = self.df
-        self.junk = is_junk(df)
-        self.kept = df["dup_of"].isna().to_numpy()
-        self.suspected = df["is_suspected_mislabel"].fillna(False).to_numpy(bool)
-        self.quality = df["label_quality"].to_numpy(np.float64)
-        self.sparseness = df["sparseness"].to_numpy(np.float64)
-        self.labelled = df["label"].notna().to_numpy()
+        table = self.table
+        self.junk = is_junk({name: _filled(table[name], False) for name in JUNK_FLAGS})
+        self.kept = ~table["dup_of"].is_valid().to_numpy(zero_copy_only=False)
+        self.suspected = _filled(table["is_suspected_mislabel"], False)
+        self.quality = _floats(table["label_quality"])
+        self.sparseness = _floats(table["sparseness"])
+        self.labelled = table["label"].is_valid().to_numpy(zero_copy_only=False)
+        self.cluster = _floats(table["cluster"])
+
+    @property
+    def df(self) -> pd.DataFrame:
+        """The columns a ``where`` may name, as a DataFrame (built on first use)."""
+        if self._df is None:
+            self._df = self.table.select(self.where_columns).to_pandas()
+        return self._df
 
     def groups(self, column: str, *, selection: str = "") -> tuple[np.ndarray, list[str]]:
         """``(code per row, value of each code)`` for grouping by ``column`` (null is ``'<null>'``)."""
@@ -221,13 +242,17 @@ class Clean:
     def eligible(self, view, sel):
         return view.ok & ~view.junk & view.kept
 
+    REASON = "ok: not junk, not a duplicate"
+
     def rank(self, view, sel, rows):
         typical = 1.0 - view.sparseness[rows]
         order = np.argsort(-typical, kind="stable")
-        return Ranked(rows[order], typical[order])
+        # Every row says the same: one Arrow value repeated, not one Python string per row.
+        reasons = pa.array([self.REASON], pa.string()).take(pa.array(np.zeros(len(rows), np.int64)))
+        return Ranked(rows[order], typical[order], reasons)
 
     def reason(self, view, row, score):
-        return "ok: not junk, not a duplicate"
+        return self.REASON
 
 
 class Representative:
@@ -251,15 +276,14 @@ class Representative:
         order = np.argsort([names[c] for c in present], kind="stable")
         present, capacity = present[order], capacity[order]
         quotas = allocate(sel.budget or len(rows), capacity, capacity.astype(np.float64) ** alpha)
-        # One class's vectors at a time are fetched from the store.
-        per_group = [cover(view, rows[codes[rows] == code], int(quota)) for code, quota in zip(present, quotas)]
+        members = [rows[codes[rows] == code] for code in present]
+        per_group = cover_groups(view, members, [int(q) for q in quotas])
         # Round-robin over groups, so any prefix of the selection is balanced too.
         picks = interleave(per_group)
         picked = np.array([r for r, _ in picks], np.int64)
         gaps = np.array([c for _, c in picks], np.float64)
-        clusters = view.df["cluster"].to_numpy()
         reasons = [f"representative of {column} {names[codes[r]]!r} (coverage pick: cosine distance {c:.3f} from "
-                   f"every earlier pick of its class; embedding cluster {clusters[r]})" for r, c in picks]
+                   f"every earlier pick of its class; embedding cluster {int(view.cluster[r])})" for r, c in picks]
         return Ranked(picked, gaps, reasons)
 
     def reason(self, view, row, score):  # reasons come with the ranking
@@ -269,7 +293,39 @@ class Representative:
 MODES: dict[str, Mode] = {mode.name: mode for mode in (Representative(), EdgeCases(), LabelReview(), Clean())}
 
 
-def cover(view: SampleView, members: np.ndarray, quota: int) -> list[tuple[int, float]]:
+def cover_groups(view: SampleView, groups: list[np.ndarray], quotas: list[int]) -> list[list[tuple[int, float]]]:
+    """:func:`cover` for every group. Vectors are fetched for as many whole groups at a time as fit
+    in ``COVER_FETCH_BYTES`` (one class at a time when a class alone is larger), so the driver's
+    share is bounded and the store is read a few times, not once per class."""
+    d = view.vectors.dim if view.vectors.n else 1
+    budget_rows = max(1, int(COVER_FETCH_BYTES // (4 * d)))
+    needs = [i for i, (g, q) in enumerate(zip(groups, quotas)) if 0 < q < len(g)]
+    fetched: dict[int, np.ndarray] = {}
+    out: list = [None] * len(groups)
+    batch: list[int] = []
+
+    def flush() -> None:
+        if not batch:
+            return
+        ids = np.concatenate([view.vector_of_row[groups[i]] for i in batch])
+        x = view.vectors.take(ids)
+        start = 0
+        for i in batch:
+            fetched[i] = x[start:start + len(groups[i])]
+            start += len(groups[i])
+        for i in batch:
+            out[i] = cover(view, groups[i], quotas[i], x=fetched.pop(i))
+        batch.clear()
+
+    for i in needs:
+        if batch and sum(len(groups[j]) for j in batch) + len(groups[i]) > budget_rows:
+            flush()
+        batch.append(i)
+    flush()
+    return [out[i] if out[i] is not None else cover(view, groups[i], quotas[i]) for i in range(len(groups))]
+
+
+def cover(view: SampleView, members: np.ndarray, quota: int, *, x: np.ndarray | None = None) -> list[tuple[int, float]]:
     """``quota`` rows covering ``members``: farthest-first traversal (greedy k-center) of their
     vectors, seeded at the most central member. Returns (row, coverage distance), where the
     distance is how far the pick was from every earlier pick (largest first).
@@ -282,7 +338,9 @@ def cover(view: SampleView, members: np.ndarray, quota: int) -> list[tuple[int, 
         return []
     if quota >= len(members):
         return [(int(r), 0.0) for r in members]
-    x = np.ascontiguousarray(view.vectors.take(view.vector_of_row[members]), dtype=np.float32)
+    if x is None:
+        x = view.vectors.take(view.vector_of_row[members])
+    x = np.ascontiguousarray(x, dtype=np.float32)
     regions = int(min(quota, max(1, np.ceil(quota * len(members) * x.shape[1] / COVER_WORK))))
     if regions == 1:
         owner = np.zeros(len(members), np.int64)
@@ -325,7 +383,7 @@ class Selector:
 
     def _where(self, sel: SelectionConfig) -> np.ndarray:
         if not sel.where:
-            return np.ones(len(self.view.df), bool)
+            return np.ones(self.view.table.num_rows, bool)
         return evaluate_where(self.view.df, sel)
 
     def eligible(self, sel: SelectionConfig) -> np.ndarray:
@@ -357,7 +415,8 @@ class Selector:
             "label": view.table["label"].take(take).cast(pa.string()),
             "rank": pa.array(np.arange(1, len(rows) + 1, dtype=np.int32)),
             "score": pa.array(np.asarray(scores, np.float32), pa.float32()),
-            "reason": pa.array(list(reasons)[: len(rows)], pa.string()),
+            "reason": (reasons.slice(0, len(rows)) if isinstance(reasons, pa.Array)
+                       else pa.array(list(reasons)[: len(rows)], pa.string())),
         }, schema=SELECTION_SCHEMA)
         if note:
             log.warning("selection %s: %s", sel.name, note)

@@ -23,12 +23,9 @@ from curation.config import Config, EmbedderConfig
 
 log = logging.getLogger(__name__)
 
-LOCAL_CPUS_WITHOUT_RAY = 2  # what sizing assumes when no Ray runs (a laptop-sized default)
-
-
 @dataclass(frozen=True)
 class ClusterResources:
-    """CPUs and GPUs the run may use (Ray's cluster resources, or a default without Ray)."""
+    """CPUs and GPUs the run may use (Ray's cluster resources; without Ray, this machine's CPUs)."""
 
     cpus: int
     gpus: int
@@ -38,7 +35,7 @@ class ClusterResources:
         import ray
 
         if not ray.is_initialized():
-            return cls(LOCAL_CPUS_WITHOUT_RAY, 0)
+            return cls(os.cpu_count() or 1, 0)
         resources = ray.cluster_resources()
         return cls(max(1, int(resources.get("CPU", 1))), int(resources.get("GPU", 0)))
 

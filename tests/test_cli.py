@@ -67,3 +67,11 @@ def test_missing_weights_file_fails_before_any_work(tmp_path):
     line = _one_error_line(_run("-m", "curation", "run", "--config", config))
     assert "embedder.weights" in line and "does not exist" in line
     assert not (tmp_path / "out").exists()
+
+
+def test_selection_naming_an_unknown_column_fails_before_any_work(tmp_path):
+    config = _config_with_images(tmp_path, embedder={"model": "thumbnail", "weights": "none"},
+                                 selections=[{"name": "cats", "mode": "clean", "where": "lable == 'cat'"}])
+    line = _one_error_line(_run("-m", "curation", "run", "--config", config))
+    assert "selections[0].where" in line and "lable" in line
+    assert not (tmp_path / "out").exists()

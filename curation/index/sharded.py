@@ -127,9 +127,9 @@ def sharded_knn(embeddings: np.ndarray | None, k: int, params: IndexParams, *, q
     query = ray.remote(num_cpus=0)(_query_batch)
     pending: list = []
     done_rows = 0
-    for start in range(0, n, query_batch):
-        stop = min(start + query_batch, n)
-        pending.append((start, stop, query.remote(source_ref, start, stop, shards, search_k, k)))
+    # One task per range of whole row groups (each read once), searched query_batch rows at a time.
+    for start, stop in source.ranges(query_batch):
+        pending.append((start, stop, query.remote(source_ref, start, stop, shards, search_k, k, query_batch)))
         if len(pending) >= QUERY_TASKS_IN_FLIGHT:
             done_rows += _collect(pending.pop(0), ids, sims)
             log.info("kNN search: %d / %d items (%.0f s)", done_rows, n, time.perf_counter() - t)
@@ -160,15 +160,24 @@ def _train(source, params: IndexParams, d: int, n: int, seed: int) -> np.ndarray
     return faiss.serialize_index(train_empty_index(sample, params.factory(d)))
 
 
-def _query_batch(source, start: int, stop: int, shards: list, search_k: int, k: int) -> tuple[np.ndarray, np.ndarray]:
-    """One query batch, run as a Ray task: read it, search every shard, merge, drop self."""
+def _query_batch(source, start: int, stop: int, shards: list, search_k: int, k: int,
+                 batch_rows: int) -> tuple[np.ndarray, np.ndarray]:
+    """Ids ``[start, stop)``, run as a Ray task: read them batch by batch, search every shard,
+    merge, drop self. Returns the rows' ``(ids, sims)``."""
     import ray
 
-    own, queries = source.read_all(start, stop)
-    results = ray.get([shard.search.remote(queries, search_k) for shard in shards])
-    merged_sims, merged_ids = merge_shard_results(results)
-    sims, ids = drop_self(merged_sims, merged_ids, own, k)
-    return ids, sims
+    out_ids, out_sims = [], []
+    for own, queries in source.read(start, stop, batch_rows=batch_rows):
+        if len(own) == 0:
+            continue
+        results = ray.get([shard.search.remote(queries, search_k) for shard in shards])
+        merged_sims, merged_ids = merge_shard_results(results)
+        sims, ids = drop_self(merged_sims, merged_ids, own, k)
+        out_ids.append(ids)
+        out_sims.append(sims)
+    if not out_ids:
+        return np.zeros((0, k), np.int64), np.zeros((0, k), np.float32)
+    return np.concatenate(out_ids), np.concatenate(out_sims)
 
 
 def _collect(pending, ids: np.ndarray, sims: np.ndarray) -> int:

@@ -60,6 +60,25 @@ class VectorParts:
                         return len(first[0])
         return 1
 
+    def ranges(self, target_rows: int) -> list[tuple[int, int]]:
+        """Consecutive id ranges of about ``target_rows`` that follow row-group boundaries, so a
+        task reading one range reads each row group once (a larger row group is one range)."""
+        bounds = [0]
+        for location, first, rows in self.parts:
+            with location.filesystem.open_input_file(location.path) as fh:
+                meta = pq.ParquetFile(fh).metadata
+            start = first
+            for g in range(meta.num_row_groups):
+                start += meta.row_group(g).num_rows
+                if start - bounds[-1] >= target_rows:
+                    bounds.append(start)
+        if bounds[-1] != self.rows:
+            bounds.append(self.rows)
+        if self.keep is not None:  # row boundaries -> id boundaries
+            kept_before = np.concatenate([[0], np.cumsum(self.keep)])
+            bounds = sorted(set(int(kept_before[b]) for b in bounds))
+        return [(lo, hi) for lo, hi in zip(bounds[:-1], bounds[1:]) if hi > lo]
+
     def rows_of(self, ids: np.ndarray) -> np.ndarray:
         """File-order row numbers of ``ids``."""
         ids = np.asarray(ids, np.int64)
@@ -206,6 +225,9 @@ class MemoryVectors:
     def read_all(self, lo: int, hi: int) -> tuple[np.ndarray, np.ndarray]:
         return np.arange(lo, hi, dtype=np.int64), self.x[lo:hi]
 
+    def ranges(self, target_rows: int) -> list[tuple[int, int]]:
+        return [(lo, min(lo + target_rows, self.n)) for lo in range(0, self.n, target_rows)]
+
     def take(self, ids: np.ndarray) -> np.ndarray:
         return self.x[np.asarray(ids, np.int64)]
 
@@ -237,10 +259,9 @@ def map_vectors(source, fn, *args, rows_per_task: int = 65536) -> list:
 
     from curation.session import run_tasks
 
-    n = source.n
-    shared = ray.put(source) if ray.is_initialized() and n > rows_per_task else source
-    ranges = [(shared, lo, min(lo + rows_per_task, n), fn, args) for lo in range(0, n, rows_per_task)]
-    return run_tasks(_apply_to_range, ranges)
+    ranges = source.ranges(rows_per_task)
+    shared = ray.put(source) if ray.is_initialized() and len(ranges) > 1 else source
+    return run_tasks(_apply_to_range, [(shared, lo, hi, fn, args) for lo, hi in ranges])
 
 
 def _apply_to_range(source, lo: int, hi: int, fn, args: tuple):

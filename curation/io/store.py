@@ -142,7 +142,11 @@ def match_stored(batch: pa.Table, *, keys: np.ndarray, input_ids: np.ndarray, mo
     if "model_id" in batch.column_names:
         hit &= pc.equal(batch["model_id"], model_id).to_numpy(zero_copy_only=False)
     rows = batch.filter(pa.array(hit))
-    rows = rows.set_column(rows.column_names.index("input_id"), "input_id", pa.array(input_ids[pos[hit]], pa.int64()))
+    ids = pa.array(input_ids[pos[hit]], pa.int64())
+    if "input_id" in rows.column_names:
+        rows = rows.set_column(rows.column_names.index("input_id"), "input_id", ids)
+    else:  # a snapshot written before vector files carried input_id
+        rows = rows.append_column("input_id", ids)
     emb = rows["embedding"]
     if emb.type.value_type != pa.float32():
         emb = pc.cast(emb, pa.list_(pa.float32(), emb.type.list_size))

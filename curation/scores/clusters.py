@@ -41,8 +41,10 @@ def choose_n_clusters(n: int, requested: int = 0, budget: int | None = None) -> 
 
 def kmeans_backend() -> str:
     """``cuml`` when cuML imports and a GPU is visible, else ``faiss``."""
+    import importlib
+
     try:
-        import cuml  # noqa: F401  (only whether it imports)
+        importlib.import_module("cuml")  # only whether it imports
         import torch
     except Exception:  # cuML missing or broken: the CPU path is always there
         return "faiss"

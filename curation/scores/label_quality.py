@@ -32,6 +32,39 @@ from curation.scores.base import REASON_COLUMN, ScoreContext, count_true, masked
 
 TEMPERATURE = 0.1
 PRIOR_WEIGHT = 0.1
+VOTE_BLOCK = 65536  # rows whose votes are materialised at once
+
+
+def _block_votes(graph, codes: np.ndarray, group_vals: np.ndarray, prior: np.ndarray, lo: int, hi: int):
+    """Votes of rows ``[lo, hi)``: the probability of the row's own label, and per neighbour
+    column the class it names, whether it is that class's first column, that class's
+    probability, and each row's prior share ``PRIOR_WEIGHT / total`` (times ``prior[c]``)."""
+    ids = graph.ids[lo:hi]
+    valid = ids >= 0
+    safe_ids = np.maximum(ids, 0)
+    neighbour_codes = np.where(valid, codes[safe_ids], -1)
+    own_group = group_vals[lo:hi, None]
+    same_group = (own_group >= 0) & valid & (group_vals[safe_ids] == own_group)  # a copy never votes for its twin
+    usable = valid & (neighbour_codes >= 0) & ~same_group
+    sims = graph.sims[lo:hi].astype(np.float64)
+    # Relative to each item's closest usable neighbour, so the prior's weight means the same in
+    # dense and sparse regions.
+    best = np.max(np.where(usable, sims, -np.inf), axis=1, keepdims=True)
+    best = np.where(np.isfinite(best), best, 0.0)
+    weights = np.where(usable, np.exp(np.where(usable, sims - best, 0.0) / TEMPERATURE), 0.0)
+    total = weights.sum(axis=1) + PRIOR_WEIGHT
+    cls = np.where(usable, neighbour_codes, -1)
+    vote = np.zeros_like(weights)
+    first = np.zeros_like(usable)
+    for j in range(cls.shape[1]):
+        same = (cls == cls[:, j:j + 1]) & usable
+        vote[:, j] = np.where(usable[:, j], (weights * same).sum(axis=1), 0.0)
+        first[:, j] = usable[:, j] & ~same[:, :j].any(axis=1)
+    p_voted = (vote + PRIOR_WEIGHT * prior[np.maximum(cls, 0)]) / total[:, None]
+    block_codes = codes[lo:hi]
+    own_vote = np.where(cls == block_codes[:, None], vote, 0.0).max(axis=1, initial=0.0)
+    own = (own_vote + PRIOR_WEIGHT * prior[np.maximum(block_codes, 0)]) / total
+    return own, cls, first, p_voted, PRIOR_WEIGHT / total
 
 
 class LabelQualityScore:
@@ -79,61 +112,45 @@ class LabelQualityScore:
     @staticmethod
     def _vote(ctx: ScoreContext, codes: np.ndarray, n_classes: int):
         """Calibrated neighbour votes, kept sparse: only the (at most k) classes a row's neighbours
-        name are materialised, every other class holds its prior share, so memory is O(N k)
-        whatever the number of classes. Returns quality, suggested class code and its
-        calibrated probability per ok row (NaN / -1 / 0 for unlabelled rows)."""
+        name are materialised, every other class holds its prior share, so memory is O(k) per
+        row whatever the number of classes, and rows are processed in blocks. Returns quality,
+        suggested class code and its calibrated probability per ok row (NaN / -1 / 0 for
+        unlabelled rows)."""
         n_ok = len(codes)
         labelled = codes >= 0
         prior = np.bincount(codes[labelled], minlength=n_classes) / labelled.sum()
-        graph = ctx.knn_ok
-        ids = graph.ids
-        valid = ids >= 0
-        neighbour_codes = np.where(valid, codes[np.maximum(ids, 0)], -1)
         groups_ok = ctx.column("dup_group")[ctx.ok_rows]
         group_vals = np.nan_to_num(np.asarray(groups_ok, np.float64), nan=-1).astype(np.int64)
-        their_group = np.where(valid, group_vals[np.maximum(ids, 0)], -1)
-        same_group = (group_vals[:, None] >= 0) & (their_group == group_vals[:, None])
-        usable = valid & (neighbour_codes >= 0) & ~same_group
-        sims = graph.sims.astype(np.float64)
-        # Relative to each item's closest usable neighbour, so the prior's weight means the
-        # same in dense and sparse regions.
-        best = np.max(np.where(usable, sims, -np.inf), axis=1, keepdims=True)
-        best = np.where(np.isfinite(best), best, 0.0)
-        weights = np.where(usable, np.exp((sims - best) / TEMPERATURE), 0.0)
-        total = weights.sum(axis=1) + PRIOR_WEIGHT
-        # Sparse votes: for each row and each neighbour column, the summed weight of that
-        # neighbour's class over the row (the same class repeated in several columns is
-        # counted once, at its first column).
-        cls = np.where(usable, neighbour_codes, -1)
-        vote = np.zeros_like(weights)
-        first = np.ones_like(usable)
-        for j in range(cls.shape[1]):
-            same = (cls == cls[:, j:j + 1]) & usable
-            vote[:, j] = np.where(usable[:, j], (weights * same).sum(axis=1), 0.0)
-            first[:, j] = usable[:, j] & ~(same[:, :j].any(axis=1))
-        p_voted = (vote + PRIOR_WEIGHT * prior[np.maximum(cls, 0)]) / total[:, None]  # p_i(c) of named classes
-        p_prior = PRIOR_WEIGHT / total  # times prior[c]: p_i(c) of the classes no neighbour names
-        own_vote = np.where(cls == codes[:, None], vote, 0.0).max(axis=1, initial=0.0)
-        p_own = (own_vote + PRIOR_WEIGHT * prior[np.maximum(codes, 0)]) / total
-        # Per-class calibration: t_c = mean p_i(c) over the rows labelled c.
+        blocks = [(lo, min(lo + VOTE_BLOCK, n_ok)) for lo in range(0, n_ok, VOTE_BLOCK)]
+        # Pass 1: each labelled row's probability of its own label -> per-class calibration t_c.
+        p_own = np.empty(n_ok, np.float64)
+        for lo, hi in blocks:
+            p_own[lo:hi] = _block_votes(ctx.knn_ok, codes, group_vals, prior, lo, hi)[0]
+        counts = np.bincount(codes[labelled], minlength=n_classes)
         t = np.bincount(codes[labelled], weights=p_own[labelled], minlength=n_classes)
-        t = np.where(np.bincount(codes[labelled], minlength=n_classes) > 0,
-                     t / np.maximum(np.bincount(codes[labelled], minlength=n_classes), 1), 1.0)
-        t = np.maximum(t, 1e-3)
+        t = np.maximum(np.where(counts > 0, t / np.maximum(counts, 1), 1.0), 1e-3)
         scaled_prior = prior / t
-        named = np.where(first, p_voted / t[np.maximum(cls, 0)], 0.0)
-        # Normaliser: named classes with their votes, every other class with its prior share.
-        named_prior = np.where(first, p_prior[:, None] * scaled_prior[np.maximum(cls, 0)], 0.0).sum(axis=1)
-        z = named.sum(axis=1) + p_prior * scaled_prior.sum() - named_prior
-        quality = (np.where(labelled, p_own / t[np.maximum(codes, 0)], np.nan) / z).astype(np.float32)
-        # The most probable class: the best named class, or the best class by prior alone.
-        best_col = np.argmax(named, axis=1)
-        best_named = named[np.arange(n_ok), best_col]
         prior_class = int(np.argmax(scaled_prior))
-        prior_value = p_prior * scaled_prior[prior_class]
-        use_prior = prior_value > best_named
-        suggested = np.where(use_prior, prior_class, cls[np.arange(n_ok), best_col])
-        confidence = np.where(use_prior, prior_value, best_named) / z
+        # Pass 2: calibrated probabilities q_i(c) = (p_i(c) / t_c) / z_i.
+        quality = np.full(n_ok, np.nan, np.float32)
+        suggested = np.full(n_ok, -1, np.int64)
+        confidence = np.zeros(n_ok, np.float64)
+        for lo, hi in blocks:
+            own, cls, first, p_voted, p_prior = _block_votes(ctx.knn_ok, codes, group_vals, prior, lo, hi)
+            safe = np.maximum(cls, 0)
+            named = np.where(first, p_voted / t[safe], 0.0)
+            # Normaliser: named classes with their votes, every other class with its prior share.
+            named_prior = np.where(first, p_prior[:, None] * scaled_prior[safe], 0.0).sum(axis=1)
+            z = named.sum(axis=1) + p_prior * scaled_prior.sum() - named_prior
+            block_codes = codes[lo:hi]
+            quality[lo:hi] = np.where(block_codes >= 0, own / t[np.maximum(block_codes, 0)] / z, np.nan)
+            # The most probable class: the best named class, or the best class by prior alone.
+            best_col = np.argmax(named, axis=1)
+            best_named = named[np.arange(hi - lo), best_col]
+            prior_value = p_prior * scaled_prior[prior_class]
+            use_prior = prior_value > best_named
+            suggested[lo:hi] = np.where(use_prior, prior_class, cls[np.arange(hi - lo), best_col])
+            confidence[lo:hi] = np.where(use_prior, prior_value, best_named) / z
         return (np.where(labelled, quality, np.nan).astype(np.float32), np.where(labelled, suggested, -1),
                 np.where(labelled, confidence, 0.0))
 

@@ -100,23 +100,27 @@ def _resize_square(image: Image.Image, size: int) -> np.ndarray:
     return np.asarray(resized.crop((left, top, left + size, top + size)), dtype=np.uint8)
 
 
+def working_thumbnail(image: Image.Image) -> Image.Image:
+    """The image with its longer side at most ``STATS_MAX_SIDE`` (never upscaled): what the
+    statistics and the hash are computed on."""
+    w, h = image.size
+    if max(w, h) <= STATS_MAX_SIDE:
+        return image
+    scale = STATS_MAX_SIDE / max(w, h)
+    return image.resize((max(1, round(w * scale)), max(1, round(h * scale))), Image.BILINEAR, reducing_gap=2.0)
+
+
 def pixel_statistics(image: Image.Image) -> tuple[float, float, float, int]:
     """Brightness, contrast, sharpness and a 64-bit difference hash of an RGB image.
 
+    All four come from one working thumbnail (:func:`working_thumbnail`, at most
+    ``STATS_MAX_SIDE`` px, never upscaled, so a sharp small image stays sharp) in grey:
     brightness: mean luminance in [0, 1]; contrast: luminance std; sharpness: variance of the
-    Laplacian over the variance of the luminance, at most ``STATS_MAX_SIDE`` px (never
-    upscaled, so a sharp small image stays sharp; dividing by the variance makes it
-    independent of contrast); phash: dHash on a 9x8 grey thumbnail (robust to re-encoding,
-    resizing and brightness shifts).
+    Laplacian over the variance of the luminance (independent of contrast); phash: dHash on a
+    9x8 grey thumbnail (robust to re-encoding, resizing and brightness shifts).
     """
-    grey = image.convert("L")
-    w, h = grey.size
-    if max(w, h) > STATS_MAX_SIDE:
-        scale = STATS_MAX_SIDE / max(w, h)
-        grey_small = grey.resize((max(1, round(w * scale)), max(1, round(h * scale))), Image.BILINEAR)
-    else:
-        grey_small = grey
-    lum = np.asarray(grey_small, dtype=np.float32) / 255.0
+    grey = working_thumbnail(image).convert("L")
+    lum = np.asarray(grey, dtype=np.float32) * (1.0 / 255.0)
     brightness = float(lum.mean())
     contrast = float(lum.std())
     if lum.shape[0] >= 3 and lum.shape[1] >= 3:
@@ -130,9 +134,18 @@ def pixel_statistics(image: Image.Image) -> tuple[float, float, float, int]:
     return brightness, contrast, sharpness, phash
 
 
+def draft_request(width: int, height: int, image_size: int) -> tuple[int, int]:
+    """The smallest JPEG decode every consumer can use: the shorter side at least the model
+    input (``image_size``), the longer side at least the working thumbnail's (or the full size)."""
+    longer = min(max(width, height), STATS_MAX_SIDE)
+    return (longer, image_size) if width >= height else (image_size, longer)
+
+
 def decode_image(data: bytes, *, image_size: int, max_pixels: int,
                  background: tuple[int, int, int] = (255, 255, 255)) -> Decoded:
-    """Decode encoded image bytes; raises :class:`RejectedInput` with a specific reason."""
+    """Decode encoded image bytes once, at the smallest scale its consumers need (JPEG DCT
+    scaling), and derive the model input, statistics and hashes from that one decode; raises
+    :class:`RejectedInput` with a specific reason."""
     if not data:
         raise RejectedInput("corrupt: empty file (0 bytes)")
     try:
@@ -151,13 +164,15 @@ def decode_image(data: bytes, *, image_size: int, max_pixels: int,
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
-            if image.format == "JPEG" and min(width, height) > 4 * max(image_size, STATS_MAX_SIDE):
-                # Decode at reduced scale: the DCT draft is >= the requested size.
-                image.draft("RGB", (2 * max(image_size, STATS_MAX_SIDE),) * 2)
+            if image.format == "JPEG":
+                # Decode at a reduced DCT scale (1/2, 1/4, 1/8) when that still covers the model
+                # input and the statistics: most of a large JPEG's decode cost is never decoded.
+                image.draft("RGB", draft_request(width, height, image_size))
             image.seek(0)  # first frame of animations
             image.load()
             scale = width / image.size[0]  # > 1 when draft mode decoded at reduced size
-            image = ImageOps.exif_transpose(image)
+            if image.getexif().get(0x0112, 1) != 1:
+                image = ImageOps.exif_transpose(image)
             rgb = _to_rgb(image, background)
     except (OSError, SyntaxError, ValueError, EOFError) as exc:
         text = str(exc)
@@ -166,8 +181,8 @@ def decode_image(data: bytes, *, image_size: int, max_pixels: int,
         raise RejectedInput(f"corrupt: {image.format or 'image'} decode failed ({text})") from None
     except Exception as exc:
         raise RejectedInput(f"unsupported format: {image.format} mode {image.mode} ({type(exc).__name__}: {exc})") from None
-    pixels_full = np.asarray(rgb, dtype=np.uint8)
-    pixel_hash = hashlib.blake2b(pixels_full.tobytes() + repr(pixels_full.shape).encode(), digest_size=16).hexdigest()
+    # The hash of the decoded pixels (at the decode scale): the same picture saved twice losslessly.
+    pixel_hash = hashlib.blake2b(rgb.tobytes() + repr((rgb.size[1], rgb.size[0], 3)).encode(), digest_size=16).hexdigest()
     brightness, contrast, sharpness, phash = pixel_statistics(rgb)
     return Decoded(
         pixels=_resize_square(rgb, image_size),
