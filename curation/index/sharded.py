@@ -33,7 +33,8 @@ from curation.session import ClusterResources
 log = logging.getLogger(__name__)
 
 SOURCE_BATCH = 16384  # rows a shard reads from storage per step (32 MB at d=512)
-QUERY_TASKS_IN_FLIGHT = 2  # one batch searching while the previous one is read and merged
+QUERY_TASKS_IN_FLIGHT = 2
+TRAIN_THREADS = 8  # CPUs the training task reserves (at most the cluster's)  # one batch searching while the previous one is read and merged
 
 
 def knn_graph(vectors, cfg: KnnConfig, *, seed: int = 0,
@@ -91,8 +92,9 @@ def sharded_knn(embeddings: np.ndarray | None, k: int, params: IndexParams, *, q
     t = time.perf_counter()
     # Trained in a Ray task, which fetches its own sample: the driver receives only the trained,
     # empty index (nlist centroids).
-    train = ray.remote(num_cpus=1)(_train)
-    blob = ray.get(train.remote(source, params, d, n, seed))
+    threads = max(1, min(TRAIN_THREADS, ClusterResources.current().cpus))
+    train = ray.remote(num_cpus=threads)(_train)
+    blob = ray.get(train.remote(source, params, d, n, seed, threads))
     timing["train_s"] = round(time.perf_counter() - t, 3)
     if save_to is not None:
         write_bytes(save_to.child("trained.faissindex"), blob.tobytes())
@@ -148,10 +150,11 @@ def sharded_knn(embeddings: np.ndarray | None, k: int, params: IndexParams, *, q
     return KnnGraph(ids, sims), timing
 
 
-def _train(source, params: IndexParams, d: int, n: int, seed: int) -> np.ndarray:
+def _train(source, params: IndexParams, d: int, n: int, seed: int, threads: int = 1) -> np.ndarray:
     """Train the empty index on a uniform sample of ``source``; returns it serialised."""
     import faiss
 
+    faiss.omp_set_num_threads(threads)  # Ray sets one OpenMP thread per reserved CPU
     if params.kind == "ivf":
         rng = np.random.default_rng(seed)
         sample = source.take(np.sort(rng.choice(n, size=params.train_size, replace=False)))

@@ -27,6 +27,7 @@ log = logging.getLogger(__name__)
 SEED = 1234
 N_RESTARTS = 5
 POINTS_PER_CENTROID = 256
+TRAIN_THREADS = 8  # CPUs the training task reserves (at most the cluster's)
 
 
 def choose_n_clusters(n: int, requested: int = 0, budget: int | None = None) -> int:
@@ -94,15 +95,19 @@ def cluster_vectors(vectors, k: int, *, seed: int = SEED) -> tuple[np.ndarray, n
     sample_ids = np.sort(rng.choice(n, size=size, replace=False)) if size < n else np.arange(n)
     # Trained in a task (on a GPU worker when the cluster has one, where cuML can run); only the
     # centroids come back.
-    gpus = 1 if ClusterResources.current().gpus > 0 else 0
-    centroids, backend = run_tasks(_train_on_sample, [(source, sample_ids, k)], num_gpus=gpus)[0]
+    resources = ClusterResources.current()
+    gpus = 1 if resources.gpus > 0 else 0
+    threads = max(1, min(TRAIN_THREADS, resources.cpus))
+    centroids, backend = run_tasks(_train_on_sample, [(source, sample_ids, k, threads)], num_cpus=threads,
+                                   num_gpus=gpus)[0]
     parts = map_vectors(source, assign, centroids)
     labels = np.concatenate([p[0] for p in parts]) if parts else np.empty(0, np.int32)
     sims = np.concatenate([p[1] for p in parts]) if parts else np.empty(0, np.float32)
     return labels, sims, backend
 
 
-def _train_on_sample(source, sample_ids: np.ndarray, k: int) -> tuple[np.ndarray, str]:
+def _train_on_sample(source, sample_ids: np.ndarray, k: int, threads: int = 1) -> tuple[np.ndarray, str]:
+    faiss.omp_set_num_threads(threads)  # Ray sets one OpenMP thread per reserved CPU
     backend = kmeans_backend() if k > 1 else "mean"
     return train_centroids(source.take(sample_ids), k, backend=backend), backend
 
