@@ -85,7 +85,7 @@ def run_once(project: str, config: dict, work: str) -> dict:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--sizes", type=int, nargs="+", default=[150_000, 450_000])
+    parser.add_argument("--sizes", type=int, nargs="*", default=[150_000, 450_000])
     parser.add_argument("--dims", type=int, nargs="+", default=[512])
     parser.add_argument("--images", type=int, nargs="*", default=[], help="images-mode sizes (thumbnail)")
     parser.add_argument("--project", default=ROOT, help="checkout whose code runs (default: this one)")

@@ -72,6 +72,8 @@ def test_missing_weights_file_fails_before_any_work(tmp_path):
 def test_selection_naming_an_unknown_column_fails_before_any_work(tmp_path):
     config = _config_with_images(tmp_path, embedder={"model": "thumbnail", "weights": "none"},
                                  selections=[{"name": "cats", "mode": "clean", "where": "lable == 'cat'"}])
-    line = _one_error_line(_run("-m", "curation", "run", "--config", config))
-    assert "selections[0].where" in line and "lable" in line
+    proc = _run("-m", "curation", "run", "--config", config)
+    assert proc.returncode == 2  # after listing (which logs a progress line), before any work
+    (line,) = [ln for ln in proc.stderr.splitlines() if "error" in ln]
+    assert line.startswith("curation: error: config key 'selections[0].where'") and "lable" in line
     assert not (tmp_path / "out").exists()

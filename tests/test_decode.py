@@ -129,3 +129,31 @@ def test_stage_returns_one_row_per_input(tmp_path):
     assert out["reason"][3] == "duplicate labels row"
     assert out["pixels"].shape == (4, 16, 16, 3) and list(out["label"]) == ["a", "b", None, "a"]
     assert out["content_hash"][0] and out["pixel_hash"][0]
+
+
+def test_jpegs_decode_once_at_the_smallest_scale_that_serves_every_consumer():
+    from curation.stages.decode import STATS_MAX_SIDE, draft_request
+
+    # The shorter side must cover the model input, the longer side the statistics' thumbnail.
+    assert draft_request(640, 480, 224) == (STATS_MAX_SIDE, 224)
+    assert draft_request(480, 640, 224) == (224, STATS_MAX_SIDE)
+    assert draft_request(100, 80, 224) == (100, 224)  # never asks for more than the image has
+    data = _encode(_photo(1600, 1200), "JPEG", quality=90)
+    image = Image.open(io.BytesIO(data))
+    image.draft("RGB", draft_request(1600, 1200, 224))
+    assert image.size == (400, 300)  # DCT-scaled by 4, still >= 224 x 256
+    decoded = _decode(data, image_size=224)
+    assert (decoded.width, decoded.height) == (1600, 1200) and decoded.pixels.shape == (224, 224, 3)
+
+
+def test_statistics_at_decode_scale_match_full_decode():
+    """Decoding a JPEG at a reduced DCT scale barely moves the statistics and the hash."""
+    from curation.stages.decode import pixel_statistics
+
+    photo = _photo(1280, 960, seed=3).filter(__import__("PIL.ImageFilter", fromlist=["x"]).GaussianBlur(1))
+    data = _encode(photo, "JPEG", quality=92)
+    fast = _decode(data, image_size=224)
+    full = pixel_statistics(Image.open(io.BytesIO(data)).convert("RGB"))
+    assert abs(fast.brightness - full[0]) < 0.01 and abs(fast.contrast - full[1]) < 0.01
+    assert abs(fast.sharpness - full[2]) < 0.25 * full[2]
+    assert bin(fast.phash ^ full[3]).count("1") <= 4

@@ -20,7 +20,7 @@ class KnnGraph:
     """``ids[i]`` are the row indices of item i's neighbours (``-1`` padding when fewer than k
     exist), ``sims[i]`` their cosine similarities, both sorted by decreasing similarity."""
 
-    ids: np.ndarray  # (N, k) int64
+    ids: np.ndarray  # (N, k) int32 below 2**31 items (half the bytes), else int64
     sims: np.ndarray  # (N, k) float32
 
     @property
@@ -33,7 +33,7 @@ def exact_knn(embeddings: np.ndarray, k: int) -> KnnGraph:
     x = np.ascontiguousarray(embeddings, dtype=np.float32)
     n, d = x.shape
     k_eff = min(k, max(n - 1, 0))
-    ids = np.full((n, k), -1, np.int64)
+    ids = np.full((n, k), -1, id_dtype(n))
     sims = np.full((n, k), -np.inf, np.float32)
     if k_eff == 0:
         return KnnGraph(ids, sims)
@@ -45,6 +45,11 @@ def exact_knn(embeddings: np.ndarray, k: int) -> KnnGraph:
         batch_sims, batch_ids = index.search(x[start:stop], search_k)
         sims[start:stop], ids[start:stop] = drop_self(batch_sims, batch_ids, np.arange(start, stop), k)
     return KnnGraph(ids, sims)
+
+
+def id_dtype(n: int):
+    """The narrowest integer type for neighbour ids among ``n`` items (the graph's driver cost)."""
+    return np.int32 if n < 2**31 - 1 else np.int64
 
 
 def drop_self(sims: np.ndarray, ids: np.ndarray, own: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:

@@ -11,8 +11,8 @@ Sharded path, start to finish, with vectors read from storage by the workers tha
    only the compact ``(ids, sims)`` rows come back to the driver;
 4. save (optional): every shard streams its filled index to storage.
 
-The driver holds the graph: two ``(N, k)`` arrays, int64 ids and float32 similarities
-(120 bytes per item at k = 10).
+The driver holds the graph: two ``(N, k)`` arrays, int32 ids and float32 similarities
+(80 bytes per item at k = 10).
 """
 
 from __future__ import annotations
@@ -23,7 +23,7 @@ import time
 import numpy as np
 
 from curation.config import KnnConfig
-from curation.index.knn import KnnGraph, drop_self, exact_knn
+from curation.index.knn import KnnGraph, drop_self, exact_knn, id_dtype
 from curation.index.params import IndexParams, choose_params
 from curation.index.shard import IndexShard, merge_shard_results, train_empty_index
 from curation.index.source import MemoryVectors, VectorParts, as_source
@@ -121,7 +121,7 @@ def sharded_knn(embeddings: np.ndarray | None, k: int, params: IndexParams, *, q
     timing["shard_sizes"] = [int(hi - lo) for lo, hi in zip(bounds[:-1], bounds[1:])]
 
     t = time.perf_counter()
-    ids = np.full((n, k), -1, np.int64)
+    ids = np.full((n, k), -1, id_dtype(n))
     sims = np.full((n, k), -np.inf, np.float32)
     search_k = min(k + 1, n)
     source_ref = ray.put(source)

@@ -36,6 +36,7 @@ PHASH_MIN_BITS = 12
 PHASH_RATIO = 0.25
 CERTAIN_DISTANCE = 0.002  # cosine >= 0.998: a duplicate whatever the neighbourhood
 PHASH_QUERY_BATCH = 16384
+PAIR_BLOCK = 16384
 
 
 class UnionFind:
@@ -158,7 +159,11 @@ class DuplicatesScore:
                 # Only the pairs' own vectors are fetched from the store.
                 ends, inverse = np.unique(np.concatenate([a, b]), return_inverse=True)
                 emb = ctx.vectors.take(ends)
-                cos = np.einsum("ij,ij->i", emb[inverse[: len(a)]], emb[inverse[len(a):]])
+                left_at, right_at = inverse[: len(a)], inverse[len(a):]
+                cos = np.empty(len(a), np.float32)
+                for lo in range(0, len(a), PAIR_BLOCK):  # pairs in blocks: never pairs x d at once
+                    hi = min(lo + PAIR_BLOCK, len(a))
+                    cos[lo:hi] = np.einsum("ij,ij->i", emb[left_at[lo:hi]], emb[right_at[lo:hi]])
                 local = np.maximum(reference[a], reference[b])
                 keep = (cos >= PHASH_MIN_COSINE) & (1.0 - cos <= np.maximum(PHASH_RATIO * local, CERTAIN_DISTANCE))
                 for x, y in zip(a[keep], b[keep]):
