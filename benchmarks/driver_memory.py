@@ -36,16 +36,17 @@ from benchmarks._common import print_table, save_json, write_embeddings  # noqa:
 
 
 def _write_images(folder: str, n: int) -> None:
+    """N distinct small photos-like PNGs (a smooth random layout plus noise, 64 x 48)."""
     from PIL import Image
 
     os.makedirs(folder, exist_ok=True)
     rng = np.random.default_rng(0)
-    base = rng.integers(0, 255, (16, 32, 32, 3), dtype=np.uint8)
     for i in range(n):
         path = os.path.join(folder, f"{i:07d}.png")
         if not os.path.exists(path):
-            noise = rng.integers(-20, 20, (32, 32, 3))
-            Image.fromarray(np.clip(base[i % 16] + noise, 0, 255).astype(np.uint8)).save(path)
+            layout = Image.fromarray(rng.integers(0, 255, (6, 8, 3), dtype=np.uint8)).resize((64, 48), Image.BICUBIC)
+            noise = rng.integers(-12, 12, (48, 64, 3))
+            Image.fromarray(np.clip(np.asarray(layout, np.int16) + noise, 0, 255).astype(np.uint8)).save(path)
 
 
 def run_once(project: str, config: dict, work: str) -> dict:
@@ -109,7 +110,7 @@ def main() -> None:
             shutil.rmtree(work, ignore_errors=True)
     for n in args.images:
         work = os.path.join(args.work, f"img-{n}")
-        images = os.path.join(args.work, "images", str(n))
+        images = os.path.join(args.work, "photos", str(n))
         _write_images(images, n)
         shutil.rmtree(work, ignore_errors=True)
         os.makedirs(work)

@@ -49,7 +49,7 @@ log = logging.getLogger(__name__)
 
 SEED = 1234
 COVER_WORK = 2e9  # multiply-adds one farthest-first traversal may spend before a class is split into regions
-COVER_FETCH_BYTES = 64 << 20  # vectors of whole classes fetched together for coverage
+COVER_FETCH_BYTES = 32 << 20  # vectors of whole classes fetched together for coverage
 
 
 @dataclass

@@ -64,8 +64,11 @@ def write_parquet_parts(folder: Location, table: pa.Table, rows_per_file: int = 
     return files
 
 
+SAMPLES_ROW_GROUP = 65_536  # bounded encode buffers while writing (and friendlier to readers)
+
+
 def write_samples(run: Location, samples: pa.Table) -> list[Location]:
-    return write_parquet_parts(run.child("samples"), samples)
+    return write_parquet_parts(run.child("samples"), samples, row_group_size=SAMPLES_ROW_GROUP)
 
 
 # What a vector file holds besides the vector: enough for the embedding store to reuse an item
