@@ -82,7 +82,7 @@ class Ingested:
 
 @dataclass
 class Neighbours:
-    graph: KnnGraph
+    graph: KnnGraph | None  # released once the scores have used it and knn/ is written
     info: dict
 
 
@@ -142,6 +142,9 @@ def run_job(config: Config, *, resolver: Resolver | None = None, plan: Plan | No
             neighbours = find_neighbours(ingested, config, plan)
         with clock.phase("scores"):
             samples, score_report = score(ingested, neighbours, config)
+            # The graph has served its purpose: write knn/ now and free it before selections.
+            outputs.write_knn_graph(plan.run.child("knn"), samples, neighbours.graph)
+            neighbours.graph = None
         with clock.phase("selections"):
             from curation.select import build_selections
 
@@ -346,7 +349,6 @@ def publish(plan: Plan, config: Config, ingested: Ingested, neighbours: Neighbou
             "versions": _versions(),
         }
         outputs.write_samples(run, samples)
-        outputs.write_knn_graph(run.child("knn"), samples, neighbours.graph)
         for name, table in selection_tables.items():
             outputs.write_table(run.child("selections", f"{name}.parquet"), table)
         write_bytes(run.child("report.html"), render_report(

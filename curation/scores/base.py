@@ -32,9 +32,9 @@ class Columns(Mapping):
     so the driver never holds every column as Python objects. ``arrow(name)`` gives the column
     itself (strings stay in Arrow)."""
 
-    def __init__(self, table: pa.Table, cache: dict[str, np.ndarray] | None = None):
+    def __init__(self, table: pa.Table):
         self.table = table
-        self._cache: dict[str, np.ndarray] = dict(cache or {})
+        self._cache: dict[str, np.ndarray] = {}
 
     def __getitem__(self, name: str) -> np.ndarray:
         if name not in self._cache:
@@ -62,7 +62,8 @@ class Columns(Mapping):
                 table = table.set_column(table.column_names.index(name), name, result[name])
             else:
                 table = table.append_column(name, result[name])
-        return Columns(table, {k: v for k, v in self._cache.items() if k not in result.column_names})
+        # The next score starts with an empty cache: numpy copies live only while one score runs.
+        return Columns(table)
 
 
 @dataclass
