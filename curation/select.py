@@ -29,6 +29,7 @@ checked against the known columns before any work (:func:`check_selection_column
 
 from __future__ import annotations
 
+import ast
 import logging
 import re
 from dataclasses import dataclass
@@ -50,6 +51,7 @@ log = logging.getLogger(__name__)
 SEED = 1234
 COVER_WORK = 2e9  # multiply-adds one farthest-first traversal may spend before a class is split into regions
 COVER_FETCH_BYTES = 32 << 20  # vectors of whole classes fetched together for coverage
+COVER_MAX_MEMBERS = 65_536  # a larger class is covered through a uniform sample of this many members
 
 
 @dataclass
@@ -299,6 +301,11 @@ def cover_groups(view: SampleView, groups: list[np.ndarray], quotas: list[int]) 
     share is bounded and the store is read a few times, not once per class."""
     d = view.vectors.dim if view.vectors.n else 1
     budget_rows = max(1, int(COVER_FETCH_BYTES // (4 * d)))
+    # A class larger than COVER_MAX_MEMBERS is covered through a uniform sample of its members:
+    # the driver then holds at most that many of its vectors, however large the class grows.
+    rng = np.random.default_rng(SEED)
+    groups = [np.sort(rng.choice(g, size=COVER_MAX_MEMBERS, replace=False)) if len(g) > max(COVER_MAX_MEMBERS, q) else g
+              for g, q in zip(groups, quotas)]
     needs = [i for i, (g, q) in enumerate(zip(groups, quotas)) if 0 < q < len(g)]
     fetched: dict[int, np.ndarray] = {}
     out: list = [None] * len(groups)
@@ -423,10 +430,59 @@ class Selector:
         return SelectionResult(sel.name, sel.mode, table, int(eligible.sum()), note)
 
 
-def evaluate_where(df: pd.DataFrame, sel: SelectionConfig) -> np.ndarray:
-    """``sel.where`` over ``df`` as a boolean mask; :class:`ConfigError` naming the key otherwise."""
+# What a ``where`` may contain: comparisons, boolean logic and arithmetic over columns and
+# literals, plus a few read-only string and null tests. Anything else (other calls, attribute
+# access, ``@`` locals) is refused before pandas sees it: ``label.to_csv('/x')`` would otherwise
+# write a file wherever the job runs.
+WHERE_NODES = (ast.Expression, ast.BoolOp, ast.And, ast.Or, ast.UnaryOp, ast.Not, ast.USub, ast.UAdd,
+               ast.Invert, ast.BinOp, ast.Add, ast.Sub, ast.Mult, ast.Div, ast.Mod, ast.FloorDiv, ast.Pow,
+               ast.BitAnd, ast.BitOr, ast.Compare, ast.Eq, ast.NotEq, ast.Lt, ast.LtE, ast.Gt, ast.GtE, ast.In,
+               ast.NotIn, ast.Name, ast.Load, ast.Constant, ast.List, ast.Tuple)
+WHERE_STR_METHODS = {"startswith", "endswith", "contains", "match", "lower", "upper", "len", "strip"}
+WHERE_METHODS = {"isna", "notna", "isnull", "notnull"}
+
+
+def check_where_expression(expression: str) -> None:
+    """Raise ``ValueError`` unless ``expression`` uses only what :data:`WHERE_NODES` allows,
+    ``column.str.<method>(literals)`` or ``column.<isna|notna>()``."""
+    names: dict[str, str] = {}
+
+    def placeholder(match: re.Match) -> str:  # pandas' `quoted names` are not Python
+        names.setdefault(match.group(1), f"_quoted_{len(names)}")
+        return names[match.group(1)]
+
     try:
-        mask = df.eval(sel.where)
+        tree = ast.parse(re.sub(r"`([^`]+)`", placeholder, expression), mode="eval")
+    except SyntaxError as exc:
+        raise ValueError(f"not an expression ({exc.msg})") from None
+    allowed_calls: set[int] = set()
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Call):
+            func = node.func
+            ok = (isinstance(func, ast.Attribute) and not node.keywords
+                  and all(isinstance(arg, ast.Constant) for arg in node.args)
+                  and ((func.attr in WHERE_METHODS and isinstance(func.value, ast.Name))
+                       or (func.attr in WHERE_STR_METHODS and isinstance(func.value, ast.Attribute)
+                           and func.value.attr == "str" and isinstance(func.value.value, ast.Name))))
+            if not ok:
+                raise ValueError(f"only column.str.{{{', '.join(sorted(WHERE_STR_METHODS))}}}(...) and "
+                                 f"column.{{{', '.join(sorted(WHERE_METHODS))}}}() may be called")
+            allowed_calls.update({id(func), id(func.value)})
+        elif isinstance(node, ast.Attribute):
+            if id(node) not in allowed_calls and not (node.attr == "str" and isinstance(node.value, ast.Name)):
+                raise ValueError(f"attribute access '.{node.attr}' is not allowed")
+        elif isinstance(node, ast.Name) and node.id.startswith("__"):
+            raise ValueError(f"name {node.id!r} is not allowed")
+        elif not isinstance(node, WHERE_NODES):
+            raise ValueError(f"{type(node).__name__} is not allowed")
+
+
+def evaluate_where(df: pd.DataFrame, sel: SelectionConfig) -> np.ndarray:
+    """``sel.where`` over ``df`` as a boolean mask; :class:`ConfigError` naming the key otherwise.
+    The expression is checked first (:func:`check_where_expression`) and sees only the columns."""
+    try:
+        check_where_expression(sel.where)
+        mask = df.eval(sel.where, local_dict={}, global_dict={})
     except Exception as exc:
         raise ConfigError(f"selection {sel.name!r} where: cannot evaluate {sel.where!r} ({exc})") from None
     if not isinstance(mask, pd.Series) or not (mask.dtype == bool or str(mask.dtype).startswith("bool")):

@@ -92,7 +92,7 @@ def test_rerun_moves_latest_only_after_success(local_run, monkeypatch):
     assert second.run_info["embedder"]["store"]["embedded"] == 0  # the store made the rerun cheap
 
 
-def test_s3_in_and_out(ray_local, s3, demo_set):
+def test_s3_in_and_out(ray_local, s3, demo_set, caplog):
     root, truth = demo_set
     fs = s3.pyarrow_fs()
     fs.create_dir("curation-e2e")
@@ -104,7 +104,14 @@ def test_s3_in_and_out(ray_local, s3, demo_set):
     samples = check_run_outputs(fs, "curation-e2e/curation", result.run_id,
                                 images_uri="s3://curation-e2e/raw/images", truth=truth, selection_names=SELECTIONS)
     assert all(u.startswith("s3://curation-e2e/raw/images/") for u in samples["uri"].to_pylist())
-    # Credentials never reach run.json.
-    with fs.open_input_stream(f"curation-e2e/curation/{result.run_id}/run.json") as fh:
-        text = fh.read().decode()
-    assert s3.secret_key not in text and s3.access_key not in text
+    # Credentials never reach any output (run.json, report, Parquet, store, index) nor the log.
+    import pyarrow.fs as pafs
+
+    written = [info for info in fs.get_file_info(pafs.FileSelector("curation-e2e/curation", recursive=True))
+               if info.type == pafs.FileType.File]
+    assert any(info.path.endswith("run.json") for info in written) and len(written) > 10
+    for info in written:
+        with fs.open_input_stream(info.path) as fh:
+            data = fh.read()
+        assert s3.secret_key.encode() not in data and s3.access_key.encode() not in data, info.path
+    assert s3.secret_key not in caplog.text and s3.access_key not in caplog.text

@@ -187,3 +187,23 @@ def test_balance_stats_per_column_and_selection():
     many = pa.concat_tables([wide] * (MAX_VALUES // n + 1)).set_column(
         wide.column_names.index("serial"), "serial", pa.array([f"s{i}" for i in range(n * (MAX_VALUES // n + 1))]))
     assert "skipped" in balance_stats(many, {}, score_columns={"sparseness"})["serial"]
+
+
+@pytest.mark.parametrize("expression", [
+    "label.to_csv('/tmp/curation-where-pwned.csv')",
+    "@pd.io.common",
+    "__import__('os').system('touch /tmp/curation-where-pwned.csv')",
+    "label.__class__",
+    "label.str.cat(label)",
+])
+def test_where_cannot_run_code(scored, expression):
+    import os
+
+    with pytest.raises(ConfigError, match="where"):
+        select(scored, mode="clean", where=expression)
+    assert not os.path.exists("/tmp/curation-where-pwned.csv")
+
+
+def test_where_allows_string_and_null_tests(scored):
+    picked = select(scored, mode="clean", where="label.str.startswith('a') and label.notna() and `brightness` > 0.1")
+    assert set(picked.table["label"].to_pylist()) == {"a"}

@@ -101,6 +101,8 @@ class VectorParts:
             if hi > lo:
                 jobs.append((location, self.column, wanted[lo:hi] - first))
         out = np.concatenate(run_tasks(_take_rows, jobs))
+        if len(wanted) == len(ids) and np.array_equal(inverse, np.arange(len(ids))):
+            return out  # ids were sorted and distinct: no reordering copy
         return out[inverse]
 
     def read_all(self, lo: int, hi: int) -> tuple[np.ndarray, np.ndarray]:
