@@ -284,12 +284,13 @@ class Representative:
         picks = interleave(per_group)
         picked = np.array([r for r, _ in picks], np.int64)
         gaps = np.array([c for _, c in picks], np.float64)
-        reasons = [f"representative of {column} {names[codes[r]]!r} (coverage pick: cosine distance {c:.3f} from "
-                   f"every earlier pick of its class; embedding cluster {int(view.cluster[r])})" for r, c in picks]
+        reasons = [self.reason(view, r, c, group=f"{column} {names[codes[r]]!r}") for r, c in picks]
         return Ranked(picked, gaps, reasons)
 
-    def reason(self, view, row, score):  # reasons come with the ranking
-        raise NotImplementedError
+    def reason(self, view, row, score, *, group: str | None = None):
+        group = group or f"label {view.cell('label', row)!r}"
+        return (f"representative of {group} (coverage pick: cosine distance {score:.3f} from every earlier pick "
+                f"of its class; embedding cluster {int(view.cluster[row])})")
 
 
 MODES: dict[str, Mode] = {mode.name: mode for mode in (Representative(), EdgeCases(), LabelReview(), Clean())}
