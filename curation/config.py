@@ -165,10 +165,16 @@ class ScoresConfig:
     """Score thresholds. Defaults were measured on the demo set (see README, "Scores").
 
     Attributes:
-        near_duplicate_cosine: embedding cosine similarity at or above which two items are
-            near duplicates.
-        near_duplicate_ratio: a near pair's distance must also be at most this share of the
-            local scale (distance to the k-th neighbour): a ratio test against dense regions.
+        copy_cosine: copy-descriptor cosine at or above which two images are near duplicates
+            (images mode; the descriptor is computed from the pixels whatever the embedder).
+        copy_ratio: a copy pair's distance must also be at most this share of the local scale
+            in the descriptor space (distance to the k-th neighbour): a ratio test against
+            dense regions of look-alikes.
+        near_duplicate_cosine / near_duplicate_ratio: the same two tests on the embedding, for
+            ``input.embeddings`` runs (no pixels, so no copy descriptor).
+        semantic_duplicate_cosine: when > 0, embedding pairs at or above this cosine are also
+            grouped, as ``dup_kind: semantic`` (SemDeDup-style; off by default: it merges
+            distinct shots of one scene, and how many depends on the model).
         near_duplicate_hamming: 64-bit perceptual-hash distance at or below which two items
             are near duplicates (catches re-encodes that embeddings separate poorly).
         dark_brightness: mean luminance below which an image is dark.
@@ -189,9 +195,12 @@ class ScoresConfig:
         map_points: at most this many items get 2-D map coordinates.
     """
 
+    copy_cosine: float = ranged(0.92, 0.0, 1.0)
+    copy_ratio: float = ranged(0.3, 0.0, 1.0)
     near_duplicate_cosine: float = ranged(0.95, 0.0, 1.0)
     near_duplicate_ratio: float = ranged(0.25, 0.0, 1.0)
     near_duplicate_hamming: int = ranged(8, 0, 64)
+    semantic_duplicate_cosine: float = ranged(0.0, 0.0, 1.0)
     dark_brightness: float = ranged(0.16, 0.0, 1.0)
     bright_brightness: float = ranged(0.90, 0.0, 1.0)
     washed_out_brightness: float = ranged(0.60, 0.0, 1.0)

@@ -78,12 +78,14 @@ class Ingested:
     samples: pa.Table
     vectors: VectorParts
     embedder: dict
+    copies: VectorParts | None = None  # the copy descriptors (same ids); None without pixels
 
 
 @dataclass
 class Neighbours:
     graph: KnnGraph | None  # released once the scores have used it and knn/ is written
     info: dict
+    copy_graph: KnnGraph | None = None  # among the copy descriptors (images mode)
 
 
 class Clock:
@@ -144,7 +146,7 @@ def run_job(config: Config, *, resolver: Resolver | None = None, plan: Plan | No
             samples, score_report = score(ingested, neighbours, config)
             # The graph has served its purpose: write knn/ now and free it before selections.
             outputs.write_knn_graph(plan.run.child("knn"), samples, neighbours.graph)
-            neighbours.graph = None
+            neighbours.graph = neighbours.copy_graph = None
         with clock.phase("selections"):
             from curation.select import build_selections
 
@@ -230,7 +232,7 @@ def _ingest_images(plan: Plan, config: Config, resolver: Resolver, clock: Clock)
     log.info("embedding store: reused %(reused)d, embedded %(embedded)d, rejected %(rejected)d", counts)
     if store is not None and files:
         store.write(files, plan.run_id, rows=int(ok.sum()))
-    return Ingested(samples, VectorParts(parts), identity)
+    return Ingested(samples, VectorParts(parts), identity, VectorParts(parts, column="copy_vector"))
 
 
 def _describe_embedder(config: Config, resolver: Resolver) -> dict:
@@ -298,7 +300,17 @@ def find_neighbours(ingested: Ingested, config: Config, plan: Plan) -> Neighbour
         raise NothingToPublish(f"no usable item: {ingested.samples.num_rows} inputs, all rejected "
                                f"(see the log for reasons); nothing published, latest unchanged")
     graph, info = knn_graph(ingested.vectors, config.knn, save_to=plan.run.child("index"))
-    return Neighbours(graph, info)
+    copy_graph = None
+    if ingested.copies is not None:
+        # Copy detection has its own graph, in the copy descriptor's space: whatever model
+        # embeds the images, a copy is judged by how it looks (see scores/duplicates.py).
+        copy_graph, copy_info = knn_graph(ingested.copies, config.knn, save_to=plan.run.child("index-copies"))
+        info["copies"] = copy_info
+    else:
+        info["copies"] = {"method": "none: input.embeddings has no pixels, so copies are judged by the "
+                                    "embedding alone (edited copies a semantic model puts near its class "
+                                    "are missed; exact copies are found only when the files share hashes)"}
+    return Neighbours(graph, info, copy_graph)
 
 
 def score(ingested: Ingested, neighbours: Neighbours, config: Config) -> tuple[pa.Table, dict]:
@@ -306,7 +318,7 @@ def score(ingested: Ingested, neighbours: Neighbours, config: Config) -> tuple[p
 
     budgets = [sel.budget for sel in config.selections if sel.mode == "representative" and sel.budget]
     return run_scores(ingested.samples, ingested.vectors, neighbours.graph, config.scores,
-                      budget=max(budgets, default=None))
+                      budget=max(budgets, default=None), copies=ingested.copies, copy_knn=neighbours.copy_graph)
 
 
 # ------------------------------------------------------------------------------------ publish

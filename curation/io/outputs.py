@@ -103,6 +103,8 @@ def write_vector_part(folder: Location, rows: pa.Table, *, model_id: str, store_
             embedding = pc.cast(embedding, pa.list_(pa.float16(), embedding.type.list_size))
         columns = {c: good[c] for c in VECTOR_FILE_COLUMNS if c in good.column_names}
         columns["embedding"] = embedding
+        if "copy_vector" in good.column_names:
+            columns["copy_vector"] = good["copy_vector"].combine_chunks()
         columns["model_id"] = pa.array([model_id] * good.num_rows, pa.string())
         first = int(good["input_id"][0].as_py()) if keyed else 0
         name = f"part-{first:012d}-{uuid.uuid4().hex[:8]}.parquet"
@@ -113,7 +115,8 @@ def write_vector_part(folder: Location, rows: pa.Table, *, model_id: str, store_
     okmask = ok.to_numpy(zero_copy_only=False)
     vector_row = np.full(rows.num_rows, -1, np.int64)
     vector_row[okmask] = np.arange(int(okmask.sum()))
-    compact = rows.drop_columns([c for c in ("embedding", "pixels", "input_error") if c in rows.column_names])
+    compact = rows.drop_columns([c for c in ("embedding", "copy_vector", "pixels", "input_error")
+                                 if c in rows.column_names])
     compact = compact.append_column("vector_file", pa.array([name if m else None for m in okmask], pa.string()))
     return compact.append_column("vector_row", pa.array(vector_row))
 

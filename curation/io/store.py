@@ -8,8 +8,8 @@ item skips reading, decoding and embedding entirely.
 
 Layout (``store.uri``, default ``<output.uri>/embedding-store``)::
 
-    <model_id slug>/snapshot-<run_id>/part-*.parquet
-    <model_id slug>/CURRENT          {"snapshot": "snapshot-<run_id>", "rows": N}
+    <model_id + copy descriptor id, slugged>/snapshot-<run_id>/part-*.parquet
+    <...>/CURRENT                    {"snapshot": "snapshot-<run_id>", "rows": N}
 
 Each run writes a new snapshot holding exactly the current inputs' ok items (so deleted files
 drop out), then replaces ``CURRENT``; a crashed run leaves the previous snapshot in use.
@@ -81,7 +81,10 @@ class EmbeddingStore:
     """
 
     def __init__(self, location: Location, model_id: str):
-        self.root = location.child(_slug(model_id))
+        from curation.stages.decode import COPY_DESCRIPTOR_ID
+
+        # The copy descriptor is stored beside the vector: a new descriptor is a new store.
+        self.root = location.child(_slug(f"{model_id}+{COPY_DESCRIPTOR_ID}"))
         self.model_id = model_id
 
     def _snapshot_files(self) -> list[Location]:

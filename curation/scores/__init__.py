@@ -68,7 +68,8 @@ def _one_array(values) -> pa.Array:
 
 
 def run_scores(samples: pa.Table, vectors, knn_ok: KnnGraph, config: ScoresConfig,
-               *, registry: tuple[Score, ...] = REGISTRY, budget: int | None = None) -> tuple[pa.Table, dict]:
+               *, registry: tuple[Score, ...] = REGISTRY, budget: int | None = None,
+               copies=None, copy_knn: KnnGraph | None = None) -> tuple[pa.Table, dict]:
     """Run every registered score.
 
     Args:
@@ -76,6 +77,8 @@ def run_scores(samples: pa.Table, vectors, knn_ok: KnnGraph, config: ScoresConfi
             vector ids 0, 1, ...).
         vectors: the ok rows' vectors: a source in storage (``VectorParts``) or a matrix.
         knn_ok: the kNN graph among vector ids.
+        copies, copy_knn: the copy descriptors (same ids) and their kNN graph; None when the
+            run has no pixels (copies are then judged by the embedding).
 
     Returns:
         ``samples`` with score columns added (and ``reason`` merged: the rejection reason for
@@ -84,7 +87,7 @@ def run_scores(samples: pa.Table, vectors, knn_ok: KnnGraph, config: ScoresConfi
     """
     ok = is_ok(samples["status"])
     ctx = ScoreContext(Columns(samples), ok, as_source(vectors), knn_ok, config, budget,
-                       ok_rows_in_vector_order(samples))
+                       ok_rows_in_vector_order(samples), as_source(copies) if copies is not None else None, copy_knn)
     reasons: list[pa.ChunkedArray | pa.Array] = []
     timings: dict[str, float] = {}
     summary: dict[str, dict] = {}

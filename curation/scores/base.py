@@ -80,6 +80,9 @@ class ScoreContext:
         knn_ok: kNN graph among ok rows (ids are vector ids).
         config: score thresholds.
         budget: the largest ``representative`` budget, if any (sizes the clustering).
+        copies: the ok rows' copy descriptors (same ids as ``vectors``), or None when the run
+            has no pixels (``input.embeddings``).
+        copy_knn: the kNN graph among the copy descriptors (None with ``copies``).
     """
 
     columns: Columns
@@ -89,6 +92,8 @@ class ScoreContext:
     config: ScoresConfig
     budget: int | None = None
     ok_rows: np.ndarray | None = None
+    copies: Any = None
+    copy_knn: KnnGraph | None = None
 
     def __post_init__(self) -> None:
         if self.ok_rows is None:
@@ -104,7 +109,7 @@ class ScoreContext:
     def with_columns(self, table: pa.Table) -> "ScoreContext":
         """A new context that also sees ``table``'s columns (the runner's merge step)."""
         return ScoreContext(self.columns.with_table(table), self.ok, self.vectors, self.knn_ok, self.config,
-                            self.budget, self.ok_rows)
+                            self.budget, self.ok_rows, self.copies, self.copy_knn)
 
     def scatter(self, values_ok: np.ndarray, fill, dtype) -> np.ndarray:
         """Expand an array over ok rows to all rows, ``fill`` elsewhere."""

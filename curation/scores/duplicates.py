@@ -1,24 +1,33 @@
-"""Exact and near duplicates -> connected groups with one kept item each.
+"""Exact, near and (opt-in) semantic duplicates -> connected groups with one kept item each.
 
-Edges between ok items:
+Copies are judged by how images look, never by which model embeds them: a trained encoder puts
+every photo of a class as close as a copy, so its embedding cannot tell a re-encoded copy from
+a sibling. Edges between ok items:
 
 * exact: equal content hash of the bytes, or equal hash of the decoded pixels (the same image
   saved twice with different lossless encodings);
-* near (embedding): a kNN pair with cosine >= ``scores.near_duplicate_cosine`` whose distance
-  (1 - cosine) is at most ``scores.near_duplicate_ratio`` times the local scale (the distance
-  to the k-th neighbour of the sparser of the two) -- a ratio test, so a dense region of
-  distinct look-alikes is not one big group; cosine >= 0.998 always counts;
-* near (perceptual): 64-bit dHash Hamming distance <= ``scores.near_duplicate_hamming`` with an
-  embedding cosine of at least ``PHASH_MIN_COSINE`` and the same ratio test (``PHASH_RATIO``)
-  as guards against hash collisions; hashes with fewer than ``PHASH_MIN_BITS`` set or unset
-  bits (large flat areas) are not used.
-  Semantic embeddings pull same-class photos as close as true copies, so the low-level hash
-  is what finds re-encoded, resized and brightness-shifted copies. Flat (low-information)
-  images are left out of hash matching: their hashes are noise.
+* near (copy descriptor): images mode computes a copy descriptor for every decoded image
+  (:func:`curation.stages.decode.copy_descriptor`: grey, frame trimmed, blurred, mirror
+  invariant) and its own kNN graph. A pair with descriptor cosine >= ``scores.copy_cosine``
+  whose distance (1 - cosine) is at most ``scores.copy_ratio`` times the local scale (the
+  distance to the k-th neighbour of the sparser of the two) is a copy -- the ratio test keeps
+  a dense region of distinct look-alikes (product shots on white) from merging; cosine >=
+  0.998 always counts. ``input.embeddings`` runs have no pixels: the same test runs on the
+  embedding graph with ``scores.near_duplicate_cosine`` / ``scores.near_duplicate_ratio``,
+  and ``run.json`` says what that cannot see;
+* near (perceptual): 64-bit dHash Hamming distance <= ``scores.near_duplicate_hamming`` with a
+  cosine of at least ``PHASH_MIN_COSINE`` in the same space and the ratio test at
+  ``PHASH_RATIO``, as guards against hash collisions; hashes with fewer than
+  ``PHASH_MIN_BITS`` set or unset bits (large flat areas) and low-information images are not
+  used;
+* semantic (opt-in, ``scores.semantic_duplicate_cosine`` > 0): embedding cosine at or above
+  that value, as in SemDeDup -- the same content in another shot. Such edges only add to
+  groups; they never remove a copy.
 
 Groups are the connected components (union-find). Kept item per group, in order: not junk,
 then the most pixels, then the smallest ``uri``. ``dup_group`` is the smallest ``input_id`` in
-the group; ``dup_of`` is the kept item's ``uri`` for every other member.
+the group; ``dup_of`` is the kept item's ``uri`` for every other member; ``dup_kind`` is
+``exact`` (same bytes or pixels as the kept item), ``near`` (a copy of it) or ``semantic``.
 """
 
 from __future__ import annotations
@@ -114,6 +123,15 @@ def _neighbourhood_distance(graph) -> np.ndarray:
     return np.where(valid.any(axis=1), 1.0 - sims, 1.0)
 
 
+def _ratio_edges(graph, reference: np.ndarray, cosine: float, ratio: float) -> np.ndarray:
+    """(N, k) mask of the graph's edges that pass the absolute and the ratio test: close in
+    absolute terms AND much closer than the sparser endpoint's own neighbourhood."""
+    partner = np.maximum(graph.ids, 0)
+    local = np.maximum(reference[:, None], reference[partner])
+    return (graph.ids >= 0) & (graph.sims >= cosine) & (
+        1.0 - graph.sims <= np.maximum(ratio * local, CERTAIN_DISTANCE))
+
+
 class DuplicatesScore:
     name = "duplicates"
     columns = ("dup_group", "dup_of", "dup_kind")
@@ -131,15 +149,12 @@ class DuplicatesScore:
         # Near duplicates from the kNN graph: close in absolute terms AND much closer than the
         # item's own neighbourhood (a ratio test), so dense regions of distinct look-alikes
         # (every handwritten "1", every product shot on white) are not merged into one group.
-        graph = ctx.knn_ok
-        valid_ids = graph.ids >= 0
+        if ctx.copy_knn is not None:
+            graph, space, cosine, ratio = ctx.copy_knn, ctx.copies, cfg.copy_cosine, cfg.copy_ratio
+        else:  # no pixels: the embedding is all there is
+            graph, space, cosine, ratio = ctx.knn_ok, ctx.vectors, cfg.near_duplicate_cosine, cfg.near_duplicate_ratio
         reference = _neighbourhood_distance(graph)
-        partner = np.maximum(graph.ids, 0)
-        distance = 1.0 - graph.sims
-        local = np.maximum(reference[:, None], reference[partner])  # the sparser of the two
-        edge = valid_ids & (graph.sims >= cfg.near_duplicate_cosine) & (
-            distance <= np.maximum(cfg.near_duplicate_ratio * local, CERTAIN_DISTANCE))
-        rows, cols = np.nonzero(edge)
+        rows, cols = np.nonzero(_ratio_edges(graph, reference, cosine, ratio))
         for a, b in zip(rows, graph.ids[rows, cols]):
             uf.union(int(a), int(b))
 
@@ -158,7 +173,7 @@ class DuplicatesScore:
                 a, b = idx[left], idx[right]
                 # Only the pairs' own vectors are fetched from the store.
                 ends, inverse = np.unique(np.concatenate([a, b]), return_inverse=True)
-                emb = ctx.vectors.take(ends)
+                emb = space.take(ends)
                 left_at, right_at = inverse[: len(a)], inverse[len(a):]
                 cos = np.empty(len(a), np.float32)
                 for lo in range(0, len(a), PAIR_BLOCK):  # pairs in blocks: never pairs x d at once
@@ -169,6 +184,12 @@ class DuplicatesScore:
                 for x, y in zip(a[keep], b[keep]):
                     uf.union(int(x), int(y))
 
+        copy_roots = uf.roots() if n_ok else np.empty(0, np.int64)
+        if cfg.semantic_duplicate_cosine > 0 and ctx.copy_knn is not None:
+            semantic = ctx.knn_ok
+            rows, cols = np.nonzero((semantic.ids >= 0) & (semantic.sims >= cfg.semantic_duplicate_cosine))
+            for a, b in zip(rows, semantic.ids[rows, cols]):
+                uf.union(int(a), int(b))
         roots = uf.roots() if n_ok else np.empty(0, np.int64)
         input_id = ctx.column("input_id")[ok_rows]
         uri = ctx.columns.arrow("uri")
@@ -181,7 +202,7 @@ class DuplicatesScore:
         group = np.zeros(n, np.int64)
         has_group = np.zeros(n, bool)
         dup_of_row = np.full(n, -1, np.int64)  # the kept item's sample row
-        exact = np.zeros(n, bool)
+        kind_code = np.zeros(n, np.int8)  # 0 semantic, 1 near, 2 exact
         # Only groups of two or more are visited (a handful of rows each).
         root_values, sizes = np.unique(roots, return_counts=True)
         in_group = np.isin(roots, root_values[sizes > 1])
@@ -195,11 +216,12 @@ class DuplicatesScore:
             has_group[rows] = True
             others = members[members != kept]
             dup_of_row[ok_rows[others]] = ok_rows[kept]
-            exact[ok_rows[others]] = exact_roots[others] == exact_roots[kept]
+            kind_code[ok_rows[others]] = np.where(exact_roots[others] == exact_roots[kept], 2,
+                                                  np.where(copy_roots[others] == copy_roots[kept], 1, 0))
         is_dup = dup_of_row >= 0
         dup_of = pc.take(uri, pa.array(np.where(is_dup, dup_of_row, 0))) if n else pa.array([], pa.string())
         dup_of = pc.if_else(pa.array(is_dup), dup_of, pa.scalar(None, pa.string()))
-        kind = pa.array(np.where(exact, "exact", "near"), pa.string(), mask=~is_dup)
+        kind = pa.array(np.array(["semantic", "near", "exact"], dtype=object)[kind_code], pa.string(), mask=~is_dup)
         reasons = pc.binary_join_element_wise(kind, pa.scalar(" duplicate of "), dup_of, pa.scalar(""))
         return pa.table({
             "dup_group": masked(group, has_group, pa.int64()),

@@ -15,7 +15,7 @@ import warnings
 from dataclasses import dataclass
 
 import numpy as np
-from PIL import Image, ImageFile, ImageOps, ImageStat, UnidentifiedImageError
+from PIL import Image, ImageFile, ImageFilter, ImageOps, ImageStat, UnidentifiedImageError
 
 try:  # libjpeg-turbo with DCT scaling, ~1.4x PIL's JPEG decode here; PIL is the fallback
     import simplejpeg
@@ -30,6 +30,16 @@ Image.MAX_IMAGE_PIXELS = None
 ImageFile.LOAD_TRUNCATED_IMAGES = False
 
 STATS_MAX_SIDE = 256  # statistics are computed at most at this size; never upscaled
+
+# The copy descriptor (see :func:`copy_descriptor`); its identity is part of the embedding
+# store's key, so a change here never mixes old and new descriptors.
+COPY_DESCRIPTOR_ID = "copy-v1"
+COPY_GRID = 16  # cells per side of the descriptor grid
+COPY_CANON = 32  # the trimmed image is resampled to this square first ...
+COPY_BLUR = 1.0  # ... blurred (px at that size: tolerance to shifts, rotation, noise) ...
+COPY_INSET = 3  # ... and this many px cut off each side (rotation corners, crops, frames)
+COPY_DIM = COPY_GRID * COPY_GRID  # mirror-even half plus mirror-odd magnitude half
+BORDER_TOLERANCE = 10  # grey levels: a row or column this close to the frame colour is border
 
 
 class RejectedInput(Exception):
@@ -46,6 +56,7 @@ class Decoded:
     sharpness: float
     pixel_hash: str
     phash: int
+    copy_vector: np.ndarray  # (COPY_DIM,) float32, unit norm
 
 
 # Formats PIL cannot decode here, recognised by their magic bytes.
@@ -125,15 +136,19 @@ def working_thumbnail(image: Image.Image) -> Image.Image:
 
 
 def pixel_statistics(image: Image.Image) -> tuple[float, float, float, int]:
+    """Brightness, contrast, sharpness and dHash of an RGB image (see :func:`grey_statistics`)."""
+    return grey_statistics(working_thumbnail(image))
+
+
+def grey_statistics(grey: Image.Image) -> tuple[float, float, float, int]:
     """Brightness, contrast, sharpness and a 64-bit difference hash of an RGB image.
 
-    All four come from one working thumbnail (:func:`working_thumbnail`, at most
-    ``STATS_MAX_SIDE`` px, never upscaled, so a sharp small image stays sharp) in grey:
+    All four come from one grey working thumbnail (:func:`working_thumbnail`, at most
+    ``STATS_MAX_SIDE`` px, never upscaled, so a sharp small image stays sharp):
     brightness: mean luminance in [0, 1]; contrast: luminance std; sharpness: variance of the
     Laplacian over the variance of the luminance (independent of contrast); phash: dHash on a
     9x8 grey thumbnail (robust to re-encoding, resizing and brightness shifts).
     """
-    grey = working_thumbnail(image)
     stat = ImageStat.Stat(grey)  # mean and variance in C
     brightness = stat.mean[0] / 255.0
     contrast = stat.stddev[0] / 255.0
@@ -148,6 +163,48 @@ def pixel_statistics(image: Image.Image) -> tuple[float, float, float, int]:
     bits = (thumb[:, 1:] > thumb[:, :-1]).flatten()
     phash = int(np.packbits(bits).view(">i8")[0])
     return brightness, contrast, sharpness, phash
+
+
+def trim_border(lum: np.ndarray) -> np.ndarray:
+    """``lum`` without a uniform frame: the rows and columns at the edges that stay within
+    ``BORDER_TOLERANCE`` of the frame's colour (borders, letterbox and pillarbox bars). An image
+    that would lose more than 80% of a side is returned whole (it is mostly flat)."""
+    h, w = lum.shape
+    ring = np.concatenate([lum[0], lum[-1], lum[:, 0], lum[:, -1]])
+    off = np.abs(lum.astype(np.int16) - int(np.median(ring))) > BORDER_TOLERANCE
+    rows, cols = off.any(axis=1), off.any(axis=0)
+    if rows.sum() < 0.2 * h or cols.sum() < 0.2 * w:
+        return lum
+    top, bottom = int(np.argmax(rows)), h - int(np.argmax(rows[::-1]))
+    left, right = int(np.argmax(cols)), w - int(np.argmax(cols[::-1]))
+    return lum[top:bottom, left:right]
+
+
+def copy_descriptor(grey: Image.Image) -> np.ndarray:
+    """A compact appearance descriptor for copy detection, whatever model embeds the image.
+
+    From the grey working thumbnail: the uniform frame is trimmed (borders, letterboxing), the
+    rest resampled to a ``COPY_CANON`` square whatever its aspect (aspect changes), blurred
+    (re-encoding, small shifts and rotations), inset by ``COPY_INSET`` px (rotation corners,
+    crops) and pooled to ``COPY_GRID`` x ``COPY_GRID``. Grey and mean-removed, so colour and
+    brightness edits do not move it; the mirror-even half and the magnitude of the mirror-odd
+    half make it identical for an image and its mirror. Unit norm; compared by cosine.
+    Measured on CIFAR-10 photos against the alternatives (grid 8/12/16, with and without trim,
+    blur, inset, symmetry): see benchmarks/README.md.
+    """
+    lum = trim_border(np.asarray(grey, dtype=np.uint8))
+    canon = Image.fromarray(lum).resize((COPY_CANON, COPY_CANON), Image.BILINEAR, reducing_gap=2.0)
+    canon = canon.filter(ImageFilter.GaussianBlur(COPY_BLUR))
+    inner = canon.crop((COPY_INSET, COPY_INSET, COPY_CANON - COPY_INSET, COPY_CANON - COPY_INSET))
+    x = np.asarray(inner.resize((COPY_GRID, COPY_GRID), Image.BILINEAR), np.float32)
+    x -= x.mean()
+    mirrored = x[:, ::-1]
+    half = COPY_GRID // 2
+    even = (x + mirrored)[:, :half]
+    odd = np.abs(x - mirrored)[:, :half]
+    vector = np.concatenate([even.ravel(), 0.7 * (odd - odd.mean()).ravel()])
+    norm = float(np.linalg.norm(vector))
+    return (vector / norm if norm > 1e-6 else np.zeros(COPY_DIM, np.float32)).astype(np.float32)
 
 
 def draft_request(width: int, height: int, image_size: int) -> tuple[int, int]:
@@ -184,7 +241,8 @@ def decode_image(data: bytes, *, image_size: int, max_pixels: int,
         rgb, scale = _decode_with_pil(image, width, image_size, background)
     # The hash of the decoded pixels (at the decode scale): the same picture saved twice losslessly.
     pixel_hash = _digest(rgb.tobytes() + repr((rgb.size[1], rgb.size[0], 3)).encode())
-    brightness, contrast, sharpness, phash = pixel_statistics(rgb)
+    grey = working_thumbnail(rgb)
+    brightness, contrast, sharpness, phash = grey_statistics(grey)
     return Decoded(
         pixels=_resize_square(rgb, image_size),
         width=round(rgb.size[0] * scale),  # decoded size, EXIF orientation applied
@@ -194,6 +252,7 @@ def decode_image(data: bytes, *, image_size: int, max_pixels: int,
         sharpness=sharpness,
         pixel_hash=pixel_hash,
         phash=phash,
+        copy_vector=copy_descriptor(grey),
     )
 
 
@@ -244,7 +303,8 @@ class DecodeStage:
 
     Input batch columns: ``uri``, ``input_error`` and anything else (passed through).
     Output adds: ``status``, ``reason``, ``width``, ``height``, ``brightness``, ``contrast``,
-    ``sharpness``, ``content_hash``, ``pixel_hash``, ``phash`` and ``pixels`` (N, S, S, 3) uint8.
+    ``sharpness``, ``content_hash``, ``pixel_hash``, ``phash``, ``copy_vector`` (N, COPY_DIM)
+    float32 (the copy descriptor; zeros for rejected rows) and ``pixels`` (N, S, S, 3) uint8.
 
     Args:
         resolver: resolves ``s3://`` and local URIs.
@@ -288,6 +348,7 @@ class DecodeStage:
             "sharpness": np.full(n, np.nan, np.float32),
             "content_hash": np.empty(n, dtype=object), "pixel_hash": np.empty(n, dtype=object),
             "phash": np.zeros(n, np.int64), "pixels": np.zeros((n, size, size, 3), np.uint8),
+            "copy_vector": np.zeros((n, COPY_DIM), np.float32),
         }
         errors = batch.get("input_error")
         for i, uri in enumerate(batch["uri"]):
@@ -311,6 +372,7 @@ class DecodeStage:
             out["pixel_hash"][i] = decoded.pixel_hash
             out["phash"][i] = decoded.phash
             out["pixels"][i] = decoded.pixels
+            out["copy_vector"][i] = decoded.copy_vector
         result = {key: value for key, value in batch.items() if key != "input_error"}
         result.update(out)
         return result

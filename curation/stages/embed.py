@@ -88,8 +88,13 @@ class EmbedStage:
             values[ok] = self.embed(batch["pixels"][ok])
         flat = pa.array(values.reshape(-1), pa.float32())
         embedding = pa.FixedSizeListArray.from_arrays(flat, dim, mask=pa.array(~ok))
-        columns = {key: _to_arrow(value, STRING_COLUMNS.get(key)) for key, value in batch.items() if key != "pixels"}
+        columns = {key: _to_arrow(value, STRING_COLUMNS.get(key)) for key, value in batch.items()
+                   if key not in ("pixels", "copy_vector")}
         columns["embedding"] = embedding
+        if "copy_vector" in batch:  # the copy descriptor travels with the vector, in half precision
+            copies = np.asarray(batch["copy_vector"], np.float16)
+            columns["copy_vector"] = pa.FixedSizeListArray.from_arrays(
+                pa.array(copies.reshape(-1), pa.float16()), copies.shape[1], mask=pa.array(~ok))
         return pa.table(columns)
 
 
