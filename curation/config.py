@@ -177,12 +177,14 @@ class ScoresConfig:
             distinct shots of one scene, and how many depends on the model).
         near_duplicate_hamming: 64-bit perceptual-hash distance at or below which two items
             are near duplicates (catches re-encodes that embeddings separate poorly).
-        dark_brightness: mean luminance below which an image is dark.
-        bright_brightness: mean luminance above which an image is over-exposed.
-        washed_out_brightness / washed_out_contrast: a light image (mean above the first) with
-            luminance std below the second is washed out (also flagged ``is_bright``).
+        dark_highlights: an image whose 99th percentile of luminance is below this is dark
+            (under-exposed: nothing in it is lit).
+        bright_shadows: an image whose 1st percentile of luminance is above this is bright
+            (over-exposed or washed out: nothing in it is dark).
         blurry_sharpness: normalised Laplacian energy below which an image is blurry.
         low_information_std: luminance std below which an image carries no information.
+        label_probe_weight: share of the linear probe's out-of-sample probabilities in the
+            label model (the rest is the neighbour vote); 0 turns the probe off.
         label_quality_threshold: labelled items below this whose suggested label differs are
             suspected mislabels.
         mislabel_min_confidence: ... and only when the neighbours back the suggested label with
@@ -201,12 +203,11 @@ class ScoresConfig:
     near_duplicate_ratio: float = ranged(0.25, 0.0, 1.0)
     near_duplicate_hamming: int = ranged(8, 0, 64)
     semantic_duplicate_cosine: float = ranged(0.0, 0.0, 1.0)
-    dark_brightness: float = ranged(0.16, 0.0, 1.0)
-    bright_brightness: float = ranged(0.90, 0.0, 1.0)
-    washed_out_brightness: float = ranged(0.60, 0.0, 1.0)
-    washed_out_contrast: float = ranged(0.038, 0.0, 1.0)
+    dark_highlights: float = ranged(0.25, 0.0, 1.0)
+    bright_shadows: float = ranged(0.55, 0.0, 1.0)
     blurry_sharpness: float = ranged(0.05, 0.0)
     low_information_std: float = ranged(0.02, 0.0, 1.0)
+    label_probe_weight: float = ranged(0.5, 0.0, 1.0)
     label_quality_threshold: float = ranged(0.3, 0.0, 1.0)
     mislabel_min_confidence: float = ranged(0.5, 0.0, 1.0)
     rare_tail_quantile: float = ranged(0.98, 0.0, 1.0)

@@ -44,6 +44,8 @@ SAMPLES_EXTRA = pa.schema(
         ("fingerprint", pa.string()),
         ("contrast", pa.float32()),
         ("sharpness", pa.float32()),
+        ("shadows", pa.float32()),
+        ("highlights", pa.float32()),
         ("is_low_information", pa.bool_()),
         ("is_suspected_mislabel", pa.bool_()),
         ("content_hash", pa.string()),

@@ -21,7 +21,7 @@ def test_defaults_and_overrides():
     ({"input": {"images": "/d"}}, "'output.uri': required"),
     ({**BASE, "knn": {"k": 0}}, "'knn.k': must be >= 1"),
     ({**BASE, "knn": {"k": "ten"}}, "'knn.k': expected int"),
-    ({**BASE, "scores": {"dark_brightness": 3}}, "'scores.dark_brightness': must be in [0, 1]"),
+    ({**BASE, "scores": {"dark_highlights": 3}}, "'scores.dark_highlights': must be in [0, 1]"),
     ({**BASE, "selections": [{"name": "a", "mode": "best"}]}, "'selections[0].mode'"),
     ({**BASE, "selections": [{"name": "a", "mode": "edge_cases"}]}, "'selections[0].budget': required"),
     ({**BASE, "selections": [{"name": "a", "mode": "clean"}, {"name": "a", "mode": "clean"}]}, "duplicate selection"),

@@ -20,9 +20,11 @@ def unit(x):
 
 
 def make_samples(n, *, labels=None, status=None, brightness=None, contrast=None, sharpness=None,
-                 content=None, pixel=None, phash=None, width=None):
+                 content=None, pixel=None, phash=None, width=None, shadows=None, highlights=None):
     def col(v, default):
         return v if v is not None else default
+    mean = np.asarray(col(brightness, [0.5] * n), np.float64)
+    spread = 2 * np.asarray(col(contrast, [0.2] * n), np.float64)  # percentiles ~ mean -/+ 2 std
     return pa.table({
         "input_id": np.arange(n, dtype=np.int64),
         "uri": [f"/d/{i:03d}.jpg" for i in range(n)],
@@ -34,6 +36,8 @@ def make_samples(n, *, labels=None, status=None, brightness=None, contrast=None,
         "brightness": np.asarray(col(brightness, [0.5] * n), np.float32),
         "contrast": np.asarray(col(contrast, [0.2] * n), np.float32),
         "sharpness": np.asarray(col(sharpness, [1.0] * n), np.float32),
+        "shadows": np.asarray(col(shadows, np.clip(mean - spread, 0, 1)), np.float32),
+        "highlights": np.asarray(col(highlights, np.clip(mean + spread, 0, 1)), np.float32),
         "content_hash": pa.array(col(content, [f"c{i}" for i in range(n)]), pa.string()),
         "pixel_hash": pa.array(col(pixel, [f"p{i}" for i in range(n)]), pa.string()),
         "phash": np.asarray(col(phash, np.random.default_rng(0).integers(-2**62, 2**62, n)), np.int64),
@@ -55,13 +59,18 @@ def blobs(n_per, centers, spread=0.05, seed=0, dim=16):
 
 
 def test_junk_flags():
-    df = score(make_samples(6, brightness=[0.05, 0.95, 0.75, 0.5, 0.5, 0.5], contrast=[0.1, 0.1, 0.03, 0.2, 0.2, 0.005],
-                            sharpness=[1, 1, 1, 0.01, 1, 0.0]), blobs(6, 1, spread=1.0))
-    assert df.is_dark.tolist() == [True, False, False, False, False, False]
-    assert df.is_bright.tolist() == [False, True, True, False, False, False]  # over-exposed, washed out
-    assert df.is_blurry.tolist() == [False, False, False, True, False, False]  # flat image is not "blurry"
-    assert df.is_low_information.tolist() == [False, False, False, False, False, True]
-    assert "dark" in df.reason[0] and pd_isna(df.reason[4])
+    # under-exposed, over-exposed, washed out, blurry, clean, flat, a night shot (dark on average,
+    # but its lights are bright), a snow scene (bright on average, with dark details)
+    df = score(make_samples(8, brightness=[0.05, 0.95, 0.75, 0.5, 0.5, 0.5, 0.1, 0.85],
+                            contrast=[0.03, 0.03, 0.03, 0.2, 0.2, 0.005, 0.15, 0.12],
+                            shadows=[0.0, 0.9, 0.68, 0.1, 0.1, 0.49, 0.0, 0.2],
+                            highlights=[0.15, 1.0, 0.85, 0.9, 0.9, 0.51, 0.95, 1.0],
+                            sharpness=[1, 1, 1, 0.01, 1, 0.0, 1, 1]), blobs(8, 1, spread=1.0))
+    assert df.is_dark.tolist() == [True, False, False, False, False, False, False, False]
+    assert df.is_bright.tolist() == [False, True, True, False, False, False, False, False]
+    assert df.is_blurry.tolist() == [False, False, False, True, False, False, False, False]  # flat is not "blurry"
+    assert df.is_low_information.tolist() == [False, False, False, False, False, True, False, False]
+    assert "dark" in df.reason[0] and pd_isna(df.reason[4]) and pd_isna(df.reason[6])
 
 
 def test_exact_duplicates_by_bytes_and_by_pixels_keep_the_best():

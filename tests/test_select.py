@@ -23,11 +23,13 @@ def scored():
     n = len(labels)
     brightness = np.full(n, 0.5)
     brightness[[0, 1]] = 0.02  # dark
+    contrast = np.full(n, 0.2)
+    contrast[[0, 1]] = 0.01
     labels[5] = "b"  # flipped
     content = [f"c{i}" for i in range(n)]
     content[7] = content[8]  # exact duplicates
     import pyarrow as pa
-    samples = make_samples(n, labels=labels, brightness=brightness, content=content)
+    samples = make_samples(n, labels=labels, brightness=brightness, contrast=contrast, content=content)
     samples = samples.append_column("site", pa.array(["north" if i % 4 == 0 else "south" for i in range(n)]))
     emb_ok = unit(emb)
     knn = exact_knn(emb_ok, 8)

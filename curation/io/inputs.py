@@ -277,6 +277,8 @@ def samples_from_embeddings(meta: pa.Table, lengths: np.ndarray, usable: np.ndar
         "brightness": pa.array(np.full(n, np.nan, np.float32)),
         "contrast": pa.array(np.full(n, np.nan, np.float32)),
         "sharpness": pa.array(np.full(n, np.nan, np.float32)),
+        "shadows": pa.array(np.full(n, np.nan, np.float32)),
+        "highlights": pa.array(np.full(n, np.nan, np.float32)),
         "content_hash": pa.nulls(n, pa.string()), "pixel_hash": pa.nulls(n, pa.string()),
         "phash": pa.array(np.zeros(n, np.int64)),
         "vector_id": pa.array(vector_id, pa.int64(), mask=~good),

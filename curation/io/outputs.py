@@ -74,7 +74,7 @@ def write_samples(run: Location, samples: pa.Table) -> list[Location]:
 # What a vector file holds besides the vector: enough for the embedding store to reuse an item
 # without decoding it again (its key and its decode-time outputs).
 VECTOR_FILE_COLUMNS = ("input_id", "uri", "fingerprint", "width", "height", "brightness", "contrast", "sharpness",
-                       "content_hash", "pixel_hash", "phash")
+                       "shadows", "highlights", "content_hash", "pixel_hash", "phash")
 
 
 def write_vector_part(folder: Location, rows: pa.Table, *, model_id: str, store_dtype: str) -> pa.Table:

@@ -1,44 +1,50 @@
-"""Label quality and suggested label from similarity-weighted kNN votes.
+"""Label quality and suggested label from two label models: a linear probe's out-of-sample
+probabilities and similarity-weighted kNN votes.
 
-For a labelled ok item i with neighbours j (labelled, not in i's duplicate group -- a copy
-must not vote for its twin):
+For a labelled ok item i:
 
-1. vote weights ``w_j = exp((sim_ij - max_j' sim_ij') / T)`` with ``T = TEMPERATURE``
-   (closer neighbours count more; the closest usable neighbour weighs 1);
-2. ``p_i(c) = (sum_j w_j [y_j = c] + PRIOR_WEIGHT * pi_c) / (sum_j w_j + PRIOR_WEIGHT)``, where
-   ``pi_c`` is the class frequency (a neighbour-less item falls back to the prior);
-3. per-class calibration (as in confident learning): ``t_c`` = mean ``p_i(c)`` over items
+1. the probe (:mod:`curation.scores.label_probe`): a K-fold logistic regression on the vectors
+   gives ``probe_i(c)``, out of sample;
+2. the vote, from i's neighbours j (labelled, not in i's duplicate group -- a copy must not vote
+   for its twin): weights ``w_j = exp((sim_ij - max_j' sim_ij') / T)`` with
+   ``T = TEMPERATURE`` (the closest usable neighbour weighs 1), and
+   ``vote_i(c) = (sum_j w_j [y_j = c] + PRIOR_WEIGHT * pi_c) / (sum_j w_j + PRIOR_WEIGHT)``
+   where ``pi_c`` is the class frequency (a neighbour-less item falls back to the prior);
+3. ``p_i = w * probe_i + (1 - w) * vote_i`` with ``w = scores.label_probe_weight`` (0 turns the
+   probe off);
+4. per-class calibration (as in confident learning): ``t_c`` = mean ``p_i(c)`` over items
    labelled c, and ``q_i(c) = (p_i(c) / t_c) / sum_c' (p_i(c') / t_c')`` -- a rare class whose
-   members see fewer same-class neighbours is not drowned by frequent ones;
-4. ``label_quality = q_i(y_i)`` in [0, 1]; ``suggested_label = argmax_c q_i(c)``;
+   members get lower probabilities is not drowned by frequent ones;
+5. ``label_quality = q_i(y_i)`` in [0, 1]; ``suggested_label = argmax_c q_i(c)``;
    ``is_suspected_mislabel`` when the suggestion differs, quality <
    ``scores.label_quality_threshold``, the suggestion's own calibrated probability is at least
-   ``scores.mislabel_min_confidence`` (with a weak or non-semantic embedder votes spread over
-   many classes: on CIFAR-10 with the thumbnail embedder this floor takes the flagged share from
-   60% to 10%, while on MNIST it keeps 94 of 95.6% of the recall) and the item is not in the
-   rarest tail (sparseness > ``scores.rare_tail_quantile``: isolated items have no peers to
-   judge their label by).
+   ``scores.mislabel_min_confidence`` (with a weak or non-semantic embedder the probabilities
+   spread over many classes and nothing should be flagged) and the item is not in the rarest
+   tail (sparseness > ``scores.rare_tail_quantile``: isolated items have no peers to judge
+   their label by).
 
-Unlabelled items get nulls.
+Rows are processed in blocks whose dense (rows x classes) probabilities stay under
+``BLOCK_CELLS`` values. Unlabelled items get nulls.
 """
 
 from __future__ import annotations
+
+import json
 
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
 from curation.scores.base import REASON_COLUMN, ScoreContext, count_true, masked
+from curation.scores.label_probe import probe_probabilities
 
 TEMPERATURE = 0.1
 PRIOR_WEIGHT = 0.1
-VOTE_BLOCK = 65536  # rows whose votes are materialised at once
+BLOCK_CELLS = 1 << 22  # rows x classes materialised at once (~32 MB of float64)
 
 
-def _block_votes(graph, codes: np.ndarray, group_vals: np.ndarray, prior: np.ndarray, lo: int, hi: int):
-    """Votes of rows ``[lo, hi)``: the probability of the row's own label, and per neighbour
-    column the class it names, whether it is that class's first column, that class's
-    probability, and each row's prior share ``PRIOR_WEIGHT / total`` (times ``prior[c]``)."""
+def _vote_block(graph, codes: np.ndarray, group_vals: np.ndarray, prior: np.ndarray, lo: int, hi: int) -> np.ndarray:
+    """Rows ``[lo, hi)``'s neighbour-vote probabilities, dense (rows x classes)."""
     ids = graph.ids[lo:hi]
     valid = ids >= 0
     safe_ids = np.maximum(ids, 0)
@@ -52,19 +58,24 @@ def _block_votes(graph, codes: np.ndarray, group_vals: np.ndarray, prior: np.nda
     best = np.max(np.where(usable, sims, -np.inf), axis=1, keepdims=True)
     best = np.where(np.isfinite(best), best, 0.0)
     weights = np.where(usable, np.exp(np.where(usable, sims - best, 0.0) / TEMPERATURE), 0.0)
+    votes = np.zeros((hi - lo, len(prior)))
+    rows = np.repeat(np.arange(hi - lo), ids.shape[1])
+    np.add.at(votes, (rows, np.maximum(neighbour_codes, 0).ravel()), weights.ravel())
     total = weights.sum(axis=1) + PRIOR_WEIGHT
-    cls = np.where(usable, neighbour_codes, -1)
-    vote = np.zeros_like(weights)
-    first = np.zeros_like(usable)
-    for j in range(cls.shape[1]):
-        same = (cls == cls[:, j:j + 1]) & usable
-        vote[:, j] = np.where(usable[:, j], (weights * same).sum(axis=1), 0.0)
-        first[:, j] = usable[:, j] & ~same[:, :j].any(axis=1)
-    p_voted = (vote + PRIOR_WEIGHT * prior[np.maximum(cls, 0)]) / total[:, None]
-    block_codes = codes[lo:hi]
-    own_vote = np.where(cls == block_codes[:, None], vote, 0.0).max(axis=1, initial=0.0)
-    own = (own_vote + PRIOR_WEIGHT * prior[np.maximum(block_codes, 0)]) / total
-    return own, cls, first, p_voted, PRIOR_WEIGHT / total
+    return (votes + PRIOR_WEIGHT * prior[None, :]) / total[:, None]
+
+
+def _probe_block(top_classes: np.ndarray, top_p: np.ndarray, prior: np.ndarray, lo: int, hi: int) -> np.ndarray:
+    """Rows ``[lo, hi)``'s probe probabilities, dense: the top classes as predicted, the rest of
+    the mass spread over the other classes by frequency."""
+    classes, p = top_classes[lo:hi], top_p[lo:hi].astype(np.float64)
+    rest = np.maximum(1.0 - p.sum(axis=1), 0.0)
+    listed = np.zeros((hi - lo, len(prior)), bool)
+    np.put_along_axis(listed, classes, True, axis=1)
+    spread = np.where(listed, 0.0, prior[None, :])
+    out = spread * (rest / np.maximum(spread.sum(axis=1), 1e-12))[:, None]
+    np.put_along_axis(out, classes, p, axis=1)
+    return out
 
 
 class LabelQualityScore:
@@ -85,8 +96,9 @@ class LabelQualityScore:
         quality_ok = np.full(n_ok, np.nan, np.float32)
         suggested_code_ok = np.full(n_ok, -1, np.int64)
         confidence_ok = np.zeros(n_ok, np.float64)
+        info: dict = {"probe": "off"}
         if labelled.any():
-            quality_ok, suggested_code_ok, confidence_ok = self._vote(ctx, codes, len(classes))
+            quality_ok, suggested_code_ok, confidence_ok, info = self._vote(ctx, codes, len(classes))
         quality = ctx.scatter(quality_ok, np.nan, np.float32)
         suggested_code = ctx.scatter(suggested_code_ok, -1, np.int64)
         has_quality = np.isfinite(quality)
@@ -100,59 +112,61 @@ class LabelQualityScore:
                                                    encoded.dictionary).cast(pa.string())
         reasons = np.empty(n, dtype=object)
         for i in np.flatnonzero(suspected):
-            reasons[i] = (f"suspected mislabel: labelled {classes[codes_all[i]]!r}, neighbours suggest "
+            reasons[i] = (f"suspected mislabel: labelled {classes[codes_all[i]]!r}, the label models suggest "
                           f"{classes[suggested_code[i]]!r} (label quality {quality[i]:.2f})")
         return pa.table({
             "label_quality": masked(quality, has_quality, pa.float32()),
             "suggested_label": suggested,
             "is_suspected_mislabel": suspected,
             REASON_COLUMN: pa.array(reasons, pa.string()),
-        })
+        }).replace_schema_metadata({"label_models": json.dumps(info)})  # for summary()
 
     @staticmethod
     def _vote(ctx: ScoreContext, codes: np.ndarray, n_classes: int):
-        """Calibrated neighbour votes, kept sparse: only the (at most k) classes a row's neighbours
-        name are materialised, every other class holds its prior share, so memory is O(k) per
-        row whatever the number of classes, and rows are processed in blocks. Returns quality,
-        suggested class code and its calibrated probability per ok row (NaN / -1 / 0 for
-        unlabelled rows)."""
+        """Calibrated probabilities from the probe and the vote. Returns quality, suggested class
+        code and its calibrated probability per ok row (NaN / -1 / 0 for unlabelled rows)."""
         n_ok = len(codes)
         labelled = codes >= 0
         prior = np.bincount(codes[labelled], minlength=n_classes) / labelled.sum()
         groups_ok = ctx.column("dup_group")[ctx.ok_rows]
         group_vals = np.nan_to_num(np.asarray(groups_ok, np.float64), nan=-1).astype(np.int64)
-        blocks = [(lo, min(lo + VOTE_BLOCK, n_ok)) for lo in range(0, n_ok, VOTE_BLOCK)]
+        weight = ctx.config.label_probe_weight
+        probe, info = None, {"probe": "off"}
+        if weight > 0 and len(np.unique(codes[labelled])) > 1:
+            top_classes, top_p, info["probe"] = probe_probabilities(ctx.vectors, codes, n_classes)
+            probe = (top_classes, top_p)
+        step = max(1024, BLOCK_CELLS // max(1, n_classes))
+        blocks = [(lo, min(lo + step, n_ok)) for lo in range(0, n_ok, step)]
+
+        def probabilities(lo: int, hi: int) -> np.ndarray:
+            p = _vote_block(ctx.knn_ok, codes, group_vals, prior, lo, hi)
+            if probe is not None:
+                p = weight * _probe_block(*probe, prior, lo, hi) + (1.0 - weight) * p
+            return p
+
         # Pass 1: each labelled row's probability of its own label -> per-class calibration t_c.
-        p_own = np.empty(n_ok, np.float64)
+        p_own = np.zeros(n_ok, np.float64)
         for lo, hi in blocks:
-            p_own[lo:hi] = _block_votes(ctx.knn_ok, codes, group_vals, prior, lo, hi)[0]
+            block_codes = codes[lo:hi]
+            p_own[lo:hi] = probabilities(lo, hi)[np.arange(hi - lo), np.maximum(block_codes, 0)]
         counts = np.bincount(codes[labelled], minlength=n_classes)
         t = np.bincount(codes[labelled], weights=p_own[labelled], minlength=n_classes)
         t = np.maximum(np.where(counts > 0, t / np.maximum(counts, 1), 1.0), 1e-3)
-        scaled_prior = prior / t
-        prior_class = int(np.argmax(scaled_prior))
         # Pass 2: calibrated probabilities q_i(c) = (p_i(c) / t_c) / z_i.
         quality = np.full(n_ok, np.nan, np.float32)
         suggested = np.full(n_ok, -1, np.int64)
         confidence = np.zeros(n_ok, np.float64)
         for lo, hi in blocks:
-            own, cls, first, p_voted, p_prior = _block_votes(ctx.knn_ok, codes, group_vals, prior, lo, hi)
-            safe = np.maximum(cls, 0)
-            named = np.where(first, p_voted / t[safe], 0.0)
-            # Normaliser: named classes with their votes, every other class with its prior share.
-            named_prior = np.where(first, p_prior[:, None] * scaled_prior[safe], 0.0).sum(axis=1)
-            z = named.sum(axis=1) + p_prior * scaled_prior.sum() - named_prior
+            q = probabilities(lo, hi) / t[None, :]
+            q /= q.sum(axis=1, keepdims=True)
+            rows = np.arange(hi - lo)
             block_codes = codes[lo:hi]
-            quality[lo:hi] = np.where(block_codes >= 0, own / t[np.maximum(block_codes, 0)] / z, np.nan)
-            # The most probable class: the best named class, or the best class by prior alone.
-            best_col = np.argmax(named, axis=1)
-            best_named = named[np.arange(hi - lo), best_col]
-            prior_value = p_prior * scaled_prior[prior_class]
-            use_prior = prior_value > best_named
-            suggested[lo:hi] = np.where(use_prior, prior_class, cls[np.arange(hi - lo), best_col])
-            confidence[lo:hi] = np.where(use_prior, prior_value, best_named) / z
+            quality[lo:hi] = np.where(block_codes >= 0, q[rows, np.maximum(block_codes, 0)], np.nan)
+            suggested[lo:hi] = np.argmax(q, axis=1)
+            confidence[lo:hi] = q[rows, suggested[lo:hi]]
         return (np.where(labelled, quality, np.nan).astype(np.float32), np.where(labelled, suggested, -1),
-                np.where(labelled, confidence, 0.0))
+                np.where(labelled, confidence, 0.0), info)
 
     def summary(self, table: pa.Table) -> dict:
-        return {"flags": count_true(table, "is_suspected_mislabel")}
+        metadata = (table.schema.metadata or {}).get(b"label_models", b"{}")
+        return {"flags": count_true(table, "is_suspected_mislabel"), **json.loads(metadata)}

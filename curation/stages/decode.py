@@ -54,6 +54,8 @@ class Decoded:
     brightness: float
     contrast: float
     sharpness: float
+    shadows: float  # 1st percentile of luminance
+    highlights: float  # 99th percentile of luminance
     pixel_hash: str
     phash: int
     copy_vector: np.ndarray  # (COPY_DIM,) float32, unit norm
@@ -138,6 +140,18 @@ def working_thumbnail(image: Image.Image) -> Image.Image:
 def pixel_statistics(image: Image.Image) -> tuple[float, float, float, int]:
     """Brightness, contrast, sharpness and dHash of an RGB image (see :func:`grey_statistics`)."""
     return grey_statistics(working_thumbnail(image))
+
+
+def luminance_percentiles(grey: Image.Image, low: float = 0.01, high: float = 0.99) -> tuple[float, float]:
+    """The ``low`` and ``high`` quantiles of luminance in [0, 1] (from PIL's histogram, in C):
+    the shadows and the highlights. An under-exposed image has no highlights, an over-exposed
+    or washed-out one no shadows -- unlike a night shot or a snow scene, which keep both."""
+    counts = np.cumsum(grey.histogram()[:256])
+    total = counts[-1]
+    if total == 0:
+        return float("nan"), float("nan")
+    return (float(np.searchsorted(counts, low * total, side="left")) / 255.0,
+            float(np.searchsorted(counts, high * total, side="left")) / 255.0)
 
 
 def grey_statistics(grey: Image.Image) -> tuple[float, float, float, int]:
@@ -243,6 +257,7 @@ def decode_image(data: bytes, *, image_size: int, max_pixels: int,
     pixel_hash = _digest(rgb.tobytes() + repr((rgb.size[1], rgb.size[0], 3)).encode())
     grey = working_thumbnail(rgb)
     brightness, contrast, sharpness, phash = grey_statistics(grey)
+    shadows, highlights = luminance_percentiles(grey)
     return Decoded(
         pixels=_resize_square(rgb, image_size),
         width=round(rgb.size[0] * scale),  # decoded size, EXIF orientation applied
@@ -250,6 +265,8 @@ def decode_image(data: bytes, *, image_size: int, max_pixels: int,
         brightness=brightness,
         contrast=contrast,
         sharpness=sharpness,
+        shadows=shadows,
+        highlights=highlights,
         pixel_hash=pixel_hash,
         phash=phash,
         copy_vector=copy_descriptor(grey),
@@ -303,7 +320,7 @@ class DecodeStage:
 
     Input batch columns: ``uri``, ``input_error`` and anything else (passed through).
     Output adds: ``status``, ``reason``, ``width``, ``height``, ``brightness``, ``contrast``,
-    ``sharpness``, ``content_hash``, ``pixel_hash``, ``phash``, ``copy_vector`` (N, COPY_DIM)
+    ``sharpness``, ``shadows``, ``highlights``, ``content_hash``, ``pixel_hash``, ``phash``, ``copy_vector`` (N, COPY_DIM)
     float32 (the copy descriptor; zeros for rejected rows) and ``pixels`` (N, S, S, 3) uint8.
 
     Args:
@@ -346,6 +363,7 @@ class DecodeStage:
             "width": np.zeros(n, np.int32), "height": np.zeros(n, np.int32),
             "brightness": np.full(n, np.nan, np.float32), "contrast": np.full(n, np.nan, np.float32),
             "sharpness": np.full(n, np.nan, np.float32),
+            "shadows": np.full(n, np.nan, np.float32), "highlights": np.full(n, np.nan, np.float32),
             "content_hash": np.empty(n, dtype=object), "pixel_hash": np.empty(n, dtype=object),
             "phash": np.zeros(n, np.int64), "pixels": np.zeros((n, size, size, 3), np.uint8),
             "copy_vector": np.zeros((n, COPY_DIM), np.float32),
@@ -369,6 +387,8 @@ class DecodeStage:
             out["brightness"][i] = decoded.brightness
             out["contrast"][i] = decoded.contrast
             out["sharpness"][i] = decoded.sharpness
+            out["shadows"][i] = decoded.shadows
+            out["highlights"][i] = decoded.highlights
             out["pixel_hash"][i] = decoded.pixel_hash
             out["phash"][i] = decoded.phash
             out["pixels"][i] = decoded.pixels

@@ -1,0 +1,183 @@
+"""A linear probe's out-of-sample class probabilities, for the label-quality score.
+
+A neighbour vote is a weak label model on strong features; a multinomial logistic regression
+on the same vectors, evaluated out of sample, is a strong one (confident learning needs
+out-of-sample probabilities: a model that saw an item's label echoes it back). On a 6%-flipped
+CIFAR-10 set with a trained encoder the 10-neighbour vote alone reaches AUROC 0.961, the probe
+0.977 and their average 0.975 with more suggested labels right; on MNIST pixels the vote is
+the better model (0.993 vs 0.989) and the average beats both (0.9955). See benchmarks/README.md.
+
+How it runs, bounded whatever N is:
+
+1. a stratified sample of at most ``PROBE_SAMPLE`` labelled items (every class keeps at least
+   ``MIN_PER_CLASS`` items when it has them) is fetched from the vector store in one Ray task
+   (on a GPU worker with cuML when the cluster has one, scikit-learn otherwise);
+2. in that task, ``FOLDS``-fold cross-validation gives the sample's own out-of-sample
+   probabilities, and one model fitted on the whole sample is returned (weights only);
+3. that model is applied to every other vector where it is stored (Ray tasks over the
+   Parquet parts): items outside the sample are out of sample by construction.
+
+Each item comes back as its ``TOP_CLASSES`` most probable classes and their probabilities
+(compact whatever the number of classes); the rest of the mass is spread over the other
+classes in proportion to their frequency.
+"""
+
+from __future__ import annotations
+
+import logging
+
+import numpy as np
+
+from curation.index.source import map_vectors
+
+log = logging.getLogger(__name__)
+
+PROBE_SAMPLE = 40_000
+MIN_PER_CLASS = 20
+FOLDS = 5
+TOP_CLASSES = 16
+REGULARISATION_C = 1.0
+MAX_ITER = 200
+SEED = 0
+TRAIN_THREADS = 8
+
+
+def probe_backend() -> str:
+    """``cuml`` when cuML imports and a GPU is visible, else ``sklearn``."""
+    from curation.scores.clusters import kmeans_backend
+
+    return "cuml" if kmeans_backend() == "cuml" else "sklearn"
+
+
+def stratified_sample(codes: np.ndarray, size: int, *, seed: int = SEED) -> np.ndarray:
+    """Sorted positions of at most ``size`` labelled rows (``codes >= 0``), classes in
+    proportion to their counts but each with at least ``MIN_PER_CLASS`` (or all it has)."""
+    labelled = np.flatnonzero(codes >= 0)
+    if len(labelled) <= size:
+        return labelled
+    rng = np.random.default_rng(seed)
+    classes, counts = np.unique(codes[labelled], return_counts=True)
+    quota = np.maximum(np.minimum(counts, MIN_PER_CLASS), np.floor(counts * size / len(labelled))).astype(np.int64)
+    picked = []
+    for c, q in zip(classes, quota):
+        members = labelled[codes[labelled] == c]
+        picked.append(rng.choice(members, min(q, len(members)), replace=False))
+    return np.sort(np.concatenate(picked))
+
+
+class LinearModel:
+    """Multinomial logistic regression weights, applied as ``softmax(((x - mean) / scale) W + b)``."""
+
+    def __init__(self, mean: np.ndarray, scale: np.ndarray, weights: np.ndarray, bias: np.ndarray,
+                 classes: np.ndarray):
+        self.mean, self.scale, self.weights, self.bias, self.classes = mean, scale, weights, bias, classes
+
+    def probabilities(self, x: np.ndarray) -> np.ndarray:
+        logits = ((x - self.mean) / self.scale) @ self.weights + self.bias
+        logits -= logits.max(axis=1, keepdims=True)
+        p = np.exp(logits)
+        return p / p.sum(axis=1, keepdims=True)
+
+
+def _fit(x: np.ndarray, y: np.ndarray, backend: str):
+    if backend == "cuml":
+        from cuml.linear_model import LogisticRegression
+    else:
+        from sklearn.linear_model import LogisticRegression
+    model = LogisticRegression(C=REGULARISATION_C, max_iter=MAX_ITER)
+    model.fit(x, y)
+    weights = np.asarray(getattr(model.coef_, "get", lambda: model.coef_)(), np.float32)
+    bias = np.asarray(getattr(model.intercept_, "get", lambda: model.intercept_)(), np.float32)
+    classes = np.asarray(getattr(model.classes_, "get", lambda: model.classes_)())
+    if weights.shape[0] == 1:  # two classes: one logit, as softmax over (0, z)
+        weights = np.concatenate([np.zeros_like(weights), weights])
+        bias = np.concatenate([np.zeros_like(bias), bias])
+    return weights.T, bias, classes
+
+
+def _dense(classes: np.ndarray, p: np.ndarray, n_classes: int) -> np.ndarray:
+    out = np.zeros((len(p), n_classes), np.float32)
+    out[:, classes] = p
+    return out
+
+
+def train_probe(source, sample_ids: np.ndarray, labels: np.ndarray, n_classes: int,
+                threads: int = 1) -> tuple[np.ndarray, LinearModel, str]:
+    """In a task: out-of-sample probabilities of the sample (K-fold) and the model fitted on
+    all of it. Returns ``(probabilities (n_sample, n_classes), model, backend)``."""
+    import faiss
+    from threadpoolctl import threadpool_limits
+
+    faiss.omp_set_num_threads(threads)
+    x = source.take(sample_ids).astype(np.float32)
+    mean = x.mean(axis=0)
+    scale = np.maximum(x.std(axis=0), 1e-6)
+    z = (x - mean) / scale
+    backend = probe_backend()
+    oos = np.zeros((len(labels), n_classes), np.float32)
+    present = np.unique(labels)
+    with threadpool_limits(threads):
+        if len(present) < 2:  # one class: nothing to learn, every item is its class
+            oos[:, present] = 1.0
+            weights = np.zeros((x.shape[1], 1), np.float32)
+            return oos, LinearModel(mean, scale, weights, np.zeros(1, np.float32), present), backend
+        folds = _folds(labels, FOLDS)
+        for fold in range(FOLDS):
+            test = folds == fold
+            train = ~test
+            if not test.any() or len(np.unique(labels[train])) < 2:
+                continue
+            weights, bias, classes = _fit(z[train], labels[train], backend)
+            oos[test] = _dense(classes, LinearModel(0.0, 1.0, weights, bias, classes).probabilities(z[test]),
+                               n_classes)
+        weights, bias, classes = _fit(z, labels, backend)
+    return oos, LinearModel(mean, scale, weights, bias, classes), backend
+
+
+def _folds(labels: np.ndarray, k: int) -> np.ndarray:
+    """Stratified fold number per row: each class dealt round-robin after a shuffle."""
+    rng = np.random.default_rng(SEED)
+    folds = np.empty(len(labels), np.int64)
+    for c in np.unique(labels):
+        members = np.flatnonzero(labels == c)
+        folds[rng.permutation(members)] = np.arange(len(members)) % k
+    return folds
+
+
+def _top(p: np.ndarray, m: int) -> tuple[np.ndarray, np.ndarray]:
+    """Each row's ``m`` most probable classes (int32) and their probabilities (float32)."""
+    m = min(m, p.shape[1])
+    top = np.argpartition(-p, m - 1, axis=1)[:, :m] if m < p.shape[1] else np.tile(np.arange(p.shape[1]), (len(p), 1))
+    return top.astype(np.int32), np.take_along_axis(p, top, axis=1).astype(np.float32)
+
+
+def _apply(ids: np.ndarray, x: np.ndarray, model: LinearModel, n_classes: int, top: int):
+    return _top(_dense(model.classes, model.probabilities(x.astype(np.float32)), n_classes), top)
+
+
+def probe_probabilities(vectors, codes: np.ndarray, n_classes: int) -> tuple[np.ndarray, np.ndarray, dict]:
+    """Out-of-sample probe probabilities for every vector.
+
+    Args:
+        vectors: the ok rows' vectors (a source in storage or in memory).
+        codes: each vector's label code (-1 = unlabelled).
+
+    Returns:
+        ``(top_classes (N, m) int32, top_probabilities (N, m) float32, info)``.
+    """
+    from curation.session import ClusterResources, run_tasks
+
+    sample = stratified_sample(codes, PROBE_SAMPLE)
+    resources = ClusterResources.current()
+    threads = max(1, min(TRAIN_THREADS, resources.cpus))
+    gpus = 1 if resources.gpus > 0 else 0
+    oos, model, backend = run_tasks(train_probe, [(vectors, sample, codes[sample], n_classes, threads)],
+                                    num_cpus=threads, num_gpus=gpus)[0]
+    parts = map_vectors(vectors, _apply, model, n_classes, TOP_CLASSES)
+    top_classes = np.concatenate([p[0] for p in parts])
+    top_p = np.concatenate([p[1] for p in parts])
+    # The sample's own rows take their cross-validated probabilities (the final model saw them).
+    top_classes[sample], top_p[sample] = _top(oos, TOP_CLASSES)
+    info = {"backend": backend, "sample": int(len(sample)), "folds": FOLDS}
+    log.info("label probe: %s, fitted on %d labelled items (%d-fold out of sample)", backend, len(sample), FOLDS)
+    return top_classes, top_p, info
