@@ -10,7 +10,6 @@ down-scaling).
 
 from __future__ import annotations
 
-import numpy as np
 from PIL import Image, ImageDraw, ImageEnhance, ImageOps
 
 

@@ -127,11 +127,14 @@ def score_mnist(data: dict):
     from curation.config import ScoresConfig
     from curation.index.knn import exact_knn
     from curation.scores import run_scores
-    from curation.stages.decode import pixel_statistics
+    from curation.stages.decode import copy_descriptor, luminance_percentiles, pixel_statistics
 
     x, y = data["x"], data["y"]
     n = len(x)
-    stats = [pixel_statistics(Image.fromarray(np.clip(img, 0, 255).astype(np.uint8)).convert("RGB")) for img in x]
+    greys = [Image.fromarray(np.clip(img, 0, 255).astype(np.uint8)) for img in x]
+    stats = [pixel_statistics(g.convert("RGB")) for g in greys]
+    percentiles = np.array([luminance_percentiles(g) for g in greys], np.float32)
+    copies = np.stack([copy_descriptor(g) for g in greys])
     pixel_bytes = [np.clip(img, 0, 255).astype(np.uint8).tobytes() for img in x]
     samples = pa.table({
         "input_id": np.arange(n, dtype=np.int64), "uri": [f"mnist/{i:05d}.png" for i in range(n)],
@@ -139,13 +142,14 @@ def score_mnist(data: dict):
         "width": np.full(n, 28, np.int32), "height": np.full(n, 28, np.int32),
         "brightness": np.array([s[0] for s in stats], np.float32), "contrast": np.array([s[1] for s in stats], np.float32),
         "sharpness": np.array([s[2] for s in stats], np.float32),
+        "shadows": percentiles[:, 0], "highlights": percentiles[:, 1],
         "content_hash": [hashlib.blake2b(b, digest_size=16).hexdigest() for b in pixel_bytes],
         "pixel_hash": [hashlib.blake2b(b, digest_size=16).hexdigest() for b in pixel_bytes],
         "phash": np.array([s[3] for s in stats], np.int64),
     })
-    # MNIST is white-on-black: it is "dark" by design, so junk flags are not scored here.
-    cfg = ScoresConfig(dark_brightness=0.0)
-    scored, _ = run_scores(samples, data["feats"], exact_knn(data["feats"], 10), cfg)
+    cfg = ScoresConfig()
+    scored, _ = run_scores(samples, data["feats"], exact_knn(data["feats"], 10), cfg,
+                           copies=copies, copy_knn=exact_knn(copies, 10))
     return scored, cfg
 
 
@@ -255,10 +259,12 @@ def score_folder(folder: str, names: list[str], labels: list[str] | None):
     batch = decode({"uri": np.array([os.path.join(folder, name) for name in names], dtype=object),
                     "input_error": np.array([None] * n, dtype=object)})
     feats = EmbedStage(model="thumbnail", weights="none", image_size=32, device="cpu").embed(batch.pop("pixels"))
+    copies = batch.pop("copy_vector")
     samples = pa.table({"input_id": np.arange(n, dtype=np.int64), "uri": names,
                         "label": pa.array(labels, pa.string()) if labels else pa.nulls(n, pa.string()),
                         **{k: v for k, v in batch.items() if k != "uri"}})
-    scored, _ = run_scores(samples, feats, exact_knn(feats, 10), ScoresConfig())
+    scored, _ = run_scores(samples, feats, exact_knn(feats, 10), ScoresConfig(), copies=copies,
+                           copy_knn=exact_knn(copies, 10))
     return scored, feats, time.perf_counter() - t
 
 
@@ -427,37 +433,48 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--out", default="benchmarks/results/quality.json")
     parser.add_argument("--splits", type=int, default=5, help="MNIST pool/held-out splits for downstream accuracy")
+    parser.add_argument("--parts", default="abd", help="which parts to run (letters; c is superseded by d)")
+    parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                        help="config overrides for part d's job runs, e.g. scores.label_probe_weight=0.7")
     args = parser.parse_args()
     if not os.path.isdir(os.path.join(DATA, "mnist")):
         sys.exit(f"reference data not found under {DATA}")
-    a = part_a(splits=args.splits)
-    b = part_b()
-    c = part_c()
-    print("\nPart A: MNIST pool of", a["n"], "items, features", a["features"])
-    print(f"{'metric':<24}{'ours':>10}{'datalab':>10}")
-    for key in ("label_auroc", "ood_auroc", "exact_recall", "near_shift_1px_recall", "near_dimmed_recall",
-                "dup_precision", "seconds"):
-        print(f"{key:<24}{a['ours'].get(key, ''):>10}{str(a['datalab'].get(key, '-')):>10}")
-    print(f"\nrepresentative (1000, uniform), mean of {a['representative']['splits']} splits:",
-          json.dumps(a["representative"]))
-    print("\nPart B: CIFAR-10 junk,", b["n"], "files")
-    print(f"{'flag':<8}{'ours P/R':>14}{'cleanvision P/R':>18}")
-    for key in ("dark", "bright", "blurry"):
-        o = b["ours"][key]
-        cv = b["cleanvision"].get(key) if isinstance(b["cleanvision"], dict) else None
-        cv_text = f"{cv['precision']}/{cv['recall']}" if cv else "-"
-        print(f"{key:<8}{o['precision']:>7}/{o['recall']:<6}{cv_text:>18}")
-    print("representative (1000, uniform):", json.dumps(b["representative"]))
-    print("\nPart C: near duplicates among CIFAR-10 photos,", c["n"], "files,", c["planted_per_kind"], "per kind")
-    tools = ("ours", "datalab", "cleanvision")
-    print(f"{'kind (recall)':<16}" + "".join(f"{t:>13}" for t in tools))
-    for key in c["ours"]["recall"]:
-        print(f"{key:<16}" + "".join(f"{str(c[t].get('recall', {}).get(key, '-')):>13}" for t in tools))
-    print(f"{'precision':<16}" + "".join(f"{str(c[t].get('precision', '-')):>13}" for t in tools))
+    results = {"machine": f"{os.cpu_count()} CPUs"}
+    if "a" in args.parts:
+        a = results["mnist"] = part_a(splits=args.splits)
+        print("\nPart A: MNIST pool of", a["n"], "items, features", a["features"])
+        print(f"{'metric':<24}{'ours':>10}{'datalab':>10}")
+        for key in ("label_auroc", "ood_auroc", "exact_recall", "near_shift_1px_recall", "near_dimmed_recall",
+                    "dup_precision", "seconds"):
+            print(f"{key:<24}{a['ours'].get(key, ''):>10}{str(a['datalab'].get(key, '-')):>10}")
+        print(f"\nrepresentative (1000, uniform), mean of {a['representative']['splits']} splits:",
+              json.dumps(a["representative"]))
+    if "b" in args.parts:
+        b = results["cifar_junk"] = part_b()
+        print("\nPart B: CIFAR-10 junk,", b["n"], "files")
+        print(f"{'flag':<8}{'ours P/R':>14}{'cleanvision P/R':>18}")
+        for key in ("dark", "bright", "blurry"):
+            o = b["ours"][key]
+            cv = b["cleanvision"].get(key) if isinstance(b["cleanvision"], dict) else None
+            cv_text = f"{cv['precision']}/{cv['recall']}" if cv else "-"
+            print(f"{key:<8}{o['precision']:>7}/{o['recall']:<6}{cv_text:>18}")
+        print("representative (1000, uniform):", json.dumps(b["representative"]))
+    if "c" in args.parts:
+        c = results["cifar_near_duplicates"] = part_c()
+        print("\nPart C: near duplicates among CIFAR-10 photos,", c["n"], "files,", c["planted_per_kind"], "per kind")
+        tools = ("ours", "datalab", "cleanvision")
+        print(f"{'kind (recall)':<16}" + "".join(f"{t:>13}" for t in tools))
+        for key in c["ours"]["recall"]:
+            print(f"{key:<16}" + "".join(f"{str(c[t].get('recall', {}).get(key, '-')):>13}" for t in tools))
+        print(f"{'precision':<16}" + "".join(f"{str(c[t].get('precision', '-')):>13}" for t in tools))
+    if "d" in args.parts:
+        import quality_semantic
+
+        d = results["semantic_job"] = quality_semantic.part_d(overrides=args.set)
+        quality_semantic.print_part_d(d)
     os.makedirs(os.path.dirname(args.out) or ".", exist_ok=True)
     with open(args.out, "w") as fh:
-        json.dump({"machine": f"{os.cpu_count()} CPUs", "mnist": a, "cifar_junk": b, "cifar_near_duplicates": c},
-                  fh, indent=1, default=str)
+        json.dump(results, fh, indent=1, default=str)
 
 
 if __name__ == "__main__":

@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import os
 
+import pyarrow as pa
 import pyarrow.fs as pafs
+import pyarrow.parquet as pq
 import pytest
 
 from curation.config import load_config
@@ -39,6 +41,11 @@ def test_local_run_meets_the_output_contract(local_run):
     samples = check_run_outputs(pafs.LocalFileSystem(), out, result.run_id,
                                 images_uri=os.path.join(root, "images"), truth=truth, selection_names=SELECTIONS)
     assert samples.num_rows == result.run_info["counts"]["inputs"]
+    # copies have their own graph, among the copy descriptors stored beside the vectors
+    assert result.run_info["knn"]["copies"]["method"].startswith("exact")
+    parts = pq.read_table(os.path.join(result.run_uri, "embeddings"))
+    assert parts.schema.field("copy_vector").type.value_type == pa.float16()
+    assert parts.schema.field("copy_vector").type.list_size == 256
 
 
 def test_local_run_finds_planted_defects(local_run):

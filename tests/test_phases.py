@@ -176,6 +176,9 @@ def test_vectors_never_reach_the_driver_on_the_sharded_path(ray_local, tmp_path,
     result = run_job(_embeddings_config(tmp_path, exact_below=100, shards=2))
     assert result.run_info["knn"]["kind"] == "ivf"
     assert result.run_info["counts"]["ok"] == 600
+    # no pixels: copies are judged by the embedding, and run.json says what that cannot see
+    assert result.run_info["knn"]["copies"]["method"].startswith("none: input.embeddings has no pixels")
+    assert result.run_info["scores"]["label_quality"]["probe"]["sample"] == 600  # the probe ran in tasks too
     train = pq.read_table(os.path.join(result.run_uri, "selections", "train.parquet"))
     assert train.num_rows == 40 and sorted(set(train["label"].to_pylist())) == ["0", "1", "2", "3"]
     assert result.samples["cluster"].null_count == 0 and min(result.samples["cluster"].to_pylist()) >= 0

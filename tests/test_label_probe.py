@@ -1,0 +1,93 @@
+"""The label model: a K-fold linear probe (out of sample) combined with the neighbour vote."""
+
+from __future__ import annotations
+
+import numpy as np
+import pyarrow as pa
+from sklearn.metrics import roc_auc_score
+
+from curation.config import ScoresConfig
+from curation.index.knn import exact_knn
+from curation.scores import label_probe, run_scores
+from tests.test_scores import make_samples
+
+
+def _mixture(n_per=150, classes=4, dim=24, seed=0):
+    """Overlapping Gaussian classes: linearly separable on average, with a neighbour vote that
+    errs near the borders -- where a probe earns its keep."""
+    rng = np.random.default_rng(seed)
+    centres = rng.normal(size=(classes, dim)) * 0.9
+    y = np.repeat(np.arange(classes), n_per)
+    x = centres[y] + rng.normal(size=(len(y), dim))
+    return (x / np.linalg.norm(x, axis=1, keepdims=True)).astype(np.float32), y
+
+
+def _flip(y, rate, seed=1):
+    rng = np.random.default_rng(seed)
+    flip = rng.choice(len(y), int(rate * len(y)), replace=False)
+    noisy = y.copy()
+    noisy[flip] = (y[flip] + rng.integers(1, y.max() + 1, len(flip))) % (y.max() + 1)
+    return noisy, flip
+
+
+def test_probe_probabilities_are_out_of_sample(monkeypatch):
+    x, y = _mixture()
+    noisy, flip = _flip(y, 0.08)
+    # A sample smaller than N: sampled rows get K-fold probabilities, the rest the final model's.
+    monkeypatch.setattr(label_probe, "PROBE_SAMPLE", 300)
+    top_classes, top_p, info = label_probe.probe_probabilities(x, noisy, 4)
+    assert 280 <= info["sample"] <= 300 and info["backend"] == "sklearn"
+    assert top_classes.shape == (len(y), 4) and np.allclose(top_p.sum(axis=1), 1.0, atol=1e-4)
+    p_given = np.array([top_p[i][top_classes[i] == noisy[i]][0] for i in range(len(y))])
+    is_flip = np.isin(np.arange(len(y)), flip)
+    # Out of sample, a flipped item's own (wrong) label gets a low probability: in sample, a
+    # flexible model would have learnt it back.
+    assert roc_auc_score(is_flip, -p_given) > 0.9
+    best = top_classes[np.arange(len(y)), np.argmax(top_p, axis=1)]
+    assert (best[flip] == y[flip]).mean() > 0.7  # it names the true class of most flips
+
+
+def test_stratified_sample_keeps_every_class():
+    codes = np.concatenate([np.zeros(10000, np.int64), np.ones(30, np.int64), np.full(500, -1)])
+    sample = label_probe.stratified_sample(codes, 1000)
+    picked = codes[sample]
+    assert len(sample) <= 1030 and (picked >= 0).all()
+    assert (picked == 1).sum() >= label_probe.MIN_PER_CLASS  # a rare class is not sampled away
+    assert np.all(np.diff(sample) > 0)
+
+
+def _scored(x, labels, **cfg):
+    samples = make_samples(len(labels), labels=[str(v) for v in labels])
+    return run_scores(samples, x, exact_knn(x, 10), ScoresConfig(**cfg))
+
+
+def test_the_probe_flags_planted_flips_better_than_the_vote_alone():
+    x, y = _mixture(n_per=200, seed=3)
+    noisy, flip = _flip(y, 0.06, seed=4)
+    is_flip = np.isin(np.arange(len(y)), flip)
+    with_probe, report = _scored(x, noisy)
+    vote_only, report_off = _scored(x, noisy, label_probe_weight=0.0)
+    auc = {name: roc_auc_score(is_flip, -t["label_quality"].to_numpy()) for name, t in
+           (("probe", with_probe), ("vote", vote_only))}
+    assert auc["probe"] > 0.9 and auc["probe"] > auc["vote"], auc
+    assert report["summary"]["label_quality"]["probe"]["folds"] == label_probe.FOLDS
+    assert report_off["summary"]["label_quality"]["probe"] == "off"
+    df = with_probe.to_pandas()
+    flagged = df.is_suspected_mislabel.to_numpy()
+    assert flagged[is_flip].mean() > 0.5 and is_flip[flagged].mean() > 0.5
+    # consistent: a flagged item's suggestion is another class, and it is usually the true one
+    assert (df.suggested_label[flagged] != df.label[flagged]).all()
+    assert (df.suggested_label[flagged & is_flip].astype(int) == y[flagged & is_flip]).mean() > 0.8
+
+
+def test_many_classes_stay_within_the_block_bound():
+    rng = np.random.default_rng(5)
+    classes = 300  # dense (rows x classes) blocks are cut to fit; the top classes stay compact
+    y = rng.integers(0, classes, 3000)
+    centres = rng.normal(size=(classes, 16))
+    x = centres[y] + 0.3 * rng.normal(size=(len(y), 16))
+    x = (x / np.linalg.norm(x, axis=1, keepdims=True)).astype(np.float32)
+    table, _ = _scored(x, y)
+    quality = table["label_quality"].to_numpy()
+    assert np.isfinite(quality).all() and (quality >= 0).all() and (quality <= 1).all()
+    assert pa.compute.mean(table["label_quality"]).as_py() > 0.5  # well-separated classes: labels trusted
