@@ -304,7 +304,7 @@ def part_b(seed: int = 0) -> dict:
     selector = Selector(scored, ScoresConfig(), feats)
     picked = np.array([names.index(u) for u in selector.build(train).table["uri"].to_pylist()])
     counts = np.unique(np.array(classes)[picked], return_counts=True)[1]
-    df = selector.df
+    df = scored.to_pandas()
     eligible = selector.eligible(train)
     representative = {"size": int(len(picked)), "junk_share": round(float((kinds[picked] != "clean").mean()), 4),
                       "class_max_min": round(float(counts.max() / counts.min()), 3),

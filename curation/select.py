@@ -257,17 +257,39 @@ class Clean:
         return self.REASON
 
 
+DOUBTFUL_SHARE_MAX = 0.25  # at most this share of a class is set aside as doubtful
+
+
 class Representative:
     """Coverage inside each class (or ``balance_on`` group), classes balanced by ``class_balance``."""
 
     name = "representative"
 
     def eligible(self, view, sel):
-        # Suspected mislabels are a subset of the doubtful labels: a training set takes no item
-        # whose own label its neighbours doubt (the traversal would otherwise seek them out).
+        # A training set takes no suspected mislabel and no item whose own label the label model
+        # doubts (the traversal would otherwise seek them out) -- but "doubtful" is capped at
+        # the worst DOUBTFUL_SHARE_MAX of each class: with weak features (a pixel descriptor)
+        # the calibrated probabilities are flat and most items fall under the threshold (70% of
+        # CIFAR-10 with `thumbnail`), which would empty classes and unbalance the selection.
         doubtful = np.isfinite(view.quality) & (view.quality < view.scores.label_quality_threshold)
+        doubtful &= view.quality <= self._class_floor(view)
         rare = np.nan_to_num(view.sparseness, nan=1.0) > view.scores.rare_tail_quantile
-        return view.ok & ~view.junk & view.kept & ~doubtful & ~rare
+        return view.ok & ~view.junk & view.kept & ~view.suspected & ~doubtful & ~rare
+
+    @staticmethod
+    def _class_floor(view) -> np.ndarray:
+        """Per row: the DOUBTFUL_SHARE_MAX quantile of label quality within the row's class."""
+        codes, _ = view.groups("label")
+        floor = np.full(len(codes), -np.inf)
+        rows = np.flatnonzero(np.isfinite(view.quality))
+        if len(rows) == 0:
+            return floor
+        order = rows[np.lexsort((view.quality[rows], codes[rows]))]  # by class, then quality
+        starts = np.flatnonzero(np.r_[True, codes[order[1:]] != codes[order[:-1]]])
+        sizes = np.diff(np.r_[starts, len(order)])
+        values = view.quality[order[starts + np.floor(DOUBTFUL_SHARE_MAX * (sizes - 1)).astype(np.int64)]]
+        floor[order] = np.repeat(values, sizes)
+        return floor
 
     def rank(self, view, sel, rows):
         alpha = parse_class_balance(sel.class_balance, key=f"selection {sel.name} class_balance")

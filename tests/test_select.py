@@ -209,3 +209,38 @@ def test_where_cannot_run_code(scored, expression):
 def test_where_allows_string_and_null_tests(scored):
     picked = select(scored, mode="clean", where="label.str.startswith('a') and label.notna() and `brightness` > 0.1")
     assert set(picked.table["label"].to_pylist()) == {"a"}
+
+
+def test_representative_beats_random_subsets_on_a_mixture():
+    """Each class is one large mode and four small ones; a test set drawn from every mode
+    evenly. A class-balanced selection of 5% of the pool must classify it better (1-NN) than
+    random subsets of the same size, which mostly miss the small modes."""
+    rng = np.random.default_rng(21)
+    classes, dim = 4, 12
+    modes = rng.normal(size=(classes, 5, dim)) * 2.0
+    sizes = [400, 10, 10, 10, 10]  # per mode
+    x, y, mode_of = [], [], []
+    for c in range(classes):
+        for m, size in enumerate(sizes):
+            x.append(modes[c, m] + 0.45 * rng.normal(size=(size, dim)))
+            y += [c] * size
+            mode_of += [m] * size
+    x, y = unit(np.concatenate(x)), np.array(y)
+    test_x = unit(np.concatenate([modes[c, m] + 0.45 * rng.normal(size=(20, dim))
+                                  for c in range(classes) for m in range(5)]))
+    test_y = np.repeat(np.arange(classes), 5 * 20)
+    samples = make_samples(len(y), labels=[str(v) for v in y])
+    table, _ = run_scores(samples, x, exact_knn(x, 10), ScoresConfig())
+    budget = 24 * classes
+    picked = build_selections(table, ScoresConfig(), [SelectionConfig(name="t", mode="representative", budget=budget)],
+                              x)[0].table["uri"].to_pylist()
+    picked = np.array([int(u.split("/")[-1].split(".")[0]) for u in picked])
+
+    def accuracy(idx):
+        nearest = np.argmax(test_x @ x[idx].T, axis=1)
+        return float((y[idx][nearest] == test_y).mean())
+
+    random_accuracy = np.mean([accuracy(rng.choice(len(y), budget, replace=False)) for _ in range(20)])
+    assert len(picked) == budget
+    assert accuracy(picked) > random_accuracy + 0.05, (accuracy(picked), random_accuracy)
+    assert len(set(np.array(mode_of)[picked].tolist())) == 5  # every mode reached

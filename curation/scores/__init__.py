@@ -46,7 +46,7 @@ def merge_reasons(prior, explanations: list) -> pa.Array:
     """A row's rejection reason when it has one, else every score's explanation joined by '; '
     (null when none has anything to say). Python strings are made only for the rows with
     something to say."""
-    prior = _one_array(prior)
+    prior = _one_array(pc.cast(prior, pa.string()))  # an all-null column may arrive typed null
     arrays = [_one_array(pc.cast(e, pa.string())) for e in explanations]
     said = np.zeros(len(prior), bool)
     for array in arrays:

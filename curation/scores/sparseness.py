@@ -1,4 +1,11 @@
-"""Sparseness (rarity): mean cosine distance to the k nearest neighbours, rank-normalised.
+"""Sparseness (rarity): cosine distance to the k-th nearest neighbour, rank-normalised.
+
+The k-th neighbour's distance (the kNN outlier score of Ramaswamy et al., 2000) rather than the
+mean over the k: a small group of foreign items (a few dozen digits among photos) are each
+other's nearest neighbours, which pulls the mean down, while the k-th neighbour is still far
+once the group is smaller than k would need. Measured on four feature sets (CIFAR-10 with the
+trained encoder and with ``thumbnail``, two MNIST splits), the k-th distance separated the
+planted foreign items at least as well as the mean every time (encoder: AUROC 0.919 vs 0.857).
 
 ``sparseness`` is the rank of that distance among ok items scaled to [0, 1] (1 = the most
 isolated item), so it is comparable across runs and models. ``neighbor_similarity`` is the
@@ -41,8 +48,10 @@ class SparsenessScore:
     def compute(self, ctx: ScoreContext) -> pa.Table:
         graph = ctx.knn_ok
         valid = graph.ids >= 0
-        distance = np.where(valid, 1.0 - graph.sims, 0.0).sum(axis=1) / np.maximum(valid.sum(axis=1), 1)
-        distance[valid.sum(axis=1) == 0] = 2.0  # no neighbour at all: as isolated as it gets
+        count = valid.sum(axis=1)
+        last = np.maximum(count - 1, 0)  # neighbours are sorted nearest first; -1 pads the end
+        distance = 1.0 - graph.sims[np.arange(len(count)), last].astype(np.float64) if graph.k else np.full(len(count), 2.0)
+        distance[count == 0] = 2.0  # no neighbour at all: as isolated as it gets
         nearest = np.where(valid[:, 0], graph.sims[:, 0], np.nan) if graph.k else np.full(len(distance), np.nan)
         return pa.table({
             "sparseness": masked(ctx.scatter(rank_normalise(distance), np.nan, np.float32), ctx.ok, pa.float32()),
