@@ -257,7 +257,7 @@ class Clean:
         return self.REASON
 
 
-DOUBTFUL_SHARE_MAX = 0.25  # at most this share of a class is set aside as doubtful
+DOUBTFUL_READMIT = 2.0  # a class keeps at least this many times its share of the budget
 
 
 class Representative:
@@ -267,29 +267,31 @@ class Representative:
 
     def eligible(self, view, sel):
         # A training set takes no suspected mislabel and no item whose own label the label model
-        # doubts (the traversal would otherwise seek them out) -- but "doubtful" is capped at
-        # the worst DOUBTFUL_SHARE_MAX of each class: with weak features (a pixel descriptor)
-        # the calibrated probabilities are flat and most items fall under the threshold (70% of
-        # CIFAR-10 with `thumbnail`), which would empty classes and unbalance the selection.
-        doubtful = np.isfinite(view.quality) & (view.quality < view.scores.label_quality_threshold)
-        doubtful &= view.quality <= self._class_floor(view)
+        # doubts (the traversal would otherwise seek them out). With weak features (a pixel
+        # descriptor) most of a class can be "doubtful" (70% of CIFAR-10 with `thumbnail`):
+        # then the class's least doubtful items are let back in until it has
+        # DOUBTFUL_READMIT x its share of the budget, so no class runs dry.
         rare = np.nan_to_num(view.sparseness, nan=1.0) > view.scores.rare_tail_quantile
-        return view.ok & ~view.junk & view.kept & ~view.suspected & ~doubtful & ~rare
+        base = view.ok & ~view.junk & view.kept & ~view.suspected & ~rare
+        doubtful = np.isfinite(view.quality) & (view.quality < view.scores.label_quality_threshold)
+        return base & (~doubtful | self._readmitted(view, sel, base & doubtful, base & ~doubtful))
 
     @staticmethod
-    def _class_floor(view) -> np.ndarray:
-        """Per row: the DOUBTFUL_SHARE_MAX quantile of label quality within the row's class."""
-        codes, _ = view.groups("label")
-        floor = np.full(len(codes), -np.inf)
-        rows = np.flatnonzero(np.isfinite(view.quality))
-        if len(rows) == 0:
-            return floor
-        order = rows[np.lexsort((view.quality[rows], codes[rows]))]  # by class, then quality
-        starts = np.flatnonzero(np.r_[True, codes[order[1:]] != codes[order[:-1]]])
-        sizes = np.diff(np.r_[starts, len(order)])
-        values = view.quality[order[starts + np.floor(DOUBTFUL_SHARE_MAX * (sizes - 1)).astype(np.int64)]]
-        floor[order] = np.repeat(values, sizes)
-        return floor
+    def _readmitted(view, sel, candidates: np.ndarray, trusted: np.ndarray) -> np.ndarray:
+        """The best ``candidates`` of each class, as many as it lacks to reach its floor."""
+        codes, _ = view.groups(sel.balance_on or "label", selection=sel.name)
+        present = np.unique(codes[candidates | trusted])
+        if not sel.budget or len(present) == 0 or not candidates.any():
+            return np.zeros(len(codes), bool)
+        floor = int(np.ceil(DOUBTFUL_READMIT * sel.budget / len(present)))
+        lacking = np.maximum(floor - np.bincount(codes[trusted], minlength=codes.max() + 1), 0)
+        rows = np.flatnonzero(candidates)
+        rows = rows[np.lexsort((-view.quality[rows], codes[rows]))]  # by class, best quality first
+        starts = np.flatnonzero(np.r_[True, codes[rows[1:]] != codes[rows[:-1]]])
+        rank = np.arange(len(rows)) - np.repeat(starts, np.diff(np.r_[starts, len(rows)]))
+        out = np.zeros(len(codes), bool)
+        out[rows[rank < lacking[codes[rows]]]] = True
+        return out
 
     def rank(self, view, sel, rows):
         alpha = parse_class_balance(sel.class_balance, key=f"selection {sel.name} class_balance")
