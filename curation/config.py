@@ -180,7 +180,9 @@ class ScoresConfig:
         dark_highlights: an image whose 99th percentile of luminance is below this is dark
             (under-exposed: nothing in it is lit).
         bright_shadows: an image whose 1st percentile of luminance is above this is bright
-            (over-exposed or washed out: nothing in it is dark).
+            (over-exposed or washed out: nothing in it is dark) ...
+        bright_max_range: ... when its tonal range (99th minus 1st percentile) is also below
+            this (a light but textured picture keeps its range).
         blurry_sharpness: normalised Laplacian energy below which an image is blurry.
         low_information_std: luminance std below which an image carries no information.
         label_probe_weight: share of the linear probe's out-of-sample probabilities in the
@@ -205,6 +207,7 @@ class ScoresConfig:
     semantic_duplicate_cosine: float = ranged(0.0, 0.0, 1.0)
     dark_highlights: float = ranged(0.25, 0.0, 1.0)
     bright_shadows: float = ranged(0.55, 0.0, 1.0)
+    bright_max_range: float = ranged(0.25, 0.0, 1.0)
     blurry_sharpness: float = ranged(0.05, 0.0)
     low_information_std: float = ranged(0.02, 0.0, 1.0)
     label_probe_weight: float = ranged(0.5, 0.0, 1.0)
@@ -425,15 +428,12 @@ def load_config(path: str | os.PathLike | None = None, *, overrides: list[str] |
     raw: dict = {}
     if path is not None:
         try:
-            with open(path, encoding="utf-8") as fh:
-                loaded = yaml.safe_load(fh)
-        except FileNotFoundError:
-            raise ConfigError(f"config file {str(path)!r}: not found") from None
+            loaded = yaml.safe_load(_read_config_text(str(path)))
         except yaml.YAMLError as exc:
             raise ConfigError(f"config file {str(path)!r}: invalid YAML ({str(exc).splitlines()[0]})") from None
         if loaded is not None and not isinstance(loaded, dict):
             raise ConfigError(f"config file {str(path)!r}: expected a mapping at the top level")
-        raw.update(loaded or {})
+        raw.update(_relative_to(loaded or {}, str(path)))
     raw = _deep_merge(dataclasses.asdict(Config()), {**(data or {}), **raw})
     for key, value in parse_overrides(overrides or []):
         try:
@@ -443,6 +443,40 @@ def load_config(path: str | os.PathLike | None = None, *, overrides: list[str] |
     config = _build(Config, raw, "")
     validate(config)
     return config
+
+
+# Config keys holding a path or URI; a relative local path in a config file is relative to the
+# file's own folder (or S3 prefix), so a config shipped with `--working-dir` means the same
+# wherever the job runs.
+PATH_KEYS = (("input", "images"), ("input", "manifest"), ("input", "labels"), ("input", "embeddings"),
+             ("output", "uri"), ("store", "uri"), ("embedder", "weights"))
+
+
+def _read_config_text(path: str) -> str:
+    """A config file's text from a local path or an ``s3://`` URI (credentials from the
+    environment: the config cannot hold the keys to read itself)."""
+    from curation.io.filesystem import Resolver, StorageError, read_bytes
+
+    try:
+        if path.startswith("s3://"):
+            return read_bytes(Resolver().resolve(path)).decode("utf-8")
+        with open(path, encoding="utf-8") as fh:
+            return fh.read()
+    except FileNotFoundError:
+        raise ConfigError(f"config file {path!r}: not found") from None
+    except (OSError, StorageError, UnicodeDecodeError) as exc:
+        raise ConfigError(f"config file {path!r}: cannot read ({str(exc).splitlines()[0][:200]})") from None
+
+
+def _relative_to(raw: dict, path: str) -> dict:
+    """``raw`` with its relative local paths (``PATH_KEYS``) made relative to ``path``'s folder."""
+    base = path.rsplit("/", 1)[0] if path.startswith("s3://") else os.path.dirname(os.path.abspath(path))
+    for section, key in PATH_KEYS:
+        value = (raw.get(section) or {}).get(key) if isinstance(raw.get(section), dict) else None
+        if (isinstance(value, str) and value and "://" not in value and not os.path.isabs(value)
+                and value.strip().lower() not in ("none", "default")):
+            raw[section][key] = f"{base}/{value}" if base.startswith("s3://") else os.path.normpath(os.path.join(base, value))
+    return raw
 
 
 def validate(config: Config) -> None:

@@ -85,7 +85,7 @@ def test_cifar_junk_flags():
         buf = io.BytesIO()
         img.save(buf, "JPEG", quality=92)
         d = decode_image(buf.getvalue(), image_size=32, max_pixels=10**8)
-        flags.append({"dark": d.highlights < cfg.dark_highlights, "bright": d.shadows > cfg.bright_shadows,
+        flags.append({"dark": d.highlights < cfg.dark_highlights, "bright": d.shadows > cfg.bright_shadows and d.highlights - d.shadows < cfg.bright_max_range,
                       "blurry": d.sharpness < cfg.blurry_sharpness and d.contrast >= cfg.low_information_std})
         truth.append(kind)
     for kind in ("dark", "bright", "blurry"):

@@ -60,16 +60,17 @@ def blobs(n_per, centers, spread=0.05, seed=0, dim=16):
 
 def test_junk_flags():
     # under-exposed, over-exposed, washed out, blurry, clean, flat, a night shot (dark on average,
-    # but its lights are bright), a snow scene (bright on average, with dark details)
-    df = score(make_samples(8, brightness=[0.05, 0.95, 0.75, 0.5, 0.5, 0.5, 0.1, 0.85],
-                            contrast=[0.03, 0.03, 0.03, 0.2, 0.2, 0.005, 0.15, 0.12],
-                            shadows=[0.0, 0.9, 0.68, 0.1, 0.1, 0.49, 0.0, 0.2],
-                            highlights=[0.15, 1.0, 0.85, 0.9, 0.9, 0.51, 0.95, 1.0],
-                            sharpness=[1, 1, 1, 0.01, 1, 0.0, 1, 1]), blobs(8, 1, spread=1.0))
-    assert df.is_dark.tolist() == [True, False, False, False, False, False, False, False]
-    assert df.is_bright.tolist() == [False, True, True, False, False, False, False, False]
-    assert df.is_blurry.tolist() == [False, False, False, True, False, False, False, False]  # flat is not "blurry"
-    assert df.is_low_information.tolist() == [False, False, False, False, False, True, False, False]
+    # but its lights are bright), a snow scene (bright on average, with dark details), light sand
+    # (no dark pixel, but a full range of light tones)
+    df = score(make_samples(9, brightness=[0.05, 0.95, 0.75, 0.5, 0.5, 0.5, 0.1, 0.85, 0.78],
+                            contrast=[0.03, 0.03, 0.03, 0.2, 0.2, 0.005, 0.15, 0.12, 0.08],
+                            shadows=[0.0, 0.9, 0.68, 0.1, 0.1, 0.49, 0.0, 0.2, 0.6],
+                            highlights=[0.15, 1.0, 0.85, 0.9, 0.9, 0.51, 0.95, 1.0, 0.95],
+                            sharpness=[1, 1, 1, 0.01, 1, 0.0, 1, 1, 1]), blobs(9, 1, spread=1.0))
+    assert df.is_dark.tolist() == [True, False, False, False, False, False, False, False, False]
+    assert df.is_bright.tolist() == [False, True, True, False, False, False, False, False, False]
+    assert df.is_blurry.tolist() == [False, False, False, True, False, False, False, False, False]  # flat: not blurry
+    assert df.is_low_information.tolist() == [False, False, False, False, False, True, False, False, False]
     assert "dark" in df.reason[0] and pd_isna(df.reason[4]) and pd_isna(df.reason[6])
 
 

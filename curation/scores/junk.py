@@ -5,8 +5,9 @@
   portrait is dark on average but keeps its lights, so it is not flagged (a mean-luminance rule
   flagged 17 of 5,400 clean CIFAR-10 photos, this one 1).
 * ``is_bright``: over-exposed or washed out -- the shadows (1st percentile of luminance) above
-  ``scores.bright_shadows``: nothing in the picture is dark. A snow scene or a product on white
-  keeps its dark details.
+  ``scores.bright_shadows`` (nothing in the picture is dark) and the whole tonal range (99th
+  minus 1st percentile) squeezed below ``scores.bright_max_range``. A snow scene or a product
+  on white keeps its dark details; a light, textured picture (sand, a pale wall) keeps its range.
 * ``is_low_information``: luminance std < ``scores.low_information_std`` (a flat image).
 * ``is_blurry``: sharpness (Laplacian variance / luminance variance, at <= 256 px, never
   upscaled) < ``scores.blurry_sharpness``; flat images are low-information, not blurry.
@@ -35,7 +36,7 @@ class JunkScore:
         known = ctx.ok & np.isfinite(brightness)
         with np.errstate(invalid="ignore"):
             dark = known & (highlights < cfg.dark_highlights)
-            bright = known & (shadows > cfg.bright_shadows)
+            bright = known & (shadows > cfg.bright_shadows) & (highlights - shadows < cfg.bright_max_range)
             flat = known & (contrast < cfg.low_information_std)
             blurry = known & ~flat & (sharpness < cfg.blurry_sharpness)
         reasons = np.empty(ctx.n, dtype=object)
