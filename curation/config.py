@@ -207,7 +207,7 @@ class ScoresConfig:
     semantic_duplicate_cosine: float = ranged(0.0, 0.0, 1.0)
     dark_highlights: float = ranged(0.25, 0.0, 1.0)
     bright_shadows: float = ranged(0.55, 0.0, 1.0)
-    bright_max_range: float = ranged(0.25, 0.0, 1.0)
+    bright_max_range: float = ranged(0.2, 0.0, 1.0)
     blurry_sharpness: float = ranged(0.05, 0.0)
     low_information_std: float = ranged(0.02, 0.0, 1.0)
     label_probe_weight: float = ranged(0.5, 0.0, 1.0)
