@@ -65,10 +65,30 @@ def main(argv: list[str] | None = None) -> int:
         from curation.job import run_job
 
         result = run_job(config, resolver=resolver, plan=plan)
+        print(run_summary(result.run_info))
         print(result.run_uri)
         return EXIT_OK
     except Exception as exc:
         return _failed(exc)
+
+
+def run_summary(info: dict) -> str:
+    """The one screen a finished run ends with: counts, flags, selections, time, where it is."""
+    counts, timings = info["counts"], info.get("timings_s", {})
+    lines = [f"run {info['run_id']}: {counts['inputs']} inputs, {counts['ok']} ok, {counts['rejected']} rejected, "
+             f"{timings.get('total', 0):.0f}s"]
+    embedder = info.get("embedder", {})
+    store = embedder.get("store")
+    lines.append(f"  embedder: {embedder.get('model_id', embedder.get('model', '?'))}"
+                 + (f" (store: reused {store['reused']}, embedded {store['embedded']})" if store else ""))
+    flags = {name: value for name, value in info.get("flags", {}).items() if value}
+    lines.append("  flags: " + (", ".join(f"{name} {value}" for name, value in flags.items()) or "none"))
+    lines.append("  selections: " + ", ".join(f"{s['name']} {s['rows']} (of {s['eligible']} eligible)"
+                                              for s in info.get("selections", [])))
+    phases = [(k, v) for k, v in timings.items() if not k.startswith("score_") and k != "total"]
+    lines.append("  time: " + ", ".join(f"{name} {seconds:.1f}s" for name, seconds in phases))
+    lines.append(f"  outputs: {info['uri']} (samples/, selections/, report.html, run.json)")
+    return "\n".join(lines)
 
 
 def _failed(exc: Exception) -> int:

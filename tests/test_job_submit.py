@@ -116,6 +116,8 @@ def test_ray_job_submit_runs_the_job_on_a_ray_head(ray_head, s3, demo_set):
     # the job's log shows the run summary, never the credentials
     logs = client.get_job_logs("curation-ok")
     assert f"s3://submit/out/{run_id}" in logs
+    # ... after the one-screen summary
+    assert f"run {run_id}: " in logs and "  selections: train " in logs and "  flags: " in logs
     assert s3.secret_key not in logs
 
 
