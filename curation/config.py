@@ -267,10 +267,20 @@ class StoreConfig:
 
 @dataclass
 class OutputConfig:
-    """Where results go. ``run_id`` defaults to a UTC timestamp."""
+    """Where results go.
+
+    Attributes:
+        uri: folder or ``s3://`` prefix for runs.
+        run_id: this run's folder name; defaults to a UTC timestamp.
+        keep_runs: after publishing, keep only this many complete runs (the newest by their
+            ``_SUCCESS`` time; the one ``latest`` names is always kept, and folders without
+            ``_SUCCESS`` -- runs being written, the embedding store -- are never touched).
+            0 keeps every run.
+    """
 
     uri: str | None = None
     run_id: str | None = None
+    keep_runs: int = ranged(0, 0)
 
 
 @dataclass

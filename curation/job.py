@@ -371,6 +371,10 @@ def publish(plan: Plan, config: Config, ingested: Ingested, neighbours: Neighbou
     run_info["driver_peak_bytes"] = clock.peak_bytes
     outputs.write_json(run.child("run.json"), run_info)
     outputs.publish(plan.output, plan.run_id)
+    removed = outputs.remove_old_runs(plan.output, config.output.keep_runs)
+    if removed:
+        log.info("retention (output.keep_runs=%d): removed %d older run(s): %s", config.output.keep_runs,
+                 len(removed), ", ".join(removed))
     log.info("published %s: %d inputs, %d ok, %d rejected in %.1fs", run.uri, counts["inputs"], counts["ok"],
              counts["rejected"], clock.timings["total"])
     return RunResult(plan.run_id, run.uri, samples, run_info)

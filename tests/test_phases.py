@@ -212,3 +212,36 @@ def test_a_run_with_no_usable_item_publishes_nothing_and_keeps_latest(ray_local,
     with pytest.raises(NothingToPublish, match="no input items"):
         run_job(config)
     assert json.loads((out / "latest").read_text()) == before
+
+
+def test_retention_keeps_the_newest_complete_runs_and_never_latest_or_unfinished(tmp_path):
+    import json
+    import time
+
+    from curation.io.filesystem import Resolver
+    from curation.io.outputs import remove_old_runs
+
+    out = tmp_path / "out"
+    for i, run_id in enumerate(["r1", "r2", "r3", "r4"]):
+        (out / run_id).mkdir(parents=True)
+        (out / run_id / "_SUCCESS").write_bytes(b"")
+        os.utime(out / run_id / "_SUCCESS", (time.time() - 100 + i, time.time() - 100 + i))
+    (out / "r0-crashed").mkdir()  # no _SUCCESS: being written, or kept for inspection
+    (out / "embedding-store").mkdir()
+    (out / "latest").write_text(json.dumps({"run_id": "r1"}))  # e.g. a newer run failed to move latest
+    location = Resolver().resolve(str(out))
+    assert remove_old_runs(location, 0) == []  # 0 keeps everything
+    assert sorted(remove_old_runs(location, 2)) == ["r2"]  # r4, r3 newest; r1 is latest
+    assert sorted(p.name for p in out.iterdir()) == ["embedding-store", "latest", "r0-crashed", "r1", "r3", "r4"]
+
+
+def test_a_run_applies_retention_after_publishing(ray_local, tmp_path):
+    from curation.job import run_job
+
+    config = _embeddings_config(tmp_path, n=200)
+    config.output.keep_runs = 1
+    first = run_job(config)
+    config.output.run_id = "second"
+    second = run_job(config)
+    runs = sorted(p.name for p in (tmp_path / "out").iterdir() if (p / "_SUCCESS").exists())
+    assert runs == ["second"] and first.run_id != second.run_id

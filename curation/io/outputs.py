@@ -25,7 +25,7 @@ import json
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from curation.io.filesystem import Location, write_bytes
+from curation.io.filesystem import Location, read_bytes, write_bytes
 from curation.schema import SAMPLES_CONTRACT, SAMPLES_EXTRA, STATUS_OK
 
 SAMPLES_ROWS_PER_FILE = 1_000_000
@@ -171,6 +171,32 @@ def write_table(location: Location, table: pa.Table) -> None:
 
 def write_json(location: Location, data: dict) -> None:
     write_bytes(location, json.dumps(data, indent=2, sort_keys=False, default=str).encode("utf-8"))
+
+
+def remove_old_runs(output: Location, keep: int) -> list[str]:
+    """Delete all but the ``keep`` newest complete runs under ``output`` (by the time of their
+    ``_SUCCESS``), never the run ``latest`` names nor a folder without ``_SUCCESS`` (a run being
+    written, a crashed one kept for inspection, the embedding store). Returns the removed ids."""
+    import pyarrow.fs as pafs
+
+    if keep <= 0:
+        return []
+    fs = output.filesystem
+    folders = [info for info in fs.get_file_info(pafs.FileSelector(output.path, allow_not_found=True))
+               if info.type == pafs.FileType.Directory]
+    marks = fs.get_file_info([f"{info.path}/_SUCCESS" for info in folders])
+    complete = sorted(((mark.mtime_ns or 0, info.base_name) for info, mark in zip(folders, marks)
+                       if mark.type == pafs.FileType.File), reverse=True)
+    try:
+        latest = json.loads(read_bytes(output.child("latest")))["run_id"]
+    except (OSError, ValueError, KeyError):
+        latest = None
+    removed = []
+    for _, run_id in complete[keep:]:
+        if run_id != latest:
+            fs.delete_dir(output.child(run_id).path)
+            removed.append(run_id)
+    return removed
 
 
 def publish(output: Location, run_id: str) -> None:
