@@ -18,6 +18,7 @@ The run holds one Ray session from ingest to selections (:func:`curation.session
 from __future__ import annotations
 
 import contextlib
+import json
 import logging
 import platform
 import time
@@ -34,13 +35,17 @@ from curation.index.knn import KnnGraph
 from curation.index.source import VectorParts, parquet_parts
 from curation.io import inputs as inputs_io
 from curation.io import outputs
-from curation.io.filesystem import Location, Resolver, write_bytes
+from curation.io.filesystem import Location, PreconditionFailed, Resolver, read_tagged, write_bytes
 from curation.io.store import EmbeddingStore
 from curation.report import render_report
 from curation.schema import INPUT_COLUMNS, SAMPLES_CONTRACT, SAMPLES_EXTRA, is_ok
 from curation.session import needs_ray, ray_session, run_tasks
 
 log = logging.getLogger(__name__)
+
+
+class PublishConflict(RuntimeError):
+    """``latest`` changed while this run ran: another run published first (compare-and-swap)."""
 
 
 class NothingToPublish(RuntimeError):
@@ -64,6 +69,7 @@ class Plan:
     inputs: pa.Table | None = None  # images / manifest mode: one row per input item
     embedding_files: list[Location] = field(default_factory=list)  # input.embeddings mode
     count: int = 0
+    latest_tag: str | None = None  # `latest` as this run found it: publication swaps it only if unchanged
 
     @property
     def run(self) -> Location:
@@ -163,6 +169,7 @@ def preflight(config: Config, resolver: Resolver) -> Plan:
     inputs_io.check_inputs(config, resolver)
     output = resolver.resolve(config.output.uri)
     plan = Plan(output=output, run_id=config.output.run_id or outputs.new_run_id())
+    plan.latest_tag = read_tagged(output.child("latest"), config.storage)[1]
     if config.input.embeddings:
         plan.embedding_files, names, plan.count = inputs_io.embeddings_files(config, resolver)
         metadata = [n for n in names if n not in ("uri", "embedding", "label", "model_id")]
@@ -370,7 +377,13 @@ def publish(plan: Plan, config: Config, ingested: Ingested, neighbours: Neighbou
     run_info["timings_s"] = clock.timings
     run_info["driver_peak_bytes"] = clock.peak_bytes
     outputs.write_json(run.child("run.json"), run_info)
-    outputs.publish(plan.output, plan.run_id)
+    try:
+        outputs.publish(plan.output, plan.run_id, expected_latest=plan.latest_tag, storage=config.storage)
+    except PreconditionFailed:
+        other = json.loads(read_tagged(plan.output.child("latest"), config.storage)[0] or b"{}").get("run_id")
+        raise PublishConflict(f"another run ({other}) published to {plan.output.uri} while this one ran: "
+                              f"this run is complete at {plan.run.uri} (_SUCCESS written) but latest was left "
+                              f"pointing at {other}; rerun to publish a run that includes both") from None
     removed = outputs.remove_old_runs(plan.output, config.output.keep_runs)
     if removed:
         log.info("retention (output.keep_runs=%d): removed %d older run(s): %s", config.output.keep_runs,

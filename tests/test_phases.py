@@ -245,3 +245,59 @@ def test_a_run_applies_retention_after_publishing(ray_local, tmp_path):
     second = run_job(config)
     runs = sorted(p.name for p in (tmp_path / "out").iterdir() if (p / "_SUCCESS").exists())
     assert runs == ["second"] and first.run_id != second.run_id
+
+
+@pytest.mark.parametrize("where", ["local", "s3"])
+def test_compare_and_swap_of_latest(where, tmp_path, request):
+    from curation.config import StorageConfig
+    from curation.io.filesystem import PreconditionFailed, Resolver, read_tagged, write_if_unchanged
+
+    storage = None
+    if where == "s3":
+        s3 = request.getfixturevalue("s3")
+        s3.pyarrow_fs().create_dir("cas-unit")
+        storage = StorageConfig(**s3.storage())
+        location = Resolver(storage).resolve("s3://cas-unit/out/latest")
+    else:
+        (tmp_path / "out").mkdir()
+        location = Resolver().resolve(str(tmp_path / "out" / "latest"))
+    assert read_tagged(location, storage) == (None, None)
+    write_if_unchanged(location, b"A", None, storage)  # created: there was none
+    with pytest.raises(PreconditionFailed):
+        write_if_unchanged(location, b"B", None, storage)  # someone created it meanwhile
+    data, tag = read_tagged(location, storage)
+    assert data == b"A"
+    write_if_unchanged(location, b"C", tag, storage)  # unchanged since read: swapped
+    with pytest.raises(PreconditionFailed):
+        write_if_unchanged(location, b"D", tag, storage)  # stale tag
+    assert read_tagged(location, storage)[0] == b"C"
+
+
+@pytest.mark.parametrize("where", ["local", "s3"])
+def test_of_two_runs_started_from_the_same_latest_exactly_one_publishes(where, ray_local, tmp_path, request):
+    import json
+
+    from curation.io.filesystem import Resolver, read_bytes
+    from curation.job import PublishConflict, preflight, run_job
+
+    config = _embeddings_config(tmp_path, n=200)
+    if where == "s3":
+        s3 = request.getfixturevalue("s3")
+        s3.pyarrow_fs().create_dir("cas-runs")
+        config.output.uri = "s3://cas-runs/out"
+        config.storage.endpoint_url, config.storage.access_key_id = s3.url, s3.access_key
+        config.storage.secret_access_key = s3.secret_key
+    resolver = Resolver(config.storage)
+    config.output.run_id = "slow"
+    slow = preflight(config, resolver)  # starts first, sees no latest
+    config.output.run_id = "fast"
+    run_job(config)  # starts later, publishes first
+    with pytest.raises(PublishConflict, match="another run \\(fast\\) published"):
+        run_job(config, resolver=resolver, plan=slow)
+    latest = resolver.resolve(f"{config.output.uri}/latest")
+    assert json.loads(read_bytes(latest))["run_id"] == "fast"  # untouched by the loser
+    assert resolver.resolve(f"{config.output.uri}/slow/_SUCCESS").filesystem.get_file_info(
+        resolver.resolve(f"{config.output.uri}/slow/_SUCCESS").path).size == 0  # complete, just not published
+    config.output.run_id = "rerun"
+    assert run_job(config).run_id == "rerun"  # a rerun starts from the new latest and publishes
+    assert json.loads(read_bytes(latest))["run_id"] == "rerun"

@@ -7,6 +7,7 @@ URI scheme. pyarrow's S3 filesystem is used (not s3fs) because inside Ray Data i
 
 from __future__ import annotations
 
+import hashlib
 import io
 import os
 import posixpath
@@ -154,6 +155,80 @@ class Resolver:
             raise StorageError(f"{uri}: unsupported scheme (expected s3:// or a local path)")
         path = os.path.abspath(os.path.expanduser(uri))
         return Location(pafs.LocalFileSystem(), path, path)
+
+
+class PreconditionFailed(StorageError):
+    """A conditional write found the object changed since it was read."""
+
+
+def read_tagged(location: Location, storage: StorageConfig | None = None) -> tuple[bytes | None, str | None]:
+    """An object's bytes and a tag that changes whenever it is rewritten (the S3 ETag; a content
+    hash locally); ``(None, None)`` when it does not exist."""
+    if isinstance(location.filesystem, pafs.S3FileSystem):
+        client = _s3_client(storage or StorageConfig())
+        bucket, key = location.path.split("/", 1)
+        try:
+            reply = client.get_object(Bucket=bucket, Key=key)
+        except client.exceptions.NoSuchKey:
+            return None, None
+        return reply["Body"].read(), reply["ETag"]
+    try:
+        data = read_bytes(location)
+    except FileNotFoundError:
+        return None, None
+    return data, hashlib.sha256(data).hexdigest()
+
+
+def write_if_unchanged(location: Location, data: bytes, expected_tag: str | None,
+                       storage: StorageConfig | None = None) -> None:
+    """Write ``data`` only if the object still has ``expected_tag`` (None: only if it does not
+    exist) -- a compare-and-swap. On S3 this is one conditional PutObject (``If-Match`` /
+    ``If-None-Match: *``), atomic on the server; locally an exclusive lock file guards the
+    compare and an atomic rename. Raises :class:`PreconditionFailed` when the object changed."""
+    if isinstance(location.filesystem, pafs.S3FileSystem):
+        client = _s3_client(storage or StorageConfig())
+        bucket, key = location.path.split("/", 1)
+        condition = {"IfMatch": expected_tag} if expected_tag else {"IfNoneMatch": "*"}
+        try:
+            client.put_object(Bucket=bucket, Key=key, Body=data, **condition)
+        except client.exceptions.ClientError as exc:
+            code = exc.response.get("Error", {}).get("Code", "")
+            if code in ("PreconditionFailed", "412", "ConditionalRequestConflict"):
+                raise PreconditionFailed(f"{location.uri} changed since it was read") from None
+            raise StorageError(f"{location.uri}: conditional write failed ({code or exc})") from None
+        return
+    lock = location.path + ".lock"
+    try:
+        fd = os.open(lock, os.O_CREAT | os.O_EXCL | os.O_WRONLY)
+    except FileExistsError:
+        raise PreconditionFailed(f"{location.uri} is being written by another run ({lock} exists)") from None
+    try:
+        os.close(fd)
+        if read_tagged(location)[1] != expected_tag:
+            raise PreconditionFailed(f"{location.uri} changed since it was read")
+        temp = f"{location.path}.{os.getpid()}.tmp"
+        with open(temp, "wb") as fh:
+            fh.write(data)
+        os.replace(temp, location.path)
+    finally:
+        os.unlink(lock)
+
+
+def _s3_client(storage: StorageConfig):
+    """A botocore S3 client with the same settings as :func:`make_s3_filesystem` (pyarrow's
+    filesystem cannot send conditional headers)."""
+    import botocore.session
+    from botocore.config import Config as BotoConfig
+
+    endpoint = storage.endpoint_url or _env("AWS_ENDPOINT_URL_S3") or _env("AWS_ENDPOINT_URL")
+    session = botocore.session.get_session()
+    return session.create_client(
+        "s3", endpoint_url=endpoint or None,
+        region_name=storage.region or _env("AWS_REGION") or _env("AWS_DEFAULT_REGION") or "us-east-1",
+        aws_access_key_id=storage.access_key_id or _env("AWS_ACCESS_KEY_ID"),
+        aws_secret_access_key=storage.secret_access_key or _env("AWS_SECRET_ACCESS_KEY"),
+        aws_session_token=_env("AWS_SESSION_TOKEN"),
+        config=BotoConfig(connect_timeout=5, read_timeout=60, retries={"max_attempts": 3}))
 
 
 def copy_file(source: Location, target: Location) -> None:

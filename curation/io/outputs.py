@@ -199,8 +199,15 @@ def remove_old_runs(output: Location, keep: int) -> list[str]:
     return removed
 
 
-def publish(output: Location, run_id: str) -> None:
-    """Mark the run complete, then point ``latest`` at it (in that order)."""
+def publish(output: Location, run_id: str, *, expected_latest: str | None = None, storage=None) -> None:
+    """Mark the run complete, then point ``latest`` at it (in that order). ``latest`` moves by
+    compare-and-swap: only if it still has the tag ``expected_latest`` this run saw when it
+    started (None: only if there was none), so of two runs on one output that started from the
+    same ``latest``, exactly one publishes; the other raises
+    :class:`~curation.io.filesystem.PreconditionFailed` and leaves ``latest`` alone."""
+    from curation.io.filesystem import write_if_unchanged
+
     run = output.child(run_id)
     write_bytes(run.child("_SUCCESS"), b"")
-    write_json(output.child("latest"), {"run_id": run_id, "uri": run.uri})
+    data = json.dumps({"run_id": run_id, "uri": run.uri}, indent=1).encode()
+    write_if_unchanged(output.child("latest"), data, expected_latest, storage)
