@@ -87,6 +87,13 @@ def run_summary(info: dict) -> str:
                                               for s in info.get("selections", [])))
     phases = [(k, v) for k, v in timings.items() if not k.startswith("score_") and k != "total"]
     lines.append("  time: " + ", ".join(f"{name} {seconds:.1f}s" for name, seconds in phases))
+    diff = info.get("diff")
+    if diff and "inputs" in diff:
+        inputs = diff["inputs"]
+        lines.append(f"  since {diff['previous_run']}: {inputs['new']} new, {inputs['changed']} changed, "
+                     f"{inputs['deleted']} deleted inputs; selections "
+                     + ", ".join(f"{name} +{c['added']} -{c['removed']}" for name, c in diff["selections"].items())
+                     + " (diff/)")
     lines.append(f"  outputs: {info['uri']} (samples/, selections/, report.html, run.json)")
     return "\n".join(lines)
 

@@ -38,6 +38,7 @@ from curation.io import outputs
 from curation.io.filesystem import Location, PreconditionFailed, Resolver, read_tagged, write_bytes
 from curation.io.store import EmbeddingStore
 from curation.report import render_report
+from curation.run_diff import diff_runs, previous_run
 from curation.schema import INPUT_COLUMNS, SAMPLES_CONTRACT, SAMPLES_EXTRA, is_ok
 from curation.session import needs_ray, ray_session, run_tasks
 
@@ -70,6 +71,7 @@ class Plan:
     embedding_files: list[Location] = field(default_factory=list)  # input.embeddings mode
     count: int = 0
     latest_tag: str | None = None  # `latest` as this run found it: publication swaps it only if unchanged
+    latest: bytes | None = None  # ... and its content: the previous run, to diff against
 
     @property
     def run(self) -> Location:
@@ -169,7 +171,7 @@ def preflight(config: Config, resolver: Resolver) -> Plan:
     inputs_io.check_inputs(config, resolver)
     output = resolver.resolve(config.output.uri)
     plan = Plan(output=output, run_id=config.output.run_id or outputs.new_run_id())
-    plan.latest_tag = read_tagged(output.child("latest"), config.storage)[1]
+    plan.latest, plan.latest_tag = read_tagged(output.child("latest"), config.storage)
     if config.input.embeddings:
         plan.embedding_files, names, plan.count = inputs_io.embeddings_files(config, resolver)
         metadata = [n for n in names if n not in ("uri", "embedding", "label", "model_id")]
@@ -368,6 +370,9 @@ def publish(plan: Plan, config: Config, ingested: Ingested, neighbours: Neighbou
             "versions": _versions(),
         }
         outputs.write_samples(run, samples)
+        previous = previous_run(plan.output, plan.latest)
+        if previous is not None:
+            run_info["diff"] = diff_runs(previous, samples, selection_tables, run.child("diff"))
         for name, table in selection_tables.items():
             outputs.write_table(run.child("selections", f"{name}.parquet"), table)
         write_bytes(run.child("report.html"), render_report(

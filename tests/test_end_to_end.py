@@ -122,3 +122,39 @@ def test_s3_in_and_out(ray_local, s3, demo_set, caplog):
             data = fh.read()
         assert s3.secret_key.encode() not in data and s3.access_key.encode() not in data, info.path
     assert s3.secret_key not in caplog.text and s3.access_key not in caplog.text
+
+
+def test_second_night_embeds_only_new_and_changed_and_diffs_against_the_first(ray_local, demo_set, tmp_path):
+    import shutil
+
+    from PIL import Image, ImageOps
+
+    root, _ = demo_set
+    images = tmp_path / "images"
+    shutil.copytree(os.path.join(root, "images"), images)
+    files = sorted(p for p in images.rglob("*.jpg") if p.stat().st_size > 1000)
+    data = demo_config("/unused", str(tmp_path / "out"), budget=60)
+    data["input"] = {"images": str(images)}
+    config = load_config(data=data)
+    first = run_job(config)
+    n = first.run_info["counts"]["inputs"]
+    new, changed, deleted = round(0.05 * n), round(0.02 * n), round(0.01 * n)
+    for i, path in enumerate(files[:new]):  # new images: mirrored versions under new names
+        ImageOps.mirror(Image.open(path).convert("RGB")).save(path.with_name(f"night2_{i}.jpg"), quality=90)
+    for path in files[new:new + changed]:  # same name, new content
+        Image.open(path).convert("RGB").rotate(90).save(path, quality=70)
+    for path in files[new + changed:new + changed + deleted]:
+        path.unlink()
+    config.output.run_id = "night-2"
+    second = run_job(config)
+    diff = second.run_info["diff"]
+    assert diff["previous_run"].endswith(first.run_id)
+    assert diff["inputs"] == {"new": new, "changed": changed, "deleted": deleted}
+    assert second.run_info["embedder"]["store"]["embedded"] == new + changed  # the rest came from the store
+    assert second.run_info["counts"]["inputs"] == n + new - deleted
+    train = pq.read_table(os.path.join(second.run_uri, "diff", "train.parquet")).to_pandas()
+    assert set(train.change) <= {"added", "removed"}
+    assert len(train[train.change == "added"]) == diff["selections"]["train"]["added"]
+    first_train = set(pq.read_table(os.path.join(first.run_uri, "selections", "train.parquet"))["uri"].to_pylist())
+    assert set(train[train.change == "removed"].uri) <= first_train
+    assert "deleted" not in first.run_info.get("diff", {})  # the first night has nothing to compare with

@@ -1,0 +1,107 @@
+"""What changed since the previous published run: the nightly view.
+
+Against the run ``latest`` named when this run started (if it is complete):
+
+* inputs: ``new`` (a uri the previous run did not have), ``changed`` (same uri, another
+  fingerprint: size / modification time / etag) and ``deleted``;
+* flags: per flag, how many items are flagged now that were not flagged then (new items
+  included);
+* selections: per selection, the uris ``added`` and ``removed``, written to
+  ``diff/<selection>.parquet`` (``uri, change, reason``: this run's reason for an added row,
+  the previous run's for a removed one).
+
+Only the compared columns are read (uri, fingerprint, the flag columns, the selections).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.parquet as pq
+
+from curation.io.filesystem import Location
+
+log = logging.getLogger(__name__)
+
+FLAG_COLUMNS = ("is_dark", "is_bright", "is_blurry", "is_low_information", "is_suspected_mislabel")
+
+
+def previous_run(output: Location, latest: bytes | None) -> Location | None:
+    """The complete run ``latest`` named (its bytes as read at preflight), or None."""
+    if not latest:
+        return None
+    try:
+        run_id = json.loads(latest)["run_id"]
+    except (ValueError, KeyError, TypeError):
+        return None
+    run = output.child(run_id)
+    info = run.filesystem.get_file_info(run.child("_SUCCESS").path)
+    return run if info.type.name == "File" else None
+
+
+def _read(location: Location, columns: list[str]) -> pa.Table | None:
+    try:
+        schema = pq.read_schema(location.path, filesystem=location.filesystem) if location.path.endswith(
+            ".parquet") else None
+        table = pq.read_table(location.path, filesystem=location.filesystem,
+                              columns=[c for c in columns if schema is None or c in schema.names])
+    except (OSError, pa.ArrowException, ValueError):
+        return None
+    return table
+
+
+def diff_runs(previous: Location, samples: pa.Table, selections: dict[str, pa.Table], folder: Location) -> dict:
+    """Compare this run with ``previous``; write ``folder/<selection>.parquet``; return the
+    summary for ``run.json``."""
+    old = _read(previous.child("samples"), ["uri", "fingerprint", "dup_of", *FLAG_COLUMNS])
+    if old is None:
+        return {"previous_run": previous.uri, "error": "previous samples unreadable"}
+    now_uri, old_uri = samples["uri"], old["uri"]
+    is_new = ~pc.is_in(now_uri, value_set=old_uri).to_numpy(zero_copy_only=False)
+    deleted = int((~pc.is_in(old_uri, value_set=now_uri).to_numpy(zero_copy_only=False)).sum())
+    changed = 0
+    if "fingerprint" in samples.column_names and "fingerprint" in old.column_names:
+        key_now = pc.binary_join_element_wise(now_uri, pc.fill_null(samples["fingerprint"], ""), "\x00")
+        key_old = pc.binary_join_element_wise(old_uri, pc.fill_null(old["fingerprint"], ""), "\x00")
+        changed = int((~is_new & ~pc.is_in(key_now, value_set=key_old).to_numpy(zero_copy_only=False)).sum())
+    newly = {}
+    for name in (*FLAG_COLUMNS, "dup_of"):
+        if name not in samples.column_names:
+            continue
+        flagged_now = (pc.is_valid(samples[name]) if name == "dup_of" else pc.fill_null(samples[name], False))
+        now_set = pc.filter(now_uri, flagged_now)
+        if name in old.column_names:
+            then = pc.is_valid(old[name]) if name == "dup_of" else pc.fill_null(old[name], False)
+            was = pc.filter(old_uri, then)
+        else:
+            was = pa.array([], pa.string())
+        newly["duplicate" if name == "dup_of" else name.removeprefix("is_")] = int(
+            (~pc.is_in(now_set, value_set=was).to_numpy(zero_copy_only=False)).sum())
+    changes = {}
+    folder.filesystem.create_dir(folder.path, recursive=True)
+    for name, table in selections.items():
+        before = _read(previous.child("selections", f"{name}.parquet"), ["uri", "reason"])
+        if before is None:
+            before = pa.table({"uri": pa.array([], pa.string()), "reason": pa.array([], pa.string())})
+        added = table.filter(pc.invert(pc.is_in(table["uri"], value_set=before["uri"])))
+        removed = before.filter(pc.invert(pc.is_in(before["uri"], value_set=table["uri"])))
+        rows = pa.table({
+            "uri": pa.concat_arrays([added["uri"].combine_chunks().cast(pa.string()),
+                                     removed["uri"].combine_chunks().cast(pa.string())]),
+            "change": pa.array(["added"] * added.num_rows + ["removed"] * removed.num_rows, pa.string()),
+            "reason": pa.concat_arrays([added["reason"].combine_chunks().cast(pa.string()),
+                                        removed["reason"].combine_chunks().cast(pa.string())]),
+        })
+        target = folder.child(f"{name}.parquet")
+        pq.write_table(rows, target.path, filesystem=target.filesystem)
+        changes[name] = {"added": added.num_rows, "removed": removed.num_rows}
+    summary = {"previous_run": previous.uri,
+               "inputs": {"new": int(np.sum(is_new)), "changed": changed, "deleted": deleted},
+               "newly_flagged": newly, "selections": changes}
+    log.info("since %s: %s", previous.uri, json.dumps({k: v for k, v in summary.items() if k != "previous_run"}))
+    return summary
+
