@@ -124,27 +124,51 @@ def test_s3_in_and_out(ray_local, s3, demo_set, caplog):
     assert s3.secret_key not in caplog.text and s3.access_key not in caplog.text
 
 
-def test_second_night_embeds_only_new_and_changed_and_diffs_against_the_first(ray_local, demo_set, tmp_path):
+@pytest.mark.parametrize("where", ["local", "s3"])
+def test_second_night_embeds_only_new_and_changed_and_diffs_against_the_first(where, ray_local, demo_set, tmp_path,
+                                                                             request):
+    import io
     import shutil
 
     from PIL import Image, ImageOps
 
+    from curation.io.filesystem import Resolver, read_bytes, write_bytes
+
     root, _ = demo_set
-    images = tmp_path / "images"
-    shutil.copytree(os.path.join(root, "images"), images)
-    files = sorted(p for p in images.rglob("*.jpg") if p.stat().st_size > 1000)
+    local = tmp_path / "images"
+    shutil.copytree(os.path.join(root, "images"), local)
     data = demo_config("/unused", str(tmp_path / "out"), budget=60)
-    data["input"] = {"images": str(images)}
+    data["input"] = {"images": str(local)}
+    if where == "s3":
+        s3 = request.getfixturevalue("s3")
+        fs = s3.pyarrow_fs()
+        fs.create_dir("nightly")
+        upload_folder(fs, str(local), "nightly/images")
+        data["input"] = {"images": "s3://nightly/images"}
+        data["output"]["uri"] = "s3://nightly/out"
+        data["storage"] = s3.storage()
     config = load_config(data=data)
+    resolver = Resolver(config.storage)
+    names = sorted(str(p.relative_to(local)) for p in local.rglob("*.jpg") if p.stat().st_size > 1000)
     first = run_job(config)
     n = first.run_info["counts"]["inputs"]
     new, changed, deleted = round(0.05 * n), round(0.02 * n), round(0.01 * n)
-    for i, path in enumerate(files[:new]):  # new images: mirrored versions under new names
-        ImageOps.mirror(Image.open(path).convert("RGB")).save(path.with_name(f"night2_{i}.jpg"), quality=90)
-    for path in files[new:new + changed]:  # same name, new content
-        Image.open(path).convert("RGB").rotate(90).save(path, quality=70)
-    for path in files[new + changed:new + changed + deleted]:
-        path.unlink()
+
+    def image(name):
+        return Image.open(io.BytesIO(read_bytes(resolver.resolve(f"{config.input.images}/{name}")))).convert("RGB")
+
+    def save(img, name, quality):
+        buf = io.BytesIO()
+        img.save(buf, "JPEG", quality=quality)
+        write_bytes(resolver.resolve(f"{config.input.images}/{name}"), buf.getvalue())
+
+    for i, name in enumerate(names[:new]):  # new images: mirrored versions under new names
+        save(ImageOps.mirror(image(name)), f"{os.path.dirname(name)}/night2_{i}.jpg", 90)
+    for name in names[new:new + changed]:  # same name, new content
+        save(image(name).rotate(90), name, 70)
+    for name in names[new + changed:new + changed + deleted]:
+        location = resolver.resolve(f"{config.input.images}/{name}")
+        location.filesystem.delete_file(location.path)
     config.output.run_id = "night-2"
     second = run_job(config)
     diff = second.run_info["diff"]
@@ -152,9 +176,11 @@ def test_second_night_embeds_only_new_and_changed_and_diffs_against_the_first(ra
     assert diff["inputs"] == {"new": new, "changed": changed, "deleted": deleted}
     assert second.run_info["embedder"]["store"]["embedded"] == new + changed  # the rest came from the store
     assert second.run_info["counts"]["inputs"] == n + new - deleted
-    train = pq.read_table(os.path.join(second.run_uri, "diff", "train.parquet")).to_pandas()
+    fs = resolver.resolve(second.run_uri).filesystem
+    train = pq.read_table(resolver.resolve(f"{second.run_uri}/diff/train.parquet").path, filesystem=fs).to_pandas()
     assert set(train.change) <= {"added", "removed"}
     assert len(train[train.change == "added"]) == diff["selections"]["train"]["added"]
-    first_train = set(pq.read_table(os.path.join(first.run_uri, "selections", "train.parquet"))["uri"].to_pylist())
+    first_train = set(pq.read_table(resolver.resolve(f"{first.run_uri}/selections/train.parquet").path,
+                                    filesystem=fs)["uri"].to_pylist())
     assert set(train[train.change == "removed"].uri) <= first_train
-    assert "deleted" not in first.run_info.get("diff", {})  # the first night has nothing to compare with
+    assert "diff" not in first.run_info  # the first night has nothing to compare with
