@@ -214,25 +214,37 @@ def test_a_run_with_no_usable_item_publishes_nothing_and_keeps_latest(ray_local,
     assert json.loads((out / "latest").read_text()) == before
 
 
-def test_retention_keeps_the_newest_complete_runs_and_never_latest_or_unfinished(tmp_path):
+@pytest.mark.parametrize("where", ["local", "s3"])
+def test_retention_keeps_the_newest_complete_runs_and_never_latest_or_unfinished(where, tmp_path, request):
     import json
     import time
 
-    from curation.io.filesystem import Resolver
+    import pyarrow.fs as pafs
+
+    from curation.config import StorageConfig
+    from curation.io.filesystem import Resolver, write_bytes
     from curation.io.outputs import remove_old_runs
 
-    out = tmp_path / "out"
-    for i, run_id in enumerate(["r1", "r2", "r3", "r4"]):
-        (out / run_id).mkdir(parents=True)
-        (out / run_id / "_SUCCESS").write_bytes(b"")
-        os.utime(out / run_id / "_SUCCESS", (time.time() - 100 + i, time.time() - 100 + i))
-    (out / "r0-crashed").mkdir()  # no _SUCCESS: being written, or kept for inspection
-    (out / "embedding-store").mkdir()
-    (out / "latest").write_text(json.dumps({"run_id": "r1"}))  # e.g. a newer run failed to move latest
-    location = Resolver().resolve(str(out))
+    if where == "s3":
+        s3 = request.getfixturevalue("s3")
+        s3.pyarrow_fs().create_dir("retention")
+        resolver, out = Resolver(StorageConfig(**s3.storage())), "s3://retention/out"
+    else:
+        resolver, out = Resolver(), str(tmp_path / "out")
+    for run_id in ["r1", "r2", "r3", "r4"]:
+        write_bytes(resolver.resolve(f"{out}/{run_id}/samples/part-0.parquet"), b"x")
+        write_bytes(resolver.resolve(f"{out}/{run_id}/_SUCCESS"), b"")
+        time.sleep(1.1)  # S3 keeps modification times to the second
+    write_bytes(resolver.resolve(f"{out}/r0-crashed/samples/part-0.parquet"), b"x")  # no _SUCCESS: unfinished
+    write_bytes(resolver.resolve(f"{out}/embedding-store/CURRENT"), b"{}")
+    write_bytes(resolver.resolve(f"{out}/latest"), json.dumps({"run_id": "r1"}).encode())  # a newer run lost the CAS
+    location = resolver.resolve(out)
     assert remove_old_runs(location, 0) == []  # 0 keeps everything
     assert sorted(remove_old_runs(location, 2)) == ["r2"]  # r4, r3 newest; r1 is latest
-    assert sorted(p.name for p in out.iterdir()) == ["embedding-store", "latest", "r0-crashed", "r1", "r3", "r4"]
+    # what still holds objects (an S3 server may keep listing an emptied prefix as a folder)
+    left = location.filesystem.get_file_info(pafs.FileSelector(location.path, recursive=True))
+    holding = {info.path[len(location.path) + 1:].split("/")[0] for info in left if info.type == pafs.FileType.File}
+    assert sorted(holding) == ["embedding-store", "latest", "r0-crashed", "r1", "r3", "r4"]
 
 
 def test_a_run_applies_retention_after_publishing(ray_local, tmp_path):
