@@ -313,3 +313,40 @@ def test_of_two_runs_started_from_the_same_latest_exactly_one_publishes(where, r
     config.output.run_id = "rerun"
     assert run_job(config).run_id == "rerun"  # a rerun starts from the new latest and publishes
     assert json.loads(read_bytes(latest))["run_id"] == "rerun"
+
+
+@pytest.mark.parametrize("where", ["local", "s3"])
+def test_a_killed_run_leaves_latest_and_a_rerun_publishes(where, ray_local, tmp_path, request, monkeypatch):
+    import json
+
+    from curation.io.filesystem import Resolver, read_bytes
+    from curation.job import run_job
+    from curation.scores import REGISTRY
+
+    config = _embeddings_config(tmp_path, n=200)
+    if where == "s3":
+        s3 = request.getfixturevalue("s3")
+        s3.pyarrow_fs().create_dir("killed")
+        config.output.uri = "s3://killed/out"
+        config.storage.endpoint_url, config.storage.access_key_id = s3.url, s3.access_key
+        config.storage.secret_access_key = s3.secret_key
+    resolver = Resolver(config.storage)
+    latest = resolver.resolve(f"{config.output.uri}/latest")
+    config.output.run_id = "night-1"
+    run_job(config)
+
+    def killed(ctx):  # the process dies mid-run (after outputs started)
+        raise SystemExit("killed")
+
+    monkeypatch.setattr(next(s for s in REGISTRY if s.name == "sparseness"), "compute", killed)
+    config.output.run_id = "night-2"
+    with pytest.raises(SystemExit):
+        run_job(config)
+    assert json.loads(read_bytes(latest))["run_id"] == "night-1"
+    success = resolver.resolve(f"{config.output.uri}/night-2/_SUCCESS")
+    assert success.filesystem.get_file_info(success.path).type.name == "NotFound"
+    monkeypatch.undo()
+    config.output.run_id = "night-2-rerun"
+    rerun = run_job(config)
+    assert json.loads(read_bytes(latest))["run_id"] == "night-2-rerun"
+    assert rerun.run_info["diff"]["previous_run"].endswith("night-1")  # diffed against the last published run
