@@ -142,10 +142,10 @@ def test_second_night_embeds_only_new_and_changed_and_diffs_against_the_first(wh
     if where == "s3":
         s3 = request.getfixturevalue("s3")
         fs = s3.pyarrow_fs()
-        fs.create_dir("nightly")
-        upload_folder(fs, str(local), "nightly/images")
-        data["input"] = {"images": "s3://nightly/images"}
-        data["output"]["uri"] = "s3://nightly/out"
+        fs.create_dir("shared-tests")  # one bucket, a prefix per test: each bucket costs the server volumes
+        upload_folder(fs, str(local), "shared-tests/nightly/images")
+        data["input"] = {"images": "s3://shared-tests/nightly/images"}
+        data["output"]["uri"] = "s3://shared-tests/nightly/out"
         data["storage"] = s3.storage()
     config = load_config(data=data)
     resolver = Resolver(config.storage)

@@ -95,27 +95,27 @@ def test_ray_job_submit_runs_the_job_on_a_ray_head(ray_head, s3, demo_set):
     address, env = ray_head
     root, truth = demo_set
     fs = s3.pyarrow_fs()
-    fs.create_dir("submit")
-    upload_folder(fs, root, "submit/raw")
-    config = demo_config("/unused", "s3://submit/out", budget=60)
-    config["input"] = {"images": "s3://submit/raw/images", "labels": "raw/labels.csv"}  # relative to the config
+    fs.create_dir("shared-tests")  # one bucket, a prefix per test
+    upload_folder(fs, root, "shared-tests/submit/raw")
+    config = demo_config("/unused", "s3://shared-tests/submit/out", budget=60)
+    config["input"] = {"images": "s3://shared-tests/submit/raw/images", "labels": "raw/labels.csv"}  # relative to the config
     config["selections"][1]["budget"] = 10
     config["selections"][2]["budget"] = 40
-    with fs.open_output_stream("submit/curation.yaml") as fh:
+    with fs.open_output_stream("shared-tests/submit/curation.yaml") as fh:
         fh.write(yaml.safe_dump(config).encode())
 
     done = _submit(address, env, "--submission-id", "curation-ok", "--",
-                   "python", "jobs/curate.py", "run", "--config", "s3://submit/curation.yaml")
+                   "python", "jobs/curate.py", "run", "--config", "s3://shared-tests/submit/curation.yaml")
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
     client = _client(address)
     assert client.get_job_status("curation-ok") == "SUCCEEDED"
-    run_id = _latest(fs, "submit/out")
-    samples = check_run_outputs(fs, "submit/out", run_id, images_uri="s3://submit/raw/images", truth=truth,
-                                selection_names=SELECTIONS)
+    run_id = _latest(fs, "shared-tests/submit/out")
+    samples = check_run_outputs(fs, "shared-tests/submit/out", run_id, images_uri="s3://shared-tests/submit/raw/images",
+                                truth=truth, selection_names=SELECTIONS)
     assert samples.num_rows > 0 and samples["label"].null_count < samples.num_rows  # labels via the relative path
     # the job's log shows the run summary, never the credentials
     logs = client.get_job_logs("curation-ok")
-    assert f"s3://submit/out/{run_id}" in logs
+    assert f"s3://shared-tests/submit/out/{run_id}" in logs
     # ... after the one-screen summary
     assert f"run {run_id}: " in logs and "  selections: train " in logs and "  flags: " in logs
     assert s3.secret_key not in logs
@@ -124,12 +124,12 @@ def test_ray_job_submit_runs_the_job_on_a_ray_head(ray_head, s3, demo_set):
 def test_a_bad_config_fails_the_job_with_its_one_line_error(ray_head, s3):
     address, env = ray_head
     fs = s3.pyarrow_fs()
-    fs.create_dir("submit-bad")
-    with fs.open_output_stream("submit-bad/curation.yaml") as fh:
-        fh.write(yaml.safe_dump({"input": {"images": "s3://submit-bad/none"}, "output": {"uri": "s3://submit-bad/out"},
-                                 "knn": {"k": 0}}).encode())
+    fs.create_dir("shared-tests")
+    with fs.open_output_stream("shared-tests/submit-bad/curation.yaml") as fh:
+        fh.write(yaml.safe_dump({"input": {"images": "s3://shared-tests/submit-bad/none"},
+                                 "output": {"uri": "s3://shared-tests/submit-bad/out"}, "knn": {"k": 0}}).encode())
     done = _submit(address, env, "--submission-id", "curation-bad", "--",
-                   "python", "jobs/curate.py", "run", "--config", "s3://submit-bad/curation.yaml", timeout=240)
+                   "python", "jobs/curate.py", "run", "--config", "s3://shared-tests/submit-bad/curation.yaml", timeout=240)
     assert done.returncode != 0
     client = _client(address)
     assert client.get_job_status("curation-bad") == "FAILED"

@@ -227,8 +227,8 @@ def test_retention_keeps_the_newest_complete_runs_and_never_latest_or_unfinished
 
     if where == "s3":
         s3 = request.getfixturevalue("s3")
-        s3.pyarrow_fs().create_dir("retention")
-        resolver, out = Resolver(StorageConfig(**s3.storage())), "s3://retention/out"
+        s3.pyarrow_fs().create_dir("shared-tests")
+        resolver, out = Resolver(StorageConfig(**s3.storage())), "s3://shared-tests/retention"
     else:
         resolver, out = Resolver(), str(tmp_path / "out")
     for run_id in ["r1", "r2", "r3", "r4"]:
@@ -267,9 +267,9 @@ def test_compare_and_swap_of_latest(where, tmp_path, request):
     storage = None
     if where == "s3":
         s3 = request.getfixturevalue("s3")
-        s3.pyarrow_fs().create_dir("cas-unit")
+        s3.pyarrow_fs().create_dir("shared-tests")  # one bucket, a prefix per test: each bucket costs volumes
         storage = StorageConfig(**s3.storage())
-        location = Resolver(storage).resolve("s3://cas-unit/out/latest")
+        location = Resolver(storage).resolve("s3://shared-tests/cas-unit/latest")
     else:
         (tmp_path / "out").mkdir()
         location = Resolver().resolve(str(tmp_path / "out" / "latest"))
@@ -295,8 +295,8 @@ def test_of_two_runs_started_from_the_same_latest_exactly_one_publishes(where, r
     config = _embeddings_config(tmp_path, n=200)
     if where == "s3":
         s3 = request.getfixturevalue("s3")
-        s3.pyarrow_fs().create_dir("cas-runs")
-        config.output.uri = "s3://cas-runs/out"
+        s3.pyarrow_fs().create_dir("shared-tests")
+        config.output.uri = "s3://shared-tests/cas-runs"
         config.storage.endpoint_url, config.storage.access_key_id = s3.url, s3.access_key
         config.storage.secret_access_key = s3.secret_key
     resolver = Resolver(config.storage)
@@ -326,8 +326,8 @@ def test_a_killed_run_leaves_latest_and_a_rerun_publishes(where, ray_local, tmp_
     config = _embeddings_config(tmp_path, n=200)
     if where == "s3":
         s3 = request.getfixturevalue("s3")
-        s3.pyarrow_fs().create_dir("killed")
-        config.output.uri = "s3://killed/out"
+        s3.pyarrow_fs().create_dir("shared-tests")
+        config.output.uri = "s3://shared-tests/killed"
         config.storage.endpoint_url, config.storage.access_key_id = s3.url, s3.access_key
         config.storage.secret_access_key = s3.secret_key
     resolver = Resolver(config.storage)
