@@ -87,7 +87,10 @@ class S3Server:
         os.makedirs(data)
         args = [weed_binary(), "mini", f"-dir={data}", "-ip=127.0.0.1", "-ip.bind=127.0.0.1",
                 f"-s3.config={config_path}", "-webdav=false", "-admin.ui=false",
-                "-s3.port.iceberg=0", "-s3.port.lance=0"]
+                "-s3.port.iceberg=0", "-s3.port.lance=0",
+                # Each bucket takes volumes and the volume limit is free disk / volume size: small
+                # volumes keep a test session's buckets writable on a nearly full disk.
+                "-master.volumeSizeLimitMB=32"]
         args += [f"-{name}={port}" for name, port in ports.items()]
         self.log_path = os.path.join(self.tmp, "weed.log")
         self.process = subprocess.Popen(args, stdout=open(self.log_path, "wb"), stderr=subprocess.STDOUT,
