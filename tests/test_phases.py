@@ -142,6 +142,18 @@ def test_cluster_training_falls_back_to_faiss_without_cuml(monkeypatch):
     assert backend == "faiss" and len(set(labels[:50])) == 1 and len(set(labels)) == 3 and (sims > 0.5).all()
 
 
+def _embeddings_config_on(where: str, tmp_path, request, prefix: str):
+    """A small embeddings-mode config whose output is local or on the test S3 server."""
+    config = _embeddings_config(tmp_path, n=200)
+    if where == "s3":
+        s3 = request.getfixturevalue("s3")
+        s3.pyarrow_fs().create_dir("shared-tests")  # one bucket, a prefix per test: buckets cost volumes
+        config.output.uri = f"s3://shared-tests/{prefix}"
+        config.storage.endpoint_url, config.storage.access_key_id = s3.url, s3.access_key
+        config.storage.secret_access_key = s3.secret_key
+    return config
+
+
 def _embeddings_config(tmp_path, n=600, d=16, **knn):
     rng = np.random.default_rng(3)
     centers = rng.normal(size=(4, d))
@@ -292,13 +304,7 @@ def test_of_two_runs_started_from_the_same_latest_exactly_one_publishes(where, r
     from curation.io.filesystem import Resolver, read_bytes
     from curation.job import PublishConflict, preflight, run_job
 
-    config = _embeddings_config(tmp_path, n=200)
-    if where == "s3":
-        s3 = request.getfixturevalue("s3")
-        s3.pyarrow_fs().create_dir("shared-tests")
-        config.output.uri = "s3://shared-tests/cas-runs"
-        config.storage.endpoint_url, config.storage.access_key_id = s3.url, s3.access_key
-        config.storage.secret_access_key = s3.secret_key
+    config = _embeddings_config_on(where, tmp_path, request, "cas-runs")
     resolver = Resolver(config.storage)
     config.output.run_id = "slow"
     slow = preflight(config, resolver)  # starts first, sees no latest
@@ -323,13 +329,7 @@ def test_a_killed_run_leaves_latest_and_a_rerun_publishes(where, ray_local, tmp_
     from curation.job import run_job
     from curation.scores import REGISTRY
 
-    config = _embeddings_config(tmp_path, n=200)
-    if where == "s3":
-        s3 = request.getfixturevalue("s3")
-        s3.pyarrow_fs().create_dir("shared-tests")
-        config.output.uri = "s3://shared-tests/killed"
-        config.storage.endpoint_url, config.storage.access_key_id = s3.url, s3.access_key
-        config.storage.secret_access_key = s3.secret_key
+    config = _embeddings_config_on(where, tmp_path, request, "killed")
     resolver = Resolver(config.storage)
     latest = resolver.resolve(f"{config.output.uri}/latest")
     config.output.run_id = "night-1"
