@@ -47,6 +47,18 @@ def exact_knn(embeddings: np.ndarray, k: int) -> KnnGraph:
     return KnnGraph(ids, sims)
 
 
+def kth_distance(graph: KnnGraph, *, missing: float = 1.0) -> np.ndarray:
+    """Each item's distance (1 - cosine) to its farthest valid neighbour (the k-th, padding
+    ``-1`` ids skipped); ``missing`` for an item with none. The local scale the duplicates'
+    ratio test uses, and the sparseness score."""
+    n = len(graph.ids)
+    if graph.k == 0:
+        return np.full(n, missing)
+    count = (graph.ids >= 0).sum(axis=1)
+    sims = graph.sims[np.arange(n), np.maximum(count - 1, 0)].astype(np.float64)
+    return np.where(count > 0, 1.0 - sims, missing)
+
+
 def id_dtype(n: int):
     """The narrowest integer type for neighbour ids among ``n`` items (the graph's driver cost)."""
     return np.int32 if n < 2**31 - 1 else np.int64

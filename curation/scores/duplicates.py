@@ -37,6 +37,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
+from curation.index.knn import kth_distance
 from curation.scores.base import REASON_COLUMN, ScoreContext, masked
 from curation.scores.junk import is_junk
 
@@ -113,16 +114,6 @@ def phash_pairs(hashes: np.ndarray, radius: int) -> tuple[np.ndarray, np.ndarray
     return np.concatenate(left), np.concatenate(right)
 
 
-def _neighbourhood_distance(graph) -> np.ndarray:
-    """Each item's distance (1 - cosine) to its k-th neighbour: the local scale of "close"."""
-    if graph.k == 0:
-        return np.ones(len(graph.ids))
-    valid = graph.ids >= 0
-    last = np.where(valid.any(axis=1), valid.sum(axis=1) - 1, 0)
-    sims = graph.sims[np.arange(len(graph.ids)), last]
-    return np.where(valid.any(axis=1), 1.0 - sims, 1.0)
-
-
 def _ratio_edges(graph, reference: np.ndarray, cosine: float, ratio: float) -> np.ndarray:
     """(N, k) mask of the graph's edges that pass the absolute and the ratio test: close in
     absolute terms AND much closer than the sparser endpoint's own neighbourhood."""
@@ -153,7 +144,7 @@ class DuplicatesScore:
             graph, space, cosine, ratio = ctx.copy_knn, ctx.copies, cfg.copy_cosine, cfg.copy_ratio
         else:  # no pixels: the embedding is all there is
             graph, space, cosine, ratio = ctx.knn_ok, ctx.vectors, cfg.near_duplicate_cosine, cfg.near_duplicate_ratio
-        reference = _neighbourhood_distance(graph)
+        reference = kth_distance(graph)  # the local scale of "close"
         rows, cols = np.nonzero(_ratio_edges(graph, reference, cosine, ratio))
         for a, b in zip(rows, graph.ids[rows, cols]):
             uf.union(int(a), int(b))

@@ -116,10 +116,8 @@ def train_probe(source, sample_ids: np.ndarray, labels: np.ndarray, n_classes: i
                 threads: int = 1) -> tuple[np.ndarray, LinearModel, str]:
     """In a task: out-of-sample probabilities of the sample (K-fold) and the model fitted on
     all of it. Returns ``(probabilities (n_sample, n_classes), model, backend)``."""
-    import faiss
     from threadpoolctl import threadpool_limits
 
-    faiss.omp_set_num_threads(threads)
     x = source.take(sample_ids).astype(np.float32)
     mean = x.mean(axis=0)
     scale = np.maximum(x.std(axis=0), 1e-6)

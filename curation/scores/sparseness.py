@@ -17,6 +17,7 @@ from __future__ import annotations
 import numpy as np
 import pyarrow as pa
 
+from curation.index.knn import kth_distance
 from curation.scores.base import ScoreContext, masked
 
 
@@ -48,10 +49,7 @@ class SparsenessScore:
     def compute(self, ctx: ScoreContext) -> pa.Table:
         graph = ctx.knn_ok
         valid = graph.ids >= 0
-        count = valid.sum(axis=1)
-        last = np.maximum(count - 1, 0)  # neighbours are sorted nearest first; -1 pads the end
-        distance = 1.0 - graph.sims[np.arange(len(count)), last].astype(np.float64) if graph.k else np.full(len(count), 2.0)
-        distance[count == 0] = 2.0  # no neighbour at all: as isolated as it gets
+        distance = kth_distance(graph, missing=2.0)  # no neighbour at all: as isolated as it gets
         nearest = np.where(valid[:, 0], graph.sims[:, 0], np.nan) if graph.k else np.full(len(distance), np.nan)
         return pa.table({
             "sparseness": masked(ctx.scatter(rank_normalise(distance), np.nan, np.float32), ctx.ok, pa.float32()),
