@@ -196,7 +196,6 @@ class ScoresConfig:
             ``representative``.
         n_clusters: k-means clusters; 0 picks ``clamp(sqrt(N/2), 2, 256)``, at most the largest
             ``representative`` budget.
-        map_points: at most this many items get 2-D map coordinates.
     """
 
     copy_cosine: float = ranged(0.92, 0.0, 1.0)
@@ -215,7 +214,6 @@ class ScoresConfig:
     mislabel_min_confidence: float = ranged(0.5, 0.0, 1.0)
     rare_tail_quantile: float = ranged(0.98, 0.0, 1.0)
     n_clusters: int = ranged(0, 0)
-    map_points: int = ranged(5000, 0)
 
 
 SELECTION_MODES = ("representative", "edge_cases", "label_review", "clean")
@@ -283,6 +281,34 @@ class OutputConfig:
     keep_runs: int = ranged(0, 0)
 
 
+MAP_METHODS = ("umap", "pca")
+
+
+@dataclass
+class ReportConfig:
+    """The run's ``report.html``: its 2-D map, thumbnails and galleries.
+
+    Attributes:
+        map_method: ``umap`` (UMAP after a PCA to 50 dimensions: neighbourhoods and clusters
+            stay apart; cuML's UMAP on a GPU worker when there is one) or ``pca`` (global
+            layout only; fast).
+        map_points: at most this many ok items get ``x``, ``y``: every flagged item and every
+            member of ``edge_cases`` / ``label_review`` selections first, the rest a sample
+            stratified by label (by cluster when unlabelled). 0 turns the map off.
+        thumbnails: at most this many items get a thumbnail in the page (gallery members first,
+            then map points); each costs about 1-2 KB of page.
+        thumbnail_px: the longest side of a thumbnail, in pixels.
+        gallery_size: items shown per gallery (mislabels, edge cases, each junk kind, rejected);
+            duplicate galleries show this many groups' worth of items.
+    """
+
+    map_method: str = choice("umap", *MAP_METHODS)
+    map_points: int = ranged(20_000, 0)
+    thumbnails: int = ranged(5_000, 0)
+    thumbnail_px: int = ranged(64, 16, 256)
+    gallery_size: int = ranged(24, 0)
+
+
 @dataclass
 class RayConfig:
     """Local Ray settings, used only when neither ``RAY_ADDRESS`` is set nor Ray is running."""
@@ -304,6 +330,7 @@ class Config:
     scores: ScoresConfig = field(default_factory=ScoresConfig)
     selections: list[SelectionConfig] = field(default_factory=_default_selections)
     output: OutputConfig = field(default_factory=OutputConfig)
+    report: ReportConfig = field(default_factory=ReportConfig)
     ray: RayConfig = field(default_factory=RayConfig)
 
     def to_dict(self, *, redact: bool = True) -> dict[str, Any]:

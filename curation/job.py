@@ -37,7 +37,7 @@ from curation.io import inputs as inputs_io
 from curation.io import outputs
 from curation.io.filesystem import Location, PreconditionFailed, Resolver, read_tagged, write_bytes
 from curation.io.store import EmbeddingStore
-from curation.report import render_report
+from curation.report import ReportAssets, prepare_report, render_report
 from curation.run_diff import diff_runs, previous_run
 from curation.schema import INPUT_COLUMNS, SAMPLES_CONTRACT, SAMPLES_EXTRA, is_ok
 from curation.session import needs_ray, ray_session, run_tasks
@@ -159,7 +159,9 @@ def run_job(config: Config, *, resolver: Resolver | None = None, plan: Plan | No
             from curation.select import build_selections
 
             selections = build_selections(samples, config.scores, config.selections, ingested.vectors)
-    return publish(plan, config, ingested, neighbours, samples, score_report, selections, clock)
+        with clock.phase("report_data"):
+            samples, report = prepare_report(samples, ingested.vectors, selections, config, resolver)
+    return publish(plan, config, ingested, neighbours, samples, score_report, selections, clock, report)
 
 
 # ---------------------------------------------------------------------------------- preflight
@@ -336,7 +338,7 @@ def score(ingested: Ingested, neighbours: Neighbours, config: Config) -> tuple[p
 
 
 def publish(plan: Plan, config: Config, ingested: Ingested, neighbours: Neighbours, samples: pa.Table,
-            score_report: dict, selections: list, clock: Clock) -> RunResult:
+            score_report: dict, selections: list, clock: Clock, report: ReportAssets | None = None) -> RunResult:
     """Write every output, then ``_SUCCESS``, then ``latest``."""
     from curation.scores import REGISTRY
 
@@ -377,11 +379,14 @@ def publish(plan: Plan, config: Config, ingested: Ingested, neighbours: Neighbou
             run_info["diff"] = diff_runs(previous, samples, selection_tables, run.child("diff"))
         for name, table in selection_tables.items():
             outputs.write_table(run.child("selections", f"{name}.parquet"), table)
+        report = report or ReportAssets({r.name: r.mode for r in selections})
+        run_info["map"] = report.map_info
+        run_info["timings_s"] = clock.timings
         write_bytes(run.child("report.html"), render_report(
-            run_id=plan.run_id, samples=samples, run_info=run_info, selections=selection_tables).encode("utf-8"))
+            run_id=plan.run_id, samples=samples, run_info=run_info, selections=selection_tables, modes=report.modes,
+            galleries=report.galleries, thumbnails=report.thumbnails, scores_config=config.scores).encode("utf-8"))
     clock.timings.update({f"score_{k}": v for k, v in score_report["timings_s"].items()})
     clock.timings["total"] = round(time.perf_counter() - clock.start, 3)
-    run_info["timings_s"] = clock.timings
     run_info["driver_peak_bytes"] = clock.peak_bytes
     outputs.write_json(run.child("run.json"), run_info)
     try:

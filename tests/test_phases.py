@@ -77,7 +77,7 @@ def test_manifest_column_named_like_a_score_column_is_refused(tmp_path):
     ("scores.blurry_sharpness", -0.1, "'scores.blurry_sharpness': must be >= 0"),
     ("scores.low_information_std", 2, "'scores.low_information_std': must be in [0, 1]"),
     ("scores.n_clusters", -2, "'scores.n_clusters': must be >= 0"),
-    ("scores.map_points", -1, "'scores.map_points': must be >= 0"),
+    ("report.map_points", -1, "'report.map_points': must be >= 0"),
 ])
 def test_ranges_are_checked_at_load_time(key, value, message):
     with pytest.raises(ConfigError, match=message.replace("[", r"\[").replace("]", r"\]")):

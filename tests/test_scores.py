@@ -196,11 +196,6 @@ def test_clusters_recover_separated_blobs():
     assert choose_n_clusters(10**6, requested=300, budget=40) == 300  # an explicit k wins
 
 
-def test_map_coordinates_are_limited_to_map_points():
-    df = score(make_samples(30), blobs(15, 2), map_points=10)
-    assert df.x.notna().sum() == 10 and df.y.notna().sum() == 10
-
-
 def test_knn_excludes_self_even_among_identical_vectors():
     emb = unit(np.repeat(np.eye(4, dtype=np.float32), 3, axis=0))  # 4 groups of 3 identical vectors
     graph = exact_knn(emb, 4)

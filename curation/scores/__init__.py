@@ -21,7 +21,6 @@ from curation.scores.clusters import ClustersScore
 from curation.scores.duplicates import DuplicatesScore
 from curation.scores.junk import JunkScore
 from curation.scores.label_quality import LabelQualityScore
-from curation.scores.map2d import Map2dScore
 from curation.scores.sparseness import SparsenessScore
 from curation.schema import SCHEMA_COLUMNS, is_ok, ok_rows_in_vector_order
 
@@ -33,7 +32,6 @@ REGISTRY: tuple[Score, ...] = (
     SparsenessScore(),
     LabelQualityScore(),
     ClustersScore(),
-    Map2dScore(),
 )
 
 

@@ -1,0 +1,149 @@
+"""Which items each gallery of the report shows: data only (uris and captions), no HTML.
+
+Galleries are chosen from the published ``samples`` and selections, so every member is an item
+of the run with exactly the flag its gallery names (the tests check that).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+
+from curation.schema import STATUS_REJECTED
+
+DUPLICATE_GROUP_SIZE = 6  # members shown per duplicate group
+JUNK_GALLERIES = (  # column, title, ordering column (most extreme first), ascending
+    ("is_dark", "Junk: dark", "highlights", True),
+    ("is_bright", "Junk: bright / washed out", "shadows", False),
+    ("is_blurry", "Junk: blurry", "sharpness", True),
+    ("is_low_information", "Junk: low information", "contrast", True),
+)
+
+
+@dataclass
+class GalleryItem:
+    uri: str
+    lines: list[str]
+    badge: str | None = None
+
+
+@dataclass
+class Gallery:
+    """One gallery: a title, what it shows, and its items in groups (one group unless grouped)."""
+
+    key: str
+    title: str
+    note: str
+    groups: list[list[GalleryItem]] = field(default_factory=list)
+    total: int = 0  # items with this flag in the run (the gallery shows the first few)
+
+    @property
+    def uris(self) -> list[str]:
+        return [item.uri for group in self.groups for item in group]
+
+
+def _mask(samples: pa.Table, name: str) -> np.ndarray:
+    if name not in samples.column_names:
+        return np.zeros(samples.num_rows, bool)
+    return pc.fill_null(samples[name], False).to_numpy(zero_copy_only=False).astype(bool)
+
+
+def _ordered(samples: pa.Table, rows: np.ndarray, by: str | None, ascending: bool) -> np.ndarray:
+    if by is None or by not in samples.column_names or len(rows) == 0:
+        return rows
+    values = np.asarray(samples[by].to_numpy(zero_copy_only=False), np.float64)[rows]
+    values = np.where(np.isfinite(values), values, np.inf if ascending else -np.inf)
+    order = np.argsort(values if ascending else -values, kind="stable")
+    return rows[order]
+
+
+def _fmt(value, spec: str = ".3f") -> str:
+    if value is None or (isinstance(value, float) and not np.isfinite(value)):
+        return "-"
+    return format(value, spec)
+
+
+def _rows(samples: pa.Table, rows: np.ndarray) -> list[dict]:
+    return samples.take(pa.array(rows, pa.int64())).to_pylist()
+
+
+def mislabel_gallery(samples: pa.Table, size: int) -> Gallery:
+    rows = np.flatnonzero(_mask(samples, "is_suspected_mislabel"))
+    shown = _ordered(samples, rows, "label_quality", True)[:size]
+    items = [GalleryItem(r["uri"], [f"{r['label']} \u2192 {r['suggested_label']}",
+                                    f"label quality {_fmt(r['label_quality'])}"]) for r in _rows(samples, shown)]
+    return Gallery("mislabels", "Suspected mislabels", "given label \u2192 suggested label, lowest label quality first",
+                   [items], len(rows))
+
+
+def edge_case_galleries(samples: pa.Table, selections: dict[str, pa.Table], modes: dict[str, str],
+                        size: int) -> list[Gallery]:
+    out = []
+    for name, table in selections.items():
+        if modes.get(name) != "edge_cases":
+            continue
+        top = table.slice(0, size).to_pylist()
+        items = [GalleryItem(r["uri"], [str(r["label"]), f"score {_fmt(r['score'])}"]) for r in top]
+        out.append(Gallery(f"edge-{name}", f"Edge cases: selection {name}",
+                           "the selection's first items (rarest in their class first)", [items], table.num_rows))
+    return out
+
+
+def duplicate_gallery(samples: pa.Table, size: int) -> Gallery:
+    if "dup_group" not in samples.column_names:
+        return Gallery("duplicates", "Largest duplicate groups", "", [], 0)
+    group = samples["dup_group"].to_numpy(zero_copy_only=False)
+    group = np.asarray(group, np.float64)
+    rows = np.flatnonzero(np.isfinite(group))
+    if len(rows) == 0:
+        return Gallery("duplicates", "Largest duplicate groups", "", [], 0)
+    ids, inverse, counts = np.unique(group[rows], return_inverse=True, return_counts=True)
+    n_groups = max(1, size // 3)
+    biggest = np.argsort(-counts, kind="stable")[:n_groups]
+    kept = pc.is_null(samples["dup_of"]).to_numpy(zero_copy_only=False).astype(bool)
+    groups = []
+    for g in biggest:
+        members = rows[inverse == g]
+        members = np.concatenate([members[kept[members]], members[~kept[members]]])[:DUPLICATE_GROUP_SIZE]
+        items = []
+        for r in _rows(samples, members):
+            badge = "kept" if r["dup_of"] is None else None
+            lines = [f"group {int(r['dup_group'])} ({counts[g]} items)"]
+            lines.append("kept" if badge else f"{r.get('dup_kind') or 'duplicate'} of the kept item")
+            items.append(GalleryItem(r["uri"], lines, badge))
+        groups.append(items)
+    return Gallery("duplicates", "Largest duplicate groups",
+                   "each row is one group, the kept item first (marked); the others are excluded from clean",
+                   groups, int(len(ids)))
+
+
+def junk_galleries(samples: pa.Table, size: int) -> list[Gallery]:
+    out = []
+    for column, title, by, ascending in JUNK_GALLERIES:
+        rows = np.flatnonzero(_mask(samples, column))
+        if len(rows) == 0:
+            continue
+        shown = _ordered(samples, rows, by, ascending)[:size]
+        items = [GalleryItem(r["uri"], [str(r["label"]), f"{by} {_fmt(r.get(by))}"]) for r in _rows(samples, shown)]
+        out.append(Gallery(f"junk-{column}", title, f"most extreme {by} first", [items], len(rows)))
+    return out
+
+
+def rejected_gallery(samples: pa.Table, size: int) -> Gallery:
+    rejected = pc.fill_null(pc.equal(samples["status"], STATUS_REJECTED), False).to_numpy(zero_copy_only=False)
+    rows = np.flatnonzero(rejected)
+    items = [GalleryItem(r["uri"], [str(r["reason"])]) for r in _rows(samples, rows[:size])]
+    return Gallery("rejected", "Rejected files", "not decoded: each with its reason", [items], len(rows))
+
+
+def choose_galleries(samples: pa.Table, selections: dict[str, pa.Table], modes: dict[str, str], *,
+                     size: int) -> list[Gallery]:
+    """Every gallery of the page, in page order; empty ones are dropped."""
+    if size <= 0:
+        return []
+    galleries = [mislabel_gallery(samples, size), *edge_case_galleries(samples, selections, modes, size),
+                 duplicate_gallery(samples, size), *junk_galleries(samples, size), rejected_gallery(samples, size)]
+    return [g for g in galleries if g.total]

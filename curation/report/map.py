@@ -1,0 +1,193 @@
+"""The report's 2-D map: which items are plotted (``choose_map_rows``) and where (``map_coordinates``).
+
+The map is a capped sample, whatever N is: every flagged item (duplicates, junk, suspected
+mislabels) and every member of the review selections (``edge_cases``, ``label_review``) comes
+first, because those are what a user opens the map to look at; the rest is a sample stratified
+by label (by cluster when unlabelled), so small classes stay visible. Only the sample's vectors
+are fetched, in one Ray task (on a GPU worker with cuML's UMAP when the cluster has one).
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+import warnings
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+
+from curation.config import ReportConfig
+from curation.schema import is_ok
+
+log = logging.getLogger(__name__)
+
+SEED = 0
+PCA_DIMS = 50
+UMAP_NEIGHBOURS = 15
+UMAP_MIN_DIST = 0.1
+JUNK_COLUMNS = ("is_dark", "is_bright", "is_blurry", "is_low_information")
+REVIEW_MODES = ("edge_cases", "label_review")
+
+
+def _bool(samples: pa.Table, name: str) -> np.ndarray:
+    if name not in samples.column_names:
+        return np.zeros(samples.num_rows, bool)
+    return pc.fill_null(samples[name], False).to_numpy(zero_copy_only=False).astype(bool)
+
+
+def rows_of(samples: pa.Table, uris) -> np.ndarray:
+    """Sample row positions of ``uris`` (uris are unique in ``samples``); unknown uris are dropped."""
+    position = pc.index_in(uris, value_set=samples["uri"]).to_numpy(zero_copy_only=False)
+    position = np.asarray(position, dtype=np.float64)
+    return np.unique(position[np.isfinite(position)].astype(np.int64))
+
+
+def highlight_masks(samples: pa.Table, selections: dict[str, pa.Table], modes: dict[str, str]) -> dict[str, np.ndarray]:
+    """One boolean mask per highlight the page offers: the flags, then each selection.
+
+    Args:
+        samples: the scored samples.
+        selections: selection name -> its table (``uri`` column).
+        modes: selection name -> its mode.
+    """
+    masks = {
+        "duplicates": pc.is_valid(samples["dup_group"]).to_numpy(zero_copy_only=False).astype(bool)
+        if "dup_group" in samples.column_names else np.zeros(samples.num_rows, bool),
+        "junk": np.logical_or.reduce([_bool(samples, c) for c in JUNK_COLUMNS]),
+        "suspected mislabels": _bool(samples, "is_suspected_mislabel"),
+    }
+    for name, table in selections.items():
+        mask = np.zeros(samples.num_rows, bool)
+        mask[rows_of(samples, table["uri"])] = True
+        masks[f"selection: {name} ({modes.get(name, '?')})"] = mask
+    return masks
+
+
+def must_show(samples: pa.Table, selections: dict[str, pa.Table], modes: dict[str, str]) -> np.ndarray:
+    """Rows the map includes before any sampling: flagged items and review-selection members."""
+    masks = highlight_masks(samples, {n: t for n, t in selections.items() if modes.get(n) in REVIEW_MODES}, modes)
+    return np.logical_or.reduce(list(masks.values()))
+
+
+def strata(samples: pa.Table) -> np.ndarray:
+    """A stratum code per row: the label, else the cluster (-1 when neither)."""
+    label = samples["label"] if "label" in samples.column_names else pa.nulls(samples.num_rows, pa.string())
+    codes = pc.dictionary_encode(label).combine_chunks()
+    out = np.asarray(codes.indices.to_numpy(zero_copy_only=False), dtype=np.float64)
+    out = np.where(np.isfinite(out), out, -1).astype(np.int64)
+    if "cluster" in samples.column_names:
+        cluster = np.asarray(samples["cluster"].to_numpy(zero_copy_only=False), dtype=np.float64)
+        cluster = np.where(np.isfinite(cluster), cluster, -1).astype(np.int64)
+        base = len(codes.dictionary)
+        out = np.where((out < 0) & (cluster >= 0), base + cluster, out)
+    return out
+
+
+def choose_map_rows(ok: np.ndarray, must: np.ndarray, codes: np.ndarray, cap: int, *, seed: int = SEED) -> np.ndarray:
+    """Sorted rows to plot: ok rows only, at most ``cap``; ``must`` rows first (a random subset
+    of them when they alone exceed ``cap``), then the other ok rows stratified by ``codes``
+    (each stratum in proportion to its size, at least one item while room lasts)."""
+    rng = np.random.default_rng(seed)
+    must_rows = np.flatnonzero(ok & must)
+    if cap <= 0:
+        return np.zeros(0, np.int64)
+    if len(must_rows) >= cap:
+        return np.sort(rng.choice(must_rows, cap, replace=False))
+    rest = np.flatnonzero(ok & ~must)
+    room = cap - len(must_rows)
+    if len(rest) <= room:
+        return np.sort(np.concatenate([must_rows, rest]))
+    values, inverse, counts = np.unique(codes[rest], return_inverse=True, return_counts=True)
+    quota = np.floor(counts * room / len(rest)).astype(np.int64)
+    quota = np.maximum(quota, np.minimum(counts, 1))
+    while quota.sum() > room:  # the minimum of one per stratum overshot: trim the largest
+        quota[np.argmax(quota)] -= 1
+    order = rng.permutation(len(rest))
+    picked = []
+    for stratum in range(len(values)):
+        members = order[inverse[order] == stratum][: quota[stratum]]
+        picked.append(rest[members])
+    chosen = np.concatenate(picked) if picked else np.zeros(0, np.int64)
+    left = room - len(chosen)
+    if left > 0:  # rounding left room: fill it at random from the rest
+        spare = np.setdiff1d(rest, chosen)
+        chosen = np.concatenate([chosen, rng.choice(spare, min(left, len(spare)), replace=False)])
+    return np.sort(np.concatenate([must_rows, chosen]))
+
+
+def map_backend() -> str:
+    """``cuml`` when cuML imports and a GPU is visible, else ``umap-learn``."""
+    from curation.scores.clusters import kmeans_backend
+
+    return "cuml" if kmeans_backend() == "cuml" else "umap-learn"
+
+
+def embed_2d(x: np.ndarray, method: str, *, seed: int = SEED) -> tuple[np.ndarray, str]:
+    """(n, 2) float32 coordinates of the rows of ``x`` and a description of how they were made."""
+    from sklearn.decomposition import PCA
+
+    x = np.ascontiguousarray(x, dtype=np.float32)
+    n, d = x.shape
+    if n < 3:
+        return np.zeros((n, 2), np.float32), "too few points"
+    if method == "pca" or n <= UMAP_NEIGHBOURS + 1:
+        xy = PCA(n_components=2, random_state=seed).fit_transform(x)
+        return xy.astype(np.float32), "PCA"
+    reduced = PCA(n_components=min(PCA_DIMS, d, n), random_state=seed).fit_transform(x) if d > PCA_DIMS else x
+    backend = map_backend()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # umap-learn warns that a seed turns off its parallelism
+        if backend == "cuml":
+            from cuml.manifold import UMAP
+        else:
+            from umap import UMAP
+        model = UMAP(n_neighbors=UMAP_NEIGHBOURS, min_dist=UMAP_MIN_DIST, random_state=seed, init="pca"
+                     if backend != "cuml" else "spectral")
+        xy = np.asarray(model.fit_transform(reduced), dtype=np.float32)
+    return xy, f"UMAP ({backend}, after PCA to {reduced.shape[1]} dims)"
+
+
+def _embed_sample(vectors, ids: np.ndarray, method: str) -> tuple[np.ndarray, str]:
+    return embed_2d(vectors.take(ids), method)
+
+
+def map_coordinates(samples: pa.Table, vectors, selections: dict[str, pa.Table], modes: dict[str, str],
+                    config: ReportConfig) -> tuple[pa.Table, dict]:
+    """``samples`` with ``x``, ``y`` set for the chosen rows (null elsewhere), and a summary.
+
+    Args:
+        samples: scored samples; ok rows carry ``vector_id`` (else ok rows in order are ids 0..).
+        vectors: the ok rows' vectors (a source in storage or a matrix).
+        selections, modes: the built selections and their modes (their review members are mapped).
+        config: the ``report`` section.
+    """
+    from curation.index.source import as_source
+    from curation.session import ClusterResources, run_tasks
+
+    start = time.perf_counter()
+    ok = is_ok(samples["status"])
+    rows = choose_map_rows(ok, must_show(samples, selections, modes), strata(samples), config.map_points)
+    coords = np.full((samples.num_rows, 2), np.nan, np.float32)
+    how = "none"
+    if len(rows):
+        if "vector_id" in samples.column_names:
+            ids = samples["vector_id"].to_numpy(zero_copy_only=False)[rows].astype(np.int64)
+        else:
+            ids = np.searchsorted(np.flatnonzero(ok), rows)
+        order = np.argsort(ids)
+        import ray
+
+        gpus = 1 if ray.is_initialized() and ClusterResources.current().gpus > 0 else 0
+        xy, how = run_tasks(_embed_sample, [(as_source(vectors), ids[order], config.map_method)], num_gpus=gpus)[0]
+        coords[rows[order]] = xy
+    has = np.isfinite(coords[:, 0])
+    for name, column in (("x", coords[:, 0]), ("y", coords[:, 1])):
+        array = pa.array(column, pa.float32(), mask=~has)
+        if name in samples.column_names:
+            samples = samples.set_column(samples.column_names.index(name), name, array)
+        else:
+            samples = samples.append_column(name, array)
+    info = {"method": how, "points": int(has.sum()), "seconds": round(time.perf_counter() - start, 3)}
+    log.info("map: %d points by %s in %.1fs", info["points"], how, info["seconds"])
+    return samples, info
