@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 
 import pyarrow as pa
 import pyarrow.parquet as pq
@@ -27,8 +28,9 @@ def check_run_outputs(fs, output_path: str, run_id: str, *, images_uri: str, tru
     info = read_json(fs, f"{run}/run.json")
     with fs.open_input_stream(f"{run}/report.html") as fh:
         report = fh.read().decode()
-    assert report.startswith("<!doctype html>") and "<script" not in report and "http://" not in report.replace(
-        'xmlns="http://www.w3.org/2000/svg"', "")
+    # One offline page: scripts inlined, nothing loaded from elsewhere (the browser test opens it).
+    assert report.startswith("<!doctype html>") and "map_points" in report
+    assert not re.search(r"""<(script|link|img|iframe)\b[^>]*\b(src|href)\s*=\s*["']?(https?:)?//""", report)
 
     samples = pq.read_table(f"{run}/samples", filesystem=fs)
     for field in SAMPLES_CONTRACT:

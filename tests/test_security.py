@@ -40,18 +40,29 @@ def test_pickled_code_as_weights_is_refused_without_running_it(tmp_path):
 
 def test_report_escapes_strings_that_come_from_the_data():
     from curation.report import render_report
+    from curation.report.galleries import choose_galleries
     from curation.schema import SELECTION_SCHEMA
 
     evil = "<script>alert(1)</script>"
+    img = "<img src=x onerror=alert(2)>"
     samples = pa.table({
-        "uri": [f"/d/{evil}.jpg", "/d/b.jpg"], "label": [evil, "b"], "status": ["ok", "rejected"],
-        "reason": [None, f"corrupt: {evil}"], "x": [0.0, None], "y": [0.0, None], "cluster": [0, -1],
-        "dup_of": pa.nulls(2, pa.string()), "is_suspected_mislabel": [True, False],
+        "uri": [f"/d/{evil}.jpg", "/d/b.jpg", f"/d/{img}.png"], "label": [evil, "b", img],
+        "status": ["ok", "rejected", "ok"], "reason": [None, f"corrupt: {evil}", None],
+        "x": [0.0, None, 1.0], "y": [0.0, None, 1.0], "cluster": [0, None, 1], "suggested_label": [img, None, evil],
+        "dup_group": pa.array([None, None, None], pa.int64()), "dup_of": pa.nulls(3, pa.string()),
+        "is_suspected_mislabel": [True, False, True], "label_quality": [0.1, None, 0.2], "sparseness": [0.5, None, 0.4],
     })
     review = pa.table({"uri": [f"/d/{evil}.jpg"], "label": [evil], "rank": pa.array([1], pa.int32()),
                        "score": pa.array([0.1], pa.float32()), "reason": [f"suggested {evil}"]}, schema=SELECTION_SCHEMA)
+    selections = {"label_review": review}
+    modes = {"label_review": "label_review"}
     page = render_report(run_id=evil, samples=samples, run_info={
-        "counts": {"inputs": 2, "ok": 1, "rejected": 1}, "flags": {evil: 1},
+        "counts": {"inputs": 3, "ok": 2, "rejected": 1}, "flags": {evil: 1},
         "selections": [{"name": evil, "mode": "label_review", "rows": 1, "eligible": 1, "note": evil}],
-        "embedder": {"model": evil, "warning": evil}}, selections={"label_review": review})
-    assert "<script" not in page and "&lt;script&gt;" in page
+        "embedder": {"model": evil, "warning": evil}}, selections=selections, modes=modes,
+        galleries=choose_galleries(samples, selections, modes, size=10))
+    # Neither string appears as markup anywhere: not in the HTML parts, not in the inlined data.
+    assert evil not in page and img not in page
+    assert "&lt;script&gt;" in page and "&lt;img src=x onerror=alert(2)&gt;" in page
+    # The map's data (JSON inside a script element) cannot close that element early.
+    assert "</script>alert" not in page and page.count("</script>") == page.count("<script")
