@@ -199,7 +199,8 @@ def test_report_renders_map_and_galleries_in_chromium_offline(report_run, tmp_pa
         page.goto("file://" + page_path)
         page.wait_for_function("window.curationMapReady === true", timeout=60_000)
         points = page.evaluate("Bokeh.documents[0].get_model_by_name('map_points').data.x.length")
-        canvas = page.evaluate("Math.max(...[...document.querySelectorAll('canvas')].map(c => c.width * c.height))")
+        # Bokeh draws inside shadow roots: Playwright's locators pierce them, querySelectorAll does not.
+        canvas = page.locator("canvas").evaluate_all("cs => Math.max(...cs.map(c => c.width * c.height))")
         images = page.evaluate("[...document.querySelectorAll('.gallery img')].map(i => i.naturalWidth)")
         # Drive the controls: colour by a flag, highlight it, click a point.
         page.select_option("#colour_by", "h2")

@@ -16,10 +16,13 @@ class IndexShard:
         index_bytes: ``faiss.serialize_index`` of the trained empty index.
         nprobe: lists probed per query (IVF only).
         num_threads: OpenMP threads (match the actor's CPU reservation).
+        partition: ``(source, lo, hi, batch_rows)``: fill the index with ids ``[lo, hi)`` of
+            ``source`` here, in the constructor, so that an actor Ray restarts after its process
+            died rebuilds its partition from storage by itself.
     """
 
     def __init__(self, index_bytes: np.ndarray, *, nprobe: int = 0, num_threads: int = 1, use_gpu: bool = False,
-                 refine_factor: int = 16):
+                 refine_factor: int = 16, partition: tuple | None = None):
         faiss.omp_set_num_threads(max(1, num_threads))
         index = faiss.deserialize_index(np.asarray(index_bytes, dtype=np.uint8))
         if isinstance(index, faiss.IndexRefine):
@@ -38,6 +41,12 @@ class IndexShard:
                 pass  # a flat index has no lists
         self.is_ivf = isinstance(index, faiss.IndexIVF) or "IVF" in type(index).__name__
         self.index = index if self.is_ivf else faiss.IndexIDMap2(index)
+        if partition is not None:
+            self.add_from(*partition)
+
+    def size(self) -> int:
+        """Vectors held (a rebuilt shard must hold its whole partition again)."""
+        return int(self.index.ntotal)
 
     def add(self, ids: np.ndarray, vectors: np.ndarray) -> int:
         vectors = np.ascontiguousarray(vectors, dtype=np.float32)

@@ -33,8 +33,9 @@ from curation.session import ClusterResources
 log = logging.getLogger(__name__)
 
 SOURCE_BATCH = 16384  # rows a shard reads from storage per step (32 MB at d=512)
-QUERY_TASKS_IN_FLIGHT = 2
-TRAIN_THREADS = 8  # CPUs the training task reserves (at most the cluster's)  # one batch searching while the previous one is read and merged
+QUERY_TASKS_IN_FLIGHT = 2  # one batch searching while the previous one is read and merged
+TRAIN_THREADS = 8  # CPUs the training task reserves (at most the cluster's)
+SHARD_RESTARTS = 2  # a dead shard actor is restarted (and refills itself) at most this often
 
 
 def knn_graph(vectors, cfg: KnnConfig, *, seed: int = 0,
@@ -103,18 +104,22 @@ def sharded_knn(embeddings: np.ndarray | None, k: int, params: IndexParams, *, q
     resources = ClusterResources.current()
     threads = max(1, resources.cpus // params.shards)
     use_gpu = resources.gpus >= params.shards
-    actor_cls = ray.remote(num_cpus=min(1, resources.cpus / params.shards), num_gpus=1 if use_gpu else 0)(IndexShard)
+    # A shard whose process dies is restarted by Ray and refills itself from the source in its
+    # constructor; its pending searches are retried (bounded). Past that the run fails naming it.
+    actor_cls = ray.remote(num_cpus=min(1, resources.cpus / params.shards), num_gpus=1 if use_gpu else 0,
+                           max_restarts=SHARD_RESTARTS, max_task_retries=SHARD_RESTARTS)(IndexShard)
     blob_ref = ray.put(blob)
-    shards = [actor_cls.remote(blob_ref, nprobe=params.nprobe, num_threads=threads, use_gpu=use_gpu,
-                               refine_factor=refine_factor)
-              for _ in range(params.shards)]
     bounds = np.linspace(0, n, params.shards + 1).astype(np.int64)
     in_storage = isinstance(source, VectorParts)
     # A source in storage travels as a description (files and a keep mask); an in-memory one
     # gives each shard only its own rows.
-    ray.get([shard.add_from.remote(source if in_storage else source.slice(int(lo), int(hi)), int(lo), int(hi),
-                                   SOURCE_BATCH)
-             for shard, lo, hi in zip(shards, bounds[:-1], bounds[1:])])
+    shards = [actor_cls.remote(blob_ref, nprobe=params.nprobe, num_threads=threads, use_gpu=use_gpu,
+                               refine_factor=refine_factor,
+                               partition=(source if in_storage else source.slice(int(lo), int(hi)), int(lo), int(hi),
+                                          SOURCE_BATCH))
+              for lo, hi in zip(bounds[:-1], bounds[1:])]
+    expected = [int(hi - lo) for lo, hi in zip(bounds[:-1], bounds[1:])]
+    _check_shards(shards, expected, "after filling")
     timing["add_from"] = ("storage (each shard streams its partition)" if in_storage
                           else "memory (each shard receives its partition)")
     timing["add_s"] = round(time.perf_counter() - t, 3)
@@ -138,6 +143,7 @@ def sharded_knn(embeddings: np.ndarray | None, k: int, params: IndexParams, *, q
     while pending:
         done_rows += _collect(pending.pop(0), ids, sims)
     timing["search_s"] = round(time.perf_counter() - t, 3)
+    _check_shards(shards, expected, "after the search")
     timing["shard_peak_rss_bytes"] = ray.get([shard.memory_bytes.remote() for shard in shards])
     timing["shard_private_bytes"] = ray.get([shard.private_bytes.remote() for shard in shards])
     if save_to is not None:
@@ -148,6 +154,32 @@ def sharded_knn(embeddings: np.ndarray | None, k: int, params: IndexParams, *, q
     for shard in shards:
         ray.kill(shard)
     return KnnGraph(ids, sims), timing
+
+
+class ShardLost(RuntimeError):
+    """An index shard died and could not be rebuilt: the graph would miss neighbours."""
+
+
+def _shard_call(refs: list, what: str) -> list:
+    """``ray.get`` of one call per shard, naming the shard whose actor is gone for good."""
+    import ray
+    from ray.exceptions import RayActorError
+
+    out = []
+    for i, ref in enumerate(refs):
+        try:
+            out.append(ray.get(ref))
+        except RayActorError as exc:
+            raise ShardLost(f"kNN index shard {i} died during {what} and was not rebuilt after "
+                            f"{SHARD_RESTARTS} restarts: {str(exc).splitlines()[0][:200]}") from None
+    return out
+
+
+def _check_shards(shards: list, expected: list[int], when: str) -> None:
+    held = _shard_call([shard.size.remote() for shard in shards], f"the size check {when}")
+    for i, (have, want) in enumerate(zip(held, expected)):
+        if have != want:  # never search (or keep) a graph with a partition missing
+            raise ShardLost(f"kNN index shard {i} holds {have} vectors {when}, expected {want}")
 
 
 def _train(source, params: IndexParams, d: int, n: int, seed: int, threads: int = 1) -> np.ndarray:
@@ -167,13 +199,11 @@ def _query_batch(source, start: int, stop: int, shards: list, search_k: int, k: 
                  batch_rows: int) -> tuple[np.ndarray, np.ndarray]:
     """Ids ``[start, stop)``, run as a Ray task: read them batch by batch, search every shard,
     merge, drop self. Returns the rows' ``(ids, sims)``."""
-    import ray
-
     out_ids, out_sims = [], []
     for own, queries in source.read(start, stop, batch_rows=batch_rows):
         if len(own) == 0:
             continue
-        results = ray.get([shard.search.remote(queries, search_k) for shard in shards])
+        results = _shard_call([shard.search.remote(queries, search_k) for shard in shards], "the search")
         merged_sims, merged_ids = merge_shard_results(results)
         sims, ids = drop_self(merged_sims, merged_ids, own, k)
         out_ids.append(ids)
