@@ -178,7 +178,11 @@ def load_embedder(model: str, weights: str, *, image_size: int,
             net = torchvision.models.get_model(model, weights=tv_weights)
             weights_key = f"torchvision:{tv_weights}"
         elif weights_key.lower() == "none":
-            net = torchvision.models.get_model(model, weights=None)
+            # Seeded: every actor of a run (and every run) must get the same random network, or
+            # vectors embedded by two actors would not be comparable.
+            with torch.random.fork_rng(devices=[]):
+                torch.manual_seed(0)
+                net = torchvision.models.get_model(model, weights=None)
             semantic = False
             warning = (f"embedder {model} has random weights (weights: none): embeddings carry no "
                        f"semantics; use only for tests and timing")

@@ -223,7 +223,12 @@ def _ingest_images(plan: Plan, config: Config, resolver: Resolver, clock: Clock)
     if config.store.enabled:
         location = resolver.resolve(config.store.uri) if config.store.uri else plan.output.child("embedding-store")
         store = EmbeddingStore(location, identity["model_id"])
-        reused, reuse = store.lookup(inputs)
+        # What a run that stopped before publishing had already embedded is reused too: its
+        # embeddings/ parts are written as blocks complete (the checkpoint).
+        resume = outputs.interrupted_vector_files(plan.output, plan.run_id, skip=(store.snapshot_run(),))
+        reused, reuse = store.lookup(inputs, resume=resume)
+        if resume:
+            log.info("resuming: %d vector part(s) of interrupted runs considered", len(resume))
     todo = inputs.filter(pa.array(~reused))
     log.info("inputs: %d; reused from the embedding store: %d; to decode and embed: %d",
              inputs.num_rows, int(reused.sum()), todo.num_rows)

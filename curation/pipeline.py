@@ -14,6 +14,7 @@ import logging
 import math
 from typing import Iterable
 
+import numpy as np
 import pyarrow as pa
 import ray
 from ray.data.block import BlockAccessor
@@ -21,7 +22,7 @@ from ray.data.datasource.datasink import Datasink, WriteResult
 
 from curation.config import Config
 from curation.io.filesystem import Location, Resolver
-from curation.io.outputs import EMBEDDING_ROW_GROUP, write_vector_part
+from curation.io.outputs import EMBEDDING_ROW_GROUP, TEXT_COLUMNS, text_columns, write_vector_part
 from curation.io.store import Reuse, match_stored
 from curation.session import ClusterResources, embed_pool_size
 from curation.stages.decode import DecodeStage
@@ -30,6 +31,8 @@ from curation.stages.embed import EmbedStage
 log = logging.getLogger(__name__)
 
 TARGET_ROWS_PER_BLOCK = 256
+NULLABLE_TEXT = ("reason", "content_hash", "pixel_hash")
+CHECKPOINTS = 8  # a small run writes its vectors in about this many parts (large runs: 16k-row parts)
 # Columns of the inputs table that travel to the decode tasks (labels and metadata stay home).
 DECODE_INPUT_COLUMNS = ("input_id", "uri", "input_error", "fingerprint")
 
@@ -46,19 +49,23 @@ class EmbeddingsDatasink(Datasink[pa.Table]):
     :func:`curation.io.outputs.write_vector_part`) and :attr:`files` the parts written.
     """
 
-    def __init__(self, *, folder: Location, model_id: str, store_dtype: str):
+    def __init__(self, *, folder: Location, model_id: str, store_dtype: str, rows_per_part: int = EMBEDDING_ROW_GROUP):
         self.folder = folder
+        self.rows_per_part = rows_per_part
         self.model_id = model_id
         self.store_dtype = store_dtype
         self.compact: pa.Table | None = None
 
     @property
     def min_rows_per_write(self) -> int:
-        return EMBEDDING_ROW_GROUP  # one file per ~16k rows: what an index shard reads per step
+        # At most ~16k rows a file (what an index shard reads per step); fewer in small runs, so
+        # that every run leaves a few parts behind as it goes: the checkpoint a rerun resumes from.
+        return self.rows_per_part
 
     def write(self, blocks: Iterable, ctx) -> pa.Table:
         tables = [BlockAccessor.for_block(block).to_arrow() for block in blocks]
-        tables = [t for t in tables if t.num_rows]
+        # Text columns are made text per block, before blocks of different inferred types meet.
+        tables = [text_columns(t, TEXT_COLUMNS) for t in tables if t.num_rows]
         if not tables:
             return pa.table({"input_id": pa.array([], pa.int64())})
         rows = pa.concat_tables(tables, promote_options="permissive")
@@ -81,7 +88,10 @@ def embed_to_storage(todo: pa.Table, reuse: Reuse | None, config: Config, resolv
     if not branches:
         return None
     ds = branches[0] if len(branches) == 1 else branches[0].union(*branches[1:])
-    sink = EmbeddingsDatasink(folder=folder, model_id=model_id, store_dtype=config.embedder.store_dtype)
+    total = todo.num_rows + (reuse.count if reuse is not None else 0)
+    rows_per_part = int(min(EMBEDDING_ROW_GROUP, max(TARGET_ROWS_PER_BLOCK, total // CHECKPOINTS)))
+    sink = EmbeddingsDatasink(folder=folder, model_id=model_id, store_dtype=config.embedder.store_dtype,
+                              rows_per_part=rows_per_part)
     ds.write_datasink(sink)
     return sink.compact
 
@@ -129,13 +139,21 @@ def _decode_and_embed(inputs: pa.Table, config: Config, resolver: Resolver) -> r
 
 
 def _decode_batch(batch, stage: DecodeStage):
-    return stage(batch)
+    out = stage(batch)
+    # Between numpy batches Ray Data may see a text column that is all None as null/float and
+    # later join it with real text as "nan": ship "" instead (the embed stage turns it back
+    # into null).
+    for name in NULLABLE_TEXT:
+        values = out[name]
+        values[np.fromiter((v is None for v in values), bool, len(values))] = ""
+    return out
 
 
 def _stored_rows(reuse: Reuse) -> ray.data.Dataset:
     """The store's vector files, filtered to the rows this run reuses (keys as shared arrays)."""
     files = reuse.files
-    ds = ray.data.read_parquet([f.path for f in files], filesystem=files[0].filesystem)
+    paths = [f.path for f in files]
+    ds = ray.data.read_parquet(paths, filesystem=files[0].filesystem, include_paths=True)
     return ds.map_batches(match_stored, batch_format="pyarrow",
                           fn_kwargs={"keys": reuse.keys, "input_ids": reuse.input_ids,
-                                     "model_id": reuse.model_id})
+                                     "model_id": reuse.model_id, "owners": reuse.owners, "paths": paths})

@@ -78,10 +78,23 @@ def ray_session(config: Config, *, needed: bool = True) -> Iterator[bool]:
             kwargs["object_store_memory"] = config.ray.object_store_memory
         ray.init(include_dashboard=False, **kwargs)
         log.info("started a local Ray (%s CPUs)", ray.cluster_resources().get("CPU"))
+    # A local Ray is this process's to clean up, even if this process is killed (SIGKILL skips
+    # every finally): a watchdog process kills what is left of it then.
+    reaper = None if address else _start_reaper()
     try:
         yield True
     finally:
         ray.shutdown()
+        if reaper is not None:
+            reaper.terminate()
+
+
+def _start_reaper():
+    if not os.path.isdir("/proc"):  # the watchdog reads /proc (Linux); elsewhere, Ray's own cleanup
+        return None
+    from curation import reaper
+
+    return reaper.start()
 
 
 def run_tasks(fn: Callable, args: Sequence[tuple], *, max_in_flight: int = 0, num_cpus: float = 1,

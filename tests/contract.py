@@ -37,6 +37,11 @@ def check_run_outputs(fs, output_path: str, run_id: str, *, images_uri: str, tru
         assert field.name in samples.column_names, f"missing contract column {field.name}"
         assert samples.schema.field(field.name).type == field.type, field.name
 
+    # Text columns hold text or null, never a float's spelling ("nan": a numpy batch of None).
+    for name in ("reason", "content_hash", "pixel_hash", "dup_of", "suggested_label"):
+        if name in samples.column_names:
+            assert not {"nan", "None"} & set(samples[name].drop_null().to_pylist()), name
+
     # Accounting: every input exactly once; ok + rejected = inputs; run.json agrees.
     uris = samples["uri"].to_pylist()
     assert len(uris) == len(set(uris)) == truth["inputs"]

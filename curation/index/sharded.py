@@ -118,41 +118,43 @@ def sharded_knn(embeddings: np.ndarray | None, k: int, params: IndexParams, *, q
                                partition=(source if in_storage else source.slice(int(lo), int(hi)), int(lo), int(hi),
                                           SOURCE_BATCH))
               for lo, hi in zip(bounds[:-1], bounds[1:])]
-    expected = [int(hi - lo) for lo, hi in zip(bounds[:-1], bounds[1:])]
-    _check_shards(shards, expected, "after filling")
-    timing["add_from"] = ("storage (each shard streams its partition)" if in_storage
-                          else "memory (each shard receives its partition)")
-    timing["add_s"] = round(time.perf_counter() - t, 3)
-    timing["shard_sizes"] = [int(hi - lo) for lo, hi in zip(bounds[:-1], bounds[1:])]
+    try:
+        expected = [int(hi - lo) for lo, hi in zip(bounds[:-1], bounds[1:])]
+        _check_shards(shards, expected, "after filling")
+        timing["add_from"] = ("storage (each shard streams its partition)" if in_storage
+                              else "memory (each shard receives its partition)")
+        timing["add_s"] = round(time.perf_counter() - t, 3)
+        timing["shard_sizes"] = [int(hi - lo) for lo, hi in zip(bounds[:-1], bounds[1:])]
 
-    t = time.perf_counter()
-    ids = np.full((n, k), -1, id_dtype(n))
-    sims = np.full((n, k), -np.inf, np.float32)
-    search_k = min(k + 1, n)
-    source_ref = ray.put(source)
-    # Query tasks reserve no CPU: they mostly wait on the shards, which hold the CPUs.
-    query = ray.remote(num_cpus=0)(_query_batch)
-    pending: list = []
-    done_rows = 0
-    # One task per range of whole row groups (each read once), searched query_batch rows at a time.
-    for start, stop in source.ranges(query_batch):
-        pending.append((start, stop, query.remote(source_ref, start, stop, shards, search_k, k, query_batch)))
-        if len(pending) >= QUERY_TASKS_IN_FLIGHT:
-            done_rows += _collect(pending.pop(0), ids, sims)
-            log.info("kNN search: %d / %d items (%.0f s)", done_rows, n, time.perf_counter() - t)
-    while pending:
-        done_rows += _collect(pending.pop(0), ids, sims)
-    timing["search_s"] = round(time.perf_counter() - t, 3)
-    _check_shards(shards, expected, "after the search")
-    timing["shard_peak_rss_bytes"] = ray.get([shard.memory_bytes.remote() for shard in shards])
-    timing["shard_private_bytes"] = ray.get([shard.private_bytes.remote() for shard in shards])
-    if save_to is not None:
         t = time.perf_counter()
-        ray.get([shard.save.remote(save_to.child(f"shard-{i:05d}.faissindex")) for i, shard in enumerate(shards)])
-        timing["save_s"] = round(time.perf_counter() - t, 3)
-        timing["saved_to"] = save_to.uri
-    for shard in shards:
-        ray.kill(shard)
+        ids = np.full((n, k), -1, id_dtype(n))
+        sims = np.full((n, k), -np.inf, np.float32)
+        search_k = min(k + 1, n)
+        source_ref = ray.put(source)
+        # Query tasks reserve no CPU: they mostly wait on the shards, which hold the CPUs.
+        query = ray.remote(num_cpus=0)(_query_batch)
+        pending: list = []
+        done_rows = 0
+        # One task per range of whole row groups (each read once), searched query_batch rows at a time.
+        for start, stop in source.ranges(query_batch):
+            pending.append((start, stop, query.remote(source_ref, start, stop, shards, search_k, k, query_batch)))
+            if len(pending) >= QUERY_TASKS_IN_FLIGHT:
+                done_rows += _collect(pending.pop(0), ids, sims)
+                log.info("kNN search: %d / %d items (%.0f s)", done_rows, n, time.perf_counter() - t)
+        while pending:
+            done_rows += _collect(pending.pop(0), ids, sims)
+        timing["search_s"] = round(time.perf_counter() - t, 3)
+        _check_shards(shards, expected, "after the search")
+        timing["shard_peak_rss_bytes"] = ray.get([shard.memory_bytes.remote() for shard in shards])
+        timing["shard_private_bytes"] = ray.get([shard.private_bytes.remote() for shard in shards])
+        if save_to is not None:
+            t = time.perf_counter()
+            ray.get([shard.save.remote(save_to.child(f"shard-{i:05d}.faissindex")) for i, shard in enumerate(shards)])
+            timing["save_s"] = round(time.perf_counter() - t, 3)
+            timing["saved_to"] = save_to.uri
+    finally:  # a failed search must not leave shard actors holding the cluster's CPUs
+        for shard in shards:
+            ray.kill(shard)
     return KnnGraph(ids, sims), timing
 
 

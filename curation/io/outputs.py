@@ -22,11 +22,15 @@ from __future__ import annotations
 import datetime as dt
 import json
 
+import logging
+
 import pyarrow as pa
 import pyarrow.parquet as pq
 
 from curation.io.filesystem import Location, read_bytes, write_bytes
 from curation.schema import SAMPLES_CONTRACT, SAMPLES_EXTRA, STATUS_OK
+
+log = logging.getLogger(__name__)
 
 SAMPLES_ROWS_PER_FILE = 1_000_000
 EMBEDDING_ROW_GROUP = 16_384  # 32 MB of 512-d float32: index shards read their partition a row group at a time
@@ -77,6 +81,27 @@ VECTOR_FILE_COLUMNS = ("input_id", "uri", "fingerprint", "width", "height", "bri
                        "shadows", "highlights", "content_hash", "pixel_hash", "phash")
 
 
+TEXT_COLUMNS = ("status", "reason", "content_hash", "pixel_hash")
+
+
+def text_columns(rows: pa.Table, names: tuple[str, ...]) -> pa.Table:
+    """Make ``names`` string columns. A numpy batch whose text column holds only ``None`` reaches
+    Arrow as float NaN (Ray Data's conversion), which a later cast would turn into "nan"."""
+    import pyarrow.compute as pc
+
+    for name in names:
+        if name not in rows.column_names or pa.types.is_string(rows[name].type):
+            continue
+        column = rows[name]
+        if pa.types.is_floating(column.type) or pa.types.is_null(column.type):
+            column = pa.nulls(len(column), pa.string()) if pa.types.is_null(column.type) else pc.if_else(
+                pc.is_nan(column), pa.scalar(None, pa.string()), pc.cast(column, pa.string()))
+        else:
+            column = pc.cast(column, pa.string())
+        rows = rows.set_column(rows.column_names.index(name), name, column)
+    return rows
+
+
 def write_vector_part(folder: Location, rows: pa.Table, *, model_id: str, store_dtype: str) -> pa.Table:
     """Write the ok rows of one block of embedded rows as one ``embeddings/`` Parquet file and
     return every row of the block without its vector (the compact per-item columns the driver
@@ -91,6 +116,7 @@ def write_vector_part(folder: Location, rows: pa.Table, *, model_id: str, store_
     import numpy as np
     import pyarrow.compute as pc
 
+    rows = text_columns(rows, TEXT_COLUMNS)
     keyed = "input_id" in rows.column_names
     if keyed:
         rows = rows.sort_by("input_id")
@@ -171,6 +197,40 @@ def write_table(location: Location, table: pa.Table) -> None:
 
 def write_json(location: Location, data: dict) -> None:
     write_bytes(location, json.dumps(data, indent=2, sort_keys=False, default=str).encode("utf-8"))
+
+
+def interrupted_vector_files(output: Location, current_run: str, *, newest: int = 3,
+                             skip: tuple[str | None, ...] = ()) -> list[Location]:
+    """The ``embeddings/`` parts of runs that stopped before publishing (no ``_SUCCESS``), the
+    ``newest`` such runs by name (run ids sort by time). Parts are written as blocks complete,
+    so they are the checkpoint a rerun resumes from; a part cut short by the crash is skipped
+    when it is read (see :meth:`curation.io.store.EmbeddingStore.lookup`). ``skip``: runs not to
+    consider (the one the store's snapshot was made from already is in the store)."""
+    import pyarrow.fs as pafs
+
+    fs = output.filesystem
+    try:
+        folders = [info for info in fs.get_file_info(pafs.FileSelector(output.path, allow_not_found=True))
+                   if info.type == pafs.FileType.Directory and info.base_name != current_run
+                   and info.base_name not in skip]
+        marks = fs.get_file_info([f"{info.path}/_SUCCESS" for info in folders])
+        unfinished = sorted((info.base_name for info, mark in zip(folders, marks)
+                             if mark.type != pafs.FileType.File), reverse=True)
+        files: list[Location] = []
+        runs = 0
+        for run_id in unfinished:  # other folders (the embedding store) have no embeddings/ parts
+            if runs == newest:
+                break
+            folder = output.child(run_id, "embeddings")
+            infos = fs.get_file_info(pafs.FileSelector(folder.path, allow_not_found=True))
+            parts = [folder.child(i.base_name) for i in infos
+                     if i.type == pafs.FileType.File and i.base_name.endswith(".parquet")]
+            runs += bool(parts)
+            files += parts
+    except (OSError, pa.ArrowException) as exc:
+        log.warning("could not look for interrupted runs under %s (%s); not resuming", output.uri, exc)
+        return []
+    return files
 
 
 def remove_old_runs(output: Location, keep: int) -> list[str]:

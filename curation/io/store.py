@@ -66,6 +66,7 @@ class Reuse:
     keys: np.ndarray
     input_ids: np.ndarray
     model_id: str
+    owners: np.ndarray | None = None  # per key, the index in ``files`` that supplies it (one file only)
 
     @property
     def count(self) -> int:
@@ -87,6 +88,14 @@ class EmbeddingStore:
         self.root = location.child(_slug(f"{model_id}+{COPY_DESCRIPTOR_ID}"))
         self.model_id = model_id
 
+    def snapshot_run(self) -> str | None:
+        """The run whose vectors the current snapshot holds (None without a snapshot)."""
+        try:
+            snapshot = json.loads(read_bytes(self.root.child("CURRENT"))).get("snapshot") or ""
+        except (FileNotFoundError, OSError, ValueError):
+            return None
+        return snapshot.removeprefix("snapshot-") or None
+
     def _snapshot_files(self) -> list[Location]:
         try:
             pointer = json.loads(read_bytes(self.root.child("CURRENT")))
@@ -99,32 +108,53 @@ class EmbeddingStore:
             log.warning("embedding store %s unreadable (%s); embedding everything", folder.uri, exc)
             return []
 
-    def lookup(self, inputs: pa.Table) -> tuple[np.ndarray, Reuse | None]:
+    def lookup(self, inputs: pa.Table, *, resume: list[Location] = ()) -> tuple[np.ndarray, Reuse | None]:
         """Which ``inputs`` rows the store holds (same uri and fingerprint, no ``input_error``).
 
+        Args:
+            inputs: the listed inputs.
+            resume: more vector files to reuse from: the parts an interrupted run wrote before
+                it stopped (its checkpoint). Rows of another embedder are never matched.
+
         Returns the mask over ``inputs`` and the :class:`Reuse` that tells the pipeline how to
-        fetch them (None when nothing is reused). Only the keys of the store are read here."""
+        fetch them (None when nothing is reused). Only the keys of the files are read here; a
+        file that cannot be read (cut short by a crash) is skipped with a warning."""
         n = inputs.num_rows
-        files = self._snapshot_files()
+        files = self._snapshot_files() + list(resume)
         if not files or "fingerprint" not in inputs.column_names:
             return np.zeros(n, bool), None
-        stored = []
-        try:
-            for location in files:
+        stored, readable, owner = [], [], []
+        for location in files:
+            try:
+                keys = []
                 with location.filesystem.open_input_file(location.path) as fh:
-                    for batch in pq.ParquetFile(fh).iter_batches(columns=list(KEY_COLUMNS), batch_size=65536):
-                        stored.append(key_hashes(batch.column(0), batch.column(1)))
-        except (OSError, pa.ArrowException) as exc:
-            log.warning("embedding store %s unreadable (%s); embedding everything", self.root.uri, exc)
-            return np.zeros(n, bool), None
-        stored_keys = np.unique(np.concatenate(stored)) if stored else np.zeros(0, np.int64)
+                    parquet = pq.ParquetFile(fh)
+                    wanted = list(KEY_COLUMNS) + (["model_id"] if "model_id" in parquet.schema_arrow.names else [])
+                    for batch in parquet.iter_batches(columns=wanted, batch_size=65536):
+                        hashes = key_hashes(batch.column(0), batch.column(1))
+                        if len(wanted) == 3:  # only this embedder's rows count as stored
+                            hashes = hashes[pc.equal(batch.column(2), self.model_id).to_numpy(zero_copy_only=False)]
+                        keys.append(hashes)
+            except (OSError, pa.ArrowException) as exc:
+                log.warning("embedding store: skipping unreadable %s (%s)", location.uri, str(exc).splitlines()[0])
+                continue
+            stored += keys
+            owner += [np.full(len(k), len(readable), np.int32) for k in keys]
+            readable.append(location)
+        all_keys = np.concatenate(stored) if stored else np.zeros(0, np.int64)
+        # A key held by several files (the snapshot and an interrupted run's parts) is taken
+        # from the first one only, so no item is fetched twice.
+        stored_keys, first = np.unique(all_keys, return_index=True)
+        key_owner = np.concatenate(owner)[first] if stored else np.zeros(0, np.int32)
         keys = key_hashes(inputs["uri"], inputs["fingerprint"])
         usable = (keys != 0) & ~inputs["input_error"].is_valid().to_numpy(zero_copy_only=False)
         hit = usable & np.isin(keys, stored_keys)
         if not hit.any():
             return hit, None
         order = np.argsort(keys[hit], kind="stable")
-        return hit, Reuse(files, keys[hit][order], inputs["input_id"].to_numpy()[hit][order], self.model_id)
+        sorted_keys = keys[hit][order]
+        owners = key_owner[np.searchsorted(stored_keys, sorted_keys)]
+        return hit, Reuse(readable, sorted_keys, inputs["input_id"].to_numpy()[hit][order], self.model_id, owners)
 
     def write(self, vector_files: list[Location], run_id: str, rows: int) -> int:
         """Make the run's vector files the new snapshot (copied, server-side on S3), then
@@ -136,12 +166,28 @@ class EmbeddingStore:
         return rows
 
 
-def match_stored(batch: pa.Table, *, keys: np.ndarray, input_ids: np.ndarray, model_id: str) -> pa.Table:
+def _plain_path(path: str) -> str:
+    return re.sub(r"^([a-z0-9]+://)?/*", "", path)
+
+
+def match_stored(batch: pa.Table, *, keys: np.ndarray, input_ids: np.ndarray, model_id: str,
+                 owners: np.ndarray | None = None, paths: list[str] | None = None) -> pa.Table:
     """Rows of a stored vector file that the current run reuses, with their current
-    ``input_id`` (a Ray Data batch function: keys are matched by hash)."""
+    ``input_id`` (a Ray Data batch function: keys are matched by hash). With ``owners`` and
+    ``paths`` (the batch then has the ``path`` column Ray Data adds), a row counts only in the
+    file that owns its key."""
     hashes = key_hashes(batch["uri"], batch["fingerprint"])
     pos = np.minimum(np.searchsorted(keys, hashes), max(len(keys) - 1, 0))
     hit = (len(keys) > 0) & (keys[pos] == hashes) & (hashes != 0)
+    if owners is not None and paths is not None and "path" in batch.column_names:
+        # Matched by path, spelled without a scheme or a leading slash (readers may differ there).
+        names = pa.array([_plain_path(p) for p in paths])
+        batch_names = pc.replace_substring_regex(batch["path"], pattern=r"^([a-z0-9]+://)?/*", replacement="")
+        file_index = pc.index_in(batch_names, value_set=names).to_numpy(zero_copy_only=False)
+        file_index = np.asarray(file_index, np.float64)
+        hit &= owners[pos] == np.where(np.isfinite(file_index), file_index, -1)
+    if "path" in batch.column_names:
+        batch = batch.drop_columns(["path"])
     if "model_id" in batch.column_names:
         hit &= pc.equal(batch["model_id"], model_id).to_numpy(zero_copy_only=False)
     rows = batch.filter(pa.array(hit))

@@ -88,7 +88,8 @@ class EmbedStage:
             values[ok] = self.embed(batch["pixels"][ok])
         flat = pa.array(values.reshape(-1), pa.float32())
         embedding = pa.FixedSizeListArray.from_arrays(flat, dim, mask=pa.array(~ok))
-        columns = {key: _to_arrow(value, STRING_COLUMNS.get(key)) for key, value in batch.items()
+        columns = {key: _to_arrow(value, STRING_COLUMNS.get(key), empty_is_null=key in EMPTY_IS_NULL)
+                   for key, value in batch.items()
                    if key not in ("pixels", "copy_vector")}
         columns["embedding"] = embedding
         if "copy_vector" in batch:  # the copy descriptor travels with the vector, in half precision
@@ -104,9 +105,14 @@ STRING_COLUMNS = {name: pa.string() for name in ("uri", "label", "status", "reas
                                                      "fingerprint")}
 
 
-def _to_arrow(values: np.ndarray, type_: pa.DataType | None = None) -> pa.Array:
+# Text the decode stage ships as "" (not None) so Ray Data keeps the column text; null here.
+EMPTY_IS_NULL = ("reason", "content_hash", "pixel_hash")
+
+
+def _to_arrow(values: np.ndarray, type_: pa.DataType | None = None, *, empty_is_null: bool = False) -> pa.Array:
     if type_ is not None:
-        return pa.array([None if v is None or (isinstance(v, float) and v != v) else str(v) for v in values], type_)
+        return pa.array([None if v is None or (isinstance(v, float) and v != v) or (empty_is_null and v == "")
+                         else str(v) for v in values], type_)
     if values.dtype == object:
         return pa.array(list(values), from_pandas=True)
     return pa.array(values)

@@ -1,0 +1,226 @@
+"""Faults injected into real runs (real local Ray, real processes killed with SIGKILL).
+
+Every case asserts the accounting (inputs = ok + rejected, no uri twice, run.json agrees) and
+compares the manifests with an undisturbed run's: a fault may cost time, never an item.
+"""
+
+from __future__ import annotations
+
+import glob
+import json
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+import yaml
+
+from curation.config import load_config
+from curation.demo import demo_config
+from curation.job import run_job
+
+FAULT_SET_SIZE = 1200
+
+
+def processes() -> dict[int, bytes]:
+    """``{pid: cmdline}`` of the live (non-zombie) processes."""
+    out = {}
+    for name in os.listdir("/proc"):
+        if not name.isdigit():
+            continue
+        try:
+            with open(f"/proc/{name}/stat", "rb") as fh:
+                if fh.read().rsplit(b")", 1)[1].split()[0] == b"Z":
+                    continue
+            with open(f"/proc/{name}/cmdline", "rb") as fh:
+                out[int(name)] = fh.read().replace(b"\0", b" ")
+        except (OSError, IndexError):
+            continue
+    return out
+
+
+def kill_when(marker: bytes, ready, *, timeout: float = 120) -> dict:
+    """In a thread: once ``ready()`` holds, SIGKILL the first process whose command line holds
+    ``marker``. Returns a dict that gets ``pid`` when it fired."""
+    fired: dict = {}
+
+    def run():
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline and "pid" not in fired:
+            if ready():
+                for pid, cmdline in processes().items():
+                    if marker in cmdline and pid != os.getpid():
+                        os.kill(pid, signal.SIGKILL)
+                        fired["pid"] = pid
+                        fired["cmdline"] = cmdline.decode(errors="replace")[:120]
+                        return
+            time.sleep(0.02)
+
+    thread = threading.Thread(target=run, daemon=True)
+    thread.start()
+    fired["thread"] = thread
+    return fired
+
+
+def manifests(run_uri: str) -> dict:
+    """The published tables of a run, in a comparable form (``vector_id`` is where a vector sits in
+    storage, not part of what was decided)."""
+    samples = pq.read_table(os.path.join(run_uri, "samples"))
+    out = {"samples": samples.drop_columns([c for c in ("vector_id",) if c in samples.column_names])}
+    for path in sorted(glob.glob(os.path.join(run_uri, "selections", "*.parquet"))):
+        out[os.path.basename(path)] = pq.read_table(path)
+    return out
+
+
+def assert_same_manifests(a: dict, b: dict) -> None:
+    assert a.keys() == b.keys()
+    for name in a:
+        assert a[name].schema == b[name].schema, name
+        left, right = a[name].to_pandas(), b[name].to_pandas()
+        for column in left.columns:  # pandas' equals: NaN equals NaN (Arrow's does not)
+            assert left[column].equals(right[column]), f"{name}.{column} differs"
+
+
+def readable_rows(run_folder: str) -> int:
+    """Rows in a run's complete ``embeddings/`` parts (a part cut short by a kill is skipped,
+    as the rerun skips it)."""
+    rows = 0
+    for part in glob.glob(os.path.join(run_folder, "embeddings", "*.parquet")):
+        try:
+            rows += pq.read_metadata(part).num_rows
+        except (OSError, pa.ArrowException):
+            pass
+    return rows
+
+
+def assert_accounting(result) -> None:
+    samples = pq.read_table(os.path.join(result.run_uri, "samples"))
+    uris = samples["uri"].to_pylist()
+    status = samples["status"].to_pylist()
+    info = json.load(open(os.path.join(result.run_uri, "run.json")))
+    assert len(uris) == len(set(uris)) == info["counts"]["inputs"]
+    assert info["counts"]["ok"] == status.count("ok") and info["counts"]["rejected"] == status.count("rejected")
+    assert info["counts"]["ok"] + info["counts"]["rejected"] == info["counts"]["inputs"]
+
+
+@pytest.fixture(scope="module")
+def fault_set(tmp_path_factory):
+    """A demo set large enough that a run is still embedding when the first parts are written."""
+    from curation.demo import make_demo_dataset
+
+    root = str(tmp_path_factory.mktemp("fault-set"))
+    make_demo_dataset(root, n=FAULT_SET_SIZE, seed=11, defect_scale=0.2)
+    return root
+
+
+def fault_config(root: str, out: str, **sections) -> dict:
+    data = demo_config(root, out, budget=60)
+    data["selections"][1]["budget"] = 20
+    data["selections"][2]["budget"] = 60
+    # A real (random-weight, seeded) CNN and small batches: embedding takes a few seconds in
+    # many batches, so a kill lands mid-stream.
+    data["embedder"] = {"model": "resnet18", "weights": "none", "image_size": 64, "batch_size": 16}
+    data["knn"] = {"index": "ivf", "shards": 2, "nlist": 16, "nprobe": 16}  # the sharded path
+    data["report"] = {"map_method": "pca", "thumbnails": 50}
+    for key, value in sections.items():
+        data.setdefault(key, {}).update(value)
+    return data
+
+
+@pytest.fixture(scope="module")
+def undisturbed(ray_local, fault_set, tmp_path_factory):
+    out = str(tmp_path_factory.mktemp("undisturbed"))
+    result = run_job(load_config(data=fault_config(fault_set, out, store={"enabled": False})))
+    assert_accounting(result)
+    return result
+
+
+def test_same_input_and_config_give_identical_manifests(undisturbed, fault_set, tmp_path):
+    """Determinism, on the sharded kNN path (IVF over two shard actors)."""
+    again = run_job(load_config(data=fault_config(fault_set, str(tmp_path), store={"enabled": False})))
+    assert again.run_info["knn"]["shards"] == 2
+    assert_accounting(again)
+    assert_same_manifests(manifests(undisturbed.run_uri), manifests(again.run_uri))
+
+
+def test_embedding_actor_killed_mid_run_loses_nothing(undisturbed, fault_set, tmp_path):
+    out = str(tmp_path)
+    parts = os.path.join(out, "*", "embeddings", "*.parquet")
+    fired = kill_when(b"EmbedStage)).submit", lambda: bool(glob.glob(parts)))
+    result = run_job(load_config(data=fault_config(fault_set, out, store={"enabled": False})))
+    fired["thread"].join(1)
+    assert "pid" in fired, "the embedding actor was never seen running"
+    assert_accounting(result)
+    assert result.run_info["embedder"]["store"]["embedded"] == result.run_info["counts"]["ok"]
+    assert_same_manifests(manifests(undisturbed.run_uri), manifests(result.run_uri))
+
+
+def test_index_shard_killed_during_search_is_rebuilt_or_named(ray_local, monkeypatch):
+    from curation.index import sharded
+    from curation.index.params import IndexParams
+
+    rng = np.random.default_rng(0)
+    x = rng.normal(size=(30_000, 32)).astype(np.float32)
+    x /= np.linalg.norm(x, axis=1, keepdims=True)
+    params = IndexParams(kind="flat", nlist=0, nprobe=0, train_size=0, shards=2, codec="flat")
+    clean, _ = sharded.sharded_knn(x, 5, params, query_batch=500)
+
+    # Killed while searching: Ray restarts the shard, which refills itself; the graph is the same.
+    fired = kill_when(b"IndexShard.search", lambda: True)
+    graph, _ = sharded.sharded_knn(x, 5, params, query_batch=500)
+    fired["thread"].join(1)
+    assert "pid" in fired
+    assert np.array_equal(graph.ids, clean.ids) and np.allclose(graph.sims, clean.sims)
+
+    # No restarts left: the search fails, naming the shard, instead of a graph with holes.
+    monkeypatch.setattr(sharded, "SHARD_RESTARTS", 0)
+    fired = kill_when(b"IndexShard.search", lambda: True)
+    with pytest.raises(sharded.ShardLost, match=r"kNN index shard \d"):
+        sharded.sharded_knn(x, 5, params, query_batch=500)
+    fired["thread"].join(1)
+
+
+def test_driver_killed_mid_run_then_rerun_resumes_from_its_checkpoint(undisturbed, fault_set, tmp_path):
+    """SIGKILL of the job process: nothing published, no Ray process left; the rerun reuses the
+    vectors the killed run had written and publishes the same manifests."""
+    out = str(tmp_path / "runs")
+    # A published run to protect: latest must not move when a later run dies.
+    first = run_job(load_config(data=fault_config(fault_set, out, store={"enabled": False})))
+    latest_before = open(os.path.join(out, "latest")).read()
+    config = fault_config(fault_set, out, ray={"num_cpus": 2, "object_store_memory": 200 * 1024**2})
+    config_path = tmp_path / "job.yaml"
+    config_path.write_text(yaml.safe_dump(config))
+    before = set(processes())
+    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
+    job = subprocess.Popen([sys.executable, "-m", "curation", "run", "--config", str(config_path)],
+                           stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=env)
+    deadline = time.monotonic() + 180
+    while not sum(readable_rows(d) for d in glob.glob(os.path.join(out, "2*")) if d != first.run_uri):
+        assert job.poll() is None, "the job ended before writing any vectors"
+        assert time.monotonic() < deadline, "no vectors written in 180 s"
+        time.sleep(0.02)
+    os.kill(job.pid, signal.SIGKILL)
+    job.wait()
+    killed = [d for d in glob.glob(os.path.join(out, "2*")) if d != first.run_uri]
+    assert len(killed) == 1 and not os.path.exists(os.path.join(killed[0], "_SUCCESS"))
+    assert open(os.path.join(out, "latest")).read() == latest_before
+    checkpointed = readable_rows(killed[0])
+    assert checkpointed > 0
+    # The killed run's local Ray goes with it (the watchdog kills what Ray leaves behind).
+    deadline = time.monotonic() + 20
+    while (left := {p: c for p, c in processes().items() if p not in before}) and time.monotonic() < deadline:
+        time.sleep(0.5)
+    assert not left, left
+
+    rerun = run_job(load_config(data=fault_config(fault_set, out)))
+    assert_accounting(rerun)
+    store = rerun.run_info["embedder"]["store"]
+    assert store["reused"] >= checkpointed and store["embedded"] == rerun.run_info["counts"]["ok"] - store["reused"]
+    assert json.load(open(os.path.join(out, "latest")))["run_id"] == rerun.run_id
+    assert_same_manifests(manifests(undisturbed.run_uri), manifests(rerun.run_uri))
