@@ -43,7 +43,7 @@ UNIQUE_IMAGES = 2000
 def synthetic_run(n: int, folder: str, seed: int = 0):
     rng = np.random.default_rng(seed)
     os.makedirs(os.path.join(folder, "real"), exist_ok=True)
-    classes = np.array(CLASSES)
+    classes = np.array(list(CLASSES))
     for i in range(UNIQUE_IMAGES):
         render_scene(str(classes[i % len(classes)]), rng, 96).save(os.path.join(folder, "real", f"{i}.jpg"), quality=85)
     uris = []

@@ -56,7 +56,7 @@ def make_s3_filesystem(storage: StorageConfig) -> pafs.S3FileSystem:
     # Fail fast instead of retrying an unreachable endpoint for minutes.
     kwargs["connect_timeout"] = 5
     kwargs["request_timeout"] = 60
-    kwargs["retry_strategy"] = pafs.AwsStandardS3RetryStrategy(max_attempts=3)
+    kwargs["retry_strategy"] = pafs.AwsStandardS3RetryStrategy(max_attempts=storage.max_attempts)
     return pafs.S3FileSystem(**kwargs)
 
 
@@ -167,11 +167,15 @@ def read_tagged(location: Location, storage: StorageConfig | None = None) -> tup
     if isinstance(location.filesystem, pafs.S3FileSystem):
         client = _s3_client(storage or StorageConfig())
         bucket, key = location.path.split("/", 1)
+        import botocore.exceptions
+
         try:
             reply = client.get_object(Bucket=bucket, Key=key)
+            return reply["Body"].read(), reply["ETag"]
         except client.exceptions.NoSuchKey:
             return None, None
-        return reply["Body"].read(), reply["ETag"]
+        except (botocore.exceptions.ClientError, botocore.exceptions.BotoCoreError) as exc:
+            raise StorageError(f"{location.uri}: cannot read ({exc})") from None
     try:
         data = read_bytes(location)
     except FileNotFoundError:
@@ -196,6 +200,8 @@ def write_if_unchanged(location: Location, data: bytes, expected_tag: str | None
             if code in ("PreconditionFailed", "412", "ConditionalRequestConflict"):
                 raise PreconditionFailed(f"{location.uri} changed since it was read") from None
             raise StorageError(f"{location.uri}: conditional write failed ({code or exc})") from None
+        except Exception as exc:  # botocore's transport errors, after its retries
+            raise StorageError(f"{location.uri}: conditional write failed ({exc})") from None
         return
     lock = location.path + ".lock"
     try:
@@ -228,7 +234,8 @@ def _s3_client(storage: StorageConfig):
         aws_access_key_id=storage.access_key_id or _env("AWS_ACCESS_KEY_ID"),
         aws_secret_access_key=storage.secret_access_key or _env("AWS_SECRET_ACCESS_KEY"),
         aws_session_token=_env("AWS_SESSION_TOKEN"),
-        config=BotoConfig(connect_timeout=5, read_timeout=60, retries={"max_attempts": 3}))
+        config=BotoConfig(connect_timeout=5, read_timeout=60,
+                          retries={"mode": "standard", "max_attempts": storage.max_attempts}))
 
 
 def copy_file(source: Location, target: Location) -> None:
