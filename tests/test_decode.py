@@ -157,3 +157,27 @@ def test_statistics_at_decode_scale_match_full_decode():
     assert abs(fast.brightness - full[0]) < 0.01 and abs(fast.contrast - full[1]) < 0.01
     assert abs(fast.sharpness - full[2]) < 0.25 * full[2]
     assert bin(fast.phash ^ full[3]).count("1") <= 4
+
+
+def test_a_huge_image_within_the_pixel_cap_decodes_within_the_declared_task_memory(tmp_path):
+    """A 90-megapixel PNG (under decode.max_pixels) peaks below DecodeStage.memory_bytes, measured
+    in a fresh process (the resident high-water mark, imports included)."""
+    import subprocess
+    import sys
+
+    path = tmp_path / "huge.png"
+    subprocess.run([sys.executable, "-c", f"""
+from PIL import Image
+image = Image.linear_gradient("L").resize((9500, 9500)).convert("RGB")
+image.save({str(path)!r}, compress_level=1)
+"""], check=True)
+    probe = subprocess.run([sys.executable, "-c", f"""
+from curation.stages.decode import DecodeStage, decode_image
+data = open({str(path)!r}, "rb").read()
+decoded = decode_image(data, image_size=224, max_pixels=100_000_000)
+peak = [int(l.split()[1]) * 1024 for l in open("/proc/self/status") if l.startswith("VmHWM")][0]
+print(decoded.width, decoded.height, peak, DecodeStage.memory_bytes)
+"""], check=True, capture_output=True, text=True)
+    width, height, peak, declared = map(int, probe.stdout.split())
+    assert (width, height) == (9500, 9500)  # reported at full size though decoded reduced
+    assert peak < declared, f"peak {peak >> 20} MiB >= declared {declared >> 20} MiB"

@@ -224,3 +224,17 @@ def test_driver_killed_mid_run_then_rerun_resumes_from_its_checkpoint(undisturbe
     assert store["reused"] >= checkpointed and store["embedded"] == rerun.run_info["counts"]["ok"] - store["reused"]
     assert json.load(open(os.path.join(out, "latest")))["run_id"] == rerun.run_id
     assert_same_manifests(manifests(undisturbed.run_uri), manifests(rerun.run_uri))
+
+
+def test_a_run_with_a_deliberately_small_object_store_completes(undisturbed, fault_set, tmp_path):
+    """Ray's minimum object store (80 MB) for a whole run: it spills or waits, never fails."""
+    out = str(tmp_path / "runs")
+    config = fault_config(fault_set, out, ray={"num_cpus": 2, "object_store_memory": 80 * 1024**2})
+    config_path = tmp_path / "job.yaml"
+    config_path.write_text(yaml.safe_dump(config))
+    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
+    done = subprocess.run([sys.executable, "-m", "curation", "run", "--config", str(config_path), "--quiet"],
+                          env=env, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-2000:]
+    run = json.load(open(os.path.join(out, "latest")))["uri"]
+    assert_same_manifests(manifests(undisturbed.run_uri), manifests(run))

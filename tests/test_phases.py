@@ -196,7 +196,7 @@ def test_vectors_never_reach_the_driver_on_the_sharded_path(ray_local, tmp_path,
     assert result.samples["cluster"].null_count == 0 and min(result.samples["cluster"].to_pylist()) >= 0
 
 
-def test_a_run_with_no_usable_item_publishes_nothing_and_keeps_latest(ray_local, tmp_path):
+def test_a_run_with_no_usable_item_publishes_nothing_and_keeps_latest(ray_local, tmp_path, capsys):
     """A good run publishes; a later run whose every input is corrupt fails, leaves no
     _SUCCESS and does not move latest; an empty input folder fails the same way."""
     from curation.job import NothingToPublish, run_job
@@ -223,6 +223,27 @@ def test_a_run_with_no_usable_item_publishes_nothing_and_keeps_latest(ray_local,
                                "embedder": {"model": "thumbnail", "weights": "none"}})
     with pytest.raises(NothingToPublish, match="no input items"):
         run_job(config)
+    assert json.loads((out / "latest").read_text()) == before
+
+    # A labels file that names none of the listed files: one clear line, non-zero exit, latest kept.
+    import yaml
+
+    from curation.cli import main
+
+    images = tmp_path / "images"
+    images.mkdir()
+    from PIL import Image
+
+    for i in range(3):
+        Image.new("RGB", (16, 16), (i * 60, 0, 0)).save(images / f"{i}.png")
+    (tmp_path / "labels.csv").write_text("path,label\nother/0.png,a\nother/1.png,b\n")
+    config_file = tmp_path / "labels-mismatch.yaml"
+    config_file.write_text(yaml.safe_dump({
+        "input": {"images": str(images), "labels": str(tmp_path / "labels.csv")},
+        "output": {"uri": str(out), "run_id": "labels-mismatch"}, "embedder": {"model": "thumbnail", "weights": "none"}}))
+    assert main(["run", "--config", str(config_file), "--quiet"]) != 0
+    line = capsys.readouterr().err.strip().splitlines()[-1]
+    assert "input.labels" in line and "none of them is among the 3 listed inputs" in line, line
     assert json.loads((out / "latest").read_text()) == before
 
 

@@ -156,7 +156,9 @@ def list_inputs(config: Config, resolver: Resolver) -> pa.Table:
         labels_location = resolver.resolve(config.input.labels)
         index = {uri: i for i, uri in enumerate(table["uri"].to_pylist())}
         seen: set[str] = set()
-        for path, label in _read_labels(labels_location):
+        matched = 0
+        rows = _read_labels(labels_location)
+        for path, label in rows:
             uri = _label_uri(path, images_root, resolver)
             if uri in seen:
                 extra_uris.append(uri)
@@ -166,11 +168,19 @@ def list_inputs(config: Config, resolver: Resolver) -> pa.Table:
             seen.add(uri)
             if uri in index:
                 labels[index[uri]] = label or None
+                matched += 1
             else:
                 # A labels row whose file was not listed is still an input; decoding reports it missing.
                 extra_uris.append(uri)
                 extra_labels.append(label or None)
                 extra_errors.append(None)
+        if rows and n and not matched:
+            # Not one labels row names a listed file: almost surely the wrong labels file or a
+            # path convention mismatch; a run would label nothing and train on nothing.
+            raise ConfigError(f"config key 'input.labels': {labels_location.uri} names {len(rows)} files and none of them is "
+                             f"among the {n} listed inputs (first row: {rows[0][0]!r}, resolved to "
+                             f"{_label_uri(rows[0][0], images_root, resolver)!r}; first input: "
+                             f"{table['uri'][0].as_py()!r})")
 
     columns = {
         "uri": pa.array(table["uri"].to_pylist() + extra_uris, pa.string()),

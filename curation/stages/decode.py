@@ -30,6 +30,7 @@ Image.MAX_IMAGE_PIXELS = None
 ImageFile.LOAD_TRUNCATED_IMAGES = False
 
 STATS_MAX_SIDE = 256  # statistics are computed at most at this size; never upscaled
+REDUCE_TO = 1024  # a full-size decode is box-reduced right away to about this longer side (or less)
 
 # The copy descriptor (see :func:`copy_descriptor`); its identity is part of the embedding
 # store's key, so a change here never mixes old and new descriptors.
@@ -301,9 +302,19 @@ def _decode_with_pil(image: Image.Image, width: int, image_size: int,
                 image.draft("RGB", draft_request(*image.size, image_size))
             image.seek(0)  # first frame of animations
             image.load()
-            scale = width / image.size[0]  # > 1 when draft mode decoded at reduced size
             if (image.format != "JPEG" or "exif" in image.info) and image.getexif().get(0x0112, 1) != 1:
                 image = ImageOps.exif_transpose(image)
+            # Formats without reduced-scale decoding (PNG, TIFF, ...) arrive at full size: cut
+            # them down once, right away, so no full-size copy is ever made (RGB conversion, the
+            # pixel hash): a 90-megapixel PNG then peaks near its decoded size, within the
+            # stage's declared memory, instead of three times that.
+            factor = max(image.size) // REDUCE_TO
+            if factor >= 2:
+                try:
+                    image = image.reduce(factor)
+                except (ValueError, NotImplementedError):  # a mode reduce() does not take
+                    pass
+            scale = width / image.size[0]  # > 1 when draft mode or the reduction shrank it
             rgb = _to_rgb(image, background)
     except (OSError, SyntaxError, ValueError, EOFError) as exc:
         text = str(exc)
