@@ -54,7 +54,7 @@ def uploaded(s3, demo_set):
 def test_transient_s3_faults_are_retried_and_change_nothing(ray_local, s3, uploaded):
     fs = uploaded
     clean = run_job(load_config(data=_config(s3, s3.url, "storage-faults")))
-    with FaultProxy(s3.url, rate=0.08, seed=3) as proxy:
+    with FaultProxy(s3.url, rate=0.08, delay_s=0.1, seed=3) as proxy:
         data = _config(s3, proxy.url, "storage-faults")
         data["output"]["uri"] = f"s3://{BUCKET}/storage-faults/out-faulty"
         faulty = run_job(load_config(data=data))

@@ -302,6 +302,7 @@ def _decode_with_pil(image: Image.Image, width: int, image_size: int,
                 image.draft("RGB", draft_request(*image.size, image_size))
             image.seek(0)  # first frame of animations
             image.load()
+            scale = width / image.size[0]  # > 1 when draft mode decoded at reduced size
             if (image.format != "JPEG" or "exif" in image.info) and image.getexif().get(0x0112, 1) != 1:
                 image = ImageOps.exif_transpose(image)
             # Formats without reduced-scale decoding (PNG, TIFF, ...) arrive at full size: cut
@@ -310,11 +311,12 @@ def _decode_with_pil(image: Image.Image, width: int, image_size: int,
             # stage's declared memory, instead of three times that.
             factor = max(image.size) // REDUCE_TO
             if factor >= 2:
+                before = max(image.size)
                 try:
                     image = image.reduce(factor)
+                    scale *= before / max(image.size)
                 except (ValueError, NotImplementedError):  # a mode reduce() does not take
                     pass
-            scale = width / image.size[0]  # > 1 when draft mode or the reduction shrank it
             rgb = _to_rgb(image, background)
     except (OSError, SyntaxError, ValueError, EOFError) as exc:
         text = str(exc)
