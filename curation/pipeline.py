@@ -22,16 +22,15 @@ from ray.data.datasource.datasink import Datasink, WriteResult
 
 from curation.config import Config
 from curation.io.filesystem import Location, Resolver
-from curation.io.outputs import EMBEDDING_ROW_GROUP, TEXT_COLUMNS, text_columns, write_vector_part
+from curation.io.outputs import EMBEDDING_ROW_GROUP, write_vector_part
 from curation.io.store import Reuse, match_stored
 from curation.session import ClusterResources, embed_pool_size
 from curation.stages.decode import DecodeStage
-from curation.stages.embed import EmbedStage
+from curation.stages.embed import EMPTY_IS_NULL, EmbedStage
 
 log = logging.getLogger(__name__)
 
 TARGET_ROWS_PER_BLOCK = 256
-NULLABLE_TEXT = ("reason", "content_hash", "pixel_hash")
 CHECKPOINTS = 8  # a small run writes its vectors in about this many parts (large runs: 16k-row parts)
 # Columns of the inputs table that travel to the decode tasks (labels and metadata stay home).
 DECODE_INPUT_COLUMNS = ("input_id", "uri", "input_error", "fingerprint")
@@ -64,8 +63,7 @@ class EmbeddingsDatasink(Datasink[pa.Table]):
 
     def write(self, blocks: Iterable, ctx) -> pa.Table:
         tables = [BlockAccessor.for_block(block).to_arrow() for block in blocks]
-        # Text columns are made text per block, before blocks of different inferred types meet.
-        tables = [text_columns(t, TEXT_COLUMNS) for t in tables if t.num_rows]
+        tables = [t for t in tables if t.num_rows]
         if not tables:
             return pa.table({"input_id": pa.array([], pa.int64())})
         rows = pa.concat_tables(tables, promote_options="permissive")
@@ -143,7 +141,7 @@ def _decode_batch(batch, stage: DecodeStage):
     # Between numpy batches Ray Data may see a text column that is all None as null/float and
     # later join it with real text as "nan": ship "" instead (the embed stage turns it back
     # into null).
-    for name in NULLABLE_TEXT:
+    for name in EMPTY_IS_NULL:
         values = out[name]
         values[np.fromiter((v is None for v in values), bool, len(values))] = ""
     return out

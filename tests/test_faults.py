@@ -68,13 +68,16 @@ def kill_when(marker: bytes, ready, *, timeout: float = 120) -> dict:
     return fired
 
 
-def manifests(run_uri: str) -> dict:
-    """The published tables of a run, in a comparable form (``vector_id`` is where a vector sits in
-    storage, not part of what was decided)."""
-    samples = pq.read_table(os.path.join(run_uri, "samples"))
+def manifests(run_path: str, fs=None) -> dict:
+    """The published tables of a run (a local folder, or a path on ``fs``), in a comparable form
+    (``vector_id`` is where a vector sits in storage, not part of what was decided)."""
+    import pyarrow.fs as pafs
+
+    fs = fs or pafs.LocalFileSystem()
+    samples = pq.read_table(f"{run_path}/samples", filesystem=fs)
     out = {"samples": samples.drop_columns([c for c in ("vector_id",) if c in samples.column_names])}
-    for path in sorted(glob.glob(os.path.join(run_uri, "selections", "*.parquet"))):
-        out[os.path.basename(path)] = pq.read_table(path)
+    for info in sorted(fs.get_file_info(pafs.FileSelector(f"{run_path}/selections")), key=lambda i: i.path):
+        out[info.base_name] = pq.read_table(info.path, filesystem=fs)
     return out
 
 

@@ -17,7 +17,7 @@ from curation.demo import demo_config
 from curation.job import run_job
 from curation.testing.faultproxy import FaultProxy
 from tests.conftest import upload_folder
-from tests.test_faults import assert_same_manifests
+from tests.test_faults import assert_same_manifests, manifests
 
 BUCKET = "shared-tests"
 
@@ -30,16 +30,6 @@ def _config(s3, endpoint: str, prefix: str) -> dict:
     data["report"] = {"map_method": "pca", "thumbnails": 100}
     data["storage"] = {**s3.storage(), "endpoint_url": endpoint}
     return data
-
-
-def _manifests(fs, run_path: str) -> dict:
-    import pyarrow.parquet as pq
-
-    samples = pq.read_table(f"{run_path}/samples", filesystem=fs)
-    out = {"samples": samples.drop_columns(["vector_id"])}
-    for info in fs.get_file_info(pafs.FileSelector(f"{run_path}/selections")):
-        out[info.base_name] = pq.read_table(info.path, filesystem=fs)
-    return out
 
 
 @pytest.fixture(scope="module")
@@ -65,8 +55,8 @@ def test_transient_s3_faults_are_retried_and_change_nothing(ray_local, s3, uploa
     assert info["counts"] == clean.run_info["counts"]
     latest = json.loads(fs.open_input_stream(f"{BUCKET}/storage-faults/out-faulty/latest").read())
     assert latest["run_id"] == faulty.run_id
-    assert_same_manifests(_manifests(fs, f"{BUCKET}/storage-faults/out/{clean.run_id}"),
-                          _manifests(fs, f"{BUCKET}/storage-faults/out-faulty/{faulty.run_id}"))
+    assert_same_manifests(manifests(f"{BUCKET}/storage-faults/out/{clean.run_id}", fs),
+                          manifests(f"{BUCKET}/storage-faults/out-faulty/{faulty.run_id}", fs))
 
 
 @pytest.mark.parametrize("methods", [(), ("PUT", "POST")], ids=["outage", "writes-refused"])

@@ -124,7 +124,7 @@ def sharded_knn(embeddings: np.ndarray | None, k: int, params: IndexParams, *, q
         timing["add_from"] = ("storage (each shard streams its partition)" if in_storage
                               else "memory (each shard receives its partition)")
         timing["add_s"] = round(time.perf_counter() - t, 3)
-        timing["shard_sizes"] = [int(hi - lo) for lo, hi in zip(bounds[:-1], bounds[1:])]
+        timing["shard_sizes"] = expected
 
         t = time.perf_counter()
         ids = np.full((n, k), -1, id_dtype(n))

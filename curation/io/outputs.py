@@ -81,27 +81,6 @@ VECTOR_FILE_COLUMNS = ("input_id", "uri", "fingerprint", "width", "height", "bri
                        "shadows", "highlights", "content_hash", "pixel_hash", "phash")
 
 
-TEXT_COLUMNS = ("status", "reason", "content_hash", "pixel_hash")
-
-
-def text_columns(rows: pa.Table, names: tuple[str, ...]) -> pa.Table:
-    """Make ``names`` string columns. A numpy batch whose text column holds only ``None`` reaches
-    Arrow as float NaN (Ray Data's conversion), which a later cast would turn into "nan"."""
-    import pyarrow.compute as pc
-
-    for name in names:
-        if name not in rows.column_names or pa.types.is_string(rows[name].type):
-            continue
-        column = rows[name]
-        if pa.types.is_floating(column.type) or pa.types.is_null(column.type):
-            column = pa.nulls(len(column), pa.string()) if pa.types.is_null(column.type) else pc.if_else(
-                pc.is_nan(column), pa.scalar(None, pa.string()), pc.cast(column, pa.string()))
-        else:
-            column = pc.cast(column, pa.string())
-        rows = rows.set_column(rows.column_names.index(name), name, column)
-    return rows
-
-
 def write_vector_part(folder: Location, rows: pa.Table, *, model_id: str, store_dtype: str) -> pa.Table:
     """Write the ok rows of one block of embedded rows as one ``embeddings/`` Parquet file and
     return every row of the block without its vector (the compact per-item columns the driver
@@ -116,7 +95,6 @@ def write_vector_part(folder: Location, rows: pa.Table, *, model_id: str, store_
     import numpy as np
     import pyarrow.compute as pc
 
-    rows = text_columns(rows, TEXT_COLUMNS)
     keyed = "input_id" in rows.column_names
     if keyed:
         rows = rows.sort_by("input_id")

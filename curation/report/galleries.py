@@ -12,6 +12,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
+from curation.report.map import flag
 from curation.schema import STATUS_REJECTED
 
 DUPLICATE_GROUP_SIZE = 6  # members shown per duplicate group
@@ -45,12 +46,6 @@ class Gallery:
         return [item.uri for group in self.groups for item in group]
 
 
-def _mask(samples: pa.Table, name: str) -> np.ndarray:
-    if name not in samples.column_names:
-        return np.zeros(samples.num_rows, bool)
-    return pc.fill_null(samples[name], False).to_numpy(zero_copy_only=False).astype(bool)
-
-
 def _ordered(samples: pa.Table, rows: np.ndarray, by: str | None, ascending: bool) -> np.ndarray:
     if by is None or by not in samples.column_names or len(rows) == 0:
         return rows
@@ -71,7 +66,7 @@ def _rows(samples: pa.Table, rows: np.ndarray) -> list[dict]:
 
 
 def mislabel_gallery(samples: pa.Table, size: int) -> Gallery:
-    rows = np.flatnonzero(_mask(samples, "is_suspected_mislabel"))
+    rows = np.flatnonzero(flag(samples, "is_suspected_mislabel"))
     shown = _ordered(samples, rows, "label_quality", True)[:size]
     items = [GalleryItem(r["uri"], [f"{r['label']} \u2192 {r['suggested_label']}",
                                     f"label quality {_fmt(r['label_quality'])}"]) for r in _rows(samples, shown)]
@@ -123,7 +118,7 @@ def duplicate_gallery(samples: pa.Table, size: int) -> Gallery:
 def junk_galleries(samples: pa.Table, size: int) -> list[Gallery]:
     out = []
     for column, title, by, ascending in JUNK_GALLERIES:
-        rows = np.flatnonzero(_mask(samples, column))
+        rows = np.flatnonzero(flag(samples, column))
         if len(rows) == 0:
             continue
         shown = _ordered(samples, rows, by, ascending)[:size]

@@ -30,7 +30,8 @@ JUNK_COLUMNS = ("is_dark", "is_bright", "is_blurry", "is_low_information")
 REVIEW_MODES = ("edge_cases", "label_review")
 
 
-def _bool(samples: pa.Table, name: str) -> np.ndarray:
+def flag(samples: pa.Table, name: str) -> np.ndarray:
+    """A boolean column as a mask (null and a missing column read as False)."""
     if name not in samples.column_names:
         return np.zeros(samples.num_rows, bool)
     return pc.fill_null(samples[name], False).to_numpy(zero_copy_only=False).astype(bool)
@@ -54,8 +55,8 @@ def highlight_masks(samples: pa.Table, selections: dict[str, pa.Table], modes: d
     masks = {
         "duplicates": pc.is_valid(samples["dup_group"]).to_numpy(zero_copy_only=False).astype(bool)
         if "dup_group" in samples.column_names else np.zeros(samples.num_rows, bool),
-        "junk": np.logical_or.reduce([_bool(samples, c) for c in JUNK_COLUMNS]),
-        "suspected mislabels": _bool(samples, "is_suspected_mislabel"),
+        "junk": np.logical_or.reduce([flag(samples, c) for c in JUNK_COLUMNS]),
+        "suspected mislabels": flag(samples, "is_suspected_mislabel"),
     }
     for name, table in selections.items():
         mask = np.zeros(samples.num_rows, bool)
