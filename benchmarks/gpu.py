@@ -9,9 +9,14 @@ Measures, each side by side in one run:
   embed, write ``embeddings/`` from the workers) with the same model: images/s and the ratio to
   the raw model (how far decoding and data movement keep the GPU from its own speed);
 * decode: ``DecodeStage`` images/s in one process (= per CPU), and PIL's bare draft decode on
-  the same files (the codec's own speed);
+  the same files (the codec's own speed); the stage in one process per CPU (the node's decode
+  ceiling); nvJPEG (``torchvision.io.decode_jpeg`` on the GPU, batched) with the same centre
+  square resize, as the alternative for GPU nodes;
+* the GPU code path: embeddings under bf16 autocast on the GPU against fp32 on the CPU, same
+  weights, same pixels (cosine);
 * FAISS: exact kNN of 1M x 128 (GPU: ``faiss.index_cpu_to_gpu`` when FAISS is a GPU build)
-  against the CPU ``IndexFlatIP`` on a query subset, extrapolated;
+  against the CPU ``IndexFlatIP`` on a query subset, extrapolated; without a FAISS GPU build,
+  the same brute force (matrix product + top-k) in torch on the GPU as the GPU's figure;
 * cuML: k-means (the cluster score's trainer) and logistic regression (a label probe) against
   FAISS / scikit-learn on the same 200k x 128 data, when cuML is installed.
 
@@ -36,24 +41,29 @@ os.environ.setdefault("RAY_AUTH_MODE", "disabled")
 from benchmarks._common import print_table, save_json  # noqa: E402
 
 
-def _photos(folder: str, n: int) -> list[str]:
+def _photo(task: tuple[str, int]) -> str:
     from PIL import Image
 
+    path, i = task
+    if not os.path.exists(path):
+        rng = np.random.default_rng(i)
+        base = Image.fromarray((np.random.default_rng(i % 8).random((60, 80, 3)) * 255).astype(np.uint8))
+        arr = np.asarray(base.resize((640, 480), Image.BICUBIC), np.int16) + rng.integers(-12, 12, (480, 640, 3))
+        buf = io.BytesIO()
+        Image.fromarray(np.clip(arr, 0, 255).astype(np.uint8)).save(buf, "JPEG", quality=90)
+        with open(path, "wb") as fh:
+            fh.write(buf.getvalue())
+    return path
+
+
+def _photos(folder: str, n: int) -> list[str]:
+    """``n`` synthetic 640x480 JPEGs (about 100 KB each), made in one process per CPU."""
+    import multiprocessing
+
     os.makedirs(folder, exist_ok=True)
-    rng = np.random.default_rng(0)
-    base = [Image.fromarray((rng.random((60, 80, 3)) * 255).astype(np.uint8)).resize((640, 480), Image.BICUBIC)
-            for _ in range(8)]
-    paths = []
-    for i in range(n):
-        path = os.path.join(folder, f"{i:06d}.jpg")
-        if not os.path.exists(path):
-            arr = np.asarray(base[i % 8], np.int16) + rng.integers(-12, 12, (480, 640, 3))
-            buf = io.BytesIO()
-            Image.fromarray(np.clip(arr, 0, 255).astype(np.uint8)).save(buf, "JPEG", quality=90)
-            with open(path, "wb") as fh:
-                fh.write(buf.getvalue())
-        paths.append(path)
-    return paths
+    tasks = [(os.path.join(folder, f"{i:06d}.jpg"), i) for i in range(n)]
+    with multiprocessing.get_context("spawn").Pool(os.cpu_count()) as pool:
+        return pool.map(_photo, tasks, chunksize=64)
 
 
 def model_throughput(model: str, device: str, batch: int, seconds: float) -> float:
@@ -117,6 +127,90 @@ def decode_rates(paths: list[str]) -> tuple[float, float]:
     return ours, bare
 
 
+def _decode_chunk(paths: list[str]) -> int:
+    from curation.io.filesystem import Resolver
+    from curation.stages.decode import DecodeStage
+
+    stage = DecodeStage(resolver=Resolver(), image_size=224, max_pixels=100_000_000)
+    for start in range(0, len(paths), 64):
+        stage({"uri": np.array(paths[start:start + 64], dtype=object)})
+    return len(paths)
+
+
+def decode_all_cpus(paths: list[str]) -> float:
+    """The decode stage in one process per CPU: the node's decode ceiling, images/s."""
+    import multiprocessing
+
+    workers = os.cpu_count()
+    chunks = [paths[i::workers] for i in range(workers)]
+    with multiprocessing.get_context("spawn").Pool(workers) as pool:
+        pool.map(_decode_chunk, [c[:16] for c in chunks])  # imports and first use, untimed
+        t = time.perf_counter()
+        done = sum(pool.map(_decode_chunk, chunks))
+        return done / (time.perf_counter() - t)
+
+
+def nvjpeg_rate(paths: list[str], batch: int = 128) -> float:
+    """nvJPEG through ``torchvision.io.decode_jpeg(device='cuda')``, batched, at full size, then
+    the model input as the decode stage makes it (centre square, antialiased bilinear to 224),
+    on the GPU: images/s, file reads included."""
+    import torch
+    import torch.nn.functional as functional
+    from torchvision.io import decode_jpeg, read_file
+
+    def run(chunk: list[str]) -> None:
+        images = decode_jpeg([read_file(p) for p in chunk], device="cuda")
+        for image in images:
+            _, h, w = image.shape
+            side = min(h, w)
+            top, left = (h - side) // 2, (w - side) // 2
+            square = image[None, :, top:top + side, left:left + side].float()
+            functional.interpolate(square, size=(224, 224), mode="bilinear", antialias=True)
+
+    run(paths[:batch])
+    torch.cuda.synchronize()
+    t = time.perf_counter()
+    for start in range(0, len(paths), batch):
+        run(paths[start:start + batch])
+    torch.cuda.synchronize()
+    return len(paths) / (time.perf_counter() - t)
+
+
+def gpu_matches_cpu(model: str, paths: list[str]) -> dict:
+    """Embeddings of the GPU path (bf16 autocast, channels-last, pinned copies) against the
+    CPU's fp32 ones: the same seeded weights, the same decoded pixels."""
+    from curation.io.filesystem import Resolver
+    from curation.stages.decode import DecodeStage
+    from curation.stages.embed import EmbedStage
+
+    pixels = DecodeStage(resolver=Resolver(), image_size=224, max_pixels=100_000_000)(
+        {"uri": np.array(paths, dtype=object)})["pixels"]
+    gpu = EmbedStage(model=model, weights="none", image_size=224, device="cuda", precision="auto").embed(pixels)
+    cpu = EmbedStage(model=model, weights="none", image_size=224, device="cpu", precision="fp32").embed(pixels)
+    cosine = np.sum(gpu * cpu, axis=1)
+    # Neighbour agreement: each image's nearest other image, by either path's vectors.
+    near_gpu = np.argsort(-(gpu @ gpu.T), axis=1)[:, 1]
+    near_cpu = np.argsort(-(cpu @ cpu.T), axis=1)[:, 1]
+    return {"images": len(paths), "cosine_min": round(float(cosine.min()), 4),
+            "cosine_mean": round(float(cosine.mean()), 4),
+            "nearest_neighbour_agreement": round(float(np.mean(near_gpu == near_cpu)), 3)}
+
+
+def torch_exact_knn_gpu(x: np.ndarray, k: int, chunk: int = 4096) -> float:
+    """Exact inner-product kNN of every row against all rows, as a matrix product plus top-k
+    per query chunk on the GPU (fp32): what a FAISS GPU flat index computes. Seconds."""
+    import torch
+
+    base = torch.from_numpy(x).cuda()
+    torch.topk(base[:chunk] @ base.T, k, dim=1)
+    torch.cuda.synchronize()
+    t = time.perf_counter()
+    for start in range(0, len(x), chunk):
+        torch.topk(base[start:start + chunk] @ base.T, k, dim=1)
+    torch.cuda.synchronize()
+    return time.perf_counter() - t
+
+
 def faiss_exact(n: int, d: int, queries: int, gpu: bool) -> dict:
     import faiss
 
@@ -138,9 +232,13 @@ def faiss_exact(n: int, d: int, queries: int, gpu: bool) -> dict:
             index.search(x[start:start + 65536], 11)
         out["gpu_all_queries_s"] = round(time.perf_counter() - t, 1)
         out["speedup"] = round(cpu_all / out["gpu_all_queries_s"], 1)
+    elif gpu:
+        out["gpu_all_queries_s"] = round(torch_exact_knn_gpu(x, 11), 1)
+        out["speedup"] = round(cpu_all / out["gpu_all_queries_s"], 1)
+        out["note"] = "FAISS here is a CPU build (faiss-cpu): the GPU figure is torch's matrix product + top-k"
     else:
         out["gpu_all_queries_s"] = None
-        out["note"] = "FAISS here is a CPU build (faiss-cpu): no GPU index"
+        out["note"] = "no GPU"
     return out
 
 
@@ -178,7 +276,7 @@ def cuml_vs_cpu(n: int, d: int, k: int) -> dict:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--images", type=int, default=0, help="JPEGs for the pipeline (default 4000 on GPU, 300 on CPU)")
+    parser.add_argument("--images", type=int, default=0, help="JPEGs for the pipeline (default 16000 on GPU, 300 on CPU)")
     parser.add_argument("--model", default="resnet50")
     parser.add_argument("--batch", type=int, default=0, help="default 256 on GPU, 32 on CPU")
     parser.add_argument("--faiss-n", type=int, default=0, help="default 1,000,000 on GPU, 100,000 on CPU")
@@ -188,43 +286,72 @@ def main() -> None:
 
     import ray
     import torch
+    import torchvision
 
     gpu = torch.cuda.is_available()
     device = "cuda" if gpu else "cpu"
-    images = args.images or (4000 if gpu else 300)
+    images = args.images or (16000 if gpu else 300)
     batch = args.batch or (256 if gpu else 32)
-    machine = (f"{torch.cuda.get_device_name(0)}, {os.cpu_count()} CPUs" if gpu
-               else f"no GPU ({os.cpu_count()} CPUs): reduced sizes, CPU paths")
-    print(f"machine: {machine}", flush=True)
+    cpus = os.cpu_count()
+    machine = (f"{torch.cuda.get_device_name(0)}, {cpus} CPUs" if gpu
+               else f"no GPU ({cpus} CPUs): reduced sizes, CPU paths")
+    environment = {"torch": torch.__version__, "torchvision": torchvision.__version__, "ray": ray.__version__,
+                   "python": sys.version.split()[0], "cpus": cpus,
+                   "shm_gib": round(shutil.disk_usage("/dev/shm").total / 2**30, 1) if os.path.isdir("/dev/shm") else None}
+    print(f"machine: {machine}; {environment}", flush=True)
+    rows: list[dict] = []
+    result: dict = {"machine": machine, "environment": environment, "rows": rows}
+
+    def record(measure: str, value: str, ratio=None, **extra) -> None:
+        rows.append({"measure": measure, "value": value, "ratio": ratio})
+        result.update(extra)
+        print(rows[-1], flush=True)
+        save_json(args.out, result)  # after every step: a cut-short run still leaves its numbers
+
+    t = time.perf_counter()
     paths = _photos(args.work, images)
-    rows = []
+    print(f"{len(paths)} JPEGs ready in {time.perf_counter() - t:.1f} s", flush=True)
+
+    ours, bare = decode_rates(paths[:200])
+    record("decode stage, one process (per CPU)", f"{ours:.0f} img/s", round(ours / bare, 3),
+           decode_img_s=ours, bare_decode_img_s=bare)
+    record("PIL bare draft decode, one process", f"{bare:.0f} img/s")
+    node = decode_all_cpus(paths)
+    record(f"decode stage, {cpus} processes (the node)", f"{node:.0f} img/s", round(node / ours / cpus, 3),
+           decode_node_img_s=node)
+
     raw = model_throughput(args.model, device, batch, 20 if gpu else 8)
-    rows.append({"measure": f"{args.model} raw forward ({device}, batch {batch})", "value": f"{raw:.0f} img/s"})
-    print(rows[-1], flush=True)
-    ray.init(include_dashboard=False, logging_level="WARNING")
+    record(f"{args.model} raw forward ({device}, batch {batch})", f"{raw:.0f} img/s", model_img_s=raw)
+    if gpu:
+        torch.cuda.empty_cache()
+        check = gpu_matches_cpu(args.model, paths[:64])
+        record("GPU path (bf16) vs CPU fp32 embeddings: min / mean cosine, neighbour agreement",
+               f"{check['cosine_min']} / {check['cosine_mean']}, {check['nearest_neighbour_agreement']}",
+               gpu_vs_cpu=check)
+        rate = nvjpeg_rate(paths[:4096])
+        record("nvJPEG decode + model input on the GPU (batched, full size)", f"{rate:.0f} img/s",
+               round(rate / node, 3), nvjpeg_img_s=rate)
+        torch.cuda.empty_cache()
+
+    ray.init(include_dashboard=False, logging_level="WARNING", num_gpus=torch.cuda.device_count(),
+             object_store_memory=8 * 2**30 if gpu else None)
+    pipeline_throughput(paths[:512], args.model, batch)  # worker pool, model load and cuDNN warm
     e2e = pipeline_throughput(paths, args.model, batch)
     ray.shutdown()
-    rows.append({"measure": "pipeline end to end (Ray Data, 640x480 JPEGs)", "value": f"{e2e:.0f} img/s",
-                 "ratio": round(e2e / raw, 3)})
-    print(rows[-1], flush=True)
-    ours, bare = decode_rates(paths[:200])
-    rows.append({"measure": "decode stage, one process (per CPU)", "value": f"{ours:.0f} img/s",
-                 "ratio": round(ours / bare, 3)})
-    rows.append({"measure": "PIL bare draft decode, one process", "value": f"{bare:.0f} img/s"})
-    print(rows[-2:], flush=True)
+    record(f"pipeline end to end (Ray Data, {len(paths)} 640x480 JPEGs)", f"{e2e:.0f} img/s",
+           round(e2e / raw, 3), pipeline_img_s=e2e)
+
     knn = faiss_exact(args.faiss_n or (1_000_000 if gpu else 100_000), 128, 4096, gpu)
-    rows.append({"measure": f"FAISS exact kNN {knn['n']:,} x 128, CPU (extrapolated)", "value": f"{knn['cpu_all_queries_s']} s"})
-    rows.append({"measure": "FAISS exact kNN, GPU", "value": f"{knn['gpu_all_queries_s']} s" if knn["gpu_all_queries_s"]
-                 else knn.get("note"), "ratio": knn.get("speedup")})
+    record(f"exact kNN {knn['n']:,} x 128, k=11, FAISS CPU (extrapolated)", f"{knn['cpu_all_queries_s']} s", faiss=knn)
+    record("exact kNN, GPU", f"{knn['gpu_all_queries_s']} s" if knn["gpu_all_queries_s"] else knn.get("note"),
+           knn.get("speedup"))
     clusters = cuml_vs_cpu(200_000 if gpu else 50_000, 128, 256)
-    rows.append({"measure": "k-means 256 (FAISS CPU / cuML)", "value": f"{clusters['kmeans_faiss_cpu_s']} s / "
-                 f"{clusters.get('kmeans_cuml_s', clusters.get('cuml'))}"})
-    rows.append({"measure": "logistic probe 50k (sklearn / cuML)", "value": f"{clusters['probe_sklearn_s']} s / "
-                 f"{clusters.get('probe_cuml_s', clusters.get('cuml'))}"})
+    record("k-means 256 on 200k (FAISS CPU / cuML)", f"{clusters['kmeans_faiss_cpu_s']} s / "
+           f"{clusters.get('kmeans_cuml_s', clusters.get('cuml'))}", cuml=clusters)
+    record("logistic probe 50k (sklearn / cuML)", f"{clusters['probe_sklearn_s']} s / "
+           f"{clusters.get('probe_cuml_s', clusters.get('cuml'))}")
     print()
     print_table(rows, ["measure", "value", "ratio"])
-    save_json(args.out, {"machine": machine, "rows": rows, "faiss": knn, "cuml": clusters,
-                         "model_img_s": raw, "pipeline_img_s": e2e, "decode_img_s": ours, "bare_decode_img_s": bare})
 
 
 if __name__ == "__main__":

@@ -160,8 +160,11 @@ def test_statistics_at_decode_scale_match_full_decode():
 
 
 def test_a_huge_image_within_the_pixel_cap_decodes_within_the_declared_task_memory(tmp_path):
-    """A 90-megapixel PNG (under decode.max_pixels) peaks below DecodeStage.memory_bytes, measured
-    in a fresh process (the resident high-water mark, imports included)."""
+    """A 90-megapixel PNG (under decode.max_pixels) needs less than DecodeStage.memory_bytes,
+    measured in a fresh process that first imports what a decode worker imports (the pipeline
+    module: torch, Ray, pyarrow): the resident high-water mark over the resident size after those
+    imports. The libraries' own pages (libtorch alone is over 400 MB) are mapped once per node
+    and shared by every worker, so they are not the task's to declare."""
     import subprocess
     import sys
 
@@ -172,12 +175,15 @@ image = Image.linear_gradient("L").resize((9500, 9500)).convert("RGB")
 image.save({str(path)!r}, compress_level=1)
 """], check=True)
     probe = subprocess.run([sys.executable, "-c", f"""
+import curation.pipeline
 from curation.stages.decode import DecodeStage, decode_image
+def status(key):
+    return [int(l.split()[1]) * 1024 for l in open("/proc/self/status") if l.startswith(key)][0]
+base = status("VmRSS")
 data = open({str(path)!r}, "rb").read()
 decoded = decode_image(data, image_size=224, max_pixels=100_000_000)
-peak = [int(l.split()[1]) * 1024 for l in open("/proc/self/status") if l.startswith("VmHWM")][0]
-print(decoded.width, decoded.height, peak, DecodeStage.memory_bytes)
+print(decoded.width, decoded.height, base, status("VmHWM"), DecodeStage.memory_bytes)
 """], check=True, capture_output=True, text=True)
-    width, height, peak, declared = map(int, probe.stdout.split())
+    width, height, base, peak, declared = map(int, probe.stdout.split())
     assert (width, height) == (9500, 9500)  # reported at full size though decoded reduced
-    assert peak < declared, f"peak {peak >> 20} MiB >= declared {declared >> 20} MiB"
+    assert peak - base < declared, f"peak {peak >> 20} MiB - {base >> 20} MiB after imports >= declared {declared >> 20} MiB"
