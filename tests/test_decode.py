@@ -187,3 +187,27 @@ print(decoded.width, decoded.height, base, status("VmHWM"), DecodeStage.memory_b
     width, height, base, peak, declared = map(int, probe.stdout.split())
     assert (width, height) == (9500, 9500)  # reported at full size though decoded reduced
     assert peak - base < declared, f"peak {peak >> 20} MiB - {base >> 20} MiB after imports >= declared {declared >> 20} MiB"
+
+
+@pytest.mark.parametrize("width, height", [(640, 480), (481, 700), (224, 300), (100, 60)])
+def test_the_model_input_is_pil_bilinear_centre_square_within_rounding(width, height):
+    """The model input (torch's uint8 antialiased kernel when downscaling, PIL's when upscaling)
+    is the centred square resampled like PIL's bilinear filter: the same pixels within a few
+    levels at the crop's edge, channels in order, and the PIL fallback exact."""
+    from curation.stages.decode import model_input
+
+    rng = np.random.default_rng(width)
+    small = Image.fromarray(rng.integers(0, 255, (height // 10 + 2, width // 10 + 2, 3), dtype=np.uint8))
+    photo = np.asarray(small.resize((width, height), Image.BICUBIC)).copy()
+    photo[: height // 3, : width // 3] = (250, 10, 90)  # one corner tinted: catches swapped channels or axes
+    side = min(width, height)
+    left, top = (width - side) // 2, (height - side) // 2
+    reference = np.asarray(Image.fromarray(photo).resize((224, 224), Image.BILINEAR,
+                                                         box=(left, top, left + side, top + side)), np.int16)
+    ours = model_input(photo, 224)
+    assert ours.shape == (224, 224, 3) and ours.dtype == np.uint8 and ours.flags.c_contiguous
+    diff = np.abs(ours.astype(np.int16) - reference)
+    # Inside, fixed-point rounding only; at the crop's edge PIL also reads pixels beyond the box.
+    assert diff.mean() < 0.05 and diff[2:-2, 2:-2].max() <= 1 and diff.max() <= 24
+    if side <= 224:
+        assert diff.max() == 0
