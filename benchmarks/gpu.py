@@ -203,6 +203,55 @@ def gpu_matches_cpu(model: str, paths: list[str]) -> dict:
             "nearest_neighbour_agreement": round(float(np.mean(near_gpu == near_cpu)), 3)}
 
 
+def cifar_sample(n: int, npz: str | None) -> tuple[np.ndarray, np.ndarray]:
+    """``n`` CIFAR-10 test photos as (N, 32, 32, 3) uint8 and their class indices, from an
+    ``.npz`` (``pixels``, ``labels``) or from ``../shared/data``."""
+    if npz:
+        with np.load(npz) as data:
+            return data["pixels"][:n], data["labels"][:n]
+    import tarfile
+
+    from PIL import Image
+
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    pixels, labels, names = [], [], {}
+    with tarfile.open(os.path.join(root, "..", "shared", "data", "cifar10", "test.tar.gz")) as tar:
+        for member in tar:
+            if member.isfile() and member.name.endswith(".jpg"):
+                pixels.append(np.asarray(Image.open(io.BytesIO(tar.extractfile(member).read())).convert("RGB")))
+                labels.append(names.setdefault(member.name.split("/")[-2], len(names)))
+    pick = np.random.default_rng(0).choice(len(pixels), size=min(n, len(pixels)), replace=False)
+    return np.stack(pixels)[pick], np.asarray(labels)[pick]
+
+
+def trained_encoder_agreement(encoder: str, pixels: np.ndarray, labels: np.ndarray) -> dict:
+    """The trained CIFAR-10 encoder (TorchScript) on the GPU path (bf16 autocast) against the
+    CPU's fp32 on the same photos: cosine per photo, overlap of each photo's 10 nearest
+    neighbours, and the accuracy of a 10-NN vote by each path's vectors."""
+    from curation.stages.embed import EmbedStage
+
+    gpu = EmbedStage(model="torchscript", weights=encoder, image_size=32, device="cuda", precision="auto").embed(pixels)
+    cpu = EmbedStage(model="torchscript", weights=encoder, image_size=32, device="cpu", precision="fp32").embed(pixels)
+    cosine = np.sum(gpu * cpu, axis=1)
+
+    def neighbours(x):
+        sims = x @ x.T
+        np.fill_diagonal(sims, -np.inf)
+        return np.argsort(-sims, axis=1)[:, :10]
+
+    near_gpu, near_cpu = neighbours(gpu), neighbours(cpu)
+    overlap = np.mean([len(set(a) & set(b)) / 10 for a, b in zip(near_gpu, near_cpu)])
+
+    def vote_accuracy(near):
+        votes = np.array([np.bincount(labels[row], minlength=10).argmax() for row in near])
+        return float(np.mean(votes == labels))
+
+    return {"images": len(pixels), "cosine_min": round(float(cosine.min()), 5),
+            "cosine_mean": round(float(cosine.mean()), 5), "top10_overlap": round(float(overlap), 4),
+            "knn_vote_accuracy_gpu": round(vote_accuracy(near_gpu), 4),
+            "knn_vote_accuracy_cpu": round(vote_accuracy(near_cpu), 4)}
+
+
 def embed_call_rate(model: str, paths: list[str], seconds: float = 10.0, device: str = "cuda") -> float:
     """One embedding actor's own ceiling: ``EmbedStage.__call__`` on a decoded batch (numpy in,
     Arrow table out: the selection of ok rows, the pinned copy, the forward pass and the output
@@ -309,9 +358,12 @@ def main() -> None:
     parser.add_argument("--work", default=os.path.join(tempfile.gettempdir(), "curation-gpu-bench"))
     parser.add_argument("--out", default="benchmarks/results/gpu.json")
     parser.add_argument("--skip-knn", action="store_true", help="leave out the kNN, k-means and probe rows")
+    parser.add_argument("--encoder", default=os.path.join(os.path.dirname(os.path.abspath(__file__)), "models",
+                                                          "cifar10_cnn.pt"), help="trained encoder for the GPU path check")
+    parser.add_argument("--cifar-npz", default=None, help="CIFAR-10 photos (pixels, labels) when ../shared/data is absent")
+    parser.add_argument("--only-encoder-check", action="store_true", help="run the trained-encoder GPU check alone")
     args = parser.parse_args()
 
-    import ray
     import torch
     import torchvision
 
@@ -322,7 +374,7 @@ def main() -> None:
     cpus = os.cpu_count()
     machine = (f"{torch.cuda.get_device_name(0)}, {cpus} CPUs" if gpu
                else f"no GPU ({cpus} CPUs): reduced sizes, CPU paths")
-    environment = {"torch": torch.__version__, "torchvision": torchvision.__version__, "ray": ray.__version__,
+    environment = {"torch": torch.__version__, "torchvision": torchvision.__version__,
                    "python": sys.version.split()[0], "cpus": cpus,
                    "shm_gib": round(shutil.disk_usage("/dev/shm").total / 2**30, 1) if os.path.isdir("/dev/shm") else None}
     print(f"machine: {machine}; {environment}", flush=True)
@@ -334,6 +386,19 @@ def main() -> None:
         result.update(extra)
         print(rows[-1], flush=True)
         save_json(args.out, result)  # after every step: a cut-short run still leaves its numbers
+
+    if gpu:
+        try:
+            sample, classes = cifar_sample(2000, args.cifar_npz)
+        except OSError as exc:
+            print(f"trained-encoder check skipped: no CIFAR-10 photos ({exc})", flush=True)
+        else:
+            check = trained_encoder_agreement(args.encoder, sample, classes)
+            record("trained encoder, GPU bf16 vs CPU fp32: cosine min / mean; 10-NN overlap; 10-NN vote accuracy GPU / CPU",
+                   f"{check['cosine_min']} / {check['cosine_mean']}; {check['top10_overlap']}; "
+                   f"{check['knn_vote_accuracy_gpu']} / {check['knn_vote_accuracy_cpu']}", trained_gpu_vs_cpu=check)
+    if args.only_encoder_check:
+        return
 
     t = time.perf_counter()
     paths = _photos(args.work, images)
@@ -363,6 +428,9 @@ def main() -> None:
                round(actor / raw, 3), embed_call_img_s=actor)
         torch.cuda.empty_cache()
 
+    import ray
+
+    result["environment"]["ray"] = ray.__version__
     ray.init(include_dashboard=False, logging_level="WARNING", num_gpus=torch.cuda.device_count(),
              object_store_memory=8 * 2**30 if gpu else None)
     pipeline_throughput(paths[:512], args.model, batch)  # worker pool, model load and cuDNN warm
