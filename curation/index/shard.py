@@ -22,7 +22,7 @@ class IndexShard:
     """
 
     def __init__(self, index_bytes: np.ndarray, *, nprobe: int = 0, num_threads: int = 1, use_gpu: bool = False,
-                 refine_factor: int = 16, partition: tuple | None = None):
+                 refine_factor: int = 16, partition: tuple[int, int, int] | None = None, source=None):
         faiss.omp_set_num_threads(max(1, num_threads))
         index = faiss.deserialize_index(np.asarray(index_bytes, dtype=np.uint8))
         if isinstance(index, faiss.IndexRefine):
@@ -41,8 +41,8 @@ class IndexShard:
                 pass  # a flat index has no lists
         self.is_ivf = isinstance(index, faiss.IndexIVF) or "IVF" in type(index).__name__
         self.index = index if self.is_ivf else faiss.IndexIDMap2(index)
-        if partition is not None:
-            self.add_from(*partition)
+        if partition is not None:  # (lo, hi, batch_rows) of ``source``: see add_from
+            self.add_from(source, *partition)
 
     def size(self) -> int:
         """Vectors held (a rebuilt shard must hold its whole partition again)."""

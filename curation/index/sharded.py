@@ -111,18 +111,21 @@ def sharded_knn(embeddings: np.ndarray | None, k: int, params: IndexParams, *, q
     blob_ref = ray.put(blob)
     bounds = np.linspace(0, n, params.shards + 1).astype(np.int64)
     in_storage = isinstance(source, VectorParts)
-    # A source in storage travels as a description (files and a keep mask); an in-memory one
-    # gives each shard only its own rows.
+    # Each shard reads its own id range of the source: from storage (a source in storage is a
+    # description, files and a keep mask) or from the one in-memory copy in the object store,
+    # which the query tasks read too. The driver holds that reference until the search is over:
+    # Ray rebuilds a restarted shard from its constructor's arguments, and an argument nobody
+    # holds any more would be gone by then.
+    source_ref = ray.put(source)
     shards = [actor_cls.remote(blob_ref, nprobe=params.nprobe, num_threads=threads, use_gpu=use_gpu,
-                               refine_factor=refine_factor,
-                               partition=(source if in_storage else source.slice(int(lo), int(hi)), int(lo), int(hi),
-                                          SOURCE_BATCH))
+                               refine_factor=refine_factor, partition=(int(lo), int(hi), SOURCE_BATCH),
+                               source=source_ref)
               for lo, hi in zip(bounds[:-1], bounds[1:])]
     try:
         expected = [int(hi - lo) for lo, hi in zip(bounds[:-1], bounds[1:])]
         _check_shards(shards, expected, "after filling")
         timing["add_from"] = ("storage (each shard streams its partition)" if in_storage
-                              else "memory (each shard receives its partition)")
+                              else "memory (each shard reads its partition from the object store)")
         timing["add_s"] = round(time.perf_counter() - t, 3)
         timing["shard_sizes"] = expected
 
@@ -130,7 +133,6 @@ def sharded_knn(embeddings: np.ndarray | None, k: int, params: IndexParams, *, q
         ids = np.full((n, k), -1, id_dtype(n))
         sims = np.full((n, k), -np.inf, np.float32)
         search_k = min(k + 1, n)
-        source_ref = ray.put(source)
         # Query tasks reserve no CPU: they mostly wait on the shards, which hold the CPUs.
         query = ray.remote(num_cpus=0)(_query_batch)
         pending: list = []

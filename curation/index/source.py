@@ -233,20 +233,6 @@ class MemoryVectors:
     def take(self, ids: np.ndarray) -> np.ndarray:
         return self.x[np.asarray(ids, np.int64)]
 
-    def slice(self, lo: int, hi: int) -> "MemoryVectors":
-        """Rows ``[lo, hi)`` keeping their ids (what one shard receives)."""
-        return _OffsetVectors(self.x[lo:hi], lo)
-
-
-class _OffsetVectors(MemoryVectors):
-    def __init__(self, x: np.ndarray, offset: int):
-        super().__init__(x)
-        self.offset = offset
-
-    def read(self, lo: int, hi: int, *, batch_rows: int = 16384):
-        for ids, x in MemoryVectors.read(self, lo - self.offset, hi - self.offset, batch_rows=batch_rows):
-            yield ids + self.offset, x
-
 
 def as_source(vectors) -> "VectorParts | MemoryVectors":
     """A vector source from a matrix or a source."""

@@ -20,7 +20,7 @@ import torch
 import torch.nn.functional as torch_functional
 from PIL import Image, ImageFile, ImageFilter, ImageOps, UnidentifiedImageError
 
-try:  # libjpeg-turbo with DCT scaling, ~1.4x PIL's JPEG decode here; PIL is the fallback
+try:  # libjpeg-turbo with DCT scaling straight into numpy (PIL's own copy skipped); PIL is the fallback
     import simplejpeg
 except ImportError:  # pragma: no cover - a declared dependency
     simplejpeg = None
@@ -449,15 +449,15 @@ class DecodeStage:
             "phash": np.zeros(n, np.int64), "pixels": np.zeros((n, size, size, 3), np.uint8),
             "copy_vector": np.zeros((n, COPY_DIM), np.float32),
         }
-        errors = batch.get("input_error")
         with _OneTorchThread():
-            self._decode_rows(batch, errors, out)
+            self._decode_rows(batch, out)
         result = {key: value for key, value in batch.items() if key != "input_error"}
         result.update(out)
         return result
 
-    def _decode_rows(self, batch: dict[str, np.ndarray], errors, out: dict[str, np.ndarray]) -> None:
+    def _decode_rows(self, batch: dict[str, np.ndarray], out: dict[str, np.ndarray]) -> None:
         size = self.image_size
+        errors = batch.get("input_error")
         for i, uri in enumerate(batch["uri"]):
             try:
                 if errors is not None and errors[i]:

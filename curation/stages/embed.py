@@ -84,7 +84,9 @@ class EmbedStage:
         n = len(status)
         dim = self.identity.dim
         values = np.zeros((n, dim), np.float32)
-        if ok.any():
+        if n and ok.all():  # the usual batch: no copy of its pixels to select the ok rows
+            values = self.embed(batch["pixels"])
+        elif ok.any():
             values[ok] = self.embed(batch["pixels"][ok])
         flat = pa.array(values.reshape(-1), pa.float32())
         embedding = pa.FixedSizeListArray.from_arrays(flat, dim, mask=pa.array(~ok))
