@@ -108,13 +108,23 @@ def pipeline_throughput(paths: list[str], model: str, batch: int) -> tuple[float
     return n / elapsed, elapsed
 
 
-def decode_rates(paths: list[str]) -> tuple[float, float]:
-    from PIL import Image
-
+def _decode_stage():
+    """The job's decode stage as the pipeline builds it for a 224-px model."""
     from curation.io.filesystem import Resolver
     from curation.stages.decode import DecodeStage
 
-    stage = DecodeStage(resolver=Resolver(), image_size=224, max_pixels=100_000_000)
+    return DecodeStage(resolver=Resolver(), image_size=224, max_pixels=100_000_000)
+
+
+def _decoded(paths: list[str]) -> dict:
+    """One decoded batch of ``paths`` (what the embedding actors receive)."""
+    return _decode_stage()({"uri": np.array(paths, dtype=object), "input_id": np.arange(len(paths))})
+
+
+def decode_rates(paths: list[str]) -> tuple[float, float]:
+    from PIL import Image
+
+    stage = _decode_stage()
     batch = {"uri": np.array(paths, dtype=object)}
     stage(batch)
     t = time.perf_counter()
@@ -130,10 +140,7 @@ def decode_rates(paths: list[str]) -> tuple[float, float]:
 
 
 def _decode_chunk(paths: list[str]) -> int:
-    from curation.io.filesystem import Resolver
-    from curation.stages.decode import DecodeStage
-
-    stage = DecodeStage(resolver=Resolver(), image_size=224, max_pixels=100_000_000)
+    stage = _decode_stage()
     for start in range(0, len(paths), 64):
         stage({"uri": np.array(paths[start:start + 64], dtype=object)})
     return len(paths)
@@ -181,12 +188,9 @@ def nvjpeg_rate(paths: list[str], batch: int = 128) -> float:
 def gpu_matches_cpu(model: str, paths: list[str]) -> dict:
     """Embeddings of the GPU path (bf16 autocast, channels-last, pinned copies) against the
     CPU's fp32 ones: the same seeded weights, the same decoded pixels."""
-    from curation.io.filesystem import Resolver
-    from curation.stages.decode import DecodeStage
     from curation.stages.embed import EmbedStage
 
-    pixels = DecodeStage(resolver=Resolver(), image_size=224, max_pixels=100_000_000)(
-        {"uri": np.array(paths, dtype=object)})["pixels"]
+    pixels = _decoded(paths)["pixels"]
     gpu = EmbedStage(model=model, weights="none", image_size=224, device="cuda", precision="auto").embed(pixels)
     cpu = EmbedStage(model=model, weights="none", image_size=224, device="cpu", precision="fp32").embed(pixels)
     cosine = np.sum(gpu * cpu, axis=1)
@@ -256,12 +260,9 @@ def embed_call_rate(model: str, paths: list[str], seconds: float = 10.0, device:
     """One embedding actor's own ceiling: ``EmbedStage.__call__`` on a decoded batch (numpy in,
     Arrow table out: the selection of ok rows, the pinned copy, the forward pass and the output
     columns), images/s. Ray Data's batching and object transfers are not in it."""
-    from curation.io.filesystem import Resolver
-    from curation.stages.decode import DecodeStage
     from curation.stages.embed import EmbedStage
 
-    batch = DecodeStage(resolver=Resolver(), image_size=224, max_pixels=100_000_000)(
-        {"uri": np.array(paths, dtype=object), "input_id": np.arange(len(paths))})
+    batch = _decoded(paths)
     stage = EmbedStage(model=model, weights="none", image_size=224, device=device, precision="auto")
     stage(batch)
     done, t = 0, time.perf_counter()
