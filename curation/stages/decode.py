@@ -28,6 +28,10 @@ except ImportError:  # pragma: no cover - a declared dependency
 from curation.io.filesystem import Resolver
 from curation.schema import STATUS_OK, STATUS_REJECTED
 
+# The operator behind F.interpolate(mode="bilinear", antialias=True), in its form that writes into
+# a given tensor (see _downscale_rgb); F.interpolate itself when a torch lacks it.
+_RESAMPLE_INTO = getattr(getattr(torch.ops.aten, "_upsample_bilinear2d_aa", None), "out", None)
+
 # We enforce our own pixel cap (decode.max_pixels) before pixels are allocated.
 Image.MAX_IMAGE_PIXELS = None
 ImageFile.LOAD_TRUNCATED_IMAGES = False
@@ -127,46 +131,68 @@ def _to_rgb(image: Image.Image, background: tuple[int, int, int]) -> Image.Image
     return image
 
 
-def model_input(rgb: np.ndarray, size: int) -> np.ndarray:
+def model_input(rgb: np.ndarray, size: int, *, out: np.ndarray | None = None) -> np.ndarray:
     """The centred square of an ``(H, W, 3)`` uint8 image, resampled to ``size`` x ``size``
     (the shorter side scaled to ``size``, the longer one centre-cropped), bilinear with
-    antialiasing. Downscaling runs torch's uint8 antialiased bilinear kernel (vectorised, about
-    3x PIL's here, the same filter: pixels within a few levels of PIL's); upscaling (small
-    images, cheap) stays with PIL."""
+    antialiasing, written into ``out`` (``(size, size, 3)`` uint8: the batch's own row) when
+    given. Downscaling runs torch's uint8 antialiased bilinear kernel (vectorised, about 5x PIL's
+    here, the same filter: pixels within a few levels of PIL's); upscaling (small images, cheap)
+    stays with PIL."""
+    if out is None:
+        out = np.empty((size, size, 3), np.uint8)
     h, w = rgb.shape[:2]
     side = min(w, h)
     if side < size:
         image = Image.fromarray(rgb, "RGB")
         left, top = (w - side) / 2, (h - side) / 2
-        resized = image.resize((size, size), Image.BILINEAR, box=(left, top, left + side, top + side))
-        return np.asarray(resized, dtype=np.uint8)
+        out[...] = np.asarray(image.resize((size, size), Image.BILINEAR, box=(left, top, left + side, top + side)))
+        return out
     left, top = (w - side) // 2, (h - side) // 2
     square = rgb[top:top + side, left:left + side]
-    return np.ascontiguousarray(square) if side == size else _downscale_rgb(square, (size, size))
+    if side == size:
+        out[...] = square
+    else:
+        _downscale_rgb(square, out)
+    return out
+
+
+def grey_thumbnail(rgb: np.ndarray) -> Image.Image:
+    """The ``(H, W, 3)`` uint8 image in grey with its longer side at most ``STATS_MAX_SIDE``
+    (never upscaled): what the statistics, the dHash and the copy descriptor are computed on.
+    Resampled in colour by the model input's kernel (:func:`_downscale_rgb`, bilinear with
+    antialiasing, like PIL's to within a level), then made grey by PIL's ITU-R 601-2 luma: a
+    third of the cost of PIL's grey resampling at the size most photos decode to."""
+    h, w = rgb.shape[:2]
+    if max(w, h) > STATS_MAX_SIDE:
+        scale = STATS_MAX_SIDE / max(w, h)
+        small = np.empty((max(1, round(h * scale)), max(1, round(w * scale)), 3), np.uint8)
+        _downscale_rgb(rgb, small)
+        rgb = small
+    return Image.fromarray(rgb, "RGB").convert("L")
 
 
 def working_thumbnail(image: Image.Image) -> Image.Image:
-    """The image in grey with its longer side at most ``STATS_MAX_SIDE`` (never upscaled): what
-    the statistics and the hash are computed on (grey first: a third of the pixels to resample).
-    PIL's resampling, deliberately: these values feed the stored copy descriptors and the junk
-    flags, which must not drift between runs of the incremental store."""
-    grey = image if image.mode == "L" else image.convert("L")
-    w, h = grey.size
-    if max(w, h) <= STATS_MAX_SIDE:
-        return grey
-    scale = STATS_MAX_SIDE / max(w, h)
-    return grey.resize((max(1, round(w * scale)), max(1, round(h * scale))), Image.BILINEAR, reducing_gap=2.0)
+    """:func:`grey_thumbnail` of a PIL image of any mode (converted to RGB first)."""
+    return grey_thumbnail(np.asarray(image if image.mode == "RGB" else image.convert("RGB")))
 
 
-def _downscale_rgb(rgb: np.ndarray, size: tuple[int, int]) -> np.ndarray:
-    """``(H, W, 3)`` uint8 (a view is fine) resampled to ``size`` (rows, columns) with torch's
-    antialiased bilinear uint8 kernel: PIL's bilinear filter at two to three times its speed
-    here (pixels within a few levels of PIL's, from fixed-point rounding and the crop's edge).
-    An NCHW view of the HWC pixels (channels-last strides) is the layout that kernel takes;
-    torch's own transposition brings the result back to HWC (numpy's is three times slower)."""
-    resized = torch_functional.interpolate(_tensor(rgb).permute(2, 0, 1).unsqueeze(0), size=size,
-                                           mode="bilinear", antialias=True, align_corners=False)
-    return resized[0].permute(1, 2, 0).contiguous().numpy()
+def _downscale_rgb(rgb: np.ndarray, out: np.ndarray) -> None:
+    """``(H, W, 3)`` uint8 (a view is fine) resampled into ``out`` (``(h, w, 3)`` uint8,
+    C-contiguous) with torch's antialiased bilinear uint8 kernel: PIL's bilinear filter at about
+    five times its speed here (pixels within a few levels of PIL's, from fixed-point rounding
+    and the crop's edge). Both are handed over as NCHW views of HWC memory (channels-last
+    strides): the layout that kernel computes in, so it writes the result straight into ``out``
+    (asked for a new tensor it returns planar NCHW, and the transposition back to HWC costs as
+    much as the resampling)."""
+    # The NCHW views are made in numpy: one torch call per tensor instead of three.
+    source = _tensor(rgb.transpose(2, 0, 1)[np.newaxis])
+    target = torch.from_numpy(out.transpose(2, 0, 1)[np.newaxis])
+    try:
+        _RESAMPLE_INTO(source, list(out.shape[:2]), False, None, None, out=target)
+    except (AttributeError, RuntimeError, TypeError):  # pragma: no cover - another torch's operator signature
+        resized = torch_functional.interpolate(source, size=out.shape[:2], mode="bilinear", antialias=True,
+                                               align_corners=False)
+        target.copy_(resized)
 
 
 def _tensor(pixels: np.ndarray) -> torch.Tensor:
@@ -220,24 +246,24 @@ def grey_statistics(grey: Image.Image) -> tuple[float, float, float, int]:
     Laplacian over the variance of the luminance (independent of contrast); phash: dHash on a
     9x8 grey thumbnail (robust to re-encoding, resizing and brightness shifts).
     """
-    return _grey_statistics(grey, np.asarray(grey.histogram()[:256], np.int64))
+    return _grey_statistics(grey, np.asarray(grey.histogram()[:256], np.int64), np.asarray(grey))
 
 
-def _grey_statistics(grey: Image.Image, histogram: np.ndarray) -> tuple[float, float, float, int]:
+def _grey_statistics(grey: Image.Image, histogram: np.ndarray, lum: np.ndarray) -> tuple[float, float, float, int]:
     # Mean and variance from the histogram, as ImageStat computes them (exact integer sums).
     count = int(histogram.sum())
     levels = np.arange(256, dtype=np.int64)
     total, squares = int(histogram @ levels), int(histogram @ (levels * levels))
     brightness = total / count / 255.0
     contrast = math.sqrt((squares - total**2.0 / count) / count) / 255.0
-    lum = np.asarray(grey, dtype=np.int16)
+    lum = lum.astype(np.int16)
     if lum.shape[0] >= 3 and lum.shape[1] >= 3:
         lap = (lum[:-2, 1:-1] + lum[2:, 1:-1] + lum[1:-1, :-2] + lum[1:-1, 2:] - 4 * lum[1:-1, 1:-1]).astype(np.float32)
         lap_var = float(lap.var()) / (255.0 * 255.0)
         sharpness = lap_var / (contrast**2 + 1e-4)
     else:
         sharpness = 0.0
-    thumb = np.asarray(grey.resize((9, 8), Image.BILINEAR), dtype=np.int16)
+    thumb = np.asarray(grey.resize((9, 8), Image.BILINEAR, reducing_gap=2.0), dtype=np.int16)
     bits = (thumb[:, 1:] > thumb[:, :-1]).flatten()
     phash = int(np.packbits(bits).view(">i8")[0])
     return brightness, contrast, sharpness, phash
@@ -249,7 +275,15 @@ def trim_border(lum: np.ndarray) -> np.ndarray:
     that would lose more than 80% of a side is returned whole (it is mostly flat)."""
     h, w = lum.shape
     ring = np.concatenate([lum[0], lum[-1], lum[:, 0], lum[:, -1]])
-    off = np.abs(lum.astype(np.int16) - int(np.median(ring))) > BORDER_TOLERANCE
+    frame = int(np.median(ring))
+    low, high = frame - BORDER_TOLERANCE, frame + BORDER_TOLERANCE
+    # In uint8, without a widened copy of the image (a bound past 0 or 255 excludes nothing).
+    if low <= 0:
+        off = lum > high
+    elif high >= 255:
+        off = lum < low
+    else:
+        off = (lum < low) | (lum > high)
     rows, cols = off.any(axis=1), off.any(axis=0)
     if rows.sum() < 0.2 * h or cols.sum() < 0.2 * w:
         return lum
@@ -258,7 +292,7 @@ def trim_border(lum: np.ndarray) -> np.ndarray:
     return lum[top:bottom, left:right]
 
 
-def copy_descriptor(grey: Image.Image) -> np.ndarray:
+def copy_descriptor(grey: Image.Image | np.ndarray) -> np.ndarray:
     """A compact appearance descriptor for copy detection, whatever model embeds the image.
 
     From the grey working thumbnail: the uniform frame is trimmed (borders, letterboxing), the
@@ -293,40 +327,36 @@ def draft_request(width: int, height: int, image_size: int) -> tuple[int, int]:
 
 
 def decode_image(data: bytes, *, image_size: int, max_pixels: int,
-                 background: tuple[int, int, int] = (255, 255, 255)) -> Decoded:
+                 background: tuple[int, int, int] = (255, 255, 255), pixels_out: np.ndarray | None = None) -> Decoded:
     """Decode encoded image bytes once, at the smallest scale its consumers need (JPEG DCT
     scaling), and derive the model input, statistics and hashes from that one decode; raises
-    :class:`RejectedInput` with a specific reason."""
+    :class:`RejectedInput` with a specific reason. The model input is written into
+    ``pixels_out`` when given (a batch's row: no copy after)."""
     if not data:
         raise RejectedInput("corrupt: empty file (0 bytes)")
-    try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            image = Image.open(io.BytesIO(data))
-    except UnidentifiedImageError:
-        raise RejectedInput(_describe_non_image(data)) from None
-    except Exception as exc:  # PIL raises many types on malformed headers
-        raise RejectedInput(f"corrupt: unreadable header ({type(exc).__name__}: {exc})") from None
-    width, height = image.size
-    if width <= 0 or height <= 0:
-        raise RejectedInput(f"corrupt: invalid size {width}x{height}")
-    if width * height > max_pixels:
-        raise RejectedInput(f"too many pixels: {width}x{height} exceeds decode.max_pixels={max_pixels}")
-    rgb = None
-    pixels = _decode_jpeg_fast(data, image, image_size)
+    pixels = None
+    size = _plain_jpeg_size(data)  # most inputs: no PIL header parse
+    if size is not None:
+        width, height = size
+        _check_size(width, height, max_pixels)
+        pixels = _decode_jpeg_fast(data, width, height, image_size)
     if pixels is not None:
         scale = width / pixels.shape[1]
     else:
+        image = _open(data)
+        width, height = image.size
+        _check_size(width, height, max_pixels)
         rgb, scale = _decode_with_pil(image, width, image_size, background)
         pixels = np.asarray(rgb)
     # The hash of the decoded pixels (at the decode scale): the same picture saved twice losslessly.
     pixel_hash = pixel_digest(pixels)
-    grey = working_thumbnail(Image.fromarray(pixels, "RGB") if rgb is None else rgb)
+    grey = grey_thumbnail(pixels)
+    lum = np.asarray(grey)  # one copy, read by the statistics and the copy descriptor
     histogram = np.asarray(grey.histogram()[:256], np.int64)
-    brightness, contrast, sharpness, phash = _grey_statistics(grey, histogram)
+    brightness, contrast, sharpness, phash = _grey_statistics(grey, histogram, lum)
     shadows, highlights = _percentiles(histogram, 0.01, 0.99)
     return Decoded(
-        pixels=model_input(pixels, image_size),
+        pixels=model_input(pixels, image_size, out=pixels_out),
         width=round(pixels.shape[1] * scale),  # decoded size, EXIF orientation applied
         height=round(pixels.shape[0] * scale),
         brightness=brightness,
@@ -336,24 +366,92 @@ def decode_image(data: bytes, *, image_size: int, max_pixels: int,
         highlights=highlights,
         pixel_hash=pixel_hash,
         phash=phash,
-        copy_vector=copy_descriptor(grey),
+        copy_vector=copy_descriptor(lum),
     )
 
 
-def _decode_jpeg_fast(data: bytes, image: Image.Image, image_size: int) -> np.ndarray | None:
-    """A plain RGB or greyscale JPEG without an EXIF rotation, decoded by libjpeg-turbo at the
-    smallest DCT scale that serves every consumer; None when PIL should decode it (other
-    formats, CMYK, EXIF orientation, or anything simplejpeg refuses: PIL then says why)."""
-    if simplejpeg is None or image.format != "JPEG" or image.mode not in ("RGB", "L"):
-        return None
-    if "exif" in image.info and image.getexif().get(0x0112, 1) != 1:
-        return None
-    min_width, min_height = draft_request(*image.size, image_size)
+def _open(data: bytes) -> Image.Image:
     try:
-        pixels = simplejpeg.decode_jpeg(data, colorspace="RGB", min_width=min_width, min_height=min_height)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            return Image.open(io.BytesIO(data))
+    except UnidentifiedImageError:
+        raise RejectedInput(_describe_non_image(data)) from None
+    except Exception as exc:  # PIL raises many types on malformed headers
+        raise RejectedInput(f"corrupt: unreadable header ({type(exc).__name__}: {exc})") from None
+
+
+def _check_size(width: int, height: int, max_pixels: int) -> None:
+    if width <= 0 or height <= 0:
+        raise RejectedInput(f"corrupt: invalid size {width}x{height}")
+    if width * height > max_pixels:
+        raise RejectedInput(f"too many pixels: {width}x{height} exceeds decode.max_pixels={max_pixels}")
+
+
+def _plain_jpeg_size(data: bytes) -> tuple[int, int] | None:
+    """``(width, height)`` of a JPEG that libjpeg-turbo decodes to RGB as it stands (YCbCr, RGB
+    or grey, and no EXIF orientation to apply), read from its header without PIL; None for
+    anything else (PIL then opens it, and says why when it cannot)."""
+    if simplejpeg is None or data[:3] != b"\xff\xd8\xff":
+        return None
+    try:
+        height, width, colorspace, _ = simplejpeg.decode_jpeg_header(data)
     except (ValueError, RuntimeError, OSError):
         return None
-    return pixels
+    if colorspace not in ("YCbCr", "RGB", "Gray") or exif_orientation(data) != 1:
+        return None
+    return width, height
+
+
+def exif_orientation(jpeg: bytes) -> int | None:
+    """The EXIF orientation tag of a JPEG (1, upright, when it has none), from the first EXIF
+    segment before the image data (as PIL reads it); None when the markers cannot be walked."""
+    at, end = 2, len(jpeg)
+    while at + 4 <= end:
+        if jpeg[at] != 0xFF:
+            return None
+        marker = jpeg[at + 1]
+        if marker == 0xFF:  # fill byte
+            at += 1
+            continue
+        if marker in (0xDA, 0xD9):  # start of scan, end of image: no metadata after
+            return 1
+        if marker == 0x01 or 0xD0 <= marker <= 0xD7:  # markers without a length
+            at += 2
+            continue
+        length = int.from_bytes(jpeg[at + 2:at + 4], "big")
+        if length < 2:
+            return None
+        if marker == 0xE1 and jpeg[at + 4:at + 10] == b"Exif\x00\x00":
+            return _tiff_orientation(jpeg[at + 10:at + 2 + length])
+        at += 2 + length
+    return None
+
+
+def _tiff_orientation(tiff: bytes) -> int | None:
+    """Tag 0x0112 of a TIFF header's first IFD (1 when absent); None when malformed."""
+    order = {b"II": "little", b"MM": "big"}.get(tiff[:2])
+    if order is None or len(tiff) < 8:
+        return None
+    ifd = int.from_bytes(tiff[4:8], order)
+    if ifd + 2 > len(tiff):
+        return None
+    for entry in range(ifd + 2, ifd + 2 + 12 * int.from_bytes(tiff[ifd:ifd + 2], order), 12):
+        if entry + 12 > len(tiff):
+            return None
+        if int.from_bytes(tiff[entry:entry + 2], order) == 0x0112:
+            return int.from_bytes(tiff[entry + 8:entry + 10], order)  # a SHORT, first in its value field
+    return 1
+
+
+def _decode_jpeg_fast(data: bytes, width: int, height: int, image_size: int) -> np.ndarray | None:
+    """A plain JPEG (see :func:`_plain_jpeg_size`) decoded by libjpeg-turbo at the smallest DCT
+    scale that serves every consumer; None when simplejpeg refuses it (PIL then says why)."""
+    min_width, min_height = draft_request(width, height, image_size)
+    try:
+        return simplejpeg.decode_jpeg(data, colorspace="RGB", min_width=min_width, min_height=min_height)
+    except (ValueError, RuntimeError, OSError):
+        return None
 
 
 def _decode_with_pil(image: Image.Image, width: int, image_size: int,
@@ -446,7 +544,7 @@ class DecodeStage:
             "sharpness": np.full(n, np.nan, np.float32),
             "shadows": np.full(n, np.nan, np.float32), "highlights": np.full(n, np.nan, np.float32),
             "content_hash": np.empty(n, dtype=object), "pixel_hash": np.empty(n, dtype=object),
-            "phash": np.zeros(n, np.int64), "pixels": np.zeros((n, size, size, 3), np.uint8),
+            "phash": np.zeros(n, np.int64), "pixels": np.empty((n, size, size, 3), np.uint8),  # every row written
             "copy_vector": np.zeros((n, COPY_DIM), np.float32),
         }
         with _OneTorchThread():
@@ -465,8 +563,9 @@ class DecodeStage:
                 data = self._read(str(uri))
                 out["content_hash"][i] = _digest(data)
                 decoded = decode_image(data, image_size=size, max_pixels=self.max_pixels,
-                                       background=self.background)
+                                       background=self.background, pixels_out=out["pixels"][i])
             except RejectedInput as exc:
+                out["pixels"][i] = 0
                 out["status"][i] = STATUS_REJECTED
                 out["reason"][i] = str(exc)
                 continue
@@ -480,5 +579,4 @@ class DecodeStage:
             out["highlights"][i] = decoded.highlights
             out["pixel_hash"][i] = decoded.pixel_hash
             out["phash"][i] = decoded.phash
-            out["pixels"][i] = decoded.pixels
             out["copy_vector"][i] = decoded.copy_vector
