@@ -128,6 +128,7 @@ def test_stage_returns_one_row_per_input(tmp_path):
     assert out["reason"][1].startswith("corrupt: empty") and out["reason"][2].startswith("missing")
     assert out["reason"][3] == "duplicate labels row"
     assert out["pixels"].shape == (4, 16, 16, 3) and list(out["label"]) == ["a", "b", None, "a"]
+    assert out["pixels"][0].any() and not out["pixels"][1:].any()  # rejected rows hold zeros
     assert out["content_hash"][0] and out["pixel_hash"][0]
 
 
@@ -211,3 +212,104 @@ def test_the_model_input_is_pil_bilinear_centre_square_within_rounding(width, he
     assert diff.mean() < 0.05 and diff[2:-2, 2:-2].max() <= 1 and diff.max() <= 24
     if side <= 224:
         assert diff.max() == 0
+    # Written into a given row (the batch's own memory), and the same pixels when the operator
+    # that writes in place is missing (another torch): F.interpolate's result copied in.
+    row = np.full((2, 224, 224, 3), 7, np.uint8)
+    written = model_input(photo, 224, out=row[1])
+    assert np.shares_memory(written, row[1]) and (row[0] == 7).all()
+    np.testing.assert_array_equal(row[1], ours)
+
+
+def test_the_resampling_fallback_gives_the_same_pixels(monkeypatch):
+    import curation.stages.decode as decode
+
+    photo = np.asarray(_photo(640, 480, seed=5)).copy()
+    fast = decode.model_input(photo, 224)
+    monkeypatch.setattr(decode, "_RESAMPLE_INTO", None)
+    np.testing.assert_array_equal(decode.model_input(photo, 224), fast)
+
+
+@pytest.mark.parametrize("width, height", [(640, 480), (300, 1000), (257, 256), (256, 100)])
+def test_the_grey_working_thumbnail_is_pil_grey_bilinear_within_rounding(width, height):
+    """The statistics' thumbnail (resampled in colour by torch's kernel, then made grey) is PIL's
+    grey bilinear thumbnail to within rounding; at 256 px or less it is PIL's grey image itself."""
+    from curation.stages.decode import STATS_MAX_SIDE, grey_thumbnail
+
+    rng = np.random.default_rng(width)
+    small = Image.fromarray(rng.integers(0, 255, (height // 8 + 2, width // 8 + 2, 3), dtype=np.uint8))
+    photo = small.resize((width, height), Image.BICUBIC)
+    grey = photo.convert("L")
+    scale = min(1.0, STATS_MAX_SIDE / max(width, height))
+    size = (max(1, round(width * scale)), max(1, round(height * scale)))
+    reference = np.asarray(grey if scale == 1.0 else grey.resize(size, Image.BILINEAR), np.int16)
+    ours = grey_thumbnail(np.asarray(photo))
+    assert ours.mode == "L" and ours.size == size
+    diff = np.abs(np.asarray(ours, np.int16) - reference)
+    assert diff.mean() < 0.5 and diff.max() <= 3
+    if scale == 1.0:
+        assert diff.max() == 0
+
+
+def _exif_tiff(orientation: int, order: str) -> bytes:
+    """A TIFF header with IFD0 = (Make, Orientation), in ``order`` ("II" or "MM")."""
+    endian = "little" if order == "II" else "big"
+    entries = [(0x010F, 2, 4, b"cam\x00"), (0x0112, 3, 1, orientation.to_bytes(2, endian) + b"\x00\x00")]
+    out = order.encode() + (42).to_bytes(2, endian) + (8).to_bytes(4, endian) + len(entries).to_bytes(2, endian)
+    for tag, kind, count, value in entries:
+        out += tag.to_bytes(2, endian) + kind.to_bytes(2, endian) + count.to_bytes(4, endian) + value
+    return out + (0).to_bytes(4, endian)
+
+
+def _with_app1(jpeg: bytes, payload: bytes) -> bytes:
+    return jpeg[:2] + b"\xff\xe1" + (len(payload) + 2).to_bytes(2, "big") + payload + jpeg[2:]
+
+
+@pytest.mark.parametrize("order", ["II", "MM"])
+@pytest.mark.parametrize("orientation", [1, 3, 6, 8])
+def test_jpeg_exif_orientation_is_read_from_the_markers_as_pil_reads_it(orientation, order):
+    from curation.stages.decode import exif_orientation
+
+    upright = _photo(120, 80)
+    rotate = {1: None, 3: Image.Transpose.ROTATE_180, 6: Image.Transpose.ROTATE_90, 8: Image.Transpose.ROTATE_270}
+    stored = upright if rotate[orientation] is None else upright.transpose(rotate[orientation])
+    data = _with_app1(_encode(stored, "JPEG", quality=95), b"Exif\x00\x00" + _exif_tiff(orientation, order))
+    assert Image.open(io.BytesIO(data)).getexif().get(0x0112) == orientation  # the EXIF is well formed
+    assert exif_orientation(data) == orientation
+    decoded = _decode(data, image_size=32)
+    assert (decoded.width, decoded.height) == (120, 80)  # rotated upright whichever path decoded it
+    plain = _decode(_encode(upright, "JPEG", quality=95), image_size=32)
+    assert np.abs(decoded.pixels.astype(int) - plain.pixels).mean() < 4
+
+
+def test_jpeg_markers_without_exif_or_unreadable():
+    from curation.stages.decode import exif_orientation
+
+    plain = _encode(_photo(), "JPEG")
+    assert exif_orientation(plain) == 1
+    assert exif_orientation(_with_app1(plain, b"Exif\x00\x00XX\x00\x2a")) is None  # not a TIFF header
+    assert exif_orientation(plain[:2] + b"\x00\x00garbage") is None  # not a marker where one belongs
+    assert exif_orientation(plain[:2] + b"\xff\xe1\x00\x01") is None  # a length shorter than itself
+
+
+def test_plain_jpegs_decode_as_pil_decodes_them(monkeypatch):
+    """The header-and-simplejpeg path gives exactly what PIL's own path gives on the same JPEG
+    (both decode at half scale here); a CMYK JPEG, which the fast path leaves to PIL, decodes."""
+    import curation.stages.decode as decode
+
+    data = _encode(_photo(640, 480, seed=2), "JPEG", quality=90)
+    fast = _decode(data, image_size=224)
+    monkeypatch.setattr(decode, "simplejpeg", None)
+    slow = _decode(data, image_size=224)
+    np.testing.assert_array_equal(fast.pixels, slow.pixels)
+    np.testing.assert_array_equal(fast.copy_vector, slow.copy_vector)
+    assert (fast.width, fast.height, fast.pixel_hash, fast.phash) == (slow.width, slow.height, slow.pixel_hash, slow.phash)
+    assert (fast.brightness, fast.contrast, fast.sharpness) == (slow.brightness, slow.contrast, slow.sharpness)
+    monkeypatch.undo()
+    cmyk = _decode(_encode(_photo(300, 200).convert("CMYK"), "JPEG"), image_size=32)
+    assert (cmyk.width, cmyk.height) == (300, 200) and cmyk.pixels.shape == (32, 32, 3)
+
+
+def test_a_jpeg_over_the_pixel_cap_is_refused_from_its_header():
+    data = _encode(Image.new("RGB", (3000, 3000), "gray"), "JPEG")
+    with pytest.raises(RejectedInput, match="too many pixels: 3000x3000"):
+        _decode(data, max_pixels=1_000_000)
