@@ -191,12 +191,14 @@ def _downscale_rgb(rgb: np.ndarray, out: np.ndarray) -> None:
     # The NCHW views are made in numpy: one torch call per tensor instead of three.
     source = _tensor(rgb.transpose(2, 0, 1)[np.newaxis])
     target = torch.from_numpy(out.transpose(2, 0, 1)[np.newaxis])
-    try:
-        _RESAMPLE_INTO(source, list(out.shape[:2]), False, None, None, out=target)
-    except (AttributeError, RuntimeError, TypeError):  # pragma: no cover - another torch's operator signature
-        resized = torch_functional.interpolate(source, size=out.shape[:2], mode="bilinear", antialias=True,
-                                               align_corners=False)
-        target.copy_(resized)
+    if _RESAMPLE_INTO is not None:
+        try:
+            _RESAMPLE_INTO(source, list(out.shape[:2]), False, None, None, out=target)
+            return
+        except (RuntimeError, TypeError):  # another torch's signature for this internal operator
+            pass
+    target.copy_(torch_functional.interpolate(source, size=out.shape[:2], mode="bilinear", antialias=True,
+                                              align_corners=False))
 
 
 def _tensor(pixels: np.ndarray) -> torch.Tensor:
@@ -271,7 +273,8 @@ def _grey_statistics(grey: Image.Image, histogram: np.ndarray, lum: np.ndarray) 
         lap -= 4 * lum[1:-1, 1:-1]
         values = lap.ravel().astype(np.float64)  # integers: the sums below are exact
         mean = values.sum() / values.size
-        lap_var = float(values @ values / values.size - mean * mean) / (255.0 * 255.0)
+        # einsum, not `values @ values`: BLAS would start threads on a one-CPU decode task.
+        lap_var = float(np.einsum("i,i->", values, values) / values.size - mean * mean) / (255.0 * 255.0)
         sharpness = lap_var / (contrast**2 + 1e-4)
     else:
         sharpness = 0.0
@@ -289,14 +292,19 @@ def trim_border(lum: np.ndarray) -> np.ndarray:
     ring = np.concatenate([lum[0], lum[-1], lum[:, 0], lum[:, -1]])
     frame = int(np.median(ring))
     low, high = frame - BORDER_TOLERANCE, frame + BORDER_TOLERANCE
-    # In uint8, without a widened copy of the image (a bound past 0 or 255 excludes nothing).
-    if low <= 0:
-        off = lum > high
-    elif high >= 255:
-        off = lum < low
-    else:
-        off = (lum < low) | (lum > high)
-    rows, cols = off.any(axis=1), off.any(axis=0)
+
+    def off(pixels):  # in uint8, without a widened copy (a bound past 0 or 255 excludes nothing)
+        if low <= 0:
+            return pixels > high
+        if high >= 255:
+            return pixels < low
+        return (pixels < low) | (pixels > high)
+
+    edges = off(ring)
+    if edges[:w].any() and edges[w:2 * w].any() and edges[2 * w:2 * w + h].any() and edges[2 * w + h:].any():
+        return lum  # every edge line leaves the frame's colour: no frame (most photos)
+    mask = off(lum)
+    rows, cols = mask.any(axis=1), mask.any(axis=0)
     if rows.sum() < 0.2 * h or cols.sum() < 0.2 * w:
         return lum
     top, bottom = int(np.argmax(rows)), h - int(np.argmax(rows[::-1]))
