@@ -122,10 +122,22 @@ def breakdown(paths: list[str]) -> dict:
                 spent[name] += time.perf_counter() - start
         setattr(decode, name, wrapper)
 
-    steps = ["_decode_jpeg_fast", "_plain_jpeg_size", "pixel_digest", "grey_thumbnail", "_grey_statistics",
-             "_percentiles", "copy_descriptor", "model_input", "_digest"]
+    steps = ["_decode_jpeg_fast", "_plain_jpeg_size", "pixel_digest", "grey_thumbnail", "_laplacian_variance",
+             "copy_grid", "model_input", "_digest"]
     for name in steps:
         timed(name)
+    methods = {}
+    for name in ("add", "finish"):
+        method = getattr(decode.ThumbnailFeatures, name)
+        methods[name] = method
+
+        def wrapper(self, *args, _method=method, _name=name, **kwargs):
+            start = time.perf_counter()
+            try:
+                return _method(self, *args, **kwargs)
+            finally:
+                spent["features." + _name] += time.perf_counter() - start
+        setattr(decode.ThumbnailFeatures, name, wrapper)
     stage = decode.DecodeStage(resolver=Resolver(), image_size=224, max_pixels=100_000_000)
     read = stage._read
 
@@ -148,13 +160,17 @@ def breakdown(paths: list[str]) -> dict:
     finally:
         for name, function in originals.items():
             setattr(decode, name, function)
+        for name, method in methods.items():
+            setattr(decode.ThumbnailFeatures, name, method)
     images = rounds * len(paths)
     names = {"_decode_jpeg_fast": "JPEG decode (simplejpeg, DCT-scaled)", "_plain_jpeg_size": "JPEG header + EXIF",
              "pixel_digest": "pixel SHA-1", "_digest": "file SHA-1", "grey_thumbnail": "grey thumbnail",
-             "_grey_statistics": "statistics + dHash", "_percentiles": "percentiles",
-             "copy_descriptor": "copy descriptor", "model_input": "model input", "read": "read"}
+             "features.add": "thumbnail features (per image, in all)", "_laplacian_variance": "  of which Laplacian",
+             "copy_grid": "  of which copy grid (trim, resizes, blur)",
+             "features.finish": "statistics + copy vectors (per batch)", "model_input": "model input", "read": "read"}
     result = {names[k]: round(v / images * 1e3, 3) for k, v in spent.most_common()}
-    result["everything else"] = round(total / images * 1e3 - sum(result.values()), 3)
+    nested = sum(v for k, v in result.items() if k.startswith("  "))
+    result["everything else"] = round(total / images * 1e3 - sum(result.values()) + nested, 3)
     result["stage in all"] = round(total / images * 1e3, 3)
     return result
 
