@@ -313,3 +313,35 @@ def test_a_jpeg_over_the_pixel_cap_is_refused_from_its_header():
     data = _encode(Image.new("RGB", (3000, 3000), "gray"), "JPEG")
     with pytest.raises(RejectedInput, match="too many pixels: 3000x3000"):
         _decode(data, max_pixels=1_000_000)
+
+
+def test_stage_rows_carry_their_own_images_features(tmp_path):
+    """The stage computes thumbnail features in a second pass over the batch: every ok row still
+    gets exactly what decoding that image alone gives, rejected rows in between shift nothing."""
+    from PIL import ImageFilter
+
+    files = {
+        "dark.png": _encode(Image.eval(_photo(300, 200, seed=1), lambda v: v // 12), "PNG"),
+        "photo.jpg": _encode(_photo(640, 480, seed=2), "JPEG", quality=90),
+        "corrupt.jpg": b"\xff\xd8\xff" + b"\x00" * 50,
+        "blurry.jpg": _encode(_photo(400, 300, seed=3).filter(ImageFilter.GaussianBlur(4)), "JPEG"),
+        "small.png": _encode(_photo(32, 32, seed=4), "PNG"),
+    }
+    for name, data in files.items():
+        (tmp_path / name).write_bytes(data)
+    names = ["dark.png", "photo.jpg", "gone.jpg", "corrupt.jpg", "blurry.jpg", "small.png"]
+    stage = DecodeStage(resolver=Resolver(), image_size=64, max_pixels=10**8)
+    out = stage({"uri": np.array([str(tmp_path / n) for n in names], object)})
+    assert list(out["status"]) == ["ok", "ok", "rejected", "rejected", "ok", "ok"]
+    for i, name in enumerate(names):
+        if out["status"][i] != "ok":
+            assert np.isnan(out["brightness"][i]) and not out["copy_vector"][i].any()
+            continue
+        alone = _decode(files[name], image_size=64)
+        np.testing.assert_array_equal(out["pixels"][i], alone.pixels)
+        assert out["pixel_hash"][i] == alone.pixel_hash and out["phash"][i] == alone.phash
+        for key in ("brightness", "contrast", "sharpness", "shadows", "highlights"):
+            assert out[key][i] == np.float32(getattr(alone, key)), (name, key)
+        np.testing.assert_allclose(out["copy_vector"][i], alone.copy_vector, atol=1e-6)
+    assert out["brightness"][0] < 0.05 < out["brightness"][1]  # the dark one is row 0's
+    assert out["sharpness"][4] < out["sharpness"][1] / 5  # the blurry one is row 4's
