@@ -235,9 +235,9 @@ def luminance_percentiles(grey: Image.Image, low: float = 0.01, high: float = 0.
 
 
 def grey_statistics(grey: Image.Image) -> tuple[float, float, float, int]:
-    """Brightness, contrast, sharpness and a 64-bit difference hash of an RGB image.
+    """Brightness, contrast, sharpness and a 64-bit difference hash of a grey working thumbnail.
 
-    All four come from one grey working thumbnail (:func:`working_thumbnail`, at most
+    All four come from that one thumbnail (:func:`working_thumbnail`, at most
     ``STATS_MAX_SIDE`` px, never upscaled, so a sharp small image stays sharp):
     brightness: mean luminance in [0, 1]; contrast: luminance std; sharpness: variance of the
     Laplacian over the variance of the luminance (independent of contrast); phash: dHash on a
@@ -414,7 +414,8 @@ def decode_image(data: bytes, *, image_size: int, max_pixels: int,
     """Decode encoded image bytes once, at the smallest scale its consumers need (JPEG DCT
     scaling), and derive the model input, statistics and hashes from that one decode; raises
     :class:`RejectedInput` with a specific reason. The model input is written into
-    ``pixels_out`` when given. (:class:`DecodeStage` does the same for a batch of images.)"""
+    ``pixels_out`` when given. (:class:`DecodeStage` does the same for a batch, with
+    :func:`decode_into` and one :class:`ThumbnailFeatures` for all its images.)"""
     pixels = np.empty((image_size, image_size, 3), np.uint8) if pixels_out is None else pixels_out
     width, height, pixel_hash, grey = decode_into(data, image_size=image_size, max_pixels=max_pixels,
                                                   background=background, pixels_out=pixels)
