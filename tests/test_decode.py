@@ -286,17 +286,24 @@ def test_jpeg_markers_without_exif_or_unreadable():
 
     plain = _encode(_photo(), "JPEG")
     assert exif_orientation(plain) == 1
+    # An XMP segment (also APP1) before the EXIF one is passed over, as PIL does.
+    xmp = _with_app1(plain, b"Exif\x00\x00" + _exif_tiff(6, "II"))
+    xmp = _with_app1(xmp, b"http://ns.adobe.com/xap/1.0/\x00<x:xmpmeta/>")
+    assert exif_orientation(xmp) == 6 == Image.open(io.BytesIO(xmp)).getexif().get(0x0112)
     assert exif_orientation(_with_app1(plain, b"Exif\x00\x00XX\x00\x2a")) is None  # not a TIFF header
     assert exif_orientation(plain[:2] + b"\x00\x00garbage") is None  # not a marker where one belongs
     assert exif_orientation(plain[:2] + b"\xff\xe1\x00\x01") is None  # a length shorter than itself
 
 
-def test_plain_jpegs_decode_as_pil_decodes_them(monkeypatch):
+@pytest.mark.parametrize("mode, options", [("RGB", {}), ("RGB", {"progressive": True}), ("RGB", {"subsampling": 0}),
+                                           ("L", {})])
+def test_plain_jpegs_decode_as_pil_decodes_them(monkeypatch, mode, options):
     """The header-and-simplejpeg path gives exactly what PIL's own path gives on the same JPEG
-    (both decode at half scale here); a CMYK JPEG, which the fast path leaves to PIL, decodes."""
+    (both decode at half scale here): baseline, progressive, 4:4:4 and greyscale; a CMYK JPEG,
+    which the fast path leaves to PIL, decodes."""
     import curation.stages.decode as decode
 
-    data = _encode(_photo(640, 480, seed=2), "JPEG", quality=90)
+    data = _encode(_photo(640, 480, seed=2).convert(mode), "JPEG", quality=90, **options)
     fast = _decode(data, image_size=224)
     monkeypatch.setattr(decode, "simplejpeg", None)
     slow = _decode(data, image_size=224)
