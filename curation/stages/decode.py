@@ -187,8 +187,10 @@ def _downscale_rgb(rgb: np.ndarray, out: np.ndarray) -> None:
     strides): the layout that kernel computes in, so it writes the result straight into ``out``
     (asked for a new tensor it returns planar NCHW, and the transposition back to HWC costs as
     much as the resampling)."""
+    if not rgb.flags.writeable:  # PIL's arrays are read-only and torch takes writable memory;
+        rgb = rgb.copy()  # copied before the transposition, so the copy stays channels-last
     # The NCHW views are made in numpy: one torch call per tensor instead of three.
-    source = _tensor(rgb.transpose(2, 0, 1)[np.newaxis])
+    source = torch.from_numpy(rgb.transpose(2, 0, 1)[np.newaxis])
     target = torch.from_numpy(out.transpose(2, 0, 1)[np.newaxis])
     if _RESAMPLE_INTO is not None:
         try:
@@ -198,12 +200,6 @@ def _downscale_rgb(rgb: np.ndarray, out: np.ndarray) -> None:
             pass
     target.copy_(torch_functional.interpolate(source, size=out.shape[:2], mode="bilinear", antialias=True,
                                               align_corners=False))
-
-
-def _tensor(pixels: np.ndarray) -> torch.Tensor:
-    """A tensor over ``pixels`` (copied only when read-only, as PIL's arrays are: torch takes
-    writable memory)."""
-    return torch.from_numpy(pixels if pixels.flags.writeable else pixels.copy())
 
 
 class _OneTorchThread:
@@ -259,9 +255,8 @@ def _percentiles(histograms: np.ndarray, low: float, high: float) -> tuple[np.nd
     quantile, in [0, 1] (NaN for an empty histogram)."""
     counts = np.cumsum(histograms, axis=1)
     total = counts[:, -1:].astype(np.float64)
-    with np.errstate(invalid="ignore"):
-        shadows = np.where(total[:, 0] > 0, (counts < low * total).sum(axis=1) / 255.0, np.nan)
-        highlights = np.where(total[:, 0] > 0, (counts < high * total).sum(axis=1) / 255.0, np.nan)
+    shadows = np.where(total[:, 0] > 0, (counts < low * total).sum(axis=1) / 255.0, np.nan)
+    highlights = np.where(total[:, 0] > 0, (counts < high * total).sum(axis=1) / 255.0, np.nan)
     return shadows, highlights
 
 
@@ -449,7 +444,7 @@ def decode_into(data: bytes, *, image_size: int, max_pixels: int, background: tu
         width, height = image.size
         _check_size(width, height, max_pixels)
         rgb, scale = _decode_with_pil(image, width, image_size, background)
-        pixels = np.asarray(rgb)
+        pixels = np.array(rgb)  # writable: the resizes read it without copying it again
     # The hash of the decoded pixels (at the decode scale): the same picture saved twice losslessly.
     pixel_hash = pixel_digest(pixels)
     grey = grey_thumbnail(pixels)

@@ -83,11 +83,12 @@ class EmbedStage:
         ok = np.asarray([s == STATUS_OK for s in status], dtype=bool)
         n = len(status)
         dim = self.identity.dim
-        values = np.zeros((n, dim), np.float32)
         if n and ok.all():  # the usual batch: no copy of its pixels to select the ok rows
             values = self.embed(batch["pixels"])
-        elif ok.any():
-            values[ok] = self.embed(batch["pixels"][ok])
+        else:
+            values = np.zeros((n, dim), np.float32)
+            if ok.any():
+                values[ok] = self.embed(batch["pixels"][ok])
         flat = pa.array(values.reshape(-1), pa.float32())
         embedding = pa.FixedSizeListArray.from_arrays(flat, dim, mask=pa.array(~ok))
         columns = {key: _to_arrow(value, STRING_COLUMNS.get(key), empty_is_null=key in EMPTY_IS_NULL)
