@@ -48,6 +48,7 @@ def main(argv: list[str] | None = None) -> int:
     from curation.config import ConfigError, load_config
     from curation.embedders import EmbedderError
     from curation.io.filesystem import StorageError
+    from curation.session import InfeasibleRequest, NodeCannotReach
 
     try:
         if args.command == "demo":
@@ -73,6 +74,9 @@ def main(argv: list[str] | None = None) -> int:
         print(run_summary(result.run_info))
         print(result.run_uri)
         return EXIT_OK
+    except (InfeasibleRequest, NodeCannotReach) as exc:  # found before any work: like a bad config
+        print(f"curation: error: {exc}", file=sys.stderr)
+        return EXIT_CONFIG
     except Exception as exc:
         return _failed(exc)
 

@@ -316,6 +316,34 @@ class ReportConfig:
 
 
 @dataclass
+class ClusterConfig:
+    """How the run fits a Ray cluster of several nodes (see ``curation/session.py``).
+
+    Every task and actor is sized to fit one node: from the nodes that exist, and from the
+    node types the autoscaler reports when it has any (KubeRay's autoscaler v2). When the
+    cluster can grow but Ray cannot say into what, these keys describe its largest node.
+
+    Attributes:
+        max_node_cpus / max_node_gpus / max_node_memory: the largest node the cluster may
+            add (CPUs, GPUs, bytes of memory); 0 = only what Ray reports. A request that fits
+            no node, no reported node type and not these fails at once with one line.
+        stall_timeout_s: a run in which nothing finishes (no task, no block, no search batch)
+            while work waits for resources fails after this many seconds, listing what is
+            waiting, and publishes nothing. Waiting for the autoscaler is normal: keep this
+            above the time a new node takes to start. 0 turns the check off.
+        check_nodes: before any work, a tiny task on every alive node checks that it can read
+            the input and write the output (a local path seen by the driver alone fails here,
+            naming the node).
+    """
+
+    max_node_cpus: int = ranged(0, 0)
+    max_node_gpus: int = ranged(0, 0)
+    max_node_memory: int = ranged(0, 0)
+    stall_timeout_s: float = ranged(1800.0, 0)
+    check_nodes: bool = True
+
+
+@dataclass
 class RayConfig:
     """Local Ray settings, used only when neither ``RAY_ADDRESS`` is set nor Ray is running."""
 
@@ -337,6 +365,7 @@ class Config:
     selections: list[SelectionConfig] = field(default_factory=_default_selections)
     output: OutputConfig = field(default_factory=OutputConfig)
     report: ReportConfig = field(default_factory=ReportConfig)
+    cluster: ClusterConfig = field(default_factory=ClusterConfig)
     ray: RayConfig = field(default_factory=RayConfig)
 
     def to_dict(self, *, redact: bool = True) -> dict[str, Any]:

@@ -40,7 +40,7 @@ from curation.io.store import EmbeddingStore
 from curation.report import ReportAssets, prepare_report, render_report
 from curation.run_diff import diff_runs, previous_run
 from curation.schema import INPUT_COLUMNS, SAMPLES_CONTRACT, SAMPLES_EXTRA, is_ok
-from curation.session import needs_ray, ray_session, run_tasks
+from curation.session import check_cluster, needs_ray, ray_session, run_tasks
 
 log = logging.getLogger(__name__)
 
@@ -146,7 +146,10 @@ def run_job(config: Config, *, resolver: Resolver | None = None, plan: Plan | No
     log.info("run %s -> %s (%d inputs)", plan.run_id, plan.run.uri, plan.count)
     if plan.count == 0:
         raise NothingToPublish("no input items found; nothing published, latest unchanged")
-    with ray_session(config, needed=needs_ray(config, plan.count)):
+    with ray_session(config, needed=needs_ray(config, plan.count)) as with_ray:
+        if with_ray:
+            with clock.phase("cluster_check"):
+                check_cluster(config, resolver, images=plan.inputs is not None, n_items=plan.count)
         ingested = ingest(plan, config, resolver, clock)
         with clock.phase("knn"):
             neighbours = find_neighbours(ingested, config, plan)

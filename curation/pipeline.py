@@ -17,6 +17,7 @@ from typing import Iterable
 import numpy as np
 import pyarrow as pa
 import ray
+from ray.data._internal.execution.execution_callback import ExecutionCallback
 from ray.data.block import BlockAccessor
 from ray.data.datasource.datasink import Datasink, WriteResult
 
@@ -24,7 +25,7 @@ from curation.config import Config
 from curation.io.filesystem import Location, Resolver
 from curation.io.outputs import EMBEDDING_ROW_GROUP, write_vector_part
 from curation.io.store import Reuse, match_stored
-from curation.session import ClusterResources, embed_pool_size
+from curation.session import ClusterShape, progress, stage_requests
 from curation.stages.decode import DecodeStage
 from curation.stages.embed import EMPTY_IS_NULL, EmbedStage
 
@@ -78,6 +79,13 @@ def embed_to_storage(todo: pa.Table, reuse: Reuse | None, config: Config, resolv
                      folder: Location, model_id: str) -> pa.Table | None:
     """Decode and embed ``todo``, fetch the ``reuse`` rows from the store, write every ok vector
     to ``folder``; returns the compact rows (None when there was nothing to do)."""
+    ctx = ray.data.DataContext.get_current()
+    # Blocks reach the writer in input order, so every part holds a contiguous run of each
+    # branch's rows and the parts' names (their first input id) sort the same on any cluster:
+    # vector ids follow input ids, not which node finished first.
+    ctx.execution_options.preserve_order = True
+    if _RayDataProgress not in ctx.custom_execution_callback_classes:
+        ctx.custom_execution_callback_classes.append(_RayDataProgress)
     branches = []
     if todo.num_rows:
         branches.append(_decode_and_embed(todo.select(list(DECODE_INPUT_COLUMNS)), config, resolver))
@@ -91,7 +99,52 @@ def embed_to_storage(todo: pa.Table, reuse: Reuse | None, config: Config, resolv
     sink = EmbeddingsDatasink(folder=folder, model_id=model_id, store_dtype=config.embedder.store_dtype,
                               rows_per_part=rows_per_part)
     ds.write_datasink(sink)
+    remove_unlisted_parts(folder, sink.compact)
     return sink.compact
+
+
+def remove_unlisted_parts(folder: Location, compact: pa.Table | None) -> list[str]:
+    """Delete ``embeddings/`` parts no compact row points at: a write task that Ray reran
+    after its node was lost may have left a first, half-reported part behind, and readers
+    take the folder's name order as vector order. Returns the names removed."""
+    import pyarrow.compute as pc
+    import pyarrow.fs as pafs
+
+    listed = set()
+    if compact is not None and "vector_file" in compact.column_names:
+        listed = set(pc.drop_null(compact["vector_file"]).to_pylist())
+    infos = folder.filesystem.get_file_info(pafs.FileSelector(folder.path, allow_not_found=True))
+    stray = [i for i in infos if i.type == pafs.FileType.File and i.base_name.startswith("part-")
+             and i.base_name not in listed]
+    for info in stray:
+        folder.filesystem.delete_file(info.path)
+    if stray:
+        log.info("removed %d embeddings part(s) left by retried write tasks", len(stray))
+    return [i.base_name for i in stray]
+
+
+class _RayDataProgress(ExecutionCallback):
+    """Ray Data execution callback: every task an operator finishes counts as progress for
+    the stall watchdog (:class:`curation.session.StallWatchdog`)."""
+
+    def __init__(self):
+        self.seen = 0
+
+    def before_execution_starts(self, executor) -> None:
+        self.seen = 0
+
+    def on_execution_step(self, executor) -> None:
+        topology = getattr(executor, "_topology", None) or {}
+        finished = sum(getattr(op.metrics, "num_tasks_finished", 0) for op in topology)
+        if finished > self.seen:
+            progress.tick(finished - self.seen)
+            self.seen = finished
+
+    def after_execution_succeeds(self, executor) -> None:
+        progress.tick()
+
+    def after_execution_fails(self, executor, error) -> None:
+        pass
 
 
 def _decode_and_embed(inputs: pa.Table, config: Config, resolver: Resolver) -> ray.data.Dataset:
@@ -103,6 +156,7 @@ def _decode_and_embed(inputs: pa.Table, config: Config, resolver: Resolver) -> r
         ds = ds.repartition(blocks)
     # Decoding runs as stateless CPU tasks (the stage holds no model), so Ray Data can scale
     # them with the available CPUs and keep them apart from the embedding actors.
+    pool = stage_requests(config.embedder, ClusterShape.current(config.cluster), decode_memory=DecodeStage.memory_bytes)
     decode = DecodeStage(resolver=resolver, image_size=config.embedder.image_size,
                          max_pixels=config.decode.max_pixels, background=tuple(config.decode.background))
     ds = ds.map_batches(
@@ -110,14 +164,13 @@ def _decode_and_embed(inputs: pa.Table, config: Config, resolver: Resolver) -> r
         fn_kwargs={"stage": decode},
         batch_size=config.decode.batch_size,
         batch_format="numpy",
-        num_cpus=DecodeStage.num_cpus,
         # Declaring the decode memory also keeps Ray Data from fusing these tasks into the
         # embedding actors (it fuses ops with identical resource requests), so decoding runs
         # on its own CPUs and the model never waits on a serial decode in the same process.
-        memory=DecodeStage.memory_bytes,
+        **pool["decode"].options(),
     )
-    pool = embed_pool_size(config.embedder, ClusterResources.current())
-    log.info("embedding actor pool: %d..%d actors on %s", pool["min_size"], pool["max_size"], pool["device"])
+    log.info("embedding actor pool: %d..%d actors on %s (%s each); decode tasks %s CPU each", pool["min_size"],
+             pool["max_size"], pool["device"], pool["actor"].options(), pool["decode"].num_cpus)
     return ds.map_batches(
         EmbedStage,
         fn_constructor_kwargs={
@@ -126,13 +179,13 @@ def _decode_and_embed(inputs: pa.Table, config: Config, resolver: Resolver) -> r
             "image_size": config.embedder.image_size,
             "device": pool["device"],
             "precision": config.embedder.precision,
-            "num_threads": int(pool["per_actor"].get("num_cpus", 1)),
+            "num_threads": max(1, int(pool["actor"].num_cpus)),
             "resolver": resolver,
         },
         compute=ray.data.ActorPoolStrategy(min_size=pool["min_size"], max_size=pool["max_size"]),
         batch_size=config.embedder.batch_size,
         batch_format="numpy",
-        **pool["per_actor"],
+        **pool["actor"].options(),
     )
 
 

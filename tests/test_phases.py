@@ -11,31 +11,8 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from curation.config import SELECTION_MODES, ConfigError, EmbedderConfig, load_config
-from curation.session import ClusterResources, embed_pool_size, needs_ray, shard_count
-
-
-def test_embed_pool_on_cpu_leaves_cpus_for_decoding():
-    pool = embed_pool_size(EmbedderConfig(), ClusterResources(cpus=2, gpus=0))
-    assert (pool["min_size"], pool["max_size"], pool["device"]) == (1, 1, "cpu")
-    # An explicit max above half the CPUs is capped: two CPU actors on 2 CPUs starve the readers.
-    assert embed_pool_size(EmbedderConfig(max_actors=4), ClusterResources(cpus=2, gpus=0))["max_size"] == 1
-    assert embed_pool_size(EmbedderConfig(), ClusterResources(cpus=16, gpus=0))["max_size"] == 8
-
-
-def test_embed_pool_on_gpus_honours_max_actors_above_the_gpus_present():
-    # An autoscaling GPU worker group starts with 0-1 GPUs: an explicit max must not be capped to them.
-    pool = embed_pool_size(EmbedderConfig(max_actors=8), ClusterResources(cpus=4, gpus=1))
-    assert (pool["max_size"], pool["device"], pool["per_actor"]["num_gpus"]) == (8, "cuda", 1)
-    assert embed_pool_size(EmbedderConfig(), ClusterResources(cpus=32, gpus=4))["max_size"] == 4
-    assert embed_pool_size(EmbedderConfig(device="cuda", max_actors=2), ClusterResources(cpus=4, gpus=0))["device"] == "cuda"
-    assert embed_pool_size(EmbedderConfig(device="cpu"), ClusterResources(cpus=4, gpus=2))["device"] == "cpu"
-
-
-def test_shard_count():
-    assert shard_count(0, 1_000_000, ClusterResources(cpus=16, gpus=0)) == 8
-    assert shard_count(3, 1_000_000, ClusterResources(cpus=2, gpus=0)) == 3
-    assert shard_count(0, 1, ClusterResources(cpus=16, gpus=0)) == 1
+from curation.config import SELECTION_MODES, ConfigError, load_config
+from curation.session import needs_ray
 
 
 def test_needs_ray_is_decided_once_from_the_config_and_n():

@@ -44,9 +44,9 @@ class IndexParams:
 
 
 def choose_params(n: int, d: int, cfg: KnnConfig, *, cpus: int = 2) -> IndexParams:
-    from curation.session import ClusterResources, shard_count
+    from curation.session import shard_count
 
-    shards = shard_count(cfg.shards, n, ClusterResources(cpus, 0))
+    shards = shard_count(cfg.shards, n, cpus)
     if cfg.index == "flat" or (cfg.index == "auto" and n < cfg.exact_below):
         return IndexParams("flat", "flat", 0, 0, 0, shards)
     nlist = cfg.nlist or int(min(65536, max(64, round(4 * math.sqrt(max(n, 1))))))

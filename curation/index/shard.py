@@ -1,6 +1,7 @@
 """One shard of a FAISS index: a plain class that the pipeline wraps as a Ray actor.
 
-The trained, empty index arrives serialised (trained once on the driver); the shard adds its
+The trained, empty index arrives serialised or as its location in storage (trained once, in
+a Ray task); the shard adds its
 partition of the vectors with their global ids and answers top-k searches. Results from all
 shards are merged with ``faiss.merge_knn_results``.
 """
@@ -13,7 +14,9 @@ import numpy as np
 
 class IndexShard:
     """Args:
-        index_bytes: ``faiss.serialize_index`` of the trained empty index.
+        index_bytes: ``faiss.serialize_index`` of the trained empty index, or the
+            :class:`~curation.io.filesystem.Location` it was written to (what a run passes, so
+            that a restarted shard reads it from storage).
         nprobe: lists probed per query (IVF only).
         num_threads: OpenMP threads (match the actor's CPU reservation).
         partition: ``(source, lo, hi, batch_rows)``: fill the index with ids ``[lo, hi)`` of
@@ -24,7 +27,10 @@ class IndexShard:
     def __init__(self, index_bytes: np.ndarray, *, nprobe: int = 0, num_threads: int = 1, use_gpu: bool = False,
                  refine_factor: int = 16, partition: tuple[int, int, int] | None = None, source=None):
         faiss.omp_set_num_threads(max(1, num_threads))
-        index = faiss.deserialize_index(np.asarray(index_bytes, dtype=np.uint8))
+        if hasattr(index_bytes, "filesystem"):
+            index = load_index(index_bytes)
+        else:
+            index = faiss.deserialize_index(np.asarray(index_bytes, dtype=np.uint8))
         if isinstance(index, faiss.IndexRefine):
             index.k_factor = float(refine_factor)
             use_gpu = False  # the fast-scan codes and the refine step run on CPU

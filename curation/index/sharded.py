@@ -2,8 +2,9 @@
 
 Sharded path, start to finish, with vectors read from storage by the workers that need them:
 
-1. train: the coarse quantiser is trained on the driver on a uniform sample fetched from the
-   vector source (``VectorParts.take``: only the sampled rows travel);
+1. train: the coarse quantiser is trained in a Ray task on a uniform sample it fetches from
+   the vector source (``VectorParts.take``: only the sampled rows travel); the driver gets the
+   trained, empty index (and writes it to storage when the run keeps its index);
 2. fill: ``shards`` :class:`~curation.index.shard.IndexShard` actors each stream a contiguous id
    range from the source (``add_from``);
 3. search: one Ray task per query batch reads its batch from the source, fans it out to every
@@ -28,13 +29,13 @@ from curation.index.params import IndexParams, choose_params
 from curation.index.shard import IndexShard, merge_shard_results, train_empty_index
 from curation.index.source import MemoryVectors, VectorParts, as_source
 from curation.io.filesystem import Location, write_bytes
-from curation.session import ClusterResources
+from curation.session import ClusterShape, progress, shard_request, training_request
 
 log = logging.getLogger(__name__)
 
 SOURCE_BATCH = 16384  # rows a shard reads from storage per step (32 MB at d=512)
 QUERY_TASKS_IN_FLIGHT = 2  # one batch searching while the previous one is read and merged
-TRAIN_THREADS = 8  # CPUs the training task reserves (at most the cluster's)
+TRAIN_THREADS = 8  # CPUs the training task asks for (at most one node's: session.training_request)
 SHARD_RESTARTS = 2  # a dead shard actor is restarted (and refills itself) at most this often
 
 
@@ -55,7 +56,7 @@ def knn_graph(vectors, cfg: KnnConfig, *, seed: int = 0,
     source = as_source(vectors)
     n = source.n
     d = source.dim if n else 1
-    params = choose_params(n, d, cfg, cpus=ClusterResources.current().cpus)
+    params = choose_params(n, d, cfg, cpus=ClusterShape.current().cpus)
     info: dict = {"k": cfg.k, **params.to_dict()}
     if params.kind == "flat" and params.shards == 1:
         # Bounded by knn.exact_below rows, so the exact path may hold them in process.
@@ -93,31 +94,33 @@ def sharded_knn(embeddings: np.ndarray | None, k: int, params: IndexParams, *, q
     t = time.perf_counter()
     # Trained in a Ray task, which fetches its own sample: the driver receives only the trained,
     # empty index (nlist centroids).
-    threads = max(1, min(TRAIN_THREADS, ClusterResources.current().cpus))
-    train = ray.remote(num_cpus=threads)(_train)
-    blob = ray.get(train.remote(source, params, d, n, seed, threads))
+    request = training_request("the kNN index's training task", TRAIN_THREADS)
+    train = ray.remote(**request.options())(_train)
+    blob = ray.get(train.remote(source, params, d, n, seed, int(request.num_cpus)))
+    progress.tick()
     timing["train_s"] = round(time.perf_counter() - t, 3)
+    trained = None
     if save_to is not None:
-        write_bytes(save_to.child("trained.faissindex"), blob.tobytes())
+        trained = save_to.child("trained.faissindex")
+        write_bytes(trained, blob.tobytes())
 
     t = time.perf_counter()
-    resources = ClusterResources.current()
-    threads = max(1, resources.cpus // params.shards)
-    use_gpu = resources.gpus >= params.shards
-    # A shard whose process dies is restarted by Ray and refills itself from the source in its
-    # constructor; its pending searches are retried (bounded). Past that the run fails naming it.
-    actor_cls = ray.remote(num_cpus=min(1, resources.cpus / params.shards), num_gpus=1 if use_gpu else 0,
-                           max_restarts=SHARD_RESTARTS, max_task_retries=SHARD_RESTARTS)(IndexShard)
-    blob_ref = ray.put(blob)
+    request, threads, use_gpu = shard_request(params.shards, ClusterShape.current())
+    # A shard whose process dies is restarted by Ray (on another node when its node is gone)
+    # and refills itself from the source in its constructor; its pending searches are retried
+    # (bounded). Past that the run fails naming it.
+    actor_cls = ray.remote(**request.options(), max_restarts=SHARD_RESTARTS,
+                           max_task_retries=SHARD_RESTARTS)(IndexShard)
     bounds = np.linspace(0, n, params.shards + 1).astype(np.int64)
     in_storage = isinstance(source, VectorParts)
-    # Each shard reads its own id range of the source: from storage (a source in storage is a
-    # description, files and a keep mask) or from the one in-memory copy in the object store,
-    # which the query tasks read too. The driver holds that reference until the search is over:
-    # Ray rebuilds a restarted shard from its constructor's arguments, and an argument nobody
-    # holds any more would be gone by then.
-    source_ref = ray.put(source)
-    shards = [actor_cls.remote(blob_ref, nprobe=params.nprobe, num_threads=threads, use_gpu=use_gpu,
+    # A restarted shard is rebuilt from its constructor's arguments. In a run they are all
+    # descriptions (the trained index's and the vectors' locations in storage), passed by value:
+    # nothing for Ray to keep alive in the object store. An in-memory source (tests,
+    # benchmarks) travels once through the object store, held by the driver until the search
+    # is over, and the query tasks read it from there too.
+    source_ref = source if in_storage else ray.put(source)
+    index_arg = trained if trained is not None else ray.put(blob)
+    shards = [actor_cls.remote(index_arg, nprobe=params.nprobe, num_threads=threads, use_gpu=use_gpu,
                                refine_factor=refine_factor, partition=(int(lo), int(hi), SOURCE_BATCH),
                                source=source_ref)
               for lo, hi in zip(bounds[:-1], bounds[1:])]
@@ -222,6 +225,7 @@ def _collect(pending, ids: np.ndarray, sims: np.ndarray) -> int:
 
     start, stop, ref = pending
     batch_ids, batch_sims = ray.get(ref)
+    progress.tick()
     ids[start:stop, : batch_ids.shape[1]] = batch_ids
     sims[start:stop, : batch_sims.shape[1]] = batch_sims
     return stop - start

@@ -111,7 +111,9 @@ def write_vector_part(folder: Location, rows: pa.Table, *, model_id: str, store_
             columns["copy_vector"] = good["copy_vector"].combine_chunks()
         columns["model_id"] = pa.array([model_id] * good.num_rows, pa.string())
         first = int(good["input_id"][0].as_py()) if keyed else 0
-        name = f"part-{first:012d}-{uuid.uuid4().hex[:8]}.parquet"
+        # Named by content, not by attempt: a write task Ray reruns overwrites its own part.
+        last = int(good["input_id"][-1].as_py()) if keyed else good.num_rows - 1
+        name = f"part-{first:012d}-{last:012d}.parquet" if keyed else f"part-{uuid.uuid4().hex[:8]}.parquet"
         target = folder.child(name)
         folder.filesystem.create_dir(folder.path, recursive=True)
         pq.write_table(pa.table(columns), target.path, filesystem=target.filesystem,

@@ -164,7 +164,7 @@ def map_coordinates(samples: pa.Table, vectors, selections: dict[str, pa.Table],
         config: the ``report`` section.
     """
     from curation.index.source import as_source
-    from curation.session import ClusterResources, run_tasks
+    from curation.session import ClusterShape, gpu_request, run_tasks
 
     start = time.perf_counter()
     ok = is_ok(samples["status"])
@@ -177,10 +177,9 @@ def map_coordinates(samples: pa.Table, vectors, selections: dict[str, pa.Table],
         else:
             ids = np.searchsorted(np.flatnonzero(ok), rows)
         order = np.argsort(ids)
-        import ray
-
-        gpus = 1 if ray.is_initialized() and ClusterResources.current().gpus > 0 else 0
-        xy, how = run_tasks(_embed_sample, [(as_source(vectors), ids[order], config.map_method)], num_gpus=gpus)[0]
+        shape = ClusterShape.current()
+        request = shape.fit("the map's UMAP task", cpus=1, gpus=gpu_request(shape))
+        xy, how = run_tasks(_embed_sample, [(as_source(vectors), ids[order], config.map_method)], request=request)[0]
         coords[rows[order]] = xy
     has = np.isfinite(coords[:, 0])
     for name, column in (("x", coords[:, 0]), ("y", coords[:, 1])):

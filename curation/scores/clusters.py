@@ -27,7 +27,7 @@ log = logging.getLogger(__name__)
 SEED = 1234
 N_RESTARTS = 5
 POINTS_PER_CENTROID = 256
-TRAIN_THREADS = 8  # CPUs the training task reserves (at most the cluster's)
+TRAIN_THREADS = 8  # CPUs the training task asks for (at most one node's: session.training_request)
 
 
 def choose_n_clusters(n: int, requested: int = 0, budget: int | None = None) -> int:
@@ -86,7 +86,7 @@ def assign(ids: np.ndarray, x: np.ndarray, centroids: np.ndarray) -> tuple[np.nd
 def cluster_vectors(vectors, k: int, *, seed: int = SEED) -> tuple[np.ndarray, np.ndarray, str]:
     """Train on a sample of ``vectors`` (a source or a matrix), assign every vector where it is
     stored. Returns labels, cosine to the centroid, and the training backend."""
-    from curation.session import ClusterResources, run_tasks
+    from curation.session import run_tasks, training_request
 
     source = as_source(vectors)
     n = source.n
@@ -95,11 +95,9 @@ def cluster_vectors(vectors, k: int, *, seed: int = SEED) -> tuple[np.ndarray, n
     sample_ids = np.sort(rng.choice(n, size=size, replace=False)) if size < n else np.arange(n)
     # Trained in a task (on a GPU worker when the cluster has one, where cuML can run); only the
     # centroids come back.
-    resources = ClusterResources.current()
-    gpus = 1 if resources.gpus > 0 else 0
-    threads = max(1, min(TRAIN_THREADS, resources.cpus))
-    centroids, backend = run_tasks(_train_on_sample, [(source, sample_ids, k, threads)], num_cpus=threads,
-                                   num_gpus=gpus)[0]
+    request = training_request("the k-means training task", TRAIN_THREADS)
+    centroids, backend = run_tasks(_train_on_sample, [(source, sample_ids, k, int(request.num_cpus))],
+                                   request=request)[0]
     parts = map_vectors(source, assign, centroids)
     labels = np.concatenate([p[0] for p in parts]) if parts else np.empty(0, np.int32)
     sims = np.concatenate([p[1] for p in parts]) if parts else np.empty(0, np.float32)

@@ -181,15 +181,13 @@ def probe_probabilities(vectors, codes: np.ndarray, n_classes: int) -> tuple[np.
     Returns:
         ``(top_classes (N, m) int32, top_probabilities (N, m) float32, info)``.
     """
-    from curation.session import ClusterResources, run_tasks
+    from curation.session import run_tasks, training_request
 
     vectors = as_source(vectors)
     sample = stratified_sample(codes, PROBE_SAMPLE)
-    resources = ClusterResources.current()
-    threads = max(1, min(TRAIN_THREADS, resources.cpus))
-    gpus = 1 if resources.gpus > 0 else 0
-    oos, model, backend = run_tasks(train_probe, [(vectors, sample, codes[sample], n_classes, threads)],
-                                    num_cpus=threads, num_gpus=gpus)[0]
+    request = training_request("the label probe's training task", TRAIN_THREADS)
+    oos, model, backend = run_tasks(train_probe, [(vectors, sample, codes[sample], n_classes, int(request.num_cpus))],
+                                    request=request)[0]
     parts = map_vectors(vectors, _apply, model, n_classes, TOP_CLASSES)
     top_classes = np.concatenate([p[0] for p in parts])
     top_p = np.concatenate([p[1] for p in parts])
