@@ -80,6 +80,13 @@ def embed_to_storage(todo: pa.Table, reuse: Reuse | None, config: Config, resolv
     """Decode and embed ``todo``, fetch the ``reuse`` rows from the store, write every ok vector
     to ``folder``; returns the compact rows (None when there was nothing to do)."""
     ctx = ray.data.DataContext.get_current()
+    # Ray Data warns "no available CPUs, the Dataset job will hang" once per process when it
+    # re-reads the materialised write while the actor pool is still giving its CPUs back: a
+    # false alarm at the end of every run. Sizing (session.stage_requests) prevents the real
+    # case, and the stall watchdog reports it if it happens anyway.
+    from ray.util.debug import log_once
+
+    log_once("cpu_warning")
     # Blocks reach the writer in input order, so every part holds a contiguous run of each
     # branch's rows and the parts' names (their first input id) sort the same on any cluster:
     # vector ids follow input ids, not which node finished first.

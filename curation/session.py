@@ -177,10 +177,17 @@ class ClusterShape:
 
     def describe(self) -> str:
         """One phrase: the alive nodes and the node types that may join."""
-        counts: dict[str, int] = {}
+        groups: dict[tuple, list[float]] = {}
         for node in self.nodes:
-            counts[node.describe()] = counts.get(node.describe(), 0) + 1
-        text = "the cluster has " + (", ".join(f"{c} x ({d})" for d, c in counts.items()) or "no node")
+            groups.setdefault((node.cpus, node.gpus), []).append(node.memory)
+        listed = []
+        for (cpus, gpus), memory in sorted(groups.items(), reverse=True):
+            text = NodeShape(cpus, gpus).describe()
+            if max(memory):
+                low, high = min(memory) / GIB, max(memory) / GIB
+                text += f", {low:.1f} GiB" if high - low < 0.05 else f", {low:.1f}-{high:.1f} GiB"
+            listed.append(f"{len(memory)} x ({text})")
+        text = "the cluster has " + (", ".join(listed) or "no node")
         if self.node_types:
             text += "; node types that may join: " + ", ".join(f"({t.describe()})" for t in self.node_types)
         else:

@@ -107,10 +107,11 @@ def sharded_knn(embeddings: np.ndarray | None, k: int, params: IndexParams, *, q
     t = time.perf_counter()
     request, threads, use_gpu = shard_request(params.shards, ClusterShape.current())
     # A shard whose process dies is restarted by Ray (on another node when its node is gone)
-    # and refills itself from the source in its constructor; its pending searches are retried
-    # (bounded). Past that the run fails naming it.
-    actor_cls = ray.remote(**request.options(), max_restarts=SHARD_RESTARTS,
-                           max_task_retries=SHARD_RESTARTS)(IndexShard)
+    # and refills itself from the source in its constructor. Its searches are retried for as
+    # long as it may come back: a lost node leaves the actor "temporarily unavailable" for the
+    # seconds Ray takes to declare the node dead, and a fixed retry count runs out in that time.
+    # Restarts are bounded; past them every call fails and the run names the shard.
+    actor_cls = ray.remote(**request.options(), max_restarts=SHARD_RESTARTS, max_task_retries=-1)(IndexShard)
     bounds = np.linspace(0, n, params.shards + 1).astype(np.int64)
     in_storage = isinstance(source, VectorParts)
     # A restarted shard is rebuilt from its constructor's arguments. In a run they are all
