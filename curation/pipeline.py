@@ -139,6 +139,7 @@ class _RayDataProgress(ExecutionCallback):
 
     def before_execution_starts(self, executor) -> None:
         self.seen = 0
+        progress.streaming = True
 
     def on_execution_step(self, executor) -> None:
         topology = getattr(executor, "_topology", None) or {}
@@ -148,10 +149,11 @@ class _RayDataProgress(ExecutionCallback):
             self.seen = finished
 
     def after_execution_succeeds(self, executor) -> None:
+        progress.streaming = False
         progress.tick()
 
     def after_execution_fails(self, executor, error) -> None:
-        pass
+        progress.streaming = False
 
 
 def _decode_and_embed(inputs: pa.Table, config: Config, resolver: Resolver) -> ray.data.Dataset:

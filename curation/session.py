@@ -394,6 +394,7 @@ class Progress:
 
     def __init__(self):
         self.count = 0
+        self.streaming = False  # a Ray Data execution is running: it should finish tasks
 
     def tick(self, n: int = 1) -> None:
         self.count += n
@@ -406,11 +407,12 @@ class StallWatchdog:
     """Fails a run in which nothing finishes while work waits for resources.
 
     Every ``poll_s`` it takes a snapshot: :data:`progress`, the cluster's pending resource
-    demands (the autoscaler's view, from the GCS) and the free resources of every node. A
-    stall is ``timeout_s`` of identical snapshots *with demands pending*: tasks that wait for
-    resources nobody releases (a request too big for every node, an actor pool holding the
-    last CPU). A long task with nothing waiting is not a stall, and neither is waiting while
-    the cluster changes (a node starting). On a stall the main thread is interrupted and
+    demands (the autoscaler's view, from the GCS), its free CPUs and GPUs and its node count.
+    A stall is ``timeout_s`` of identical snapshots while work waits: demands pending (tasks
+    asking for resources nobody releases: a request too big for every node) or a Ray Data
+    stream running without finishing a task (it submits only what fits, so an actor pool
+    holding the last CPU shows no demand). A long task with nothing waiting is not a stall,
+    and neither is waiting while the cluster changes (a node starting). On a stall the main thread is interrupted and
     :func:`ray_session` raises :class:`ClusterStalled` listing what waits.
     """
 
@@ -445,12 +447,13 @@ class StallWatchdog:
                 log.debug("stall watchdog: no snapshot (%s)", exc)
                 continue
             now = time.monotonic()
-            if snapshot != last or not demands:
+            if snapshot != last or not (demands or progress.streaming):
                 last, since = snapshot, now
                 continue
             if now - since >= self.timeout_s:
+                waiting = demands or "a Ray Data stream that finishes no task (no demand pending)"
                 self.message = (f"no progress for {now - since:.0f} s (cluster.stall_timeout_s={self.timeout_s:g}) "
-                                f"while work waits for resources: {demands}; {ClusterShape.current().describe()}")
+                                f"while work waits for resources: {waiting}; {ClusterShape.current().describe()}")
                 log.error("%s", self.message)
                 _thread.interrupt_main()
                 return

@@ -435,8 +435,11 @@ def test_a_node_lost_mid_embedding_is_survived_and_a_node_that_joins_is_used(clu
     cluster.workers.append(joined)
     lost = cluster.workers.pop(0)
     cluster.remove_worker(lost)
+    removed_at = time.strftime("%H:%M:%S")
     text = finish(proc, log)
     assert proc.returncode == 0, text[-4000:]
+    embedded_at = re.search(r"^(\d\d:\d\d:\d\d) INFO curation.job: phase decode_embed done", text, re.M).group(1)
+    assert embedded_at >= removed_at, "the node was removed after the embedding phase"
 
     run = text.strip().splitlines()[-1]
     check_run_outputs(pafs.LocalFileSystem(), out, os.path.basename(run), images_uri=os.path.join(root, "images"),
