@@ -4,7 +4,7 @@ PYTHON ?= python3
 VENV ?= .venv
 STAMP := $(VENV)/.installed-dev
 
-.PHONY: demo test venv clean bench-venv browser
+.PHONY: demo test test-fast venv clean bench-venv browser
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -18,6 +18,11 @@ demo: $(STAMP)
 
 test: $(STAMP) browser
 	$(VENV)/bin/python -m pytest -q
+
+# The quick loop: everything but the `integration` tests (real Ray, the S3 server, subprocesses,
+# the browser); about a minute.
+test-fast: $(STAMP)
+	$(VENV)/bin/python -m pytest -q -m "not integration"
 
 # The report test opens report.html in Debian's Chromium (never a downloaded browser build).
 browser:

@@ -179,7 +179,7 @@ def _decode_and_embed(inputs: pa.Table, config: Config, resolver: Resolver) -> r
         **pool["decode"].options(),
     )
     log.info("embedding actor pool: %d..%d actors on %s (%s each); decode tasks %s CPU each", pool["min_size"],
-             pool["max_size"], pool["device"], pool["actor"].options(), pool["decode"].num_cpus)
+             pool["max_size"], pool["device"], pool["actor"].options(), pool["decode"].cpus)
     return ds.map_batches(
         EmbedStage,
         fn_constructor_kwargs={
@@ -188,7 +188,7 @@ def _decode_and_embed(inputs: pa.Table, config: Config, resolver: Resolver) -> r
             "image_size": config.embedder.image_size,
             "device": pool["device"],
             "precision": config.embedder.precision,
-            "num_threads": max(1, int(pool["actor"].num_cpus)),
+            "num_threads": max(1, int(pool["actor"].cpus)),
             "resolver": resolver,
         },
         compute=ray.data.ActorPoolStrategy(min_size=pool["min_size"], max_size=pool["max_size"]),

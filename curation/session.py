@@ -46,8 +46,9 @@ class ClusterStalled(ClusterError):
 
 
 @dataclass(frozen=True)
-class NodeShape:
-    """What one node offers Ray: CPUs, GPUs and bytes of task memory (0 = not reported)."""
+class Resources:
+    """CPUs, GPUs and bytes of memory (0 = none, or not reported): what one node offers Ray,
+    or what one task or actor asks of it (``ray.remote(**request.options())``)."""
 
     cpus: float
     gpus: float = 0
@@ -61,20 +62,15 @@ class NodeShape:
             text += f", {self.memory / GIB:.1f} GiB"
         return text
 
-
-@dataclass(frozen=True)
-class Request:
-    """Ray resources for one task or actor (``ray.remote(**request.options())``)."""
-
-    num_cpus: float
-    num_gpus: float = 0
-    memory: float = 0
-
     def options(self) -> dict:
-        out: dict = {"num_cpus": self.num_cpus, "num_gpus": self.num_gpus}
+        out: dict = {"num_cpus": self.cpus, "num_gpus": self.gpus}
         if self.memory:
             out["memory"] = int(self.memory)
         return out
+
+
+NodeShape = Resources  # what a node offers
+Request = Resources  # what a task or actor asks for
 
 
 @dataclass(frozen=True)

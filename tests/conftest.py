@@ -13,6 +13,18 @@ os.environ.setdefault("RAY_AUTH_MODE", "disabled")
 SHARED_DATA = os.environ.get("CURATION_TEST_DATA") or os.path.join(os.path.dirname(__file__), "..", "..", "shared", "data")
 
 
+# Tests that need a real Ray, the S3 server, a subprocess or a browser are `integration`:
+# `make test-fast` runs the rest. A test is one when it uses these fixtures (directly or
+# through another fixture), or when its module says so with `pytestmark`.
+INTEGRATION_FIXTURES = {"ray_local", "s3", "cluster", "local_run", "undisturbed", "report_run"}
+
+
+def pytest_collection_modifyitems(config, items):
+    for item in items:
+        if INTEGRATION_FIXTURES & set(getattr(item, "fixturenames", ())):
+            item.add_marker(pytest.mark.integration)
+
+
 @pytest.fixture(scope="session")
 def ray_local():
     import ray

@@ -348,3 +348,23 @@ def test_a_killed_run_leaves_latest_and_a_rerun_publishes(where, ray_local, tmp_
     rerun = run_job(config)
     assert json.loads(read_bytes(latest))["run_id"] == "night-2-rerun"
     assert rerun.run_info["diff"]["previous_run"].endswith("night-1")  # diffed against the last published run
+
+
+def test_clusters_summary_reports_the_backend_the_training_task_used(monkeypatch):
+    """run.json's k-means backend is what the (remote) training used, not the driver's guess:
+    on a GPU cluster the task trains with cuML while the driver has no GPU."""
+    from curation.config import ScoresConfig
+    from curation.index.knn import KnnGraph
+    from curation.scores import clusters
+    from curation.scores.base import Columns, ScoreContext
+
+    x = np.eye(4, dtype=np.float32)
+    monkeypatch.setattr(clusters, "cluster_vectors",
+                        lambda vectors, k: (np.zeros(4, np.int32), np.ones(4, np.float32), "cuml"))
+    from curation.index.source import as_source
+
+    ctx = ScoreContext(Columns(pa.table({"status": ["ok"] * 4})), np.ones(4, bool), as_source(x),
+                       KnnGraph(np.zeros((4, 1), np.int32), np.zeros((4, 1), np.float32)), ScoresConfig())
+    score = clusters.ClustersScore()
+    assert clusters.kmeans_backend() != "cuml"  # this machine has no GPU
+    assert score.summary(score.compute(ctx))["kmeans_backend"] == "cuml"

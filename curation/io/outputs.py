@@ -4,9 +4,11 @@ Layout under ``output.uri``::
 
     <run_id>/samples/part-00000.parquet
     <run_id>/selections/<name>.parquet
-    <run_id>/embeddings/*.parquet        uri, embedding, model_id
+    <run_id>/embeddings/*.parquet        input_id, uri, embedding, copy_vector (images), model_id
     <run_id>/knn/*.parquet               uri, input_id, neighbor_ids, neighbor_similarities
     <run_id>/index/*.faissindex          trained + filled shards (sharded path only)
+    <run_id>/index-copies/*.faissindex   the same for the copy descriptors (images, sharded path)
+    <run_id>/diff/<selection>.parquet    against the previous published run (nightly)
     <run_id>/report.html
     <run_id>/run.json
     <run_id>/_SUCCESS                    written last

@@ -96,7 +96,7 @@ def cluster_vectors(vectors, k: int, *, seed: int = SEED) -> tuple[np.ndarray, n
     # Trained in a task (on a GPU worker when the cluster has one, where cuML can run); only the
     # centroids come back.
     request = training_request("the k-means training task", TRAIN_THREADS)
-    centroids, backend = run_tasks(_train_on_sample, [(source, sample_ids, k, int(request.num_cpus))],
+    centroids, backend = run_tasks(_train_on_sample, [(source, sample_ids, k, int(request.cpus))],
                                    request=request)[0]
     parts = map_vectors(source, assign, centroids)
     labels = np.concatenate([p[0] for p in parts]) if parts else np.empty(0, np.int32)
@@ -128,13 +128,17 @@ class ClustersScore:
         else:
             labels, sims, backend = np.empty(0, np.int32), np.empty(0, np.float32), "none"
         log.info("clusters: k=%d (%s)", k, backend)
-        return pa.table({
+        table = pa.table({
             "cluster": pa.array(ctx.scatter(labels, -1, np.int32), pa.int32()),
             "cluster_similarity": masked(ctx.scatter(sims, np.nan, np.float32), ctx.ok, pa.float32()),
         })
+        # The backend the training task used (on a GPU worker it may be cuML while the driver
+        # has no GPU): the summary reports it from here, not by asking the driver again.
+        return table.replace_schema_metadata({"kmeans_backend": backend})
 
     def summary(self, table: pa.Table) -> dict:
         import pyarrow.compute as pc
 
         clusters = pc.filter(table["cluster"], pc.greater_equal(table["cluster"], 0))
-        return {"clusters": len(pc.unique(clusters)), "kmeans_backend": kmeans_backend()}
+        backend = (table.schema.metadata or {}).get(b"kmeans_backend", b"none").decode()
+        return {"clusters": len(pc.unique(clusters)), "kmeans_backend": backend}
