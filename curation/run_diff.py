@@ -24,10 +24,10 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from curation.io.filesystem import Location
+from curation.scores import flag_columns
 
 log = logging.getLogger(__name__)
 
-FLAG_COLUMNS = ("is_dark", "is_bright", "is_blurry", "is_low_information", "is_suspected_mislabel")
 
 
 def previous_run(output: Location, latest: bytes | None) -> Location | None:
@@ -57,7 +57,8 @@ def _read(location: Location, columns: list[str]) -> pa.Table | None:
 def diff_runs(previous: Location, samples: pa.Table, selections: dict[str, pa.Table], folder: Location) -> dict:
     """Compare this run with ``previous``; write ``folder/<selection>.parquet``; return the
     summary for ``run.json``."""
-    old = _read(previous.child("samples"), ["uri", "fingerprint", "dup_of", *FLAG_COLUMNS])
+    flags = flag_columns()  # every flag the scores declare
+    old = _read(previous.child("samples"), ["uri", "fingerprint", "dup_of", *flags])
     if old is None:
         return {"previous_run": previous.uri, "error": "previous samples unreadable"}
     now_uri, old_uri = samples["uri"], old["uri"]
@@ -69,7 +70,7 @@ def diff_runs(previous: Location, samples: pa.Table, selections: dict[str, pa.Ta
         key_old = pc.binary_join_element_wise(old_uri, pc.fill_null(old["fingerprint"], ""), "\x00")
         changed = int((~is_new & ~pc.is_in(key_now, value_set=key_old).to_numpy(zero_copy_only=False)).sum())
     newly = {}
-    for name in (*FLAG_COLUMNS, "dup_of"):
+    for name in (*flags, "dup_of"):
         if name not in samples.column_names:
             continue
         flagged_now = (pc.is_valid(samples[name]) if name == "dup_of" else pc.fill_null(samples[name], False))

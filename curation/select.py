@@ -44,7 +44,7 @@ import pyarrow.compute as pc
 from curation.config import ConfigError, ScoresConfig, SelectionConfig, parse_class_balance
 from curation.index.source import as_source
 from curation.schema import SELECTION_SCHEMA, is_ok, ok_rows_in_vector_order
-from curation.scores.junk import is_junk
+from curation.scores import flag_columns
 
 log = logging.getLogger(__name__)
 
@@ -118,7 +118,6 @@ def interleave_by(order: np.ndarray, groups: np.ndarray) -> np.ndarray:
     return np.array(interleave(list(buckets.values())), np.int64)
 
 
-JUNK_FLAGS = ("is_dark", "is_bright", "is_blurry", "is_low_information")
 
 
 def _filled(column, value) -> np.ndarray:
@@ -143,11 +142,11 @@ class SampleView:
         columns: extra columns to make available (named by ``where`` / ``balance_on``).
     """
 
-    NEEDED = ("uri", "label", "status", "dup_of", "is_suspected_mislabel", "label_quality", "sparseness",
-              "suggested_label", "cluster", "is_dark", "is_bright", "is_blurry", "is_low_information")
+    NEEDED = ("uri", "label", "status", "dup_of", "label_quality", "sparseness", "suggested_label", "cluster")
 
     def __init__(self, samples: pa.Table, scores: ScoresConfig, vectors, columns: set[str] | frozenset = frozenset()):
-        keep = [c for c in samples.column_names if c in self.NEEDED or c in columns]
+        flags = flag_columns()  # every flag a score declares, whichever score it is
+        keep = [c for c in samples.column_names if c in self.NEEDED or c in flags or c in columns]
         self.table = samples.select(keep)
         self.where_columns = [c for c in samples.column_names if c in columns]
         self._df: pd.DataFrame | None = None
@@ -157,9 +156,9 @@ class SampleView:
         self.vector_of_row = np.full(samples.num_rows, -1, np.int64)
         self.vector_of_row[ok_rows_in_vector_order(samples)] = np.arange(int(self.ok.sum()))
         table = self.table
-        self.junk = is_junk({name: _filled(table[name], False) for name in JUNK_FLAGS})
+        self.junk = np.logical_or.reduce([_filled(table[name], False) for name in flag_columns("junk")])
         self.kept = ~table["dup_of"].is_valid().to_numpy(zero_copy_only=False)
-        self.suspected = _filled(table["is_suspected_mislabel"], False)
+        self.suspected = np.logical_or.reduce([_filled(table[name], False) for name in flag_columns("mislabel")])
         self.quality = _floats(table["label_quality"])
         self.sparseness = _floats(table["sparseness"])
         self.labelled = table["label"].is_valid().to_numpy(zero_copy_only=False)

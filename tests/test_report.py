@@ -217,3 +217,25 @@ def test_report_renders_map_and_galleries_in_chromium_offline(report_run, tmp_pa
     assert not problems, problems
     assert not outside, outside  # the page loads nothing from anywhere
     assert pwned and EVIL_LABEL in text  # markup in a label renders as text, never runs
+
+
+def test_a_flag_declared_by_a_score_reaches_selections_map_and_galleries(monkeypatch):
+    """Flags are declared once (``Score.flags``): a new junk flag needs no edit elsewhere."""
+    from curation import scores
+    from curation.config import ScoresConfig
+    from curation.report.map import highlight_masks
+    from curation.scores.base import Flag
+    from curation.select import SampleView
+
+    samples, vectors = _scored_table()
+    smudged = np.zeros(samples.num_rows, bool)
+    smudged[[5, 50, 60]] = True
+    smudged &= np.array(samples["status"].to_pylist()) == "ok"
+    samples = samples.append_column("is_smudged", pa.array(smudged))
+    monkeypatch.setattr(scores, "FLAGS", scores.FLAGS + (Flag("is_smudged", "junk", "Junk: smudged", "contrast",
+                                                              True, ("smudge_threshold",)),))
+    view = SampleView(samples, ScoresConfig(), vectors)
+    assert view.junk[smudged].all()
+    assert highlight_masks(samples, {}, {})["junk"][smudged].all()
+    galleries = {g.key: g for g in choose_galleries(samples, {}, {}, size=12)}
+    assert set(galleries["junk-is_smudged"].uris) == set(samples["uri"].filter(pa.array(smudged)).to_pylist())

@@ -14,14 +14,9 @@ import pyarrow.compute as pc
 
 from curation.report.map import flag
 from curation.schema import STATUS_REJECTED
+from curation import scores
 
 DUPLICATE_GROUP_SIZE = 6  # members shown per duplicate group
-JUNK_GALLERIES = (  # column, title, ordering column (most extreme first), ascending
-    ("is_dark", "Junk: dark", "highlights", True),
-    ("is_bright", "Junk: bright / washed out", "shadows", False),
-    ("is_blurry", "Junk: blurry", "sharpness", True),
-    ("is_low_information", "Junk: low information", "contrast", True),
-)
 
 
 @dataclass
@@ -66,11 +61,12 @@ def _rows(samples: pa.Table, rows: np.ndarray) -> list[dict]:
 
 
 def mislabel_gallery(samples: pa.Table, size: int) -> Gallery:
-    rows = np.flatnonzero(flag(samples, "is_suspected_mislabel"))
-    shown = _ordered(samples, rows, "label_quality", True)[:size]
+    (mislabel,) = [f for f in scores.FLAGS if f.kind == "mislabel"]
+    rows = np.flatnonzero(flag(samples, mislabel.column))
+    shown = _ordered(samples, rows, mislabel.order_by, mislabel.ascending)[:size]
     items = [GalleryItem(r["uri"], [f"{r['label']} \u2192 {r['suggested_label']}",
                                     f"label quality {_fmt(r['label_quality'])}"]) for r in _rows(samples, shown)]
-    return Gallery("mislabels", "Suspected mislabels", "given label \u2192 suggested label, lowest label quality first",
+    return Gallery("mislabels", mislabel.title, "given label \u2192 suggested label, lowest label quality first",
                    [items], len(rows))
 
 
@@ -117,7 +113,8 @@ def duplicate_gallery(samples: pa.Table, size: int) -> Gallery:
 
 def junk_galleries(samples: pa.Table, size: int) -> list[Gallery]:
     out = []
-    for column, title, by, ascending in JUNK_GALLERIES:
+    for declared in (f for f in scores.FLAGS if f.kind == "junk"):
+        column, title, by, ascending = declared.column, declared.title, declared.order_by, declared.ascending
         rows = np.flatnonzero(flag(samples, column))
         if len(rows) == 0:
             continue

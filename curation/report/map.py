@@ -19,6 +19,7 @@ import pyarrow.compute as pc
 
 from curation.config import ReportConfig
 from curation.schema import is_ok
+from curation.scores import flag_columns
 
 log = logging.getLogger(__name__)
 
@@ -26,7 +27,6 @@ SEED = 0
 PCA_DIMS = 50
 UMAP_NEIGHBOURS = 15
 UMAP_MIN_DIST = 0.1
-JUNK_COLUMNS = ("is_dark", "is_bright", "is_blurry", "is_low_information")
 REVIEW_MODES = ("edge_cases", "label_review")
 
 
@@ -55,8 +55,8 @@ def highlight_masks(samples: pa.Table, selections: dict[str, pa.Table], modes: d
     masks = {
         "duplicates": pc.is_valid(samples["dup_group"]).to_numpy(zero_copy_only=False).astype(bool)
         if "dup_group" in samples.column_names else np.zeros(samples.num_rows, bool),
-        "junk": np.logical_or.reduce([flag(samples, c) for c in JUNK_COLUMNS]),
-        "suspected mislabels": flag(samples, "is_suspected_mislabel"),
+        "junk": np.logical_or.reduce([flag(samples, c) for c in flag_columns("junk")]),
+        "suspected mislabels": np.logical_or.reduce([flag(samples, c) for c in flag_columns("mislabel")]),
     }
     for name, table in selections.items():
         mask = np.zeros(samples.num_rows, bool)

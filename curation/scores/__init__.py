@@ -16,7 +16,7 @@ import pyarrow.compute as pc
 from curation.config import ScoresConfig
 from curation.index.knn import KnnGraph
 from curation.index.source import as_source
-from curation.scores.base import REASON_COLUMN, Columns, Score, ScoreContext
+from curation.scores.base import REASON_COLUMN, Columns, Flag, Score, ScoreContext
 from curation.scores.clusters import ClustersScore
 from curation.scores.duplicates import DuplicatesScore
 from curation.scores.junk import JunkScore
@@ -33,6 +33,15 @@ REGISTRY: tuple[Score, ...] = (
     LabelQualityScore(),
     ClustersScore(),
 )
+
+
+# Every boolean flag, in registry order, as its score declares it (see scores.base.Flag).
+FLAGS: tuple[Flag, ...] = tuple(flag for score in REGISTRY for flag in score.flags)
+
+
+def flag_columns(kind: str | None = None) -> tuple[str, ...]:
+    """The ``is_*`` columns of every declared flag, or of one ``kind`` (``junk``, ``mislabel``)."""
+    return tuple(flag.column for flag in FLAGS if kind is None or flag.kind == kind)
 
 
 def reserved_columns() -> frozenset[str]:

@@ -118,13 +118,38 @@ class ScoreContext:
         return out
 
 
+@dataclass(frozen=True)
+class Flag:
+    """A boolean column a score writes, declared once: selections, the map, the galleries,
+    the nightly diff and ``run.json`` walk these declarations instead of naming columns.
+
+    Attributes:
+        column: the ``is_*`` column.
+        kind: ``junk`` (excluded from ``clean``, ``representative`` and ``edge_cases``; one
+            gallery each) or ``mislabel`` (excluded from ``representative`` / ``edge_cases``).
+        title: the gallery's title in the report.
+        order_by: the column that orders its gallery, most extreme first.
+        ascending: whether smaller ``order_by`` values are more extreme.
+        thresholds: the ``scores.*`` keys that decide it.
+    """
+
+    column: str
+    kind: str
+    title: str
+    order_by: str
+    ascending: bool
+    thresholds: tuple[str, ...]
+
+
 class Score(Protocol):
-    """A score: ``name``, declared output ``columns``, ``compute(ctx) -> pa.Table`` and
-    ``summary(table) -> dict`` (what ``run.json`` reports about it under ``scores.<name>``; counts
-    of flagged items go under ``"flags"``, which ``run.json`` also merges into its ``flags``)."""
+    """A score: ``name``, declared output ``columns``, the :class:`Flag` s among them
+    (``flags``), ``compute(ctx) -> pa.Table`` and ``summary(table) -> dict`` (what ``run.json``
+    reports about it under ``scores.<name>``; counts of flagged items go under ``"flags"``,
+    which ``run.json`` also merges into its ``flags``)."""
 
     name: ClassVar[str]
     columns: ClassVar[tuple[str, ...]]
+    flags: ClassVar[tuple[Flag, ...]]
 
     def compute(self, ctx: ScoreContext) -> pa.Table: ...
 

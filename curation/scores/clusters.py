@@ -118,6 +118,7 @@ def kmeans_assign(x: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
 
 class ClustersScore:
     name = "clusters"
+    flags = ()
     columns = ("cluster", "cluster_similarity")
 
     def compute(self, ctx: ScoreContext) -> pa.Table:

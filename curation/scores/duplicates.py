@@ -125,6 +125,7 @@ def _ratio_edges(graph, reference: np.ndarray, cosine: float, ratio: float) -> n
 
 class DuplicatesScore:
     name = "duplicates"
+    flags = ()
     columns = ("dup_group", "dup_of", "dup_kind")
 
     def compute(self, ctx: ScoreContext) -> pa.Table:

@@ -18,12 +18,19 @@ from __future__ import annotations
 import numpy as np
 import pyarrow as pa
 
-from curation.scores.base import REASON_COLUMN, ScoreContext, count_true
+from curation.scores.base import REASON_COLUMN, Flag, ScoreContext, count_true
 
 
 class JunkScore:
     name = "junk"
-    columns = ("is_dark", "is_bright", "is_blurry", "is_low_information")
+    flags = (
+        Flag("is_dark", "junk", "Junk: dark", "highlights", True, ("dark_highlights",)),
+        Flag("is_bright", "junk", "Junk: bright / washed out", "shadows", False,
+             ("bright_shadows", "bright_max_range")),
+        Flag("is_blurry", "junk", "Junk: blurry", "sharpness", True, ("blurry_sharpness",)),
+        Flag("is_low_information", "junk", "Junk: low information", "contrast", True, ("low_information_std",)),
+    )
+    columns = tuple(f.column for f in flags)
 
     def compute(self, ctx: ScoreContext) -> pa.Table:
         cfg = ctx.config
@@ -58,10 +65,10 @@ class JunkScore:
 
 
     def summary(self, table: pa.Table) -> dict:
-        return {"flags": count_true(table, *self.columns)}
+        return {"flags": count_true(table, *(f.column for f in self.flags))}
 
 
 def is_junk(columns) -> np.ndarray:
     """The one junk rule: any junk flag set (a mapping of numpy columns or a DataFrame)."""
-    flags = [np.asarray(columns[name], dtype=bool) for name in JunkScore.columns]
+    flags = [np.asarray(columns[flag.column], dtype=bool) for flag in JunkScore.flags]
     return np.logical_or.reduce(flags)

@@ -35,7 +35,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from curation.scores.base import REASON_COLUMN, ScoreContext, count_true, masked
+from curation.scores.base import REASON_COLUMN, Flag, ScoreContext, count_true, masked
 from curation.scores.label_probe import probe_probabilities
 
 TEMPERATURE = 0.1
@@ -80,6 +80,8 @@ def _probe_block(top_classes: np.ndarray, top_p: np.ndarray, prior: np.ndarray, 
 
 class LabelQualityScore:
     name = "label_quality"
+    flags = (Flag("is_suspected_mislabel", "mislabel", "Suspected mislabels", "label_quality", True,
+                  ("label_quality_threshold", "mislabel_min_confidence", "rare_tail_quantile")),)
     columns = ("label_quality", "suggested_label", "is_suspected_mislabel")
 
     def compute(self, ctx: ScoreContext) -> pa.Table:
@@ -169,4 +171,4 @@ class LabelQualityScore:
 
     def summary(self, table: pa.Table) -> dict:
         metadata = (table.schema.metadata or {}).get(b"label_models", b"{}")
-        return {"flags": count_true(table, "is_suspected_mislabel"), **json.loads(metadata)}
+        return {"flags": count_true(table, *(f.column for f in self.flags)), **json.loads(metadata)}

@@ -44,6 +44,7 @@ def average_ranks(values: np.ndarray) -> np.ndarray:
 
 class SparsenessScore:
     name = "sparseness"
+    flags = ()
     columns = ("sparseness", "neighbor_similarity")
 
     def compute(self, ctx: ScoreContext) -> pa.Table:
