@@ -39,7 +39,7 @@ from curation.io.filesystem import Location, PreconditionFailed, Resolver, read_
 from curation.io.store import EmbeddingStore
 from curation.report import ReportAssets, prepare_report, render_report
 from curation.run_diff import diff_runs, previous_run
-from curation.schema import INPUT_COLUMNS, SAMPLES_CONTRACT, SAMPLES_EXTRA, is_ok
+from curation.schema import INPUT_COLUMNS, INTERNAL_COLUMNS, SAMPLES_CONTRACT, SAMPLES_EXTRA, is_ok
 from curation.session import check_cluster, needs_ray, ray_session, run_tasks
 
 log = logging.getLogger(__name__)
@@ -179,7 +179,7 @@ def preflight(config: Config, resolver: Resolver) -> Plan:
     plan.latest, plan.latest_tag = read_tagged(output.child("latest"), config.storage)
     if config.input.embeddings:
         plan.embedding_files, names, plan.count = inputs_io.embeddings_files(config, resolver)
-        metadata = [n for n in names if n not in ("uri", "embedding", "label", "model_id")]
+        metadata = [n for n in names if n not in inputs_io.EMBEDDINGS_COLUMNS]
     else:
         from curation.embedders import check_embedder
 
@@ -197,7 +197,7 @@ def _check_selection_columns(config: Config, metadata: list[str], plan: Plan) ->
 
     fields = list(SAMPLES_CONTRACT) + list(SAMPLES_EXTRA)
     known = {f.name for f in fields}
-    fields += [pa.field(name, pa.float64()) for name in sorted(reserved_columns() - known - {"pixels", "embedding"})]
+    fields += [pa.field(name, pa.float64()) for name in sorted(reserved_columns() - known - set(INTERNAL_COLUMNS))]
     source = plan.inputs.schema if plan.inputs is not None else None
     for name in metadata:
         fields.append(source.field(name) if source is not None else pa.field(name, pa.string()))

@@ -71,8 +71,9 @@ SELECTION_SCHEMA = pa.schema(
 # Columns produced by listing inputs; anything else in a manifest is metadata.
 INPUT_COLUMNS = ("input_id", "uri", "label", "input_error", "fingerprint")
 
-# Internal columns that never reach samples/*.parquet.
-INTERNAL_COLUMNS = ("pixels", "embedding", "vector_file", "vector_row")
+# Internal columns that never reach samples/*.parquet (pixels and vectors travel between stages;
+# input_error becomes the reason; vector_file / vector_row become vector_id).
+INTERNAL_COLUMNS = ("pixels", "embedding", "copy_vector", "input_error", "vector_file", "vector_row")
 
 # Names a manifest column may not take (the score registry adds its own columns to these:
 # see ``curation.scores.reserved_columns``).

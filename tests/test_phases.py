@@ -48,6 +48,21 @@ def test_manifest_column_named_like_a_score_column_is_refused(tmp_path):
         list_inputs(config, Resolver())
 
 
+def test_precomputed_embeddings_column_named_like_an_output_column_is_refused(tmp_path):
+    """The same rule for ``input.embeddings`` metadata (it used to be dropped silently)."""
+    from curation.io.filesystem import Resolver
+    from curation.io.inputs import embeddings_files
+
+    vectors = pa.FixedSizeListArray.from_arrays(pa.array(np.ones(8, np.float32)), 4)
+    pq.write_table(pa.table({"uri": ["a", "b"], "embedding": vectors, "site": ["x", "y"], "cluster": [1, 2]}),
+                   tmp_path / "e.parquet")
+    config = load_config(data={"input": {"embeddings": str(tmp_path / "e.parquet")}, "output": {"uri": str(tmp_path)}})
+    with pytest.raises(ConfigError, match="'input.embeddings': column 'cluster' clashes"):
+        embeddings_files(config, Resolver())
+    pq.write_table(pa.table({"uri": ["a", "b"], "embedding": vectors, "site": ["x", "y"]}), tmp_path / "e.parquet")
+    assert embeddings_files(config, Resolver())[2] == 2  # metadata with its own name is welcome
+
+
 @pytest.mark.parametrize("key, value, message", [
     ("decode.batch_size", 0, "'decode.batch_size': must be >= 1"),
     ("knn.exact_below", -1, "'knn.exact_below': must be >= 0"),

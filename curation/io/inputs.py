@@ -125,16 +125,22 @@ def _read_manifest(config: Config, resolver: Resolver) -> pa.Table:
     if "label" in table.column_names:
         labels = pc.cast(table["label"], pa.string())
         columns["label"] = labels
+    for name in metadata_columns("input.manifest", table.column_names, known=("uri", "label", "fingerprint", "etag")):
+        columns[name] = table[name]
+    return pa.table(columns)
+
+
+def metadata_columns(key: str, names: list[str], *, known: tuple[str, ...]) -> list[str]:
+    """The metadata columns among an input's ``names`` (all but the ``known`` ones), carried
+    into ``samples``. Raises ConfigError for one named like an output column."""
     from curation.scores import reserved_columns
 
     reserved = reserved_columns()
-    for name in table.column_names:
-        if name in ("uri", "label", "fingerprint", "etag"):
-            continue
+    metadata = [name for name in names if name not in known]
+    for name in metadata:
         if name in reserved:
-            raise ConfigError(f"config key 'input.manifest': column {name!r} clashes with an output column; rename it")
-        columns[name] = table[name]
-    return pa.table(columns)
+            raise ConfigError(f"config key '{key}': column {name!r} clashes with an output column; rename it")
+    return metadata
 
 
 def list_inputs(config: Config, resolver: Resolver) -> pa.Table:
@@ -201,6 +207,9 @@ def list_inputs(config: Config, resolver: Resolver) -> pa.Table:
     return pa.table(columns)
 
 
+EMBEDDINGS_COLUMNS = ("uri", "embedding", "label", "model_id")  # of input.embeddings files; the rest is metadata
+
+
 def embeddings_files(config: Config, resolver: Resolver) -> tuple[list[Location], list[str], int]:
     """The Parquet files of ``input.embeddings`` (a file or a folder), their column names and
     row count, from the footers alone. Raises ConfigError when a required column is missing."""
@@ -214,6 +223,7 @@ def embeddings_files(config: Config, resolver: Resolver) -> tuple[list[Location]
             if required not in names:
                 raise ConfigError(f"config key 'input.embeddings': {location.uri} has no {required!r} column "
                                   f"(columns: {', '.join(names)})")
+        metadata_columns("input.embeddings", names, known=EMBEDDINGS_COLUMNS)
         files = [Location(location.filesystem, path, to_uri(location.filesystem, path)) for path in dataset.files]
         return files, names, dataset.count_rows()
     except (OSError, pa.ArrowException) as exc:

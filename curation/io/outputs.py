@@ -30,7 +30,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from curation.io.filesystem import Location, read_bytes, write_bytes
-from curation.schema import SAMPLES_CONTRACT, SAMPLES_EXTRA, STATUS_OK
+from curation.schema import INTERNAL_COLUMNS, SAMPLES_CONTRACT, SAMPLES_EXTRA, is_ok
 
 log = logging.getLogger(__name__)
 
@@ -51,7 +51,7 @@ def order_samples(samples: pa.Table) -> pa.Table:
                 columns.append(samples[field.name].cast(field.type))
                 names.append(field.name)
     for name in samples.column_names:
-        if name not in names and name not in ("embedding", "pixels", "input_error", "vector_file", "vector_row"):
+        if name not in names and name not in INTERNAL_COLUMNS:
             columns.append(samples[name])
             names.append(name)
     return pa.table(dict(zip(names, columns)))
@@ -100,8 +100,8 @@ def write_vector_part(folder: Location, rows: pa.Table, *, model_id: str, store_
     keyed = "input_id" in rows.column_names
     if keyed:
         rows = rows.sort_by("input_id")
-    ok = pc.equal(rows["status"], STATUS_OK)
-    good = rows.filter(ok)
+    okmask = is_ok(rows["status"])
+    good = rows.filter(pa.array(okmask))
     name = None
     if good.num_rows:
         embedding = good["embedding"].combine_chunks()
@@ -120,11 +120,9 @@ def write_vector_part(folder: Location, rows: pa.Table, *, model_id: str, store_
         folder.filesystem.create_dir(folder.path, recursive=True)
         pq.write_table(pa.table(columns), target.path, filesystem=target.filesystem,
                        row_group_size=EMBEDDING_ROW_GROUP)
-    okmask = ok.to_numpy(zero_copy_only=False)
     vector_row = np.full(rows.num_rows, -1, np.int64)
     vector_row[okmask] = np.arange(int(okmask.sum()))
-    compact = rows.drop_columns([c for c in ("embedding", "copy_vector", "pixels", "input_error")
-                                 if c in rows.column_names])
+    compact = rows.drop_columns([c for c in INTERNAL_COLUMNS if c in rows.column_names])
     compact = compact.append_column("vector_file", pa.array([name if m else None for m in okmask], pa.string()))
     return compact.append_column("vector_row", pa.array(vector_row))
 

@@ -13,7 +13,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from curation.report.map import flag
-from curation.schema import STATUS_REJECTED
+from curation.schema import is_ok
 from curation import scores
 
 DUPLICATE_GROUP_SIZE = 6  # members shown per duplicate group
@@ -125,8 +125,7 @@ def junk_galleries(samples: pa.Table, size: int) -> list[Gallery]:
 
 
 def rejected_gallery(samples: pa.Table, size: int) -> Gallery:
-    rejected = pc.fill_null(pc.equal(samples["status"], STATUS_REJECTED), False).to_numpy(zero_copy_only=False)
-    rows = np.flatnonzero(rejected)
+    rows = np.flatnonzero(~is_ok(samples["status"]))
     items = [GalleryItem(r["uri"], [str(r["reason"])]) for r in _rows(samples, rows[:size])]
     return Gallery("rejected", "Rejected files", "not decoded: each with its reason", [items], len(rows))
 

@@ -20,7 +20,7 @@ import pyarrow.compute as pc
 
 from curation.report.galleries import Gallery
 from curation.report.map import highlight_masks
-from curation.schema import STATUS_REJECTED, is_ok
+from curation.schema import is_ok
 
 PALETTE = ["#1f77b4", "#ff7f0e", "#2ca02c", "#d62728", "#9467bd", "#8c564b", "#e377c2", "#7f7f7f", "#bcbd22",
            "#17becf", "#aec7e8", "#ffbb78", "#98df8a", "#ff9896", "#c5b0d5", "#c49c94", "#f7b6d2", "#c7c7c7",
@@ -272,7 +272,7 @@ def _header(run_id: str, samples: pa.Table, run_info: dict) -> list[str]:
              f"{' (semantic)' if embedder.get('semantic') else ''}</p>"]
     if embedder.get("warning"):
         parts.append(f"<p class=warn>{html.escape(embedder['warning'])}</p>")
-    rejected_reasons = samples.filter(pc.equal(samples["status"], STATUS_REJECTED))["reason"].to_pylist()
+    rejected_reasons = samples.filter(pa.array(~is_ok(samples["status"])))["reason"].to_pylist()
     rejected = Counter((r or "").split(":")[0] for r in rejected_reasons)
     cards = ["<div><h3>Counts</h3>" + _table(["inputs", "ok", "rejected"],
                                              [[counts["inputs"], counts["ok"], counts["rejected"]]])]

@@ -25,7 +25,7 @@ except ImportError:  # pragma: no cover - a declared dependency
     simplejpeg = None
 
 from curation.io.filesystem import Resolver
-from curation.schema import STATUS_OK, STATUS_REJECTED
+from curation.schema import STATUS_OK, STATUS_REJECTED, is_ok
 
 # The operator behind F.interpolate(mode="bilinear", antialias=True), in its form that writes into
 # a given tensor (see _downscale_rgb); F.interpolate itself when a torch lacks it.
@@ -662,7 +662,7 @@ class DecodeStage:
         features = ThumbnailFeatures(n)
         for i in list(greys):
             features.add(i, greys.pop(i))
-        ok = out["status"] == STATUS_OK
+        ok = is_ok(out["status"])
         if ok.any():
             for key, values in features.finish(ok).items():
                 out[key][ok] = values

@@ -13,7 +13,7 @@ import torch
 
 from curation.embedders import load_embedder
 from curation.io.filesystem import Resolver
-from curation.schema import STATUS_OK
+from curation.schema import is_ok
 
 
 def pick_device(device: str) -> str:
@@ -80,7 +80,7 @@ class EmbedStage:
 
     def __call__(self, batch: dict[str, np.ndarray]) -> pa.Table:
         status = batch["status"]
-        ok = np.asarray([s == STATUS_OK for s in status], dtype=bool)
+        ok = is_ok(np.asarray(status, dtype=object))
         n = len(status)
         dim = self.identity.dim
         if n and ok.all():  # the usual batch: no copy of its pixels to select the ok rows
