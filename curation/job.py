@@ -18,7 +18,6 @@ The run holds one Ray session from ingest to selections (:func:`curation.session
 from __future__ import annotations
 
 import contextlib
-import json
 import logging
 import platform
 import time
@@ -400,7 +399,7 @@ def publish(plan: Plan, config: Config, ingested: Ingested, neighbours: Neighbou
     try:
         outputs.publish(plan.output, plan.run_id, expected_latest=plan.latest_tag, storage=config.storage)
     except PreconditionFailed:
-        other = json.loads(read_tagged(plan.output.child("latest"), config.storage)[0] or b"{}").get("run_id")
+        other = outputs.latest_run_id(read_tagged(plan.output.child("latest"), config.storage)[0])
         raise PublishConflict(f"another run ({other}) published to {plan.output.uri} while this one ran: "
                               f"this run is complete at {plan.run.uri} (_SUCCESS written) but latest was left "
                               f"pointing at {other}; rerun to publish a run that includes both") from None

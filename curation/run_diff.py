@@ -32,11 +32,10 @@ log = logging.getLogger(__name__)
 
 def previous_run(output: Location, latest: bytes | None) -> Location | None:
     """The complete run ``latest`` named (its bytes as read at preflight), or None."""
-    if not latest:
-        return None
-    try:
-        run_id = json.loads(latest)["run_id"]
-    except (ValueError, KeyError, TypeError):
+    from curation.io.outputs import latest_run_id
+
+    run_id = latest_run_id(latest)
+    if run_id is None:
         return None
     run = output.child(run_id)
     info = run.filesystem.get_file_info(run.child("_SUCCESS").path)

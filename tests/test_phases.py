@@ -383,3 +383,21 @@ def test_clusters_summary_reports_the_backend_the_training_task_used(monkeypatch
     score = clusters.ClustersScore()
     assert clusters.kmeans_backend() != "cuml"  # this machine has no GPU
     assert score.summary(score.compute(ctx))["kmeans_backend"] == "cuml"
+
+
+def test_a_run_uri_or_an_output_uri_resolves_to_the_published_run(tmp_path):
+    from curation.io.filesystem import Resolver
+    from curation.io.outputs import latest_run_id, resolve_run
+
+    output = Resolver().resolve(str(tmp_path))
+    assert resolve_run(output) is None  # nothing published yet
+    (tmp_path / "r1").mkdir()
+    (tmp_path / "r1" / "_SUCCESS").write_text("")
+    (tmp_path / "r2").mkdir()  # a run still being written
+    (tmp_path / "latest").write_text(json.dumps({"run_id": "r1"}))
+    assert resolve_run(output).path == str(tmp_path / "r1")
+    assert resolve_run(output.child("r1")).path == str(tmp_path / "r1")
+    assert resolve_run(output.child("r2")) is None
+    (tmp_path / "latest").write_text(json.dumps({"run_id": "r2"}))
+    assert resolve_run(output) is None  # latest names an incomplete run
+    assert latest_run_id(b"not json") is None and latest_run_id(None) is None and latest_run_id(b'{"run_id": 3}') is None

@@ -35,20 +35,39 @@ def _env(name: str) -> str | None:
     return value or None
 
 
+@dataclass(frozen=True)
+class S3Settings:
+    """Endpoint, region and credentials: the ``storage`` keys first, then the ``AWS_*``
+    environment (the one place these fallbacks live; both S3 clients are built from it)."""
+
+    endpoint: str | None
+    region: str
+    access_key: str | None
+    secret_key: str | None
+    session_token: str | None
+
+    @classmethod
+    def of(cls, storage: StorageConfig) -> "S3Settings":
+        return cls(endpoint=storage.endpoint_url or _env("AWS_ENDPOINT_URL_S3") or _env("AWS_ENDPOINT_URL"),
+                   region=storage.region or _env("AWS_REGION") or _env("AWS_DEFAULT_REGION") or "us-east-1",
+                   access_key=storage.access_key_id or _env("AWS_ACCESS_KEY_ID"),
+                   secret_key=storage.secret_access_key or _env("AWS_SECRET_ACCESS_KEY"),
+                   session_token=_env("AWS_SESSION_TOKEN"))
+
+    def __repr__(self) -> str:  # never print the secrets
+        return f"S3Settings(endpoint={self.endpoint!r}, region={self.region!r})"
+
+
 def make_s3_filesystem(storage: StorageConfig) -> pafs.S3FileSystem:
     """Build a pyarrow S3 filesystem from config, falling back to AWS_* environment variables."""
-    endpoint = storage.endpoint_url or _env("AWS_ENDPOINT_URL_S3") or _env("AWS_ENDPOINT_URL")
-    kwargs: dict = {
-        "region": storage.region or _env("AWS_REGION") or _env("AWS_DEFAULT_REGION") or "us-east-1",
-    }
-    access = storage.access_key_id or _env("AWS_ACCESS_KEY_ID")
-    secret = storage.secret_access_key or _env("AWS_SECRET_ACCESS_KEY")
-    if access and secret:
-        kwargs["access_key"] = access
-        kwargs["secret_key"] = secret
-        token = _env("AWS_SESSION_TOKEN")
-        if token:
-            kwargs["session_token"] = token
+    settings = S3Settings.of(storage)
+    endpoint = settings.endpoint
+    kwargs: dict = {"region": settings.region}
+    if settings.access_key and settings.secret_key:
+        kwargs["access_key"] = settings.access_key
+        kwargs["secret_key"] = settings.secret_key
+        if settings.session_token:
+            kwargs["session_token"] = settings.session_token
     if endpoint:
         parsed = urlparse(endpoint if "://" in endpoint else f"https://{endpoint}")
         kwargs["endpoint_override"] = parsed.netloc
@@ -226,14 +245,12 @@ def _s3_client(storage: StorageConfig):
     import botocore.session
     from botocore.config import Config as BotoConfig
 
-    endpoint = storage.endpoint_url or _env("AWS_ENDPOINT_URL_S3") or _env("AWS_ENDPOINT_URL")
+    settings = S3Settings.of(storage)
     session = botocore.session.get_session()
     return session.create_client(
-        "s3", endpoint_url=endpoint or None,
-        region_name=storage.region or _env("AWS_REGION") or _env("AWS_DEFAULT_REGION") or "us-east-1",
-        aws_access_key_id=storage.access_key_id or _env("AWS_ACCESS_KEY_ID"),
-        aws_secret_access_key=storage.secret_access_key or _env("AWS_SECRET_ACCESS_KEY"),
-        aws_session_token=_env("AWS_SESSION_TOKEN"),
+        "s3", endpoint_url=settings.endpoint or None, region_name=settings.region,
+        aws_access_key_id=settings.access_key, aws_secret_access_key=settings.secret_key,
+        aws_session_token=settings.session_token,
         config=BotoConfig(connect_timeout=5, read_timeout=60,
                           retries={"mode": "standard", "max_attempts": storage.max_attempts}))
 

@@ -228,8 +228,8 @@ def remove_old_runs(output: Location, keep: int) -> list[str]:
     complete = sorted(((mark.mtime_ns or 0, info.base_name) for info, mark in zip(folders, marks)
                        if mark.type == pafs.FileType.File), reverse=True)
     try:
-        latest = json.loads(read_bytes(output.child("latest")))["run_id"]
-    except (OSError, ValueError, KeyError):
+        latest = latest_run_id(read_bytes(output.child("latest")))
+    except OSError:
         latest = None
     removed = []
     for _, run_id in complete[keep:]:
@@ -237,6 +237,37 @@ def remove_old_runs(output: Location, keep: int) -> list[str]:
             fs.delete_dir(output.child(run_id).path)
             removed.append(run_id)
     return removed
+
+
+def latest_run_id(data: bytes | None) -> str | None:
+    """The run id a ``latest`` file names (its bytes), or None when absent or unreadable: the
+    one parser of ``latest``."""
+    if not data:
+        return None
+    try:
+        run_id = json.loads(data)["run_id"]
+    except (ValueError, KeyError, TypeError):
+        return None
+    return run_id if isinstance(run_id, str) and run_id else None
+
+
+def resolve_run(location: Location) -> Location | None:
+    """A published run: ``location`` itself when it is a complete run (``_SUCCESS``), else the
+    run its ``latest`` names when that one is complete (an output URI meaning its newest run);
+    None when neither. The one resolver for commands that read a published run."""
+    import pyarrow.fs as pafs
+
+    fs = location.filesystem
+    if fs.get_file_info(location.child("_SUCCESS").path).type == pafs.FileType.File:
+        return location
+    try:
+        run_id = latest_run_id(read_bytes(location.child("latest")))
+    except OSError:
+        return None
+    if run_id is None:
+        return None
+    run = location.child(run_id)
+    return run if fs.get_file_info(run.child("_SUCCESS").path).type == pafs.FileType.File else None
 
 
 def publish(output: Location, run_id: str, *, expected_latest: str | None = None, storage=None) -> None:
