@@ -401,3 +401,14 @@ def test_a_run_uri_or_an_output_uri_resolves_to_the_published_run(tmp_path):
     (tmp_path / "latest").write_text(json.dumps({"run_id": "r2"}))
     assert resolve_run(output) is None  # latest names an incomplete run
     assert latest_run_id(b"not json") is None and latest_run_id(None) is None and latest_run_id(b'{"run_id": 3}') is None
+
+
+@pytest.mark.integration
+def test_the_driver_does_not_import_torch():
+    """torch (~300 MB) loads on the workers that decode and embed, never on the driver."""
+    import subprocess
+    import sys
+
+    probe = "import sys, curation.cli, curation.job, curation.report; print('torch' in sys.modules)"
+    done = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, timeout=120)
+    assert done.stdout.strip() == "False", done.stderr[-2000:]

@@ -16,7 +16,6 @@ import time
 from PIL import Image, ImageOps
 
 from curation.io.filesystem import Resolver
-from curation.stages.decode import _to_rgb, draft_request
 
 log = logging.getLogger(__name__)
 
@@ -26,6 +25,10 @@ WEBP_QUALITY = 60
 
 def make_thumbnail(data: bytes, px: int, *, max_pixels: int) -> bytes:
     """WebP bytes of the image in ``data`` with its longer side at most ``px``."""
+    # Imported here, on the worker that makes thumbnails: the decode stage brings torch, which
+    # the driver (which imports this module through the report) does not load.
+    from curation.stages.decode import _to_rgb, draft_request
+
     with Image.open(io.BytesIO(data)) as image:
         if image.width * image.height > max_pixels:
             raise ValueError(f"{image.width}x{image.height} exceeds {max_pixels} pixels")
