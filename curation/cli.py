@@ -20,15 +20,12 @@ def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="curation", description="Curate image datasets by their embeddings.")
     sub = parser.add_subparsers(dest="command", required=True)
     # Every run is a nightly run: the embedding store makes it incremental, it diffs itself
-    # against the previous published run and moves `latest` by compare-and-swap. `nightly` is
-    # the same command under the name a scheduler's entry reads best with.
-    for name, text in (("run", "run the curation job"),
-                       ("nightly", "the same as run: incremental, diffed against the last run, published by CAS")):
-        run = sub.add_parser(name, help=text)
-        run.add_argument("--config", required=True, help="YAML config file or s3:// URI")
-        run.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY.PATH=VALUE",
-                         help="override a config key (repeatable)")
-        run.add_argument("--quiet", action="store_true", help="only warnings and errors")
+    # against the previous published run and moves `latest` by compare-and-swap.
+    run = sub.add_parser("run", help="run the curation job (incremental, diffed against the last published run)")
+    run.add_argument("--config", required=True, help="YAML config file or s3:// URI")
+    run.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY.PATH=VALUE",
+                     help="override a config key (repeatable)")
+    run.add_argument("--quiet", action="store_true", help="only warnings and errors")
     demo = sub.add_parser("demo", help="make a demo data set with planted defects and curate it")
     demo.add_argument("--out", default="./demo-output", help="folder for data and outputs (default ./demo-output)")
     demo.add_argument("--n", type=int, default=2400, help="clean images to generate (default 2400)")

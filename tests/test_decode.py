@@ -224,6 +224,9 @@ def test_the_resampling_fallback_gives_the_same_pixels(monkeypatch):
     import curation.stages.decode as decode
 
     photo = np.asarray(_photo(640, 480, seed=5)).copy()
+    # The pinned torch has the in-place operator; without it this would compare the fallback
+    # with itself.
+    assert decode._RESAMPLE_INTO is not None
     fast = decode.model_input(photo, 224)
     monkeypatch.setattr(decode, "_RESAMPLE_INTO", None)
     np.testing.assert_array_equal(decode.model_input(photo, 224), fast)

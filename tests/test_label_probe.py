@@ -80,7 +80,9 @@ def test_the_probe_flags_planted_flips_better_than_the_vote_alone():
     assert (df.suggested_label[flagged & is_flip].astype(int) == y[flagged & is_flip]).mean() > 0.8
 
 
-def test_many_classes_stay_within_the_block_bound():
+def test_many_classes_stay_within_the_block_bound(monkeypatch):
+    from curation.scores import label_quality
+
     rng = np.random.default_rng(5)
     classes = 300  # dense (rows x classes) blocks are cut to fit; the top classes stay compact
     y = rng.integers(0, classes, 3000)
@@ -91,3 +93,8 @@ def test_many_classes_stay_within_the_block_bound():
     quality = table["label_quality"].to_numpy()
     assert np.isfinite(quality).all() and (quality >= 0).all() and (quality <= 1).all()
     assert pa.compute.mean(table["label_quality"]).as_py() > 0.5  # well-separated classes: labels trusted
+    # Cut into blocks of 1,024 rows (three here): the same answers as in one block.
+    monkeypatch.setattr(label_quality, "BLOCK_CELLS", 1)
+    blocked, _ = _scored(x, y)
+    np.testing.assert_allclose(blocked["label_quality"].to_numpy(), quality, rtol=0, atol=1e-6)
+    assert blocked["suggested_label"].equals(table["suggested_label"])

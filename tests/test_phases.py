@@ -30,12 +30,19 @@ def test_selection_modes_registry_matches_the_config():
     assert set(MODES) == set(SELECTION_MODES)
 
 
-def test_reserved_columns_include_every_score_column():
-    from curation.scores import REGISTRY, reserved_columns
+def test_a_manifest_may_not_use_any_score_or_internal_column_name(tmp_path):
+    from curation.io.filesystem import Resolver
+    from curation.io.inputs import list_inputs
+    from curation.schema import INTERNAL_COLUMNS
+    from curation.scores import REGISTRY
 
-    reserved = reserved_columns()
-    assert {"dup_kind", "cluster_similarity", "vector_id"} <= reserved
-    assert all(c in reserved for score in REGISTRY for c in score.columns)
+    for name in [c for score in REGISTRY for c in score.columns] + ["vector_id", *INTERNAL_COLUMNS]:
+        if name == "input_error":
+            continue  # an input column itself: listing owns it
+        pq.write_table(pa.table({"uri": ["a.jpg"], name: ["x"]}), tmp_path / "m.parquet")
+        config = load_config(data={"input": {"manifest": str(tmp_path / "m.parquet")}, "output": {"uri": str(tmp_path)}})
+        with pytest.raises(ConfigError, match=f"'{name}' clashes"):
+            list_inputs(config, Resolver())
 
 
 def test_manifest_column_named_like_a_score_column_is_refused(tmp_path):

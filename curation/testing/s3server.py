@@ -124,9 +124,6 @@ class S3Server:
         except OSError:
             return ""
 
-    def create_bucket(self, name: str) -> None:
-        self.endpoint.pyarrow_fs().create_dir(name)
-
     def stop(self) -> None:
         if self.process and self.process.poll() is None:
             os.killpg(self.process.pid, signal.SIGTERM)
