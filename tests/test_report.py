@@ -149,11 +149,20 @@ def test_thumbnail_is_small_and_keeps_the_aspect():
 # ------------------------------------------------------------------ the page in a real browser
 
 
+def _need_chromium() -> None:
+    """Before any work: without a browser there is nothing to open the page in."""
+    if CHROMIUM is None:
+        if os.environ.get("CI"):
+            pytest.fail("chromium is not installed: `make test` installs it (apt-get install chromium)")
+        pytest.skip("chromium is not installed (`make test` installs it)")
+
+
 @pytest.fixture(scope="module")
 def report_run(ray_local, demo_set, tmp_path_factory):
     """A real run whose labels file carries markup as a label."""
     from curation.job import run_job
 
+    _need_chromium()
     root, _ = demo_set
     data = tmp_path_factory.mktemp("report-set")
     shutil.copytree(os.path.join(root, "images"), data / "images")
@@ -176,10 +185,6 @@ def _launch(playwright):
 
 
 def test_report_renders_map_and_galleries_in_chromium_offline(report_run, tmp_path):
-    if CHROMIUM is None:
-        if os.environ.get("CI"):
-            pytest.fail("chromium is not installed: `make test` installs it (apt-get install chromium)")
-        pytest.skip("chromium is not installed (`make test` installs it)")
     from playwright.sync_api import sync_playwright
 
     result, page_path = report_run
