@@ -22,6 +22,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
+import signal
 from dataclasses import dataclass
 from typing import Any, Callable, Iterator, Sequence
 
@@ -262,11 +263,27 @@ def ray_session(config: Config, *, needed: bool = True) -> Iterator[bool]:
             reaper.terminate()
 
 
+STALL_SIGNAL = signal.SIGUSR2  # raised in the main thread by the stall watchdog (see watch_for_stalls)
+
+
 @contextlib.contextmanager
 def watch_for_stalls(config: Config) -> Iterator[None]:
     """Run the body under a :class:`StallWatchdog` (``cluster.stall_timeout_s``); a stall
     surfaces as :class:`ClusterStalled` instead of the interrupt that stopped the body."""
+    import threading
+
     watchdog = StallWatchdog(config.cluster.stall_timeout_s)
+    previous = None
+    if watchdog.timeout_s > 0 and threading.current_thread() is threading.main_thread():
+        # A signal of our own, so that a library's SIGINT handler (which may not raise) cannot
+        # swallow the stall; Python runs the handler in this thread, inside ray.get's wait. It
+        # raises what Ray expects from an interrupted wait (KeyboardInterrupt, which Ray cleans
+        # up after); below it becomes ClusterStalled.
+        def stalled(signum, frame):
+            raise KeyboardInterrupt
+
+        previous = signal.signal(STALL_SIGNAL, stalled)
+        watchdog.signum = STALL_SIGNAL
     try:
         with watchdog:
             yield
@@ -274,6 +291,9 @@ def watch_for_stalls(config: Config) -> Iterator[None]:
         if watchdog.message is None:
             raise
         raise ClusterStalled(watchdog.message) from None
+    finally:
+        if previous is not None:
+            signal.signal(STALL_SIGNAL, previous)
 
 
 def _start_reaper():
@@ -418,6 +438,7 @@ class StallWatchdog:
         self.timeout_s = timeout_s
         self.poll_s = poll_s or max(0.5, min(30.0, timeout_s / 10))
         self.message: str | None = None
+        self.signum = signal.SIGINT  # watch_for_stalls installs a handler of its own when it can
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._watch, name="curation-stall-watchdog", daemon=True)
 
@@ -451,7 +472,7 @@ class StallWatchdog:
                 self.message = (f"no progress for {now - since:.0f} s (cluster.stall_timeout_s={self.timeout_s:g}) "
                                 f"while work waits for resources: {waiting}; {ClusterShape.current().describe()}")
                 log.error("%s", self.message)
-                _thread.interrupt_main()
+                _thread.interrupt_main(self.signum)
                 return
 
     def _snapshot(self):

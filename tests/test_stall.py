@@ -19,7 +19,12 @@ def _config(timeout_s: float):
 
 
 def test_a_request_nothing_can_run_fails_naming_the_demand(ray_local):
+    import signal
+
     ray = ray_local
+    # A library's SIGINT handler that does not raise (one did, earlier in the suite) must not
+    # swallow the stall.
+    previous = signal.signal(signal.SIGINT, lambda *args: None)
     waits = ray.remote(num_cpus=1, resources={"accelerator-nobody-has": 1})(lambda: 1)
     started = time.monotonic()
     ref = waits.remote()
@@ -29,6 +34,7 @@ def test_a_request_nothing_can_run_fails_naming_the_demand(ray_local):
                 ray.get(ref)
     finally:
         ray.cancel(ref, force=True)
+        signal.signal(signal.SIGINT, previous)
     message = str(info.value)
     assert "accelerator-nobody-has" in message and "cluster.stall_timeout_s=2" in message
     assert "\n" not in message
