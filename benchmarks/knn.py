@@ -58,11 +58,11 @@ def compare_scores(x: np.ndarray, exact_ids: np.ndarray, exact_sims: np.ndarray,
     from curation.index.knn import KnnGraph
     from curation.index.knn import drop_self
     from curation.scores import run_scores
-    from curation.scores.clusters import kmeans_assign
+    from curation.scores.clusters import cluster_vectors
 
     n = len(x)
     rng = np.random.default_rng(7)
-    labels, _ = kmeans_assign(x, 20)  # classes = 20 coarse regions of the embedding space
+    labels, _, _ = cluster_vectors(x, 20)  # classes = 20 coarse regions of the embedding space
     flipped = rng.random(n) < 0.05
     labels = labels.astype(np.int64)
     labels[flipped] = (labels[flipped] + rng.integers(1, 20, flipped.sum())) % 20
@@ -98,7 +98,7 @@ def to_parquet(x: np.ndarray):
 
     from curation.index.source import VectorParts, parquet_parts
     from curation.io.filesystem import resolve
-    from curation.io.outputs import write_embeddings
+    from curation.testing.vectors import write_embeddings
 
     folder = resolve(tempfile.mkdtemp(prefix="knn-bench-"))
     TEMP_FOLDERS.append(folder.path)

@@ -9,7 +9,7 @@ import pytest
 from curation.config import ScoresConfig
 from curation.index.knn import exact_knn
 from curation.scores import run_scores
-from curation.scores.clusters import choose_n_clusters, kmeans_assign
+from curation.scores.clusters import choose_n_clusters, cluster_vectors
 from curation.scores.duplicates import phash_pairs
 from curation.scores.sparseness import rank_normalise
 
@@ -187,7 +187,7 @@ def test_unlabelled_items_have_null_label_quality():
 
 def test_clusters_recover_separated_blobs():
     emb = unit(blobs(30, 3, spread=0.02, seed=8))
-    labels, sims = kmeans_assign(emb, 3)
+    labels, sims, _ = cluster_vectors(emb, 3)
     for start in (0, 30, 60):
         assert len(set(labels[start:start + 30])) == 1
     assert len(set(labels)) == 3 and sims.min() > 0.9

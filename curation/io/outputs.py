@@ -127,16 +127,6 @@ def write_vector_part(folder: Location, rows: pa.Table, *, model_id: str, store_
     return compact.append_column("vector_row", pa.array(vector_row))
 
 
-def write_embeddings(folder: Location, samples: pa.Table, *, model_id: str, store_dtype: str) -> list[Location]:
-    """``embeddings/`` from an in-memory table (tests and tools; the job writes through the
-    embeddings datasink). Returns the files."""
-    import pyarrow.compute as pc
-
-    part = write_vector_part(folder, samples, model_id=model_id, store_dtype=store_dtype)
-    names = sorted(set(pc.drop_null(part["vector_file"]).to_pylist()))
-    return [folder.child(name) for name in names]
-
-
 KNN_ROWS_PER_STEP = 262_144  # the graph is converted and written this many rows at a time
 
 

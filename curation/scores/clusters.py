@@ -110,12 +110,6 @@ def _train_on_sample(source, sample_ids: np.ndarray, k: int, threads: int = 1) -
     return train_centroids(source.take(sample_ids), k, backend=backend), backend
 
 
-def kmeans_assign(x: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
-    """Labels and cosine-to-centroid for each row of an in-memory L2-normalised ``x``."""
-    labels, sims, _ = cluster_vectors(x, k)
-    return labels, sims
-
-
 class ClustersScore:
     name = "clusters"
     flags = ()
