@@ -188,7 +188,7 @@ def _decode_and_embed(inputs: pa.Table, config: Config, resolver: Resolver) -> r
             "image_size": config.embedder.image_size,
             "device": pool["device"],
             "precision": config.embedder.precision,
-            "num_threads": max(1, int(pool["actor"].cpus)),
+            "num_threads": pool["actor"].threads,
             "resolver": resolver,
         },
         compute=ray.data.ActorPoolStrategy(min_size=pool["min_size"], max_size=pool["max_size"]),

@@ -63,6 +63,11 @@ class Resources:
             text += f", {self.memory / GIB:.1f} GiB"
         return text
 
+    @property
+    def threads(self) -> int:
+        """Threads a step running under this request should use: one per whole CPU reserved."""
+        return max(1, int(self.cpus))
+
     def options(self) -> dict:
         out: dict = {"num_cpus": self.cpus, "num_gpus": self.gpus}
         if self.memory:
@@ -320,7 +325,7 @@ def run_tasks(fn: Callable, args: Sequence[tuple], *, max_in_flight: int = 0, re
     results: list = [None] * len(args)
     pending: dict = {}
     for i, a in enumerate(args):
-        while len(pending) >= (max_in_flight or ClusterShape.current().cpus):
+        while len(pending) >= (max_in_flight or _live_cpus()):
             done, _ = ray.wait(list(pending), num_returns=1)
             results[pending.pop(done[0])] = ray.get(done[0])
             progress.tick()
@@ -329,6 +334,13 @@ def run_tasks(fn: Callable, args: Sequence[tuple], *, max_in_flight: int = 0, re
         results[i] = ray.get(ref)
         progress.tick()
     return results
+
+
+def _live_cpus() -> int:
+    """The cluster's CPUs now (cheap: Ray's cached totals, no node list or autoscaler read)."""
+    import ray
+
+    return max(1, int(ray.cluster_resources().get("CPU", 0)))
 
 
 def gpu_request(shape: ClusterShape) -> float:

@@ -96,7 +96,7 @@ def sharded_knn(embeddings: np.ndarray | None, k: int, params: IndexParams, *, q
     # empty index (nlist centroids).
     request = training_request("the kNN index's training task", TRAIN_THREADS)
     train = ray.remote(**request.options())(_train)
-    blob = ray.get(train.remote(source, params, d, n, seed, int(request.cpus)))
+    blob = ray.get(train.remote(source, params, d, n, seed, request.threads))
     progress.tick()
     timing["train_s"] = round(time.perf_counter() - t, 3)
     trained = None

@@ -96,7 +96,7 @@ def cluster_vectors(vectors, k: int, *, seed: int = SEED) -> tuple[np.ndarray, n
     # Trained in a task (on a GPU worker when the cluster has one, where cuML can run); only the
     # centroids come back.
     request = training_request("the k-means training task", TRAIN_THREADS)
-    centroids, backend = run_tasks(_train_on_sample, [(source, sample_ids, k, int(request.cpus))],
+    centroids, backend = run_tasks(_train_on_sample, [(source, sample_ids, k, request.threads)],
                                    request=request)[0]
     parts = map_vectors(source, assign, centroids)
     labels = np.concatenate([p[0] for p in parts]) if parts else np.empty(0, np.int32)

@@ -186,7 +186,7 @@ def probe_probabilities(vectors, codes: np.ndarray, n_classes: int) -> tuple[np.
     vectors = as_source(vectors)
     sample = stratified_sample(codes, PROBE_SAMPLE)
     request = training_request("the label probe's training task", TRAIN_THREADS)
-    oos, model, backend = run_tasks(train_probe, [(vectors, sample, codes[sample], n_classes, int(request.cpus))],
+    oos, model, backend = run_tasks(train_probe, [(vectors, sample, codes[sample], n_classes, request.threads)],
                                     request=request)[0]
     parts = map_vectors(vectors, _apply, model, n_classes, TOP_CLASSES)
     top_classes = np.concatenate([p[0] for p in parts])
