@@ -12,6 +12,10 @@ import argparse
 import logging
 import os
 import sys
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from curation.run_info import RunInfo
 
 EXIT_OK, EXIT_FAILED, EXIT_CONFIG = 0, 1, 2
 
@@ -68,7 +72,7 @@ def main(argv: list[str] | None = None) -> int:
         from curation.job import run_job
 
         result = run_job(config, resolver=resolver, plan=plan)
-        print(run_summary(result.run_info))
+        print(run_summary(result.info))
         print(result.run_uri)
         return EXIT_OK
     except (InfeasibleRequest, NodeCannotReach) as exc:  # found before any work: like a bad config
@@ -78,29 +82,28 @@ def main(argv: list[str] | None = None) -> int:
         return _failed(exc)
 
 
-def run_summary(info: dict) -> str:
+def run_summary(info: RunInfo) -> str:
     """The one screen a finished run ends with: counts, flags, selections, time, where it is."""
-    counts, timings = info["counts"], info.get("timings_s", {})
-    lines = [f"run {info['run_id']}: {counts['inputs']} inputs, {counts['ok']} ok, {counts['rejected']} rejected, "
+    counts, timings = info.counts, info.timings_s
+    lines = [f"run {info.run_id}: {counts.inputs} inputs, {counts.ok} ok, {counts.rejected} rejected, "
              f"{timings.get('total', 0):.0f}s"]
-    embedder = info.get("embedder", {})
-    store = embedder.get("store")
-    lines.append(f"  embedder: {embedder.get('model_id', embedder.get('model', '?'))}"
+    store = info.store
+    lines.append(f"  embedder: {info.model_id}"
                  + (f" (store: reused {store['reused']}, embedded {store['embedded']})" if store else ""))
-    flags = {name: value for name, value in info.get("flags", {}).items() if value}
+    flags = {name: value for name, value in info.flags.items() if value}
     lines.append("  flags: " + (", ".join(f"{name} {value}" for name, value in flags.items()) or "none"))
-    lines.append("  selections: " + ", ".join(f"{s['name']} {s['rows']} (of {s['eligible']} eligible)"
-                                              for s in info.get("selections", [])))
+    lines.append("  selections: " + ", ".join(f"{s.name} {s.rows} (of {s.eligible} eligible)"
+                                              for s in info.selections))
     phases = [(k, v) for k, v in timings.items() if not k.startswith("score_") and k != "total"]
     lines.append("  time: " + ", ".join(f"{name} {seconds:.1f}s" for name, seconds in phases))
-    diff = info.get("diff")
+    diff = info.diff
     if diff and "inputs" in diff:
         inputs = diff["inputs"]
         lines.append(f"  since {diff['previous_run']}: {inputs['new']} new, {inputs['changed']} changed, "
                      f"{inputs['deleted']} deleted inputs; selections "
                      + ", ".join(f"{name} +{c['added']} -{c['removed']}" for name, c in diff["selections"].items())
                      + " (diff/)")
-    lines.append(f"  outputs: {info['uri']} (samples/, selections/, report.html, run.json)")
+    lines.append(f"  outputs: {info.uri} (samples/, selections/, report.html, run.json)")
     return "\n".join(lines)
 
 

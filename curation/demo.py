@@ -299,19 +299,19 @@ def run_demo(*, out: str = "./demo-output", n: int = 2400) -> int:
     config = load_config(data=demo_config(data_root, os.path.join(out, "runs")))
     result = run_job(config)
     samples = result.samples.to_pandas()
-    selections = {s["name"]: pq.read_table(os.path.join(result.run_uri, "selections", f"{s['name']}.parquet")).to_pandas()
-                  for s in result.run_info["selections"]}
+    selections = {s.name: pq.read_table(os.path.join(result.run_uri, "selections", f"{s.name}.parquet")).to_pandas()
+                  for s in result.info.selections}
     rows = evaluate(truth, samples, selections, os.path.join(data_root, "images"))
-    counts = result.run_info["counts"]
+    counts = result.info.counts
     print()
-    print(f"Demo: {counts['inputs']} inputs ({truth['inputs']} planted), {counts['ok']} ok, {counts['rejected']} rejected")
-    print(f"Embedder: {result.run_info['embedder']['model_id']} -- {result.run_info['embedder'].get('warning') or ''}")
+    print(f"Demo: {counts.inputs} inputs ({truth['inputs']} planted), {counts.ok} ok, {counts.rejected} rejected")
+    print(f"Embedder: {result.info.model_id} -- {result.info.embedder.get('warning') or ''}")
     print()
     print("Planted vs found")
     print(format_table(rows, ["defect", "planted", "found", "recall", "flagged", "precision"]))
     print()
     print("Selections")
-    print(format_table(result.run_info["selections"], ["name", "mode", "rows", "eligible", "note"]))
+    print(format_table([vars(s) for s in result.info.selections], ["name", "mode", "rows", "eligible", "note"]))
     print()
     print("Outputs")
     for name in ("samples", "selections", "embeddings", "report.html", "run.json", "_SUCCESS"):

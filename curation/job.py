@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import contextlib
 import logging
-import platform
 import time
 from dataclasses import dataclass, field
 
@@ -27,8 +26,6 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
-import curation
-from curation.balance import balance_stats
 from curation.config import Config
 from curation.index.knn import KnnGraph
 from curation.index.source import VectorParts, parquet_parts
@@ -38,6 +35,7 @@ from curation.io.filesystem import Location, PreconditionFailed, Resolver, read_
 from curation.io.store import EmbeddingStore
 from curation.report import ReportAssets, prepare_report, render_report
 from curation.run_diff import diff_runs, previous_run
+from curation.run_info import Counts, RunInfo
 from curation.schema import INPUT_COLUMNS, INTERNAL_COLUMNS, SAMPLES_CONTRACT, SAMPLES_EXTRA, is_ok
 from curation.session import check_cluster, needs_ray, ray_session, run_tasks
 
@@ -57,7 +55,12 @@ class RunResult:
     run_id: str
     run_uri: str
     samples: pa.Table
-    run_info: dict
+    info: RunInfo
+
+    @property
+    def run_info(self) -> dict:
+        """The run's ``run.json`` as written."""
+        return self.info.to_dict()
 
 
 @dataclass
@@ -154,6 +157,7 @@ def run_job(config: Config, *, resolver: Resolver | None = None, plan: Plan | No
             neighbours = find_neighbours(ingested, config, plan)
         with clock.phase("scores"):
             samples, score_report = score(ingested, neighbours, config)
+            clock.timings.update({f"score_{k}": v for k, v in score_report["timings_s"].items()})
             # The graph has served its purpose: write knn/ now and free it before selections.
             outputs.write_knn_graph(plan.run.child("knn"), samples, neighbours.graph)
             neighbours.graph = neighbours.copy_graph = None
@@ -163,7 +167,8 @@ def run_job(config: Config, *, resolver: Resolver | None = None, plan: Plan | No
             selections = build_selections(samples, config.scores, config.selections, ingested.vectors)
         with clock.phase("report_data"):
             samples, report = prepare_report(samples, ingested.vectors, selections, config, resolver)
-    return publish(plan, config, ingested, neighbours, samples, score_report, selections, clock, report)
+    return publish(plan, config, Scored(samples, score_report["summary"], selections, report), clock,
+                   embedder=ingested.embedder, knn=neighbours.info)
 
 
 # ---------------------------------------------------------------------------------- preflight
@@ -344,58 +349,69 @@ def score(ingested: Ingested, neighbours: Neighbours, config: Config) -> tuple[p
 # ------------------------------------------------------------------------------------ publish
 
 
-def publish(plan: Plan, config: Config, ingested: Ingested, neighbours: Neighbours, samples: pa.Table,
-            score_report: dict, selections: list, clock: Clock, report: ReportAssets | None = None) -> RunResult:
-    """Write every output, then ``_SUCCESS``, then ``latest``."""
-    from curation.scores import REGISTRY
+@dataclass
+class Scored:
+    """What the scores, selections and report phases produced for publication."""
 
-    run = plan.run
+    samples: pa.Table
+    score_summary: dict[str, dict]  # score name -> its run.json summary
+    selections: list  # SelectionResult, in config order
+    report: ReportAssets | None = None
+
+
+def publish(plan: Plan, config: Config, scored: Scored, clock: Clock, *, embedder: dict, knn: dict) -> RunResult:
+    """Write every output, then ``_SUCCESS``, then swap ``latest``; then apply retention."""
     with clock.phase("write_outputs"):
-        if not (np.diff(samples["input_id"].to_numpy()) > 0).all():
-            samples = samples.sort_by("input_id")
-        samples = outputs.order_samples(samples)
-        ok = is_ok(samples["status"])
-        counts = {"inputs": plan.count, "ok": int(ok.sum()), "rejected": int((~ok).sum())}
-        if samples.num_rows != plan.count or counts["ok"] + counts["rejected"] != counts["inputs"]:
-            raise RuntimeError(f"accounting: {plan.count} inputs but {samples.num_rows} sample rows")
-        flags = {name: value for summary in score_report["summary"].values()
-                 for name, value in summary.get("flags", {}).items()}
-        labels = samples["label"].drop_null()
-        class_counts = ({str(v["values"]): int(v["counts"]) for v in pc.value_counts(labels).to_pylist()}
-                        if len(labels) else {})
-        selection_tables = {r.name: r.table for r in selections}
-        run_info = {
-            "run_id": plan.run_id,
-            "uri": run.uri,
-            "version": curation.__version__,
-            "counts": counts,
-            "flags": flags,
-            "scores": score_report["summary"],
-            "class_balance": class_counts,
-            "balance": balance_stats(samples, selection_tables, {c for s in REGISTRY for c in s.columns}),
-            "embedder": ingested.embedder,
-            "knn": neighbours.info,
-            "selections": [{"name": r.name, "mode": r.mode, "rows": r.table.num_rows, "eligible": r.eligible,
-                            "note": r.note} for r in selections],
-            "config": config.to_dict(redact=True),
-            "versions": _versions(),
-        }
-        outputs.write_samples(run, samples)
-        previous = previous_run(plan.output, plan.latest)
-        if previous is not None:
-            run_info["diff"] = diff_runs(previous, samples, selection_tables, run.child("diff"))
-        for name, table in selection_tables.items():
-            outputs.write_table(run.child("selections", f"{name}.parquet"), table)
-        report = report or ReportAssets({r.name: r.mode for r in selections})
-        run_info["map"] = report.map_info
-        run_info["timings_s"] = clock.timings
-        write_bytes(run.child("report.html"), render_report(
-            run_id=plan.run_id, samples=samples, run_info=run_info, selections=selection_tables, modes=report.modes,
-            galleries=report.galleries, thumbnails=report.thumbnails, scores_config=config.scores).encode("utf-8"))
-    clock.timings.update({f"score_{k}": v for k, v in score_report["timings_s"].items()})
+        samples, counts = _accounted(scored.samples, plan.count)
+        info = RunInfo.build(run_id=plan.run_id, uri=plan.run.uri, samples=samples, counts=counts,
+                             score_summary=scored.score_summary, selections=scored.selections,
+                             embedder=embedder, knn=knn, config=config)
+        info.timings_s = clock.timings  # the report shows the phases so far; run.json gets them all
+        _write_outputs(plan, config, info, samples, scored)
     clock.timings["total"] = round(time.perf_counter() - clock.start, 3)
-    run_info["driver_peak_bytes"] = clock.peak_bytes
-    outputs.write_json(run.child("run.json"), run_info)
+    info.driver_peak_bytes = clock.peak_bytes
+    info.write(plan.run)
+    _swap_latest(plan, config)
+    removed = outputs.remove_old_runs(plan.output, config.output.keep_runs)
+    if removed:
+        log.info("retention (output.keep_runs=%d): removed %d older run(s): %s", config.output.keep_runs,
+                 len(removed), ", ".join(removed))
+    log.info("published %s: %d inputs, %d ok, %d rejected in %.1fs", plan.run.uri, counts.inputs, counts.ok,
+             counts.rejected, clock.timings["total"])
+    return RunResult(plan.run_id, plan.run.uri, samples, info)
+
+
+def _accounted(samples: pa.Table, expected: int) -> tuple[pa.Table, Counts]:
+    """``samples`` in input order with the contract's column order, and its counts; raises if a
+    row was lost or added on the way (every input is ok or rejected, exactly once)."""
+    if not (np.diff(samples["input_id"].to_numpy()) > 0).all():
+        samples = samples.sort_by("input_id")
+    samples = outputs.order_samples(samples)
+    ok = int(is_ok(samples["status"]).sum())
+    if samples.num_rows != expected:
+        raise RuntimeError(f"accounting: {expected} inputs but {samples.num_rows} sample rows")
+    return samples, Counts(inputs=expected, ok=ok, rejected=expected - ok)
+
+
+def _write_outputs(plan: Plan, config: Config, info: RunInfo, samples: pa.Table, scored: Scored) -> None:
+    """samples/, diff/ (against the previous published run), selections/ and report.html."""
+    run = plan.run
+    tables = {r.name: r.table for r in scored.selections}
+    outputs.write_samples(run, samples)
+    previous = previous_run(plan.output, plan.latest)
+    if previous is not None:
+        info.diff = diff_runs(previous, samples, tables, run.child("diff"))
+    for name, table in tables.items():
+        outputs.write_table(run.child("selections", f"{name}.parquet"), table)
+    report = scored.report or ReportAssets({r.name: r.mode for r in scored.selections})
+    info.map = report.map_info
+    write_bytes(run.child("report.html"), render_report(
+        run_id=plan.run_id, samples=samples, run_info=info, selections=tables, modes=report.modes,
+        galleries=report.galleries, thumbnails=report.thumbnails, scores_config=config.scores).encode("utf-8"))
+
+
+def _swap_latest(plan: Plan, config: Config) -> None:
+    """``_SUCCESS``, then ``latest`` -> this run if ``latest`` is still what preflight saw."""
     try:
         outputs.publish(plan.output, plan.run_id, expected_latest=plan.latest_tag, storage=config.storage)
     except PreconditionFailed:
@@ -403,23 +419,3 @@ def publish(plan: Plan, config: Config, ingested: Ingested, neighbours: Neighbou
         raise PublishConflict(f"another run ({other}) published to {plan.output.uri} while this one ran: "
                               f"this run is complete at {plan.run.uri} (_SUCCESS written) but latest was left "
                               f"pointing at {other}; rerun to publish a run that includes both") from None
-    removed = outputs.remove_old_runs(plan.output, config.output.keep_runs)
-    if removed:
-        log.info("retention (output.keep_runs=%d): removed %d older run(s): %s", config.output.keep_runs,
-                 len(removed), ", ".join(removed))
-    log.info("published %s: %d inputs, %d ok, %d rejected in %.1fs", run.uri, counts["inputs"], counts["ok"],
-             counts["rejected"], clock.timings["total"])
-    return RunResult(plan.run_id, run.uri, samples, run_info)
-
-
-def _versions() -> dict:
-    """Package versions from their metadata (importing torch on the driver would cost ~300 MB)."""
-    from importlib.metadata import PackageNotFoundError, version
-
-    out = {"python": platform.python_version()}
-    for name in ("ray", "torch", "torchvision", "faiss-cpu", "pyarrow", "scikit-learn", "cuml-cu13"):
-        try:
-            out[name] = version(name)
-        except PackageNotFoundError:
-            continue
-    return out

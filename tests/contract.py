@@ -8,6 +8,7 @@ import re
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from curation.run_info import RunInfo
 from curation.schema import SAMPLES_CONTRACT, SELECTION_SCHEMA
 
 
@@ -26,6 +27,8 @@ def check_run_outputs(fs, output_path: str, run_id: str, *, images_uri: str, tru
     latest = read_json(fs, f"{output_path}/latest")
     assert latest["run_id"] == run_id
     info = read_json(fs, f"{run}/run.json")
+    assert RunInfo.from_dict(info).to_dict() == info  # the typed reader reads every key the job wrote
+    assert RunInfo.from_dict(info).run_id == run_id
     with fs.open_input_stream(f"{run}/report.html") as fh:
         report = fh.read().decode()
     # One offline page: scripts inlined, nothing loaded from elsewhere (the browser test opens it).

@@ -41,6 +41,7 @@ def test_pickled_code_as_weights_is_refused_without_running_it(tmp_path):
 def test_report_escapes_strings_that_come_from_the_data():
     from curation.report import render_report
     from curation.report.galleries import choose_galleries
+    from curation.run_info import RunInfo
     from curation.schema import SELECTION_SCHEMA
 
     evil = "<script>alert(1)</script>"
@@ -56,10 +57,10 @@ def test_report_escapes_strings_that_come_from_the_data():
                        "score": pa.array([0.1], pa.float32()), "reason": [f"suggested {evil}"]}, schema=SELECTION_SCHEMA)
     selections = {"label_review": review}
     modes = {"label_review": "label_review"}
-    page = render_report(run_id=evil, samples=samples, run_info={
-        "counts": {"inputs": 3, "ok": 2, "rejected": 1}, "flags": {evil: 1},
+    page = render_report(run_id=evil, samples=samples, run_info=RunInfo.from_dict({
+        "run_id": evil, "uri": "/runs/x", "counts": {"inputs": 3, "ok": 2, "rejected": 1}, "flags": {evil: 1},
         "selections": [{"name": evil, "mode": "label_review", "rows": 1, "eligible": 1, "note": evil}],
-        "embedder": {"model": evil, "warning": evil}}, selections=selections, modes=modes,
+        "embedder": {"model": evil, "warning": evil}}), selections=selections, modes=modes,
         galleries=choose_galleries(samples, selections, modes, size=10))
     # Neither string appears as markup anywhere: not in the HTML parts, not in the inlined data.
     assert evil not in page and img not in page

@@ -165,10 +165,6 @@ def write_table(location: Location, table: pa.Table) -> None:
     pq.write_table(table, location.path, filesystem=location.filesystem)
 
 
-def write_json(location: Location, data: dict) -> None:
-    write_bytes(location, json.dumps(data, indent=2, sort_keys=False, default=str).encode("utf-8"))
-
-
 def interrupted_vector_files(output: Location, current_run: str, *, newest: int = 3,
                              skip: tuple[str | None, ...] = ()) -> list[Location]:
     """The ``embeddings/`` parts of runs that stopped before publishing (no ``_SUCCESS``), the

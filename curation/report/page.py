@@ -20,6 +20,7 @@ import pyarrow.compute as pc
 
 from curation.report.galleries import Gallery
 from curation.report.map import highlight_masks
+from curation.run_info import RunInfo
 from curation.schema import is_ok
 
 PALETTE = ["#1f77b4", "#ff7f0e", "#2ca02c", "#d62728", "#9467bd", "#8c564b", "#e377c2", "#7f7f7f", "#bcbd22",
@@ -261,34 +262,31 @@ def _gallery_html(gallery: Gallery, thumbnails: dict[str, str]) -> str:
     return head + body + "</section>"
 
 
-def _header(run_id: str, samples: pa.Table, run_info: dict) -> list[str]:
-    counts = run_info["counts"]
-    config = run_info.get("config") or {}
-    source = config.get("input") or {}
-    where = source.get("images") or source.get("manifest") or source.get("embeddings") or "-"
-    embedder = run_info.get("embedder") or {}
+def _header(run_id: str, samples: pa.Table, run_info: RunInfo) -> list[str]:
+    counts = run_info.counts
+    embedder = run_info.embedder
     parts = [f"<h1>Curation run {html.escape(run_id)}</h1>",
-             f"<p>input <b>{html.escape(str(where))}</b>; embedder <b>{html.escape(str(embedder.get('model_id') or embedder.get('model') or '-'))}</b>"
+             f"<p>input <b>{html.escape(run_info.input_uri)}</b>; embedder <b>{html.escape(run_info.model_id)}</b>"
              f"{' (semantic)' if embedder.get('semantic') else ''}</p>"]
     if embedder.get("warning"):
         parts.append(f"<p class=warn>{html.escape(embedder['warning'])}</p>")
     rejected_reasons = samples.filter(pa.array(~is_ok(samples["status"])))["reason"].to_pylist()
     rejected = Counter((r or "").split(":")[0] for r in rejected_reasons)
     cards = ["<div><h3>Counts</h3>" + _table(["inputs", "ok", "rejected"],
-                                             [[counts["inputs"], counts["ok"], counts["rejected"]]])]
+                                             [[counts.inputs, counts.ok, counts.rejected]])]
     if rejected:
         cards[-1] += _table(["rejected because", "items"], rejected.most_common())
     cards[-1] += "</div>"
-    cards.append("<div><h3>Flags</h3>" + _table(["flag", "items"], [[k, v] for k, v in run_info["flags"].items()]) + "</div>")
+    cards.append("<div><h3>Flags</h3>" + _table(["flag", "items"], [[k, v] for k, v in run_info.flags.items()]) + "</div>")
     cards.append("<div><h3>Selections</h3>" + _table(
         ["name", "mode", "rows", "eligible", "note"],
-        [[s["name"], s["mode"], s["rows"], s["eligible"], s.get("note") or ""] for s in run_info["selections"]]) + "</div>")
-    timings = run_info.get("timings_s") or {}
+        [[s.name, s.mode, s.rows, s.eligible, s.note or ""] for s in run_info.selections]) + "</div>")
+    timings = run_info.timings_s
     if timings:
         cards.append("<div><h3>Timings (s)</h3>" + _table(["stage", "seconds"], [[k, v] for k, v in timings.items()
                                                                                  if not k.startswith("score_")]) + "</div>")
     parts.append("<div class=cards>" + "".join(cards) + "</div>")
-    diff = run_info.get("diff")
+    diff = run_info.diff
     if diff:
         rows = []
         for key, value in diff.items():
@@ -297,7 +295,7 @@ def _header(run_id: str, samples: pa.Table, run_info: dict) -> list[str]:
     return parts
 
 
-def render_report(*, run_id: str, samples: pa.Table, run_info: dict, selections: dict[str, pa.Table],
+def render_report(*, run_id: str, samples: pa.Table, run_info: RunInfo, selections: dict[str, pa.Table],
                   modes: dict[str, str] | None = None, galleries: list[Gallery] | None = None,
                   thumbnails: dict[str, str] | None = None, scores_config=None) -> str:
     """The whole page as one HTML string (scripts, data and thumbnails inlined)."""
@@ -340,7 +338,7 @@ def render_report(*, run_id: str, samples: pa.Table, run_info: dict, selections:
     parts.append(script)
 
     parts.append("<h2>Embedding map</h2>")
-    map_info = run_info.get("map") or {}
+    map_info = run_info.map
     if has_map:
         options = "".join(f'<option value="{v}">{html.escape(t)}</option>' for v, t in
                           [("class", "class"), ("cluster", "cluster")] + [(f"h{j}", n) for j, n in enumerate(names)])
@@ -368,7 +366,7 @@ def render_report(*, run_id: str, samples: pa.Table, run_info: dict, selections:
     if galleries:
         parts.append("<h2>Galleries</h2>")
         parts += [_gallery_html(g, thumbnails) for g in galleries]
-    embedder = run_info.get("embedder") or {}
+    embedder = run_info.embedder
     parts.append("<h2>Embedder</h2>" + _table(["key", "value"], [[k, v] for k, v in embedder.items()]))
     parts.append("</body></html>")
     return "".join(parts)

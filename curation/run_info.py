@@ -1,0 +1,187 @@
+"""``run.json``: what a run did, as one typed record.
+
+The job builds it once (:meth:`RunInfo.build`, at publication); everything that reads a run's
+summary (the CLI's closing screen, the report's header, the demo, a later command reading a
+published run) goes through :class:`RunInfo` instead of indexing the JSON by string keys. The
+JSON written is :meth:`RunInfo.to_dict`; ``docs/contract.md`` documents its keys.
+
+Sections whose shape belongs to another module stay plain dicts, owned there: ``scores`` (each
+score's ``summary``), ``balance`` (:mod:`curation.balance`), ``knn`` (the index),
+``map`` (the report's map), ``diff`` (:mod:`curation.run_diff`), ``config`` (the redacted config).
+"""
+
+from __future__ import annotations
+
+import json
+import platform
+from dataclasses import dataclass, field, fields
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    import pyarrow as pa
+
+    from curation.config import Config
+    from curation.io.filesystem import Location
+    from curation.select import SelectionResult
+
+FILE_NAME = "run.json"
+
+
+@dataclass(frozen=True)
+class Counts:
+    """Every input is either ``ok`` or ``rejected``; ``inputs = ok + rejected`` always."""
+
+    inputs: int
+    ok: int
+    rejected: int
+
+
+@dataclass(frozen=True)
+class SelectionSummary:
+    name: str
+    mode: str
+    rows: int
+    eligible: int
+    note: str | None = None
+
+
+@dataclass
+class RunInfo:
+    """One run's ``run.json``.
+
+    Attributes:
+        run_id: The run's id (a folder under ``output.uri``).
+        uri: Where the run was written.
+        version: The curation package version that wrote it.
+        counts: Inputs, ok and rejected items.
+        flags: Items per flag (``is_exact_duplicate`` … ), from the scores' declarations.
+        scores: Each score's own summary, by score name.
+        class_balance: Ok items per label.
+        balance: Label and metadata distributions, overall and per selection.
+        embedder: The embedder's identity (``model_id`` …) and, in images mode, the store's counts.
+        knn: How the neighbours were found (kind, parameters, timings, shard sizes).
+        selections: One summary per selection.
+        config: The config the run used, credentials redacted.
+        versions: Python and library versions.
+        map: How the report's embedding map was made.
+        timings_s: Seconds per phase (and ``score_<name>`` per score, and ``total``).
+        driver_peak_bytes: The driver's peak memory per phase.
+        diff: Changes since the previous published run (absent on a first run).
+    """
+
+    run_id: str
+    uri: str
+    version: str
+    counts: Counts
+    flags: dict[str, int]
+    scores: dict[str, dict]
+    class_balance: dict[str, int]
+    balance: dict
+    embedder: dict
+    knn: dict
+    selections: list[SelectionSummary]
+    config: dict
+    versions: dict[str, str]
+    map: dict = field(default_factory=dict)
+    timings_s: dict[str, float] = field(default_factory=dict)
+    driver_peak_bytes: dict[str, int] = field(default_factory=dict)
+    diff: dict | None = None
+
+    # ---------------------------------------------------------------------------- building
+
+    @classmethod
+    def build(cls, *, run_id: str, uri: str, samples: pa.Table, counts: Counts, score_summary: dict[str, dict],
+              selections: list[SelectionResult], embedder: dict, knn: dict, config: Config) -> RunInfo:
+        """The record of a finished run, from what its phases produced (``samples`` ordered and
+        counted already)."""
+        import pyarrow.compute as pc
+
+        import curation
+        from curation.balance import balance_stats
+        from curation.scores import REGISTRY
+
+        flags = {name: value for summary in score_summary.values() for name, value in summary.get("flags", {}).items()}
+        labels = samples["label"].drop_null()
+        class_balance = ({str(v["values"]): int(v["counts"]) for v in pc.value_counts(labels).to_pylist()}
+                         if len(labels) else {})
+        tables = {r.name: r.table for r in selections}
+        return cls(
+            run_id=run_id, uri=uri, version=curation.__version__, counts=counts, flags=flags, scores=score_summary,
+            class_balance=class_balance,
+            balance=balance_stats(samples, tables, {c for s in REGISTRY for c in s.columns}),
+            embedder=embedder, knn=knn,
+            selections=[SelectionSummary(r.name, r.mode, r.table.num_rows, r.eligible, r.note) for r in selections],
+            config=config.to_dict(redact=True), versions=package_versions())
+
+    # ------------------------------------------------------------------------------ reading
+
+    @property
+    def model_id(self) -> str:
+        """The embedder's id (``model@weights/size``), or what an embeddings-mode run recorded."""
+        return str(self.embedder.get("model_id") or self.embedder.get("model") or "-")
+
+    @property
+    def store(self) -> dict | None:
+        """The embedding store's ``{reused, embedded, rejected}`` for this run (images mode)."""
+        return self.embedder.get("store")
+
+    @property
+    def input_uri(self) -> str:
+        """What the run read: ``input.images``, ``input.manifest`` or ``input.embeddings``."""
+        source = self.config.get("input") or {}
+        return str(source.get("images") or source.get("manifest") or source.get("embeddings") or "-")
+
+    def to_dict(self) -> dict[str, Any]:
+        data = {f.name: getattr(self, f.name) for f in fields(self)}
+        data["counts"] = vars(self.counts).copy()
+        data["selections"] = [vars(s).copy() for s in self.selections]
+        if self.diff is None:
+            del data["diff"]
+        return data
+
+    @classmethod
+    def from_dict(cls, data: dict) -> RunInfo:
+        """Read a ``run.json`` document; raises ``ValueError`` naming what is missing."""
+        if not isinstance(data, dict):
+            raise ValueError(f"run.json: expected an object, got {type(data).__name__}")
+        known = {f.name for f in fields(cls)}
+        missing = [name for name in ("run_id", "uri", "counts", "selections") if name not in data]
+        if missing:
+            raise ValueError(f"run.json: missing {', '.join(missing)}")
+        values = {k: v for k, v in data.items() if k in known}
+        values["counts"] = Counts(**{k: int(data["counts"][k]) for k in ("inputs", "ok", "rejected")})
+        values["selections"] = [SelectionSummary(**{k: s.get(k) for k in ("name", "mode", "rows", "eligible", "note")})
+                                for s in data["selections"]]
+        for name, default in (("version", ""), ("flags", {}), ("scores", {}), ("class_balance", {}), ("balance", {}),
+                              ("embedder", {}), ("knn", {}), ("config", {}), ("versions", {})):
+            values.setdefault(name, default)
+        return cls(**values)
+
+    def write(self, run: Location) -> None:
+        from curation.io.filesystem import write_bytes
+
+        write_bytes(run.child(FILE_NAME), json.dumps(self.to_dict(), indent=2, default=str).encode("utf-8"))
+
+    @classmethod
+    def read(cls, run: Location) -> RunInfo:
+        """The ``run.json`` of the run at ``run``; ``ValueError`` naming the file when it is not one."""
+        from curation.io.filesystem import read_bytes
+
+        location = run.child(FILE_NAME)
+        try:
+            return cls.from_dict(json.loads(read_bytes(location)))
+        except (ValueError, TypeError, KeyError) as exc:
+            raise ValueError(f"{location.uri}: not a run.json this version can read ({exc})") from None
+
+
+def package_versions() -> dict[str, str]:
+    """Package versions from their metadata (importing torch on the driver would cost ~300 MB)."""
+    from importlib.metadata import PackageNotFoundError, version
+
+    out = {"python": platform.python_version()}
+    for name in ("ray", "torch", "torchvision", "faiss-cpu", "pyarrow", "scikit-learn", "cuml-cu13"):
+        try:
+            out[name] = version(name)
+        except PackageNotFoundError:
+            continue
+    return out
