@@ -297,7 +297,7 @@ class Representative:
         column = sel.balance_on or "label"
         codes, names = view.groups(column, selection=sel.name)
         present, capacity = np.unique(codes[rows], return_counts=True)
-        # Groups in the order of their values, as before (np.unique over the value strings).
+        # Groups in the order of their values, so the interleave below is the same on every run.
         order = np.argsort([names[c] for c in present], kind="stable")
         present, capacity = present[order], capacity[order]
         quotas = allocate(sel.budget or len(rows), capacity, capacity.astype(np.float64) ** alpha)
@@ -420,9 +420,6 @@ class Selector:
     def eligible(self, sel: SelectionConfig) -> np.ndarray:
         """Rows ``sel`` may pick from (its ``where`` applied), before the budget."""
         return MODES[sel.mode].eligible(self.view, sel) & self._where(sel)
-
-    def cover(self, members: np.ndarray, quota: int) -> list[tuple[int, float]]:
-        return cover(self.view, members, quota)
 
     def build(self, sel: SelectionConfig) -> SelectionResult:
         view, mode = self.view, MODES[sel.mode]

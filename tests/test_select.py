@@ -79,10 +79,10 @@ def test_representative_covers_every_mode_of_a_class(scored):
     from tests.test_scores import unit
     emb2 = emb.copy()
     emb2[:60] = unit(modes)
-    from curation.select import Selector
-    selector = Selector(table, ScoresConfig(), emb2)
+    from curation.select import SampleView, cover
+    view = SampleView(table, ScoresConfig(), emb2, set(table.column_names))
     eligible = np.arange(20, 60)  # 10 items of the first mode, 30 of the second
-    picks = [r for r, _ in selector.cover(eligible, 4)]
+    picks = [r for r, _ in cover(view, eligible, 4)]
     assert len(set(picks)) == 4
     assert any(r < 30 for r in picks) and any(r >= 30 for r in picks)
 
@@ -93,7 +93,7 @@ def test_large_classes_are_covered_region_by_region(scored, monkeypatch):
     import numpy as np
 
     import curation.select as select_module
-    from curation.select import Selector
+    from curation.select import SampleView, cover
     from tests.test_scores import unit
 
     table, knn, emb = scored
@@ -103,7 +103,7 @@ def test_large_classes_are_covered_region_by_region(scored, monkeypatch):
     emb2 = emb.copy()
     emb2[:60] = unit(base + 0.05 * rng.normal(size=base.shape))
     monkeypatch.setattr(select_module, "COVER_WORK", 1.0)  # forces one region per pick
-    picks = Selector(table, ScoresConfig(), emb2).cover(np.arange(60), 6)
+    picks = cover(SampleView(table, ScoresConfig(), emb2, set(table.column_names)), np.arange(60), 6)
     rows = [r for r, _ in picks]
     assert len(rows) == len(set(rows)) == 6
     assert any(r >= 50 for r in rows) and any(r < 50 for r in rows)

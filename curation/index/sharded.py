@@ -27,7 +27,7 @@ from curation.config import KnnConfig
 from curation.index.knn import KnnGraph, drop_self, exact_knn, id_dtype
 from curation.index.params import IndexParams, choose_params
 from curation.index.shard import IndexShard, merge_shard_results, train_empty_index
-from curation.index.source import MemoryVectors, VectorParts, as_source
+from curation.index.source import VectorParts, as_source
 from curation.io.filesystem import Location, write_bytes
 from curation.session import ClusterShape, progress, shard_request, training_request
 
@@ -65,30 +65,25 @@ def knn_graph(vectors, cfg: KnnConfig, *, seed: int = 0,
         graph = exact_knn(x, cfg.k)
         info.update(method="exact (faiss.IndexFlatIP, in process)", search_s=round(time.perf_counter() - t, 3))
         return graph, info
-    graph, timing = sharded_knn(None, cfg.k, params, query_batch=cfg.query_batch, seed=seed, save_to=save_to,
-                                source=source, refine_factor=cfg.refine_factor)
+    graph, timing = sharded_knn(source, cfg.k, params, query_batch=cfg.query_batch, seed=seed, save_to=save_to,
+                                refine_factor=cfg.refine_factor)
     info.update(method=f"{params.factory(d)} over {params.shards} Ray shard actor(s)", **timing)
     return graph, info
 
 
-def sharded_knn(embeddings: np.ndarray | None, k: int, params: IndexParams, *, query_batch: int = 16384,
-                seed: int = 0, save_to: Location | None = None, source=None,
-                refine_factor: int = 16) -> tuple[KnnGraph, dict]:
+def sharded_knn(vectors, k: int, params: IndexParams, *, query_batch: int = 16384,
+                seed: int = 0, save_to: Location | None = None, refine_factor: int = 16) -> tuple[KnnGraph, dict]:
     """Train once on a uniform sample, fill shard actors with contiguous partitions, search every
     query batch on every shard from a Ray task and merge the per-shard top-k with FAISS.
 
     Args:
-        embeddings: an in-memory matrix (tests, benchmarks), or None when ``source`` is given.
-        source: where the vectors are (:class:`~curation.index.source.VectorParts`); shards and
-            query tasks read it themselves. Must hold as many vectors as ``embeddings`` when both
-            are given.
+        vectors: where the vectors are (:class:`~curation.index.source.VectorParts`: shards and
+            query tasks read storage themselves), or an in-memory matrix or
+            :class:`~curation.index.source.MemoryVectors` (put once in the object store).
     """
     import ray
 
-    if source is None:
-        source = MemoryVectors(embeddings)
-    elif embeddings is not None and source.n != len(embeddings):
-        raise ValueError(f"kNN: the vector source holds {source.n} vectors, the driver {len(embeddings)}")
+    source = as_source(vectors)
     n, d = source.n, source.dim
     timing: dict = {}
     t = time.perf_counter()

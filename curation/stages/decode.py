@@ -5,6 +5,11 @@ Each input row yields exactly one output row. A file that cannot be read or deco
 ``not an image: ...``, ``too many pixels: ...``) instead of an exception, so one bad JPEG never
 fails the job. Pixel statistics for the junk scores are computed here, once, from the decoded
 image.
+
+:class:`DecodeStage` is the batch form the pipeline runs. The one-image forms are public
+helpers with the same definitions, for code that handles a single image (a query image, a
+test, a benchmark): :func:`decode_image` (model input, hashes, statistics and copy descriptor of
+one file), :func:`pixel_statistics`, :func:`luminance_percentiles` and :func:`copy_descriptor`.
 """
 
 from __future__ import annotations
@@ -39,11 +44,9 @@ STATS_MAX_SIDE = 256  # statistics are computed at most at this size; never upsc
 REDUCE_TO = 1024  # a full-size decode is box-reduced right away to about this longer side (or less)
 
 # The copy descriptor (see :func:`copy_descriptor`); its identity is part of the embedding
-# store's key, so a change of its definition never mixes old and new descriptors. Not bumped
-# when the working thumbnail's resampler changed (PIL's grey resize -> torch's kernel in colour,
-# images over 256 px only): one image's stored and new descriptors agree to cosine 0.9998 on
-# average (0.98 at worst) on 400 photos, its dHash to 0.1 bit -- far inside `copy_cosine` and
-# `near_duplicate_hamming` -- so stores were kept rather than every item embedded again.
+# store's key, so a change of its definition never mixes old and new descriptors. Bump it when
+# a change moves stored descriptors past what `copy_cosine` tolerates (benchmarks/README.md,
+# "The decode stage against the codec", says how that was judged last time).
 COPY_DESCRIPTOR_ID = "copy-v1"
 COPY_GRID = 16  # cells per side of the descriptor grid
 COPY_CANON = 32  # the trimmed image is resampled to this square first ...
@@ -658,7 +661,7 @@ class DecodeStage:
             out["width"][i], out["height"][i] = width, height
         # The thumbnails' features in a second pass, not inside the first: the codec, the hashes
         # and the resizes stream whole images through the caches, and the many small calls on
-        # thumbnails then run warm, back to back (0.63 -> 0.68 of the bare decode at 640x480).
+        # thumbnails then run warm, back to back (benchmarks/README.md has the measurement).
         features = ThumbnailFeatures(n)
         for i in list(greys):
             features.add(i, greys.pop(i))
