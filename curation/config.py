@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import re
 import types
 import typing
 from dataclasses import dataclass, field
@@ -59,6 +60,10 @@ class InputConfig:
         embeddings: optional precomputed Parquet ``uri, embedding[, label]``; skips decoding
             and embedding entirely.
         extensions: file suffixes that count as images when listing ``images``.
+        follow_symlinks: follow symbolic links to directories when listing a local ``images``
+            folder. Off by default (as ``find`` and ``os.walk``); when on, each real directory
+            is listed once (loops end) and a link to the input root or above it is not
+            followed. Links to files are always read.
     """
 
     images: str | None = None
@@ -68,6 +73,7 @@ class InputConfig:
     extensions: list[str] = field(
         default_factory=lambda: [".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff"]
     )
+    follow_symlinks: bool = False
 
 
 @dataclass
@@ -275,7 +281,10 @@ class OutputConfig:
 
     Attributes:
         uri: folder or ``s3://`` prefix for runs.
-        run_id: this run's folder name; defaults to a UTC timestamp.
+        run_id: this run's folder name; defaults to a UTC timestamp. One plain path component:
+            letters, digits, ``.``, ``_`` and ``-``, starting with a letter or digit, at most
+            128 characters, and not ``latest`` or ``embedding-store`` (names the output
+            folder already uses).
         keep_runs: after publishing, keep only this many complete runs (the newest by their
             ``_SUCCESS`` time; the one ``latest`` names is always kept, and folders without
             ``_SUCCESS`` -- runs being written, the embedding store -- are never touched).
@@ -551,6 +560,18 @@ def _relative_to(raw: dict, path: str) -> dict:
     return raw
 
 
+# A run id is a folder directly under output.uri: never a path (no '/', no '..'), never a name
+# the output folder already uses for something else.
+RUN_ID_PATTERN = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,127}")
+RESERVED_RUN_IDS = ("latest", "embedding-store")
+
+
+def is_run_id(value: object) -> bool:
+    """Whether ``value`` may name a run folder (see ``output.run_id``)."""
+    return (isinstance(value, str) and RUN_ID_PATTERN.fullmatch(value) is not None
+            and value not in RESERVED_RUN_IDS)
+
+
 def validate(config: Config) -> None:
     """Cross-field rules (allowed values and ranges sit on the fields themselves and are checked
     as each one is built); raises :class:`ConfigError`."""
@@ -561,6 +582,10 @@ def validate(config: Config) -> None:
         raise ConfigError("config key 'input.manifest': give input.images or input.manifest, not both")
     if not config.output.uri:
         raise ConfigError("config key 'output.uri': required")
+    if config.output.run_id is not None and not is_run_id(config.output.run_id):
+        raise ConfigError(f"config key 'output.run_id': expected one plain folder name (letters, digits, '.', '_', "
+                          f"'-'; starting with a letter or digit; at most 128 characters; not "
+                          f"{' or '.join(RESERVED_RUN_IDS)}), got {config.output.run_id!r}")
     if config.embedder.min_actors > config.embedder.max_actors > 0:
         raise ConfigError("config key 'embedder.min_actors': must not exceed embedder.max_actors")
     if len(config.decode.background) != 3 or not all(0 <= v <= 255 for v in config.decode.background):

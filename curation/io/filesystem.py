@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import hashlib
 import io
+import logging
 import os
 import posixpath
 from dataclasses import dataclass
@@ -20,6 +21,8 @@ import pyarrow.fs as pafs
 from curation.config import StorageConfig
 
 S3_SCHEME = "s3://"
+
+log = logging.getLogger(__name__)
 
 
 class StorageError(OSError):
@@ -117,14 +120,71 @@ def write_bytes(location: Location, data: bytes) -> None:
         fh.write(data)
 
 
-def list_files(location: Location) -> list[pafs.FileInfo]:
-    """Recursively list regular files under a folder/prefix (sorted by path)."""
+def list_files(location: Location, *, follow_symlinks: bool = False) -> list[pafs.FileInfo]:
+    """Recursively list the files under a folder or prefix, sorted by path.
+
+    On a local folder, links to files are listed as files, and a broken link as a
+    ``FileType.NotFound`` entry (an input that cannot be read, not one silently left out).
+    Links to directories are not followed unless ``follow_symlinks``; then each real directory
+    is listed once (loops end) and a link to the folder itself or above it is not followed.
+    """
     try:
-        infos = location.filesystem.get_file_info(pafs.FileSelector(location.path, recursive=True))
+        if isinstance(location.filesystem, pafs.LocalFileSystem):
+            paths = _walk_local(location.path, follow_symlinks)
+            infos = location.filesystem.get_file_info(paths) if paths else []
+        else:
+            infos = location.filesystem.get_file_info(pafs.FileSelector(location.path, recursive=True))
+            infos = [info for info in infos if info.type == pafs.FileType.File]
     except (OSError, pa.ArrowException) as exc:
         raise StorageError(f"{location.uri}: cannot list ({exc})") from exc
-    files = [info for info in infos if info.type == pafs.FileType.File]
-    files.sort(key=lambda info: info.path)
+    infos = [info for info in infos if info.type in (pafs.FileType.File, pafs.FileType.NotFound)]
+    infos.sort(key=lambda info: info.path)
+    return infos
+
+
+def _walk_local(root: str, follow_symlinks: bool) -> list[str]:
+    """Paths of the files (and file links, broken links) under ``root``. Plain folders are
+    walked first and links to folders afterwards, so a folder reachable both ways is listed
+    under its own path."""
+    real_root = os.path.realpath(root)
+    seen = {real_root}
+    files: list[str] = []
+    links: list[str] = []  # links to directories, in the order met
+    not_followed: list[str] = []
+
+    def walk(top: str) -> None:
+        stack = [top]
+        while stack:
+            folder = stack.pop()
+            with os.scandir(folder) as it:
+                entries = sorted(it, key=lambda e: e.name)
+            folders = []
+            for entry in entries:
+                if not entry.is_dir():  # a file, a link to one, a broken link, a socket...
+                    files.append(entry.path)
+                elif entry.is_symlink():
+                    links.append(entry.path)
+                else:
+                    seen.add(os.path.realpath(entry.path))
+                    folders.append(entry.path)
+            stack.extend(reversed(folders))
+
+    walk(root)
+    while links:
+        link = links.pop(0)
+        real = os.path.realpath(link)
+        above = real_root.startswith(real.rstrip(os.sep) + os.sep)
+        if not follow_symlinks or above or real in seen:
+            not_followed.append(link)
+            continue
+        seen.add(real)
+        walk(link)
+    if not_followed:
+        why = ("input.follow_symlinks is false" if not follow_symlinks
+               else "each points at a folder listed already, or at the input root or above it")
+        log.warning("%s: %d link(s) to directories not followed (%s): %s", root, len(not_followed), why,
+                    ", ".join(os.path.relpath(p, root) for p in not_followed[:5])
+                    + (" ..." if len(not_followed) > 5 else ""))
     return files
 
 

@@ -16,6 +16,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.csv as pacsv
+import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 
 from curation.config import Config, ConfigError
@@ -78,12 +79,18 @@ def _list_images(config: Config, resolver: Resolver) -> tuple[Location, list[str
     root = resolver.resolve(config.input.images)
     extensions = {ext.lower() for ext in config.input.extensions}
     uris, errors, fingerprints = [], [], []
-    for info in list_files(root):
-        uri = root.child(posixpath.relpath(info.path, root.path)).uri
+    for info in list_files(root, follow_symlinks=config.input.follow_symlinks):
+        # Relative to the root as listed, not normalised: an S3 key "a/../b.jpg" is its own object.
+        rel = info.path[len(root.path):].lstrip("/")
+        uri = root.child(rel).uri
         suffix = posixpath.splitext(info.path)[1].lower()
         uris.append(uri)
         fingerprints.append(_fingerprint(info))
-        if posixpath.basename(info.path).startswith("."):
+        if any(part in (".", "..") for part in rel.split("/")):
+            errors.append("not a plain name: a '.' or '..' path segment")
+        elif info.type != pafs.FileType.File:
+            errors.append("missing: a broken symbolic link")
+        elif posixpath.basename(info.path).startswith("."):
             errors.append("skipped: hidden file")
         elif suffix not in extensions:
             errors.append(f"not an image: extension {suffix or '(none)'!r} is not in input.extensions")

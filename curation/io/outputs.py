@@ -29,6 +29,7 @@ import logging
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from curation.config import is_run_id
 from curation.io.filesystem import Location, read_bytes, write_bytes
 from curation.schema import INTERNAL_COLUMNS, SAMPLES_CONTRACT, SAMPLES_EXTRA, is_ok
 
@@ -227,14 +228,18 @@ def remove_old_runs(output: Location, keep: int) -> list[str]:
 
 def latest_run_id(data: bytes | None) -> str | None:
     """The run id a ``latest`` file names (its bytes), or None when absent or unreadable: the
-    one parser of ``latest``."""
+    one parser of ``latest``. A ``latest`` naming anything but a plain run folder (``../x``,
+    ``a/b``: written by hand or by an older version) is unreadable, never followed."""
     if not data:
         return None
     try:
         run_id = json.loads(data)["run_id"]
     except (ValueError, KeyError, TypeError):
         return None
-    return run_id if isinstance(run_id, str) and run_id else None
+    if not is_run_id(run_id):
+        log.warning("latest names %r, which is not a run folder name: ignored", run_id)
+        return None
+    return run_id
 
 
 def resolve_run(location: Location) -> Location | None:
@@ -264,6 +269,8 @@ def publish(output: Location, run_id: str, *, expected_latest: str | None = None
     :class:`~curation.io.filesystem.PreconditionFailed` and leaves ``latest`` alone."""
     from curation.io.filesystem import write_if_unchanged
 
+    if not is_run_id(run_id):  # the config refuses such ids; nothing else may publish one either
+        raise ValueError(f"not a run folder name: {run_id!r}")
     run = output.child(run_id)
     write_bytes(run.child("_SUCCESS"), b"")
     data = json.dumps({"run_id": run_id, "uri": run.uri}, indent=1).encode()

@@ -103,7 +103,8 @@ class EmbeddingStore:
             return []
         folder = self.root.child(pointer.get("snapshot") or "-")
         try:
-            return [folder.child(info.base_name) for info in list_files(folder) if info.path.endswith(".parquet")]
+            return [folder.child(info.base_name) for info in list_files(folder)
+                    if info.type == pafs.FileType.File and info.path.endswith(".parquet")]
         except OSError as exc:
             log.warning("embedding store %s unreadable (%s); embedding everything", folder.uri, exc)
             return []
