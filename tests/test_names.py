@@ -114,3 +114,43 @@ def test_odd_names_and_a_byte_order_mark_keep_working(ray_local, tmp_path):
     assert rows["broken.png"]["status"] == "rejected" and rows["broken.png"]["reason"] == "missing: a broken symbolic link"
     assert [rows[f"img/{i:02d}.png"]["label"] for i in (0, 1, 3)] == ["a", "b", "b"]  # the BOM is not in the header
     assert all(r["dup_group"] is None for r in rows.values())  # no file was listed twice
+
+
+def test_files_that_cannot_be_inputs_are_listed_with_the_reason(tmp_path):
+    """A name that is not UTF-8 and a FIFO are rejected rows, not a crash and not left out;
+    names with URI-like characters are plain files."""
+    images = tmp_path / "images"
+    _images(images, 2)
+    for name in ("pct%20.png", "hash#1.png", "q?.png", " lead.png"):
+        os.link(images / "00.png", images / name)
+    with open(os.path.join(os.fsencode(images), b"bad\xff.png"), "wb") as fh:
+        fh.write((images / "01.png").read_bytes())
+    os.mkfifo(images / "fifo.png")
+    from curation.job import preflight
+
+    config = _config(tmp_path, images)
+    inputs = preflight(config, Resolver(config.storage)).inputs.to_pylist()
+    errors = {os.path.relpath(r["uri"], images): r["input_error"] for r in inputs}
+    assert errors == {"00.png": None, "01.png": None, "pct%20.png": None, "hash#1.png": None, "q?.png": None,
+                      " lead.png": None, "bad\\xff.png": "not a plain name: not valid UTF-8",
+                      "fifo.png": "not an image: not a regular file (a FIFO, socket or device)"}
+
+
+def test_a_key_with_dot_segments_is_its_own_rejected_input(tmp_path, monkeypatch):
+    """Object stores allow keys such as ``a/../b.png``; normalised, it would be read as another
+    object (``b.png``). It is listed under its own name and rejected."""
+    import curation.io.inputs as inputs_io
+    from curation.io.filesystem import ListedFile
+
+    images = tmp_path / "images"
+    _images(images, 1)
+    root = str(images)
+    monkeypatch.setattr(inputs_io, "list_files", lambda location, **_: [
+        ListedFile(f"{root}/00.png", 10, 1), ListedFile(f"{root}/a/../00.png", 10, 1), ListedFile(f"{root}/./00.png", 10, 1)])
+    config = _config(tmp_path, images)
+    from curation.job import preflight
+
+    inputs = preflight(config, Resolver(config.storage)).inputs.to_pylist()
+    assert [(r["uri"][len(root):], r["input_error"]) for r in inputs] == [
+        ("/00.png", None), ("/a/../00.png", "not a plain name: a '.' or '..' path segment"),
+        ("/./00.png", "not a plain name: a '.' or '..' path segment")]

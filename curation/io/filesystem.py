@@ -120,26 +120,67 @@ def write_bytes(location: Location, data: bytes) -> None:
         fh.write(data)
 
 
-def list_files(location: Location, *, follow_symlinks: bool = False) -> list[pafs.FileInfo]:
+@dataclass(frozen=True)
+class ListedFile:
+    """One file found by :func:`list_files`.
+
+    Attributes:
+        path: the path inside its filesystem (a name that is not valid UTF-8 is spelled with
+            ``\\xNN`` escapes: it names no readable object).
+        size / mtime_ns: from the listing (None when unknown); they change when it is rewritten.
+        problem: None for a regular file that can be read; otherwise why it cannot be an input,
+            phrased as a ``rejected`` reason.
+    """
+
+    path: str
+    size: int | None = None
+    mtime_ns: int | None = None
+    problem: str | None = None
+
+    @property
+    def base_name(self) -> str:
+        return posixpath.basename(self.path)
+
+
+def list_files(location: Location, *, follow_symlinks: bool = False) -> list[ListedFile]:
     """Recursively list the files under a folder or prefix, sorted by path.
 
-    On a local folder, links to files are listed as files, and a broken link as a
-    ``FileType.NotFound`` entry (an input that cannot be read, not one silently left out).
-    Links to directories are not followed unless ``follow_symlinks``; then each real directory
-    is listed once (loops end) and a link to the folder itself or above it is not followed.
+    On a local folder, links to files are listed as files; a broken link, a FIFO, socket or
+    device, and a name that is not valid UTF-8 are listed with their ``problem`` (inputs that
+    cannot be read, never silently left out). Links to directories are not followed unless
+    ``follow_symlinks``; then each real directory is listed once (loops end) and a link to the
+    folder itself or above it is not followed.
     """
     try:
         if isinstance(location.filesystem, pafs.LocalFileSystem):
-            paths = _walk_local(location.path, follow_symlinks)
-            infos = location.filesystem.get_file_info(paths) if paths else []
+            listed = _list_local(location, follow_symlinks)
         else:
             infos = location.filesystem.get_file_info(pafs.FileSelector(location.path, recursive=True))
-            infos = [info for info in infos if info.type == pafs.FileType.File]
+            listed = [ListedFile(i.path, i.size, i.mtime_ns) for i in infos if i.type == pafs.FileType.File]
     except (OSError, pa.ArrowException) as exc:
         raise StorageError(f"{location.uri}: cannot list ({exc})") from exc
-    infos = [info for info in infos if info.type in (pafs.FileType.File, pafs.FileType.NotFound)]
-    infos.sort(key=lambda info: info.path)
-    return infos
+    listed.sort(key=lambda f: f.path)
+    return listed
+
+
+def _list_local(location: Location, follow_symlinks: bool) -> list[ListedFile]:
+    paths = _walk_local(location.path, follow_symlinks)
+    readable, listed = [], []
+    for path in paths:
+        try:
+            path.encode("utf-8")
+            readable.append(path)
+        except UnicodeEncodeError:
+            escaped = path.encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace")
+            listed.append(ListedFile(escaped, problem="not a plain name: not valid UTF-8"))
+    for info in location.filesystem.get_file_info(readable) if readable else []:
+        if info.type == pafs.FileType.File:
+            listed.append(ListedFile(info.path, info.size, info.mtime_ns))
+        elif info.type == pafs.FileType.NotFound:
+            listed.append(ListedFile(info.path, problem="missing: a broken symbolic link"))
+        else:
+            listed.append(ListedFile(info.path, problem="not an image: not a regular file (a FIFO, socket or device)"))
+    return listed
 
 
 def _walk_local(root: str, follow_symlinks: bool) -> list[str]:

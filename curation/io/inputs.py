@@ -16,7 +16,6 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.csv as pacsv
-import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 
 from curation.config import Config, ConfigError
@@ -86,10 +85,10 @@ def _list_images(config: Config, resolver: Resolver) -> tuple[Location, list[str
         suffix = posixpath.splitext(info.path)[1].lower()
         uris.append(uri)
         fingerprints.append(_fingerprint(info))
-        if any(part in (".", "..") for part in rel.split("/")):
+        if info.problem:
+            errors.append(info.problem)
+        elif any(part in (".", "..") for part in rel.split("/")):
             errors.append("not a plain name: a '.' or '..' path segment")
-        elif info.type != pafs.FileType.File:
-            errors.append("missing: a broken symbolic link")
         elif posixpath.basename(info.path).startswith("."):
             errors.append("skipped: hidden file")
         elif suffix not in extensions:

@@ -104,7 +104,7 @@ class EmbeddingStore:
         folder = self.root.child(pointer.get("snapshot") or "-")
         try:
             return [folder.child(info.base_name) for info in list_files(folder)
-                    if info.type == pafs.FileType.File and info.path.endswith(".parquet")]
+                    if info.problem is None and info.path.endswith(".parquet")]
         except OSError as exc:
             log.warning("embedding store %s unreadable (%s); embedding everything", folder.uri, exc)
             return []

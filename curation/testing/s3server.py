@@ -65,6 +65,10 @@ class S3Endpoint:
                 "region": "us-east-1"}
 
 
+class PortTaken(RuntimeError):
+    """A port picked for weed was taken before weed could bind it."""
+
+
 class S3Server:
     """Start ``weed mini`` on free loopback ports; use as a context manager."""
 
@@ -75,6 +79,17 @@ class S3Server:
         self.endpoint: S3Endpoint | None = None
 
     def start(self) -> S3Endpoint:
+        # Free ports are picked before weed binds them, so another process may take one in
+        # between (two test sessions side by side): weed then exits at once, and a second pick
+        # of ports is tried.
+        for attempt in range(3):
+            try:
+                return self._start_once(attempt)
+            except PortTaken:
+                continue
+        return self._start_once(3)
+
+    def _start_once(self, attempt: int) -> S3Endpoint:
         names = ["s3.port", "master.port", "master.port.grpc", "volume.port", "volume.port.grpc",
                  "filer.port", "filer.port.grpc", "admin.port", "admin.port.grpc", "webdav.port"]
         ports = dict(zip(names, _free_ports(len(names))))
@@ -83,7 +98,7 @@ class S3Server:
             json.dump({"identities": [{"name": "test", "credentials": [
                 {"accessKey": ACCESS_KEY, "secretKey": SECRET_KEY}],
                 "actions": ["Admin", "Read", "List", "Tagging", "Write"]}]}, fh)
-        data = os.path.join(self.tmp, "data")
+        data = os.path.join(self.tmp, f"data-{attempt}")
         os.makedirs(data)
         args = [weed_binary(), "mini", f"-dir={data}", "-ip=127.0.0.1", "-ip.bind=127.0.0.1",
                 f"-s3.config={config_path}", "-webdav=false", "-admin.ui=false",
@@ -106,7 +121,10 @@ class S3Server:
         last = None
         while time.monotonic() < deadline:
             if self.process.poll() is not None:
-                raise RuntimeError(f"weed exited with {self.process.returncode}: {self._log_tail()}")
+                tail = self._log_tail()
+                if "Port allocation failed" in tail:
+                    raise PortTaken(tail)
+                raise RuntimeError(f"weed exited with {self.process.returncode}: {tail}")
             try:
                 fs = self.endpoint.pyarrow_fs()
                 fs.get_file_info(pafs.FileSelector("/", recursive=False))  # ListBuckets
