@@ -30,7 +30,13 @@ def _config(images: str, labels: str, output: str, storage: dict | None = None):
 
 @pytest.fixture(scope="module")
 def local_run(ray_local, demo_set, tmp_path_factory):
-    root, truth = demo_set
+    """Night 1 on local folders, over a copy of the demo set (night 2 changes its images)."""
+    import shutil
+
+    demo_root, truth = demo_set
+    root = str(tmp_path_factory.mktemp("local-set"))
+    shutil.copytree(os.path.join(demo_root, "images"), os.path.join(root, "images"))
+    shutil.copy(os.path.join(demo_root, "labels.csv"), os.path.join(root, "labels.csv"))
     out = str(tmp_path_factory.mktemp("out"))
     config = _config(os.path.join(root, "images"), os.path.join(root, "labels.csv"), out)
     return run_job(config), out, truth, root
@@ -64,9 +70,10 @@ def test_local_run_finds_planted_defects(local_run):
     assert rows["corrupt (rejected)"]["recall"] == 1.0
 
 
-def test_rerun_moves_latest_only_after_success(local_run, monkeypatch):
+def test_a_failed_rerun_moves_nothing_and_the_second_night_embeds_only_what_changed(local_run, monkeypatch):
     """A run that fails after its outputs started (a score raises) leaves no _SUCCESS and does
-    not move latest; the next good run does."""
+    not move latest; the next good run does, embeds only new and changed images (the store has
+    the rest) and diffs itself against the last published run."""
     result, out, truth, root = local_run
     import json
 
@@ -93,13 +100,13 @@ def test_rerun_moves_latest_only_after_success(local_run, monkeypatch):
     assert json.load(open(latest)) == before
 
     monkeypatch.undo()
-    config.output.run_id = "second-run"
-    second = run_job(config)
-    assert json.load(open(latest))["run_id"] == "second-run" == second.run_id
-    assert second.run_info["embedder"]["store"]["embedded"] == 0  # the store made the rerun cheap
+    second = _second_night(config, result)
+    assert json.load(open(latest))["run_id"] == "night-2" == second.run_id
 
 
-def test_s3_in_and_out(ray_local, s3, demo_set, caplog):
+def test_s3_in_and_out_night_after_night(ray_local, s3, demo_set, caplog):
+    """Both nights in and out of the S3 server: the output contract, no credential anywhere,
+    and the second night's store reuse and diff."""
     root, truth = demo_set
     fs = s3.pyarrow_fs()
     fs.create_dir("curation-e2e")
@@ -111,12 +118,13 @@ def test_s3_in_and_out(ray_local, s3, demo_set, caplog):
     samples = check_run_outputs(fs, "curation-e2e/curation", result.run_id,
                                 images_uri="s3://curation-e2e/raw/images", truth=truth, selection_names=SELECTIONS)
     assert all(u.startswith("s3://curation-e2e/raw/images/") for u in samples["uri"].to_pylist())
-    # Credentials never reach any output (run.json, report, Parquet, store, index) nor the log.
+    _second_night(config, result)
+    # Credentials never reach any output (run.json, report, Parquet, store, index, diff) nor the log.
     import pyarrow.fs as pafs
 
     written = [info for info in fs.get_file_info(pafs.FileSelector("curation-e2e/curation", recursive=True))
                if info.type == pafs.FileType.File]
-    assert any(info.path.endswith("run.json") for info in written) and len(written) > 10
+    assert sum(info.path.endswith("run.json") for info in written) == 2 and len(written) > 20
     for info in written:
         with fs.open_input_stream(info.path) as fh:
             data = fh.read()
@@ -124,51 +132,41 @@ def test_s3_in_and_out(ray_local, s3, demo_set, caplog):
     assert s3.secret_key not in caplog.text and s3.access_key not in caplog.text
 
 
-@pytest.mark.parametrize("where", ["local", "s3"])
-def test_second_night_embeds_only_new_and_changed_and_diffs_against_the_first(where, ray_local, demo_set, tmp_path,
-                                                                             request):
+def _second_night(config, first):
+    """Night 2 over ``config.input.images`` after night 1 (``first``): 5% new images, 2% changed,
+    1% deleted; returns the run after checking its store reuse and its diff."""
     import io
-    import shutil
 
     from PIL import Image, ImageOps
 
-    from curation.io.filesystem import Resolver, read_bytes, write_bytes
+    from curation.io.filesystem import Resolver, list_files, read_bytes, write_bytes
 
-    root, _ = demo_set
-    local = tmp_path / "images"
-    shutil.copytree(os.path.join(root, "images"), local)
-    data = demo_config("/unused", str(tmp_path / "out"), budget=60)
-    data["input"] = {"images": str(local)}
-    if where == "s3":
-        s3 = request.getfixturevalue("s3")
-        fs = s3.pyarrow_fs()
-        fs.create_dir("shared-tests")  # one bucket, a prefix per test: each bucket costs the server volumes
-        upload_folder(fs, str(local), "shared-tests/nightly/images")
-        data["input"] = {"images": "s3://shared-tests/nightly/images"}
-        data["output"]["uri"] = "s3://shared-tests/nightly/out"
-        data["storage"] = s3.storage()
-    config = load_config(data=data)
     resolver = Resolver(config.storage)
-    names = sorted(str(p.relative_to(local)) for p in local.rglob("*.jpg") if p.stat().st_size > 1000)
-    first = run_job(config)
+    root = resolver.resolve(config.input.images)
+    names = sorted(f.path[len(root.path) + 1:] for f in list_files(root) if f.path.endswith(".jpg") and f.size > 1000)
     n = first.run_info["counts"]["inputs"]
     new, changed, deleted = round(0.05 * n), round(0.02 * n), round(0.01 * n)
 
     def image(name):
-        return Image.open(io.BytesIO(read_bytes(resolver.resolve(f"{config.input.images}/{name}")))).convert("RGB")
+        return Image.open(io.BytesIO(read_bytes(root.child(name)))).convert("RGB")
 
     def save(img, name, quality):
         buf = io.BytesIO()
         img.save(buf, "JPEG", quality=quality)
-        write_bytes(resolver.resolve(f"{config.input.images}/{name}"), buf.getvalue())
+        write_bytes(root.child(name), buf.getvalue())
 
     for i, name in enumerate(names[:new]):  # new images: mirrored versions under new names
         save(ImageOps.mirror(image(name)), f"{os.path.dirname(name)}/night2_{i}.jpg", 90)
     for name in names[new:new + changed]:  # same name, new content
         save(image(name).rotate(90), name, 70)
-    for name in names[new + changed:new + changed + deleted]:
-        location = resolver.resolve(f"{config.input.images}/{name}")
+    gone = names[new + changed:new + changed + deleted]
+    for name in gone:
+        location = root.child(name)
         location.filesystem.delete_file(location.path)
+    if config.input.labels:  # a deleted image leaves the labels file too (else it is a `missing` row)
+        labels = resolver.resolve(config.input.labels)
+        lines = read_bytes(labels).decode().splitlines(keepends=True)
+        write_bytes(labels, "".join(line for line in lines if line.split(",", 1)[0] not in gone).encode())
     config.output.run_id = "night-2"
     second = run_job(config)
     diff = second.run_info["diff"]
@@ -184,3 +182,4 @@ def test_second_night_embeds_only_new_and_changed_and_diffs_against_the_first(wh
                                     filesystem=fs)["uri"].to_pylist())
     assert set(train[train.change == "removed"].uri) <= first_train
     assert "diff" not in first.run_info  # the first night has nothing to compare with
+    return second

@@ -14,6 +14,7 @@ import subprocess
 import sys
 import threading
 import time
+from dataclasses import dataclass
 
 import numpy as np
 import pyarrow as pa
@@ -102,6 +103,11 @@ def readable_rows(run_folder: str) -> int:
     return rows
 
 
+@dataclass
+class Rerun:
+    run_uri: str
+
+
 def assert_accounting(result) -> None:
     samples = pq.read_table(os.path.join(result.run_uri, "samples"))
     uris = samples["uri"].to_pylist()
@@ -144,21 +150,16 @@ def undisturbed(ray_local, fault_set, tmp_path_factory):
     return result
 
 
-def test_same_input_and_config_give_identical_manifests(undisturbed, fault_set, tmp_path):
-    """Determinism, on the sharded kNN path (IVF over two shard actors)."""
-    again = run_job(load_config(data=fault_config(fault_set, str(tmp_path), store={"enabled": False})))
-    assert again.run_info["knn"]["shards"] == 2
-    assert_accounting(again)
-    assert_same_manifests(manifests(undisturbed.run_uri), manifests(again.run_uri))
-
-
 def test_embedding_actor_killed_mid_run_loses_nothing(undisturbed, fault_set, tmp_path):
+    """Also determinism, on the sharded kNN path (IVF over two shard actors): a second run of the
+    same input and config gives the same manifests, whatever happened on its way."""
     out = str(tmp_path)
     parts = os.path.join(out, "*", "embeddings", "*.parquet")
     fired = kill_when(b"EmbedStage)).submit", lambda: bool(glob.glob(parts)))
     result = run_job(load_config(data=fault_config(fault_set, out, store={"enabled": False})))
     fired["thread"].join(1)
     assert "pid" in fired, "the embedding actor was never seen running"
+    assert result.run_info["knn"]["shards"] == 2
     assert_accounting(result)
     assert result.run_info["embedder"]["store"]["embedded"] == result.run_info["counts"]["ok"]
     assert_same_manifests(manifests(undisturbed.run_uri), manifests(result.run_uri))
@@ -191,7 +192,9 @@ def test_index_shard_killed_during_search_is_rebuilt_or_named(ray_local, monkeyp
 
 def test_driver_killed_mid_run_then_rerun_resumes_from_its_checkpoint(undisturbed, fault_set, tmp_path):
     """SIGKILL of the job process: nothing published, no Ray process left; the rerun reuses the
-    vectors the killed run had written and publishes the same manifests."""
+    vectors the killed run had written and publishes the same manifests. The rerun is a whole
+    run with a deliberately small object store (Ray's minimum, 80 MB): it spills or waits, never
+    fails."""
     out = str(tmp_path / "runs")
     # A published run to protect (the undisturbed one, copied in): latest must not move when a
     # later run dies.
@@ -230,23 +233,16 @@ def test_driver_killed_mid_run_then_rerun_resumes_from_its_checkpoint(undisturbe
         time.sleep(0.5)
     assert not left, left
 
-    rerun = run_job(load_config(data=fault_config(fault_set, out)))
-    assert_accounting(rerun)
-    store = rerun.run_info["embedder"]["store"]
-    assert store["reused"] >= checkpointed and store["embedded"] == rerun.run_info["counts"]["ok"] - store["reused"]
-    assert json.load(open(os.path.join(out, "latest")))["run_id"] == rerun.run_id
-    assert_same_manifests(manifests(undisturbed.run_uri), manifests(rerun.run_uri))
-
-
-def test_a_run_with_a_deliberately_small_object_store_completes(undisturbed, fault_set, tmp_path):
-    """Ray's minimum object store (80 MB) for a whole run: it spills or waits, never fails."""
-    out = str(tmp_path / "runs")
-    config = fault_config(fault_set, out, ray={"num_cpus": 2, "object_store_memory": 80 * 1024**2})
-    config_path = tmp_path / "job.yaml"
+    config["ray"]["object_store_memory"] = 80 * 1024**2
     config_path.write_text(yaml.safe_dump(config))
-    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
     done = subprocess.run([sys.executable, "-m", "curation", "run", "--config", str(config_path), "--quiet"],
                           env=env, capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stderr[-2000:]
-    run = json.load(open(os.path.join(out, "latest")))["uri"]
-    assert_same_manifests(manifests(undisturbed.run_uri), manifests(run))
+    latest = json.load(open(os.path.join(out, "latest")))
+    assert latest["run_id"] not in (undisturbed.run_id, os.path.basename(killed[0]))
+    rerun = Rerun(latest["uri"])
+    assert_accounting(rerun)
+    info = json.load(open(os.path.join(rerun.run_uri, "run.json")))
+    store = info["embedder"]["store"]
+    assert store["reused"] >= checkpointed and store["embedded"] == info["counts"]["ok"] - store["reused"]
+    assert_same_manifests(manifests(undisturbed.run_uri), manifests(rerun.run_uri))

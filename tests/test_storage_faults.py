@@ -44,12 +44,14 @@ def uploaded(s3, demo_set):
 def test_transient_s3_faults_are_retried_and_change_nothing(ray_local, s3, uploaded):
     fs = uploaded
     clean = run_job(load_config(data=_config(s3, s3.url, "storage-faults")))
-    with FaultProxy(s3.url, rate=0.08, delay_s=0.1, seed=3) as proxy:
+    # A few percent: each 503 or 500 costs the client ~1.4 s of backoff (the AWS SDK's standard
+    # retry mode), and a few dozen faults of every kind are enough to show they change nothing.
+    with FaultProxy(s3.url, rate=0.03, delay_s=0.1, seed=3) as proxy:
         data = _config(s3, proxy.url, "storage-faults")
         data["output"]["uri"] = f"s3://{BUCKET}/storage-faults/out-faulty"
         faulty = run_job(load_config(data=data))
     # Every kind of fault happened, on reads and on writes, and the run still completed.
-    assert all(proxy.counts[f] > 0 for f in ("slowdown", "internal", "reset", "delay")), proxy.counts
+    assert all(proxy.counts[f] >= 3 for f in ("slowdown", "internal", "reset", "delay")), proxy.counts
     assert proxy.counts["requests"] > 200
     info = faulty.run_info
     assert info["counts"] == clean.run_info["counts"]
