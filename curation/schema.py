@@ -48,6 +48,7 @@ SAMPLES_EXTRA = pa.schema(
         ("highlights", pa.float32()),
         ("is_low_information", pa.bool_()),
         ("is_suspected_mislabel", pa.bool_()),
+        ("suggested_confidence", pa.float32()),
         ("content_hash", pa.string()),
         ("pixel_hash", pa.string()),
         ("phash", pa.int64()),

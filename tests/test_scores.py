@@ -182,7 +182,26 @@ def test_rare_class_is_not_drowned_by_a_frequent_one():
 def test_unlabelled_items_have_null_label_quality():
     df = score(make_samples(10, labels=[None] * 5 + ["a"] * 5), blobs(10, 1))
     assert df.label_quality[:5].isna().all() and df.label_quality[5:].notna().all()
-    assert df.suggested_label[:5].isna().all()
+    nothing = score(make_samples(10), blobs(10, 1))  # nothing labelled: nothing to suggest
+    assert nothing.suggested_label.isna().all() and nothing.suggested_confidence.isna().all()
+
+
+def test_unlabelled_items_get_a_suggestion_and_its_confidence():
+    """Pre-annotations: every ok item, labelled or not, gets the label models' suggestion and
+    its calibrated probability; an unlabelled item is never a suspected mislabel."""
+    emb = blobs(20, 3, spread=0.3, seed=9)
+    truth = [c for c in "abc" for _ in range(20)]
+    labels = [t if i % 20 < 10 else None for i, t in enumerate(truth)]  # half of each class unlabelled
+    df = score(make_samples(60, labels=labels, status=["ok"] * 59 + ["rejected"]), emb, k=6)
+    unlabelled = df[df.label.isna() & (df.status == "ok")]
+    assert len(unlabelled) == 29 and unlabelled.label_quality.isna().all()
+    assert (unlabelled.suggested_label == [truth[i] for i in unlabelled.index]).mean() >= 0.9
+    assert unlabelled.suggested_confidence.between(1 / 3, 1.0).all()
+    assert unlabelled.suggested_confidence.mean() > 0.6  # separated blobs: confident suggestions
+    assert not unlabelled.is_suspected_mislabel.any()
+    assert np.isnan(df.suggested_confidence[59]) and df.suggested_label.isna()[59]  # rejected: none
+    labelled = df[df.label.notna()]
+    assert labelled.suggested_confidence.notna().all()
 
 
 def test_clusters_recover_separated_blobs():

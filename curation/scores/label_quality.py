@@ -15,7 +15,8 @@ For a labelled ok item i:
 4. per-class calibration (as in confident learning): ``t_c`` = mean ``p_i(c)`` over items
    labelled c, and ``q_i(c) = (p_i(c) / t_c) / sum_c' (p_i(c') / t_c')`` -- a rare class whose
    members get lower probabilities is not drowned by frequent ones;
-5. ``label_quality = q_i(y_i)`` in [0, 1]; ``suggested_label = argmax_c q_i(c)``;
+5. ``label_quality = q_i(y_i)`` in [0, 1]; ``suggested_label = argmax_c q_i(c)`` and
+   ``suggested_confidence = max_c q_i(c)``;
    ``is_suspected_mislabel`` when the suggestion differs, quality <
    ``scores.label_quality_threshold``, the suggestion's own calibrated probability is at least
    ``scores.mislabel_min_confidence`` (with a weak or non-semantic embedder the probabilities
@@ -23,8 +24,14 @@ For a labelled ok item i:
    tail (sparseness > ``scores.rare_tail_quantile``: isolated items have no peers to judge
    their label by).
 
+Unlabelled ok items get a suggestion too (pre-annotations for labelling, and the uncertainty
+that ``to_label`` ranks by): the probe's probabilities for them are out of sample by
+construction (the probe never trains on them), and their neighbours vote as for any item.
+Their ``label_quality`` is null and they are never flagged. With no labelled item at all every
+suggestion is null.
+
 Rows are processed in blocks whose dense (rows x classes) probabilities stay under
-``BLOCK_CELLS`` values. Unlabelled items get nulls.
+``BLOCK_CELLS`` values.
 """
 
 from __future__ import annotations
@@ -82,7 +89,7 @@ class LabelQualityScore:
     name = "label_quality"
     flags = (Flag("is_suspected_mislabel", "mislabel", "Suspected mislabels", "label_quality", True,
                   ("label_quality_threshold", "mislabel_min_confidence", "rare_tail_quantile")),)
-    columns = ("label_quality", "suggested_label", "is_suspected_mislabel")
+    columns = ("label_quality", "suggested_label", "suggested_confidence", "is_suspected_mislabel")
 
     def compute(self, ctx: ScoreContext) -> pa.Table:
         n = ctx.n
@@ -103,11 +110,12 @@ class LabelQualityScore:
             quality_ok, suggested_code_ok, confidence_ok, info = self._vote(ctx, codes, len(classes))
         quality = ctx.scatter(quality_ok, np.nan, np.float32)
         suggested_code = ctx.scatter(suggested_code_ok, -1, np.int64)
+        confidence_all = ctx.scatter(confidence_ok, 0.0, np.float64)
         has_quality = np.isfinite(quality)
         # An item in the rarest tail has no peers to vote on its label: it is an edge case,
         # not a suspected mislabel (its label_quality is still reported).
         rare = np.nan_to_num(ctx.column("sparseness").astype(np.float64), nan=1.0) > ctx.config.rare_tail_quantile
-        confident = ctx.scatter(confidence_ok, 0.0, np.float64) >= ctx.config.mislabel_min_confidence
+        confident = confidence_all >= ctx.config.mislabel_min_confidence
         suspected = (has_quality & ~rare & confident & (quality < ctx.config.label_quality_threshold)
                      & (suggested_code >= 0) & (suggested_code != codes_all))
         suggested = pa.DictionaryArray.from_arrays(pa.array(suggested_code, pa.int32(), mask=suggested_code < 0),
@@ -119,14 +127,15 @@ class LabelQualityScore:
         return pa.table({
             "label_quality": masked(quality, has_quality, pa.float32()),
             "suggested_label": suggested,
+            "suggested_confidence": masked(confidence_all.astype(np.float32), suggested_code >= 0, pa.float32()),
             "is_suspected_mislabel": suspected,
             REASON_COLUMN: pa.array(reasons, pa.string()),
         }).replace_schema_metadata({"label_models": json.dumps(info)})  # for summary()
 
     @staticmethod
     def _vote(ctx: ScoreContext, codes: np.ndarray, n_classes: int):
-        """Calibrated probabilities from the probe and the vote. Returns quality, suggested class
-        code and its calibrated probability per ok row (NaN / -1 / 0 for unlabelled rows)."""
+        """Calibrated probabilities from the probe and the vote. Returns quality (NaN for
+        unlabelled rows), suggested class code and its calibrated probability per ok row."""
         n_ok = len(codes)
         labelled = codes >= 0
         prior = np.bincount(codes[labelled], minlength=n_classes) / labelled.sum()
@@ -166,8 +175,7 @@ class LabelQualityScore:
             quality[lo:hi] = np.where(block_codes >= 0, q[rows, np.maximum(block_codes, 0)], np.nan)
             suggested[lo:hi] = np.argmax(q, axis=1)
             confidence[lo:hi] = q[rows, suggested[lo:hi]]
-        return (np.where(labelled, quality, np.nan).astype(np.float32), np.where(labelled, suggested, -1),
-                np.where(labelled, confidence, 0.0), info)
+        return np.where(labelled, quality, np.nan).astype(np.float32), suggested, confidence, info
 
     def summary(self, table: pa.Table) -> dict:
         metadata = (table.schema.metadata or {}).get(b"label_models", b"{}")
