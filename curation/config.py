@@ -228,7 +228,7 @@ class ScoresConfig:
     n_clusters: int = ranged(0, 0)
 
 
-SELECTION_MODES = ("representative", "edge_cases", "label_review", "clean")
+SELECTION_MODES = ("representative", "edge_cases", "label_review", "clean", "to_label")
 
 
 @dataclass
@@ -237,11 +237,13 @@ class SelectionConfig:
 
     Attributes:
         name: output file ``selections/<name>.parquet``.
-        mode: ``representative`` | ``edge_cases`` | ``label_review`` | ``clean``.
+        mode: ``representative`` | ``edge_cases`` | ``label_review`` | ``clean`` | ``to_label``.
         budget: maximum rows (``clean`` ignores it unless set).
         class_balance: ``uniform`` | ``proportional`` | ``tempered:<alpha>`` (representative).
         where: a filter over sample/metadata columns (pandas ``query`` syntax).
         balance_on: balance over this column instead of ``label``.
+        include_rare: ``to_label`` may pick from the rarest tail (sparseness >
+            ``scores.rare_tail_quantile``); off by default: outliers teach a model little per label.
     """
 
     name: str
@@ -250,6 +252,7 @@ class SelectionConfig:
     class_balance: str = "uniform"
     where: str | None = None
     balance_on: str | None = None
+    include_rare: bool = False
 
 
 def _default_selections() -> list[SelectionConfig]:
@@ -600,7 +603,7 @@ def validate(config: Config) -> None:
         if not sel.name or "/" in sel.name:
             raise ConfigError(f"config key '{key}.name': must be a non-empty name without '/'")
         names.add(sel.name)
-        if sel.mode in ("representative", "edge_cases", "label_review") and sel.budget is None:
+        if sel.mode in ("representative", "edge_cases", "label_review", "to_label") and sel.budget is None:
             raise ConfigError(f"config key '{key}.budget': required for mode {sel.mode}")
         parse_class_balance(sel.class_balance, key=f"{key}.class_balance")
 

@@ -164,7 +164,8 @@ def run_job(config: Config, *, resolver: Resolver | None = None, plan: Plan | No
         with clock.phase("selections"):
             from curation.select import build_selections
 
-            selections = build_selections(samples, config.scores, config.selections, ingested.vectors)
+            selections = build_selections(samples, config.scores, config.selections, ingested.vectors,
+                                          previous=_previous_queues(plan, config))
         with clock.phase("report_data"):
             samples, report = prepare_report(samples, ingested.vectors, selections, config, resolver)
     return publish(plan, config, Scored(samples, score_report["summary"], selections, report), clock,
@@ -344,6 +345,23 @@ def score(ingested: Ingested, neighbours: Neighbours, config: Config) -> tuple[p
     budgets = [sel.budget for sel in config.selections if sel.mode == "representative" and sel.budget]
     return run_scores(ingested.samples, ingested.vectors, neighbours.graph, config.scores,
                       budget=max(budgets, default=None), copies=ingested.copies, copy_knn=neighbours.copy_graph)
+
+
+def _previous_queues(plan: Plan, config: Config) -> dict[str, pa.Table]:
+    """The previous published run's ``to_label`` selections (uri, rank), by name: a queue an
+    annotation team is working through keeps its order from night to night."""
+    import pyarrow.parquet as pq
+
+    names = [sel.name for sel in config.selections if sel.mode == "to_label"]
+    previous = previous_run(plan.output, plan.latest) if names else None
+    out: dict[str, pa.Table] = {}
+    for name in names if previous is not None else []:
+        location = previous.child("selections", f"{name}.parquet")
+        try:
+            out[name] = pq.read_table(location.path, filesystem=location.filesystem, columns=["uri", "rank"])
+        except (OSError, pa.ArrowException) as exc:  # a new selection, or a run before it existed
+            log.info("selection %s: no previous queue at %s (%s)", name, location.uri, type(exc).__name__)
+    return out
 
 
 # ------------------------------------------------------------------------------------ publish

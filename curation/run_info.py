@@ -43,6 +43,7 @@ class SelectionSummary:
     rows: int
     eligible: int
     note: str | None = None
+    pending: int | None = None  # to_label: items kept at the head from the previous run's queue
 
 
 @dataclass
@@ -110,7 +111,8 @@ class RunInfo:
             class_balance=class_balance,
             balance=balance_stats(samples, tables, {c for s in REGISTRY for c in s.columns}),
             embedder=embedder, knn=knn,
-            selections=[SelectionSummary(r.name, r.mode, r.table.num_rows, r.eligible, r.note) for r in selections],
+            selections=[SelectionSummary(r.name, r.mode, r.table.num_rows, r.eligible, r.note, r.pending)
+                        for r in selections],
             config=config.to_dict(redact=True), versions=package_versions())
 
     # ------------------------------------------------------------------------------ reading
@@ -150,7 +152,8 @@ class RunInfo:
             raise ValueError(f"run.json: missing {', '.join(missing)}")
         values = {k: v for k, v in data.items() if k in known}
         values["counts"] = Counts(**{k: int(data["counts"][k]) for k in ("inputs", "ok", "rejected")})
-        values["selections"] = [SelectionSummary(**{k: s.get(k) for k in ("name", "mode", "rows", "eligible", "note")})
+        values["selections"] = [SelectionSummary(**{k: s.get(k) for k in ("name", "mode", "rows", "eligible", "note",
+                                                                           "pending")})
                                 for s in data["selections"]]
         for name, default in (("version", ""), ("flags", {}), ("scores", {}), ("class_balance", {}), ("balance", {}),
                               ("embedder", {}), ("knn", {}), ("config", {}), ("versions", {})):

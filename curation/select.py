@@ -15,6 +15,13 @@
 * ``label_review``: labelled items by lowest label quality, with the suggested label;
   non-kept duplicates excluded (their twin is reviewed).
 * ``clean``: every ok item except junk and non-kept duplicates, most typical first.
+* ``to_label``: what to send to annotators next, for a labelling ``budget``. Eligible: ok,
+  unlabelled, not junk, kept, not in a duplicate group that holds a labelled item (never pay to
+  label a copy), not the rarest tail unless ``include_rare``. Ranked by
+  :func:`curation.labelling.rank_for_labelling` (regions not yet covered by a label, largest
+  first; in each, a typical item the label models are unsure of). Items the previous published
+  run put in this selection that are still unlabelled and eligible keep their place at the head
+  (``pending`` in ``run.json``).
 
 Every mode takes ``where`` (a pandas ``query`` over sample and metadata columns, applied
 before selection) and ``balance_on`` (a column to balance over: for ``representative`` it
@@ -61,6 +68,7 @@ class SelectionResult:
     table: pa.Table
     eligible: int
     note: str | None
+    pending: int | None = None  # to_label: items kept from the previous run's queue
 
 
 @dataclass
@@ -70,6 +78,7 @@ class Ranked:
     rows: np.ndarray
     scores: np.ndarray
     reasons: Sequence[str] | pa.Array | None = None  # None: the mode's ``reason(view, row, score)`` per returned row
+    pending: int | None = None
 
 
 def allocate(budget: int, capacity: np.ndarray, weights: np.ndarray) -> np.ndarray:
@@ -142,9 +151,11 @@ class SampleView:
         columns: extra columns to make available (named by ``where`` / ``balance_on``).
     """
 
-    NEEDED = ("uri", "label", "status", "dup_of", "label_quality", "sparseness", "suggested_label", "cluster")
+    NEEDED = ("uri", "label", "status", "dup_of", "dup_group", "label_quality", "sparseness", "suggested_label",
+              "suggested_confidence", "cluster")
 
-    def __init__(self, samples: pa.Table, scores: ScoresConfig, vectors, columns: set[str] | frozenset = frozenset()):
+    def __init__(self, samples: pa.Table, scores: ScoresConfig, vectors, columns: set[str] | frozenset = frozenset(),
+                 previous: dict[str, pa.Table] | None = None):
         flags = flag_columns()  # every flag a score declares, whichever score it is
         keep = [c for c in samples.column_names if c in self.NEEDED or c in flags or c in columns]
         self.table = samples.select(keep)
@@ -163,6 +174,7 @@ class SampleView:
         self.sparseness = _floats(table["sparseness"])
         self.labelled = table["label"].is_valid().to_numpy(zero_copy_only=False)
         self.cluster = _floats(table["cluster"])
+        self.previous = previous or {}  # the previous published run's selections, by name
 
     @property
     def df(self) -> pd.DataFrame:
@@ -259,10 +271,82 @@ class Clean:
 DOUBTFUL_READMIT = 2.0  # a class keeps at least this many times its share of the budget
 
 
+class ToLabel:
+    """What to label next (see :mod:`curation.labelling`); a stable queue across nights."""
+
+    name = "to_label"
+    balances_itself = True
+    MAX_CANDIDATES = 65_536  # candidates (and labelled items) ranked through a uniform sample of this many
+
+    def eligible(self, view, sel):
+        rare = np.nan_to_num(view.sparseness, nan=1.0) > view.scores.rare_tail_quantile
+        groups = _floats(view.table["dup_group"]) if "dup_group" in view.table.column_names else np.full(len(rare), np.nan)
+        with_label = np.unique(groups[view.labelled & view.ok & np.isfinite(groups)])
+        copy_of_labelled = np.isin(groups, with_label) & np.isfinite(groups)
+        base = view.ok & ~view.labelled & ~view.junk & view.kept & ~copy_of_labelled
+        return base if sel.include_rare else base & ~rare
+
+    def rank(self, view, sel, rows):
+        from curation.labelling import rank_for_labelling
+
+        budget = sel.budget or len(rows)
+        pending = self._pending(view, sel, rows)[:budget]
+        rest = np.setdiff1d(rows, pending)
+        rng = np.random.default_rng(SEED)
+        if len(rest) > self.MAX_CANDIDATES:
+            rest = np.sort(rng.choice(rest, self.MAX_CANDIDATES, replace=False))
+        known = np.flatnonzero(view.labelled & view.ok)
+        if len(known) > self.MAX_CANDIDATES:
+            known = np.sort(rng.choice(known, self.MAX_CANDIDATES, replace=False))
+        pool = np.concatenate([known, rest])
+        x = np.ascontiguousarray(view.vectors.take(view.vector_of_row[pool]), np.float32)
+        x /= np.maximum(np.linalg.norm(x, axis=1, keepdims=True), 1e-12)
+        labelled = np.zeros(len(pool), bool)
+        labelled[:len(known)] = True
+        typicality = 1.0 - np.nan_to_num(view.sparseness[pool], nan=1.0)
+        confidence = _floats(view.table["suggested_confidence"]) if "suggested_confidence" in view.table.column_names \
+            else np.full(view.table.num_rows, np.nan)
+        uncertainty = 1.0 - confidence[pool] if np.isfinite(confidence[rest]).any() else None
+        if uncertainty is not None:
+            uncertainty = np.nan_to_num(uncertainty, nan=1.0)
+        picked, scores, reasons = rank_for_labelling(x, labelled, budget - len(pending), typicality=typicality,
+                                                     uncertainty=uncertainty)
+        new_rows = pool[picked]
+        if sel.balance_on:
+            codes, _ = view.groups(sel.balance_on, selection=sel.name)
+            order = interleave_by(np.arange(len(new_rows)), codes[new_rows])
+            new_rows, scores, reasons = new_rows[order], scores[order], [reasons[i] for i in order]
+        previous = self._previous_ranks(view, sel)
+        head = [f"pending from the previous run (its rank {previous[view.cell('uri', r)]}): still unlabelled"
+                for r in pending]
+        return Ranked(np.concatenate([pending, new_rows]).astype(np.int64),
+                      np.concatenate([np.ones(len(pending)), scores]), head + list(reasons), pending=len(pending))
+
+    @staticmethod
+    def _previous_ranks(view, sel) -> dict[str, int]:
+        table = view.previous.get(sel.name)
+        if table is None or "uri" not in table.column_names or "rank" not in table.column_names:
+            return {}
+        return dict(zip(table["uri"].to_pylist(), table["rank"].to_pylist()))
+
+    def _pending(self, view, sel, rows) -> np.ndarray:
+        """Eligible rows the previous run's queue held, in its order."""
+        ranks = self._previous_ranks(view, sel)
+        if not ranks:
+            return np.zeros(0, np.int64)
+        uris = view.table["uri"].take(pa.array(rows, pa.int64())).to_pylist()
+        held = [(ranks[u], int(r)) for u, r in zip(uris, rows) if u in ranks]
+        return np.array([r for _, r in sorted(held)], np.int64)
+
+    def reason(self, view, row, score):
+        return "to label"
+
+
 class Representative:
     """Coverage inside each class (or ``balance_on`` group), classes balanced by ``class_balance``."""
 
     name = "representative"
+    balances_itself = True
 
     def eligible(self, view, sel):
         # A training set takes no suspected mislabel and no item whose own label the label model
@@ -316,7 +400,8 @@ class Representative:
                 f"of its class; embedding cluster {int(view.cluster[row])})")
 
 
-MODES: dict[str, Mode] = {mode.name: mode for mode in (Representative(), EdgeCases(), LabelReview(), Clean())}
+MODES: dict[str, Mode] = {mode.name: mode for mode in (Representative(), EdgeCases(), LabelReview(), Clean(),
+                                                      ToLabel())}
 
 
 def cover_groups(view: SampleView, groups: list[np.ndarray], quotas: list[int]) -> list[list[tuple[int, float]]]:
@@ -407,10 +492,10 @@ class Selector:
     """
 
     def __init__(self, samples: pa.Table, scores: ScoresConfig, vectors,
-                 selections: list[SelectionConfig] | None = None):
+                 selections: list[SelectionConfig] | None = None, previous: dict[str, pa.Table] | None = None):
         named = columns_named(selections or [], samples.column_names) if selections is not None else set(
             samples.column_names)
-        self.view = SampleView(samples, scores, vectors, named)
+        self.view = SampleView(samples, scores, vectors, named, previous)
 
     def _where(self, sel: SelectionConfig) -> np.ndarray:
         if not sel.where:
@@ -426,7 +511,7 @@ class Selector:
         eligible = self.eligible(sel)
         ranked = mode.rank(view, sel, np.flatnonzero(eligible))
         rows, scores, reasons = ranked.rows, ranked.scores, ranked.reasons
-        if sel.balance_on and sel.mode != Representative.name:
+        if sel.balance_on and not getattr(mode, "balances_itself", False):
             codes, _ = view.groups(sel.balance_on, selection=sel.name)
             order = interleave_by(np.arange(len(rows)), codes[rows])
             rows, scores = rows[order], scores[order]
@@ -448,7 +533,7 @@ class Selector:
         }, schema=SELECTION_SCHEMA)
         if note:
             log.warning("selection %s: %s", sel.name, note)
-        return SelectionResult(sel.name, sel.mode, table, int(eligible.sum()), note)
+        return SelectionResult(sel.name, sel.mode, table, int(eligible.sum()), note, ranked.pending)
 
 
 # What a ``where`` may contain: comparisons, boolean logic and arithmetic over columns and
@@ -543,6 +628,8 @@ def farthest_first(x: np.ndarray, count: int, *, start: int) -> tuple[list[int],
 
 
 def build_selections(samples: pa.Table, scores: ScoresConfig, selections: list[SelectionConfig],
-                     vectors) -> list[SelectionResult]:
-    selector = Selector(samples, scores, vectors, selections)
+                     vectors, *, previous: dict[str, pa.Table] | None = None) -> list[SelectionResult]:
+    """Every configured selection; ``previous``: the previous published run's selections by name
+    (``to_label`` keeps its still-pending items at the head)."""
+    selector = Selector(samples, scores, vectors, selections, previous)
     return [selector.build(sel) for sel in selections]

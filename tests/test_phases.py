@@ -419,3 +419,32 @@ def test_the_driver_does_not_import_torch():
     probe = "import sys, curation.cli, curation.job, curation.report; print('torch' in sys.modules)"
     done = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, timeout=120)
     assert done.stdout.strip() == "False", done.stderr[-2000:]
+
+
+def test_the_to_label_queue_is_kept_from_night_to_night(tmp_path):
+    """Night 1 queues items for labelling; night 2 (nothing labelled since) keeps the same queue,
+    in the same order, and says how many are pending; the selection reads the previous published
+    run's queue, not an unfinished one."""
+    from curation.job import run_job
+
+    config = _embeddings_config(tmp_path, n=400)
+    table = pq.read_table(tmp_path / "emb.parquet")
+    labels = [lab if i % 100 < 10 else None for i, lab in enumerate(table["label"].to_pylist())]  # 10% labelled
+    pq.write_table(table.set_column(1, "label", pa.array(labels, pa.string())), tmp_path / "emb.parquet")
+    config.selections = [s for s in config.selections if s.mode != "representative"]
+    from curation.config import SelectionConfig
+
+    config.selections.append(SelectionConfig(name="queue", mode="to_label", budget=12))
+    config.report.map_method = "pca"  # the map is not what this test is about
+    config.output.run_id = "night-1"
+    first = run_job(config)
+    queue = pq.read_table(os.path.join(first.run_uri, "selections", "queue.parquet"))
+    assert queue.num_rows == 12 and queue["label"].null_count == 12
+    assert next(s for s in first.info.selections if s.name == "queue").pending == 0
+    config.output.run_id = "night-2"
+    second = run_job(config)
+    again = pq.read_table(os.path.join(second.run_uri, "selections", "queue.parquet"))
+    assert again["uri"].to_pylist() == queue["uri"].to_pylist()
+    assert next(s for s in second.info.selections if s.name == "queue").pending == 12
+    assert second.run_info["selections"][-1]["pending"] == 12  # in run.json too
+    assert all(r.startswith("pending from the previous run") for r in again["reason"].to_pylist())

@@ -244,3 +244,76 @@ def test_representative_beats_random_subsets_on_a_mixture():
     assert len(picked) == budget
     assert accuracy(picked) > random_accuracy + 0.05, (accuracy(picked), random_accuracy)
     assert len(set(np.array(mode_of)[picked].tolist())) == 5  # every mode reached
+
+
+def _to_label_set(labelled_blobs=(0,), *, seed=3, copy_of_labelled=True):
+    """Four blobs of 25; only ``labelled_blobs`` carry labels (their first 10 items). Item 99 is a
+    near copy of labelled item 0 (when ``copy_of_labelled``), item 98 is dark."""
+    import pyarrow as pa
+
+    rng = np.random.default_rng(seed)
+    centers = rng.normal(size=(4, 16))
+    emb = np.concatenate([centers[b] + 0.3 * rng.normal(size=(25, 16)) for b in range(4)])
+    if copy_of_labelled:
+        emb[99] = emb[0] + 1e-4
+    labels = [f"class{b}" if b in labelled_blobs and i < 10 else None for b in range(4) for i in range(25)]
+    brightness = np.full(100, 0.5)
+    brightness[98] = 0.02
+    contrast = np.full(100, 0.2)
+    contrast[98] = 0.01
+    samples = make_samples(100, labels=labels, brightness=brightness, contrast=contrast)
+    emb_ok = unit(emb)
+    table, _ = run_scores(samples, emb_ok, exact_knn(emb_ok, 8), ScoresConfig())
+    return table, emb_ok
+
+
+def _to_label(table, emb, previous=None, **kw):
+    sel = SelectionConfig(name="queue", mode="to_label", **kw)
+    return build_selections(table, ScoresConfig(), [sel], emb, previous=previous)[0]
+
+
+def test_to_label_picks_unlabelled_items_where_no_label_is_yet():
+    table, emb = _to_label_set(labelled_blobs=(0,))
+    result = _to_label(table, emb, budget=6)
+    blobs = [int(u[3:6]) // 25 for u in result.table["uri"].to_pylist()]
+    assert set(blobs) == {1, 2, 3}  # every blob no label covers yet, none from the labelled blob 0
+    assert result.table["label"].null_count == 6
+    assert all("no labelled item yet" in r for r in result.table["reason"].to_pylist())
+    assert result.pending == 0
+
+
+def test_to_label_never_buys_junk_a_copy_of_a_labelled_item_or_the_rare_tail():
+    table, emb = _to_label_set(labelled_blobs=(0,))
+    df = table.to_pandas()
+    assert df.dup_group[99] == df.dup_group[0]  # the unlabelled copy of a labelled item ...
+    assert pd_isna(df.dup_of[99]) or df.dup_of[99] == "/d/000.jpg"
+    uris = set(_to_label(table, emb, budget=100).table["uri"].to_pylist())
+    assert "/d/099.jpg" not in uris and "/d/098.jpg" not in uris  # ... and the dark item are never picked
+    assert not uris & {f"/d/{i:03d}.jpg" for i in range(10)}  # labelled
+    rare = set(df.uri[df.sparseness > ScoresConfig().rare_tail_quantile]) - {"/d/098.jpg", "/d/099.jpg"}
+    assert rare and not uris & rare
+    assert rare <= set(_to_label(table, emb, budget=100, include_rare=True).table["uri"].to_pylist())
+
+
+def test_to_label_works_with_no_labels_and_keeps_the_previous_queue_at_its_head():
+    import pyarrow as pa
+
+    table, emb = _to_label_set(labelled_blobs=(), copy_of_labelled=False)
+    first = _to_label(table, emb, budget=8)
+    assert first.table.num_rows == 8 and len({int(u[3:6]) // 25 for u in first.table["uri"].to_pylist()}) == 4
+    # The next night: items 0-1 of the queue got labels; the rest is still pending.
+    queue = first.table.select(["uri", "rank"])
+    done = queue["uri"].to_pylist()[:2]
+    labels = [("x" if u in done else None) for u in table["uri"].to_pylist()]
+    night2 = table.set_column(table.column_names.index("label"), "label", pa.array(labels, pa.string()))
+    second = _to_label(night2, emb, previous={"queue": queue}, budget=8)
+    uris = second.table["uri"].to_pylist()
+    assert second.pending == 6 and uris[:6] == queue["uri"].to_pylist()[2:]  # same order, at the head
+    assert all(r.startswith("pending from the previous run") for r in second.table["reason"].to_pylist()[:6])
+    assert not set(uris) & set(done) and len(set(uris)) == 8
+
+
+def pd_isna(value) -> bool:
+    import pandas as pd
+
+    return bool(pd.isna(value))
