@@ -249,7 +249,6 @@ def test_representative_beats_random_subsets_on_a_mixture():
 def _to_label_set(labelled_blobs=(0,), *, seed=3, copy_of_labelled=True):
     """Four blobs of 25; only ``labelled_blobs`` carry labels (their first 10 items). Item 99 is a
     near copy of labelled item 0 (when ``copy_of_labelled``), item 98 is dark."""
-    import pyarrow as pa
 
     rng = np.random.default_rng(seed)
     centers = rng.normal(size=(4, 16))
