@@ -16,8 +16,10 @@ venv: $(STAMP)
 demo: $(STAMP)
 	$(VENV)/bin/curation demo --out demo-output
 
+# Two worker processes, whole files each (a file's module fixtures -- one job run shared by its
+# tests -- stay in one process); each worker has its own local Ray and S3 server.
 test: $(STAMP) browser
-	$(VENV)/bin/python -m pytest -q
+	$(VENV)/bin/python -m pytest -q -n 2 --dist loadfile
 
 # The quick loop: everything but the `integration` tests (real Ray, the S3 server, subprocesses,
 # the browser); about a minute.
