@@ -228,7 +228,7 @@ class ScoresConfig:
     n_clusters: int = ranged(0, 0)
 
 
-SELECTION_MODES = ("representative", "edge_cases", "label_review", "clean", "to_label")
+SELECTION_MODES = ("representative", "edge_cases", "label_review", "clean", "to_label", "validation")
 
 
 @dataclass
@@ -244,6 +244,13 @@ class SelectionConfig:
         balance_on: balance over this column instead of ``label``.
         include_rare: ``to_label`` may pick from the rarest tail (sparseness >
             ``scores.rare_tail_quantile``); off by default: outliers teach a model little per label.
+        fraction: ``validation``: the share of the eligible items to hold out, instead of ``budget``.
+        disjoint_from: names of selections built after this one that exclude every item in a
+            duplicate group with one of its members, or whose embedding cosine to one of its
+            members is at least ``disjoint_cosine`` (a validation set that shares no copy with
+            training). A cycle is a config error.
+        disjoint_cosine: the embedding similarity from which two items count as the same for
+            ``disjoint_from``.
     """
 
     name: str
@@ -253,6 +260,9 @@ class SelectionConfig:
     where: str | None = None
     balance_on: str | None = None
     include_rare: bool = False
+    fraction: float | None = ranged(None, 0.0, 1.0)
+    disjoint_from: list[str] = field(default_factory=list)
+    disjoint_cosine: float = ranged(0.95, -1.0, 1.0)
 
 
 def _default_selections() -> list[SelectionConfig]:
@@ -605,7 +615,39 @@ def validate(config: Config) -> None:
         names.add(sel.name)
         if sel.mode in ("representative", "edge_cases", "label_review", "to_label") and sel.budget is None:
             raise ConfigError(f"config key '{key}.budget': required for mode {sel.mode}")
+        if sel.mode == "validation" and (sel.budget is None) == (sel.fraction is None):
+            raise ConfigError(f"config key '{key}.budget': mode validation takes budget or fraction (one of them)")
+        if sel.fraction is not None and sel.mode != "validation":
+            raise ConfigError(f"config key '{key}.fraction': only for mode validation")
         parse_class_balance(sel.class_balance, key=f"{key}.class_balance")
+    _check_disjoint_from(config.selections)
+
+
+def _check_disjoint_from(selections: list) -> None:
+    """Every name in a ``disjoint_from`` is another selection, and the relation has no cycle."""
+    names = [sel.name for sel in selections]
+    for i, sel in enumerate(selections):
+        for other in sel.disjoint_from:
+            if other not in names or other == sel.name:
+                raise ConfigError(f"config key 'selections[{i}].disjoint_from': {other!r} is not another selection "
+                                  f"(selections: {', '.join(names)})")
+    after = {sel.name: set(sel.disjoint_from) for sel in selections}
+    state: dict[str, int] = {}
+
+    def visit(name: str, path: list[str]) -> None:
+        if state.get(name) == 1:
+            cycle = path[path.index(name):] + [name]
+            raise ConfigError(f"config key 'disjoint_from': a cycle ({' -> '.join(cycle)}): no selection can be "
+                              "built first")
+        if state.get(name) == 2:
+            return
+        state[name] = 1
+        for other in sorted(after[name]):
+            visit(other, path + [name])
+        state[name] = 2
+
+    for name in names:
+        visit(name, [])
 
 
 def parse_class_balance(value: str, *, key: str = "class_balance") -> float:

@@ -165,7 +165,7 @@ def run_job(config: Config, *, resolver: Resolver | None = None, plan: Plan | No
             from curation.select import build_selections
 
             selections = build_selections(samples, config.scores, config.selections, ingested.vectors,
-                                          previous=_previous_queues(plan, config))
+                                          previous=_previous_selections(plan, config))
         with clock.phase("report_data"):
             samples, report = prepare_report(samples, ingested.vectors, selections, config, resolver)
     return publish(plan, config, Scored(samples, score_report["summary"], selections, report), clock,
@@ -347,12 +347,13 @@ def score(ingested: Ingested, neighbours: Neighbours, config: Config) -> tuple[p
                       budget=max(budgets, default=None), copies=ingested.copies, copy_knn=neighbours.copy_graph)
 
 
-def _previous_queues(plan: Plan, config: Config) -> dict[str, pa.Table]:
-    """The previous published run's ``to_label`` selections (uri, rank), by name: a queue an
-    annotation team is working through keeps its order from night to night."""
+def _previous_selections(plan: Plan, config: Config) -> dict[str, pa.Table]:
+    """The previous published run's ``to_label`` and ``validation`` selections (uri, rank), by
+    name: a queue an annotation team is working through keeps its order from night to night, and
+    a validation item never moves into training."""
     import pyarrow.parquet as pq
 
-    names = [sel.name for sel in config.selections if sel.mode == "to_label"]
+    names = [sel.name for sel in config.selections if sel.mode in ("to_label", "validation")]
     previous = previous_run(plan.output, plan.latest) if names else None
     out: dict[str, pa.Table] = {}
     for name in names if previous is not None else []:

@@ -44,6 +44,7 @@ class SelectionSummary:
     eligible: int
     note: str | None = None
     pending: int | None = None  # to_label: items kept at the head from the previous run's queue
+    details: dict | None = None  # validation: label/cluster TV distances, sticky members, leakage
 
 
 @dataclass
@@ -111,7 +112,7 @@ class RunInfo:
             class_balance=class_balance,
             balance=balance_stats(samples, tables, {c for s in REGISTRY for c in s.columns}),
             embedder=embedder, knn=knn,
-            selections=[SelectionSummary(r.name, r.mode, r.table.num_rows, r.eligible, r.note, r.pending)
+            selections=[SelectionSummary(r.name, r.mode, r.table.num_rows, r.eligible, r.note, r.pending, r.details)
                         for r in selections],
             config=config.to_dict(redact=True), versions=package_versions())
 
@@ -153,7 +154,7 @@ class RunInfo:
         values = {k: v for k, v in data.items() if k in known}
         values["counts"] = Counts(**{k: int(data["counts"][k]) for k in ("inputs", "ok", "rejected")})
         values["selections"] = [SelectionSummary(**{k: s.get(k) for k in ("name", "mode", "rows", "eligible", "note",
-                                                                           "pending")})
+                                                                           "pending", "details")})
                                 for s in data["selections"]]
         for name, default in (("version", ""), ("flags", {}), ("scores", {}), ("class_balance", {}), ("balance", {}),
                               ("embedder", {}), ("knn", {}), ("config", {}), ("versions", {})):

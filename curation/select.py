@@ -15,6 +15,12 @@
 * ``label_review``: labelled items by lowest label quality, with the suggested label;
   non-kept duplicates excluded (their twin is reviewed).
 * ``clean``: every ok item except junk and non-kept duplicates, most typical first.
+* ``validation``: ``budget`` (or ``fraction`` of the eligible) items that mirror the whole data:
+  a stratified sample over label x cluster (or ``balance_on`` x cluster), excluding junk and
+  non-kept duplicates. Sticky: members of the previous published run's validation selection
+  that are still eligible stay in it. With ``disjoint_from: [names]`` it is built before those
+  selections, which then exclude every item in a duplicate group with a member, and every item
+  whose cosine to a member is at least ``disjoint_cosine`` (no leakage between the splits).
 * ``to_label``: what to send to annotators next, for a labelling ``budget``. Eligible: ok,
   unlabelled, not junk, kept, not in a duplicate group that holds a labelled item (never pay to
   label a copy), not the rarest tail unless ``include_rare``. Ranked by
@@ -39,7 +45,7 @@ from __future__ import annotations
 import ast
 import logging
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import ClassVar, Protocol, Sequence
 
 import faiss
@@ -69,6 +75,8 @@ class SelectionResult:
     eligible: int
     note: str | None
     pending: int | None = None  # to_label: items kept from the previous run's queue
+    details: dict | None = None  # validation: how well it mirrors the data, what it kept, leakage
+    rows: np.ndarray | None = field(default=None, repr=False)  # samples rows picked (for disjoint_from)
 
 
 @dataclass
@@ -79,6 +87,7 @@ class Ranked:
     scores: np.ndarray
     reasons: Sequence[str] | pa.Array | None = None  # None: the mode's ``reason(view, row, score)`` per returned row
     pending: int | None = None
+    details: dict | None = None
 
 
 def allocate(budget: int, capacity: np.ndarray, weights: np.ndarray) -> np.ndarray:
@@ -342,6 +351,94 @@ class ToLabel:
         return "to label"
 
 
+class Validation:
+    """A held-out set that mirrors the data (stratified over label x cluster); sticky."""
+
+    name = "validation"
+    balances_itself = True
+
+    def eligible(self, view, sel):
+        return view.ok & ~view.junk & view.kept
+
+    def rank(self, view, sel, rows):
+        budget = sel.budget if sel.budget is not None else int(round((sel.fraction or 0.0) * len(rows)))
+        budget = min(budget, len(rows))
+        labels, names = view.groups(sel.balance_on or "label", selection=sel.name)
+        cluster = np.nan_to_num(view.cluster, nan=-1).astype(np.int64)
+        strata = labels * (int(cluster.max()) + 2) + (cluster + 1)
+        previous = ToLabel._previous_ranks(view, sel)
+        uris = view.table["uri"].take(pa.array(rows, pa.int64())).to_pylist()
+        kept = np.array([u in previous for u in uris], bool) if previous else np.zeros(len(rows), bool)
+        sticky = rows[kept]
+        if len(sticky) > budget:  # the budget shrank: keep the earliest-ranked members
+            sticky = np.array([r for _, r in sorted((previous[u], r) for u, r in zip(np.array(uris, object)[kept],
+                                                                                        sticky))][:budget], np.int64)
+        present, size = np.unique(strata[rows], return_counts=True)
+        held = np.array([np.sum(strata[sticky] == s) for s in present], np.int64)
+        target = budget * size / max(1, len(rows))
+        need = np.maximum(target - held, 0.0)
+        quotas = allocate(budget - len(sticky), size - held, need if need.sum() > 0 else size.astype(np.float64))
+        rng = np.random.default_rng(SEED)
+        chosen = [sticky]
+        free = np.setdiff1d(rows, sticky)
+        for s, q in zip(present, quotas):
+            if q:
+                members = free[strata[free] == s]
+                chosen.append(np.sort(rng.choice(members, int(q), replace=False)))
+        picked = np.concatenate(chosen).astype(np.int64) if chosen else np.zeros(0, np.int64)
+        column = sel.balance_on or "label"
+        reasons = [f"validation: kept from the previous run's validation set" for _ in sticky] + [
+            f"validation: stratum {column} {names[labels[r]]!r} x cluster {cluster[r]}" for r in picked[len(sticky):]]
+        details = {"sticky": int(len(sticky)),
+                   f"{column}_tv": _tv(labels[rows], labels[picked]), "cluster_tv": _tv(cluster[rows], cluster[picked])}
+        return Ranked(picked, np.zeros(len(picked)), reasons, details=details)
+
+    def reason(self, view, row, score):
+        return "validation"
+
+
+def _tv(population: np.ndarray, sample: np.ndarray) -> float:
+    """Total-variation distance between the value shares of ``sample`` and ``population``."""
+    if len(sample) == 0 or len(population) == 0:
+        return 0.0
+    values, counts = np.unique(population, return_counts=True)
+    share = np.array([np.sum(sample == v) for v in values]) / len(sample)
+    return round(float(0.5 * np.abs(share - counts / counts.sum()).sum()), 4)
+
+
+def blocked_by(view: SampleView, members: np.ndarray, cosine: float) -> np.ndarray:
+    """Rows that would leak ``members`` into another selection: every row in a duplicate group
+    with a member, and every ok row whose cosine to some member is at least ``cosine`` (scanned
+    where the vectors are stored, a Ray task per range)."""
+    from curation.index.source import map_vectors
+
+    out = np.zeros(view.table.num_rows, bool)
+    if len(members) == 0:
+        return out
+    out[members] = True
+    if "dup_group" in view.table.column_names:
+        groups = _floats(view.table["dup_group"])
+        mine = np.unique(groups[members][np.isfinite(groups[members])])
+        out |= np.isin(groups, mine) & np.isfinite(groups)
+    x = view.vectors.take(view.vector_of_row[members]).astype(np.float32)
+    x /= np.maximum(np.linalg.norm(x, axis=1, keepdims=True), 1e-12)
+    near = np.concatenate([ids for ids in map_vectors(view.vectors, _near_any, x, float(cosine))] or
+                          [np.zeros(0, np.int64)])
+    row_of_vector = ok_rows_in_vector_order(view.table)
+    out[row_of_vector[near]] = True
+    return out
+
+
+def _near_any(ids: np.ndarray, x: np.ndarray, members: np.ndarray, cosine: float) -> np.ndarray:
+    """The ``ids`` whose vector has cosine >= ``cosine`` to some row of ``members``."""
+    x = np.asarray(x, np.float32)
+    x = x / np.maximum(np.linalg.norm(x, axis=1, keepdims=True), 1e-12)
+    index = faiss.IndexFlatIP(members.shape[1])
+    index.add(np.ascontiguousarray(members))
+    sims, _ = index.search(np.ascontiguousarray(x), 1)
+    return np.asarray(ids)[sims[:, 0] >= cosine - 1e-6].astype(np.int64)
+
+
 class Representative:
     """Coverage inside each class (or ``balance_on`` group), classes balanced by ``class_balance``."""
 
@@ -401,7 +498,7 @@ class Representative:
 
 
 MODES: dict[str, Mode] = {mode.name: mode for mode in (Representative(), EdgeCases(), LabelReview(), Clean(),
-                                                      ToLabel())}
+                                                      ToLabel(), Validation())}
 
 
 def cover_groups(view: SampleView, groups: list[np.ndarray], quotas: list[int]) -> list[list[tuple[int, float]]]:
@@ -502,13 +599,15 @@ class Selector:
             return np.ones(self.view.table.num_rows, bool)
         return evaluate_where(self.view.df, sel)
 
-    def eligible(self, sel: SelectionConfig) -> np.ndarray:
-        """Rows ``sel`` may pick from (its ``where`` applied), before the budget."""
-        return MODES[sel.mode].eligible(self.view, sel) & self._where(sel)
+    def eligible(self, sel: SelectionConfig, excluded: np.ndarray | None = None) -> np.ndarray:
+        """Rows ``sel`` may pick from (its ``where`` applied, and not ``excluded`` by a selection
+        it must stay disjoint from), before the budget."""
+        eligible = MODES[sel.mode].eligible(self.view, sel) & self._where(sel)
+        return eligible if excluded is None else eligible & ~excluded
 
-    def build(self, sel: SelectionConfig) -> SelectionResult:
+    def build(self, sel: SelectionConfig, excluded: np.ndarray | None = None) -> SelectionResult:
         view, mode = self.view, MODES[sel.mode]
-        eligible = self.eligible(sel)
+        eligible = self.eligible(sel, excluded)
         ranked = mode.rank(view, sel, np.flatnonzero(eligible))
         rows, scores, reasons = ranked.rows, ranked.scores, ranked.reasons
         if sel.balance_on and not getattr(mode, "balances_itself", False):
@@ -533,7 +632,8 @@ class Selector:
         }, schema=SELECTION_SCHEMA)
         if note:
             log.warning("selection %s: %s", sel.name, note)
-        return SelectionResult(sel.name, sel.mode, table, int(eligible.sum()), note, ranked.pending)
+        return SelectionResult(sel.name, sel.mode, table, int(eligible.sum()), note, ranked.pending, ranked.details,
+                               rows=np.asarray(rows, np.int64))
 
 
 # What a ``where`` may contain: comparisons, boolean logic and arithmetic over columns and
@@ -632,4 +732,36 @@ def build_selections(samples: pa.Table, scores: ScoresConfig, selections: list[S
     """Every configured selection; ``previous``: the previous published run's selections by name
     (``to_label`` keeps its still-pending items at the head)."""
     selector = Selector(samples, scores, vectors, selections, previous)
-    return [selector.build(sel) for sel in selections]
+    by_name = {sel.name: sel for sel in selections}
+    excluded: dict[str, np.ndarray] = {}
+    blocked: dict[str, np.ndarray] = {}
+    results: dict[str, SelectionResult] = {}
+    for sel in build_order(selections):
+        results[sel.name] = result = selector.build(sel, excluded.get(sel.name))
+        if sel.disjoint_from:
+            blocked[sel.name] = blocked_by(selector.view, result.rows, sel.disjoint_cosine)
+            for other in sel.disjoint_from:
+                excluded[other] = excluded.get(other, np.zeros(samples.num_rows, bool)) | blocked[sel.name]
+    for name, rows_blocked in blocked.items():  # what crosses a declared boundary: zero by construction
+        results[name].details = {**(results[name].details or {}), "leakage": {
+            other: int(rows_blocked[results[other].rows].sum()) for other in by_name[name].disjoint_from}}
+    return [results[sel.name] for sel in selections]
+
+
+def build_order(selections: list[SelectionConfig]) -> list[SelectionConfig]:
+    """Selections in config order, except that one named in another's ``disjoint_from`` comes
+    after it (the config's validation rejects cycles)."""
+    by_name = {sel.name: sel for sel in selections}
+    done: dict[str, None] = {}
+
+    def visit(sel: SelectionConfig) -> None:
+        if sel.name in done:
+            return
+        for first in selections:  # everything that must be built before ``sel``
+            if sel.name in first.disjoint_from and first.name not in done:
+                visit(first)
+        done[sel.name] = None
+
+    for sel in selections:
+        visit(sel)
+    return [by_name[name] for name in done]

@@ -29,7 +29,7 @@ def test_run_json_round_trips_through_storage(tmp_path):
     data = json.loads((tmp_path / "run" / "run.json").read_text())
     assert data["counts"] == {"inputs": 10, "ok": 8, "rejected": 2}
     assert data["selections"][0] == {"name": "clean", "mode": "clean", "rows": 7, "eligible": 8, "note": None,
-                                     "pending": None}
+                                     "pending": None, "details": None}
     assert "diff" not in data  # a first run has no diff section
     back = RunInfo.read(run)
     assert back == info

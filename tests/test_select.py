@@ -316,3 +316,100 @@ def pd_isna(value) -> bool:
     import pandas as pd
 
     return bool(pd.isna(value))
+
+
+def _validation_set(seed=5):
+    """600 items: 4 classes of unequal size (300/150/100/50), two blobs each; 40 planted pairs at
+    cosine ~0.9 (close, but not near duplicates); item 0 dark."""
+    rng = np.random.default_rng(seed)
+    sizes = [300, 150, 100, 50]
+    centers = rng.normal(size=(8, 32))
+    emb, labels = [], []
+    for c, n in enumerate(sizes):
+        for i in range(n):
+            emb.append(centers[2 * c + i % 2] + 0.45 * rng.normal(size=32))
+            labels.append(f"class{c}")
+    emb = unit(np.array(emb))
+    partners = rng.choice(np.arange(1, 600), size=(40, 2), replace=False)
+    for a, b in partners:
+        noise = unit(rng.normal(size=(1, 32)))[0]
+        emb[b] = unit((emb[a] + 0.48 * noise)[None])[0]  # cosine ~0.9 to its partner
+        labels[b] = labels[a]
+    brightness = np.full(600, 0.5)
+    brightness[0] = 0.02
+    contrast = np.full(600, 0.2)
+    contrast[0] = 0.01
+    samples = make_samples(600, labels=labels, brightness=brightness, contrast=contrast)
+    table, _ = run_scores(samples, emb, exact_knn(emb, 8), ScoresConfig())
+    return table, emb
+
+
+def _selections(table, emb, *sels, previous=None):
+    return {r.name: r for r in build_selections(table, ScoresConfig(), [SelectionConfig(**s) for s in sels], emb,
+                                                previous=previous)}
+
+
+def test_validation_mirrors_the_labels_and_clusters_of_the_data():
+    table, emb = _validation_set()
+    val = _selections(table, emb, {"name": "val", "mode": "validation", "budget": 120})["val"]
+    df = table.to_pandas()
+    picked = df.set_index("uri").loc[val.table["uri"].to_pylist()]
+    assert val.table.num_rows == 120 and "/d/000.jpg" not in set(picked.index)  # the dark item is junk
+    eligible = df[(df.status == "ok") & ~df.is_dark & df.dup_of.isna()]
+    label_tv = 0.5 * (picked.label.value_counts(normalize=True)
+                      .sub(eligible.label.value_counts(normalize=True), fill_value=0).abs().sum())
+    clusters = df.cluster.nunique()
+    cluster_tv = 0.5 * (picked.cluster.value_counts(normalize=True)
+                        .sub(eligible.cluster.value_counts(normalize=True), fill_value=0).abs().sum())
+    assert label_tv <= 0.05 and cluster_tv <= max(0.05, clusters / (2 * 120))
+    assert val.details["label_tv"] == pytest.approx(label_tv, abs=1e-3)
+    assert val.details["cluster_tv"] == pytest.approx(cluster_tv, abs=1e-3)
+    frac = _selections(table, emb, {"name": "val", "mode": "validation", "fraction": 0.1})["val"]
+    assert frac.table.num_rows == round(0.1 * frac.eligible)
+
+
+def test_a_selection_disjoint_from_validation_shares_no_copy_or_close_neighbour_with_it():
+    table, emb = _validation_set()
+    train = {"name": "train", "mode": "clean"}  # every eligible item: whatever validation holds leaks
+    leaky = _selections(table, emb, {"name": "val", "mode": "validation", "budget": 120}, train)
+    val_rows = leaky["val"].rows
+    close = (emb @ emb[leaky["val"].rows].T >= 0.85 - 1e-6).any(axis=1)
+    assert close[np.setdiff1d(leaky["train"].rows, val_rows)].any()  # without disjoint_from: neighbours leak
+    # Listed after the selection it guards: it is built first all the same.
+    result = _selections(table, emb, train, {"name": "val", "mode": "validation", "budget": 120,
+                                             "disjoint_from": ["train"], "disjoint_cosine": 0.85})
+    val, tr = result["val"], result["train"]
+    assert val.table.num_rows == 120 and val.details["leakage"] == {"train": 0}
+    close = (emb @ emb[val.rows].T >= 0.85 - 1e-6).any(axis=1)
+    assert not close[tr.rows].any() and not set(val.rows) & set(tr.rows)
+    groups = table["dup_group"].to_numpy(zero_copy_only=False)
+    assert not set(groups[val.rows][~np.isnan(groups[val.rows])]) & set(groups[tr.rows][~np.isnan(groups[tr.rows])])
+    assert tr.eligible < leaky["train"].eligible
+
+
+def test_validation_is_sticky_from_night_to_night():
+    table, emb = _validation_set()
+    first = _selections(table, emb, {"name": "val", "mode": "validation", "budget": 60})["val"]
+    previous = {"val": first.table.select(["uri", "rank"])}
+    # Tomorrow asks for more: every member of yesterday's set stays, the rest is stratified anew.
+    second = _selections(table, emb, {"name": "val", "mode": "validation", "budget": 90}, previous=previous)["val"]
+    uris = second.table["uri"].to_pylist()
+    assert set(first.table["uri"].to_pylist()) <= set(uris) and len(set(uris)) == 90
+    assert second.details["sticky"] == 60
+    assert sum(r.startswith("validation: kept from the previous run") for r in second.table["reason"].to_pylist()) == 60
+
+
+@pytest.mark.parametrize("selections, message", [
+    ([{"name": "a", "mode": "validation", "budget": 5, "disjoint_from": ["b"]},
+      {"name": "b", "mode": "validation", "budget": 5, "disjoint_from": ["a"]}], r"a cycle \(a -> b -> a\)"),
+    ([{"name": "a", "mode": "validation", "budget": 5, "disjoint_from": ["nope"]}], "'nope' is not another selection"),
+    ([{"name": "a", "mode": "validation"}], "budget or fraction"),
+    ([{"name": "a", "mode": "validation", "budget": 5, "fraction": 0.1}], "budget or fraction"),
+    ([{"name": "a", "mode": "clean", "fraction": 0.1}], "only for mode validation"),
+])
+def test_validation_config_errors(selections, message, tmp_path):
+    from curation.config import load_config
+
+    with pytest.raises(ConfigError, match=message):
+        load_config(data={"input": {"images": str(tmp_path)}, "output": {"uri": str(tmp_path / "o")},
+                          "selections": selections})
