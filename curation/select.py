@@ -365,7 +365,6 @@ class Validation:
         budget = min(budget, len(rows))
         labels, names = view.groups(sel.balance_on or "label", selection=sel.name)
         cluster = np.nan_to_num(view.cluster, nan=-1).astype(np.int64)
-        strata = labels * (int(cluster.max()) + 2) + (cluster + 1)
         previous = ToLabel._previous_ranks(view, sel)
         uris = view.table["uri"].take(pa.array(rows, pa.int64())).to_pylist()
         kept = np.array([u in previous for u in uris], bool) if previous else np.zeros(len(rows), bool)
@@ -373,19 +372,19 @@ class Validation:
         if len(sticky) > budget:  # the budget shrank: keep the earliest-ranked members
             sticky = np.array([r for _, r in sorted((previous[u], r) for u, r in zip(np.array(uris, object)[kept],
                                                                                         sticky))][:budget], np.int64)
-        present, size = np.unique(strata[rows], return_counts=True)
-        held = np.array([np.sum(strata[sticky] == s) for s in present], np.int64)
-        target = budget * size / max(1, len(rows))
-        need = np.maximum(target - held, 0.0)
-        quotas = allocate(budget - len(sticky), size - held, need if need.sum() > 0 else size.astype(np.float64))
-        rng = np.random.default_rng(SEED)
-        chosen = [sticky]
+        # Systematic sampling over the rows sorted by label, then cluster, then a random key: every
+        # label's and every (label, cluster) cell's count is its share of the budget within one,
+        # however many cells there are (a quota per cell would round most small cells to zero).
         free = np.setdiff1d(rows, sticky)
-        for s, q in zip(present, quotas):
-            if q:
-                members = free[strata[free] == s]
-                chosen.append(np.sort(rng.choice(members, int(q), replace=False)))
-        picked = np.concatenate(chosen).astype(np.int64) if chosen else np.zeros(0, np.int64)
+        need = budget - len(sticky)
+        rng = np.random.default_rng(SEED)
+        order = free[np.lexsort((rng.random(len(free)), cluster[free], labels[free]))]
+        if need > 0 and len(order):
+            step = len(order) / need
+            chosen = order[np.minimum((rng.random() + np.arange(need)) * step, len(order) - 1).astype(np.int64)]
+        else:
+            chosen = np.zeros(0, np.int64)
+        picked = np.concatenate([sticky, chosen]).astype(np.int64)
         column = sel.balance_on or "label"
         reasons = [f"validation: kept from the previous run's validation set" for _ in sticky] + [
             f"validation: stratum {column} {names[labels[r]]!r} x cluster {cluster[r]}" for r in picked[len(sticky):]]

@@ -421,10 +421,10 @@ def test_the_driver_does_not_import_torch():
     assert done.stdout.strip() == "False", done.stderr[-2000:]
 
 
-def test_the_to_label_queue_is_kept_from_night_to_night(tmp_path):
-    """Night 1 queues items for labelling; night 2 (nothing labelled since) keeps the same queue,
-    in the same order, and says how many are pending; the selection reads the previous published
-    run's queue, not an unfinished one."""
+def test_the_to_label_queue_and_the_validation_set_are_kept_from_night_to_night(tmp_path):
+    """Night 1 queues items for labelling and holds out a validation set disjoint from the clean
+    set; night 2 (nothing labelled since) keeps the same queue, in the same order, says how many
+    are pending, and keeps the same validation set."""
     from curation.job import run_job
 
     config = _embeddings_config(tmp_path, n=400)
@@ -435,6 +435,7 @@ def test_the_to_label_queue_is_kept_from_night_to_night(tmp_path):
     from curation.config import SelectionConfig
 
     config.selections.append(SelectionConfig(name="queue", mode="to_label", budget=12))
+    config.selections.append(SelectionConfig(name="val", mode="validation", fraction=0.1, disjoint_from=["clean"]))
     config.report.map_method = "pca"  # the map is not what this test is about
     config.output.run_id = "night-1"
     first = run_job(config)
@@ -446,5 +447,12 @@ def test_the_to_label_queue_is_kept_from_night_to_night(tmp_path):
     again = pq.read_table(os.path.join(second.run_uri, "selections", "queue.parquet"))
     assert again["uri"].to_pylist() == queue["uri"].to_pylist()
     assert next(s for s in second.info.selections if s.name == "queue").pending == 12
-    assert second.run_info["selections"][-1]["pending"] == 12  # in run.json too
+    by_name = {s["name"]: s for s in second.run_info["selections"]}
+    assert by_name["queue"]["pending"] == 12  # in run.json too
     assert all(r.startswith("pending from the previous run") for r in again["reason"].to_pylist())
+    val = [pq.read_table(os.path.join(run.run_uri, "selections", "val.parquet"))["uri"].to_pylist()
+           for run in (first, second)]
+    clean = pq.read_table(os.path.join(first.run_uri, "selections", "clean.parquet"))["uri"].to_pylist()
+    assert len(val[0]) == 40 and set(val[0]) == set(val[1]) and not set(val[0]) & set(clean)
+    details = by_name["val"]["details"]
+    assert details["sticky"] == 40 and details["leakage"] == {"clean": 0} and details["label_tv"] <= 0.05
