@@ -386,7 +386,7 @@ class Validation:
             chosen = np.zeros(0, np.int64)
         picked = np.concatenate([sticky, chosen]).astype(np.int64)
         column = sel.balance_on or "label"
-        reasons = [f"validation: kept from the previous run's validation set" for _ in sticky] + [
+        reasons = ["validation: kept from the previous run's validation set" for _ in sticky] + [
             f"validation: stratum {column} {names[labels[r]]!r} x cluster {cluster[r]}" for r in picked[len(sticky):]]
         details = {"sticky": int(len(sticky)),
                    f"{column}_tv": _tv(labels[rows], labels[picked]), "cluster_tv": _tv(cluster[rows], cluster[picked])}
