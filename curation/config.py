@@ -60,6 +60,11 @@ class InputConfig:
         embeddings: optional precomputed Parquet ``uri, embedding[, label]``; skips decoding
             and embedding entirely.
         extensions: file suffixes that count as images when listing ``images``.
+        split_column: the column (manifest or embeddings file) that names each item's split
+            (train / val / test ...); default ``split`` when there is such a column. Copies
+            across splits are reported (``leakage.parquet``, ``run.json`` -> ``leakage``).
+        split_from_path: images mode: the split is the first path component under ``images``
+            (``train/cat/1.jpg`` -> ``train``).
         follow_symlinks: follow symbolic links to directories when listing a local ``images``
             folder. Off by default (as ``find`` and ``os.walk``); when on, each real directory
             is listed once (loops end) and a link to the input root or above it is not
@@ -74,6 +79,8 @@ class InputConfig:
         default_factory=lambda: [".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff"]
     )
     follow_symlinks: bool = False
+    split_column: str | None = None
+    split_from_path: bool = False
 
 
 @dataclass
@@ -593,6 +600,10 @@ def validate(config: Config) -> None:
         raise ConfigError("config key 'input': set one of input.images, input.manifest or input.embeddings")
     if inp.images and inp.manifest:
         raise ConfigError("config key 'input.manifest': give input.images or input.manifest, not both")
+    if inp.split_from_path and not inp.images:
+        raise ConfigError("config key 'input.split_from_path': only with input.images")
+    if inp.split_from_path and inp.split_column:
+        raise ConfigError("config key 'input.split_column': give split_column or split_from_path, not both")
     if not config.output.uri:
         raise ConfigError("config key 'output.uri': required")
     if config.output.run_id is not None and not is_run_id(config.output.run_id):

@@ -26,7 +26,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from curation.config import Config
+from curation.config import Config, ConfigError
 from curation.index.knn import KnnGraph
 from curation.index.source import VectorParts, parquet_parts
 from curation.io import inputs as inputs_io
@@ -161,6 +161,8 @@ def run_job(config: Config, *, resolver: Resolver | None = None, plan: Plan | No
             # The graph has served its purpose: write knn/ now and free it before selections.
             outputs.write_knn_graph(plan.run.child("knn"), samples, neighbours.graph)
             neighbours.graph = neighbours.copy_graph = None
+        with clock.phase("leakage"):
+            leakage = _split_leakage(samples, ingested, config, resolver)
         with clock.phase("selections"):
             from curation.select import build_selections
 
@@ -168,7 +170,7 @@ def run_job(config: Config, *, resolver: Resolver | None = None, plan: Plan | No
                                           previous=_previous_selections(plan, config))
         with clock.phase("report_data"):
             samples, report = prepare_report(samples, ingested.vectors, selections, config, resolver)
-    return publish(plan, config, Scored(samples, score_report["summary"], selections, report), clock,
+    return publish(plan, config, Scored(samples, score_report["summary"], selections, report, leakage), clock,
                    embedder=ingested.embedder, knn=neighbours.info)
 
 
@@ -192,6 +194,9 @@ def preflight(config: Config, resolver: Resolver) -> Plan:
         plan.inputs = inputs_io.list_inputs(config, resolver)
         plan.count = plan.inputs.num_rows
         metadata = [n for n in plan.inputs.column_names if n not in INPUT_COLUMNS]
+    if config.input.split_column and config.input.split_column not in metadata:
+        raise ConfigError(f"config key 'input.split_column': no column {config.input.split_column!r} in the inputs "
+                          f"(columns: {', '.join(metadata) or 'none'})")
     _check_selection_columns(config, metadata, plan)
     return plan
 
@@ -347,6 +352,23 @@ def score(ingested: Ingested, neighbours: Neighbours, config: Config) -> tuple[p
                       budget=max(budgets, default=None), copies=ingested.copies, copy_knn=neighbours.copy_graph)
 
 
+def _split_leakage(samples: pa.Table, ingested: Ingested, config: Config,
+                   resolver: Resolver) -> tuple[pa.Table, dict] | None:
+    """Copies across splits (see :mod:`curation.leakage`), or None when the run has no split."""
+    from curation.leakage import find_leaks, split_values
+
+    inp = config.input
+    column = inp.split_column or (None if inp.split_from_path else "split")
+    root = resolver.resolve(inp.images).uri if inp.split_from_path else None
+    split = split_values(samples, column=column, images_root=root)
+    if split is None:
+        return None
+    table, summary = find_leaks(samples, split, ingested.copies if ingested.copies is not None else ingested.vectors)
+    summary["split_from"] = f"column {column!r}" if column else f"the first path component under {root}"
+    log.info("leakage: %d pairs of copies across splits", summary["pairs"])
+    return table, summary
+
+
 def _previous_selections(plan: Plan, config: Config) -> dict[str, pa.Table]:
     """The previous published run's ``to_label`` and ``validation`` selections (uri, rank), by
     name: a queue an annotation team is working through keeps its order from night to night, and
@@ -376,6 +398,7 @@ class Scored:
     score_summary: dict[str, dict]  # score name -> its run.json summary
     selections: list  # SelectionResult, in config order
     report: ReportAssets | None = None
+    leakage: tuple[pa.Table, dict] | None = None  # copies across splits (leakage.parquet, run.json)
 
 
 def publish(plan: Plan, config: Config, scored: Scored, clock: Clock, *, embedder: dict, knn: dict) -> RunResult:
@@ -422,6 +445,9 @@ def _write_outputs(plan: Plan, config: Config, info: RunInfo, samples: pa.Table,
         info.diff = diff_runs(previous, samples, tables, run.child("diff"))
     for name, table in tables.items():
         outputs.write_table(run.child("selections", f"{name}.parquet"), table)
+    if scored.leakage is not None:
+        outputs.write_table(run.child("leakage.parquet"), scored.leakage[0])
+        info.leakage = scored.leakage[1]
     report = scored.report or ReportAssets({r.name: r.mode for r in scored.selections})
     info.map = report.map_info
     write_bytes(run.child("report.html"), render_report(

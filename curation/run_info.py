@@ -69,6 +69,7 @@ class RunInfo:
         timings_s: Seconds per phase (and ``score_<name>`` per score, and ``total``).
         driver_peak_bytes: The driver's peak memory per phase.
         diff: Changes since the previous published run (absent on a first run).
+        leakage: Copies across splits (absent when the run has no split).
     """
 
     run_id: str
@@ -88,6 +89,7 @@ class RunInfo:
     timings_s: dict[str, float] = field(default_factory=dict)
     driver_peak_bytes: dict[str, int] = field(default_factory=dict)
     diff: dict | None = None
+    leakage: dict | None = None
 
     # ---------------------------------------------------------------------------- building
 
@@ -138,8 +140,9 @@ class RunInfo:
         data = {f.name: getattr(self, f.name) for f in fields(self)}
         data["counts"] = vars(self.counts).copy()
         data["selections"] = [vars(s).copy() for s in self.selections]
-        if self.diff is None:
-            del data["diff"]
+        for optional in ("diff", "leakage"):
+            if data[optional] is None:
+                del data[optional]
         return data
 
     @classmethod

@@ -456,3 +456,46 @@ def test_the_to_label_queue_and_the_validation_set_are_kept_from_night_to_night(
     assert len(val[0]) == 40 and set(val[0]) == set(val[1]) and not set(val[0]) & set(clean)
     details = by_name["val"]["details"]
     assert details["sticky"] == 40 and details["leakage"] == {"clean": 0} and details["label_tv"] <= 0.05
+
+
+def test_copies_across_splits_are_reported(tmp_path):
+    """Embeddings with a `split` column and five planted copies of train items in `val`: each
+    copy is a cross-split pair in leakage.parquet and run.json counts them; a split column
+    the inputs do not have is a config error before any work."""
+    from curation.job import run_job
+
+    rng = np.random.default_rng(8)
+    n, d = 400, 16
+    x = rng.normal(size=(n, d)).astype(np.float32)
+    split = ["train" if i < 320 else "val" for i in range(n)]
+    for j, i in enumerate(range(320, 325)):
+        x[i] = x[j] + 1e-4 * rng.normal(size=d)  # val item i copies train item j
+    table = pa.table({"uri": [f"s3://lake/{i}.jpg" for i in range(n)], "split": split,
+                      "embedding": pa.FixedSizeListArray.from_arrays(pa.array(x.ravel()), d)})
+    pq.write_table(table, tmp_path / "emb.parquet")
+    config = load_config(data={"input": {"embeddings": str(tmp_path / "emb.parquet")},
+                               "report": {"map_method": "pca"}, "output": {"uri": str(tmp_path / "out")},
+                               "selections": [{"name": "clean", "mode": "clean"}]})
+    result = run_job(config)
+    leaks = pq.read_table(os.path.join(result.run_uri, "leakage.parquet")).to_pylist()
+    pairs = {(r["uri_a"], r["uri_b"]) for r in leaks}
+    assert {(f"s3://lake/{i}.jpg", f"s3://lake/{320 + i}.jpg") for i in range(5)} <= pairs
+    assert all(r["split_a"] == "train" and r["split_b"] == "val" and r["similarity"] > 0.99 for r in leaks)
+    info = result.run_info["leakage"]
+    assert info["pairs_by_splits"] == {"train|val": len(leaks)} and info["split_from"] == "column 'split'"
+    assert info["share_with_a_copy_elsewhere"]["val"] == pytest.approx(len({r["uri_b"] for r in leaks}) / 80)
+
+    config.input.split_column = "fold"
+    from curation.job import preflight
+    from curation.io.filesystem import Resolver
+
+    with pytest.raises(ConfigError, match=r"input.split_column': no column 'fold' in the inputs \(columns: split\)"):
+        preflight(config, Resolver(config.storage))
+
+
+def test_the_split_from_the_path_is_the_first_folder_under_the_images_root():
+    from curation.leakage import split_values
+
+    samples = pa.table({"uri": ["/data/train/cat/1.jpg", "/data/val/2.jpg", "/data/3.jpg", "/other/x.jpg"]})
+    assert split_values(samples, column=None, images_root="/data").to_pylist() == ["train", "val", None, None]
+    assert split_values(samples, column="split", images_root=None) is None
