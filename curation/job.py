@@ -169,7 +169,8 @@ def run_job(config: Config, *, resolver: Resolver | None = None, plan: Plan | No
             selections = build_selections(samples, config.scores, config.selections, ingested.vectors,
                                           previous=_previous_selections(plan, config))
         with clock.phase("report_data"):
-            samples, report = prepare_report(samples, ingested.vectors, selections, config, resolver)
+            samples, report = prepare_report(samples, ingested.vectors, selections, config, resolver,
+                                             leakage=leakage[0] if leakage is not None else None)
     return publish(plan, config, Scored(samples, score_report["summary"], selections, report, leakage), clock,
                    embedder=ingested.embedder, knn=neighbours.info)
 

@@ -244,3 +244,21 @@ def test_a_flag_declared_by_a_score_reaches_selections_map_and_galleries(monkeyp
     assert highlight_masks(samples, {}, {})["junk"][smudged].all()
     galleries = {g.key: g for g in choose_galleries(samples, {}, {}, size=12)}
     assert set(galleries["junk-is_smudged"].uris) == set(samples["uri"].filter(pa.array(smudged)).to_pylist())
+
+
+def test_copies_across_splits_have_their_own_gallery_of_pairs():
+    from curation.leakage import LEAKAGE_SCHEMA
+    from curation.report.galleries import choose_galleries
+
+    samples, _ = _scored_table(60)
+    uris = samples["uri"].to_pylist()
+    leakage = pa.table({"uri_a": uris[:3], "split_a": ["train"] * 3, "uri_b": uris[3:6], "split_b": ["val"] * 3,
+                        "kind": ["exact", "near", "near"], "similarity": pa.array([1.0, 0.93, 0.97], pa.float32())},
+                       schema=LEAKAGE_SCHEMA)
+    galleries = {g.key: g for g in choose_galleries(samples, {}, {}, size=10, leakage=leakage)}
+    gallery = galleries["leakage"]
+    assert gallery.total == 3 and gallery.grouped
+    assert [[item.uri for item in pair] for pair in gallery.groups] == [[uris[0], uris[3]], [uris[2], uris[5]],
+                                                                       [uris[1], uris[4]]]  # most similar first
+    assert [item.badge for item in gallery.groups[0]] == ["train", "val"]
+    assert "leakage" not in {g.key for g in choose_galleries(samples, {}, {}, size=10)}

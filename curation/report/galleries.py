@@ -35,6 +35,7 @@ class Gallery:
     note: str
     groups: list[list[GalleryItem]] = field(default_factory=list)
     total: int = 0  # items with this flag in the run (the gallery shows the first few)
+    grouped: bool = False  # one row per group (duplicate groups, leaked pairs)
 
     @property
     def uris(self) -> list[str]:
@@ -108,7 +109,22 @@ def duplicate_gallery(samples: pa.Table, size: int) -> Gallery:
         groups.append(items)
     return Gallery("duplicates", "Largest duplicate groups",
                    "each row is one group, the kept item first (marked); the others are excluded from clean",
-                   groups, int(len(ids)))
+                   groups, int(len(ids)), grouped=True)
+
+
+def leakage_gallery(leakage: pa.Table | None, size: int) -> Gallery:
+    """Copies across splits (``leakage.parquet``), most similar pairs first, one row per pair."""
+    if leakage is None or leakage.num_rows == 0:
+        return Gallery("leakage", "Copies across splits", "", [], 0)
+    order = np.argsort(-leakage["similarity"].to_numpy(zero_copy_only=False), kind="stable")[: max(1, size // 2)]
+    groups = []
+    for r in leakage.take(pa.array(order, pa.int64())).to_pylist():
+        caption = f"{r['kind']} copy, similarity {_fmt(r['similarity'])}"
+        groups.append([GalleryItem(r["uri_a"], [f"split {r['split_a']}", caption], r["split_a"]),
+                       GalleryItem(r["uri_b"], [f"split {r['split_b']}", caption], r["split_b"])])
+    return Gallery("leakage", "Copies across splits",
+                   "each row is one pair of copies in different splits (leakage.parquet), most similar first",
+                   groups, leakage.num_rows, grouped=True)
 
 
 def junk_galleries(samples: pa.Table, size: int) -> list[Gallery]:
@@ -131,10 +147,11 @@ def rejected_gallery(samples: pa.Table, size: int) -> Gallery:
 
 
 def choose_galleries(samples: pa.Table, selections: dict[str, pa.Table], modes: dict[str, str], *,
-                     size: int) -> list[Gallery]:
+                     size: int, leakage: pa.Table | None = None) -> list[Gallery]:
     """Every gallery of the page, in page order; empty ones are dropped."""
     if size <= 0:
         return []
     galleries = [mislabel_gallery(samples, size), *edge_case_galleries(samples, selections, modes, size),
-                 duplicate_gallery(samples, size), *junk_galleries(samples, size), rejected_gallery(samples, size)]
+                 duplicate_gallery(samples, size), leakage_gallery(leakage, size), *junk_galleries(samples, size),
+                 rejected_gallery(samples, size)]
     return [g for g in galleries if g.total]

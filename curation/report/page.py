@@ -250,11 +250,11 @@ def _gallery_html(gallery: Gallery, thumbnails: dict[str, str]) -> str:
         return f"<figure{kept}>{image}<figcaption>{badge}<div title=\"{html.escape(item.uri)}\">{name}</div>{lines}</figcaption></figure>"
 
     shown = sum(len(g) for g in gallery.groups)
-    count = (f"{len(gallery.groups)} groups shown of {gallery.total}" if gallery.key == "duplicates"
+    count = (f"{len(gallery.groups)} groups shown of {gallery.total}" if gallery.grouped
              else f"{shown} shown of {gallery.total}")
     head = (f'<section class=gallery id="gallery-{html.escape(gallery.key)}"><h3>{html.escape(gallery.title)} '
             f'<span class=note>({count})</span></h3><p class=note>{html.escape(gallery.note)}</p>')
-    if gallery.key == "duplicates":
+    if gallery.grouped:
         body = "<div class=groups>" + "".join(
             "<div class=group>" + "".join(figure(i) for i in group) + "</div>" for group in gallery.groups) + "</div>"
     else:
