@@ -19,10 +19,20 @@ SHARED_DATA = os.environ.get("CURATION_TEST_DATA") or os.path.join(os.path.dirna
 INTEGRATION_FIXTURES = {"ray_local", "s3", "cluster", "local_run", "undisturbed", "report_run"}
 
 
+# `make test` runs two pytest-xdist workers (`--dist loadgroup`). Each file is one group, so its
+# module fixtures (a job run its tests share) run once; the files that start Ray clusters or
+# whole jobs in subprocesses of their own share a group, so they never run at the same time on
+# this two-core box.
+OWN_RAY_FILES = {"test_faults", "test_multinode"}
+
+
+@pytest.hookimpl(tryfirst=True)  # before pytest-xdist reads the groups
 def pytest_collection_modifyitems(config, items):
     for item in items:
         if INTEGRATION_FIXTURES & set(getattr(item, "fixturenames", ())):
             item.add_marker(pytest.mark.integration)
+        module = item.module.__name__.rsplit(".", 1)[-1]
+        item.add_marker(pytest.mark.xdist_group("own-ray" if module in OWN_RAY_FILES else module))
 
 
 @pytest.fixture(scope="session")

@@ -211,10 +211,11 @@ def test_driver_killed_mid_run_then_rerun_resumes_from_its_checkpoint(undisturbe
     before = set(processes())
     env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
     job = subprocess.Popen([sys.executable, "-m", "curation", "run", "--config", str(config_path)],
-                           stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=env)
+                           stdout=subprocess.DEVNULL, stderr=open(tmp_path / "job.err", "wb"), env=env)
     deadline = time.monotonic() + 180
     while not sum(readable_rows(d) for d in glob.glob(os.path.join(out, "2*")) if d != first_uri):
-        assert job.poll() is None, "the job ended before writing any vectors"
+        assert job.poll() is None, ("the job ended before writing any vectors: "
+                                    + (tmp_path / "job.err").read_text(errors="replace")[-3000:])
         assert time.monotonic() < deadline, "no vectors written in 180 s"
         time.sleep(0.02)
     os.kill(job.pid, signal.SIGKILL)
