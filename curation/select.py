@@ -301,6 +301,9 @@ class ToLabel:
         budget = sel.budget or len(rows)
         pending = self._pending(view, sel, rows)[:budget]
         rest = np.setdiff1d(rows, pending)
+        if len(rest) == 0 or len(pending) >= budget:  # nothing new to rank: no vector is fetched
+            return Ranked(pending, np.ones(len(pending)), self._pending_reasons(view, sel, pending),
+                          pending=len(pending))
         rng = np.random.default_rng(SEED)
         if len(rest) > self.MAX_CANDIDATES:
             rest = np.sort(rng.choice(rest, self.MAX_CANDIDATES, replace=False))
@@ -325,11 +328,13 @@ class ToLabel:
             codes, _ = view.groups(sel.balance_on, selection=sel.name)
             order = interleave_by(np.arange(len(new_rows)), codes[new_rows])
             new_rows, scores, reasons = new_rows[order], scores[order], [reasons[i] for i in order]
+        return Ranked(np.concatenate([pending, new_rows]).astype(np.int64), np.concatenate([np.ones(len(pending)), scores]),
+                      self._pending_reasons(view, sel, pending) + list(reasons), pending=len(pending))
+
+    def _pending_reasons(self, view, sel, pending) -> list[str]:
         previous = self._previous_ranks(view, sel)
-        head = [f"pending from the previous run (its rank {previous[view.cell('uri', r)]}): still unlabelled"
+        return [f"pending from the previous run (its rank {previous[view.cell('uri', r)]}): still unlabelled"
                 for r in pending]
-        return Ranked(np.concatenate([pending, new_rows]).astype(np.int64),
-                      np.concatenate([np.ones(len(pending)), scores]), head + list(reasons), pending=len(pending))
 
     @staticmethod
     def _previous_ranks(view, sel) -> dict[str, int]:
