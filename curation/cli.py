@@ -30,6 +30,15 @@ def _parser() -> argparse.ArgumentParser:
     run.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY.PATH=VALUE",
                      help="override a config key (repeatable)")
     run.add_argument("--quiet", action="store_true", help="only warnings and errors")
+    export = sub.add_parser("export", help="a published run's selection as Label Studio tasks (or CSV)")
+    export.add_argument("--run", required=True, help="a run URI, or an output URI (its latest run)")
+    export.add_argument("--selection", required=True, help="the selection to export (e.g. to_label)")
+    export.add_argument("--format", default="label-studio", choices=("label-studio", "csv"))
+    export.add_argument("--out", required=True, help="the tasks file; the labelling config goes beside it (.xml)")
+    export.add_argument("--classes", default=None, help="comma-separated choices when nothing is labelled yet")
+    export.add_argument("--local-files-root", default=None,
+                        help="Label Studio's LOCAL_FILES_DOCUMENT_ROOT, for runs over a local folder")
+    export.add_argument("--quiet", action="store_true", help="only warnings and errors")
     demo = sub.add_parser("demo", help="make a demo data set with planted defects and curate it")
     demo.add_argument("--out", default="./demo-output", help="folder for data and outputs (default ./demo-output)")
     demo.add_argument("--n", type=int, default=2400, help="clean images to generate (default 2400)")
@@ -56,6 +65,8 @@ def main(argv: list[str] | None = None) -> int:
             from curation.demo import run_demo
 
             return run_demo(out=args.out, n=args.n)
+        if args.command == "export":
+            return _export(args)
     except Exception as exc:
         return _failed(exc)
     try:
@@ -105,6 +116,20 @@ def run_summary(info: RunInfo) -> str:
                      + " (diff/)")
     lines.append(f"  outputs: {info.uri} (samples/, selections/, report.html, run.json)")
     return "\n".join(lines)
+
+
+def _export(args) -> int:
+    from curation.export import ExportError, export_selection
+
+    try:
+        done = export_selection(run=args.run, selection=args.selection, out=args.out, fmt=args.format,
+                                classes=args.classes.split(",") if args.classes else None,
+                                local_files_root=args.local_files_root)
+    except ExportError as exc:
+        print(f"curation: error: {exc}", file=sys.stderr)
+        return EXIT_CONFIG
+    print(f"exported {done['tasks']} tasks from {done['run']}: {', '.join(done['files'])}")
+    return EXIT_OK
 
 
 def _failed(exc: Exception) -> int:
