@@ -60,6 +60,11 @@ class InputConfig:
         embeddings: optional precomputed Parquet ``uri, embedding[, label]``; skips decoding
             and embedding entirely.
         extensions: file suffixes that count as images when listing ``images``.
+        label_corrections: annotators' answers to fold in: a Label Studio JSON export (tasks
+            with annotations, as ``curation export`` made them) or a CSV ``uri,label``. The
+            majority answer per item is applied (a tie is not); applied corrections are kept
+            with the run and carried to later runs without the file (see
+            ``curation/corrections.py``).
         split_column: the column (manifest or embeddings file) that names each item's split
             (train / val / test ...); default ``split`` when there is such a column. Copies
             across splits are reported (``leakage.parquet``, ``run.json`` -> ``leakage``).
@@ -81,6 +86,7 @@ class InputConfig:
     follow_symlinks: bool = False
     split_column: str | None = None
     split_from_path: bool = False
+    label_corrections: str | None = None
 
 
 @dataclass
@@ -211,6 +217,9 @@ class ScoresConfig:
         mislabel_min_confidence: ... and only when the neighbours back the suggested label with
             at least this calibrated probability (with a weak or non-semantic embedder the
             votes are spread thin and nothing should be flagged).
+        dispute_min_confidence: a corrected label (``input.label_corrections``) is never a
+            suspected mislabel; it is ``is_disputed`` (and back in ``label_review``) only when the
+            label models suggest another label with at least this calibrated probability.
         rare_tail_quantile: sparseness above this is the "rarest tail" excluded from
             ``representative``.
         n_clusters: k-means clusters; 0 picks ``clamp(sqrt(N/2), 2, 256)``, at most the largest
@@ -231,6 +240,7 @@ class ScoresConfig:
     label_probe_weight: float = ranged(0.5, 0.0, 1.0)
     label_quality_threshold: float = ranged(0.3, 0.0, 1.0)
     mislabel_min_confidence: float = ranged(0.5, 0.0, 1.0)
+    dispute_min_confidence: float = ranged(0.8, 0.0, 1.0)
     rare_tail_quantile: float = ranged(0.98, 0.0, 1.0)
     n_clusters: int = ranged(0, 0)
 

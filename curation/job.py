@@ -153,6 +153,8 @@ def run_job(config: Config, *, resolver: Resolver | None = None, plan: Plan | No
             with clock.phase("cluster_check"):
                 check_cluster(config, resolver, images=plan.inputs is not None, n_items=plan.count)
         ingested = ingest(plan, config, resolver, clock)
+        with clock.phase("corrections"):
+            corrections = _apply_corrections(plan, config, resolver, ingested)
         with clock.phase("knn"):
             neighbours = find_neighbours(ingested, config, plan)
         with clock.phase("scores"):
@@ -171,7 +173,8 @@ def run_job(config: Config, *, resolver: Resolver | None = None, plan: Plan | No
         with clock.phase("report_data"):
             samples, report = prepare_report(samples, ingested.vectors, selections, config, resolver,
                                              leakage=leakage[0] if leakage is not None else None)
-    return publish(plan, config, Scored(samples, score_report["summary"], selections, report, leakage), clock,
+    return publish(plan, config, Scored(samples, score_report["summary"], selections, report, leakage, corrections),
+                   clock,
                    embedder=ingested.embedder, knn=neighbours.info)
 
 
@@ -353,6 +356,32 @@ def score(ingested: Ingested, neighbours: Neighbours, config: Config) -> tuple[p
                       budget=max(budgets, default=None), copies=ingested.copies, copy_knn=neighbours.copy_graph)
 
 
+def _apply_corrections(plan: Plan, config: Config, resolver: Resolver,
+                       ingested: Ingested) -> tuple[pa.Table, dict] | None:
+    """Fold in ``input.label_corrections`` and the corrections the previous published run kept
+    (see :mod:`curation.corrections`); sets ``label_source`` on every row."""
+    import pyarrow.parquet as pq
+
+    from curation.corrections import apply_corrections, read_answers
+
+    answers = read_answers(resolver.resolve(config.input.label_corrections)) if config.input.label_corrections else None
+    stored = None
+    previous = previous_run(plan.output, plan.latest)
+    if previous is not None:
+        location = previous.child("corrections.parquet")
+        try:
+            stored = pq.read_table(location.path, filesystem=location.filesystem)
+        except (OSError, pa.ArrowException):
+            stored = None  # that run kept none
+    ingested.samples, store, summary = apply_corrections(ingested.samples, stored=stored, answers=answers,
+                                                         run_id=plan.run_id)
+    if answers is None and stored is None:
+        return None
+    log.info("label corrections: %(applied)d applied (%(new)d new), %(unknown_uri)d unknown uri, "
+             "%(conflicting)d conflicting", summary)
+    return store, summary
+
+
 def _split_leakage(samples: pa.Table, ingested: Ingested, config: Config,
                    resolver: Resolver) -> tuple[pa.Table, dict] | None:
     """Copies across splits (see :mod:`curation.leakage`), or None when the run has no split."""
@@ -400,6 +429,7 @@ class Scored:
     selections: list  # SelectionResult, in config order
     report: ReportAssets | None = None
     leakage: tuple[pa.Table, dict] | None = None  # copies across splits (leakage.parquet, run.json)
+    corrections: tuple[pa.Table, dict] | None = None  # label corrections kept with the run, and their counts
 
 
 def publish(plan: Plan, config: Config, scored: Scored, clock: Clock, *, embedder: dict, knn: dict) -> RunResult:
@@ -446,6 +476,10 @@ def _write_outputs(plan: Plan, config: Config, info: RunInfo, samples: pa.Table,
         info.diff = diff_runs(previous, samples, tables, run.child("diff"))
     for name, table in tables.items():
         outputs.write_table(run.child("selections", f"{name}.parquet"), table)
+    if scored.corrections is not None:
+        store, info.corrections = scored.corrections
+        if store.num_rows:
+            outputs.write_table(run.child("corrections.parquet"), store)
     if scored.leakage is not None:
         outputs.write_table(run.child("leakage.parquet"), scored.leakage[0])
         info.leakage = scored.leakage[1]

@@ -70,6 +70,7 @@ class RunInfo:
         driver_peak_bytes: The driver's peak memory per phase.
         diff: Changes since the previous published run (absent on a first run).
         leakage: Copies across splits (absent when the run has no split).
+        corrections: Label corrections applied, new, kept from earlier runs, unknown, conflicting.
     """
 
     run_id: str
@@ -90,6 +91,7 @@ class RunInfo:
     driver_peak_bytes: dict[str, int] = field(default_factory=dict)
     diff: dict | None = None
     leakage: dict | None = None
+    corrections: dict | None = None
 
     # ---------------------------------------------------------------------------- building
 
@@ -140,7 +142,7 @@ class RunInfo:
         data = {f.name: getattr(self, f.name) for f in fields(self)}
         data["counts"] = vars(self.counts).copy()
         data["selections"] = [vars(s).copy() for s in self.selections]
-        for optional in ("diff", "leakage"):
+        for optional in ("diff", "leakage", "corrections"):
             if data[optional] is None:
                 del data[optional]
         return data

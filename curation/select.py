@@ -55,6 +55,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from curation.config import ConfigError, ScoresConfig, SelectionConfig, parse_class_balance
+from curation.corrections import corrected_mask
 from curation.index.source import as_source
 from curation.schema import SELECTION_SCHEMA, is_ok, ok_rows_in_vector_order
 from curation.scores import flag_columns
@@ -161,7 +162,7 @@ class SampleView:
     """
 
     NEEDED = ("uri", "label", "status", "dup_of", "dup_group", "label_quality", "sparseness", "suggested_label",
-              "suggested_confidence", "cluster")
+              "suggested_confidence", "cluster", "label_source")
 
     def __init__(self, samples: pa.Table, scores: ScoresConfig, vectors, columns: set[str] | frozenset = frozenset(),
                  previous: dict[str, pa.Table] | None = None):
@@ -176,14 +177,22 @@ class SampleView:
         self.vector_of_row = np.full(samples.num_rows, -1, np.int64)
         self.vector_of_row[ok_rows_in_vector_order(samples)] = np.arange(int(self.ok.sum()))
         table = self.table
-        self.junk = np.logical_or.reduce([_filled(table[name], False) for name in flag_columns("junk")])
+        self.junk = self._any(flag_columns("junk"))
         self.kept = ~table["dup_of"].is_valid().to_numpy(zero_copy_only=False)
-        self.suspected = np.logical_or.reduce([_filled(table[name], False) for name in flag_columns("mislabel")])
+        self.suspected = self._any(flag_columns("mislabel"))
         self.quality = _floats(table["label_quality"])
         self.sparseness = _floats(table["sparseness"])
         self.labelled = table["label"].is_valid().to_numpy(zero_copy_only=False)
         self.cluster = _floats(table["cluster"])
         self.previous = previous or {}  # the previous published run's selections, by name
+
+    def _any(self, columns) -> np.ndarray:
+        """Rows where any of these flag columns is true (a flag a table lacks is false)."""
+        out = np.zeros(self.table.num_rows, bool)
+        for name in columns:
+            if name in self.table.column_names:
+                out |= _filled(self.table[name], False)
+        return out
 
     @property
     def df(self) -> pd.DataFrame:
@@ -247,7 +256,9 @@ class LabelReview:
     name = "label_review"
 
     def eligible(self, view, sel):
-        return view.ok & view.labelled & view.kept & np.isfinite(view.quality)
+        # A corrected label comes back for review only when it is disputed (a mislabel-kind flag).
+        settled = corrected_mask(view.table) & ~view.suspected
+        return view.ok & view.labelled & view.kept & np.isfinite(view.quality) & ~settled
 
     def rank(self, view, sel, rows):
         order = rows[np.argsort(view.quality[rows], kind="stable")]

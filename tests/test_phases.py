@@ -8,6 +8,7 @@ import os
 
 import numpy as np
 import pyarrow as pa
+import pyarrow.compute as pc
 import pyarrow.parquet as pq
 import pytest
 
@@ -499,3 +500,74 @@ def test_the_split_from_the_path_is_the_first_folder_under_the_images_root():
     samples = pa.table({"uri": ["/data/train/cat/1.jpg", "/data/val/2.jpg", "/data/3.jpg", "/other/x.jpg"]})
     assert split_values(samples, column=None, images_root="/data").to_pylist() == ["train", "val", None, None]
     assert split_values(samples, column="split", images_root=None) is None
+
+
+def test_label_corrections_are_applied_kept_and_a_wrong_one_is_disputed(tmp_path):
+    """Night 1 flags planted flips; the annotators' answers (a CSV) correct four of them, tie on
+    the fifth, name an unknown item, and "correct" a clean item to a wrong class. Night 2 applies
+    the majority answers; night 3 keeps them without the file."""
+    from curation.job import run_job
+
+    rng = np.random.default_rng(12)
+    centers = rng.normal(size=(3, 16)) * 3
+    x = np.concatenate([c + 0.3 * rng.normal(size=(100, 16)) for c in centers]).astype(np.float32)
+    truth = ["abc"[i // 100] for i in range(300)]
+    labels = list(truth)
+    flips = [3, 13, 23, 33, 43]
+    for i in flips:
+        labels[i] = "b"
+    uris = [f"s3://lake/{i}.jpg" for i in range(300)]
+    pq.write_table(pa.table({"uri": uris, "label": labels,
+                             "embedding": pa.FixedSizeListArray.from_arrays(pa.array(x.ravel()), 16)}),
+                   tmp_path / "emb.parquet")
+    data = {"input": {"embeddings": str(tmp_path / "emb.parquet")}, "report": {"map_method": "pca"},
+            "output": {"uri": str(tmp_path / "out")},
+            "selections": [{"name": "label_review", "mode": "label_review", "budget": 300}]}
+    first = run_job(load_config(data=data))
+    review = lambda run: set(pq.read_table(os.path.join(run.run_uri, "selections", "label_review.parquet"))
+                             .filter(pc.field("score") < 0.3)["uri"].to_pylist())  # noqa: E731
+    assert {uris[i] for i in flips} <= review(first)
+    answers = [(uris[i], "a") for i in flips[:4] for _ in range(2)]  # two annotators agree
+    answers += [(uris[flips[4]], "a"), (uris[flips[4]], "b")]  # a tie: not applied
+    answers += [("s3://lake/missing.jpg", "a"), (uris[150], "c"), (uris[150], "c")]  # unknown; a wrong one
+    (tmp_path / "answers.csv").write_text("uri,label\n" + "".join(f"{u},{lab}\n" for u, lab in answers))
+    data["input"]["label_corrections"] = str(tmp_path / "answers.csv")
+    second = run_job(load_config(data=data))
+    rows = {r["uri"]: r for r in second.samples.to_pylist()}
+    for i in flips[:4]:
+        assert (rows[uris[i]]["label"], rows[uris[i]]["label_source"], rows[uris[i]]["given_label"]) == (
+            "a", "corrected", "b")
+        assert not rows[uris[i]]["is_suspected_mislabel"] and not rows[uris[i]]["is_disputed"]
+    assert rows[uris[flips[4]]]["label_source"] == "given" and rows[uris[0]]["label_source"] == "given"
+    wrong = rows[uris[150]]
+    assert wrong["label"] == "c" and wrong["is_disputed"] and wrong["suggested_label"] == "b"
+    assert "disputed correction: given 'b', corrected to 'c', the label models suggest 'b'" in wrong["reason"]
+    listed = set(pq.read_table(os.path.join(second.run_uri, "selections", "label_review.parquet"))["uri"].to_pylist())
+    assert uris[150] in listed and not {uris[i] for i in flips[:4]} & listed
+    counts = second.run_info["corrections"]
+    assert (counts["applied"], counts["new"], counts["unknown_uri"], counts["conflicting"]) == (5, 5, 1, 1)
+
+    del data["input"]["label_corrections"]  # night 3: the corrections live on with the runs
+    third = run_job(load_config(data=data))
+    assert third.run_info["corrections"]["applied"] == 5 and third.run_info["corrections"]["kept_from_previous_runs"] == 5
+    assert {r["uri"]: r["label"] for r in third.samples.to_pylist()}[uris[3]] == "a"
+
+
+def test_a_label_studio_export_is_read_as_one_answer_per_annotation(tmp_path):
+    from curation.corrections import majority, read_answers
+    from curation.io.filesystem import resolve
+
+    export = [
+        {"data": {"uri": "s3://b/1.jpg", "image": "s3://b/1.jpg"}, "annotations": [
+            {"result": [{"from_name": "label", "to_name": "image", "type": "choices", "value": {"choices": ["cat"]}}]},
+            {"result": [{"type": "choices", "value": {"choices": ["cat"]}}]},
+            {"was_cancelled": True, "result": [{"type": "choices", "value": {"choices": ["dog"]}}]}]},
+        {"data": {"uri": "s3://b/2.jpg"}, "annotations": [
+            {"result": [{"type": "choices", "value": {"choices": ["cat"]}}]},
+            {"result": [{"type": "choices", "value": {"choices": ["dog"]}}]}]},
+        {"data": {"uri": "s3://b/3.jpg"}, "annotations": [{"result": []}]},
+    ]
+    (tmp_path / "export.json").write_text(json.dumps(export))
+    answers = read_answers(resolve(str(tmp_path / "export.json")))
+    assert answers == {"s3://b/1.jpg": ["cat", "cat"], "s3://b/2.jpg": ["cat", "dog"]}
+    assert majority(answers) == ({"s3://b/1.jpg": "cat"}, ["s3://b/2.jpg"])

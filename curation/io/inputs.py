@@ -29,7 +29,8 @@ def check_inputs(config: Config, resolver: Resolver) -> None:
     """Fail fast (before Ray starts) when an input URI is unreachable or of the wrong kind."""
     inp = config.input
     checks = [("input.images", inp.images, "dir"), ("input.manifest", inp.manifest, "file"),
-              ("input.labels", inp.labels, "file"), ("input.embeddings", inp.embeddings, "any")]
+              ("input.labels", inp.labels, "file"), ("input.embeddings", inp.embeddings, "any"),
+              ("input.label_corrections", inp.label_corrections, "file")]
     for key, uri, want in checks:
         if not uri:
             continue

@@ -61,13 +61,19 @@ def _rows(samples: pa.Table, rows: np.ndarray) -> list[dict]:
     return samples.take(pa.array(rows, pa.int64())).to_pylist()
 
 
-def mislabel_gallery(samples: pa.Table, size: int) -> Gallery:
-    (mislabel,) = [f for f in scores.FLAGS if f.kind == "mislabel"]
+def mislabel_galleries(samples: pa.Table, size: int) -> list[Gallery]:
+    """One gallery per declared label flag (suspected mislabels, disputed corrections)."""
+    return [mislabel_gallery(samples, size, declared) for declared in scores.FLAGS if declared.kind == "mislabel"]
+
+
+def mislabel_gallery(samples: pa.Table, size: int, mislabel=None) -> Gallery:
+    mislabel = mislabel or next(f for f in scores.FLAGS if f.kind == "mislabel")
     rows = np.flatnonzero(flag(samples, mislabel.column))
     shown = _ordered(samples, rows, mislabel.order_by, mislabel.ascending)[:size]
     items = [GalleryItem(r["uri"], [f"{r['label']} \u2192 {r['suggested_label']}",
                                     f"label quality {_fmt(r['label_quality'])}"]) for r in _rows(samples, shown)]
-    return Gallery("mislabels", mislabel.title, "given label \u2192 suggested label, lowest label quality first",
+    key = "mislabels" if mislabel.column == "is_suspected_mislabel" else mislabel.column.removeprefix("is_")
+    return Gallery(key, mislabel.title, "label \u2192 suggested label, lowest label quality first",
                    [items], len(rows))
 
 
@@ -151,7 +157,7 @@ def choose_galleries(samples: pa.Table, selections: dict[str, pa.Table], modes: 
     """Every gallery of the page, in page order; empty ones are dropped."""
     if size <= 0:
         return []
-    galleries = [mislabel_gallery(samples, size), *edge_case_galleries(samples, selections, modes, size),
+    galleries = [*mislabel_galleries(samples, size), *edge_case_galleries(samples, selections, modes, size),
                  duplicate_gallery(samples, size), leakage_gallery(leakage, size), *junk_galleries(samples, size),
                  rejected_gallery(samples, size)]
     return [g for g in galleries if g.total]

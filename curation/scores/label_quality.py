@@ -42,6 +42,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
+from curation.corrections import corrected_mask
 from curation.scores.base import REASON_COLUMN, Flag, ScoreContext, count_true, masked
 from curation.scores.label_probe import probe_probabilities
 
@@ -88,8 +89,10 @@ def _probe_block(top_classes: np.ndarray, top_p: np.ndarray, prior: np.ndarray, 
 class LabelQualityScore:
     name = "label_quality"
     flags = (Flag("is_suspected_mislabel", "mislabel", "Suspected mislabels", "label_quality", True,
-                  ("label_quality_threshold", "mislabel_min_confidence", "rare_tail_quantile")),)
-    columns = ("label_quality", "suggested_label", "suggested_confidence", "is_suspected_mislabel")
+                  ("label_quality_threshold", "mislabel_min_confidence", "rare_tail_quantile")),
+             Flag("is_disputed", "mislabel", "Disputed corrections", "label_quality", True,
+                  ("dispute_min_confidence",)))
+    columns = ("label_quality", "suggested_label", "suggested_confidence", "is_suspected_mislabel", "is_disputed")
 
     def compute(self, ctx: ScoreContext) -> pa.Table:
         n = ctx.n
@@ -116,19 +119,29 @@ class LabelQualityScore:
         # not a suspected mislabel (its label_quality is still reported).
         rare = np.nan_to_num(ctx.column("sparseness").astype(np.float64), nan=1.0) > ctx.config.rare_tail_quantile
         confident = confidence_all >= ctx.config.mislabel_min_confidence
+        disagree = (suggested_code >= 0) & (suggested_code != codes_all)
+        # An annotator's correction is not second-guessed like a given label: it is disputed only
+        # when the label models are sure of another label.
+        corrected = corrected_mask(ctx.columns.table) if "label_source" in ctx.columns else np.zeros(n, bool)
         suspected = (has_quality & ~rare & confident & (quality < ctx.config.label_quality_threshold)
-                     & (suggested_code >= 0) & (suggested_code != codes_all))
+                     & disagree & ~corrected)
+        disputed = corrected & disagree & (confidence_all >= ctx.config.dispute_min_confidence)
         suggested = pa.DictionaryArray.from_arrays(pa.array(suggested_code, pa.int32(), mask=suggested_code < 0),
                                                    encoded.dictionary).cast(pa.string())
         reasons = np.empty(n, dtype=object)
         for i in np.flatnonzero(suspected):
             reasons[i] = (f"suspected mislabel: labelled {classes[codes_all[i]]!r}, the label models suggest "
                           f"{classes[suggested_code[i]]!r} (label quality {quality[i]:.2f})")
+        given = ctx.columns.arrow("given_label").to_pylist() if "given_label" in ctx.columns else [None] * n
+        for i in np.flatnonzero(disputed):
+            reasons[i] = (f"disputed correction: given {given[i]!r}, corrected to {classes[codes_all[i]]!r}, the "
+                          f"label models suggest {classes[suggested_code[i]]!r} (confidence {confidence_all[i]:.2f})")
         return pa.table({
             "label_quality": masked(quality, has_quality, pa.float32()),
             "suggested_label": suggested,
             "suggested_confidence": masked(confidence_all.astype(np.float32), suggested_code >= 0, pa.float32()),
             "is_suspected_mislabel": suspected,
+            "is_disputed": disputed,
             REASON_COLUMN: pa.array(reasons, pa.string()),
         }).replace_schema_metadata({"label_models": json.dumps(info)})  # for summary()
 
