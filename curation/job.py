@@ -42,6 +42,9 @@ from curation.session import check_cluster, needs_ray, ray_session, run_tasks
 log = logging.getLogger(__name__)
 
 
+DIFF_CORRECTIONS_LISTED = 1000  # corrections listed one by one in run.json's diff (all are in corrections.parquet)
+
+
 class PublishConflict(RuntimeError):
     """``latest`` changed while this run ran: another run published first (compare-and-swap)."""
 
@@ -480,6 +483,10 @@ def _write_outputs(plan: Plan, config: Config, info: RunInfo, samples: pa.Table,
         store, info.corrections = scored.corrections
         if store.num_rows:
             outputs.write_table(run.child("corrections.parquet"), store)
+        new = store.filter(pc.equal(store["run_id"], plan.run_id)).select(["uri", "given_label", "label"])
+        if new.num_rows and info.diff is not None:  # the nightly diff lists the corrections first applied tonight
+            info.diff["corrections"] = {"new": new.num_rows,
+                                        "listed": new.slice(0, DIFF_CORRECTIONS_LISTED).to_pylist()}
     if scored.leakage is not None:
         outputs.write_table(run.child("leakage.parquet"), scored.leakage[0])
         info.leakage = scored.leakage[1]

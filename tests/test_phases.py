@@ -546,6 +546,9 @@ def test_label_corrections_are_applied_kept_and_a_wrong_one_is_disputed(tmp_path
     assert uris[150] in listed and not {uris[i] for i in flips[:4]} & listed
     counts = second.run_info["corrections"]
     assert (counts["applied"], counts["new"], counts["unknown_uri"], counts["conflicting"]) == (5, 5, 1, 1)
+    listed_in_diff = second.run_info["diff"]["corrections"]
+    assert listed_in_diff["new"] == len(listed_in_diff["listed"]) == 5
+    assert {"uri": uris[150], "given_label": "b", "label": "c"} in listed_in_diff["listed"]
 
     del data["input"]["label_corrections"]  # night 3: the corrections live on with the runs
     third = run_job(load_config(data=data))
