@@ -7,8 +7,9 @@ held-out items. Typicality is what the job uses (1 - the kNN outlier score, k = 
 rank-normalised); uncertainty is 1 - the top probability of a logistic probe fitted on the
 labelled items (the job's `suggested_confidence` also mixes in the neighbour vote).
 
-Sets: CIFAR-10 test photos with the trained encoder (``models/cifar10_cnn.pt``, 128-d) and
-MNIST test digits (PCA-64 of the pixels). Reported: mean accuracy per rule and budget, and the
+Sets: CIFAR-10 test photos with the trained encoder (``models/cifar10_cnn.pt``, 128-d; ``cifar``)
+and with the offline ``thumbnail`` embedder (``cifar-thumbnail``), and MNIST test digits (PCA-64
+of the pixels; ``mnist``). Reported: mean accuracy per rule and budget, and the
 paired difference from random with a 95% t-interval.
 
     python benchmarks/active_learning.py --seeds 20 --out benchmarks/results/active_learning.json
@@ -50,8 +51,7 @@ def mnist_features():
     return unit(PCA(64, random_state=0).fit_transform(images)), labels
 
 
-def cifar_features():
-    import torch
+def cifar_images():
     from PIL import Image
 
     images, labels = [], []
@@ -60,7 +60,21 @@ def cifar_features():
             images.append(np.asarray(Image.open(io.BytesIO(tar.extractfile(m).read())).convert("RGB")))
             labels.append(m.name.split("/")[-2])
     classes = sorted(set(labels))
-    y = np.array([classes.index(c) for c in labels], np.int64)
+    return images, np.array([classes.index(c) for c in labels], np.int64)
+
+
+def cifar_thumbnail_features():
+    """The offline default embedder (`thumbnail`: layout and colour, no semantics) on the same photos."""
+    from curation.stages.embed import EmbedStage
+
+    images, y = cifar_images()
+    return unit(EmbedStage(model="thumbnail", weights="none", image_size=32, device="cpu").embed(np.stack(images))), y
+
+
+def cifar_features():
+    import torch
+
+    images, y = cifar_images()
     model = torch.jit.load(os.path.join(ROOT, "benchmarks", "models", "cifar10_cnn.pt"), map_location="cpu")
     model.eval()
     mean = torch.tensor([0.485, 0.456, 0.406]).view(1, 3, 1, 1)
@@ -162,7 +176,7 @@ def main() -> None:
     report = {}
     for name in args.sets.split(","):
         t = time.perf_counter()
-        x, y = cifar_features() if name == "cifar" else mnist_features()
+        x, y = {"cifar": cifar_features, "cifar-thumbnail": cifar_thumbnail_features, "mnist": mnist_features}[name]()
         results = [one_seed(x, y, seed, rules) for seed in range(args.seeds)]
         table = summarise(results, rules)
         report[name] = {"items": len(x), "seeds": args.seeds, "rows": table, "seconds": round(time.perf_counter() - t, 1)}

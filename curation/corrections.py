@@ -84,51 +84,62 @@ def majority(answers: dict[str, list[str]]) -> tuple[dict[str, str], list[str]]:
 def apply_corrections(samples: pa.Table, *, stored: pa.Table | None, answers: dict[str, list[str]] | None,
                       run_id: str) -> tuple[pa.Table, pa.Table, dict]:
     """``samples`` with the corrections applied (``label``, ``label_source``, ``given_label``),
-    the corrections to keep with this run, and the ``run.json`` summary."""
-    uris = samples["uri"].to_pylist()
-    index = {u: i for i, u in enumerate(uris)}
-    fingerprints = (samples["fingerprint"].to_pylist() if "fingerprint" in samples.column_names
-                    else [None] * samples.num_rows)
-    given = samples["label"].to_pylist()
+    the corrections to keep with this run, and the ``run.json`` summary. Only the corrected
+    items are visited one by one; every other row is handled by Arrow, in bulk."""
+    import pyarrow.compute as pc
+
+    n = samples.num_rows
+    stored_rows = stored.to_pylist() if stored is not None else []
+    decided, conflicting = majority(answers or {})
+    wanted = list(dict.fromkeys([r["uri"] for r in stored_rows] + list(decided)))
+    at = pc.index_in(pa.array(wanted, pa.string()), value_set=samples["uri"].combine_chunks().cast(pa.string()))
+    position = dict(zip(wanted, at.to_pylist()))
+    take = pa.array([p for p in position.values() if p is not None], pa.int64())
+    found = [u for u, p in position.items() if p is not None]
+    fingerprint = dict(zip(found, (samples["fingerprint"].take(take).to_pylist() if "fingerprint" in samples.column_names
+                                   else [None] * len(found))))
+    given = dict(zip(found, samples["label"].take(take).to_pylist()))
     keep: dict[str, dict] = {}
     stale = 0
-    for row in (stored.to_pylist() if stored is not None else []):
-        i = index.get(row["uri"])
-        if i is None:
+    for row in stored_rows:
+        if position.get(row["uri"]) is None:
             continue  # the item is gone
-        if row["fingerprint"] is not None and row["fingerprint"] != fingerprints[i]:
+        if row["fingerprint"] is not None and row["fingerprint"] != fingerprint[row["uri"]]:
             stale += 1  # its file changed since it was corrected
             continue
         keep[row["uri"]] = row
-    decided, conflicting = majority(answers or {})
-    unknown = [u for u in decided if u not in index]
+    unknown = [u for u in decided if position.get(u) is None]
     for uri, label in decided.items():
-        i = index.get(uri)
-        if i is not None:  # newer than anything stored
-            keep[uri] = {"uri": uri, "fingerprint": fingerprints[i], "label": label, "given_label": given[i],
+        if position.get(uri) is not None:  # newer than anything stored
+            keep[uri] = {"uri": uri, "fingerprint": fingerprint[uri], "label": label, "given_label": given[uri],
                          "run_id": run_id}
-    labels = list(given)
-    source = [SOURCE_GIVEN if g is not None else None for g in given]
-    given_out: list[str | None] = [None] * len(given)
-    for uri, row in keep.items():
-        i = index[uri]
-        given_out[i] = row["given_label"]
-        labels[i], source[i] = row["label"], SOURCE_CORRECTED
-    out = samples.set_column(samples.column_names.index("label"), "label", pa.array(labels, pa.string()))
-    for name, values in (("label_source", source), ("given_label", given_out)):
-        column = pa.array(values, pa.string())
+    # Row -> its correction (index into the kept list), or len(kept) for no correction.
+    kept = list(keep.values())
+    slot = np.full(n, len(kept), np.int64)
+    slot[[position[r["uri"]] for r in kept]] = np.arange(len(kept))
+    corrected = pa.array(slot < len(kept))
+    slot_array = pa.array(slot)
+    label = pc.if_else(corrected, pa.array([r["label"] for r in kept] + [None], pa.string()).take(slot_array),
+                       samples["label"].cast(pa.string()))
+    source = pc.if_else(corrected, pa.scalar(SOURCE_CORRECTED),
+                        pc.if_else(pc.is_valid(samples["label"]), pa.scalar(SOURCE_GIVEN), pa.scalar(None, pa.string())))
+    given_label = pa.array([r["given_label"] for r in kept] + [None], pa.string()).take(slot_array)
+    out = samples.set_column(samples.column_names.index("label"), "label", label)
+    for name, column in (("label_source", source), ("given_label", given_label)):
         out = (out.set_column(out.column_names.index(name), name, column) if name in out.column_names
                else out.append_column(name, column))
-    store = pa.Table.from_pylist(list(keep.values()), schema=STORE_SCHEMA) if keep else STORE_SCHEMA.empty_table()
-    summary = {"applied": int(sum(1 for s in source if s == SOURCE_CORRECTED)),
-               "new": int(len([u for u in decided if u in index])), "kept_from_previous_runs":
-               int(sum(1 for u, r in keep.items() if r["run_id"] != run_id)),
+    store = pa.Table.from_pylist(kept, schema=STORE_SCHEMA) if kept else STORE_SCHEMA.empty_table()
+    summary = {"applied": len(kept), "new": len(decided) - len(unknown),
+               "kept_from_previous_runs": sum(1 for r in kept if r["run_id"] != run_id),
                "unknown_uri": len(unknown), "conflicting": len(conflicting), "stale": stale,
-               "changed_label": int(sum(1 for u, r in keep.items() if r["label"] != r["given_label"]))}
+               "changed_label": sum(1 for r in kept if r["label"] != r["given_label"])}
     return out, store, summary
 
 
 def corrected_mask(samples: pa.Table) -> np.ndarray:
+    """Rows whose label is an annotator's correction."""
+    import pyarrow.compute as pc
+
     if "label_source" not in samples.column_names:
         return np.zeros(samples.num_rows, bool)
-    return np.array([s == SOURCE_CORRECTED for s in samples["label_source"].to_pylist()], bool)
+    return pc.fill_null(pc.equal(samples["label_source"], SOURCE_CORRECTED), False).to_numpy(zero_copy_only=False)

@@ -80,23 +80,16 @@ def _coverage(x, labelled, candidates, budget):
     """Greedy k-center over the candidates, the labelled items already centres."""
     import faiss
 
+    from curation.select import farthest_first
+
     xc = np.ascontiguousarray(x[candidates], np.float32)
     if labelled.any():
         index = faiss.IndexFlatIP(x.shape[1])
         index.add(np.ascontiguousarray(x[labelled], np.float32))
         sims, _ = index.search(xc, 1)
-        nearest = 1.0 - sims[:, 0].astype(np.float64)
+        picked, gaps = farthest_first(xc, budget, nearest=1.0 - sims[:, 0])
     else:  # nothing labelled: start at the most central candidate
-        centre = xc.mean(axis=0)
-        nearest = np.full(len(xc), np.inf)
-        nearest[int(np.argmax(xc @ centre))] = np.finfo(np.float64).max
-    picked, gaps = [], []
-    for _ in range(budget):
-        j = int(np.argmax(nearest))
-        picked.append(j)
-        gaps.append(float(nearest[j]) if np.isfinite(nearest[j]) and nearest[j] < 2 else 2.0)
-        np.minimum(nearest, 1.0 - xc @ xc[j], out=nearest)
-        nearest[picked] = -np.inf
+        picked, gaps = farthest_first(xc, budget, start=int(np.argmax(xc @ xc.mean(axis=0))))
     rows = candidates[np.array(picked, np.int64)]
     return rows, np.array(gaps), [f"coverage: cosine distance {g:.3f} from everything labelled or picked"
                                   for g in gaps]

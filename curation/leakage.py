@@ -19,7 +19,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from curation.schema import is_ok, ok_rows_in_vector_order
+from curation.schema import is_ok, vector_id_of_rows
 
 LEAKAGE_SCHEMA = pa.schema([("uri_a", pa.string()), ("split_a", pa.string()), ("uri_b", pa.string()),
                             ("split_b", pa.string()), ("kind", pa.string()), ("similarity", pa.float32())])
@@ -53,8 +53,16 @@ def find_leaks(samples: pa.Table, split: pa.Array, space) -> tuple[pa.Table, dic
     """
     ok = is_ok(samples["status"])
     groups = samples["dup_group"].to_numpy(zero_copy_only=False).astype(np.float64)
-    splits = np.array(split.to_pylist(), dtype=object)
-    usable = ok & np.isfinite(groups) & np.array([s is not None for s in splits])
+    # Splits as codes in the order of their names (no Python string per row).
+    encoded = pc.dictionary_encode(split)
+    names = np.array(encoded.dictionary.to_pylist(), dtype=object)
+    order = np.argsort(names.astype(str), kind="stable")
+    rank = np.empty(len(order), np.int64)
+    rank[order] = np.arange(len(order))
+    raw = np.nan_to_num(encoded.indices.to_numpy(zero_copy_only=False).astype(np.float64), nan=-1).astype(np.int64)
+    splits = np.where(raw >= 0, rank[np.maximum(raw, 0)], -1) if len(names) else raw
+    names = names[order]
+    usable = ok & np.isfinite(groups) & (splits >= 0)
     rows = np.flatnonzero(usable)
     rows = rows[np.argsort(groups[rows], kind="stable")]
     pairs_a, pairs_b = [], []
@@ -70,25 +78,29 @@ def find_leaks(samples: pa.Table, split: pa.Array, space) -> tuple[pa.Table, dic
                     count += 1
     a = np.array(pairs_a, np.int64)
     b = np.array(pairs_b, np.int64)
-    swap = np.array([str(splits[x]) > str(splits[y]) for x, y in zip(a, b)], bool)
+    swap = splits[a] > splits[b]
     a, b = np.where(swap, b, a), np.where(swap, a, b)
-    table = _pair_table(samples, splits, a, b, space)
-    return table, _summary(table, splits[ok])
+    table = _pair_table(samples, names, splits, a, b, space)
+    sizes = np.bincount(splits[ok & (splits >= 0)], minlength=len(names))
+    return table, _summary(table, {str(s): int(c) for s, c in zip(names, sizes) if c})
 
 
-def _pair_table(samples, splits, a, b, space) -> pa.Table:
+def _pair_table(samples, names, splits, a, b, space) -> pa.Table:
     if len(a) == 0:
         return LEAKAGE_SCHEMA.empty_table()
     uri = samples["uri"]
-    content = samples["content_hash"].to_pylist() if "content_hash" in samples.column_names else None
-    pixel = samples["pixel_hash"].to_pylist() if "pixel_hash" in samples.column_names else None
-    kinds = samples["dup_kind"].to_pylist()
-    exact = np.array([bool(content and content[x] is not None and content[x] == content[y])
-                      or bool(pixel and pixel[x] is not None and pixel[x] == pixel[y]) for x, y in zip(a, b)])
-    kind = [("exact" if e else (kinds[x] if kinds[x] not in (None, "exact") else kinds[y]) or "near")
-            for e, x, y in zip(exact, a, b)]
-    vector_of_row = np.full(samples.num_rows, -1, np.int64)
-    vector_of_row[ok_rows_in_vector_order(samples)] = np.arange(int(is_ok(samples["status"]).sum()))
+
+    def pairs_of(column):  # the column's values at both ends of every pair
+        if column not in samples.column_names:
+            return [None] * len(a), [None] * len(a)
+        return samples[column].take(pa.array(a)).to_pylist(), samples[column].take(pa.array(b)).to_pylist()
+
+    content, pixel, kinds = pairs_of("content_hash"), pairs_of("pixel_hash"), pairs_of("dup_kind")
+    exact = np.array([(c is not None and c == d) or (p is not None and p == q)
+                      for c, d, p, q in zip(*content, *pixel)], bool)
+    kind = [("exact" if e else (ka if ka not in (None, "exact") else kb) or "near")
+            for e, ka, kb in zip(exact, *kinds)]
+    vector_of_row = vector_id_of_rows(samples)
     similarity = np.ones(len(a), np.float32)
     if space is not None and (~exact).any():
         ends, inverse = np.unique(np.concatenate([a[~exact], b[~exact]]), return_inverse=True)
@@ -96,13 +108,15 @@ def _pair_table(samples, splits, a, b, space) -> pa.Table:
         x /= np.maximum(np.linalg.norm(x, axis=1, keepdims=True), 1e-12)
         half = int((~exact).sum())
         similarity[~exact] = np.einsum("ij,ij->i", x[inverse[:half]], x[inverse[half:]])
-    return pa.table({"uri_a": uri.take(pa.array(a)).cast(pa.string()), "split_a": pa.array(splits[a].tolist(), pa.string()),
-                     "uri_b": uri.take(pa.array(b)).cast(pa.string()), "split_b": pa.array(splits[b].tolist(), pa.string()),
+    return pa.table({"uri_a": uri.take(pa.array(a)).cast(pa.string()),
+                     "split_a": pa.array([str(s) for s in names[splits[a]]], pa.string()),
+                     "uri_b": uri.take(pa.array(b)).cast(pa.string()),
+                     "split_b": pa.array([str(s) for s in names[splits[b]]], pa.string()),
                      "kind": pa.array(kind, pa.string()), "similarity": pa.array(similarity, pa.float32())},
                     schema=LEAKAGE_SCHEMA)
 
 
-def _summary(table: pa.Table, ok_splits: np.ndarray) -> dict:
+def _summary(table: pa.Table, sizes: dict[str, int]) -> dict:
     pairs: dict[str, int] = {}
     for sa, sb in zip(table["split_a"].to_pylist(), table["split_b"].to_pylist()):
         pairs[f"{sa}|{sb}"] = pairs.get(f"{sa}|{sb}", 0) + 1
@@ -110,7 +124,6 @@ def _summary(table: pa.Table, ok_splits: np.ndarray) -> dict:
     for side in ("a", "b"):
         for s, u in zip(table[f"split_{side}"].to_pylist(), table[f"uri_{side}"].to_pylist()):
             leaked.setdefault(s, set()).add(u)
-    sizes = {str(s): int(n) for s, n in zip(*np.unique([str(s) for s in ok_splits if s is not None], return_counts=True))}
     return {"pairs": int(table.num_rows), "pairs_by_splits": pairs,
             "share_with_a_copy_elsewhere": {s: round(len(leaked.get(s, ())) / n, 4) for s, n in sizes.items()},
             "items_per_split": sizes}

@@ -92,6 +92,15 @@ def is_ok(status) -> np.ndarray:
     return np.asarray(status == STATUS_OK, bool)
 
 
+def vector_id_of_rows(samples: pa.Table) -> np.ndarray:
+    """Each row's position among the stored vectors (-1 for a rejected row): the inverse of
+    :func:`ok_rows_in_vector_order`."""
+    out = np.full(samples.num_rows, -1, np.int64)
+    rows = ok_rows_in_vector_order(samples)
+    out[rows] = np.arange(len(rows))
+    return out
+
+
 def ok_rows_in_vector_order(samples: pa.Table) -> np.ndarray:
     """Row numbers of the ok items ordered by ``vector_id`` (their position among the stored
     vectors, which is also their id in the kNN graph)."""

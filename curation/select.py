@@ -57,7 +57,7 @@ import pyarrow.compute as pc
 from curation.config import ConfigError, ScoresConfig, SelectionConfig, parse_class_balance
 from curation.corrections import corrected_mask
 from curation.index.source import as_source
-from curation.schema import SELECTION_SCHEMA, is_ok, ok_rows_in_vector_order
+from curation.schema import SELECTION_SCHEMA, is_ok, ok_rows_in_vector_order, vector_id_of_rows
 from curation.scores import flag_columns
 
 log = logging.getLogger(__name__)
@@ -174,8 +174,7 @@ class SampleView:
         self.scores = scores
         self.vectors = as_source(vectors)
         self.ok = is_ok(samples["status"])
-        self.vector_of_row = np.full(samples.num_rows, -1, np.int64)
-        self.vector_of_row[ok_rows_in_vector_order(samples)] = np.arange(int(self.ok.sum()))
+        self.vector_of_row = vector_id_of_rows(samples)
         table = self.table
         self.junk = self._any(flag_columns("junk"))
         self.kept = ~table["dup_of"].is_valid().to_numpy(zero_copy_only=False)
@@ -310,11 +309,12 @@ class ToLabel:
         from curation.labelling import rank_for_labelling
 
         budget = sel.budget or len(rows)
-        pending = self._pending(view, sel, rows)[:budget]
+        pending, ranks = previous_members(view, sel, rows)
+        pending, ranks = pending[:budget], ranks[:budget]
+        head = [f"pending from the previous run (its rank {r}): still unlabelled" for r in ranks]
         rest = np.setdiff1d(rows, pending)
         if len(rest) == 0 or len(pending) >= budget:  # nothing new to rank: no vector is fetched
-            return Ranked(pending, np.ones(len(pending)), self._pending_reasons(view, sel, pending),
-                          pending=len(pending))
+            return Ranked(pending, np.ones(len(pending)), head, pending=len(pending))
         rng = np.random.default_rng(SEED)
         if len(rest) > self.MAX_CANDIDATES:
             rest = np.sort(rng.choice(rest, self.MAX_CANDIDATES, replace=False))
@@ -340,31 +340,25 @@ class ToLabel:
             order = interleave_by(np.arange(len(new_rows)), codes[new_rows])
             new_rows, scores, reasons = new_rows[order], scores[order], [reasons[i] for i in order]
         return Ranked(np.concatenate([pending, new_rows]).astype(np.int64), np.concatenate([np.ones(len(pending)), scores]),
-                      self._pending_reasons(view, sel, pending) + list(reasons), pending=len(pending))
-
-    def _pending_reasons(self, view, sel, pending) -> list[str]:
-        previous = self._previous_ranks(view, sel)
-        return [f"pending from the previous run (its rank {previous[view.cell('uri', r)]}): still unlabelled"
-                for r in pending]
-
-    @staticmethod
-    def _previous_ranks(view, sel) -> dict[str, int]:
-        table = view.previous.get(sel.name)
-        if table is None or "uri" not in table.column_names or "rank" not in table.column_names:
-            return {}
-        return dict(zip(table["uri"].to_pylist(), table["rank"].to_pylist()))
-
-    def _pending(self, view, sel, rows) -> np.ndarray:
-        """Eligible rows the previous run's queue held, in its order."""
-        ranks = self._previous_ranks(view, sel)
-        if not ranks:
-            return np.zeros(0, np.int64)
-        uris = view.table["uri"].take(pa.array(rows, pa.int64())).to_pylist()
-        held = [(ranks[u], int(r)) for u, r in zip(uris, rows) if u in ranks]
-        return np.array([r for _, r in sorted(held)], np.int64)
+                      head + list(reasons), pending=len(pending))
 
     def reason(self, view, row, score):
         return "to label"
+
+
+def previous_members(view: SampleView, sel: SelectionConfig, rows: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """The ``rows`` that the previous published run's selection of this name held, in its rank
+    order, and their ranks there (matched by uri in Arrow: no Python string per row)."""
+    table = view.previous.get(sel.name)
+    if table is None or not {"uri", "rank"} <= set(table.column_names) or len(rows) == 0:
+        return np.zeros(0, np.int64), np.zeros(0, np.int64)
+    at = pc.index_in(view.table["uri"].take(pa.array(rows, pa.int64())).cast(pa.string()),
+                     value_set=table["uri"].combine_chunks().cast(pa.string()))
+    at = np.nan_to_num(at.to_numpy(zero_copy_only=False).astype(np.float64), nan=-1).astype(np.int64)
+    held = rows[at >= 0]
+    ranks = table["rank"].to_numpy()[at[at >= 0]].astype(np.int64)
+    order = np.argsort(ranks, kind="stable")
+    return held[order].astype(np.int64), ranks[order]
 
 
 class Validation:
@@ -381,13 +375,7 @@ class Validation:
         budget = min(budget, len(rows))
         labels, names = view.groups(sel.balance_on or "label", selection=sel.name)
         cluster = np.nan_to_num(view.cluster, nan=-1).astype(np.int64)
-        previous = ToLabel._previous_ranks(view, sel)
-        uris = view.table["uri"].take(pa.array(rows, pa.int64())).to_pylist()
-        kept = np.array([u in previous for u in uris], bool) if previous else np.zeros(len(rows), bool)
-        sticky = rows[kept]
-        if len(sticky) > budget:  # the budget shrank: keep the earliest-ranked members
-            sticky = np.array([r for _, r in sorted((previous[u], r) for u, r in zip(np.array(uris, object)[kept],
-                                                                                        sticky))][:budget], np.int64)
+        sticky = previous_members(view, sel, rows)[0][:budget]  # a shrunk budget keeps the earliest-ranked
         # Systematic sampling over the rows sorted by label, then cluster, then a random key: every
         # label's and every (label, cluster) cell's count is its share of the budget within one,
         # however many cells there are (a quota per cell would round most small cells to zero).
@@ -726,13 +714,21 @@ def check_selection_columns(selections: list[SelectionConfig], schema: pa.Schema
                 raise ConfigError(f"config key 'selections[{i}].where': {exc}") from None
 
 
-def farthest_first(x: np.ndarray, count: int, *, start: int) -> tuple[list[int], list[float]]:
+def farthest_first(x: np.ndarray, count: int, *, start: int | None = None,
+                   nearest: np.ndarray | None = None) -> tuple[list[int], list[float]]:
     """Greedy k-center over the rows of L2-normalised ``x``: each step takes the row farthest
-    (cosine distance) from everything taken so far. Returns the rows and, for each, its distance
-    to the nearest earlier pick at the time it was taken (the first gets its farthest row's distance)."""
-    nearest = 1.0 - x @ x[start]
-    chosen, gaps = [start], [float(nearest.max())]
-    nearest[start] = -1.0
+    (cosine distance) from everything taken so far. Seeded at the row ``start`` (the first pick
+    gets its farthest row's distance), or by centres outside ``x``: ``nearest`` is each row's
+    distance to the closest of them. Returns the rows and, for each, its distance to the nearest
+    earlier pick (or centre) at the time it was taken."""
+    if nearest is not None:
+        nearest = np.array(nearest, np.float64)
+        chosen, gaps = [], []
+        count += 1  # no pick is spent on a seed
+    else:
+        nearest = 1.0 - x @ x[start]
+        chosen, gaps = [start], [float(nearest.max())]
+        nearest[start] = -1.0
     for _ in range(count - 1):
         j = int(np.argmax(nearest))
         chosen.append(j)
