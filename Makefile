@@ -4,7 +4,7 @@ PYTHON ?= python3
 VENV ?= .venv
 STAMP := $(VENV)/.installed-dev
 
-.PHONY: demo test test-fast venv clean bench-venv browser
+.PHONY: demo test test-fast venv clean bench-venv browser label-studio
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -19,7 +19,7 @@ demo: $(STAMP)
 # Two worker processes, whole files each (a file's module fixtures -- one job run shared by its
 # tests -- stay in one process; groups in tests/conftest.py); each worker has its own local Ray
 # and S3 server.
-test: $(STAMP) browser
+test: $(STAMP) browser $(LS_STAMP)
 	$(VENV)/bin/python -m pytest -q -n 2 --dist loadgroup
 
 # The quick loop: everything but the `integration` tests (real Ray, the S3 server, subprocesses,
@@ -32,9 +32,26 @@ browser:
 	@command -v chromium >/dev/null 2>&1 || { (apt-get update -qq && apt-get install -y -qq chromium >/dev/null) \
 		|| echo "could not install chromium: the report's browser test will be skipped (and fails under CI)"; }
 
+# Label Studio for the review round-trip test, in its own virtualenv (it pins Django and boto
+# ranges that clash with ours). Its first-start database migrations (a minute or two) run here,
+# once, into a template data folder that each test server copies.
+LS_VENV ?= .venv-label-studio
+LS_STAMP := $(LS_VENV)/.installed
+LS_VERSION := 1.23.2
+
+$(LS_STAMP):
+	$(PYTHON) -m venv $(LS_VENV)
+	$(LS_VENV)/bin/pip install --quiet --disable-pip-version-check 'label-studio==$(LS_VERSION)'
+	rm -rf $(LS_VENV)/template
+	LATEST_VERSION_CHECK=false COLLECT_ANALYTICS=false $(LS_VENV)/bin/label-studio version \
+		--data-dir $(LS_VENV)/template >/dev/null
+	touch $(LS_STAMP)
+
+label-studio: $(LS_STAMP)
+
 # Extra packages for benchmarks/quality.py (cleanlab Datalab, CleanVision), into the same venv.
 bench-venv: $(STAMP)
 	$(VENV)/bin/pip install --quiet --disable-pip-version-check -e '.[dev,bench]'
 
 clean:
-	rm -rf $(VENV) demo-output .pytest_cache
+	rm -rf $(VENV) $(LS_VENV) demo-output .pytest_cache

@@ -1,5 +1,5 @@
-"""Command line: ``curation run --config CONFIG.yaml [--set key=value ...]`` and
-``curation demo [--out DIR]``.
+"""Command line: ``curation run --config CONFIG.yaml [--set key=value ...]``, ``curation export``,
+``curation similar`` and ``curation demo [--out DIR]``.
 
 Exit status: 0 when the run published (``_SUCCESS`` written); 2 for a bad config or an
 unreachable input (one line on stderr naming the key or URI and why, before any work); 1 when
@@ -39,6 +39,17 @@ def _parser() -> argparse.ArgumentParser:
     export.add_argument("--local-files-root", default=None,
                         help="Label Studio's LOCAL_FILES_DOCUMENT_ROOT, for runs over a local folder")
     export.add_argument("--quiet", action="store_true", help="only warnings and errors")
+    similar = sub.add_parser("similar", help="images like these, in a published run's saved vectors")
+    similar.add_argument("--run", required=True, help="a run URI, or an output URI (its latest run)")
+    query = similar.add_mutually_exclusive_group(required=True)
+    query.add_argument("--image", nargs="+", metavar="PATH_OR_URI", help="image files to search with")
+    query.add_argument("--uri", nargs="+", metavar="URI_IN_RUN", help="items of the run (their stored vectors)")
+    similar.add_argument("-k", type=int, default=20, help="hits per query (default 20)")
+    similar.add_argument("--space", default="embedding", choices=("embedding", "copy"),
+                         help="embedding (what it shows) or copy (how it looks: the copy descriptors)")
+    similar.add_argument("--where", default=None, help="filter the run's items first (a selection's where syntax)")
+    similar.add_argument("--out", default=None, help="also write the hits as Parquet here")
+    similar.add_argument("--quiet", action="store_true", help="only warnings and errors")
     demo = sub.add_parser("demo", help="make a demo data set with planted defects and curate it")
     demo.add_argument("--out", default="./demo-output", help="folder for data and outputs (default ./demo-output)")
     demo.add_argument("--n", type=int, default=2400, help="clean images to generate (default 2400)")
@@ -67,6 +78,8 @@ def main(argv: list[str] | None = None) -> int:
             return run_demo(out=args.out, n=args.n)
         if args.command == "export":
             return _export(args)
+        if args.command == "similar":
+            return _similar(args)
     except Exception as exc:
         return _failed(exc)
     try:
@@ -129,6 +142,24 @@ def _export(args) -> int:
         print(f"curation: error: {exc}", file=sys.stderr)
         return EXIT_CONFIG
     print(f"exported {done['tasks']} tasks from {done['run']}: {', '.join(done['files'])}")
+    return EXIT_OK
+
+
+def _similar(args) -> int:
+    from curation.io.filesystem import Resolver
+    from curation.similar import SimilarError, format_hits, similar, write_hits
+
+    resolver = Resolver()
+    try:
+        hits = similar(run=args.run, images=args.image, uris=args.uri, k=args.k, space=args.space,
+                       where=args.where, resolver=resolver)
+    except (SimilarError, ValueError) as exc:
+        print(f"curation: error: {exc}", file=sys.stderr)
+        return EXIT_CONFIG
+    print(format_hits(hits))
+    if args.out:
+        write_hits(hits, resolver.resolve(args.out))
+        print(f"{hits.num_rows} hits written to {args.out}")
     return EXIT_OK
 
 

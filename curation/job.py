@@ -336,12 +336,16 @@ def find_neighbours(ingested: Ingested, config: Config, plan: Plan) -> Neighbour
         raise NothingToPublish(f"no usable item: {ingested.samples.num_rows} inputs, all rejected "
                                f"(see the log for reasons); nothing published, latest unchanged")
     graph, info = knn_graph(ingested.vectors, config.knn, save_to=plan.run.child("index"))
+    if isinstance(ingested.vectors, VectorParts):
+        info["vectors"] = ingested.vectors.describe()
     log.info("kNN graph: %d vectors x %d, k=%d, %s", n_ok, ingested.vectors.dim, config.knn.k, info.get("method"))
     copy_graph = None
     if ingested.copies is not None:
         # Copy detection has its own graph, in the copy descriptor's space: whatever model
         # embeds the images, a copy is judged by how it looks (see scores/duplicates.py).
         copy_graph, copy_info = knn_graph(ingested.copies, config.knn, save_to=plan.run.child("index-copies"))
+        if isinstance(ingested.copies, VectorParts):
+            copy_info["vectors"] = ingested.copies.describe()
         info["copies"] = copy_info
         log.info("copy graph: %d descriptors, %s", n_ok, copy_info.get("method"))
     else:

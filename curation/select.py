@@ -686,17 +686,25 @@ def check_where_expression(expression: str) -> None:
             raise ValueError(f"{type(node).__name__} is not allowed")
 
 
-def evaluate_where(df: pd.DataFrame, sel: SelectionConfig) -> np.ndarray:
-    """``sel.where`` over ``df`` as a boolean mask; :class:`ConfigError` naming the key otherwise.
-    The expression is checked first (:func:`check_where_expression`) and sees only the columns."""
+def where_mask(df: pd.DataFrame, expression: str) -> np.ndarray:
+    """``expression`` over ``df`` as a boolean mask (``ValueError`` saying why not). The
+    expression is checked first (:func:`check_where_expression`) and sees only the columns."""
     try:
-        check_where_expression(sel.where)
-        mask = df.eval(sel.where, local_dict={}, global_dict={})
+        check_where_expression(expression)
+        mask = df.eval(expression, local_dict={}, global_dict={})
     except Exception as exc:
-        raise ConfigError(f"selection {sel.name!r} where: cannot evaluate {sel.where!r} ({exc})") from None
+        raise ValueError(f"cannot evaluate {expression!r} ({exc})") from None
     if not isinstance(mask, pd.Series) or not (mask.dtype == bool or str(mask.dtype).startswith("bool")):
-        raise ConfigError(f"selection {sel.name!r} where: {sel.where!r} is not a true/false condition")
+        raise ValueError(f"{expression!r} is not a true/false condition")
     return mask.to_numpy(bool)
+
+
+def evaluate_where(df: pd.DataFrame, sel: SelectionConfig) -> np.ndarray:
+    """``sel.where`` over ``df`` as a boolean mask; :class:`ConfigError` naming the selection otherwise."""
+    try:
+        return where_mask(df, sel.where)
+    except ValueError as exc:
+        raise ConfigError(f"selection {sel.name!r} where: {exc}") from None
 
 
 def check_selection_columns(selections: list[SelectionConfig], schema: pa.Schema) -> None:

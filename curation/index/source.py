@@ -45,6 +45,12 @@ class VectorParts:
     def rows(self) -> int:
         return sum(rows for _, _, rows in self.parts)
 
+    def describe(self) -> dict:
+        """Where the vectors are, for ``run.json`` (``knn.vectors``): readers of a published run
+        open these files in this order instead of listing a folder."""
+        return {"files": [location.uri for location, _, _ in self.parts], "column": self.column,
+                "rows": self.rows, "skips_rejected_rows": self.keep is not None}
+
     @property
     def dim(self) -> int:
         """Vector length, from the first file's schema (or its first vector)."""
