@@ -118,6 +118,12 @@ def test_s3_in_and_out_night_after_night(ray_local, s3, demo_set, caplog):
     samples = check_run_outputs(fs, "curation-e2e/curation", result.run_id,
                                 images_uri="s3://curation-e2e/raw/images", truth=truth, selection_names=SELECTIONS)
     assert all(u.startswith("s3://curation-e2e/raw/images/") for u in samples["uri"].to_pylist())
+    from curation.io.filesystem import Resolver
+    from curation.similar import similar
+
+    some = samples.filter(pa.compute.equal(samples["status"], "ok"))["uri"][0].as_py()
+    hits = similar(run="s3://curation-e2e/curation", uris=[some], k=3, space="copy", resolver=Resolver(config.storage))
+    assert hits.num_rows == 3 and some not in hits["uri"].to_pylist()
     _second_night(config, result)
     # Credentials never reach any output (run.json, report, Parquet, store, index, diff) nor the log.
     import pyarrow.fs as pafs
@@ -183,3 +189,46 @@ def _second_night(config, first):
     assert set(train[train.change == "removed"].uri) <= first_train
     assert "diff" not in first.run_info  # the first night has nothing to compare with
     return second
+
+
+def _knn_rows(run_uri: str) -> dict:
+    table = pq.read_table(os.path.join(run_uri, "knn"))
+    return {r["uri"]: r for r in table.to_pylist()}
+
+
+def test_similar_over_a_local_run_finds_copies_and_repeats_its_knn(local_run, capsys):
+    """`curation similar` on the exact-search run: a planted copy's best copy-space hit is its
+    original, an item's first knn.k hits are its knn/ row, an image file finds itself."""
+    from curation.cli import main
+    from curation.similar import RunSearch, similar
+
+    result, out, truth, root = local_run
+    images = os.path.join(root, "images")
+    copies = RunSearch(out, space="copy")
+    assert copies.method.startswith("exact")
+    for planted in truth["exact_duplicate"][:3] + truth["near_duplicate"][:5]:
+        hits = copies.by_uri([os.path.join(images, planted["item"])], k=3)
+        assert hits["uri"][0].as_py() == os.path.join(images, planted["of"]), planted
+    knn = _knn_rows(result.run_uri)
+    search = RunSearch(result.run_uri)
+    some = sorted(knn)[::40]
+    hits = search.by_uri(some, k=15)
+    for uri in some:
+        mine = hits.filter(pa.compute.equal(hits["query"], uri))
+        k = len(knn[uri]["neighbor_ids"])
+        by_id = {r["input_id"]: r["uri"] for r in knn.values()}
+        assert mine["uri"].to_pylist()[:k] == [by_id[i] for i in knn[uri]["neighbor_ids"]]
+        assert max(abs(a - b) for a, b in zip(mine["similarity"].to_pylist()[:k],
+                                               knn[uri]["neighbor_similarities"])) < 1e-5
+        assert uri not in mine["uri"].to_pylist()
+    # An image file, decoded and embedded as the run did, finds the item it is.
+    file = some[0]
+    found = similar(run=out, images=[file], k=1)
+    assert found["uri"][0].as_py() == file and found["similarity"][0].as_py() > 0.999
+    # --where filters first: every hit passes it, and k of them come back.
+    label = knn[file]["uri"].split("/")[-2]
+    assert main(["similar", "--run", out, "--uri", file, "-k", "5", "--where", f"label != '{label}'",
+                 "--out", os.path.join(out, "hits.parquet")]) == 0
+    written = pq.read_table(os.path.join(out, "hits.parquet"))
+    assert written.num_rows == 5 and label not in written["label"].to_pylist()
+    assert "rank" in capsys.readouterr().out
