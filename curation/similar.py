@@ -128,8 +128,12 @@ class RunSearch:
 
         self.shards: list = []
         self.exact = None
+        self._holds_vectors = False  # whether the shards give back the stored vectors exactly
         saved, shards = knn.get("saved_to"), int(knn.get("shards") or 0)
         if saved and shards:
+            sizes = knn.get("shard_sizes") or []
+            self._bounds = np.concatenate([[0], np.cumsum(sizes)]).astype(np.int64) if sizes else None
+            self._holds_vectors = self._bounds is not None and knn.get("codec") in ("flat", "pq-fastscan")
             folder = self.resolver.resolve(saved)
             refine = float((self.info.config.get("knn") or {}).get("refine_factor") or 16)
             for i in range(shards):
@@ -138,7 +142,10 @@ class RunSearch:
                     index.k_factor = refine
                 ivf = index.base_index if isinstance(index, faiss.IndexRefine) else index
                 try:
-                    faiss.extract_index_ivf(ivf).nprobe = int(knn.get("nprobe") or 1)
+                    lists = faiss.extract_index_ivf(ivf)
+                    lists.nprobe = int(knn.get("nprobe") or 1)
+                    if self._holds_vectors and isinstance(index, faiss.IndexIVF):
+                        lists.set_direct_map_type(faiss.DirectMap.Hashtable)  # reconstruct by id
                 except RuntimeError:
                     pass  # a flat shard has no lists
                 self.shards.append(index)
@@ -177,7 +184,18 @@ class RunSearch:
     def by_uri(self, uris: list[str], *, k: int = 20, where: str | None = None) -> pa.Table:
         """Hits for items of the run, by their stored vectors (the item itself excluded)."""
         ids = self.vector_ids_of(uris)
-        return self._hits(uris, self.vectors.take(ids), k, where, own=ids)
+        return self._hits(uris, self.stored_vectors(ids), k, where, own=ids)
+
+    def stored_vectors(self, ids: np.ndarray) -> np.ndarray:
+        """The vectors the run stored for ``ids``: from the loaded index when it holds them
+        exactly (no read from storage per query), else read from the vector files."""
+        ids = np.asarray(ids, np.int64)
+        if self.exact is not None:
+            return self.exact.reconstruct_batch(ids)
+        if self._holds_vectors:
+            shard = np.searchsorted(self._bounds, ids, side="right") - 1
+            return np.stack([self.shards[s].reconstruct(int(i)) for s, i in zip(shard, ids)]).astype(np.float32)
+        return self.vectors.take(ids)
 
     def by_image(self, images: list[str], *, k: int = 20, where: str | None = None) -> pa.Table:
         """Hits for image files (local paths or URIs), embedded as the run embedded its items."""
@@ -255,10 +273,7 @@ class RunSearch:
         if len(allowed) == 0:
             return np.full((len(x), 0), -np.inf, np.float32), np.full((len(x), 0), -1, np.int64)
         if len(allowed) <= EXACT_FILTER_MAX:
-            if self.exact is not None:
-                base = self.exact.reconstruct_batch(allowed)
-            else:
-                base = self.vectors.take(allowed)
+            base = self.exact.reconstruct_batch(allowed) if self.exact is not None else self.vectors.take(allowed)
             index = faiss.IndexFlatIP(base.shape[1])
             index.add(np.ascontiguousarray(base, np.float32))
             sims, local = index.search(x, min(k, len(allowed)))
