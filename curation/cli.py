@@ -3,7 +3,8 @@
 
 Exit status: 0 when the run published (``_SUCCESS`` written); 2 for a bad config or an
 unreachable input (one line on stderr naming the key or URI and why, before any work); 1 when
-the run itself failed.
+the run itself failed; 3 when it published but the drift alarm fired and ``drift.exit_code``
+is on.
 """
 
 from __future__ import annotations
@@ -17,7 +18,7 @@ from typing import TYPE_CHECKING
 if TYPE_CHECKING:
     from curation.run_info import RunInfo
 
-EXIT_OK, EXIT_FAILED, EXIT_CONFIG = 0, 1, 2
+EXIT_OK, EXIT_FAILED, EXIT_CONFIG, EXIT_DRIFT = 0, 1, 2, 3
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -98,6 +99,10 @@ def main(argv: list[str] | None = None) -> int:
         result = run_job(config, resolver=resolver, plan=plan)
         print(run_summary(result.info))
         print(result.run_uri)
+        drift = result.info.drift or {}
+        if config.drift.exit_code and drift.get("alarm"):  # published first: the alarm is in run.json
+            print(f"curation: drift alarm: {'; '.join(drift['rules_fired'])}", file=sys.stderr)
+            return EXIT_DRIFT
         return EXIT_OK
     except (InfeasibleRequest, NodeCannotReach) as exc:  # found before any work: like a bad config
         print(f"curation: error: {exc}", file=sys.stderr)
@@ -127,6 +132,12 @@ def run_summary(info: RunInfo) -> str:
                      f"{inputs['deleted']} deleted inputs; selections "
                      + ", ".join(f"{name} +{c['added']} -{c['removed']}" for name, c in diff["selections"].items())
                      + " (diff/)")
+    drift = info.drift
+    if drift:
+        lines.append("  drift: " + (f"not compared ({drift['skipped']})" if drift.get("skipped") else
+                                    ("ALARM: " + "; ".join(drift["rules_fired"])) if drift.get("alarm") else
+                                    f"no alarm (MMD p={drift['mmd'].get('p_value')}, "
+                                    f"{(drift.get('new_regions') or {}).get('far_items', 0)} far new items)"))
     lines.append(f"  outputs: {info.uri} (samples/, selections/, report.html, run.json)")
     return "\n".join(lines)
 

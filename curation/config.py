@@ -355,6 +355,37 @@ class ReportConfig:
 
 
 @dataclass
+class DriftConfig:
+    """Drift between nights: each run keeps a compact profile (``profile.json``,
+    ``profile.parquet``) and compares itself with the previous published run's (``run.json`` →
+    ``drift``; ``drift.parquet``). Defaults are chosen in ``benchmarks/README.md`` (drift).
+
+    Attributes:
+        enabled: write the profile and compare (skipped, with the reason, on a first night or
+            when the embedder's ``model_id`` changed).
+        sample_size: ok items whose vectors the profile keeps (the two-sample test's sample).
+        permutations: permutations for the MMD test's p-value.
+        alarm_p_value: the MMD test alarms below this p-value.
+        alarm_class_share_change: alarm when a label's share of the labelled items moves by more.
+        alarm_cluster_tv: alarm when tonight's items, assigned to yesterday's cluster centroids,
+            are further than this (total variation) from yesterday's cluster shares.
+        alarm_region_items: alarm when a new region (new items farther from everything in the
+            previous run than its 99th percentile of k-th-neighbour distance, grouped by their
+            neighbours) holds at least this many items. Smaller groups are listed, not alarmed.
+        exit_code: exit 3 after publishing when the alarm fires (for schedulers that alert on status).
+    """
+
+    enabled: bool = True
+    sample_size: int = ranged(2000, 10)
+    permutations: int = ranged(200, 10)
+    alarm_p_value: float = ranged(0.001, 0.0, 1.0)
+    alarm_class_share_change: float = ranged(0.05, 0.0, 1.0)
+    alarm_cluster_tv: float = ranged(0.05, 0.0, 1.0)
+    alarm_region_items: int = ranged(20, 1)
+    exit_code: bool = False
+
+
+@dataclass
 class ClusterConfig:
     """How the run fits a Ray cluster of several nodes (see ``curation/session.py``).
 
@@ -404,6 +435,7 @@ class Config:
     selections: list[SelectionConfig] = field(default_factory=_default_selections)
     output: OutputConfig = field(default_factory=OutputConfig)
     report: ReportConfig = field(default_factory=ReportConfig)
+    drift: DriftConfig = field(default_factory=DriftConfig)
     cluster: ClusterConfig = field(default_factory=ClusterConfig)
     ray: RayConfig = field(default_factory=RayConfig)
 

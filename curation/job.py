@@ -27,6 +27,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from curation.config import Config, ConfigError
+from curation.drift import DriftResult
 from curation.index.knn import KnnGraph
 from curation.index.source import VectorParts, parquet_parts
 from curation.io import inputs as inputs_io
@@ -163,8 +164,10 @@ def run_job(config: Config, *, resolver: Resolver | None = None, plan: Plan | No
         with clock.phase("scores"):
             samples, score_report = score(ingested, neighbours, config)
             clock.timings.update({f"score_{k}": v for k, v in score_report["timings_s"].items()})
-            # The graph has served its purpose: write knn/ now and free it before selections.
             outputs.write_knn_graph(plan.run.child("knn"), samples, neighbours.graph)
+        with clock.phase("drift"):
+            drift = _drift(plan, config, samples, ingested, neighbours.graph)
+            # The graph has served its purpose: free it before selections.
             neighbours.graph = neighbours.copy_graph = None
         with clock.phase("leakage"):
             leakage = _split_leakage(samples, ingested, config, resolver)
@@ -175,10 +178,11 @@ def run_job(config: Config, *, resolver: Resolver | None = None, plan: Plan | No
                                           previous=_previous_selections(plan, config))
         with clock.phase("report_data"):
             samples, report = prepare_report(samples, ingested.vectors, selections, config, resolver,
-                                             leakage=leakage[0] if leakage is not None else None)
-    return publish(plan, config, Scored(samples, score_report["summary"], selections, report, leakage, corrections),
-                   clock,
-                   embedder=ingested.embedder, knn=neighbours.info)
+                                             leakage=leakage[0] if leakage is not None else None,
+                                             drift=drift.far_items if drift is not None else None)
+    return publish(plan, config, Scored(samples, score_report["summary"], selections, report, leakage, corrections,
+                                        drift),
+                   clock, embedder=ingested.embedder, knn=neighbours.info)
 
 
 # ---------------------------------------------------------------------------------- preflight
@@ -389,6 +393,17 @@ def _apply_corrections(plan: Plan, config: Config, resolver: Resolver,
     return store, summary
 
 
+def _drift(plan: Plan, config: Config, samples: pa.Table, ingested: Ingested, graph):
+    """Tonight's profile and its comparison with the previous published run (see
+    :mod:`curation.drift`); None when ``drift.enabled`` is off."""
+    if not config.drift.enabled:
+        return None
+    from curation.drift import drift_phase
+
+    return drift_phase(samples, ingested.vectors, graph, config.drift, model_id=str(ingested.embedder.get("model_id")),
+                       previous=previous_run(plan.output, plan.latest))
+
+
 def _split_leakage(samples: pa.Table, ingested: Ingested, config: Config,
                    resolver: Resolver) -> tuple[pa.Table, dict] | None:
     """Copies across splits (see :mod:`curation.leakage`), or None when the run has no split."""
@@ -437,6 +452,7 @@ class Scored:
     report: ReportAssets | None = None
     leakage: tuple[pa.Table, dict] | None = None  # copies across splits (leakage.parquet, run.json)
     corrections: tuple[pa.Table, dict] | None = None  # label corrections kept with the run, and their counts
+    drift: DriftResult | None = None  # tonight's profile, the comparison with the previous run, far new items
 
 
 def publish(plan: Plan, config: Config, scored: Scored, clock: Clock, *, embedder: dict, knn: dict) -> RunResult:
@@ -494,6 +510,11 @@ def _write_outputs(plan: Plan, config: Config, info: RunInfo, samples: pa.Table,
     if scored.leakage is not None:
         outputs.write_table(run.child("leakage.parquet"), scored.leakage[0])
         info.leakage = scored.leakage[1]
+    if scored.drift is not None:  # part of the published run, so a retried job cannot lose the alarm
+        scored.drift.profile.write(run)
+        info.drift = scored.drift.summary
+        if scored.drift.far_items is not None:
+            outputs.write_table(run.child("drift.parquet"), scored.drift.far_items)
     report = scored.report or ReportAssets({r.name: r.mode for r in scored.selections})
     info.map = report.map_info
     write_bytes(run.child("report.html"), render_report(

@@ -71,6 +71,8 @@ class RunInfo:
         diff: Changes since the previous published run (absent on a first run).
         leakage: Copies across splits (absent when the run has no split).
         corrections: Label corrections applied, new, kept from earlier runs, unknown, conflicting.
+        drift: Changes in the data since the previous published run and the alarm
+            (:mod:`curation.drift`); ``skipped`` with the reason when they do not compare.
     """
 
     run_id: str
@@ -92,6 +94,7 @@ class RunInfo:
     diff: dict | None = None
     leakage: dict | None = None
     corrections: dict | None = None
+    drift: dict | None = None
 
     # ---------------------------------------------------------------------------- building
 
@@ -142,7 +145,7 @@ class RunInfo:
         data = {f.name: getattr(self, f.name) for f in fields(self)}
         data["counts"] = vars(self.counts).copy()
         data["selections"] = [vars(s).copy() for s in self.selections]
-        for optional in ("diff", "leakage", "corrections"):
+        for optional in ("diff", "leakage", "corrections", "drift"):
             if data[optional] is None:
                 del data[optional]
         return data

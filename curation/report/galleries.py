@@ -133,6 +133,26 @@ def leakage_gallery(leakage: pa.Table | None, size: int) -> Gallery:
                    groups, leakage.num_rows, grouped=True)
 
 
+def drift_gallery(far_items: pa.Table | None, size: int) -> Gallery:
+    """New regions since the previous run (``drift.parquet``), largest first, one row per region."""
+    if far_items is None or far_items.num_rows == 0:
+        return Gallery("drift", "New since the previous run", "", [], 0)
+    region = far_items["region"].to_numpy(zero_copy_only=False)
+    sizes = np.bincount(region)
+    groups = []
+    for r in range(min(len(sizes), max(1, size // 3))):
+        if sizes[r] < 2:
+            break
+        members = far_items.filter(pc.equal(far_items["region"], r)).slice(0, DUPLICATE_GROUP_SIZE).to_pylist()
+        groups.append([GalleryItem(m["uri"], [f"region {r} ({sizes[r]} new items)",
+                                              f"best similarity to the previous run {_fmt(m['similarity_to_previous'])}"])
+                       for m in members])
+    return Gallery("drift", "New since the previous run",
+                   "each row is one region of new items farther from everything the previous run had than its "
+                   "items are from their own k-th neighbour (drift.parquet), largest first", groups, len(groups),
+                   grouped=True)
+
+
 def junk_galleries(samples: pa.Table, size: int) -> list[Gallery]:
     out = []
     for declared in (f for f in scores.FLAGS if f.kind == "junk"):
@@ -153,11 +173,12 @@ def rejected_gallery(samples: pa.Table, size: int) -> Gallery:
 
 
 def choose_galleries(samples: pa.Table, selections: dict[str, pa.Table], modes: dict[str, str], *,
-                     size: int, leakage: pa.Table | None = None) -> list[Gallery]:
+                     size: int, leakage: pa.Table | None = None, drift: pa.Table | None = None) -> list[Gallery]:
     """Every gallery of the page, in page order; empty ones are dropped."""
     if size <= 0:
         return []
     galleries = [*mislabel_galleries(samples, size), *edge_case_galleries(samples, selections, modes, size),
-                 duplicate_gallery(samples, size), leakage_gallery(leakage, size), *junk_galleries(samples, size),
+                 duplicate_gallery(samples, size), leakage_gallery(leakage, size), drift_gallery(drift, size),
+                 *junk_galleries(samples, size),
                  rejected_gallery(samples, size)]
     return [g for g in galleries if g.total]

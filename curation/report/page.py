@@ -292,6 +292,23 @@ def _header(run_id: str, samples: pa.Table, run_info: RunInfo) -> list[str]:
         for key, value in diff.items():
             rows.append([key, json.dumps(value, sort_keys=True) if isinstance(value, (dict, list)) else value])
         parts.append("<h2>Since the previous run</h2>" + _table(["what", "value"], rows))
+    drift = run_info.drift
+    if drift:
+        parts.append("<h2>Drift</h2>")
+        if drift.get("skipped"):
+            parts.append(f"<p class=note>not compared: {html.escape(drift['skipped'])}</p>")
+        else:
+            state = "ALARM: " + "; ".join(drift["rules_fired"]) if drift.get("alarm") else "no alarm"
+            parts.append(f"<p class={'warn' if drift.get('alarm') else 'note'}>{html.escape(state)}</p>")
+            mmd, regions = drift.get("mmd") or {}, drift.get("new_regions") or {}
+            rows = [["label share change (total variation)", (drift.get("classes") or {}).get("tv")],
+                    ["cluster share change on the previous centroids (total variation)",
+                     (drift.get("clusters") or {}).get("tv")],
+                    ["two-sample test (MMD) p-value", mmd.get("p_value")],
+                    ["new items", regions.get("new_items")],
+                    ["new items far from everything before", regions.get("far_items")],
+                    ["regions of them", regions.get("region_count", 0)]]
+            parts.append(_table(["what", "value"], rows))
     return parts
 
 

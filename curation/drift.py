@@ -1,0 +1,421 @@
+"""Drift between nights: a compact profile per run, compared with the previous published run's.
+
+**The profile** (``profile.json`` and ``profile.parquet`` beside ``run.json``): the embedder's
+``model_id``; label shares among the labelled ok items; the cluster centroids (each cluster's
+normalised member mean) and shares; every declared flag's rate; the 1st percentile of the
+items' k-th-neighbour similarity (so 99% of items have k neighbours at least this close); and
+the vectors of a uniform sample of ``drift.sample_size`` ok items.
+
+**The comparison** (``run.json`` → ``drift``; skipped, with the reason, on a first night, when
+the previous run has no profile, or when the embedder's ``model_id`` changed):
+
+* ``classes``: each label's share before and after, and their total-variation distance;
+* ``clusters``: tonight's items assigned to yesterday's centroids, their shares against
+  yesterday's (total variation, Jensen-Shannon divergence, the clusters that moved most);
+* ``new_regions``: new items (a uri and fingerprint the previous run did not have) farther
+  from everything in the previous run than its k-th-neighbour similarity percentile, grouped
+  by tonight's kNN edges among them. The graph rules out most new items at once (an old
+  neighbour close enough); the rest are compared exactly with every old item, where the
+  vectors are stored (Ray tasks), at most ``MAX_CANDIDATES`` of them (a uniform sample beyond,
+  and the counts say so). Each region: its size, the nearest previous cluster and example
+  members; every far item is a row of ``drift.parquet``;
+* ``flags``: each flag's rate before and after;
+* ``mmd``: a two-sample test between the two profiles' samples (maximum mean discrepancy, a
+  Gaussian kernel with the median-distance bandwidth), with a permutation p-value;
+* ``alarm``: true when any rule fired; ``rules_fired`` says which, with the numbers.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from dataclasses import dataclass, field
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.parquet as pq
+
+from curation.config import DriftConfig
+from curation.io.filesystem import Location, read_bytes, write_bytes
+
+log = logging.getLogger(__name__)
+
+PROFILE_JSON = "profile.json"
+PROFILE_PARQUET = "profile.parquet"
+DRIFT_PARQUET = "drift.parquet"
+MAX_CANDIDATES = 4096  # new items compared exactly with every old item (a uniform sample beyond)
+CANDIDATE_BLOCK = 8192  # old vectors per matrix product in that comparison (bounded task memory)
+REGIONS_LISTED = 20  # regions described in run.json (all far items are in drift.parquet)
+EXAMPLES_PER_REGION = 6
+MOVED_CLUSTERS_LISTED = 10
+KTH_PERCENTILE = 1.0  # the profile keeps the 1st percentile of k-th-neighbour similarity
+SEED = 0
+
+
+@dataclass
+class Profile:
+    """What a run keeps of itself so that the next night can compare.
+
+    Attributes:
+        model_id: the embedder that made the vectors (profiles of two embedders do not compare).
+        items: ok items.
+        labelled: ok items with a label.
+        label_shares: label -> share of the labelled ok items.
+        cluster_shares: share of the ok items in each cluster (by cluster id).
+        flag_rates: flag column -> share of the ok items flagged.
+        kth_similarity: the 1st percentile of every item's k-th-neighbour similarity.
+        centroids: ``(clusters, d)`` unit vectors.
+        sample: ``(m, d)`` unit vectors of a uniform sample of ok items; ``sample_uris`` theirs.
+    """
+
+    model_id: str
+    items: int
+    labelled: int
+    label_shares: dict[str, float]
+    cluster_shares: list[float]
+    flag_rates: dict[str, float]
+    kth_similarity: float
+    centroids: np.ndarray = field(repr=False)
+    sample: np.ndarray = field(repr=False)
+    sample_uris: list[str] = field(default_factory=list, repr=False)
+
+    def write(self, run: Location) -> None:
+        meta = {k: getattr(self, k) for k in ("model_id", "items", "labelled", "label_shares", "cluster_shares",
+                                             "flag_rates", "kth_similarity")}
+        write_bytes(run.child(PROFILE_JSON), json.dumps(meta, indent=1).encode("utf-8"))
+        d = self.centroids.shape[1] if self.centroids.size else self.sample.shape[1]
+        vectors = np.concatenate([self.centroids, self.sample]).astype(np.float32).reshape(-1, d)
+        table = pa.table({
+            "kind": ["centroid"] * len(self.centroids) + ["sample"] * len(self.sample),
+            "id": pa.array(list(range(len(self.centroids))) + list(range(len(self.sample))), pa.int32()),
+            "uri": pa.array([None] * len(self.centroids) + list(self.sample_uris), pa.string()),
+            "vector": pa.FixedSizeListArray.from_arrays(pa.array(vectors.ravel(), pa.float32()), d),
+        })
+        sink = pa.BufferOutputStream()
+        pq.write_table(table, sink)
+        write_bytes(run.child(PROFILE_PARQUET), sink.getvalue().to_pybytes())
+
+    @classmethod
+    def read(cls, run: Location) -> "Profile | None":
+        """The profile of the run at ``run``; None when it has none (a run of an older version)."""
+        try:
+            meta = json.loads(read_bytes(run.child(PROFILE_JSON)))
+            location = run.child(PROFILE_PARQUET)
+            table = pq.read_table(location.path, filesystem=location.filesystem)
+        except (OSError, ValueError):
+            return None
+        kind = np.asarray(table["kind"].to_pylist())
+        d = table.schema.field("vector").type.list_size
+        vectors = table["vector"].combine_chunks().flatten().to_numpy().reshape(-1, d).astype(np.float32)
+        return cls(centroids=vectors[kind == "centroid"], sample=vectors[kind == "sample"],
+                   sample_uris=[u for u, k in zip(table["uri"].to_pylist(), kind) if k == "sample"], **meta)
+
+
+@dataclass
+class DriftResult:
+    """What the drift phase gives publication: tonight's profile, the ``run.json`` section and
+    the far new items (``drift.parquet``; None when the comparison was skipped)."""
+
+    profile: Profile
+    summary: dict
+    far_items: pa.Table | None = None
+
+    @property
+    def alarm(self) -> bool:
+        return bool(self.summary.get("alarm"))
+
+
+# ------------------------------------------------------------------------------ the profile
+
+
+def _cluster_pass(ids: np.ndarray, x: np.ndarray, cluster_of: np.ndarray, n_clusters: int,
+                  previous_centroids: np.ndarray | None):
+    """Per range of vectors: member sums and counts of tonight's clusters, and how many of
+    these items yesterday's centroids would take (None on a first night)."""
+    labels = cluster_of[ids]
+    sums = np.zeros((n_clusters, x.shape[1]), np.float64)
+    np.add.at(sums, labels, x)
+    counts = np.bincount(labels, minlength=n_clusters)
+    previous = None
+    if previous_centroids is not None and len(previous_centroids):
+        from curation.scores.clusters import assign
+
+        nearest, _ = assign(ids, x, previous_centroids)
+        previous = np.bincount(nearest, minlength=len(previous_centroids))
+    return sums, counts, previous
+
+
+def build_profile(samples: pa.Table, vectors, graph, *, model_id: str, sample_size: int,
+                  previous_centroids: np.ndarray | None = None) -> tuple[Profile, np.ndarray | None]:
+    """Tonight's profile, and the counts of tonight's items on ``previous_centroids`` (one pass
+    over the stored vectors, where they are). ``samples`` has the ``cluster`` column."""
+    from curation.index.knn import kth_distance
+    from curation.index.source import as_source, map_vectors
+    from curation.schema import is_ok, ok_rows_in_vector_order
+    from curation.scores import FLAGS
+
+    source = as_source(vectors)
+    n = source.n
+    ok = is_ok(samples["status"])
+    rows = ok_rows_in_vector_order(samples)
+    cluster_of = np.maximum(samples["cluster"].to_numpy(zero_copy_only=False)[rows].astype(np.int64), 0)
+    n_clusters = int(cluster_of.max()) + 1 if n else 0
+    parts = map_vectors(source, _cluster_pass, cluster_of, n_clusters, previous_centroids) if n else []
+    d = source.dim if n else 1
+    sums = sum((p[0] for p in parts), np.zeros((n_clusters, d)))
+    counts = sum((p[1] for p in parts), np.zeros(n_clusters, np.int64))
+    centroids = sums / np.maximum(np.linalg.norm(sums, axis=1, keepdims=True), 1e-12)
+    on_previous = None
+    if previous_centroids is not None and parts:
+        on_previous = sum((p[2] for p in parts), np.zeros(len(previous_centroids), np.int64))
+
+    labels = samples["label"].filter(pa.array(ok)).drop_null()
+    label_shares = ({str(v["values"]): int(v["counts"]) / len(labels) for v in pc.value_counts(labels).to_pylist()}
+                    if len(labels) else {})
+    flag_rates = {}
+    for flag in FLAGS:
+        if flag.column in samples.column_names and n:
+            flagged = pc.fill_null(samples[flag.column], False).to_numpy(zero_copy_only=False).astype(bool)
+            flag_rates[flag.column] = float(flagged[ok].mean())
+    kth = 1.0 - kth_distance(graph, missing=np.nan) if graph is not None and n else np.zeros(0)
+    kth = kth[np.isfinite(kth)]
+    rng = np.random.default_rng(SEED)
+    picked = np.sort(rng.choice(n, size=min(n, sample_size), replace=False)) if n else np.zeros(0, np.int64)
+    sample = source.take(picked) if len(picked) else np.zeros((0, d), np.float32)
+    uris = samples["uri"].take(pa.array(rows[picked], pa.int64())).to_pylist() if len(picked) else []
+    profile = Profile(model_id=model_id, items=n, labelled=len(labels), label_shares=label_shares,
+                      cluster_shares=(counts / max(n, 1)).tolist(), flag_rates=flag_rates,
+                      kth_similarity=float(np.percentile(kth, KTH_PERCENTILE)) if len(kth) else -1.0,
+                      centroids=centroids.astype(np.float32), sample=np.asarray(sample, np.float32), sample_uris=uris)
+    return profile, on_previous
+
+
+# --------------------------------------------------------------------------- the comparison
+
+
+def mmd_test(a: np.ndarray, b: np.ndarray, *, permutations: int = 200, seed: int = SEED) -> dict:
+    """Maximum mean discrepancy between the rows of ``a`` and ``b`` (unit vectors): a Gaussian
+    kernel whose bandwidth is the median squared distance, and a permutation p-value."""
+    z = np.concatenate([a, b]).astype(np.float64)
+    n, m = len(a), len(b)
+    if n < 2 or m < 2:
+        return {"statistic": None, "p_value": None, "permutations": 0, "note": "too few items"}
+    gram = z @ z.T
+    sq = np.diag(gram)
+    d2 = np.maximum(sq[:, None] + sq[None, :] - 2 * gram, 0.0)
+    off = d2[np.triu_indices(len(z), 1)]
+    bandwidth = float(np.median(off)) or 1.0
+    kernel = np.exp(-d2 / bandwidth)
+    w = np.concatenate([np.full(n, 1.0 / n), np.full(m, -1.0 / m)])
+    statistic = float(w @ kernel @ w)
+    rng = np.random.default_rng(seed)
+    shuffled = np.stack([rng.permutation(w) for _ in range(permutations)], axis=1)
+    null = np.einsum("ip,ip->p", shuffled, kernel @ shuffled)
+    p_value = (1 + int(np.sum(null >= statistic))) / (1 + permutations)
+    return {"statistic": round(statistic, 6), "p_value": round(p_value, 6), "permutations": permutations,
+            "bandwidth": round(bandwidth, 6), "items": [n, m]}
+
+
+def _shares_change(before: dict[str, float], after: dict[str, float]) -> tuple[dict, float]:
+    names = sorted(set(before) | set(after))
+    changes = {name: {"before": round(before.get(name, 0.0), 6), "after": round(after.get(name, 0.0), 6),
+                      "change": round(after.get(name, 0.0) - before.get(name, 0.0), 6)} for name in names}
+    tv = 0.5 * sum(abs(c["change"]) for c in changes.values())
+    return changes, round(tv, 6)
+
+
+def _js(p: np.ndarray, q: np.ndarray) -> float:
+    mid = 0.5 * (p + q)
+
+    def kl(a, b):
+        keep = a > 0
+        return float(np.sum(a[keep] * np.log(a[keep] / b[keep])))
+
+    return 0.5 * kl(p, mid) + 0.5 * kl(q, mid)
+
+
+def _nearest_old(ids: np.ndarray, x: np.ndarray, queries: np.ndarray, is_new: np.ndarray) -> np.ndarray:
+    """Per query, the best cosine to an old item (not new tonight) in this range of vectors."""
+    best = np.full(len(queries), -np.inf, np.float32)
+    old = ~is_new[ids]
+    x = x[old]
+    for start in range(0, len(x), CANDIDATE_BLOCK):
+        block = x[start:start + CANDIDATE_BLOCK]
+        if len(block):
+            best = np.maximum(best, (queries @ block.T).max(axis=1))
+    return best
+
+
+def find_new_regions(graph, is_new: np.ndarray, threshold: float, vectors, *,
+                     previous_centroids: np.ndarray | None = None) -> tuple[dict, np.ndarray, np.ndarray, np.ndarray]:
+    """New items farther than ``threshold`` (cosine) from every old item, grouped.
+
+    Returns ``(summary, far ids, their region, their best cosine to an old item)``; regions
+    are numbered by size, largest first."""
+    from scipy.sparse import coo_matrix
+    from scipy.sparse.csgraph import connected_components
+
+    from curation.index.source import as_source, map_vectors
+
+    source = as_source(vectors)
+    new_ids = np.flatnonzero(is_new)
+    empty = (np.zeros(0, np.int64), np.zeros(0, np.int64), np.zeros(0, np.float32))
+    summary = {"threshold_similarity": round(float(threshold), 6), "new_items": int(len(new_ids))}
+    if len(new_ids) == 0 or (~is_new).sum() == 0:
+        return {**summary, "far_items": 0, "regions": []}, *empty
+    nb, sims = graph.ids[new_ids].astype(np.int64), graph.sims[new_ids]
+    old_neighbour = (nb >= 0) & ~is_new[np.maximum(nb, 0)]
+    close = (old_neighbour & (sims >= threshold)).any(axis=1)
+    candidates = new_ids[~close]
+    summary["candidates"] = int(len(candidates))
+    scale = 1.0
+    if len(candidates) > MAX_CANDIDATES:
+        rng = np.random.default_rng(SEED)
+        scale = len(candidates) / MAX_CANDIDATES
+        candidates = np.sort(rng.choice(candidates, MAX_CANDIDATES, replace=False))
+    summary["candidates_searched"] = int(len(candidates))
+    if len(candidates) == 0:
+        return {**summary, "far_items": 0, "regions": []}, *empty
+    queries = source.take(candidates)
+    best = np.max(np.stack(map_vectors(source, _nearest_old, queries, is_new)), axis=0)
+    far_mask = best < threshold
+    far, best = candidates[far_mask], best[far_mask]
+    summary["far_items"] = int(round(len(far) * scale))
+    if len(far) == 0:
+        return {**summary, "regions": []}, *empty
+    # Regions: far items joined by tonight's kNN edges that are at least as close as the threshold.
+    position = np.full(len(is_new), -1, np.int64)
+    position[far] = np.arange(len(far))
+    nb, sims = graph.ids[far].astype(np.int64), graph.sims[far]
+    target = np.where(nb >= 0, position[np.maximum(nb, 0)], -1)
+    keep = (target >= 0) & (sims >= threshold)
+    rows = np.repeat(np.arange(len(far)), nb.shape[1])[keep.ravel()]
+    edges = coo_matrix((np.ones(len(rows)), (rows, target.ravel()[keep.ravel()])), shape=(len(far), len(far)))
+    _, component = connected_components(edges, directed=False)
+    sizes = np.bincount(component)
+    order = np.argsort(-sizes, kind="stable")
+    rank = np.empty_like(order)
+    rank[order] = np.arange(len(order))
+    region = rank[component]
+    regions = []
+    x_far = source.take(far)
+    for r in range(min(len(order), REGIONS_LISTED)):
+        members = np.flatnonzero(region == r)
+        entry = {"region": r, "items": int(len(members)),
+                 "similarity_to_previous": round(float(best[members].max()), 4)}
+        if previous_centroids is not None and len(previous_centroids):
+            mean = x_far[members].mean(axis=0)
+            mean /= max(float(np.linalg.norm(mean)), 1e-12)
+            sims_c = previous_centroids @ mean
+            entry["nearest_previous_cluster"] = int(np.argmax(sims_c))
+            entry["nearest_previous_cluster_similarity"] = round(float(sims_c.max()), 4)
+        regions.append(entry)
+    summary["regions"] = regions
+    summary["region_count"] = int(len(order))
+    return summary, far, region, best
+
+
+def compare(previous: Profile, current: Profile, config: DriftConfig, *, on_previous: np.ndarray | None,
+            regions: dict | None) -> dict:
+    """The ``drift`` section: every statistic, then the alarm and the rules that fired."""
+    classes, label_tv = _shares_change(previous.label_shares, current.label_shares)
+    out: dict = {"classes": {"labelled_before": previous.labelled, "labelled_after": current.labelled,
+                             "tv": label_tv, "shares": classes}}
+    fired = []
+    if previous.labelled and current.labelled:
+        moved = max(classes.items(), key=lambda kv: abs(kv[1]["change"]), default=None)
+        if moved and abs(moved[1]["change"]) > config.alarm_class_share_change:
+            fired.append(f"class {moved[0]!r} share moved {moved[1]['change']:+.3f} "
+                         f"(more than {config.alarm_class_share_change})")
+    if on_previous is not None and len(previous.cluster_shares):
+        before = np.asarray(previous.cluster_shares, np.float64)
+        after = on_previous / max(on_previous.sum(), 1)
+        tv = 0.5 * float(np.abs(after - before).sum())
+        moved = np.argsort(-np.abs(after - before), kind="stable")[:MOVED_CLUSTERS_LISTED]
+        out["clusters"] = {"previous_clusters": len(before), "tv": round(tv, 6), "js": round(_js(before, after), 6),
+                           "moved": [{"cluster": int(c), "before": round(float(before[c]), 6),
+                                      "after": round(float(after[c]), 6)} for c in moved]}
+        if tv > config.alarm_cluster_tv:
+            fired.append(f"cluster shares moved by total variation {tv:.3f} (more than {config.alarm_cluster_tv})")
+    flags, _ = _shares_change(previous.flag_rates, current.flag_rates)
+    out["flags"] = flags
+    out["mmd"] = mmd_test(previous.sample, current.sample, permutations=config.permutations)
+    p = out["mmd"].get("p_value")
+    if p is not None and p < config.alarm_p_value:
+        fired.append(f"the samples differ: MMD p-value {p:.4f} (below {config.alarm_p_value})")
+    if regions is not None:
+        out["new_regions"] = regions
+        big = [r for r in regions.get("regions", []) if r["items"] >= config.alarm_region_items]
+        if big:
+            fired.append(f"{len(big)} new region(s) of at least {config.alarm_region_items} items "
+                         f"(largest {big[0]['items']})")
+    out["alarm"] = bool(fired)
+    out["rules_fired"] = fired
+    out["rules"] = {"alarm_p_value": config.alarm_p_value, "alarm_class_share_change": config.alarm_class_share_change,
+                    "alarm_cluster_tv": config.alarm_cluster_tv, "alarm_region_items": config.alarm_region_items}
+    return out
+
+
+# ------------------------------------------------------------------------------- the phase
+
+
+def new_item_mask(samples: pa.Table, previous: Location) -> np.ndarray:
+    """Per vector id: the item is new tonight (its uri and fingerprint were not an ok item of
+    the previous run)."""
+    import pyarrow.dataset as ds
+
+    from curation.schema import is_ok, ok_rows_in_vector_order
+
+    columns = [c for c in ("uri", "fingerprint") if c in samples.column_names]
+    folder = previous.child("samples")
+    old = ds.dataset(folder.path, filesystem=folder.filesystem, format="parquet")
+    old_columns = [c for c in columns + ["status"] if c in old.schema.names]
+    old = old.to_table(columns=old_columns)
+    old = old.filter(pa.array(is_ok(old["status"])))
+    use = [c for c in columns if c in old.column_names]
+
+    def key(table):
+        parts = [pc.fill_null(pc.cast(table[c], pa.string()), "") for c in use]
+        return parts[0] if len(parts) == 1 else pc.binary_join_element_wise(*parts, "\x00")
+
+    rows = ok_rows_in_vector_order(samples)
+    now = key(samples.take(pa.array(rows, pa.int64())))
+    return ~pc.is_in(now, value_set=key(old).combine_chunks() if old.num_rows else pa.array([], pa.string())
+                     ).to_numpy(zero_copy_only=False).astype(bool)
+
+
+def drift_phase(samples: pa.Table, vectors, graph, config: DriftConfig, *, model_id: str,
+                previous: Location | None) -> DriftResult:
+    """Tonight's profile and its comparison with the previous published run's."""
+    from curation.schema import ok_rows_in_vector_order
+
+    before = Profile.read(previous) if previous is not None else None
+    usable = before is not None and before.model_id == model_id
+    profile, on_previous = build_profile(samples, vectors, graph, model_id=model_id, sample_size=config.sample_size,
+                                         previous_centroids=before.centroids if usable else None)
+    if previous is None:
+        return DriftResult(profile, {"skipped": "first night: no previous published run"})
+    if before is None:
+        return DriftResult(profile, {"skipped": f"the previous run ({previous.uri}) has no profile",
+                                     "previous_run": previous.uri})
+    if not usable:
+        return DriftResult(profile, {"skipped": f"the embedder changed: {before.model_id!r} then, {model_id!r} now "
+                                                f"(vectors of two embedders do not compare)",
+                                     "previous_run": previous.uri})
+    is_new = new_item_mask(samples, previous)
+    regions, far, region, best = find_new_regions(graph, is_new, before.kth_similarity, vectors,
+                                                  previous_centroids=before.centroids)
+    summary = {"previous_run": previous.uri, **compare(before, profile, config, on_previous=on_previous,
+                                                       regions=regions)}
+    rows = ok_rows_in_vector_order(samples)[far]
+    far_items = pa.table({"uri": samples["uri"].take(pa.array(rows, pa.int64())),
+                          "region": pa.array(region, pa.int32()),
+                          "similarity_to_previous": pa.array(best, pa.float32())}).sort_by(
+        [("region", "ascending"), ("similarity_to_previous", "ascending")])
+    if summary["alarm"]:
+        log.warning("drift alarm since %s: %s", previous.uri, "; ".join(summary["rules_fired"]))
+    else:
+        log.info("drift since %s: no alarm (MMD p=%s, %d far new items)", previous.uri,
+                 summary["mmd"].get("p_value"), regions.get("far_items", 0))
+    return DriftResult(profile, summary, far_items)
