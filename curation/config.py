@@ -364,7 +364,8 @@ class DriftConfig:
         enabled: write the profile and compare (skipped, with the reason, on a first night or
             when the embedder's ``model_id`` changed).
         sample_size: ok items whose vectors the profile keeps (the two-sample test's sample).
-        permutations: permutations for the MMD test's p-value.
+        permutations: permutations for the MMD tests' p-values (the smallest p-value is
+            1 / (permutations + 1), so ``alarm_p_value`` must be above it).
         alarm_p_value: the MMD test alarms below this p-value.
         alarm_class_share_change: alarm when a label's share of the labelled items moves by more.
         alarm_cluster_tv: alarm when tonight's items, assigned to yesterday's cluster centroids,
@@ -377,7 +378,7 @@ class DriftConfig:
 
     enabled: bool = True
     sample_size: int = ranged(2000, 10)
-    permutations: int = ranged(200, 10)
+    permutations: int = ranged(1000, 10)
     alarm_p_value: float = ranged(0.001, 0.0, 1.0)
     alarm_class_share_change: float = ranged(0.05, 0.0, 1.0)
     alarm_cluster_tv: float = ranged(0.05, 0.0, 1.0)
@@ -656,6 +657,10 @@ def validate(config: Config) -> None:
         raise ConfigError("config key 'embedder.min_actors': must not exceed embedder.max_actors")
     if len(config.decode.background) != 3 or not all(0 <= v <= 255 for v in config.decode.background):
         raise ConfigError("config key 'decode.background': expected three integers in [0, 255]")
+    if config.drift.alarm_p_value <= 1.0 / (config.drift.permutations + 1):
+        raise ConfigError(f"config key 'drift.alarm_p_value': {config.drift.alarm_p_value} can never fire with "
+                          f"drift.permutations {config.drift.permutations} (the smallest p-value is "
+                          f"1/{config.drift.permutations + 1}); raise drift.permutations")
     names = set()
     for i, sel in enumerate(config.selections):
         key = f"selections[{i}]"

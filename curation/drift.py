@@ -21,7 +21,10 @@ the previous run has no profile, or when the embedder's ``model_id`` changed):
   members; every far item is a row of ``drift.parquet``;
 * ``flags``: each flag's rate before and after;
 * ``mmd``: a two-sample test between the two profiles' samples (maximum mean discrepancy, a
-  Gaussian kernel with the median-distance bandwidth), with a permutation p-value;
+  Gaussian kernel with the median-distance bandwidth), with a permutation p-value; items in
+  both samples are left out of tonight's. ``mmd_new_items``: the same test between the
+  previous run's sample and tonight's new items alone (at least ``MIN_NEW_FOR_TEST``), which
+  the items both nights share cannot dilute;
 * ``alarm``: true when any rule fired; ``rules_fired`` says which, with the numbers.
 """
 
@@ -46,6 +49,7 @@ PROFILE_PARQUET = "profile.parquet"
 DRIFT_PARQUET = "drift.parquet"
 MAX_CANDIDATES = 4096  # new items compared exactly with every old item (a uniform sample beyond)
 CANDIDATE_BLOCK = 8192  # old vectors per matrix product in that comparison (bounded task memory)
+MIN_NEW_FOR_TEST = 20  # new items needed before they are tested on their own
 REGIONS_LISTED = 20  # regions described in run.json (all far items are in drift.parquet)
 EXAMPLES_PER_REGION = 6
 MOVED_CLUSTERS_LISTED = 10
@@ -206,12 +210,16 @@ def mmd_test(a: np.ndarray, b: np.ndarray, *, permutations: int = 200, seed: int
     d2 = np.maximum(sq[:, None] + sq[None, :] - 2 * gram, 0.0)
     off = d2[np.triu_indices(len(z), 1)]
     bandwidth = float(np.median(off)) or 1.0
-    kernel = np.exp(-d2 / bandwidth)
-    w = np.concatenate([np.full(n, 1.0 / n), np.full(m, -1.0 / m)])
+    kernel = np.exp(-d2 / bandwidth).astype(np.float32)
+    del gram, d2
+    w = np.concatenate([np.full(n, 1.0 / n), np.full(m, -1.0 / m)]).astype(np.float32)
     statistic = float(w @ kernel @ w)
     rng = np.random.default_rng(seed)
-    shuffled = np.stack([rng.permutation(w) for _ in range(permutations)], axis=1)
-    null = np.einsum("ip,ip->p", shuffled, kernel @ shuffled)
+    null = []
+    for start in range(0, permutations, 250):  # (items x 250) at a time
+        shuffled = np.stack([rng.permutation(w) for _ in range(min(250, permutations - start))], axis=1)
+        null.append(np.einsum("ip,ip->p", shuffled, kernel @ shuffled))
+    null = np.concatenate(null)
     p_value = (1 + int(np.sum(null >= statistic))) / (1 + permutations)
     return {"statistic": round(statistic, 6), "p_value": round(p_value, 6), "permutations": permutations,
             "bandwidth": round(bandwidth, 6), "items": [n, m]}
@@ -317,7 +325,7 @@ def find_new_regions(graph, is_new: np.ndarray, threshold: float, vectors, *,
 
 
 def compare(previous: Profile, current: Profile, config: DriftConfig, *, on_previous: np.ndarray | None,
-            regions: dict | None) -> dict:
+            regions: dict | None, new_sample: np.ndarray | None = None) -> dict:
     """The ``drift`` section: every statistic, then the alarm and the rules that fired."""
     classes, label_tv = _shares_change(previous.label_shares, current.label_shares)
     out: dict = {"classes": {"labelled_before": previous.labelled, "labelled_after": current.labelled,
@@ -340,10 +348,21 @@ def compare(previous: Profile, current: Profile, config: DriftConfig, *, on_prev
             fired.append(f"cluster shares moved by total variation {tv:.3f} (more than {config.alarm_cluster_tv})")
     flags, _ = _shares_change(previous.flag_rates, current.flag_rates)
     out["flags"] = flags
-    out["mmd"] = mmd_test(previous.sample, current.sample, permutations=config.permutations)
+    # Items in both samples are dropped from tonight's: the two nights share most of their
+    # items, and shared rows would make the samples look alike whatever happened.
+    shared = np.isin(np.asarray(current.sample_uris, dtype=object), np.asarray(previous.sample_uris, dtype=object))
+    out["mmd"] = mmd_test(previous.sample, current.sample[~shared], permutations=config.permutations)
     p = out["mmd"].get("p_value")
     if p is not None and p < config.alarm_p_value:
-        fired.append(f"the samples differ: MMD p-value {p:.4f} (below {config.alarm_p_value})")
+        fired.append(f"tonight's items differ from the previous run's: MMD p-value {p:.2g} "
+                     f"(below {config.alarm_p_value})")
+    if new_sample is not None and len(new_sample) >= MIN_NEW_FOR_TEST:
+        # The new arrivals alone against the previous run: old items do not dilute a change.
+        out["mmd_new_items"] = mmd_test(previous.sample, new_sample, permutations=config.permutations)
+        p = out["mmd_new_items"].get("p_value")
+        if p is not None and p < config.alarm_p_value:
+            fired.append(f"the new items differ from the previous run's: MMD p-value {p:.2g} "
+                         f"(below {config.alarm_p_value})")
     if regions is not None:
         out["new_regions"] = regions
         big = [r for r in regions.get("regions", []) if r["items"] >= config.alarm_region_items]
@@ -388,6 +407,7 @@ def new_item_mask(samples: pa.Table, previous: Location) -> np.ndarray:
 def drift_phase(samples: pa.Table, vectors, graph, config: DriftConfig, *, model_id: str,
                 previous: Location | None) -> DriftResult:
     """Tonight's profile and its comparison with the previous published run's."""
+    from curation.index.source import as_source
     from curation.schema import ok_rows_in_vector_order
 
     before = Profile.read(previous) if previous is not None else None
@@ -406,8 +426,12 @@ def drift_phase(samples: pa.Table, vectors, graph, config: DriftConfig, *, model
     is_new = new_item_mask(samples, previous)
     regions, far, region, best = find_new_regions(graph, is_new, before.kth_similarity, vectors,
                                                   previous_centroids=before.centroids)
+    new_ids = np.flatnonzero(is_new)
+    if len(new_ids) > config.sample_size:
+        new_ids = np.sort(np.random.default_rng(SEED).choice(new_ids, config.sample_size, replace=False))
+    new_sample = as_source(vectors).take(new_ids) if len(new_ids) >= MIN_NEW_FOR_TEST else None
     summary = {"previous_run": previous.uri, **compare(before, profile, config, on_previous=on_previous,
-                                                       regions=regions)}
+                                                       regions=regions, new_sample=new_sample)}
     rows = ok_rows_in_vector_order(samples)[far]
     far_items = pa.table({"uri": samples["uri"].take(pa.array(rows, pa.int64())),
                           "region": pa.array(region, pa.int32()),

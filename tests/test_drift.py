@@ -23,8 +23,14 @@ def _centers():
     return np.random.default_rng(100).normal(size=(CLASSES + 1, D)) * 0.8
 
 
-def _draw(rng, counts: dict[int, int], tag: str):
+def _draw(rng, counts: dict[int, int], tag: str, *, iid: bool = False):
+    """Items around each class centre; ``iid``: each item's class drawn at random with these
+    proportions (else exactly these counts)."""
     centers = _centers()
+    if iid:
+        classes = list(counts)
+        drawn = rng.multinomial(sum(counts.values()), np.array(list(counts.values())) / sum(counts.values()))
+        counts = dict(zip(classes, drawn.tolist()))
     xs, labels, uris = [], [], []
     for c, n in counts.items():
         xs.append(centers[c] + 0.5 * rng.normal(size=(n, D)))
@@ -47,17 +53,18 @@ def _night(x, labels, uris, centroids):
 
 
 def _pair(seed: int, night2: dict[int, int] | None = None, *, keep: float = 0.95, new_same: float = 0.05):
-    """Night 1, then night 2 = most of night 1 plus new items (``night2``: extra per class)."""
+    """Night 1, then night 2 = most of night 1 plus new items (``night2``: extra per class;
+    default: 5% more from the same distribution, classes drawn at random)."""
     from curation.scores.clusters import train_centroids
 
     rng = np.random.default_rng(seed)
-    x1, l1, u1 = _draw(rng, {c: 500 for c in range(CLASSES)}, f"n1-{seed}")
+    x1, l1, u1 = _draw(rng, {c: 500 for c in range(CLASSES)}, f"n1-{seed}", iid=night2 is None)
     centroids = train_centroids(x1, 24)
     s1, g1 = _night(x1, l1, u1, centroids)
     first, _ = build_profile(s1, x1, g1, model_id="m", sample_size=SAMPLE)
     kept = np.sort(rng.choice(len(x1), int(keep * len(x1)), replace=False))
     extra = night2 or {c: int(new_same * 500) for c in range(CLASSES)}
-    xn, ln, un = _draw(rng, extra, f"n2-{seed}")
+    xn, ln, un = _draw(rng, extra, f"n2-{seed}", iid=night2 is None)
     x2 = np.concatenate([x1[kept], xn])
     l2 = [l1[i] for i in kept] + ln
     u2 = [u1[i] for i in kept] + un
@@ -67,7 +74,8 @@ def _pair(seed: int, night2: dict[int, int] | None = None, *, keep: float = 0.95
     is_new = np.r_[np.zeros(len(kept), bool), np.ones(len(xn), bool)]
     regions, far, region, _ = find_new_regions(g2, is_new, first.kth_similarity, x2,
                                                previous_centroids=first.centroids)
-    drift = compare(first, second, DriftConfig(), on_previous=on_previous, regions=regions)
+    new_sample = x2[is_new][:SAMPLE]
+    drift = compare(first, second, DriftConfig(), on_previous=on_previous, regions=regions, new_sample=new_sample)
     return drift, far, region, len(kept)
 
 
@@ -77,10 +85,11 @@ def test_twenty_same_distribution_nights_raise_no_alarm():
     for seed in range(20):
         drift, *_ = _pair(seed)
         alarms.append(drift["alarm"])
-        p_values.append(drift["mmd"]["p_value"])
+        p_values.append(drift["mmd_new_items"]["p_value"])
         assert drift["new_regions"]["regions"] == [] or drift["new_regions"]["regions"][0]["items"] < 20, drift
     assert sum(alarms) == 0, [d for d in alarms]
-    assert np.mean(np.array(p_values) < 0.05) <= 0.15  # p-values are not piled up at zero
+    # Under no change the new items' p-values spread over (0, 1]: not piled up at zero, not stuck at one.
+    assert np.mean(np.array(p_values) < 0.05) <= 0.15 and np.mean(np.array(p_values) > 0.5) <= 0.8, p_values
 
 
 def test_an_unseen_class_is_an_alarm_and_its_region_is_found():
@@ -153,12 +162,13 @@ def test_a_changed_embedder_skips_the_comparison_with_the_reason(tmp_path):
     assert result.profile.model_id == "resnet50@b/224" and not result.alarm
 
 
-@pytest.mark.parametrize("bad", [{"drift": {"alarm_p_value": 2}}, {"drift": {"sample_size": 1}}])
+@pytest.mark.parametrize("bad", [{"drift": {"alarm_p_value": 2}}, {"drift": {"sample_size": 1}},
+                                 {"drift": {"permutations": 200}}])
 def test_drift_keys_are_checked_at_load_time(bad):
     from curation.config import ConfigError
 
     with pytest.raises(ConfigError, match="drift"):
-        load_config(data={"input": {"images": "/x"}, **bad})
+        load_config(data={"input": {"images": "/x"}, "output": {"uri": "/tmp/out"}, **bad})
 
 
 def test_profile_round_trips(tmp_path):
