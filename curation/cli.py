@@ -137,7 +137,7 @@ def run_summary(info: RunInfo) -> str:
         lines.append("  drift: " + (f"not compared ({drift['skipped']})" if drift.get("skipped") else
                                     ("ALARM: " + "; ".join(drift["rules_fired"])) if drift.get("alarm") else
                                     f"no alarm (MMD p={drift['mmd'].get('p_value')}, "
-                                    f"{(drift.get('new_regions') or {}).get('far_items', 0)} far new items)"))
+                                    f"{(drift.get('new_regions') or {}).get('region_count', 0)} new regions)"))
     lines.append(f"  outputs: {info.uri} (samples/, selections/, report.html, run.json)")
     return "\n".join(lines)
 

@@ -12,13 +12,15 @@ the previous run has no profile, or when the embedder's ``model_id`` changed):
 * ``classes``: each label's share before and after, and their total-variation distance;
 * ``clusters``: tonight's items assigned to yesterday's centroids, their shares against
   yesterday's (total variation, Jensen-Shannon divergence, the clusters that moved most);
-* ``new_regions``: new items (a uri and fingerprint the previous run did not have) farther
-  from everything in the previous run than its k-th-neighbour similarity percentile, grouped
-  by tonight's kNN edges among them. The graph rules out most new items at once (an old
-  neighbour close enough); the rest are compared exactly with every old item, where the
-  vectors are stored (Ray tasks), at most ``MAX_CANDIDATES`` of them (a uniform sample beyond,
-  and the counts say so). Each region: its size, the nearest previous cluster and example
-  members; every far item is a row of ``drift.parquet``;
+* ``new_regions``: new items (a uri and fingerprint the previous run did not have) that are
+  *far* (less similar to every old item than the previous run's 1st percentile of k-th-
+  neighbour similarity) or *crowded by new items* (more new items among their k neighbours
+  tonight than chance allows at tonight's share of new items), grouped by tonight's kNN edges
+  among them. The graph rules out most new items at once (an old neighbour close enough); the
+  rest are compared exactly with every old item, where the vectors are stored (Ray tasks), at
+  most ``MAX_CANDIDATES`` of them (a uniform sample beyond, and the counts say so). Each
+  region: its size, how many of it are far, the nearest previous cluster; every member is a
+  row of ``drift.parquet`` (``uri, region, far, similarity_to_previous``);
 * ``flags``: each flag's rate before and after;
 * ``mmd``: a two-sample test between the two profiles' samples (maximum mean discrepancy, a
   Gaussian kernel with the median-distance bandwidth), with a permutation p-value; items in
@@ -50,7 +52,10 @@ DRIFT_PARQUET = "drift.parquet"
 MAX_CANDIDATES = 4096  # new items compared exactly with every old item (a uniform sample beyond)
 CANDIDATE_BLOCK = 8192  # old vectors per matrix product in that comparison (bounded task memory)
 MIN_NEW_FOR_TEST = 20  # new items needed before they are tested on their own
-REGIONS_LISTED = 20  # regions described in run.json (all far items are in drift.parquet)
+REGIONS_LISTED = 20  # regions described in run.json (every member is in drift.parquet)
+MIN_REGION_LISTED = 3  # a region is described from this many items (smaller ones are counted)
+CROWDED_P = 1e-3  # binomial tail below which an item has too many new neighbours to be chance
+CROWDED_MIN_SHARE = 0.7  # ... and at least this share of them new (an old class that grew keeps old neighbours)
 EXAMPLES_PER_REGION = 6
 MOVED_CLUSTERS_LISTED = 10
 KTH_PERCENTILE = 1.0  # the profile keeps the 1st percentile of k-th-neighbour similarity
@@ -69,6 +74,7 @@ class Profile:
         cluster_shares: share of the ok items in each cluster (by cluster id).
         flag_rates: flag column -> share of the ok items flagged.
         kth_similarity: the 1st percentile of every item's k-th-neighbour similarity.
+        nearest_similarity: the median of every item's nearest-neighbour similarity.
         centroids: ``(clusters, d)`` unit vectors.
         sample: ``(m, d)`` unit vectors of a uniform sample of ok items; ``sample_uris`` theirs.
     """
@@ -80,13 +86,14 @@ class Profile:
     cluster_shares: list[float]
     flag_rates: dict[str, float]
     kth_similarity: float
+    nearest_similarity: float
     centroids: np.ndarray = field(repr=False)
     sample: np.ndarray = field(repr=False)
     sample_uris: list[str] = field(default_factory=list, repr=False)
 
     def write(self, run: Location) -> None:
         meta = {k: getattr(self, k) for k in ("model_id", "items", "labelled", "label_shares", "cluster_shares",
-                                             "flag_rates", "kth_similarity")}
+                                             "flag_rates", "kth_similarity", "nearest_similarity")}
         write_bytes(run.child(PROFILE_JSON), json.dumps(meta, indent=1).encode("utf-8"))
         d = self.centroids.shape[1] if self.centroids.size else self.sample.shape[1]
         vectors = np.concatenate([self.centroids, self.sample]).astype(np.float32).reshape(-1, d)
@@ -119,11 +126,11 @@ class Profile:
 @dataclass
 class DriftResult:
     """What the drift phase gives publication: tonight's profile, the ``run.json`` section and
-    the far new items (``drift.parquet``; None when the comparison was skipped)."""
+    the new items in new regions (``drift.parquet``; None when the comparison was skipped)."""
 
     profile: Profile
     summary: dict
-    far_items: pa.Table | None = None
+    new_region_items: pa.Table | None = None
 
     @property
     def alarm(self) -> bool:
@@ -184,6 +191,8 @@ def build_profile(samples: pa.Table, vectors, graph, *, model_id: str, sample_si
             flag_rates[flag.column] = float(flagged[ok].mean())
     kth = 1.0 - kth_distance(graph, missing=np.nan) if graph is not None and n else np.zeros(0)
     kth = kth[np.isfinite(kth)]
+    nearest = graph.sims[:, 0] if graph is not None and n and graph.k else np.zeros(0)
+    nearest = nearest[np.isfinite(nearest)]
     rng = np.random.default_rng(SEED)
     picked = np.sort(rng.choice(n, size=min(n, sample_size), replace=False)) if n else np.zeros(0, np.int64)
     sample = source.take(picked) if len(picked) else np.zeros((0, d), np.float32)
@@ -191,6 +200,7 @@ def build_profile(samples: pa.Table, vectors, graph, *, model_id: str, sample_si
     profile = Profile(model_id=model_id, items=n, labelled=len(labels), label_shares=label_shares,
                       cluster_shares=(counts / max(n, 1)).tolist(), flag_rates=flag_rates,
                       kth_similarity=float(np.percentile(kth, KTH_PERCENTILE)) if len(kth) else -1.0,
+                      nearest_similarity=float(np.median(nearest)) if len(nearest) else 1.0,
                       centroids=centroids.astype(np.float32), sample=np.asarray(sample, np.float32), sample_uris=uris)
     return profile, on_previous
 
@@ -255,14 +265,26 @@ def _nearest_old(ids: np.ndarray, x: np.ndarray, queries: np.ndarray, is_new: np
     return best
 
 
-def find_new_regions(graph, is_new: np.ndarray, threshold: float, vectors, *,
+def find_new_regions(graph, is_new: np.ndarray, threshold: float, vectors, *, nearest_similarity: float = 1.0,
                      previous_centroids: np.ndarray | None = None) -> tuple[dict, np.ndarray, np.ndarray, np.ndarray]:
-    """New items farther than ``threshold`` (cosine) from every old item, grouped.
+    """New items in regions the previous run did not cover, grouped.
 
-    Returns ``(summary, far ids, their region, their best cosine to an old item)``; regions
-    are numbered by size, largest first."""
+    A new item is in a new region when either
+    * it is **far**: less similar than ``threshold`` (cosine) to every old item; or
+    * it is **crowded by new items**: more of its k neighbours tonight are new than chance
+      allows (binomial tail below ``CROWDED_P`` at tonight's share of new items), at least
+      ``CROWDED_MIN_SHARE`` of them, and no old neighbour as close as the previous run's median
+      nearest-neighbour similarity (``nearest_similarity``): an old class that grew overnight
+      keeps close old neighbours. Far items are rare even for an unseen class (its nearest old
+      item is usually closer than the previous run's loosest k-th neighbour), while an unseen
+      class's neighbours are new.
+
+    Returns ``(summary, member ids, their region, their best cosine to an old item: exact for
+    the items compared with every old item, else the best among their graph neighbours, NaN
+    when none is old)``; regions are numbered by size, largest first."""
     from scipy.sparse import coo_matrix
     from scipy.sparse.csgraph import connected_components
+    from scipy.stats import binom
 
     from curation.index.source import as_source, map_vectors
 
@@ -271,57 +293,72 @@ def find_new_regions(graph, is_new: np.ndarray, threshold: float, vectors, *,
     empty = (np.zeros(0, np.int64), np.zeros(0, np.int64), np.zeros(0, np.float32))
     summary = {"threshold_similarity": round(float(threshold), 6), "new_items": int(len(new_ids))}
     if len(new_ids) == 0 or (~is_new).sum() == 0:
-        return {**summary, "far_items": 0, "regions": []}, *empty
+        return {**summary, "far_items": 0, "crowded_items": 0, "regions": []}, *empty
     nb, sims = graph.ids[new_ids].astype(np.int64), graph.sims[new_ids]
-    old_neighbour = (nb >= 0) & ~is_new[np.maximum(nb, 0)]
-    close = (old_neighbour & (sims >= threshold)).any(axis=1)
+    valid = nb >= 0
+    neighbour_new = valid & is_new[np.maximum(nb, 0)]
+    old_neighbour = valid & ~neighbour_new
+    best_known = np.where(old_neighbour, sims, -np.inf).max(axis=1)
+    close = best_known >= threshold
+    # Crowded: this many new neighbours is unlikely at tonight's share of new items.
+    share = float(is_new.mean())
+    new_count, count = neighbour_new.sum(axis=1), np.maximum(valid.sum(axis=1), 1)
+    tail = binom.sf(new_count - 1, count, share)
+    crowded = (tail < CROWDED_P) & (new_count >= CROWDED_MIN_SHARE * count) & (best_known < nearest_similarity)
     candidates = new_ids[~close]
     summary["candidates"] = int(len(candidates))
     scale = 1.0
     if len(candidates) > MAX_CANDIDATES:
-        rng = np.random.default_rng(SEED)
         scale = len(candidates) / MAX_CANDIDATES
-        candidates = np.sort(rng.choice(candidates, MAX_CANDIDATES, replace=False))
+        candidates = np.sort(np.random.default_rng(SEED).choice(candidates, MAX_CANDIDATES, replace=False))
     summary["candidates_searched"] = int(len(candidates))
-    if len(candidates) == 0:
-        return {**summary, "far_items": 0, "regions": []}, *empty
-    queries = source.take(candidates)
-    best = np.max(np.stack(map_vectors(source, _nearest_old, queries, is_new)), axis=0)
-    far_mask = best < threshold
-    far, best = candidates[far_mask], best[far_mask]
+    best = dict(zip(new_ids.tolist(), best_known.tolist()))
+    far = np.zeros(0, np.int64)
+    if len(candidates):
+        exact = np.max(np.stack(map_vectors(source, _nearest_old, source.take(candidates), is_new)), axis=0)
+        best.update(zip(candidates.tolist(), exact.tolist()))
+        far = candidates[exact < threshold]
     summary["far_items"] = int(round(len(far) * scale))
-    if len(far) == 0:
+    summary["crowded_items"] = int(crowded.sum())
+    members = np.union1d(far, new_ids[crowded])
+    if len(members) == 0:
         return {**summary, "regions": []}, *empty
-    # Regions: far items joined by tonight's kNN edges that are at least as close as the threshold.
+    # Regions: members joined by tonight's kNN edges between them.
     position = np.full(len(is_new), -1, np.int64)
-    position[far] = np.arange(len(far))
-    nb, sims = graph.ids[far].astype(np.int64), graph.sims[far]
+    position[members] = np.arange(len(members))
+    nb = graph.ids[members].astype(np.int64)
     target = np.where(nb >= 0, position[np.maximum(nb, 0)], -1)
-    keep = (target >= 0) & (sims >= threshold)
-    rows = np.repeat(np.arange(len(far)), nb.shape[1])[keep.ravel()]
-    edges = coo_matrix((np.ones(len(rows)), (rows, target.ravel()[keep.ravel()])), shape=(len(far), len(far)))
+    keep = target >= 0
+    rows = np.repeat(np.arange(len(members)), nb.shape[1])[keep.ravel()]
+    edges = coo_matrix((np.ones(len(rows)), (rows, target.ravel()[keep.ravel()])), shape=(len(members),) * 2)
     _, component = connected_components(edges, directed=False)
     sizes = np.bincount(component)
     order = np.argsort(-sizes, kind="stable")
     rank = np.empty_like(order)
     rank[order] = np.arange(len(order))
     region = rank[component]
+    similarity = np.array([best.get(int(i), -np.inf) for i in members], np.float32)
+    similarity[~np.isfinite(similarity)] = np.nan
     regions = []
-    x_far = source.take(far)
-    for r in range(min(len(order), REGIONS_LISTED)):
-        members = np.flatnonzero(region == r)
-        entry = {"region": r, "items": int(len(members)),
-                 "similarity_to_previous": round(float(best[members].max()), 4)}
+    listed = [r for r in range(len(order)) if sizes[order[r]] >= MIN_REGION_LISTED][:REGIONS_LISTED]
+    x_members = source.take(members[np.isin(region, listed)]) if listed else None
+    listed_region = region[np.isin(region, listed)]
+    for r in listed:
+        inside = np.flatnonzero(region == r)
+        entry = {"region": r, "items": int(len(inside)), "far": int(np.isin(members[inside], far).sum())}
+        known = similarity[inside][np.isfinite(similarity[inside])]
+        if len(known):
+            entry["best_similarity_to_previous"] = round(float(known.max()), 4)
         if previous_centroids is not None and len(previous_centroids):
-            mean = x_far[members].mean(axis=0)
+            mean = x_members[listed_region == r].mean(axis=0)
             mean /= max(float(np.linalg.norm(mean)), 1e-12)
             sims_c = previous_centroids @ mean
             entry["nearest_previous_cluster"] = int(np.argmax(sims_c))
             entry["nearest_previous_cluster_similarity"] = round(float(sims_c.max()), 4)
         regions.append(entry)
     summary["regions"] = regions
-    summary["region_count"] = int(len(order))
-    return summary, far, region, best
+    summary["region_count"] = int(np.sum(sizes >= MIN_REGION_LISTED))
+    return summary, members, region, similarity
 
 
 def compare(previous: Profile, current: Profile, config: DriftConfig, *, on_previous: np.ndarray | None,
@@ -424,7 +461,8 @@ def drift_phase(samples: pa.Table, vectors, graph, config: DriftConfig, *, model
                                                 f"(vectors of two embedders do not compare)",
                                      "previous_run": previous.uri})
     is_new = new_item_mask(samples, previous)
-    regions, far, region, best = find_new_regions(graph, is_new, before.kth_similarity, vectors,
+    regions, members, region, best = find_new_regions(graph, is_new, before.kth_similarity, vectors,
+                                                      nearest_similarity=before.nearest_similarity,
                                                   previous_centroids=before.centroids)
     new_ids = np.flatnonzero(is_new)
     if len(new_ids) > config.sample_size:
@@ -432,14 +470,15 @@ def drift_phase(samples: pa.Table, vectors, graph, config: DriftConfig, *, model
     new_sample = as_source(vectors).take(new_ids) if len(new_ids) >= MIN_NEW_FOR_TEST else None
     summary = {"previous_run": previous.uri, **compare(before, profile, config, on_previous=on_previous,
                                                        regions=regions, new_sample=new_sample)}
-    rows = ok_rows_in_vector_order(samples)[far]
-    far_items = pa.table({"uri": samples["uri"].take(pa.array(rows, pa.int64())),
-                          "region": pa.array(region, pa.int32()),
-                          "similarity_to_previous": pa.array(best, pa.float32())}).sort_by(
+    rows = ok_rows_in_vector_order(samples)[members]
+    far = np.isfinite(best) & (best < before.kth_similarity)
+    new_region_items = pa.table({"uri": samples["uri"].take(pa.array(rows, pa.int64())),
+                                 "region": pa.array(region, pa.int32()), "far": pa.array(far),
+                                 "similarity_to_previous": pa.array(best, pa.float32(), from_pandas=True)}).sort_by(
         [("region", "ascending"), ("similarity_to_previous", "ascending")])
     if summary["alarm"]:
         log.warning("drift alarm since %s: %s", previous.uri, "; ".join(summary["rules_fired"]))
     else:
-        log.info("drift since %s: no alarm (MMD p=%s, %d far new items)", previous.uri,
-                 summary["mmd"].get("p_value"), regions.get("far_items", 0))
-    return DriftResult(profile, summary, far_items)
+        log.info("drift since %s: no alarm (MMD p=%s, %d new items in new regions)", previous.uri,
+                 summary["mmd"].get("p_value"), len(members))
+    return DriftResult(profile, summary, new_region_items)

@@ -179,7 +179,7 @@ def run_job(config: Config, *, resolver: Resolver | None = None, plan: Plan | No
         with clock.phase("report_data"):
             samples, report = prepare_report(samples, ingested.vectors, selections, config, resolver,
                                              leakage=leakage[0] if leakage is not None else None,
-                                             drift=drift.far_items if drift is not None else None)
+                                             drift=drift.new_region_items if drift is not None else None)
     return publish(plan, config, Scored(samples, score_report["summary"], selections, report, leakage, corrections,
                                         drift),
                    clock, embedder=ingested.embedder, knn=neighbours.info)
@@ -513,8 +513,8 @@ def _write_outputs(plan: Plan, config: Config, info: RunInfo, samples: pa.Table,
     if scored.drift is not None:  # part of the published run, so a retried job cannot lose the alarm
         scored.drift.profile.write(run)
         info.drift = scored.drift.summary
-        if scored.drift.far_items is not None:
-            outputs.write_table(run.child("drift.parquet"), scored.drift.far_items)
+        if scored.drift.new_region_items is not None:
+            outputs.write_table(run.child("drift.parquet"), scored.drift.new_region_items)
     report = scored.report or ReportAssets({r.name: r.mode for r in scored.selections})
     info.map = report.map_info
     write_bytes(run.child("report.html"), render_report(

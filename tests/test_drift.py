@@ -73,6 +73,7 @@ def _pair(seed: int, night2: dict[int, int] | None = None, *, keep: float = 0.95
                                         previous_centroids=first.centroids)
     is_new = np.r_[np.zeros(len(kept), bool), np.ones(len(xn), bool)]
     regions, far, region, _ = find_new_regions(g2, is_new, first.kth_similarity, x2,
+                                               nearest_similarity=first.nearest_similarity,
                                                previous_centroids=first.centroids)
     new_sample = x2[is_new][:SAMPLE]
     drift = compare(first, second, DriftConfig(), on_previous=on_previous, regions=regions, new_sample=new_sample)
@@ -93,10 +94,10 @@ def test_twenty_same_distribution_nights_raise_no_alarm():
 
 
 def test_an_unseen_class_is_an_alarm_and_its_region_is_found():
-    drift, far, region, n_old = _pair(1, {CLASSES: 120, 0: 20, 1: 20})
+    drift, members, region, n_old = _pair(1, {CLASSES: 120, 0: 20, 1: 20})
     assert drift["alarm"] and any("new region" in rule for rule in drift["rules_fired"])
     planted = np.arange(n_old + 0, n_old + 120)  # the unseen class comes first among the new items
-    found = far[region == 0]
+    found = members[region == 0]
     assert len(set(found) & set(planted)) >= 0.95 * 120 and len(set(found) - set(planted)) <= 3
     assert drift["new_regions"]["regions"][0]["items"] == len(found)
 

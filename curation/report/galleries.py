@@ -133,23 +133,23 @@ def leakage_gallery(leakage: pa.Table | None, size: int) -> Gallery:
                    groups, leakage.num_rows, grouped=True)
 
 
-def drift_gallery(far_items: pa.Table | None, size: int) -> Gallery:
+def drift_gallery(members: pa.Table | None, size: int) -> Gallery:
     """New regions since the previous run (``drift.parquet``), largest first, one row per region."""
-    if far_items is None or far_items.num_rows == 0:
+    if members is None or members.num_rows == 0:
         return Gallery("drift", "New since the previous run", "", [], 0)
-    region = far_items["region"].to_numpy(zero_copy_only=False)
+    region = members["region"].to_numpy(zero_copy_only=False)
     sizes = np.bincount(region)
     groups = []
     for r in range(min(len(sizes), max(1, size // 3))):
         if sizes[r] < 2:
             break
-        members = far_items.filter(pc.equal(far_items["region"], r)).slice(0, DUPLICATE_GROUP_SIZE).to_pylist()
+        shown = members.filter(pc.equal(members["region"], r)).slice(0, DUPLICATE_GROUP_SIZE).to_pylist()
         groups.append([GalleryItem(m["uri"], [f"region {r} ({sizes[r]} new items)",
-                                              f"best similarity to the previous run {_fmt(m['similarity_to_previous'])}"])
-                       for m in members])
+                                              "far from everything before" if m["far"] else
+                                              "its neighbours are new items"]) for m in shown])
     return Gallery("drift", "New since the previous run",
-                   "each row is one region of new items farther from everything the previous run had than its "
-                   "items are from their own k-th neighbour (drift.parquet), largest first", groups, len(groups),
+                   "each row is one region of new items: far from everything the previous run had, or with new "
+                   "items for neighbours more than chance allows (drift.parquet), largest first", groups, len(groups),
                    grouped=True)
 
 

@@ -307,7 +307,8 @@ def _header(run_id: str, samples: pa.Table, run_info: RunInfo) -> list[str]:
                     ["two-sample test (MMD) p-value", mmd.get("p_value")],
                     ["new items", regions.get("new_items")],
                     ["new items far from everything before", regions.get("far_items")],
-                    ["regions of them", regions.get("region_count", 0)]]
+                    ["new items whose neighbours are new beyond chance", regions.get("crowded_items")],
+                    ["new regions (3 items or more)", regions.get("region_count", 0)]]
             parts.append(_table(["what", "value"], rows))
     return parts
 
