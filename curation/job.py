@@ -179,7 +179,8 @@ def run_job(config: Config, *, resolver: Resolver | None = None, plan: Plan | No
         with clock.phase("report_data"):
             samples, report = prepare_report(samples, ingested.vectors, selections, config, resolver,
                                              leakage=leakage[0] if leakage is not None else None,
-                                             drift=drift.new_region_items if drift is not None else None)
+                                             drift=drift.new_region_items if drift is not None else None,
+                                             score_summary=score_report["summary"])
     return publish(plan, config, Scored(samples, score_report["summary"], selections, report, leakage, corrections,
                                         drift),
                    clock, embedder=ingested.embedder, knn=neighbours.info)

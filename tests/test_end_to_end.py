@@ -232,3 +232,34 @@ def test_similar_over_a_local_run_finds_copies_and_repeats_its_knn(local_run, ca
     written = pq.read_table(os.path.join(out, "hits.parquet"))
     assert written.num_rows == 5 and label not in written["label"].to_pylist()
     assert "rank" in capsys.readouterr().out
+
+
+def test_threshold_evidence_counts_what_moving_each_threshold_flags(local_run):
+    """run.json has, per threshold, what nearby values would flag (equal to the flags at the
+    configured value) and the items or pairs either side; the report shows them side by side."""
+    import json
+
+    result, out, truth, root = local_run
+    info = json.load(open(os.path.join(result.run_uri, "run.json")))
+    samples = pq.read_table(os.path.join(result.run_uri, "samples"))
+    flags = {c: int(pa.compute.sum(pa.compute.fill_null(samples[c], False)).as_py() or 0)
+             for c in ("is_dark", "is_suspected_mislabel", "is_low_information")}
+    junk = info["scores"]["junk"]["thresholds"]
+    assert junk["dark_highlights"]["flagged_at"][str(junk["dark_highlights"]["value"])] == flags["is_dark"]
+    assert junk["low_information_std"]["flagged_at"][str(junk["low_information_std"]["value"])] == \
+        flags["is_low_information"]
+    quality = info["scores"]["label_quality"]["thresholds"]["label_quality_threshold"]
+    at = quality["flagged_at"]
+    assert at[str(quality["value"])] == flags["is_suspected_mislabel"] > 0
+    assert list(at.values()) == sorted(at.values())  # a higher threshold flags more
+    assert all(e["label_quality"] < quality["value"] for e in quality["flagged"])
+    assert all(e["label_quality"] >= quality["value"] for e in quality["not_flagged"]) and quality["not_flagged"]
+    copies = info["scores"]["duplicates"]["thresholds"]["copy_cosine"]
+    assert list(copies["pairs_at"].values()) == sorted(copies["pairs_at"].values(), reverse=True)
+    group = dict(zip(samples["uri"].to_pylist(), samples["dup_group"].to_pylist()))
+    for pair in copies["flagged"]:  # a pair over the line is one duplicate group
+        assert pair["similarity"] >= copies["value"] and group[pair["uri_a"]] == group[pair["uri_b"]] is not None
+    assert copies["not_flagged"] and all(p["similarity"] < copies["value"] for p in copies["not_flagged"])
+    page = open(os.path.join(result.run_uri, "report.html")).read()
+    assert "Either side of copy_cosine" in page and "Either side of label_quality_threshold" in page
+    assert "<h2>Thresholds</h2>" in page

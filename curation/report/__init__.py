@@ -53,13 +53,13 @@ def thumbnail_order(samples: pa.Table, galleries: list[Gallery], masks: dict[str
 
 def prepare_report(samples: pa.Table, vectors, selections: list, config: Config,
                    resolver: Resolver, *, leakage: pa.Table | None = None,
-                   drift: pa.Table | None = None) -> tuple[pa.Table, ReportAssets]:
+                   drift: pa.Table | None = None, score_summary: dict | None = None) -> tuple[pa.Table, ReportAssets]:
     """Map coordinates, galleries and thumbnails (``samples`` comes back with ``x``, ``y``)."""
     tables = {r.name: r.table for r in selections}
     modes = {r.name: r.mode for r in selections}
     samples, map_info = map_coordinates(samples, vectors, tables, modes, config.report)
     galleries = choose_galleries(samples, tables, modes, size=config.report.gallery_size, leakage=leakage,
-                                 drift=drift)
+                                 drift=drift, score_summary=score_summary)
     thumbnails: dict[str, str] = {}
     if not config.input.embeddings and config.report.thumbnails:  # precomputed embeddings: no images
         uris = thumbnail_order(samples, galleries, highlight_masks(samples, tables, modes), config.report.thumbnails)

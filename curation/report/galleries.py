@@ -153,6 +153,38 @@ def drift_gallery(members: pa.Table | None, size: int) -> Gallery:
                    grouped=True)
 
 
+def threshold_galleries(score_summary: dict | None) -> list[Gallery]:
+    """Items or pairs just either side of the copy and label-quality thresholds, side by side
+    (from each score's ``thresholds`` evidence), so a user sees what moving the value changes."""
+    out = []
+    for name, summary in (score_summary or {}).items():
+        for key, evidence in (summary.get("thresholds") or {}).items():
+            flagged, other = evidence.get("flagged") or [], evidence.get("not_flagged") or []
+            if not (flagged or other):
+                continue
+            value = evidence["value"]
+            if flagged and "uri_a" in flagged[0] or other and "uri_a" in other[0]:
+                def row(pair, verdict):
+                    caption = [f"similarity {_fmt(pair['similarity'])}", verdict]
+                    return [GalleryItem(pair["uri_a"], caption), GalleryItem(pair["uri_b"], caption)]
+
+                groups = ([row(p, f"copies at {key} {value}") for p in flagged]
+                          + [row(p, f"not copies at {key} {value}") for p in other])
+                note = (f"pairs nearest {key} = {value}: the first {len(flagged)} rows are flagged as copies, the "
+                        f"next {len(other)} are not; raising or lowering it moves the line between them")
+            else:
+                def item(entry, verdict):
+                    return GalleryItem(entry["uri"], [f"labelled {entry['label']}, suggested {entry['suggested_label']}",
+                                                      f"label quality {_fmt(entry['label_quality'])}", verdict])
+
+                groups = [[item(e, "flagged") for e in flagged], [item(e, "not flagged") for e in other]]
+                note = (f"items nearest {key} = {value} that the label models confidently disagree with: first row "
+                        f"just below (flagged), second row just above (not flagged)")
+            out.append(Gallery(f"threshold-{key}", f"Either side of {key} = {value}", note, groups,
+                               sum(len(g) for g in groups), grouped=True))
+    return out
+
+
 def junk_galleries(samples: pa.Table, size: int) -> list[Gallery]:
     out = []
     for declared in (f for f in scores.FLAGS if f.kind == "junk"):
@@ -173,12 +205,13 @@ def rejected_gallery(samples: pa.Table, size: int) -> Gallery:
 
 
 def choose_galleries(samples: pa.Table, selections: dict[str, pa.Table], modes: dict[str, str], *,
-                     size: int, leakage: pa.Table | None = None, drift: pa.Table | None = None) -> list[Gallery]:
+                     size: int, leakage: pa.Table | None = None, drift: pa.Table | None = None,
+                     score_summary: dict | None = None) -> list[Gallery]:
     """Every gallery of the page, in page order; empty ones are dropped."""
     if size <= 0:
         return []
     galleries = [*mislabel_galleries(samples, size), *edge_case_galleries(samples, selections, modes, size),
                  duplicate_gallery(samples, size), leakage_gallery(leakage, size), drift_gallery(drift, size),
-                 *junk_galleries(samples, size),
+                 *junk_galleries(samples, size), *threshold_galleries(score_summary),
                  rejected_gallery(samples, size)]
     return [g for g in galleries if g.total]

@@ -292,6 +292,17 @@ def _header(run_id: str, samples: pa.Table, run_info: RunInfo) -> list[str]:
         for key, value in diff.items():
             rows.append([key, json.dumps(value, sort_keys=True) if isinstance(value, (dict, list)) else value])
         parts.append("<h2>Since the previous run</h2>" + _table(["what", "value"], rows))
+    thresholds = [(key, evidence) for summary in run_info.scores.values()
+                  for key, evidence in (summary.get("thresholds") or {}).items()]
+    if thresholds:
+        rows = []
+        for key, evidence in thresholds:
+            counts = evidence.get("flagged_at") or evidence.get("pairs_at") or {}
+            rows.append([f"scores.{key}", evidence["value"],
+                         ", ".join(f"{v}: {n}" for v, n in counts.items())])
+        parts.append("<h2>Thresholds</h2><p class=note>what each threshold would flag at nearby values "
+                     "(items; pairs for the copy threshold)</p>"
+                     + _table(["key", "value", "flagged at"], rows))
     drift = run_info.drift
     if drift:
         parts.append("<h2>Drift</h2>")

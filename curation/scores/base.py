@@ -166,3 +166,58 @@ def count_true(table: pa.Table, *names: str) -> dict[str, int]:
 def masked(values: np.ndarray, valid: np.ndarray, type_: pa.DataType) -> pa.Array:
     """Arrow array with nulls where ``valid`` is False."""
     return pa.array(values, type=type_, mask=~np.asarray(valid, dtype=bool))
+
+
+# ------------------------------------------------------------------ evidence behind thresholds
+
+EVIDENCE_KEY = b"threshold_evidence"
+EVIDENCE_EXAMPLES = 6  # items (or pairs) shown on each side of a threshold
+
+
+def nearby(value: float, step: float, low: float | None = None, high: float | None = None) -> list[float]:
+    """The configured ``value`` and two steps either side (clipped to ``[low, high]``)."""
+    out = []
+    for k in (-2, -1, 0, 1, 2):
+        v = round(value + k * step, 6)
+        if (low is None or v >= low) and (high is None or v <= high):
+            out.append(v)
+    return out
+
+
+def one_sided_counts(values: np.ndarray, eligible: np.ndarray, thresholds: list[float], *, below: bool) -> dict:
+    """How many ``eligible`` items a ``value < t`` (``below``) or ``value > t`` rule flags at each t."""
+    x = np.asarray(values, np.float64)[eligible]
+    x = x[np.isfinite(x)]
+    return {str(t): int((x < t).sum() if below else (x > t).sum()) for t in thresholds}
+
+
+def with_evidence(table: pa.Table, evidence: dict) -> pa.Table:
+    """``table`` carrying ``evidence`` (per threshold key: counts at nearby values and the items
+    or pairs on either side) for its score's summary to report; never shared state."""
+    import json
+
+    meta = dict(table.schema.metadata or {})
+    meta[EVIDENCE_KEY] = json.dumps(evidence, default=float).encode()
+    return table.replace_schema_metadata(meta)
+
+
+def evidence_of(table: pa.Table) -> dict:
+    import json
+
+    raw = (table.schema.metadata or {}).get(EVIDENCE_KEY)
+    return json.loads(raw) if raw else {}
+
+
+def side_by_side(values: np.ndarray, candidates: np.ndarray, threshold: float, *, flagged_below: bool) -> dict:
+    """Rows of ``candidates`` just on the flagged side of ``threshold`` and just on the other
+    side, closest to it first (``EVIDENCE_EXAMPLES`` each)."""
+    x = np.asarray(values, np.float64)[candidates]
+    keep = np.isfinite(x)
+    candidates, x = candidates[keep], x[keep]
+    flagged = x < threshold if flagged_below else x >= threshold
+    distance = np.abs(x - threshold)
+    out = {}
+    for side, mask in (("flagged", flagged), ("not_flagged", ~flagged)):
+        rows = candidates[mask][np.argsort(distance[mask], kind="stable")[:EVIDENCE_EXAMPLES]]
+        out[side] = rows
+    return out

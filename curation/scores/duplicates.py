@@ -38,7 +38,8 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from curation.index.knn import kth_distance
-from curation.scores.base import REASON_COLUMN, ScoreContext, masked
+from curation.scores.base import EVIDENCE_EXAMPLES, REASON_COLUMN, ScoreContext, evidence_of, masked, nearby, \
+    with_evidence
 from curation.scores.junk import is_junk
 
 PHASH_MIN_COSINE = 0.85
@@ -123,6 +124,37 @@ def _ratio_edges(graph, reference: np.ndarray, cosine: float, ratio: float) -> n
         1.0 - graph.sims <= np.maximum(ratio * local, CERTAIN_DISTANCE))
 
 
+def _cosine_evidence(graph, reference: np.ndarray, cosine: float, ratio: float, uri: pa.ChunkedArray,
+                     ok_rows: np.ndarray) -> dict:
+    """What moving the cosine threshold changes: the pairs the graph's rule (cosine and ratio
+    test) accepts at nearby values, and the pairs just above and just below the value."""
+    values = nearby(cosine, 0.02, 0.0, 1.0)
+    counts = {}
+    for v in values:
+        rows, cols = np.nonzero(_ratio_edges(graph, reference, v, ratio))
+        a, b = rows, graph.ids[rows, cols]
+        counts[str(v)] = int(len(np.unique(np.minimum(a, b) * len(graph.ids) + np.maximum(a, b))))
+    # Pairs that pass the ratio test at any cosine, nearest the threshold on each side.
+    loose = _ratio_edges(graph, reference, -1.0, ratio)
+    rows, cols = np.nonzero(loose)
+    sims = graph.sims[rows, cols].astype(np.float64)
+    pairs = {}
+    for side, mask in (("flagged", sims >= cosine), ("not_flagged", sims < cosine)):
+        idx = np.flatnonzero(mask)[np.argsort(np.abs(sims[mask] - cosine), kind="stable")]
+        seen, out = set(), []
+        for i in idx:
+            a, b = int(rows[i]), int(graph.ids[rows[i], cols[i]])
+            if (min(a, b), max(a, b)) in seen:
+                continue
+            seen.add((min(a, b), max(a, b)))
+            out.append({"uri_a": uri[int(ok_rows[a])].as_py(), "uri_b": uri[int(ok_rows[b])].as_py(),
+                        "similarity": round(float(sims[i]), 4)})
+            if len(out) >= EVIDENCE_EXAMPLES:
+                break
+        pairs[side] = out
+    return {"value": cosine, "pairs_at": counts, **pairs}
+
+
 class DuplicatesScore:
     name = "duplicates"
     flags = ()
@@ -149,6 +181,8 @@ class DuplicatesScore:
         rows, cols = np.nonzero(_ratio_edges(graph, reference, cosine, ratio))
         for a, b in zip(rows, graph.ids[rows, cols]):
             uf.union(int(a), int(b))
+        evidence = {("copy_cosine" if ctx.copy_knn is not None else "near_duplicate_cosine"):
+                    _cosine_evidence(graph, reference, cosine, ratio, ctx.columns.arrow("uri"), ok_rows)}
 
         # Near duplicates from the perceptual hash, guarded by a looser embedding agreement.
         if "phash" in ctx.columns and cfg.near_duplicate_hamming > 0:
@@ -215,12 +249,12 @@ class DuplicatesScore:
         dup_of = pc.if_else(pa.array(is_dup), dup_of, pa.scalar(None, pa.string()))
         kind = pa.array(np.array(["semantic", "near", "exact"], dtype=object)[kind_code], pa.string(), mask=~is_dup)
         reasons = pc.binary_join_element_wise(kind, pa.scalar(" duplicate of "), dup_of, pa.scalar(""))
-        return pa.table({
+        return with_evidence(pa.table({
             "dup_group": masked(group, has_group, pa.int64()),
             "dup_of": dup_of,
             "dup_kind": kind,
             REASON_COLUMN: reasons,
-        })
+        }), evidence)
 
     def summary(self, table: pa.Table) -> dict:
         import pyarrow.compute as pc
@@ -228,4 +262,4 @@ class DuplicatesScore:
         kinds = pc.value_counts(table["dup_kind"].drop_null()).to_pylist()
         return {"flags": {"duplicates_not_kept": int(table["dup_of"].is_valid().to_numpy(zero_copy_only=False).sum()),
                           "duplicate_groups": len(pc.unique(table["dup_group"].drop_null()))},
-                "by_kind": {str(v["values"]): int(v["counts"]) for v in kinds}}
+                "by_kind": {str(v["values"]): int(v["counts"]) for v in kinds}, "thresholds": evidence_of(table)}

@@ -18,7 +18,8 @@ from __future__ import annotations
 import numpy as np
 import pyarrow as pa
 
-from curation.scores.base import REASON_COLUMN, Flag, ScoreContext, count_true
+from curation.scores.base import REASON_COLUMN, Flag, ScoreContext, count_true, evidence_of, nearby, \
+    one_sided_counts, with_evidence
 
 
 class JunkScore:
@@ -58,14 +59,25 @@ class JunkScore:
             if blurry[i]:
                 parts.append(f"blurry (sharpness {sharpness[i]:.3f})")
             reasons[i] = "; ".join(parts)
-        return pa.table({
+        table = pa.table({
             "is_dark": dark, "is_bright": bright, "is_blurry": blurry, "is_low_information": flat,
             REASON_COLUMN: pa.array(reasons, pa.string()),
         })
+        # What moving a one-sided threshold would flag (the other junk rules held as they are).
+        evidence = {
+            "dark_highlights": {"value": cfg.dark_highlights, "flagged_at": one_sided_counts(
+                highlights, known, nearby(cfg.dark_highlights, 0.02, 0.0, 1.0), below=True)},
+            "low_information_std": {"value": cfg.low_information_std, "flagged_at": one_sided_counts(
+                contrast, known, nearby(cfg.low_information_std, 0.25 * cfg.low_information_std, 0.0), below=True)},
+            "blurry_sharpness": {"value": cfg.blurry_sharpness, "flagged_at": one_sided_counts(
+                sharpness, known & ~flat, nearby(cfg.blurry_sharpness, 0.25 * cfg.blurry_sharpness, 0.0),
+                below=True)},
+        }
+        return with_evidence(table, evidence)
 
 
     def summary(self, table: pa.Table) -> dict:
-        return {"flags": count_true(table, *(f.column for f in self.flags))}
+        return {"flags": count_true(table, *(f.column for f in self.flags)), "thresholds": evidence_of(table)}
 
 
 def is_junk(columns) -> np.ndarray:

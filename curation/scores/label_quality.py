@@ -43,7 +43,8 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from curation.corrections import corrected_mask
-from curation.scores.base import REASON_COLUMN, Flag, ScoreContext, count_true, masked
+from curation.scores.base import REASON_COLUMN, Flag, ScoreContext, count_true, evidence_of, masked, nearby, \
+    one_sided_counts, side_by_side, with_evidence
 from curation.scores.label_probe import probe_probabilities
 
 TEMPERATURE = 0.1
@@ -136,7 +137,7 @@ class LabelQualityScore:
         for i in np.flatnonzero(disputed):
             reasons[i] = (f"disputed correction: given {given[i]!r}, corrected to {classes[codes_all[i]]!r}, the "
                           f"label models suggest {classes[suggested_code[i]]!r} (confidence {confidence_all[i]:.2f})")
-        return pa.table({
+        table = pa.table({
             "label_quality": masked(quality, has_quality, pa.float32()),
             "suggested_label": suggested,
             "suggested_confidence": masked(confidence_all.astype(np.float32), suggested_code >= 0, pa.float32()),
@@ -144,6 +145,22 @@ class LabelQualityScore:
             "is_disputed": disputed,
             REASON_COLUMN: pa.array(reasons, pa.string()),
         }).replace_schema_metadata({"label_models": json.dumps(info)})  # for summary()
+        # Moving label_quality_threshold changes only which of these are flagged: labelled items
+        # the label models confidently disagree with, outside the rare tail, not corrected.
+        open_to_it = has_quality & ~rare & confident & disagree & ~corrected
+        threshold = ctx.config.label_quality_threshold
+        sides = side_by_side(quality, np.flatnonzero(open_to_it), threshold, flagged_below=True)
+        uri = ctx.columns.arrow("uri")
+
+        def described(rows):
+            return [{"uri": uri[int(r)].as_py(), "label": str(classes[codes_all[r]]),
+                     "suggested_label": str(classes[suggested_code[r]]), "label_quality": round(float(quality[r]), 4)}
+                    for r in rows]
+
+        return with_evidence(table, {"label_quality_threshold": {
+            "value": threshold,
+            "flagged_at": one_sided_counts(quality, open_to_it, nearby(threshold, 0.05, 0.0, 1.0), below=True),
+            "flagged": described(sides["flagged"]), "not_flagged": described(sides["not_flagged"])}})
 
     @staticmethod
     def _vote(ctx: ScoreContext, codes: np.ndarray, n_classes: int):
@@ -192,4 +209,5 @@ class LabelQualityScore:
 
     def summary(self, table: pa.Table) -> dict:
         metadata = (table.schema.metadata or {}).get(b"label_models", b"{}")
-        return {"flags": count_true(table, *(f.column for f in self.flags)), **json.loads(metadata)}
+        return {"flags": count_true(table, *(f.column for f in self.flags)), **json.loads(metadata),
+                "thresholds": evidence_of(table)}
