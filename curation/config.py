@@ -170,6 +170,14 @@ class KnnConfig:
         train_size: vectors sampled to train the coarse quantiser; 0 = max(40 * nlist, 50 000).
         shards: index shards (Ray actors); 0 = one per 2 cluster CPUs.
         query_batch: queries per fan-out round.
+        incremental: ``auto`` updates the previous published run's graph (only new and
+            changed items, and old items that lost a neighbour, are searched; the previous
+            run's trained index is reused) when that run is compatible; ``off`` always builds
+            the whole graph. ``run.json`` → ``knn.incremental`` says what was reused or why not.
+        rebuild_every: with ``incremental: auto``, build the whole graph (and retrain the
+            index) every this many nights.
+        incremental_max_change: build the whole graph when more than this share of the items
+            is new, changed or deleted (an update would cost about as much).
     """
 
     k: int = ranged(10, 1)
@@ -183,6 +191,9 @@ class KnnConfig:
     train_size: int = ranged(0, 0)
     shards: int = ranged(0, 0)
     query_batch: int = ranged(16384, 1)
+    incremental: str = choice("auto", "auto", "off")
+    rebuild_every: int = ranged(7, 1)
+    incremental_max_change: float = ranged(0.3, 0.0, 1.0)
 
 
 @dataclass

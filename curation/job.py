@@ -165,6 +165,8 @@ def run_job(config: Config, *, resolver: Resolver | None = None, plan: Plan | No
             samples, score_report = score(ingested, neighbours, config)
             clock.timings.update({f"score_{k}": v for k, v in score_report["timings_s"].items()})
             outputs.write_knn_graph(plan.run.child("knn"), samples, neighbours.graph)
+            if neighbours.copy_graph is not None:  # kept for the next night's update
+                outputs.write_knn_graph(plan.run.child("knn-copies"), samples, neighbours.copy_graph)
         with clock.phase("drift"):
             drift = _drift(plan, config, samples, ingested, neighbours.graph)
             # The graph has served its purpose: free it before selections.
@@ -334,13 +336,18 @@ def _ingest_embeddings(plan: Plan, config: Config, resolver: Resolver) -> Ingest
 
 
 def find_neighbours(ingested: Ingested, config: Config, plan: Plan) -> Neighbours:
-    from curation.index.sharded import knn_graph
 
     n_ok = ingested.vectors.n
     if n_ok == 0:
         raise NothingToPublish(f"no usable item: {ingested.samples.num_rows} inputs, all rejected "
                                f"(see the log for reasons); nothing published, latest unchanged")
-    graph, info = knn_graph(ingested.vectors, config.knn, save_to=plan.run.child("index"))
+    from curation.index.incremental import neighbour_graph, read_previous_info
+
+    previous = previous_run(plan.output, plan.latest) if config.knn.incremental != "off" else None
+    previous_info = read_previous_info(previous) if previous is not None else {}
+    model_id = str(ingested.embedder.get("model_id"))
+    graph, info = neighbour_graph(ingested.vectors, config.knn, samples=ingested.samples, save_to=plan.run.child("index"),
+                                  previous=previous, previous_info=previous_info, model_id=model_id)
     if isinstance(ingested.vectors, VectorParts):
         info["vectors"] = ingested.vectors.describe()
     log.info("kNN graph: %d vectors x %d, k=%d, %s", n_ok, ingested.vectors.dim, config.knn.k, info.get("method"))
@@ -348,7 +355,10 @@ def find_neighbours(ingested: Ingested, config: Config, plan: Plan) -> Neighbour
     if ingested.copies is not None:
         # Copy detection has its own graph, in the copy descriptor's space: whatever model
         # embeds the images, a copy is judged by how it looks (see scores/duplicates.py).
-        copy_graph, copy_info = knn_graph(ingested.copies, config.knn, save_to=plan.run.child("index-copies"))
+        copy_graph, copy_info = neighbour_graph(ingested.copies, config.knn, samples=ingested.samples,
+                                                save_to=plan.run.child("index-copies"), previous=previous,
+                                                previous_info=previous_info, model_id=model_id, folder="knn-copies",
+                                                index_folder="index-copies")
         if isinstance(ingested.copies, VectorParts):
             copy_info["vectors"] = ingested.copies.describe()
         info["copies"] = copy_info

@@ -194,7 +194,10 @@ class RunSearch:
             return self.exact.reconstruct_batch(ids)
         if self._holds_vectors:
             shard = np.searchsorted(self._bounds, ids, side="right") - 1
-            return np.stack([self.shards[s].reconstruct(int(i)) for s, i in zip(shard, ids)]).astype(np.float32)
+            out = np.empty((len(ids), self.vectors.dim), np.float32)
+            for j, (s, i) in enumerate(zip(shard, ids)):
+                out[j] = self.shards[s].reconstruct(int(i))
+            return out
         return self.vectors.take(ids)
 
     def by_image(self, images: list[str], *, k: int = 20, where: str | None = None) -> pa.Table:
@@ -265,18 +268,37 @@ class RunSearch:
         return merge_shard_results(results)
 
     def _search_filtered(self, x: np.ndarray, k: int, allowed: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        """Exactly over the allowed items (the filter applies before the search, so every
-        query gets ``k`` hits when that many pass); a filter that leaves more than
-        :data:`EXACT_FILTER_MAX` uses the index with an id selector."""
+        """Only the allowed items (the filter applies before the search, so every query gets
+        ``k`` hits when that many pass). IVF shards are searched with an id selector and as
+        many more lists as the filter is selective; a query that still comes back short, and
+        every other index, is answered exactly over the allowed items (kept for the next query
+        with the same filter); a filter that leaves more than :data:`EXACT_FILTER_MAX` items
+        uses the exact index with an id selector."""
         import faiss
+
+        from curation.index.shard import merge_shard_results
 
         if len(allowed) == 0:
             return np.full((len(x), 0), -np.inf, np.float32), np.full((len(x), 0), -1, np.int64)
+        k = min(k, len(allowed))
+        if self.shards and all(isinstance(index, faiss.IndexIVF) for index in self.shards):
+            selector = faiss.IDSelectorBatch(allowed.astype(np.int64))
+            results = []
+            for index in self.shards:
+                nprobe = int(min(index.nlist, np.ceil(index.nprobe * self.n / len(allowed))))
+                sims, ids = index.search(x, k, params=faiss.SearchParametersIVF(sel=selector, nprobe=nprobe))
+                results.append((np.where(ids >= 0, sims, -np.inf).astype(np.float32), ids))
+            sims, ids = merge_shard_results(results)
+            if (ids[:, k - 1] >= 0).all():
+                return sims, ids
         if len(allowed) <= EXACT_FILTER_MAX:
-            base = self.exact.reconstruct_batch(allowed) if self.exact is not None else self.vectors.take(allowed)
-            index = faiss.IndexFlatIP(base.shape[1])
-            index.add(np.ascontiguousarray(base, np.float32))
-            sims, local = index.search(x, min(k, len(allowed)))
+            key = (len(allowed), int(allowed[:16].sum()), int(allowed[-16:].sum()))
+            if getattr(self, "_filtered_key", None) != key:
+                base = self.stored_vectors(allowed)
+                self._filtered = faiss.IndexFlatIP(base.shape[1])
+                self._filtered.add(np.ascontiguousarray(base, np.float32))
+                self._filtered_key = key
+            sims, local = self._filtered.search(x, k)
             return sims, np.where(local >= 0, allowed[np.maximum(local, 0)], -1)
         selector = faiss.IDSelectorBatch(allowed.astype(np.int64))
         params = faiss.SearchParameters(sel=selector)

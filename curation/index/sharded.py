@@ -72,7 +72,8 @@ def knn_graph(vectors, cfg: KnnConfig, *, seed: int = 0,
 
 
 def sharded_knn(vectors, k: int, params: IndexParams, *, query_batch: int = 16384,
-                seed: int = 0, save_to: Location | None = None, refine_factor: int = 16) -> tuple[KnnGraph, dict]:
+                seed: int = 0, save_to: Location | None = None, refine_factor: int = 16,
+                trained_from: Location | None = None, queries: np.ndarray | None = None) -> tuple[KnnGraph, dict]:
     """Train once on a uniform sample, fill shard actors with contiguous partitions, search every
     query batch on every shard from a Ray task and merge the per-shard top-k with FAISS.
 
@@ -80,20 +81,29 @@ def sharded_knn(vectors, k: int, params: IndexParams, *, query_batch: int = 1638
         vectors: where the vectors are (:class:`~curation.index.source.VectorParts`: shards and
             query tasks read storage themselves), or an in-memory matrix or
             :class:`~curation.index.source.MemoryVectors` (put once in the object store).
+        trained_from: a trained empty index to reuse (a previous run's ``trained.faissindex``)
+            instead of training one.
+        queries: search only these ids (sorted); the graph's rows are then theirs, in this order.
     """
     import ray
+
+    from curation.io.filesystem import read_bytes
 
     source = as_source(vectors)
     n, d = source.n, source.dim
     timing: dict = {}
     t = time.perf_counter()
-    # Trained in a Ray task, which fetches its own sample: the driver receives only the trained,
-    # empty index (nlist centroids).
-    request = training_request("the kNN index's training task", TRAIN_THREADS)
-    train = ray.remote(**request.options())(_train)
-    blob = ray.get(train.remote(source, params, d, n, seed, request.threads))
-    progress.tick()
-    timing["train_s"] = round(time.perf_counter() - t, 3)
+    if trained_from is not None:
+        blob = np.frombuffer(read_bytes(trained_from), np.uint8)
+        timing["trained_from"] = trained_from.uri
+    else:
+        # Trained in a Ray task, which fetches its own sample: the driver receives only the
+        # trained, empty index (nlist centroids).
+        request = training_request("the kNN index's training task", TRAIN_THREADS)
+        train = ray.remote(**request.options())(_train)
+        blob = ray.get(train.remote(source, params, d, n, seed, request.threads))
+        progress.tick()
+        timing["train_s"] = round(time.perf_counter() - t, 3)
     trained = None
     if save_to is not None:
         trained = save_to.child("trained.faissindex")
@@ -129,22 +139,32 @@ def sharded_knn(vectors, k: int, params: IndexParams, *, query_batch: int = 1638
         timing["shard_sizes"] = expected
 
         t = time.perf_counter()
-        ids = np.full((n, k), -1, id_dtype(n))
-        sims = np.full((n, k), -np.inf, np.float32)
+        rows = n if queries is None else len(queries)
+        ids = np.full((rows, k), -1, id_dtype(n))
+        sims = np.full((rows, k), -np.inf, np.float32)
         search_k = min(k + 1, n)
         # Query tasks reserve no CPU: they mostly wait on the shards, which hold the CPUs.
-        query = ray.remote(num_cpus=0)(_query_batch)
         pending: list = []
         done_rows = 0
-        # One task per range of whole row groups (each read once), searched query_batch rows at a time.
-        for start, stop in source.ranges(query_batch):
-            pending.append((start, stop, query.remote(source_ref, start, stop, shards, search_k, k, query_batch)))
+        if queries is None:
+            # One task per range of whole row groups (each read once), searched query_batch rows at a time.
+            query = ray.remote(num_cpus=0)(_query_batch)
+            jobs = [(start, stop, query.remote(source_ref, start, stop, shards, search_k, k, query_batch))
+                    for start, stop in source.ranges(query_batch)]
+        else:  # the given ids, query_batch at a time (each task reads just its rows)
+            query = ray.remote(num_cpus=0)(_query_ids)
+            jobs = [(start, min(start + query_batch, rows),
+                     query.remote(source_ref, queries[start:start + query_batch], shards, search_k, k))
+                    for start in range(0, rows, query_batch)]
+        for job in jobs:
+            pending.append(job)
             if len(pending) >= QUERY_TASKS_IN_FLIGHT:
                 done_rows += _collect(pending.pop(0), ids, sims)
-                log.info("kNN search: %d / %d items (%.0f s)", done_rows, n, time.perf_counter() - t)
+                log.info("kNN search: %d / %d items (%.0f s)", done_rows, rows, time.perf_counter() - t)
         while pending:
             done_rows += _collect(pending.pop(0), ids, sims)
         timing["search_s"] = round(time.perf_counter() - t, 3)
+        timing["searched"] = rows
         _check_shards(shards, expected, "after the search")
         timing["shard_peak_rss_bytes"] = ray.get([shard.memory_bytes.remote() for shard in shards])
         timing["shard_private_bytes"] = ray.get([shard.private_bytes.remote() for shard in shards])
@@ -214,6 +234,16 @@ def _query_batch(source, start: int, stop: int, shards: list, search_k: int, k: 
     if not out_ids:
         return np.zeros((0, k), np.int64), np.zeros((0, k), np.float32)
     return np.concatenate(out_ids), np.concatenate(out_sims)
+
+
+def _query_ids(source, own: np.ndarray, shards: list, search_k: int, k: int) -> tuple[np.ndarray, np.ndarray]:
+    """The given ids, run as a Ray task: read their vectors (in this task: it must not wait on
+    other tasks while the shards hold the CPUs), search every shard, merge, drop self."""
+    queries = source.take(own, local=True)
+    results = _shard_call([shard.search.remote(queries, search_k) for shard in shards], "the search")
+    merged_sims, merged_ids = merge_shard_results(results)
+    sims, ids = drop_self(merged_sims, merged_ids, own, k)
+    return ids, sims
 
 
 def _collect(pending, ids: np.ndarray, sims: np.ndarray) -> int:

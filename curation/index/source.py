@@ -90,11 +90,12 @@ class VectorParts:
         ids = np.asarray(ids, np.int64)
         return np.flatnonzero(self.keep)[ids] if self.keep is not None else ids
 
-    def take(self, ids: np.ndarray) -> np.ndarray:
+    def take(self, ids: np.ndarray, *, local: bool = False) -> np.ndarray:
         """Unit vectors of ``ids`` (any order, repeats allowed) as ``(len(ids), d)`` float32.
 
         Only the row groups holding them are read, one task per file (Ray tasks when Ray is
-        up), so the caller receives just these rows."""
+        up; in this process when ``local``, as a task that must not wait on other tasks does),
+        so the caller receives just these rows."""
         from curation.session import run_tasks
 
         ids = np.asarray(ids, np.int64)
@@ -106,7 +107,7 @@ class VectorParts:
             lo, hi = np.searchsorted(wanted, [first, first + rows])
             if hi > lo:
                 jobs.append((location, self.column, wanted[lo:hi] - first))
-        out = np.concatenate(run_tasks(_take_rows, jobs))
+        out = np.concatenate([_take_rows(*job) for job in jobs] if local else run_tasks(_take_rows, jobs))
         if len(wanted) == len(ids) and np.array_equal(inverse, np.arange(len(ids))):
             return out  # ids were sorted and distinct: no reordering copy
         return out[inverse]
@@ -236,7 +237,7 @@ class MemoryVectors:
     def ranges(self, target_rows: int) -> list[tuple[int, int]]:
         return [(lo, min(lo + target_rows, self.n)) for lo in range(0, self.n, target_rows)]
 
-    def take(self, ids: np.ndarray) -> np.ndarray:
+    def take(self, ids: np.ndarray, *, local: bool = False) -> np.ndarray:
         return self.x[np.asarray(ids, np.int64)]
 
 
