@@ -325,7 +325,8 @@ def _ingest_embeddings(plan: Plan, config: Config, resolver: Resolver) -> Ingest
     checks = run_tasks(inputs_io.check_vectors, [(location,) for location in plan.embedding_files])
     lengths = np.concatenate([c[0] for c in checks]) if checks else np.zeros(0, np.int64)
     finite = np.concatenate([c[1] for c in checks]) if checks else np.zeros(0, bool)
-    samples = inputs_io.samples_from_embeddings(meta, lengths, finite)
+    checksums = np.concatenate([c[2] for c in checks]) if checks else np.zeros(0, np.uint64)
+    samples = inputs_io.samples_from_embeddings(meta, lengths, finite, checksums)
     ok = is_ok(samples["status"])
     vectors = VectorParts(parquet_parts(plan.embedding_files), keep=ok)
     identity = {"model": "precomputed", "source": config.input.embeddings, "model_id": model_id}

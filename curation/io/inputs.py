@@ -254,10 +254,20 @@ def read_embeddings_metadata(files: list[Location]) -> tuple[pa.Table, str | Non
     return meta, model_id
 
 
-def check_vectors(location: Location) -> tuple[np.ndarray, np.ndarray]:
-    """Per row of one embeddings file: the vector's length (-1 when null) and whether it is
-    finite and non-zero. Runs where the file is read (a Ray task on a cluster)."""
-    lengths, usable = [], []
+def _vector_checksums(x: np.ndarray) -> np.ndarray:
+    """A 64-bit checksum of each row's float32 bits (the same vector, the same checksum)."""
+    bits = np.ascontiguousarray(x, np.float32).view(np.uint32).astype(np.uint64)
+    weights = np.random.default_rng(0x5EED).integers(1, 2**63, size=bits.shape[1], dtype=np.uint64) | np.uint64(1)
+    with np.errstate(over="ignore"):
+        return (bits * weights).sum(axis=1, dtype=np.uint64)
+
+
+def check_vectors(location: Location) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Per row of one embeddings file: the vector's length (-1 when null), whether it is
+    finite and non-zero, and a checksum of its values (0 when unusable; the item's fingerprint,
+    so a changed vector under the same uri is a changed item). Runs where the file is read (a
+    Ray task on a cluster)."""
+    lengths, usable, checksums = [], [], []
     try:
         with location.filesystem.open_input_file(location.path) as fh:
             for batch in pq.ParquetFile(fh).iter_batches(columns=["embedding"], batch_size=16384):
@@ -266,23 +276,29 @@ def check_vectors(location: Location) -> tuple[np.ndarray, np.ndarray]:
                 lens = pc.list_value_length(emb).to_numpy(zero_copy_only=False).astype(np.float64)
                 lens = np.where(valid, np.nan_to_num(lens, nan=-1), -1).astype(np.int64)
                 good = np.zeros(len(emb), bool)
+                sums = np.zeros(len(emb), np.uint64)
                 if valid.any() and len(set(lens[valid].tolist())) == 1:
                     values = emb.filter(pa.array(valid))
                     x = values.flatten().to_numpy(zero_copy_only=False).astype(np.float32).reshape(len(values), -1)
                     good[valid] = np.isfinite(x).all(axis=1) & (np.abs(x).sum(axis=1) > 0)
+                    sums[valid] = _vector_checksums(x)
                 elif valid.any():  # mixed lengths: check row by row
                     for i in np.flatnonzero(valid):
                         x = np.asarray(emb[int(i)].values.to_numpy(zero_copy_only=False), np.float32)
                         good[i] = bool(np.isfinite(x).all() and np.abs(x).sum() > 0)
+                        sums[i] = _vector_checksums(x[None, :])[0]
                 lengths.append(lens)
                 usable.append(good)
+                checksums.append(np.where(good, sums, np.uint64(0)))
     except (OSError, pa.ArrowException) as exc:
         raise StorageError(f"{location.uri}: cannot read embeddings ({exc})") from exc
     return (np.concatenate(lengths) if lengths else np.zeros(0, np.int64),
-            np.concatenate(usable) if usable else np.zeros(0, bool))
+            np.concatenate(usable) if usable else np.zeros(0, bool),
+            np.concatenate(checksums) if checksums else np.zeros(0, np.uint64))
 
 
-def samples_from_embeddings(meta: pa.Table, lengths: np.ndarray, usable: np.ndarray) -> pa.Table:
+def samples_from_embeddings(meta: pa.Table, lengths: np.ndarray, usable: np.ndarray,
+                            checksums: np.ndarray | None = None) -> pa.Table:
     """Sample rows for ``input.embeddings``: no pixels, so no decode statistics; a row is ok unless
     its vector is null, of another length than the first vector, zero or not finite. The ok
     rows' vector ids follow file order."""
@@ -310,6 +326,10 @@ def samples_from_embeddings(meta: pa.Table, lengths: np.ndarray, usable: np.ndar
         "phash": pa.array(np.zeros(n, np.int64)),
         "vector_id": pa.array(vector_id, pa.int64(), mask=~good),
     }
+    if checksums is not None:  # the vector's checksum: a changed vector under the same uri is a changed item
+        digits = pc.cast(pa.array(checksums, pa.uint64()), pa.string())
+        fingerprint = pc.binary_join_element_wise(pa.scalar("vector:"), digits, "")
+        columns["fingerprint"] = pc.if_else(pa.array(good), fingerprint, pa.scalar(None, pa.string()))
     for name in meta.column_names:
         if name not in columns and name != "model_id":
             columns[name] = meta[name]
