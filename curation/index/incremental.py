@@ -34,7 +34,7 @@ from curation.io.filesystem import Location
 log = logging.getLogger(__name__)
 
 WIDE = 3  # new items are searched for WIDE * k neighbours, so the reverse direction is covered
-QUANTISER_DRIFT = 1.25  # retrain when new items' mean distance to their coarse centroid is this many times the old items'
+QUANTISER_DRIFT = 1.5  # retrain when new items' mean distance to their coarse centroid is this many times the old items'
 DRIFT_SAMPLE = 2000  # items of each kind that measure it
 KNN_SETTINGS = ("k", "index", "exact_below", "nlist", "nprobe", "codec", "refine_factor", "train_size", "max_flat_bytes")
 

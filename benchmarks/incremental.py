@@ -1,0 +1,153 @@
+"""Two nights from precomputed embeddings: what night 2 costs when it updates night 1's graph,
+beside the same night 2 built whole, in one process.
+
+Night 1: N x d clustered vectors (``_common.write_embeddings``), the sharded IVF path. Night 2:
+1% of the items deleted, 1% changed (same uri, a fresh vector from the same clusters), 5% new.
+Night 2 runs twice on the same output: with ``knn.incremental: auto`` (the update) and with
+``knn.incremental: off`` (a full recompute). Reported: wall time per phase of the three runs,
+the update's share of night 1, the kNN graph's neighbour-slot recall of the update against the
+full recompute, and how many items get the same flags and the same selections.
+
+    python benchmarks/incremental.py --n 1000000 --out benchmarks/results/incremental-1m.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import glob
+import json
+import os
+import shutil
+import sys
+import tempfile
+import time
+
+import numpy as np
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+os.environ.setdefault("RAY_AUTH_MODE", "disabled")
+
+from benchmarks._common import write_embeddings  # noqa: E402
+
+PHASES = ("read_embeddings", "knn", "scores", "drift", "selections", "report_data", "write_outputs", "total")
+
+
+def night_two(night1: str, night2: str, seed: int = 1) -> None:
+    """Night 2's files from night 1's: 1% deleted, 1% changed, 5% new (the same clusters)."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    rng = np.random.default_rng(seed)
+    os.makedirs(night2, exist_ok=True)
+    files = sorted(glob.glob(os.path.join(night1, "*.parquet")))
+    table = pa.concat_tables([pq.read_table(f) for f in files])
+    n = table.num_rows
+    d = table.schema.field("embedding").type.list_size
+    x = table["embedding"].combine_chunks().flatten().to_numpy().reshape(n, d).copy()
+    labels = table["label"].to_numpy(zero_copy_only=False)
+    uris = table["uri"].to_pylist()
+    order = rng.permutation(n)
+    deleted, changed = order[: n // 100], order[n // 100: n // 50]
+
+    def fresh(count):  # near another item of the same cluster (its label too)
+        src = rng.integers(n, size=count)
+        v = x[src] + 0.5 * rng.normal(size=(count, d)).astype(np.float32) / np.sqrt(d)
+        return v / np.linalg.norm(v, axis=1, keepdims=True), labels[src]
+
+    x[changed], labels[changed] = fresh(len(changed))
+    keep = np.ones(n, bool)
+    keep[deleted] = False
+    new_x, new_labels = fresh(n // 20)
+    x2 = np.concatenate([x[keep], new_x]).astype(np.float32)
+    labels2 = np.concatenate([labels[keep], new_labels])
+    uris2 = [u for u, k in zip(uris, keep) if k] + [f"new-{i}" for i in range(len(new_x))]
+    chunk = 100_000
+    for part, start in enumerate(range(0, len(x2), chunk)):
+        stop = min(start + chunk, len(x2))
+        pq.write_table(pa.table({
+            "uri": uris2[start:stop], "label": pa.array(labels2[start:stop]),
+            "embedding": pa.FixedSizeListArray.from_arrays(pa.array(x2[start:stop].ravel()), d)}),
+            os.path.join(night2, f"part-{part:05d}.parquet"))
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--n", type=int, default=200_000)
+    parser.add_argument("--d", type=int, default=512)
+    parser.add_argument("--work", default=os.path.join(tempfile.gettempdir(), "curation-bench-incremental"))
+    parser.add_argument("--out", default="benchmarks/results/incremental.json")
+    args = parser.parse_args()
+
+    import pyarrow.parquet as pq
+
+    from curation.config import load_config
+    from curation.job import run_job
+
+    shutil.rmtree(args.work, ignore_errors=True)
+    data = os.path.join(args.work, "input")
+    write_embeddings(os.path.join(args.work, "night1"), args.n, args.d, 200, 20, 0.05, 0.01)
+    shutil.copytree(os.path.join(args.work, "night1"), data)
+    out = os.path.join(args.work, "out")
+
+    def run(run_id, incremental):
+        config = load_config(data={
+            "input": {"embeddings": data}, "output": {"uri": out, "run_id": run_id},
+            "knn": {"incremental": incremental},
+            "selections": [{"name": "train", "mode": "representative", "budget": 10_000},
+                           {"name": "label_review", "mode": "label_review", "budget": 5000},
+                           {"name": "clean", "mode": "clean"}],
+            "ray": {"object_store_memory": 2 * 1024**3}})
+        t = time.perf_counter()
+        result = run_job(config)
+        print(f"{run_id}: {time.perf_counter() - t:.0f}s {result.info.knn.get('incremental')}", flush=True)
+        return result
+
+    first = run("night-1", "auto")
+    shutil.rmtree(data)
+    night_two(os.path.join(args.work, "night1"), data)
+    update = run("night-2", "auto")
+    # The same night 2 built whole; `latest` now names night-2, so it is not the previous run
+    # the update used, and it does not matter here: nothing is reused with incremental off.
+    whole = run("night-2-whole", "off")
+
+    def graph(result):
+        table = pq.read_table(os.path.join(result.run_uri, "knn")).sort_by("input_id")
+        return table["neighbor_ids"].to_pylist()
+
+    mine, theirs = graph(update), graph(whole)
+    slots = sum(len(b) for b in theirs)
+    recall = sum(len(set(a) & set(b)) for a, b in zip(mine, theirs)) / max(slots, 1)
+    s_mine = pq.read_table(os.path.join(update.run_uri, "samples")).sort_by("input_id")
+    s_theirs = pq.read_table(os.path.join(whole.run_uri, "samples")).sort_by("input_id")
+    flag_columns = [c for c in s_mine.column_names if c.startswith("is_")]
+    same_flags = np.ones(s_mine.num_rows, bool)
+    for c in flag_columns:
+        a = s_mine[c].fill_null(False).to_numpy(zero_copy_only=False)
+        b = s_theirs[c].fill_null(False).to_numpy(zero_copy_only=False)
+        same_flags &= a == b
+    selections = {}
+    for name in ("train", "label_review", "clean"):
+        a = set(pq.read_table(os.path.join(update.run_uri, "selections", f"{name}.parquet"))["uri"].to_pylist())
+        b = set(pq.read_table(os.path.join(whole.run_uri, "selections", f"{name}.parquet"))["uri"].to_pylist())
+        selections[name] = round(len(a & b) / max(len(b), 1), 4)
+    timings = {name: {phase: r.info.timings_s.get(phase) for phase in PHASES}
+               for name, r in (("night 1", first), ("night 2, updated", update), ("night 2, whole", whole))}
+    row = {"n": args.n, "d": args.d, "timings_s": timings,
+           "update_share_of_night_1": round(timings["night 2, updated"]["total"] / timings["night 1"]["total"], 3),
+           "update_knn_share_of_night_1_knn": round(timings["night 2, updated"]["knn"] / timings["night 1"]["knn"], 3),
+           "knn_slot_recall_vs_whole": round(recall, 4), "same_flags": round(float(same_flags.mean()), 5),
+           "selection_overlap_vs_whole": selections, "incremental": update.info.knn.get("incremental"),
+           "knn_night_2": {k: update.info.knn.get(k) for k in ("method", "add_s", "search_s", "searched")}}
+    print(f"\n{'phase':<16}" + "".join(f"{name:>18}" for name in timings))
+    for phase in PHASES:
+        print(f"{phase:<16}" + "".join(f"{(t.get(phase) or 0):>18.1f}" for t in timings.values()))
+    print(f"\nnight 2 updated / night 1: {row['update_share_of_night_1']}; kNN: {row['update_knn_share_of_night_1_knn']}; "
+          f"slot recall vs whole: {row['knn_slot_recall_vs_whole']}; same flags: {row['same_flags']}; "
+          f"selection overlap: {selections}")
+    os.makedirs(os.path.dirname(args.out) or ".", exist_ok=True)
+    with open(args.out, "w") as fh:
+        json.dump({"machine": f"{os.cpu_count()} CPUs, no GPU", **row}, fh, indent=1)
+
+
+if __name__ == "__main__":
+    main()
