@@ -232,6 +232,14 @@ def test_similar_over_a_local_run_finds_copies_and_repeats_its_knn(local_run, ca
     written = pq.read_table(os.path.join(out, "hits.parquet"))
     assert written.num_rows == 5 and label not in written["label"].to_pylist()
     assert "rank" in capsys.readouterr().out
+    # A run whose embedder this install cannot reproduce is refused, naming both ids.
+    from curation.io.filesystem import Resolver
+    from curation.stages.query import QueryImageError, embed_images
+
+    info = search.info
+    info.embedder = dict(info.embedder, model_id="thumbnail@other/32")
+    with pytest.raises(QueryImageError, match="thumbnail@other/32.*but this install loads"):
+        embed_images([file], info, space="embedding", resolver=Resolver())
 
 
 def test_threshold_evidence_counts_what_moving_each_threshold_flags(local_run):
