@@ -376,7 +376,21 @@ def score(ingested: Ingested, neighbours: Neighbours, config: Config) -> tuple[p
 
     budgets = [sel.budget for sel in config.selections if sel.mode == "representative" and sel.budget]
     return run_scores(ingested.samples, ingested.vectors, neighbours.graph, config.scores,
-                      budget=max(budgets, default=None), copies=ingested.copies, copy_knn=neighbours.copy_graph)
+                      budget=max(budgets, default=None), copies=ingested.copies, copy_knn=neighbours.copy_graph,
+                      previous_centroids=_previous_centroids(neighbours.info, config))
+
+
+def _previous_centroids(knn: dict, config: Config):
+    """The previous run's cluster centroids (its drift profile) when tonight's graph is an
+    update of its graph; None when the graph was built whole."""
+    from curation.drift import Profile
+    from curation.io.filesystem import Resolver
+
+    update = knn.get("incremental") or {}
+    if not update.get("used") or not update.get("previous_run"):
+        return None
+    profile = Profile.read(Resolver(config.storage).resolve(update["previous_run"]))
+    return profile.centroids if profile is not None and len(profile.centroids) >= 2 else None
 
 
 def _apply_corrections(plan: Plan, config: Config, resolver: Resolver,

@@ -92,6 +92,9 @@ def test_night_two_updates_the_exact_graph_to_what_a_full_recompute_finds(tmp_pa
         theirs = pq.read_table(os.path.join(whole.run_uri, "selections", f"{name}.parquet"))["uri"].to_pylist()
         assert mine == theirs, name
     assert whole.info.knn["incremental"]["reason"] == "knn.incremental is off"
+    # An updated night keeps the previous run's clusters (ids mean the same thing night to night).
+    assert second.info.scores["clusters"]["kmeans_backend"] == "previous run's centroids"
+    assert whole.info.scores["clusters"]["kmeans_backend"] != "previous run's centroids"
 
 
 def test_a_changed_embedder_or_knn_setting_rebuilds_and_says_why(tmp_path):

@@ -76,7 +76,8 @@ def _one_array(values) -> pa.Array:
 
 def run_scores(samples: pa.Table, vectors, knn_ok: KnnGraph, config: ScoresConfig,
                *, registry: tuple[Score, ...] = REGISTRY, budget: int | None = None,
-               copies=None, copy_knn: KnnGraph | None = None) -> tuple[pa.Table, dict]:
+               copies=None, copy_knn: KnnGraph | None = None,
+               previous_centroids: np.ndarray | None = None) -> tuple[pa.Table, dict]:
     """Run every registered score.
 
     Args:
@@ -86,6 +87,8 @@ def run_scores(samples: pa.Table, vectors, knn_ok: KnnGraph, config: ScoresConfi
         knn_ok: the kNN graph among vector ids.
         copies, copy_knn: the copy descriptors (same ids) and their kNN graph; None when the
             run has no pixels (copies are then judged by the embedding).
+        previous_centroids: the previous run's cluster centroids, to assign to instead of
+            training (an incremental night).
 
     Returns:
         ``samples`` with score columns added (and ``reason`` merged: the rejection reason for
@@ -94,7 +97,8 @@ def run_scores(samples: pa.Table, vectors, knn_ok: KnnGraph, config: ScoresConfi
     """
     ok = is_ok(samples["status"])
     ctx = ScoreContext(Columns(samples), ok, as_source(vectors), knn_ok, config, budget,
-                       ok_rows_in_vector_order(samples), as_source(copies) if copies is not None else None, copy_knn)
+                       ok_rows_in_vector_order(samples), as_source(copies) if copies is not None else None, copy_knn,
+                       previous_centroids)
     reasons: list[pa.ChunkedArray | pa.Array] = []
     timings: dict[str, float] = {}
     summary: dict[str, dict] = {}

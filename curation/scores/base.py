@@ -83,6 +83,8 @@ class ScoreContext:
         copies: the ok rows' copy descriptors (same ids as ``vectors``), or None when the run
             has no pixels (``input.embeddings``).
         copy_knn: the kNN graph among the copy descriptors (None with ``copies``).
+        previous_centroids: the previous published run's cluster centroids when tonight's graph
+            updates its graph (clusters then keep their ids from night to night), else None.
     """
 
     columns: Columns
@@ -94,6 +96,7 @@ class ScoreContext:
     ok_rows: np.ndarray | None = None
     copies: Any = None
     copy_knn: KnnGraph | None = None
+    previous_centroids: np.ndarray | None = None
 
     def __post_init__(self) -> None:
         if self.ok_rows is None:
@@ -108,8 +111,9 @@ class ScoreContext:
 
     def with_columns(self, table: pa.Table) -> "ScoreContext":
         """A new context that also sees ``table``'s columns (the runner's merge step)."""
-        return ScoreContext(self.columns.with_table(table), self.ok, self.vectors, self.knn_ok, self.config,
-                            self.budget, self.ok_rows, self.copies, self.copy_knn)
+        import dataclasses
+
+        return dataclasses.replace(self, columns=self.columns.with_table(table))
 
     def scatter(self, values_ok: np.ndarray, fill, dtype) -> np.ndarray:
         """Expand an array over ok rows to all rows, ``fill`` elsewhere."""

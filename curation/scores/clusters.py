@@ -118,7 +118,15 @@ class ClustersScore:
     def compute(self, ctx: ScoreContext) -> pa.Table:
         n_ok = ctx.vectors.n
         k = choose_n_clusters(n_ok, ctx.config.n_clusters, ctx.budget)
-        if n_ok:
+        previous = ctx.previous_centroids
+        if n_ok and previous is not None and len(previous) >= 2 and not ctx.config.n_clusters:
+            # An incremental night: the previous run's clusters, so cluster ids mean the same
+            # thing night after night (retrained when the graph is built whole).
+            parts = map_vectors(ctx.vectors, assign, np.asarray(previous, np.float32))
+            labels = np.concatenate([p[0] for p in parts]) if parts else np.empty(0, np.int32)
+            sims = np.concatenate([p[1] for p in parts]) if parts else np.empty(0, np.float32)
+            k, backend = len(previous), "previous run's centroids"
+        elif n_ok:
             labels, sims, backend = cluster_vectors(ctx.vectors, k)
         else:
             labels, sims, backend = np.empty(0, np.int32), np.empty(0, np.float32), "none"
