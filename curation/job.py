@@ -182,7 +182,8 @@ def run_job(config: Config, *, resolver: Resolver | None = None, plan: Plan | No
             samples, report = prepare_report(samples, ingested.vectors, selections, config, resolver,
                                              leakage=leakage[0] if leakage is not None else None,
                                              drift=drift.new_region_items if drift is not None else None,
-                                             score_summary=score_report["summary"])
+                                             score_summary=score_report["summary"],
+                                             previous=_updated_from(neighbours.info, resolver))
     return publish(plan, config, Scored(samples, score_report["summary"], selections, report, leakage, corrections,
                                         drift),
                    clock, embedder=ingested.embedder, knn=neighbours.info)
@@ -378,6 +379,12 @@ def score(ingested: Ingested, neighbours: Neighbours, config: Config) -> tuple[p
     return run_scores(ingested.samples, ingested.vectors, neighbours.graph, config.scores,
                       budget=max(budgets, default=None), copies=ingested.copies, copy_knn=neighbours.copy_graph,
                       previous_centroids=_previous_centroids(neighbours.info, config))
+
+
+def _updated_from(knn: dict, resolver: Resolver) -> Location | None:
+    """The previous run tonight's graph updated (None when it was built whole)."""
+    update = knn.get("incremental") or {}
+    return resolver.resolve(update["previous_run"]) if update.get("used") and update.get("previous_run") else None
 
 
 def _previous_centroids(knn: dict, config: Config):

@@ -92,6 +92,15 @@ def test_night_two_updates_the_exact_graph_to_what_a_full_recompute_finds(tmp_pa
         theirs = pq.read_table(os.path.join(whole.run_uri, "selections", f"{name}.parquet"))["uri"].to_pylist()
         assert mine == theirs, name
     assert whole.info.knn["incremental"]["reason"] == "knn.incremental is off"
+    # The map keeps the previous layout: unchanged points where they were, new ones beside them.
+    assert second.info.map["method"].startswith("the previous run's layout")
+    before = pq.read_table(os.path.join(first.run_uri, "samples")).to_pandas().set_index("uri")
+    after = pq.read_table(os.path.join(second.run_uri, "samples")).to_pandas().set_index("uri")
+    both = before.index.intersection(after.index)
+    both = [u for u in both if before.at[u, "fingerprint"] == after.at[u, "fingerprint"]
+            and before.at[u, "x"] == before.at[u, "x"] and after.at[u, "x"] == after.at[u, "x"]]
+    assert len(both) > 100 and all(before.at[u, "x"] == after.at[u, "x"] for u in both)
+    assert whole.info.map["method"].startswith("PCA")
     # An updated night keeps the previous run's clusters (ids mean the same thing night to night).
     assert second.info.scores["clusters"]["kmeans_backend"] == "previous run's centroids"
     assert whole.info.scores["clusters"]["kmeans_backend"] != "previous run's centroids"

@@ -53,11 +53,12 @@ def thumbnail_order(samples: pa.Table, galleries: list[Gallery], masks: dict[str
 
 def prepare_report(samples: pa.Table, vectors, selections: list, config: Config,
                    resolver: Resolver, *, leakage: pa.Table | None = None,
-                   drift: pa.Table | None = None, score_summary: dict | None = None) -> tuple[pa.Table, ReportAssets]:
+                   drift: pa.Table | None = None, score_summary: dict | None = None,
+                   previous=None) -> tuple[pa.Table, ReportAssets]:
     """Map coordinates, galleries and thumbnails (``samples`` comes back with ``x``, ``y``)."""
     tables = {r.name: r.table for r in selections}
     modes = {r.name: r.mode for r in selections}
-    samples, map_info = map_coordinates(samples, vectors, tables, modes, config.report)
+    samples, map_info = map_coordinates(samples, vectors, tables, modes, config.report, previous=previous)
     galleries = choose_galleries(samples, tables, modes, size=config.report.gallery_size, leakage=leakage,
                                  drift=drift, score_summary=score_summary)
     thumbnails: dict[str, str] = {}

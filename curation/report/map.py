@@ -153,8 +153,55 @@ def _embed_sample(vectors, ids: np.ndarray, method: str) -> tuple[np.ndarray, st
     return embed_2d(vectors.take(ids), method)
 
 
+REUSE_MIN_SHARE = 0.5  # an incremental night keeps the previous layout when this share of the points had a place
+
+
+def _place_new(vectors, anchor_ids: np.ndarray, anchor_xy: np.ndarray, new_ids: np.ndarray) -> np.ndarray:
+    """New points at their nearest anchor's place (cosine over the vectors), slightly jittered."""
+    import faiss
+
+    anchors = np.ascontiguousarray(vectors.take(anchor_ids), np.float32)
+    index = faiss.IndexFlatIP(anchors.shape[1])
+    index.add(anchors)
+    _, nearest = index.search(np.ascontiguousarray(vectors.take(new_ids), np.float32), 1)
+    spread = np.nanstd(anchor_xy, axis=0) * 0.01
+    jitter = np.random.default_rng(SEED).normal(size=(len(new_ids), 2)) * spread
+    return (anchor_xy[nearest[:, 0]] + jitter).astype(np.float32)
+
+
+def previous_layout(previous, samples: pa.Table, rows: np.ndarray) -> np.ndarray:
+    """``(len(rows), 2)`` coordinates the previous run gave the same items (same uri and
+    fingerprint), NaN for the others."""
+    import pyarrow.dataset as ds
+
+    folder = previous.child("samples")
+    out = np.full((len(rows), 2), np.nan, np.float32)
+    try:
+        old = ds.dataset(folder.path, filesystem=folder.filesystem, format="parquet")
+        columns = [c for c in ("uri", "fingerprint", "x", "y") if c in old.schema.names]
+        if "x" not in columns:
+            return out
+        old = old.to_table(columns=columns)
+    except (OSError, pa.ArrowException, ValueError):
+        return out
+    old = old.filter(pc.is_valid(old["x"]))
+    keys = [c for c in ("uri", "fingerprint") if c in old.column_names and c in samples.column_names]
+
+    def key(table):
+        parts = [pc.fill_null(pc.cast(table[c], pa.string()), "").combine_chunks() for c in keys]
+        return parts[0] if len(parts) == 1 else pc.binary_join_element_wise(*parts, "\x00")
+
+    where = pc.index_in(key(samples.take(pa.array(rows, pa.int64()))), value_set=key(old)).to_numpy(
+        zero_copy_only=False).astype(np.float64)
+    found = np.isfinite(where)
+    at = where[found].astype(np.int64)
+    out[found, 0] = old["x"].to_numpy(zero_copy_only=False)[at]
+    out[found, 1] = old["y"].to_numpy(zero_copy_only=False)[at]
+    return out
+
+
 def map_coordinates(samples: pa.Table, vectors, selections: dict[str, pa.Table], modes: dict[str, str],
-                    config: ReportConfig) -> tuple[pa.Table, dict]:
+                    config: ReportConfig, *, previous=None) -> tuple[pa.Table, dict]:
     """``samples`` with ``x``, ``y`` set for the chosen rows (null elsewhere), and a summary.
 
     Args:
@@ -162,6 +209,9 @@ def map_coordinates(samples: pa.Table, vectors, selections: dict[str, pa.Table],
         vectors: the ok rows' vectors (a source in storage or a matrix).
         selections, modes: the built selections and their modes (their review members are mapped).
         config: the ``report`` section.
+        previous: on an incremental night, the previous run: points it placed keep their place
+            and the others go beside their nearest placed neighbour, unless fewer than
+            ``REUSE_MIN_SHARE`` of the points had a place (then a new layout is made).
     """
     from curation.index.source import as_source
     from curation.session import ClusterShape, gpu_request, run_tasks
@@ -177,10 +227,23 @@ def map_coordinates(samples: pa.Table, vectors, selections: dict[str, pa.Table],
         else:
             ids = np.searchsorted(np.flatnonzero(ok), rows)
         order = np.argsort(ids)
-        shape = ClusterShape.current()
-        request = shape.fit("the map's UMAP task", cpus=1, gpus=gpu_request(shape))
-        xy, how = run_tasks(_embed_sample, [(as_source(vectors), ids[order], config.map_method)], request=request)[0]
-        coords[rows[order]] = xy
+        known = previous_layout(previous, samples, rows) if previous is not None else None
+        placed = np.isfinite(known[:, 0]) if known is not None else np.zeros(len(rows), bool)
+        if placed.mean() >= REUSE_MIN_SHARE and (~placed).any():
+            xy = run_tasks(_place_new, [(as_source(vectors), ids[placed], known[placed], ids[~placed])])[0]
+            coords[rows[placed]] = known[placed]
+            coords[rows[~placed]] = xy
+            how = f"the previous run's layout ({int(placed.sum())} points kept, {int((~placed).sum())} placed beside " \
+                  f"their nearest kept point)"
+        elif placed.mean() >= REUSE_MIN_SHARE:
+            coords[rows] = known
+            how = "the previous run's layout"
+        else:
+            shape = ClusterShape.current()
+            request = shape.fit("the map's UMAP task", cpus=1, gpus=gpu_request(shape))
+            xy, how = run_tasks(_embed_sample, [(as_source(vectors), ids[order], config.map_method)],
+                                request=request)[0]
+            coords[rows[order]] = xy
     has = np.isfinite(coords[:, 0])
     for name, column in (("x", coords[:, 0]), ("y", coords[:, 1])):
         array = pa.array(column, pa.float32(), mask=~has)
