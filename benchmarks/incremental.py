@@ -76,6 +76,8 @@ def main() -> None:
     parser.add_argument("--d", type=int, default=512)
     parser.add_argument("--work", default=os.path.join(tempfile.gettempdir(), "curation-bench-incremental"))
     parser.add_argument("--out", default="benchmarks/results/incremental.json")
+    parser.add_argument("--again", action="store_true",
+                        help="keep --work's night 1 and night-2 input; run both night 2s again")
     args = parser.parse_args()
 
     import pyarrow.parquet as pq
@@ -83,11 +85,12 @@ def main() -> None:
     from curation.config import load_config
     from curation.job import run_job
 
-    shutil.rmtree(args.work, ignore_errors=True)
     data = os.path.join(args.work, "input")
-    write_embeddings(os.path.join(args.work, "night1"), args.n, args.d, 200, 20, 0.05, 0.01)
-    shutil.copytree(os.path.join(args.work, "night1"), data)
     out = os.path.join(args.work, "out")
+    if not args.again:
+        shutil.rmtree(args.work, ignore_errors=True)
+        write_embeddings(os.path.join(args.work, "night1"), args.n, args.d, 200, 20, 0.05, 0.01)
+        shutil.copytree(os.path.join(args.work, "night1"), data)
 
     def run(run_id, incremental):
         config = load_config(data={
@@ -102,9 +105,21 @@ def main() -> None:
         print(f"{run_id}: {time.perf_counter() - t:.0f}s {result.info.knn.get('incremental')}", flush=True)
         return result
 
-    first = run("night-1", "auto")
-    shutil.rmtree(data)
-    night_two(os.path.join(args.work, "night1"), data)
+    if args.again:  # night 1 as it was; `latest` back to it
+        from curation.job import RunResult
+        from curation.run_info import RunInfo
+        from curation.io.filesystem import Resolver
+
+        for name in ("night-2", "night-2-whole"):
+            shutil.rmtree(os.path.join(out, name), ignore_errors=True)
+        with open(os.path.join(out, "latest"), "w") as fh:
+            json.dump({"run_id": "night-1"}, fh)
+        location = Resolver().resolve(os.path.join(out, "night-1"))
+        first = RunResult("night-1", location.uri, None, RunInfo.read(location))
+    else:
+        first = run("night-1", "auto")
+        shutil.rmtree(data)
+        night_two(os.path.join(args.work, "night1"), data)
     update = run("night-2", "auto")
     # The same night 2 built whole; `latest` now names night-2, so it is not the previous run
     # the update used, and it does not matter here: nothing is reused with incremental off.

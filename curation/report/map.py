@@ -169,6 +169,23 @@ def _place_new(vectors, anchor_ids: np.ndarray, anchor_xy: np.ndarray, new_ids: 
     return (anchor_xy[nearest[:, 0]] + jitter).astype(np.float32)
 
 
+def _prefer_placed(rows: np.ndarray, previous, samples: pa.Table, ok: np.ndarray, must: np.ndarray) -> np.ndarray:
+    """``rows`` with its optional members (not flagged, not in a review selection) swapped for
+    items the previous run placed, as many as there are: the map keeps last night's points."""
+    ok_rows = np.flatnonzero(ok)
+    known = previous_layout(previous, samples, ok_rows)
+    was = np.zeros(len(ok), bool)
+    was[ok_rows[np.isfinite(known[:, 0])]] = True
+    chosen = np.zeros(len(ok), bool)
+    chosen[rows] = True
+    swappable = np.flatnonzero(chosen & ~must & ~was)
+    spare = np.random.default_rng(SEED).permutation(np.flatnonzero(was & ~chosen))
+    m = min(len(swappable), len(spare))
+    chosen[swappable[:m]] = False
+    chosen[spare[:m]] = True
+    return np.flatnonzero(chosen)
+
+
 def previous_layout(previous, samples: pa.Table, rows: np.ndarray) -> np.ndarray:
     """``(len(rows), 2)`` coordinates the previous run gave the same items (same uri and
     fingerprint), NaN for the others."""
@@ -226,6 +243,10 @@ def map_coordinates(samples: pa.Table, vectors, selections: dict[str, pa.Table],
             ids = samples["vector_id"].to_numpy(zero_copy_only=False)[rows].astype(np.int64)
         else:
             ids = np.searchsorted(np.flatnonzero(ok), rows)
+        if previous is not None:
+            rows = _prefer_placed(rows, previous, samples, ok, must_show(samples, selections, modes))
+            ids = (samples["vector_id"].to_numpy(zero_copy_only=False)[rows].astype(np.int64)
+                   if "vector_id" in samples.column_names else np.searchsorted(np.flatnonzero(ok), rows))
         order = np.argsort(ids)
         known = previous_layout(previous, samples, rows) if previous is not None else None
         placed = np.isfinite(known[:, 0]) if known is not None else np.zeros(len(rows), bool)
