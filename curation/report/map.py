@@ -170,20 +170,27 @@ def _place_new(vectors, anchor_ids: np.ndarray, anchor_xy: np.ndarray, new_ids: 
 
 
 def _prefer_placed(rows: np.ndarray, previous, samples: pa.Table, ok: np.ndarray, must: np.ndarray) -> np.ndarray:
-    """``rows`` with its optional members (not flagged, not in a review selection) swapped for
-    items the previous run placed, as many as there are: the map keeps last night's points."""
+    """As many rows as ``rows``, preferring items the previous run placed: must-show items it
+    placed, then other must-show items, then other items it placed, then ``rows``' own sample.
+    The map then keeps last night's points where it can."""
+    rng = np.random.default_rng(SEED)
     ok_rows = np.flatnonzero(ok)
     known = previous_layout(previous, samples, ok_rows)
     was = np.zeros(len(ok), bool)
     was[ok_rows[np.isfinite(known[:, 0])]] = True
-    chosen = np.zeros(len(ok), bool)
-    chosen[rows] = True
-    swappable = np.flatnonzero(chosen & ~must & ~was)
-    spare = np.random.default_rng(SEED).permutation(np.flatnonzero(was & ~chosen))
-    m = min(len(swappable), len(spare))
-    chosen[swappable[:m]] = False
-    chosen[spare[:m]] = True
-    return np.flatnonzero(chosen)
+    cap = len(rows)
+    sampled = np.zeros(len(ok), bool)
+    sampled[rows] = True
+    tiers = [ok & must & was, ok & must & ~was, ok & was & ~must, sampled & ~must & ~was]
+    picked: list[np.ndarray] = []
+    room = cap
+    for tier in tiers:
+        members = rng.permutation(np.flatnonzero(tier))[:room]
+        picked.append(members)
+        room -= len(members)
+        if room <= 0:
+            break
+    return np.sort(np.concatenate(picked))
 
 
 def previous_layout(previous, samples: pa.Table, rows: np.ndarray) -> np.ndarray:
