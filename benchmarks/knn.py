@@ -62,7 +62,7 @@ def compare_scores(x: np.ndarray, exact_ids: np.ndarray, exact_sims: np.ndarray,
 
     n = len(x)
     rng = np.random.default_rng(7)
-    labels, _, _ = cluster_vectors(x, 20)  # classes = 20 coarse regions of the embedding space
+    labels, _, _, _ = cluster_vectors(x, 20)  # classes = 20 coarse regions of the embedding space
     flipped = rng.random(n) < 0.05
     labels = labels.astype(np.int64)
     labels[flipped] = (labels[flipped] + rng.integers(1, 20, flipped.sum())) % 20

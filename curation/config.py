@@ -375,8 +375,9 @@ class DriftConfig:
         enabled: write the profile and compare (skipped, with the reason, on a first night or
             when the embedder's ``model_id`` changed).
         sample_size: ok items whose vectors the profile keeps (the two-sample test's sample).
-        permutations: permutations for the MMD tests' p-values (the smallest p-value is
-            1 / (permutations + 1), so ``alarm_p_value`` must be above it).
+        permutations: at most this many permutations for the MMD tests' p-values (the
+            smallest p-value is 1 / (permutations + 1), so ``alarm_p_value`` must be above it;
+            a test stops early once its p-value is clearly above any alarm level).
         alarm_p_value: the MMD test alarms below this p-value.
         alarm_class_share_change: alarm when a label's share of the labelled items moves by more.
         alarm_cluster_tv: alarm when tonight's items, assigned to yesterday's cluster centroids,

@@ -51,6 +51,8 @@ PROFILE_PARQUET = "profile.parquet"
 DRIFT_PARQUET = "drift.parquet"
 MAX_CANDIDATES = 1024  # new items compared exactly with every old item (a uniform sample beyond)
 CANDIDATE_BLOCK = 8192  # old vectors per matrix product in that comparison (bounded task memory)
+PERMUTATION_BLOCK = 100
+STOP_AFTER = 10  # permuted statistics at or above the observed one that end the test early
 MIN_NEW_FOR_TEST = 20  # new items needed before they are tested on their own
 REGIONS_LISTED = 20  # regions described in run.json (every member is in drift.parquet)
 MIN_REGION_LISTED = 3  # a region is described from this many items (smaller ones are counted)
@@ -75,7 +77,7 @@ class Profile:
         flag_rates: flag column -> share of the ok items flagged.
         kth_similarity: the 1st percentile of every item's k-th-neighbour similarity.
         nearest_similarity: the median of every item's nearest-neighbour similarity.
-        centroids: ``(clusters, d)`` unit vectors.
+        centroids: ``(clusters, d)`` unit vectors: those the clusters score assigned to.
         sample: ``(m, d)`` unit vectors of a uniform sample of ok items; ``sample_uris`` theirs.
     """
 
@@ -158,9 +160,12 @@ def _cluster_pass(ids: np.ndarray, x: np.ndarray, cluster_of: np.ndarray, n_clus
 
 
 def build_profile(samples: pa.Table, vectors, graph, *, model_id: str, sample_size: int,
-                  previous_centroids: np.ndarray | None = None) -> tuple[Profile, np.ndarray | None]:
+                  previous_centroids: np.ndarray | None = None,
+                  centroids: np.ndarray | None = None) -> tuple[Profile, np.ndarray | None]:
     """Tonight's profile, and the counts of tonight's items on ``previous_centroids`` (one pass
-    over the stored vectors, where they are). ``samples`` has the ``cluster`` column."""
+    over the stored vectors, where they are). ``samples`` has the ``cluster`` column;
+    ``centroids`` are the ones the clusters score assigned to (kept, so that the next night can
+    assign to the very same ones); without them, each cluster's normalised member mean."""
     from curation.index.knn import kth_distance
     from curation.index.source import as_source, map_vectors
     from curation.schema import is_ok, ok_rows_in_vector_order
@@ -171,12 +176,13 @@ def build_profile(samples: pa.Table, vectors, graph, *, model_id: str, sample_si
     ok = is_ok(samples["status"])
     rows = ok_rows_in_vector_order(samples)
     cluster_of = np.maximum(samples["cluster"].to_numpy(zero_copy_only=False)[rows].astype(np.int64), 0)
-    n_clusters = int(cluster_of.max()) + 1 if n else 0
+    n_clusters = max(int(cluster_of.max()) + 1 if n else 0, len(centroids) if centroids is not None else 0)
     parts = map_vectors(source, _cluster_pass, cluster_of, n_clusters, previous_centroids) if n else []
     d = source.dim if n else 1
     sums = sum((p[0] for p in parts), np.zeros((n_clusters, d)))
     counts = sum((p[1] for p in parts), np.zeros(n_clusters, np.int64))
-    centroids = sums / np.maximum(np.linalg.norm(sums, axis=1, keepdims=True), 1e-12)
+    if centroids is None or len(centroids) != n_clusters:
+        centroids = sums / np.maximum(np.linalg.norm(sums, axis=1, keepdims=True), 1e-12)
     on_previous = None
     if previous_centroids is not None and parts:
         on_previous = sum((p[2] for p in parts), np.zeros(len(previous_centroids), np.int64))
@@ -225,13 +231,17 @@ def mmd_test(a: np.ndarray, b: np.ndarray, *, permutations: int = 200, seed: int
     w = np.concatenate([np.full(n, 1.0 / n), np.full(m, -1.0 / m)]).astype(np.float32)
     statistic = float(w @ kernel @ w)
     rng = np.random.default_rng(seed)
-    null = []
-    for start in range(0, permutations, 250):  # (items x 250) at a time
-        shuffled = np.stack([rng.permutation(w) for _ in range(min(250, permutations - start))], axis=1)
-        null.append(np.einsum("ip,ip->p", shuffled, kernel @ shuffled))
-    null = np.concatenate(null)
-    p_value = (1 + int(np.sum(null >= statistic))) / (1 + permutations)
-    return {"statistic": round(statistic, 6), "p_value": round(p_value, 6), "permutations": permutations,
+    # Sequential (Besag-Clifford): stop once STOP_AFTER permuted statistics reach the observed
+    # one; the p-value is then clearly above any alarm level, and a quiet night costs ~100
+    # permutations instead of all of them.
+    done = exceed = 0
+    while done < permutations and exceed < STOP_AFTER:
+        block = min(PERMUTATION_BLOCK, permutations - done)
+        shuffled = np.stack([rng.permutation(w) for _ in range(block)], axis=1)
+        exceed += int(np.sum(np.einsum("ip,ip->p", shuffled, kernel @ shuffled) >= statistic))
+        done += block
+    p_value = (1 + exceed) / (1 + done)
+    return {"statistic": round(statistic, 6), "p_value": round(p_value, 6), "permutations": done,
             "bandwidth": round(bandwidth, 6), "items": [n, m]}
 
 
@@ -442,7 +452,7 @@ def new_item_mask(samples: pa.Table, previous: Location) -> np.ndarray:
 
 
 def drift_phase(samples: pa.Table, vectors, graph, config: DriftConfig, *, model_id: str,
-                previous: Location | None) -> DriftResult:
+                previous: Location | None, centroids: np.ndarray | None = None) -> DriftResult:
     """Tonight's profile and its comparison with the previous published run's."""
     from curation.index.source import as_source
     from curation.schema import ok_rows_in_vector_order
@@ -450,7 +460,8 @@ def drift_phase(samples: pa.Table, vectors, graph, config: DriftConfig, *, model
     before = Profile.read(previous) if previous is not None else None
     usable = before is not None and before.model_id == model_id
     profile, on_previous = build_profile(samples, vectors, graph, model_id=model_id, sample_size=config.sample_size,
-                                         previous_centroids=before.centroids if usable else None)
+                                         previous_centroids=before.centroids if usable else None,
+                                         centroids=centroids)
     if previous is None:
         return DriftResult(profile, {"skipped": "first night: no previous published run"})
     if before is None:

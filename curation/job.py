@@ -168,7 +168,8 @@ def run_job(config: Config, *, resolver: Resolver | None = None, plan: Plan | No
             if neighbours.copy_graph is not None:  # kept for the next night's update
                 outputs.write_knn_graph(plan.run.child("knn-copies"), samples, neighbours.copy_graph)
         with clock.phase("drift"):
-            drift = _drift(plan, config, samples, ingested, neighbours.graph)
+            drift = _drift(plan, config, samples, ingested, neighbours.graph,
+                           centroids=score_report["artifacts"].get("clusters", {}).get("centroids"))
             # The graph has served its purpose: free it before selections.
             neighbours.graph = neighbours.copy_graph = None
         with clock.phase("leakage"):
@@ -426,7 +427,7 @@ def _apply_corrections(plan: Plan, config: Config, resolver: Resolver,
     return store, summary
 
 
-def _drift(plan: Plan, config: Config, samples: pa.Table, ingested: Ingested, graph):
+def _drift(plan: Plan, config: Config, samples: pa.Table, ingested: Ingested, graph, *, centroids=None):
     """Tonight's profile and its comparison with the previous published run (see
     :mod:`curation.drift`); None when ``drift.enabled`` is off."""
     if not config.drift.enabled:
@@ -434,7 +435,7 @@ def _drift(plan: Plan, config: Config, samples: pa.Table, ingested: Ingested, gr
     from curation.drift import drift_phase
 
     return drift_phase(samples, ingested.vectors, graph, config.drift, model_id=str(ingested.embedder.get("model_id")),
-                       previous=previous_run(plan.output, plan.latest))
+                       previous=previous_run(plan.output, plan.latest), centroids=centroids)
 
 
 def _split_leakage(samples: pa.Table, ingested: Ingested, config: Config,

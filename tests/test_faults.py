@@ -29,6 +29,21 @@ from curation.job import run_job
 FAULT_SET_SIZE = 1200
 
 
+def owned_by(pid: int, older) -> bool:
+    """Whether a process in ``older`` (other than init) is an ancestor of ``pid``."""
+    seen = set()
+    while pid > 1 and pid not in seen:
+        seen.add(pid)
+        try:
+            with open(f"/proc/{pid}/stat", "rb") as fh:
+                pid = int(fh.read().rsplit(b")", 1)[1].split()[1])
+        except (OSError, IndexError, ValueError):
+            return False
+        if pid > 1 and pid in older:
+            return True
+    return False
+
+
 def processes() -> dict[int, bytes]:
     """``{pid: cmdline}`` of the live (non-zombie) processes."""
     out = {}
@@ -227,8 +242,13 @@ def test_driver_killed_mid_run_then_rerun_resumes_from_its_checkpoint(undisturbe
     assert checkpointed > 0
     # The killed run's local Ray goes with it (the watchdog kills what Ray leaves behind).
     deadline = time.monotonic() + 20
-    def ray_left():  # new processes of Ray (or of the job), not whatever else the machine started
-        return {p: c for p, c in processes().items() if p not in before and (b"ray" in c or b"curation" in c)}
+
+    def ray_left():
+        """New processes of Ray (or of the job) that no process older than the job owns: the
+        killed job's are orphans now, while a Ray that another test process runs meanwhile (the
+        other pytest-xdist worker's) starts workers under that older process."""
+        return {p: c for p, c in processes().items()
+                if p not in before and (b"ray" in c or b"curation" in c) and not owned_by(p, before)}
 
     while (left := ray_left()) and time.monotonic() < deadline:
         time.sleep(0.5)

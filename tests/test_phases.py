@@ -138,7 +138,7 @@ def test_cluster_training_falls_back_to_faiss_without_cuml(monkeypatch):
     rng = np.random.default_rng(0)
     x = np.concatenate([rng.normal(size=(50, 8)) + 6 * np.eye(8)[i] for i in range(3)]).astype(np.float32)
     x /= np.linalg.norm(x, axis=1, keepdims=True)
-    labels, sims, backend = clusters.cluster_vectors(x, 3)
+    labels, sims, backend, _ = clusters.cluster_vectors(x, 3)
     assert backend == "faiss" and len(set(labels[:50])) == 1 and len(set(labels)) == 3 and (sims > 0.5).all()
 
 
@@ -383,7 +383,7 @@ def test_clusters_summary_reports_the_backend_the_training_task_used(monkeypatch
 
     x = np.eye(4, dtype=np.float32)
     monkeypatch.setattr(clusters, "cluster_vectors",
-                        lambda vectors, k: (np.zeros(4, np.int32), np.ones(4, np.float32), "cuml"))
+                        lambda vectors, k: (np.zeros(4, np.int32), np.ones(4, np.float32), "cuml", np.eye(1, 4)))
     from curation.index.source import as_source
 
     ctx = ScoreContext(Columns(pa.table({"status": ["ok"] * 4})), np.ones(4, bool), as_source(x),

@@ -206,7 +206,7 @@ def test_unlabelled_items_get_a_suggestion_and_its_confidence():
 
 def test_clusters_recover_separated_blobs():
     emb = unit(blobs(30, 3, spread=0.02, seed=8))
-    labels, sims, _ = cluster_vectors(emb, 3)
+    labels, sims, _, _ = cluster_vectors(emb, 3)
     for start in (0, 30, 60):
         assert len(set(labels[start:start + 30])) == 1
     assert len(set(labels)) == 3 and sims.min() > 0.9

@@ -146,16 +146,17 @@ def sharded_knn(vectors, k: int, params: IndexParams, *, query_batch: int = 1638
         # Query tasks reserve no CPU: they mostly wait on the shards, which hold the CPUs.
         pending: list = []
         done_rows = 0
+        # Generators: each task is submitted only when fewer than QUERY_TASKS_IN_FLIGHT run.
         if queries is None:
             # One task per range of whole row groups (each read once), searched query_batch rows at a time.
             query = ray.remote(num_cpus=0)(_query_batch)
-            jobs = [(start, stop, query.remote(source_ref, start, stop, shards, search_k, k, query_batch))
-                    for start, stop in source.ranges(query_batch)]
+            jobs = ((start, stop, query.remote(source_ref, start, stop, shards, search_k, k, query_batch))
+                    for start, stop in source.ranges(query_batch))
         else:  # the given ids, query_batch at a time (each task reads just its rows)
             query = ray.remote(num_cpus=0)(_query_ids)
-            jobs = [(start, min(start + query_batch, rows),
+            jobs = ((start, min(start + query_batch, rows),
                      query.remote(source_ref, queries[start:start + query_batch], shards, search_k, k))
-                    for start in range(0, rows, query_batch)]
+                    for start in range(0, rows, query_batch))
         for job in jobs:
             pending.append(job)
             if len(pending) >= QUERY_TASKS_IN_FLIGHT:

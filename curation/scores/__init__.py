@@ -93,7 +93,8 @@ def run_scores(samples: pa.Table, vectors, knn_ok: KnnGraph, config: ScoresConfi
     Returns:
         ``samples`` with score columns added (and ``reason`` merged: the rejection reason for
         rejected rows, every score's explanation for ok rows), and a report
-        ``{"timings_s": {score: seconds}, "summary": {score: its run.json summary}}``.
+        ``{"timings_s": {score: seconds}, "summary": {score: its run.json summary},
+        "artifacts": {score: what it keeps for later phases (the clusters' centroids)}}``.
     """
     ok = is_ok(samples["status"])
     ctx = ScoreContext(Columns(samples), ok, as_source(vectors), knn_ok, config, budget,
@@ -102,6 +103,7 @@ def run_scores(samples: pa.Table, vectors, knn_ok: KnnGraph, config: ScoresConfi
     reasons: list[pa.ChunkedArray | pa.Array] = []
     timings: dict[str, float] = {}
     summary: dict[str, dict] = {}
+    artifacts: dict[str, dict] = {}
     for score in registry:
         start = time.perf_counter()
         result = score.compute(ctx)
@@ -114,8 +116,10 @@ def run_scores(samples: pa.Table, vectors, knn_ok: KnnGraph, config: ScoresConfi
         ctx = ctx.with_columns(result.select(list(score.columns)))
         timings[score.name] = round(time.perf_counter() - start, 3)
         summary[score.name] = score.summary(result)
+        if hasattr(score, "artifacts"):  # what a score keeps for later phases (not run.json)
+            artifacts[score.name] = score.artifacts(result)
         log.info("score %s: %.2fs %s", score.name, timings[score.name], summary[score.name] or "")
     samples = ctx.columns.table
     samples = samples.set_column(samples.column_names.index("reason"), "reason",
                                  merge_reasons(samples["reason"], reasons))
-    return samples, {"timings_s": timings, "summary": summary}
+    return samples, {"timings_s": timings, "summary": summary, "artifacts": artifacts}

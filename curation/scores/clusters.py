@@ -83,9 +83,9 @@ def assign(ids: np.ndarray, x: np.ndarray, centroids: np.ndarray) -> tuple[np.nd
     return labels.ravel().astype(np.int32), sims.ravel().astype(np.float32)
 
 
-def cluster_vectors(vectors, k: int, *, seed: int = SEED) -> tuple[np.ndarray, np.ndarray, str]:
+def cluster_vectors(vectors, k: int, *, seed: int = SEED) -> tuple[np.ndarray, np.ndarray, str, np.ndarray]:
     """Train on a sample of ``vectors`` (a source or a matrix), assign every vector where it is
-    stored. Returns labels, cosine to the centroid, and the training backend."""
+    stored. Returns labels, cosine to the centroid, the training backend and the centroids."""
     from curation.session import run_tasks, training_request
 
     source = as_source(vectors)
@@ -101,7 +101,7 @@ def cluster_vectors(vectors, k: int, *, seed: int = SEED) -> tuple[np.ndarray, n
     parts = map_vectors(source, assign, centroids)
     labels = np.concatenate([p[0] for p in parts]) if parts else np.empty(0, np.int32)
     sims = np.concatenate([p[1] for p in parts]) if parts else np.empty(0, np.float32)
-    return labels, sims, backend
+    return labels, sims, backend, centroids
 
 
 def _train_on_sample(source, sample_ids: np.ndarray, k: int, threads: int = 1) -> tuple[np.ndarray, str]:
@@ -125,11 +125,12 @@ class ClustersScore:
             parts = map_vectors(ctx.vectors, assign, np.asarray(previous, np.float32))
             labels = np.concatenate([p[0] for p in parts]) if parts else np.empty(0, np.int32)
             sims = np.concatenate([p[1] for p in parts]) if parts else np.empty(0, np.float32)
-            k, backend = len(previous), "previous run's centroids"
+            k, backend, centroids = len(previous), "previous run's centroids", np.asarray(previous, np.float32)
         elif n_ok:
-            labels, sims, backend = cluster_vectors(ctx.vectors, k)
+            labels, sims, backend, centroids = cluster_vectors(ctx.vectors, k)
         else:
             labels, sims, backend = np.empty(0, np.int32), np.empty(0, np.float32), "none"
+            centroids = np.zeros((0, 1), np.float32)
         log.info("clusters: k=%d (%s)", k, backend)
         table = pa.table({
             "cluster": pa.array(ctx.scatter(labels, -1, np.int32), pa.int32()),
@@ -137,7 +138,18 @@ class ClustersScore:
         })
         # The backend the training task used (on a GPU worker it may be cuML while the driver
         # has no GPU): the summary reports it from here, not by asking the driver again.
-        return table.replace_schema_metadata({"kmeans_backend": backend})
+        centroids = np.ascontiguousarray(centroids, np.float32)
+        return table.replace_schema_metadata({"kmeans_backend": backend, "centroids": centroids.tobytes(),
+                                              "centroid_dim": str(centroids.shape[1] if centroids.ndim == 2 else 1)})
+
+    def artifacts(self, table: pa.Table) -> dict:
+        """The centroids the items were assigned to (kept in the run's profile, so the next
+        night can assign to the same ones)."""
+        meta = table.schema.metadata or {}
+        if b"centroids" not in meta:
+            return {}
+        dim = int(meta.get(b"centroid_dim", b"1"))
+        return {"centroids": np.frombuffer(meta[b"centroids"], np.float32).reshape(-1, dim)}
 
     def summary(self, table: pa.Table) -> dict:
         import pyarrow.compute as pc
