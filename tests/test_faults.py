@@ -103,7 +103,13 @@ def assert_same_manifests(a: dict, b: dict) -> None:
         assert a[name].schema == b[name].schema, name
         left, right = a[name].to_pandas(), b[name].to_pandas()
         for column in left.columns:  # pandas' equals: NaN equals NaN (Arrow's does not)
-            assert left[column].equals(right[column]), f"{name}.{column} differs"
+            if left[column].dtype.kind == "f":
+                # A cosine computed over vectors read in other batches (a resumed run's parts)
+                # may differ in its last bits (BLAS blocking); anything more is a difference.
+                assert np.allclose(left[column], right[column], rtol=0, atol=1e-6, equal_nan=True), \
+                    f"{name}.{column} differs"
+            else:
+                assert left[column].equals(right[column]), f"{name}.{column} differs"
 
 
 def readable_rows(run_folder: str) -> int:
