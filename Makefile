@@ -3,6 +3,13 @@
 PYTHON ?= python3
 VENV ?= .venv
 STAMP := $(VENV)/.installed-dev
+# Label Studio for the review round-trip test, in its own virtualenv (it pins Django and boto
+# ranges that clash with ours). Its first-start database migrations (a minute or two) run in its
+# build, once, into a template data folder that each test server copies. (Defined before the
+# rules that name it: make expands a rule's prerequisites as it reads the rule.)
+LS_VENV ?= .venv-label-studio
+LS_STAMP := $(LS_VENV)/.installed
+LS_VERSION := 1.23.2
 
 .PHONY: demo test test-fast venv clean bench-venv browser label-studio
 
@@ -31,13 +38,6 @@ test-fast: $(STAMP)
 browser:
 	@command -v chromium >/dev/null 2>&1 || { (apt-get update -qq && apt-get install -y -qq chromium >/dev/null) \
 		|| echo "could not install chromium: the report's browser test will be skipped (and fails under CI)"; }
-
-# Label Studio for the review round-trip test, in its own virtualenv (it pins Django and boto
-# ranges that clash with ours). Its first-start database migrations (a minute or two) run here,
-# once, into a template data folder that each test server copies.
-LS_VENV ?= .venv-label-studio
-LS_STAMP := $(LS_VENV)/.installed
-LS_VERSION := 1.23.2
 
 $(LS_STAMP):
 	$(PYTHON) -m venv $(LS_VENV)
