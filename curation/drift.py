@@ -431,23 +431,17 @@ def new_item_mask(samples: pa.Table, previous: Location) -> np.ndarray:
     the previous run)."""
     import pyarrow.dataset as ds
 
-    from curation.schema import is_ok, ok_rows_in_vector_order
+    from curation.schema import is_ok, item_key_columns, item_keys, ok_rows_in_vector_order
 
-    columns = [c for c in ("uri", "fingerprint") if c in samples.column_names]
+    columns = item_key_columns(samples)
     folder = previous.child("samples")
     old = ds.dataset(folder.path, filesystem=folder.filesystem, format="parquet")
     old_columns = [c for c in columns + ["status"] if c in old.schema.names]
     old = old.to_table(columns=old_columns)
     old = old.filter(pa.array(is_ok(old["status"])))
-    use = [c for c in columns if c in old.column_names]
-
-    def key(table):
-        parts = [pc.fill_null(pc.cast(table[c], pa.string()), "") for c in use]
-        return parts[0] if len(parts) == 1 else pc.binary_join_element_wise(*parts, "\x00")
-
-    rows = ok_rows_in_vector_order(samples)
-    now = key(samples.take(pa.array(rows, pa.int64())))
-    return ~pc.is_in(now, value_set=key(old).combine_chunks() if old.num_rows else pa.array([], pa.string())
+    use = item_key_columns(samples, old)
+    now = item_keys(samples.take(pa.array(ok_rows_in_vector_order(samples), pa.int64())), use)
+    return ~pc.is_in(now, value_set=item_keys(old, use) if old.num_rows else pa.array([], pa.string())
                      ).to_numpy(zero_copy_only=False).astype(bool)
 
 

@@ -109,3 +109,15 @@ def ok_rows_in_vector_order(samples: pa.Table) -> np.ndarray:
         return ok
     vector_id = samples["vector_id"].to_numpy(zero_copy_only=False)[ok]
     return ok[np.argsort(vector_id, kind="stable")]
+
+
+def item_key_columns(*tables: pa.Table) -> list[str]:
+    """The columns that name one version of an item (``uri``, and ``fingerprint`` when every
+    table has it) -- what "the same item, unchanged" means between two runs."""
+    return [c for c in ("uri", "fingerprint") if all(c in t.column_names for t in tables)]
+
+
+def item_keys(table: pa.Table, columns: list[str]) -> pa.Array:
+    """One string per row joining ``columns`` (from :func:`item_key_columns`), nulls as ''."""
+    parts = [pc.fill_null(pc.cast(table[c], pa.string()), "").combine_chunks() for c in columns]
+    return parts[0] if len(parts) == 1 else pc.binary_join_element_wise(*parts, "\x00")

@@ -81,3 +81,29 @@ def upload_folder(fs, local_root: str, bucket_path: str) -> None:
             rel = os.path.relpath(local, local_root)
             with open(local, "rb") as src, fs.open_output_stream(f"{bucket_path}/{rel}") as dst:
                 dst.write(src.read())
+
+
+FLIPS = (3, 13, 23, 33, 43)  # items of class 'a' that flipped_labels_set labels 'b'
+
+
+def flipped_labels_set(folder, *, review_budget: int) -> tuple[dict, list[str]]:
+    """300 embeddings in three classes a/b/c with five planted flips (``FLIPS``), written to
+    ``folder/emb.parquet``; returns a config dict with one ``label_review`` selection and the uris."""
+    import numpy as np
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    rng = np.random.default_rng(12)
+    centers = rng.normal(size=(3, 16)) * 3
+    x = np.concatenate([c + 0.3 * rng.normal(size=(100, 16)) for c in centers]).astype(np.float32)
+    labels = ["abc"[i // 100] for i in range(300)]
+    for i in FLIPS:
+        labels[i] = "b"
+    uris = [f"s3://lake/{i}.jpg" for i in range(300)]
+    pq.write_table(pa.table({"uri": uris, "label": labels,
+                             "embedding": pa.FixedSizeListArray.from_arrays(pa.array(x.ravel()), 16)}),
+                   os.path.join(folder, "emb.parquet"))
+    data = {"input": {"embeddings": os.path.join(folder, "emb.parquet")}, "report": {"map_method": "pca"},
+            "output": {"uri": os.path.join(folder, "out")},
+            "selections": [{"name": "label_review", "mode": "label_review", "budget": review_budget}]}
+    return data, uris

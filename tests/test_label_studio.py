@@ -6,13 +6,12 @@ from __future__ import annotations
 import json
 import os
 
-import numpy as np
-import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
 from curation.config import load_config
 from curation.testing.labelstudio import LabelStudioServer
+from tests.conftest import FLIPS, flipped_labels_set
 
 pytestmark = pytest.mark.integration
 
@@ -37,20 +36,8 @@ def test_review_round_trip_through_a_real_label_studio(tmp_path, label_studio):
     from curation.job import run_job
 
     assert label_studio.host == "127.0.0.1"  # loopback only
-    rng = np.random.default_rng(12)
-    centers = rng.normal(size=(3, 16)) * 3
-    x = np.concatenate([c + 0.3 * rng.normal(size=(100, 16)) for c in centers]).astype(np.float32)
-    labels = ["abc"[i // 100] for i in range(300)]
-    flips = [3, 13, 23, 33, 43]  # class 'a' items labelled 'b'
-    for i in flips:
-        labels[i] = "b"
-    uris = [f"s3://lake/{i}.jpg" for i in range(300)]
-    pq.write_table(pa.table({"uri": uris, "label": labels,
-                             "embedding": pa.FixedSizeListArray.from_arrays(pa.array(x.ravel()), 16)}),
-                   tmp_path / "emb.parquet")
-    data = {"input": {"embeddings": str(tmp_path / "emb.parquet")}, "report": {"map_method": "pca"},
-            "output": {"uri": str(tmp_path / "out")},
-            "selections": [{"name": "label_review", "mode": "label_review", "budget": 20}]}
+    data, uris = flipped_labels_set(tmp_path, review_budget=20)
+    flips = list(FLIPS)  # class 'a' items labelled 'b'
     first = run_job(load_config(data=data))
     review = lambda run: set(pq.read_table(os.path.join(run.run_uri, "selections", "label_review.parquet"))  # noqa: E731
                              ["uri"].to_pylist())

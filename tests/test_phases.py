@@ -508,21 +508,10 @@ def test_label_corrections_are_applied_kept_and_a_wrong_one_is_disputed(tmp_path
     the majority answers; night 3 keeps them without the file."""
     from curation.job import run_job
 
-    rng = np.random.default_rng(12)
-    centers = rng.normal(size=(3, 16)) * 3
-    x = np.concatenate([c + 0.3 * rng.normal(size=(100, 16)) for c in centers]).astype(np.float32)
-    truth = ["abc"[i // 100] for i in range(300)]
-    labels = list(truth)
-    flips = [3, 13, 23, 33, 43]
-    for i in flips:
-        labels[i] = "b"
-    uris = [f"s3://lake/{i}.jpg" for i in range(300)]
-    pq.write_table(pa.table({"uri": uris, "label": labels,
-                             "embedding": pa.FixedSizeListArray.from_arrays(pa.array(x.ravel()), 16)}),
-                   tmp_path / "emb.parquet")
-    data = {"input": {"embeddings": str(tmp_path / "emb.parquet")}, "report": {"map_method": "pca"},
-            "output": {"uri": str(tmp_path / "out")},
-            "selections": [{"name": "label_review", "mode": "label_review", "budget": 300}]}
+    from tests.conftest import FLIPS, flipped_labels_set
+
+    data, uris = flipped_labels_set(tmp_path, review_budget=300)
+    flips = list(FLIPS)
     first = run_job(load_config(data=data))
     review = lambda run: set(pq.read_table(os.path.join(run.run_uri, "selections", "label_review.parquet"))
                              .filter(pc.field("score") < 0.3)["uri"].to_pylist())  # noqa: E731

@@ -57,18 +57,12 @@ class Carried:
     deleted: int
 
 
-def _keys(table: pa.Table) -> pa.Array:
-    columns = [c for c in ("uri", "fingerprint") if c in table.column_names]
-    parts = [pc.fill_null(pc.cast(table[c], pa.string()), "").combine_chunks() for c in columns]
-    return parts[0] if len(parts) == 1 else pc.binary_join_element_wise(*parts, "\x00")
-
-
 def carry_previous(previous: Location, samples: pa.Table, k: int, *, folder: str = "knn") -> Carried | None:
     """The previous run's ``folder`` graph (``knn/`` or ``knn-copies/``) mapped onto tonight's
     ok items (``samples`` with ``vector_id``); None when that run has no such graph."""
     import pyarrow.dataset as ds
 
-    from curation.schema import is_ok, ok_rows_in_vector_order
+    from curation.schema import is_ok, item_key_columns, item_keys, ok_rows_in_vector_order
 
     graph_folder, samples_folder = previous.child(folder), previous.child("samples")
     try:
@@ -81,9 +75,10 @@ def carry_previous(previous: Location, samples: pa.Table, k: int, *, folder: str
     old = old.filter(pa.array(is_ok(old["status"])))
     rows = ok_rows_in_vector_order(samples)
     n = len(rows)
-    tonight = _keys(samples.take(pa.array(rows, pa.int64())))
+    use = item_key_columns(samples, old)
+    tonight = item_keys(samples.take(pa.array(rows, pa.int64())), use)
     # previous input_id -> tonight's vector id (-1: deleted or changed)
-    where = pc.index_in(_keys(old), value_set=tonight).to_numpy(zero_copy_only=False)
+    where = pc.index_in(item_keys(old, use), value_set=tonight).to_numpy(zero_copy_only=False)
     where = np.where(np.isnan(where.astype(np.float64)), -1, np.nan_to_num(where)).astype(np.int64)
     old_input = old["input_id"].to_numpy()
     size = int(max(old_input.max(initial=-1), graph["input_id"].to_numpy().max(initial=-1)) + 1)
@@ -278,14 +273,13 @@ def neighbour_graph(vectors, cfg, *, samples, save_to: Location | None, previous
                     index_folder: str = "index") -> tuple[KnnGraph, dict]:
     """Tonight's graph: the previous run's updated when it can be (see the module), else built
     whole; ``info["incremental"]`` says which and why."""
-    from curation.index.params import IndexParams, choose_params
-    from curation.index.sharded import knn_graph, sharded_knn
+    from curation.index.params import IndexParams
+    from curation.index.sharded import index_params, knn_graph, sharded_knn
     from curation.index.source import as_source
-    from curation.session import ClusterShape
 
     source = as_source(vectors)
     n = source.n
-    params = choose_params(n, source.dim if n else 1, cfg, cpus=ClusterShape.current().cpus)
+    params = index_params(source, cfg)
     carried = (carry_previous(previous, samples, cfg.k, folder=folder)
                if previous is not None and cfg.incremental != "off" else None)
     reason = why_not(cfg, previous, previous_info, model_id, n, carried, params.kind)

@@ -56,7 +56,7 @@ def knn_graph(vectors, cfg: KnnConfig, *, seed: int = 0,
     source = as_source(vectors)
     n = source.n
     d = source.dim if n else 1
-    params = choose_params(n, d, cfg, cpus=ClusterShape.current().cpus)
+    params = index_params(source, cfg)
     info: dict = {"k": cfg.k, **params.to_dict()}
     if params.kind == "flat" and params.shards == 1:
         # Bounded by knn.exact_below rows, so the exact path may hold them in process.
@@ -69,6 +69,11 @@ def knn_graph(vectors, cfg: KnnConfig, *, seed: int = 0,
                                 refine_factor=cfg.refine_factor)
     info.update(method=f"{params.factory(d)} over {params.shards} Ray shard actor(s)", **timing)
     return graph, info
+
+
+def index_params(source, cfg: KnnConfig) -> IndexParams:
+    """The index for ``source`` under ``knn.*`` (its shard count from the cluster's CPUs)."""
+    return choose_params(source.n, source.dim if source.n else 1, cfg, cpus=ClusterShape.current().cpus)
 
 
 def sharded_knn(vectors, k: int, params: IndexParams, *, query_batch: int = 16384,

@@ -18,7 +18,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from curation.config import ReportConfig
-from curation.schema import is_ok
+from curation.schema import is_ok, item_key_columns, item_keys
 from curation.scores import flag_columns
 
 log = logging.getLogger(__name__)
@@ -209,13 +209,9 @@ def previous_layout(previous, samples: pa.Table, rows: np.ndarray) -> np.ndarray
     except (OSError, pa.ArrowException, ValueError):
         return out
     old = old.filter(pc.is_valid(old["x"]))
-    keys = [c for c in ("uri", "fingerprint") if c in old.column_names and c in samples.column_names]
-
-    def key(table):
-        parts = [pc.fill_null(pc.cast(table[c], pa.string()), "").combine_chunks() for c in keys]
-        return parts[0] if len(parts) == 1 else pc.binary_join_element_wise(*parts, "\x00")
-
-    where = pc.index_in(key(samples.take(pa.array(rows, pa.int64()))), value_set=key(old)).to_numpy(
+    keys = item_key_columns(samples, old)
+    where = pc.index_in(item_keys(samples.take(pa.array(rows, pa.int64())), keys),
+                        value_set=item_keys(old, keys)).to_numpy(
         zero_copy_only=False).astype(np.float64)
     found = np.isfinite(where)
     at = where[found].astype(np.int64)
