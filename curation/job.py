@@ -164,9 +164,12 @@ def run_job(config: Config, *, resolver: Resolver | None = None, plan: Plan | No
         with clock.phase("scores"):
             samples, score_report = score(ingested, neighbours, config)
             clock.timings.update({f"score_{k}": v for k, v in score_report["timings_s"].items()})
-            outputs.write_knn_graph(plan.run.child("knn"), samples, neighbours.graph)
-            if neighbours.copy_graph is not None:  # kept for the next night's update
-                outputs.write_knn_graph(plan.run.child("knn-copies"), samples, neighbours.copy_graph)
+            for folder, graph in (("knn", neighbours.graph), ("knn-copies", neighbours.copy_graph)):
+                if graph is None:
+                    continue
+                outputs.write_knn_graph(plan.run.child(folder), samples, graph)
+                if graph.margin is not None:  # the next night fills a lost neighbour from these
+                    outputs.write_knn_graph(plan.run.child(f"{folder}-margin"), samples, graph.margin)
         with clock.phase("drift"):
             drift = _drift(plan, config, samples, ingested, neighbours.graph,
                            centroids=score_report["artifacts"].get("clusters", {}).get("centroids"))

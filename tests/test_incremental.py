@@ -9,6 +9,7 @@ import os
 
 import numpy as np
 import pyarrow as pa
+import pyarrow.compute  # noqa: F401 (pa.compute)
 import pyarrow.parquet as pq
 import pytest
 
@@ -72,11 +73,16 @@ def _graph(run_uri):
 def test_night_two_updates_the_exact_graph_to_what_a_full_recompute_finds(tmp_path):
     first, second, whole, deleted = _nights(tmp_path)
     assert first.info.knn["incremental"] == {"used": False, "reason": "first night: no previous published run",
-                                             "nights_since_rebuild": 0}
+                                             "nights_since_rebuild": 0, "margin": 5}
+    # Night 1 kept 5 neighbours past the k-th for the rows that lose one tonight.
+    margin = pq.read_table(os.path.join(first.run_uri, "knn-margin"))
+    assert margin.num_rows == first.info.counts.ok and set(pa.compute.list_value_length(margin["neighbor_ids"]).to_pylist()) == {5}
     update = second.info.knn["incremental"]
     assert update["used"] and update["nights_since_rebuild"] == 1 and update["new_or_changed"] == 45 + 18
-    # Searched: what changed and the old items that lost a neighbour to it, not every item.
-    assert update["searched"] == update["new_or_changed"] + update["lost_a_neighbour"] < second.info.counts.ok
+    # Searched: what changed and the old items short of k neighbours once it is gone, not every
+    # item; the rows that lost a neighbour and kept k are filled from their margin.
+    assert update["searched"] == update["new_or_changed"] + update["short_of_k"] < second.info.counts.ok
+    assert update["refilled_from_margin"] > 10 * update["short_of_k"]
     ids, sims, uris = _graph(second.run_uri)
     ids_w, sims_w, uris_w = _graph(whole.run_uri)
     assert uris == uris_w
@@ -136,6 +142,9 @@ def test_sharded_night_two_reuses_the_trained_index_on_s3_within_a_recall_bound(
     assert update["used"], update
     assert second.info.knn["trained_from"].endswith("/index/trained.faissindex")
     assert "train_s" not in second.info.knn and update["searched"] < 0.5 * second.info.counts.ok
+    # The shards start from night 1's saved ones, renumbered, with the new vectors added.
+    assert "filled shards renumbered" in second.info.knn["method"], second.info.knn["method"]
+    assert second.info.knn["add_from"].endswith(f"{update['new_or_changed']} new or changed vectors added")
 
     def graph(run_uri):
         table = pq.read_table(run_uri.removeprefix("s3://") + "/knn", filesystem=fs).sort_by("input_id")

@@ -22,10 +22,19 @@ class KnnGraph:
 
     ids: np.ndarray  # (N, k) int32 below 2**31 items (half the bytes), else int64
     sims: np.ndarray  # (N, k) float32
+    # The next neighbours past the k-th, kept for the next night's update (knn-margin/).
+    margin: "KnnGraph | None" = None
 
     @property
     def k(self) -> int:
         return self.ids.shape[1]
+
+    def split(self, k: int) -> "KnnGraph":
+        """The first ``k`` neighbours, the rest as the ``margin`` (contiguous copies)."""
+        if self.k <= k:
+            return self
+        margin = KnnGraph(np.ascontiguousarray(self.ids[:, k:]), np.ascontiguousarray(self.sims[:, k:]))
+        return KnnGraph(np.ascontiguousarray(self.ids[:, :k]), np.ascontiguousarray(self.sims[:, :k]), margin)
 
 
 def exact_knn(embeddings: np.ndarray, k: int) -> KnnGraph:

@@ -22,10 +22,15 @@ class IndexShard:
         partition: ``(source, lo, hi, batch_rows)``: fill the index with ids ``[lo, hi)`` of
             ``source`` here, in the constructor, so that an actor Ray restarts after its process
             died rebuilds its partition from storage by itself.
+        renumber: when ``index_bytes`` is a previous run's filled shard, every id it holds
+            becomes ``renumber[id]`` (those mapped to -1, the deleted and changed items, are
+            removed) ...
+        added: ... and ids ``added`` of ``source`` are added.
     """
 
     def __init__(self, index_bytes: np.ndarray, *, nprobe: int = 0, num_threads: int = 1, use_gpu: bool = False,
-                 refine_factor: int = 16, partition: tuple[int, int, int] | None = None, source=None):
+                 refine_factor: int = 16, partition: tuple[int, int, int] | None = None, source=None,
+                 renumber: np.ndarray | None = None, added: np.ndarray | None = None):
         faiss.omp_set_num_threads(max(1, num_threads))
         if hasattr(index_bytes, "filesystem"):
             index = load_index(index_bytes)
@@ -49,6 +54,26 @@ class IndexShard:
         self.index = index if self.is_ivf else faiss.IndexIDMap2(index)
         if partition is not None:  # (lo, hi, batch_rows) of ``source``: see add_from
             self.add_from(source, *partition)
+        if renumber is not None:
+            self.renumber(renumber)
+        if added is not None:
+            batch_rows = partition[2] if partition is not None else 16384
+            for start in range(0, len(added), batch_rows):
+                ids = np.asarray(added[start:start + batch_rows], np.int64)
+                self.add(ids, source.take(ids, local=True))
+
+    def renumber(self, new_id_of: np.ndarray) -> int:
+        """Rewrite every stored id in place (an IVF index's inverted lists) as ``new_id_of[id]``
+        and remove those that map to -1. Returns the vectors removed."""
+        ivf = faiss.extract_index_ivf(self.index)
+        lists = ivf.invlists
+        for number in range(ivf.nlist):
+            size = lists.list_size(number)
+            if size:
+                ids = faiss.rev_swig_ptr(lists.get_ids(number), size)  # the list's own storage
+                inside = (ids >= 0) & (ids < len(new_id_of))
+                ids[:] = np.where(inside, new_id_of[np.where(inside, ids, 0)], -1)
+        return int(self.index.remove_ids(faiss.IDSelectorRange(-1, 0)))
 
     def size(self) -> int:
         """Vectors held (a rebuilt shard must hold its whole partition again)."""
@@ -105,10 +130,10 @@ def gpu_available() -> bool:
 
 
 def load_index(location) -> faiss.Index:
-    """Read an index written by :meth:`IndexShard.save` (or the trained empty index)."""
+    """Read an index written by :meth:`IndexShard.save` (or the trained empty index),
+    streamed: a filled shard is never held twice in memory."""
     with location.filesystem.open_input_stream(location.path) as fh:
-        data = fh.read()
-    return faiss.deserialize_index(np.frombuffer(data, dtype=np.uint8))
+        return faiss.read_index(faiss.PyCallbackIOReader(fh.read))
 
 
 def train_empty_index(sample: np.ndarray, factory: str) -> faiss.Index:

@@ -39,8 +39,8 @@ TRAIN_THREADS = 8  # CPUs the training task asks for (at most one node's: sessio
 SHARD_RESTARTS = 2  # a dead shard actor is restarted (and refills itself) at most this often
 
 
-def knn_graph(vectors, cfg: KnnConfig, *, seed: int = 0,
-              save_to: Location | None = None) -> tuple[KnnGraph, dict]:
+def knn_graph(vectors, cfg: KnnConfig, *, seed: int = 0, save_to: Location | None = None,
+              k: int | None = None) -> tuple[KnnGraph, dict]:
     """The kNN graph of every vector among all vectors, self excluded.
 
     Args:
@@ -49,6 +49,7 @@ def knn_graph(vectors, cfg: KnnConfig, *, seed: int = 0,
         cfg: ``knn.*``.
         save_to: where the sharded path writes ``trained.faissindex`` and
             ``shard-NNNNN.faissindex`` (ids are positions in the vector source).
+        k: neighbours per item (``cfg.k`` by default).
 
     Returns:
         The graph and a description for ``run.json`` (index parameters, timings, shard sizes).
@@ -56,16 +57,17 @@ def knn_graph(vectors, cfg: KnnConfig, *, seed: int = 0,
     source = as_source(vectors)
     n = source.n
     d = source.dim if n else 1
+    k = k or cfg.k
     params = index_params(source, cfg)
     info: dict = {"k": cfg.k, **params.to_dict()}
     if params.kind == "flat" and params.shards == 1:
         # Bounded by knn.exact_below rows, so the exact path may hold them in process.
         t = time.perf_counter()
         _, x = source.read_all(0, n) if n else (None, np.zeros((0, d), np.float32))
-        graph = exact_knn(x, cfg.k)
+        graph = exact_knn(x, k)
         info.update(method="exact (faiss.IndexFlatIP, in process)", search_s=round(time.perf_counter() - t, 3))
         return graph, info
-    graph, timing = sharded_knn(source, cfg.k, params, query_batch=cfg.query_batch, seed=seed, save_to=save_to,
+    graph, timing = sharded_knn(source, k, params, query_batch=cfg.query_batch, seed=seed, save_to=save_to,
                                 refine_factor=cfg.refine_factor)
     info.update(method=f"{params.factory(d)} over {params.shards} Ray shard actor(s)", **timing)
     return graph, info
@@ -78,7 +80,8 @@ def index_params(source, cfg: KnnConfig) -> IndexParams:
 
 def sharded_knn(vectors, k: int, params: IndexParams, *, query_batch: int = 16384,
                 seed: int = 0, save_to: Location | None = None, refine_factor: int = 16,
-                trained_from: Location | None = None, queries: np.ndarray | None = None) -> tuple[KnnGraph, dict]:
+                trained_from: Location | None = None, queries: np.ndarray | None = None,
+                update: tuple[list[Location], np.ndarray, list[np.ndarray]] | None = None) -> tuple[KnnGraph, dict]:
     """Train once on a uniform sample, fill shard actors with contiguous partitions, search every
     query batch on every shard from a Ray task and merge the per-shard top-k with FAISS.
 
@@ -89,6 +92,9 @@ def sharded_knn(vectors, k: int, params: IndexParams, *, query_batch: int = 1638
         trained_from: a trained empty index to reuse (a previous run's ``trained.faissindex``)
             instead of training one.
         queries: search only these ids (sorted); the graph's rows are then theirs, in this order.
+        update: ``(files, new_id_of, added)``: shard i starts from a previous run's filled
+            ``files[i]`` instead of the source, renumbered by ``new_id_of`` (its deleted and
+            changed items dropped), and adds ids ``added[i]`` (see :class:`IndexShard`).
     """
     import ray
 
@@ -131,15 +137,33 @@ def sharded_knn(vectors, k: int, params: IndexParams, *, query_batch: int = 1638
     # is over, and the query tasks read it from there too.
     source_ref = source if in_storage else ray.put(source)
     index_arg = trained if trained is not None else ray.put(blob)
-    shards = [actor_cls.remote(index_arg, nprobe=params.nprobe, num_threads=threads, use_gpu=use_gpu,
-                               refine_factor=refine_factor, partition=(int(lo), int(hi), SOURCE_BATCH),
-                               source=source_ref)
-              for lo, hi in zip(bounds[:-1], bounds[1:])]
+    if update is None:
+        shards = [actor_cls.remote(index_arg, nprobe=params.nprobe, num_threads=threads, use_gpu=use_gpu,
+                                   refine_factor=refine_factor, partition=(int(lo), int(hi), SOURCE_BATCH),
+                                   source=source_ref)
+                  for lo, hi in zip(bounds[:-1], bounds[1:])]
+    else:
+        files, new_id_of, added = update
+        new_id_ref = ray.put(new_id_of)  # once for every shard
+        shards = [actor_cls.remote(files[i], nprobe=params.nprobe, num_threads=threads, use_gpu=use_gpu,
+                                   refine_factor=refine_factor, source=source_ref,
+                                   renumber=new_id_ref, added=added[i])
+                  for i in range(len(files))]
     try:
-        expected = [int(hi - lo) for lo, hi in zip(bounds[:-1], bounds[1:])]
+        if update is None:
+            expected = [int(hi - lo) for lo, hi in zip(bounds[:-1], bounds[1:])]
+            timing["add_from"] = ("storage (each shard streams its partition)" if in_storage
+                                  else "memory (each shard reads its partition from the object store)")
+        else:
+            # Which previous items each file held is known only once it is read: the shards'
+            # first sizes must hold every vector once; later checks compare against them.
+            expected = _shard_call([shard.size.remote() for shard in shards], "the update")
+            if sum(expected) != n:
+                raise ShardLost(f"the previous run's index shards hold {sum(expected)} of tonight's {n} vectors "
+                                f"once renumbered")
+            timing["add_from"] = (f"the previous run's {len(files)} filled shard(s), renumbered; "
+                                  f"{sum(len(a) for a in added)} new or changed vectors added")
         _check_shards(shards, expected, "after filling")
-        timing["add_from"] = ("storage (each shard streams its partition)" if in_storage
-                              else "memory (each shard reads its partition from the object store)")
         timing["add_s"] = round(time.perf_counter() - t, 3)
         timing["shard_sizes"] = expected
 
