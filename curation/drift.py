@@ -159,6 +159,36 @@ def _cluster_pass(ids: np.ndarray, x: np.ndarray, cluster_of: np.ndarray, n_clus
     return sums, counts, previous
 
 
+def profile_sample_ids(n: int, sample_size: int) -> np.ndarray:
+    """The vector ids of the profile's uniform sample (sorted)."""
+    if not n:
+        return np.zeros(0, np.int64)
+    return np.sort(np.random.default_rng(SEED).choice(n, size=min(n, sample_size), replace=False))
+
+
+class _TakeCache:
+    """A vector source whose ``take`` of ids it was told about in advance is served from one
+    read: the drift phase's samples and candidates are spread over every file, and a take of
+    each would read the whole store each time. Anything else goes to ``source``."""
+
+    def __init__(self, source, ids: np.ndarray):
+        self.source = source
+        self.ids = np.unique(np.asarray(ids, np.int64))
+        self.x = source.take(self.ids) if len(self.ids) else np.zeros((0, source.dim), np.float32)
+
+    def take(self, ids: np.ndarray, *, local: bool = False) -> np.ndarray:
+        ids = np.asarray(ids, np.int64)
+        at = np.searchsorted(self.ids, ids)
+        if len(ids) and (at.max() >= len(self.ids) or not np.array_equal(self.ids[np.minimum(at, len(self.ids) - 1)], ids)):
+            return self.source.take(ids, local=local)
+        return self.x[at]
+
+    def __getattr__(self, name):
+        if name.startswith("__") or name == "source":  # unpickling, copying: not delegated
+            raise AttributeError(name)
+        return getattr(self.source, name)
+
+
 def build_profile(samples: pa.Table, vectors, graph, *, model_id: str, sample_size: int,
                   previous_centroids: np.ndarray | None = None,
                   centroids: np.ndarray | None = None) -> tuple[Profile, np.ndarray | None]:
@@ -177,15 +207,25 @@ def build_profile(samples: pa.Table, vectors, graph, *, model_id: str, sample_si
     rows = ok_rows_in_vector_order(samples)
     cluster_of = np.maximum(samples["cluster"].to_numpy(zero_copy_only=False)[rows].astype(np.int64), 0)
     n_clusters = max(int(cluster_of.max()) + 1 if n else 0, len(centroids) if centroids is not None else 0)
-    parts = map_vectors(source, _cluster_pass, cluster_of, n_clusters, previous_centroids) if n else []
     d = source.dim if n else 1
-    sums = sum((p[0] for p in parts), np.zeros((n_clusters, d)))
-    counts = sum((p[1] for p in parts), np.zeros(n_clusters, np.int64))
-    if centroids is None or len(centroids) != n_clusters:
-        centroids = sums / np.maximum(np.linalg.norm(sums, axis=1, keepdims=True), 1e-12)
+    known = centroids is not None and len(centroids) == n_clusters
+    # On a night that kept the previous run's clusters, tonight's cluster column already is the
+    # assignment to yesterday's centroids: no pass over the vectors.
+    same = (known and previous_centroids is not None and previous_centroids.shape == centroids.shape
+            and np.array_equal(previous_centroids, centroids))
     on_previous = None
-    if previous_centroids is not None and parts:
-        on_previous = sum((p[2] for p in parts), np.zeros(len(previous_centroids), np.int64))
+    if n and known and (previous_centroids is None or same):
+        counts = np.bincount(cluster_of, minlength=n_clusters)
+        on_previous = counts if same else None
+    else:
+        whole = source.source if isinstance(source, _TakeCache) else source
+        parts = map_vectors(whole, _cluster_pass, cluster_of, n_clusters, previous_centroids) if n else []
+        sums = sum((p[0] for p in parts), np.zeros((n_clusters, d)))
+        counts = sum((p[1] for p in parts), np.zeros(n_clusters, np.int64))
+        if not known:
+            centroids = sums / np.maximum(np.linalg.norm(sums, axis=1, keepdims=True), 1e-12)
+        if previous_centroids is not None and parts:
+            on_previous = sum((p[2] for p in parts), np.zeros(len(previous_centroids), np.int64))
 
     labels = samples["label"].filter(pa.array(ok)).drop_null()
     label_shares = ({str(v["values"]): int(v["counts"]) / len(labels) for v in pc.value_counts(labels).to_pylist()}
@@ -199,8 +239,7 @@ def build_profile(samples: pa.Table, vectors, graph, *, model_id: str, sample_si
     kth = kth[np.isfinite(kth)]
     nearest = graph.sims[:, 0] if graph is not None and n and graph.k else np.zeros(0)
     nearest = nearest[np.isfinite(nearest)]
-    rng = np.random.default_rng(SEED)
-    picked = np.sort(rng.choice(n, size=min(n, sample_size), replace=False)) if n else np.zeros(0, np.int64)
+    picked = profile_sample_ids(n, sample_size)
     sample = source.take(picked) if len(picked) else np.zeros((0, d), np.float32)
     uris = samples["uri"].take(pa.array(rows[picked], pa.int64())).to_pylist() if len(picked) else []
     profile = Profile(model_id=model_id, items=n, labelled=len(labels), label_shares=label_shares,
@@ -275,6 +314,32 @@ def _nearest_old(ids: np.ndarray, x: np.ndarray, queries: np.ndarray, is_new: np
     return best
 
 
+def _graph_evidence(graph, is_new: np.ndarray, threshold: float, nearest_similarity: float):
+    """What tonight's graph says of the new items (see :func:`find_new_regions`): their best
+    similarity to an old neighbour, whether they are crowded by new items, and the far
+    candidates to compare with every old item (at most ``MAX_CANDIDATES``, and how many there
+    were)."""
+    from scipy.stats import binom
+
+    new_ids = np.flatnonzero(is_new)
+    nb, sims = graph.ids[new_ids].astype(np.int64), graph.sims[new_ids]
+    valid = nb >= 0
+    neighbour_new = valid & is_new[np.maximum(nb, 0)]
+    old_neighbour = valid & ~neighbour_new
+    best_known = np.where(old_neighbour, sims, -np.inf).max(axis=1)
+    close = best_known >= threshold
+    # Crowded: this many new neighbours is unlikely at tonight's share of new items.
+    share = float(is_new.mean())
+    new_count, count = neighbour_new.sum(axis=1), np.maximum(valid.sum(axis=1), 1)
+    tail = binom.sf(new_count - 1, count, share)
+    crowded = (tail < CROWDED_P) & (new_count >= CROWDED_MIN_SHARE * count) & (best_known < nearest_similarity)
+    candidates = new_ids[~close]
+    total = len(candidates)
+    if total > MAX_CANDIDATES:
+        candidates = np.sort(np.random.default_rng(SEED).choice(candidates, MAX_CANDIDATES, replace=False))
+    return best_known, crowded, candidates, total
+
+
 def find_new_regions(graph, is_new: np.ndarray, threshold: float, vectors, *, nearest_similarity: float = 1.0,
                      previous_centroids: np.ndarray | None = None) -> tuple[dict, np.ndarray, np.ndarray, np.ndarray]:
     """New items in regions the previous run did not cover, grouped.
@@ -294,7 +359,6 @@ def find_new_regions(graph, is_new: np.ndarray, threshold: float, vectors, *, ne
     when none is old)``; regions are numbered by size, largest first."""
     from scipy.sparse import coo_matrix
     from scipy.sparse.csgraph import connected_components
-    from scipy.stats import binom
 
     from curation.index.source import as_source, map_vectors
 
@@ -304,28 +368,15 @@ def find_new_regions(graph, is_new: np.ndarray, threshold: float, vectors, *, ne
     summary = {"threshold_similarity": round(float(threshold), 6), "new_items": int(len(new_ids))}
     if len(new_ids) == 0 or (~is_new).sum() == 0:
         return {**summary, "far_items": 0, "crowded_items": 0, "regions": []}, *empty
-    nb, sims = graph.ids[new_ids].astype(np.int64), graph.sims[new_ids]
-    valid = nb >= 0
-    neighbour_new = valid & is_new[np.maximum(nb, 0)]
-    old_neighbour = valid & ~neighbour_new
-    best_known = np.where(old_neighbour, sims, -np.inf).max(axis=1)
-    close = best_known >= threshold
-    # Crowded: this many new neighbours is unlikely at tonight's share of new items.
-    share = float(is_new.mean())
-    new_count, count = neighbour_new.sum(axis=1), np.maximum(valid.sum(axis=1), 1)
-    tail = binom.sf(new_count - 1, count, share)
-    crowded = (tail < CROWDED_P) & (new_count >= CROWDED_MIN_SHARE * count) & (best_known < nearest_similarity)
-    candidates = new_ids[~close]
-    summary["candidates"] = int(len(candidates))
-    scale = 1.0
-    if len(candidates) > MAX_CANDIDATES:
-        scale = len(candidates) / MAX_CANDIDATES
-        candidates = np.sort(np.random.default_rng(SEED).choice(candidates, MAX_CANDIDATES, replace=False))
+    best_known, crowded, candidates, all_candidates = _graph_evidence(graph, is_new, threshold, nearest_similarity)
+    summary["candidates"] = int(all_candidates)
+    scale = all_candidates / max(len(candidates), 1) if all_candidates > len(candidates) else 1.0
     summary["candidates_searched"] = int(len(candidates))
     best = dict(zip(new_ids.tolist(), best_known.tolist()))
     far = np.zeros(0, np.int64)
     if len(candidates):
-        exact = np.max(np.stack(map_vectors(source, _nearest_old, source.take(candidates), is_new)), axis=0)
+        whole = source.source if isinstance(source, _TakeCache) else source  # map_vectors ships it to tasks
+        exact = np.max(np.stack(map_vectors(whole, _nearest_old, source.take(candidates), is_new)), axis=0)
         best.update(zip(candidates.tolist(), exact.tolist()))
         far = candidates[exact < threshold]
     summary["far_items"] = int(round(len(far) * scale))
@@ -445,6 +496,13 @@ def new_item_mask(samples: pa.Table, previous: Location) -> np.ndarray:
                      ).to_numpy(zero_copy_only=False).astype(bool)
 
 
+def _new_sample_ids(is_new: np.ndarray, sample_size: int) -> np.ndarray:
+    new_ids = np.flatnonzero(is_new)
+    if len(new_ids) > sample_size:
+        new_ids = np.sort(np.random.default_rng(SEED).choice(new_ids, sample_size, replace=False))
+    return new_ids
+
+
 def drift_phase(samples: pa.Table, vectors, graph, config: DriftConfig, *, model_id: str,
                 previous: Location | None, centroids: np.ndarray | None = None) -> DriftResult:
     """Tonight's profile and its comparison with the previous published run's."""
@@ -453,6 +511,17 @@ def drift_phase(samples: pa.Table, vectors, graph, config: DriftConfig, *, model
 
     before = Profile.read(previous) if previous is not None else None
     usable = before is not None and before.model_id == model_id
+    source = as_source(vectors)
+    is_new = None
+    if usable and graph is not None and source.n:
+        # Every vector this phase reads, in one read of the store: the profile's sample, the
+        # new items' sample and the new-region candidates (the members are among them).
+        is_new = new_item_mask(samples, previous)
+        hints = [profile_sample_ids(source.n, config.sample_size), _new_sample_ids(is_new, config.sample_size)]
+        if is_new.any() and (~is_new).any():
+            _, crowded, candidates, _ = _graph_evidence(graph, is_new, before.kth_similarity, before.nearest_similarity)
+            hints += [candidates, np.flatnonzero(is_new)[crowded]]
+        vectors = _TakeCache(source, np.concatenate(hints))
     profile, on_previous = build_profile(samples, vectors, graph, model_id=model_id, sample_size=config.sample_size,
                                          previous_centroids=before.centroids if usable else None,
                                          centroids=centroids)
@@ -465,13 +534,12 @@ def drift_phase(samples: pa.Table, vectors, graph, config: DriftConfig, *, model
         return DriftResult(profile, {"skipped": f"the embedder changed: {before.model_id!r} then, {model_id!r} now "
                                                 f"(vectors of two embedders do not compare)",
                                      "previous_run": previous.uri})
-    is_new = new_item_mask(samples, previous)
+    if is_new is None:
+        is_new = new_item_mask(samples, previous)
     regions, members, region, best = find_new_regions(graph, is_new, before.kth_similarity, vectors,
                                                       nearest_similarity=before.nearest_similarity,
                                                   previous_centroids=before.centroids)
-    new_ids = np.flatnonzero(is_new)
-    if len(new_ids) > config.sample_size:
-        new_ids = np.sort(np.random.default_rng(SEED).choice(new_ids, config.sample_size, replace=False))
+    new_ids = _new_sample_ids(is_new, config.sample_size)
     new_sample = as_source(vectors).take(new_ids) if len(new_ids) >= MIN_NEW_FOR_TEST else None
     summary = {"previous_run": previous.uri, **compare(before, profile, config, on_previous=on_previous,
                                                        regions=regions, new_sample=new_sample)}

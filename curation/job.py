@@ -382,7 +382,8 @@ def score(ingested: Ingested, neighbours: Neighbours, config: Config) -> tuple[p
     budgets = [sel.budget for sel in config.selections if sel.mode == "representative" and sel.budget]
     return run_scores(ingested.samples, ingested.vectors, neighbours.graph, config.scores,
                       budget=max(budgets, default=None), copies=ingested.copies, copy_knn=neighbours.copy_graph,
-                      previous_centroids=_previous_centroids(neighbours.info, config))
+                      previous_centroids=_previous_centroids(neighbours.info, config),
+                      previous_probe_c=_previous_probe_c(neighbours.info, config))
 
 
 def _updated_from(knn: dict, resolver: Resolver) -> Location | None:
@@ -402,6 +403,22 @@ def _previous_centroids(knn: dict, config: Config):
         return None
     profile = Profile.read(Resolver(config.storage).resolve(update["previous_run"]))
     return profile.centroids if profile is not None and len(profile.centroids) >= 2 else None
+
+
+def _previous_probe_c(knn: dict, config: Config) -> float | None:
+    """The label probe's regularisation the previous run chose, when tonight's graph is an
+    update of its graph (the data barely moved); None otherwise."""
+    from curation.io.filesystem import Resolver
+    from curation.run_info import RunInfo
+
+    previous = _updated_from(knn, Resolver(config.storage))
+    if previous is None:
+        return None
+    try:
+        probe = (RunInfo.read(previous).scores.get("label_quality") or {}).get("probe") or {}
+    except (OSError, ValueError):
+        return None
+    return float(probe["C"]) if isinstance(probe, dict) and probe.get("C") else None
 
 
 def _apply_corrections(plan: Plan, config: Config, resolver: Resolver,

@@ -64,7 +64,7 @@ log = logging.getLogger(__name__)
 
 SEED = 1234
 COVER_WORK = 2e9  # multiply-adds one farthest-first traversal may spend before a class is split into regions
-COVER_FETCH_BYTES = 32 << 20  # vectors of whole classes fetched together for coverage
+COVER_WINDOW_BYTES = 1 << 30  # vectors of consecutive classes read from storage in one pass (in Ray's object store)
 COVER_MAX_MEMBERS = 65_536  # a larger class is covered through a uniform sample of this many members
 
 
@@ -505,39 +505,20 @@ MODES: dict[str, Mode] = {mode.name: mode for mode in (Representative(), EdgeCas
 
 
 def cover_groups(view: SampleView, groups: list[np.ndarray], quotas: list[int]) -> list[list[tuple[int, float]]]:
-    """:func:`cover` for every group. Vectors are fetched for as many whole groups at a time as fit
-    in ``COVER_FETCH_BYTES`` (one class at a time when a class alone is larger), so the driver's
-    share is bounded and the store is read a few times, not once per class."""
-    d = view.vectors.dim if view.vectors.n else 1
-    budget_rows = max(1, int(COVER_FETCH_BYTES // (4 * d)))
+    """:func:`cover` for every group. The driver holds one group's vectors at a time; they are
+    read from storage for as many consecutive groups as fit in ``COVER_WINDOW_BYTES`` in one pass
+    (:meth:`~curation.index.source.VectorParts.take_groups`), so the store is read a few times,
+    not once per class."""
     # A class larger than COVER_MAX_MEMBERS is covered through a uniform sample of its members:
     # the driver then holds at most that many of its vectors, however large the class grows.
     rng = np.random.default_rng(SEED)
     groups = [np.sort(rng.choice(g, size=COVER_MAX_MEMBERS, replace=False)) if len(g) > max(COVER_MAX_MEMBERS, q) else g
               for g, q in zip(groups, quotas)]
     needs = [i for i, (g, q) in enumerate(zip(groups, quotas)) if 0 < q < len(g)]
-    fetched: dict[int, np.ndarray] = {}
     out: list = [None] * len(groups)
-    batch: list[int] = []
-
-    def flush() -> None:
-        if not batch:
-            return
-        ids = np.concatenate([view.vector_of_row[groups[i]] for i in batch])
-        x = view.vectors.take(ids)
-        start = 0
-        for i in batch:
-            fetched[i] = x[start:start + len(groups[i])]
-            start += len(groups[i])
-        for i in batch:
-            out[i] = cover(view, groups[i], quotas[i], x=fetched.pop(i))
-        batch.clear()
-
-    for i in needs:
-        if batch and sum(len(groups[j]) for j in batch) + len(groups[i]) > budget_rows:
-            flush()
-        batch.append(i)
-    flush()
+    vectors = view.vectors.take_groups([view.vector_of_row[groups[i]] for i in needs], window_bytes=COVER_WINDOW_BYTES)
+    for i, x in zip(needs, vectors):
+        out[i] = cover(view, groups[i], quotas[i], x=x)
     return [out[i] if out[i] is not None else cover(view, groups[i], quotas[i]) for i in range(len(groups))]
 
 

@@ -110,6 +110,10 @@ def test_night_two_updates_the_exact_graph_to_what_a_full_recompute_finds(tmp_pa
     # An updated night keeps the previous run's clusters (ids mean the same thing night to night).
     assert second.info.scores["clusters"]["kmeans_backend"] == "previous run's centroids"
     assert whole.info.scores["clusters"]["kmeans_backend"] != "previous run's centroids"
+    # ... and the label probe's regularisation (refitted, not chosen again).
+    probe = second.info.scores["label_quality"]["probe"]
+    assert probe["C_chosen_by"] == "the previous run" and probe["C"] == first.info.scores["label_quality"]["probe"]["C"]
+    assert whole.info.scores["label_quality"]["probe"]["C_chosen_by"].startswith("5-fold")
 
 
 def test_a_changed_embedder_or_knn_setting_rebuilds_and_says_why(tmp_path):

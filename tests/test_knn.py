@@ -87,6 +87,15 @@ def test_shards_stream_their_partitions_from_parquet(ray_local, tmp_path):
     pushed, _ = sharded_knn(x, 8, params)
     np.testing.assert_allclose(streamed.sims, pushed.sims, atol=2e-3)  # float16 rounding in one file
     assert (streamed.ids == pushed.ids).mean() > 0.97
+    # Groups of ids spread over every file, taken a window at a time (each file read once per
+    # window), come back as take() gives them, in their own order.
+    rng = np.random.default_rng(0)
+    groups = [rng.permutation(2500)[:size] for size in (40, 900, 1, 300, 1200)]
+    taken = list(source.take_groups(groups, window_bytes=64 * 1200 * 2))
+    assert [len(t) for t in taken] == [40, 900, 1, 300, 1200]
+    for ids, got in zip(groups, taken):
+        np.testing.assert_array_equal(got, source.take(ids))
+        np.testing.assert_allclose(got, x[ids], atol=2e-3)
 
 
 def test_ivf_shards_reach_recall(ray_local):

@@ -205,16 +205,15 @@ def quantiser_drift(trained: Location, source, new_ids: np.ndarray, old_ids: np.
         quantiser = faiss.extract_index_ivf(holder).quantizer
     except RuntimeError:
         return 1.0  # a flat index has no centroids to drift from
-    rng = np.random.default_rng(0)
-
-    def mean_distance(ids):
-        ids = np.sort(rng.choice(ids, min(len(ids), DRIFT_SAMPLE), replace=False))
-        sims, _ = quantiser.search(np.ascontiguousarray(source.take(ids), np.float32), 1)
-        return float(np.mean(1.0 - sims[:, 0]))
-
     if len(new_ids) == 0 or len(old_ids) == 0:
         return 1.0
-    return mean_distance(new_ids) / max(mean_distance(old_ids), 1e-9)
+    rng = np.random.default_rng(0)
+    new = np.sort(rng.choice(new_ids, min(len(new_ids), DRIFT_SAMPLE), replace=False))
+    old = np.sort(rng.choice(old_ids, min(len(old_ids), DRIFT_SAMPLE), replace=False))
+    x = source.take(np.concatenate([new, old]))  # one read of the store for both
+    sims, _ = quantiser.search(np.ascontiguousarray(x, np.float32), 1)
+    distance = 1.0 - sims[:, 0]
+    return float(np.mean(distance[:len(new)])) / max(float(np.mean(distance[len(new):])), 1e-9)
 
 
 def update_graph(source, carried: Carried, k: int, *, search) -> tuple[KnnGraph, dict]:

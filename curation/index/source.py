@@ -112,6 +112,48 @@ class VectorParts:
             return out  # ids were sorted and distinct: no reordering copy
         return out[inverse]
 
+    def take_groups(self, groups: list[np.ndarray], *, window_bytes: int) -> Iterator[np.ndarray]:
+        """:meth:`take` of each group of ids in turn, reading every file once per window of
+        consecutive groups whose vectors fit in ``window_bytes`` rather than once per group:
+        when the groups are spread over every file (the classes of a selection), a take per
+        group reads the whole store each time. A window's rows wait in Ray's object store, one
+        object per file and group (spilled to disk by Ray if it must), and the caller holds
+        one group at a time."""
+        import ray
+
+        from curation.session import progress
+
+        row_bytes = 4 * max(self.dim, 1)
+        window: list[int] = []
+        windows: list[list[int]] = []
+        for i, ids in enumerate(groups):
+            if window and (sum(len(groups[j]) for j in window) + len(ids)) * row_bytes > window_bytes:
+                windows.append(window)
+                window = []
+            window.append(i)
+        if window:
+            windows.append(window)
+        for window in windows:
+            if not ray.is_initialized() or len(window) == 1:
+                for i in window:
+                    yield self.take(groups[i])
+                continue
+            rows = [np.sort(self.rows_of(groups[i])) for i in window]
+            order = [np.argsort(np.argsort(self.rows_of(groups[i]), kind="stable"), kind="stable") for i in window]
+            task = ray.remote(num_cpus=1, num_returns=len(window))(_take_rows_split)
+            refs = []
+            for location, first, count in self.parts:
+                local = [r[np.searchsorted(r, first):np.searchsorted(r, first + count)] - first for r in rows]
+                if sum(len(x) for x in local):
+                    refs.append(task.remote(location, self.column, np.concatenate(local),
+                                            np.array([len(x) for x in local], np.int64)))
+            for j in range(len(window)):
+                parts = [p for p in ray.get([ref[j] for ref in refs]) if len(p)]
+                for ref in refs:  # this group's objects are no longer needed
+                    ref[j] = None
+                progress.tick()
+                yield np.concatenate(parts)[order[j]] if parts else np.zeros((0, self.dim), np.float32)
+
     def read_all(self, lo: int, hi: int) -> tuple[np.ndarray, np.ndarray]:
         """``(ids, vectors)`` of ``[lo, hi)`` in one array (a query batch)."""
         parts = list(self.read(lo, hi))
@@ -212,6 +254,16 @@ def _take_rows(location: Location, column: str, rows: np.ndarray) -> np.ndarray:
     return np.concatenate(out) if out else np.zeros((0, 1), np.float32)
 
 
+def _take_rows_split(location: Location, column: str, rows: np.ndarray, lengths: np.ndarray) -> tuple:
+    """:func:`_take_rows` of several groups' rows (each sorted, concatenated), split back."""
+    order = np.argsort(rows, kind="stable")
+    x = _take_rows(location, column, rows[order]) if len(rows) else np.zeros((0, 1), np.float32)
+    back = np.empty_like(x)
+    back[order] = x
+    parts = tuple(np.split(back, np.cumsum(lengths)[:-1]))
+    return parts if len(parts) > 1 else parts[0]
+
+
 class MemoryVectors:
     """The :class:`VectorParts` interface over an in-memory ``(n, d)`` matrix of unit vectors."""
 
@@ -239,6 +291,10 @@ class MemoryVectors:
 
     def take(self, ids: np.ndarray, *, local: bool = False) -> np.ndarray:
         return self.x[np.asarray(ids, np.int64)]
+
+    def take_groups(self, groups: list[np.ndarray], *, window_bytes: int = 0) -> Iterator[np.ndarray]:
+        for ids in groups:
+            yield self.take(ids)
 
 
 def as_source(vectors) -> "VectorParts | MemoryVectors":

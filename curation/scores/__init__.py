@@ -77,7 +77,8 @@ def _one_array(values) -> pa.Array:
 def run_scores(samples: pa.Table, vectors, knn_ok: KnnGraph, config: ScoresConfig,
                *, registry: tuple[Score, ...] = REGISTRY, budget: int | None = None,
                copies=None, copy_knn: KnnGraph | None = None,
-               previous_centroids: np.ndarray | None = None) -> tuple[pa.Table, dict]:
+               previous_centroids: np.ndarray | None = None,
+               previous_probe_c: float | None = None) -> tuple[pa.Table, dict]:
     """Run every registered score.
 
     Args:
@@ -89,6 +90,8 @@ def run_scores(samples: pa.Table, vectors, knn_ok: KnnGraph, config: ScoresConfi
             run has no pixels (copies are then judged by the embedding).
         previous_centroids: the previous run's cluster centroids, to assign to instead of
             training (an incremental night).
+        previous_probe_c: the label probe's regularisation the previous run chose (the same
+            nights), kept instead of chosen again.
 
     Returns:
         ``samples`` with score columns added (and ``reason`` merged: the rejection reason for
@@ -99,7 +102,7 @@ def run_scores(samples: pa.Table, vectors, knn_ok: KnnGraph, config: ScoresConfi
     ok = is_ok(samples["status"])
     ctx = ScoreContext(Columns(samples), ok, as_source(vectors), knn_ok, config, budget,
                        ok_rows_in_vector_order(samples), as_source(copies) if copies is not None else None, copy_knn,
-                       previous_centroids)
+                       previous_centroids, previous_probe_c)
     reasons: list[pa.ChunkedArray | pa.Array] = []
     timings: dict[str, float] = {}
     summary: dict[str, dict] = {}

@@ -85,6 +85,7 @@ class ScoreContext:
         copy_knn: the kNN graph among the copy descriptors (None with ``copies``).
         previous_centroids: the previous published run's cluster centroids when tonight's graph
             updates its graph (clusters then keep their ids from night to night), else None.
+        previous_probe_c: the label probe's regularisation the previous run chose (same nights).
     """
 
     columns: Columns
@@ -97,6 +98,7 @@ class ScoreContext:
     copies: Any = None
     copy_knn: KnnGraph | None = None
     previous_centroids: np.ndarray | None = None
+    previous_probe_c: float | None = None
 
     def __post_init__(self) -> None:
         if self.ok_rows is None:

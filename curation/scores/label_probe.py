@@ -113,9 +113,11 @@ def _dense(classes: np.ndarray, p: np.ndarray, n_classes: int) -> np.ndarray:
 
 
 def train_probe(source, sample_ids: np.ndarray, labels: np.ndarray, n_classes: int,
-                threads: int = 1) -> tuple[np.ndarray, LinearModel, str]:
+                threads: int = 1, regularisation: tuple[float, ...] = REGULARISATION_C
+                ) -> tuple[np.ndarray, LinearModel, str]:
     """In a task: out-of-sample probabilities of the sample (K-fold) and the model fitted on
-    all of it. Returns ``(probabilities (n_sample, n_classes), model, backend)``."""
+    all of it, for the best of the ``regularisation`` strengths. Returns ``(probabilities
+    (n_sample, n_classes), model, backend)``."""
     from threadpoolctl import threadpool_limits
 
     x = source.take(sample_ids).astype(np.float32)
@@ -132,7 +134,7 @@ def train_probe(source, sample_ids: np.ndarray, labels: np.ndarray, n_classes: i
             return oos, LinearModel(mean, scale, weights, np.zeros(1, np.float32), present), f"{backend}"
         folds = _folds(labels, FOLDS)
         best = None
-        for c in REGULARISATION_C:
+        for c in regularisation:
             oos = np.zeros((len(labels), n_classes), np.float32)
             for fold in range(FOLDS):
                 test = folds == fold
@@ -171,12 +173,16 @@ def _apply(ids: np.ndarray, x: np.ndarray, model: LinearModel, n_classes: int, t
     return _top(_dense(model.classes, model.probabilities(x.astype(np.float32)), n_classes), top)
 
 
-def probe_probabilities(vectors, codes: np.ndarray, n_classes: int) -> tuple[np.ndarray, np.ndarray, dict]:
+def probe_probabilities(vectors, codes: np.ndarray, n_classes: int,
+                        previous_c: float | None = None) -> tuple[np.ndarray, np.ndarray, dict]:
     """Out-of-sample probe probabilities for every vector.
 
     Args:
         vectors: the ok rows' vectors (a source in storage or in memory).
         codes: each vector's label code (-1 = unlabelled).
+        previous_c: the regularisation the previous run chose, on a night that updates its
+            graph: it is kept instead of chosen again (half the fits; chosen afresh whenever
+            the graph is built whole, at least every ``knn.rebuild_every`` nights).
 
     Returns:
         ``(top_classes (N, m) int32, top_probabilities (N, m) float32, info)``.
@@ -186,8 +192,9 @@ def probe_probabilities(vectors, codes: np.ndarray, n_classes: int) -> tuple[np.
     vectors = as_source(vectors)
     sample = stratified_sample(codes, PROBE_SAMPLE)
     request = training_request("the label probe's training task", TRAIN_THREADS)
-    oos, model, backend = run_tasks(train_probe, [(vectors, sample, codes[sample], n_classes, request.threads)],
-                                    request=request)[0]
+    choices = (float(previous_c),) if previous_c else REGULARISATION_C
+    oos, model, backend = run_tasks(train_probe, [(vectors, sample, codes[sample], n_classes, request.threads,
+                                                   choices)], request=request)[0]
     parts = map_vectors(vectors, _apply, model, n_classes, TOP_CLASSES)
     top_classes = np.concatenate([p[0] for p in parts])
     top_p = np.concatenate([p[1] for p in parts])
@@ -195,5 +202,8 @@ def probe_probabilities(vectors, codes: np.ndarray, n_classes: int) -> tuple[np.
     top_classes[sample], top_p[sample] = _top(oos, TOP_CLASSES)
     info = {"backend": backend.split(",")[0], "model": f"logistic regression ({backend})", "sample": int(len(sample)),
             "folds": FOLDS}
+    if "C=" in backend:
+        info["C"] = float(backend.rsplit("C=", 1)[1])
+        info["C_chosen_by"] = "the previous run" if previous_c else f"{FOLDS}-fold log-loss over {list(REGULARISATION_C)}"
     log.info("label probe: %s, fitted on %d labelled items (%d-fold out of sample)", backend, len(sample), FOLDS)
     return top_classes, top_p, info

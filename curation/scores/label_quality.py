@@ -174,7 +174,8 @@ class LabelQualityScore:
         weight = ctx.config.label_probe_weight
         probe, info = None, {"probe": "off"}
         if weight > 0 and len(np.unique(codes[labelled])) > 1:
-            top_classes, top_p, info["probe"] = probe_probabilities(ctx.vectors, codes, n_classes)
+            top_classes, top_p, info["probe"] = probe_probabilities(ctx.vectors, codes, n_classes,
+                                                                    previous_c=ctx.previous_probe_c)
             probe = (top_classes, top_p)
         step = max(1024, BLOCK_CELLS // max(1, n_classes))
         blocks = [(lo, min(lo + step, n_ok)) for lo in range(0, n_ok, step)]
