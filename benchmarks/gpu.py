@@ -84,9 +84,10 @@ def model_throughput(model: str, device: str, batch: int, seconds: float) -> flo
     return done / (time.perf_counter() - t)
 
 
-def pipeline_throughput(paths: list[str], model: str, batch: int) -> tuple[float, float]:
+def pipeline_throughput(paths: list[str], model: str, batch: int, decode_path: str = "cpu") -> tuple[float, float]:
     """The job's decode-and-embed graph on ``paths`` (a path may repeat: one row each):
-    images/s and seconds, actor start-up and model load included."""
+    images/s and seconds, actor start-up and model load included. ``decode_path``: where the
+    JPEGs are decoded (``decode.path``: ``cpu`` tasks, or ``torch`` in the embedding actors)."""
     import pyarrow as pa
 
     from curation import pipeline
@@ -94,7 +95,8 @@ def pipeline_throughput(paths: list[str], model: str, batch: int) -> tuple[float
     from curation.io.filesystem import Resolver
 
     config = load_config(data={"input": {"images": "/unused"}, "output": {"uri": "/unused"},
-                               "embedder": {"model": model, "weights": "none", "batch_size": batch}})
+                               "embedder": {"model": model, "weights": "none", "batch_size": batch},
+                               "decode": {"path": decode_path}})
     n = len(paths)
     inputs = pa.table({"input_id": pa.array(np.arange(n, dtype=np.int64)), "uri": paths,
                        "input_error": pa.nulls(n, pa.string()), "fingerprint": pa.nulls(n, pa.string())})
@@ -363,6 +365,8 @@ def main() -> None:
                                                           "cifar10_cnn.pt"), help="trained encoder for the GPU path check")
     parser.add_argument("--cifar-npz", default=None, help="CIFAR-10 photos (pixels, labels) when ../shared/data is absent")
     parser.add_argument("--only-encoder-check", action="store_true", help="run the trained-encoder GPU check alone")
+    parser.add_argument("--num-cpus", type=int, default=0,
+                        help="CPUs Ray may use for the pipelines (issue 25's budget: 8; default all)")
     args = parser.parse_args()
 
     import torch
@@ -432,19 +436,23 @@ def main() -> None:
     import ray
 
     result["environment"]["ray"] = ray.__version__
+    result["environment"]["ray_num_cpus"] = args.num_cpus or os.cpu_count()
     ray.init(include_dashboard=False, logging_level="WARNING", num_gpus=torch.cuda.device_count(),
-             object_store_memory=8 * 2**30 if gpu else None)
-    pipeline_throughput(paths[:512], args.model, batch)  # worker pool, model load and cuDNN warm
-    e2e, seconds = pipeline_throughput(paths, args.model, batch)
-    record(f"pipeline end to end (Ray Data, {len(paths)} 640x480 JPEGs, start-up included)", f"{e2e:.0f} img/s",
-           round(e2e / raw, 3), pipeline_img_s=e2e)
-    big, big_seconds = pipeline_throughput(paths * 4, args.model, batch)
-    steady = 3 * len(paths) / max(1e-9, big_seconds - seconds)
+             num_cpus=args.num_cpus or None, object_store_memory=8 * 2**30 if gpu else None)
+    for decode_path in ("cpu", "torch"):
+        # decode.path cpu: CPU tasks decode; torch: they only read, the actor decodes on its device.
+        where = f"decode.path {decode_path}"
+        pipeline_throughput(paths[:512], args.model, batch, decode_path)  # worker pool, model load and cuDNN warm
+        e2e, seconds = pipeline_throughput(paths, args.model, batch, decode_path)
+        record(f"pipeline end to end ({where}, {len(paths)} 640x480 JPEGs, start-up included)", f"{e2e:.0f} img/s",
+               round(e2e / raw, 3), **{f"pipeline_{decode_path}_img_s": e2e})
+        big, big_seconds = pipeline_throughput(paths * 4, args.model, batch, decode_path)
+        steady = 3 * len(paths) / max(1e-9, big_seconds - seconds)
+        record(f"pipeline end to end ({where}, {4 * len(paths)} rows, each file four times)", f"{big:.0f} img/s",
+               round(big / raw, 3), **{f"pipeline_{decode_path}_big_img_s": big})
+        record(f"pipeline steady state ({where}; the extra rows over the extra seconds; ratio to raw)",
+               f"{steady:.0f} img/s", round(steady / raw, 3), **{f"pipeline_{decode_path}_steady_img_s": steady})
     ray.shutdown()
-    record(f"pipeline end to end ({4 * len(paths)} rows, each file four times)", f"{big:.0f} img/s",
-           round(big / raw, 3), pipeline_big_img_s=big)
-    record("pipeline steady state (the extra rows over the extra seconds)", f"{steady:.0f} img/s",
-           round(steady / node, 3), pipeline_steady_img_s=steady)
 
     if args.skip_knn:
         print()

@@ -9,6 +9,13 @@ the update's share of night 1, the kNN graph's neighbour-slot recall of the upda
 full recompute, and how many items get the same flags and the same selections.
 
     python benchmarks/incremental.py --n 1000000 --out benchmarks/results/incremental-1m.json
+
+``--images N`` runs the same two nights in images mode (the embedding store on, ``thumbnail``
+embedder): the 60,000 CIFAR-10 photos of ``../shared/data`` and, past them, the demo's scenes
+at 64 px; night 2 deletes 1% of the files, rewrites 1% in place (another picture under the same
+name) and adds 5% new scenes.
+
+    python benchmarks/incremental.py --images 100000 --out benchmarks/results/incremental-images-100k.json
 """
 
 from __future__ import annotations
@@ -29,7 +36,7 @@ os.environ.setdefault("RAY_AUTH_MODE", "disabled")
 
 from benchmarks._common import write_embeddings  # noqa: E402
 
-PHASES = ("read_embeddings", "knn", "scores", "drift", "selections", "report_data", "write_outputs", "total")
+PHASES = ("read_embeddings", "decode_embed", "copy_stored", "knn", "scores", "drift", "selections", "report_data", "write_outputs", "total")
 
 
 def night_two(night1: str, night2: str, seed: int = 1) -> None:
@@ -70,12 +77,76 @@ def night_two(night1: str, night2: str, seed: int = 1) -> None:
             os.path.join(night2, f"part-{part:05d}.parquet"))
 
 
+def _scene(path: str, seed: int) -> None:
+    from curation.demo import CLASSES, render_scene
+
+    names = list(CLASSES)
+    rng = np.random.default_rng(seed)
+    render_scene(names[seed % len(names)], rng, size=64).save(path, "JPEG", quality=90)
+
+
+def _scenes(jobs: list[tuple[str, int]]) -> None:
+    import multiprocessing
+
+    with multiprocessing.get_context("spawn").Pool(os.cpu_count()) as pool:
+        pool.starmap(_scene, jobs, chunksize=256)
+
+
+def image_nights(work: str, n: int) -> tuple[str, str]:
+    """Night 1's and night 2's manifests (``uri, label``) over JPEG files in ``work``."""
+    import tarfile
+
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from curation.demo import CLASSES
+
+    names = list(CLASSES)
+    files = os.path.join(work, "files")
+    os.makedirs(files, exist_ok=True)
+    data = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "..", "shared", "data", "cifar10")
+    uris, labels = [], []
+    for split in ("train", "test"):
+        if not os.path.isdir(os.path.join(files, split)):
+            with tarfile.open(os.path.join(data, f"{split}.tar.gz")) as tar:
+                tar.extractall(files)
+        for label in sorted(os.listdir(os.path.join(files, split))):
+            for name in sorted(os.listdir(os.path.join(files, split, label))):
+                uris.append(os.path.join(files, split, label, name))
+                labels.append(label)
+    uris, labels = uris[:n], labels[:n]
+    extra = n - len(uris)
+    new = n // 20
+    os.makedirs(os.path.join(files, "scenes"), exist_ok=True)
+    jobs = [(os.path.join(files, "scenes", f"{i:07d}.jpg"), i) for i in range(extra + new)]
+    _scenes([job for job in jobs if not os.path.exists(job[0])])
+    uris += [path for path, _ in jobs[:extra]]
+    labels += [names[i % len(names)] for _, i in jobs[:extra]]
+    night1 = os.path.join(work, "night1.parquet")
+    pq.write_table(pa.table({"uri": uris, "label": labels}), night1)
+    rng = np.random.default_rng(1)
+    order = rng.permutation(n)
+    deleted, changed = set(order[: n // 100].tolist()), order[n // 100: n // 50]
+    # Rewritten in place: another picture under the same name (a scene, labelled as such).
+    for j, i in enumerate(changed):
+        seed = 10_000_000 + j
+        _scene(uris[i], seed)
+        labels[i] = names[seed % len(names)]
+    keep = [i for i in range(n) if i not in deleted]
+    night2 = os.path.join(work, "night2.parquet")
+    pq.write_table(pa.table({"uri": [uris[i] for i in keep] + [path for path, _ in jobs[extra:]],
+                             "label": [labels[i] for i in keep] + [names[i % len(names)] for _, i in jobs[extra:]]}),
+                   night2)
+    return night1, night2
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--n", type=int, default=200_000)
     parser.add_argument("--d", type=int, default=512)
     parser.add_argument("--work", default=os.path.join(tempfile.gettempdir(), "curation-bench-incremental"))
     parser.add_argument("--out", default="benchmarks/results/incremental.json")
+    parser.add_argument("--images", type=int, default=0, help="images mode at this many files (see above)")
     parser.add_argument("--again", action="store_true",
                         help="keep --work's night 1 and night-2 input; run both night 2s again")
     args = parser.parse_args()
@@ -85,16 +156,26 @@ def main() -> None:
     from curation.config import load_config
     from curation.job import run_job
 
+    if args.images:
+        args.work = args.work + "-images"
     data = os.path.join(args.work, "input")
     out = os.path.join(args.work, "out")
-    if not args.again:
+    night2_manifest = None
+    if args.images:
+        shutil.rmtree(out, ignore_errors=True)
+        night1_manifest, night2_manifest = image_nights(args.work, args.images)
+        data = os.path.join(args.work, "manifest.parquet")
+        shutil.copy(night1_manifest, data)
+    elif not args.again:
         shutil.rmtree(args.work, ignore_errors=True)
         write_embeddings(os.path.join(args.work, "night1"), args.n, args.d, 200, 20, 0.05, 0.01)
         shutil.copytree(os.path.join(args.work, "night1"), data)
 
     def run(run_id, incremental):
+        source = ({"manifest": data} if args.images else {"embeddings": data})
         config = load_config(data={
-            "input": {"embeddings": data}, "output": {"uri": out, "run_id": run_id},
+            "input": source, "output": {"uri": out, "run_id": run_id},
+            **({"embedder": {"model": "thumbnail"}} if args.images else {}),
             "knn": {"incremental": incremental},
             "selections": [{"name": "train", "mode": "representative", "budget": 10_000},
                            {"name": "label_review", "mode": "label_review", "budget": 5000},
@@ -105,7 +186,7 @@ def main() -> None:
         print(f"{run_id}: {time.perf_counter() - t:.0f}s {result.info.knn.get('incremental')}", flush=True)
         return result
 
-    if args.again:  # night 1 as it was; `latest` back to it
+    if args.again and not args.images:  # night 1 as it was; `latest` back to it
         from curation.job import RunResult
         from curation.run_info import RunInfo
         from curation.io.filesystem import Resolver
@@ -118,8 +199,11 @@ def main() -> None:
         first = RunResult("night-1", location.uri, None, RunInfo.read(location))
     else:
         first = run("night-1", "auto")
-        shutil.rmtree(data)
-        night_two(os.path.join(args.work, "night1"), data)
+        if args.images:
+            shutil.copy(night2_manifest, data)
+        else:
+            shutil.rmtree(data)
+            night_two(os.path.join(args.work, "night1"), data)
     update = run("night-2", "auto")
     # The same night 2 built whole; `latest` now names night-2, so it is not the previous run
     # the update used, and it does not matter here: nothing is reused with incremental off.
@@ -147,7 +231,8 @@ def main() -> None:
         selections[name] = round(len(a & b) / max(len(b), 1), 4)
     timings = {name: {phase: r.info.timings_s.get(phase) for phase in PHASES}
                for name, r in (("night 1", first), ("night 2, updated", update), ("night 2, whole", whole))}
-    row = {"n": args.n, "d": args.d, "timings_s": timings,
+    row = {"n": args.images or args.n, "d": args.d if not args.images else "thumbnail", "mode": "images" if args.images else "embeddings",
+           "timings_s": timings,
            "update_share_of_night_1": round(timings["night 2, updated"]["total"] / timings["night 1"]["total"], 3),
            "update_knn_share_of_night_1_knn": round(timings["night 2, updated"]["knn"] / timings["night 1"]["knn"], 3),
            "knn_slot_recall_vs_whole": round(recall, 4), "same_flags": round(float(same_flags.mean()), 5),

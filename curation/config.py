@@ -109,17 +109,23 @@ class StorageConfig:
 
 @dataclass
 class DecodeConfig:
-    """Decoding on CPU tasks.
+    """Decoding.
 
     Attributes:
         max_pixels: images with more pixels than this are rejected before pixels are allocated.
         background: RGB used to composite transparent images.
         batch_size: rows per decode task batch.
+        path: where JPEGs are decoded. ``cpu``: CPU tasks decode every file. ``torch``: CPU
+            tasks only read plain JPEGs, which the embedding actor decodes in batches on its
+            own device (nvJPEG on a GPU; on CPU, libjpeg-turbo through torchvision) together
+            with the model input and working thumbnail; every other file is decoded by the CPU
+            tasks. ``auto``: ``torch`` when the embedding actors have a GPU, else ``cpu``.
     """
 
     max_pixels: int = ranged(100_000_000, 1)
     background: list[int] = field(default_factory=lambda: [255, 255, 255])
     batch_size: int = ranged(64, 1)
+    path: str = choice("auto", "auto", "cpu", "torch")
 
 
 @dataclass

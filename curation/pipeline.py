@@ -166,8 +166,12 @@ def _decode_and_embed(inputs: pa.Table, config: Config, resolver: Resolver) -> r
     # Decoding runs as stateless CPU tasks (the stage holds no model), so Ray Data can scale
     # them with the available CPUs and keep them apart from the embedding actors.
     pool = stage_requests(config.embedder, ClusterShape.current(config.cluster), decode_memory=DecodeStage.memory_bytes)
+    # decode.path: auto decodes JPEGs in the embedding actors when they hold a GPU (nvJPEG):
+    # the node's CPUs then only read the files.
+    on_device = config.decode.path == "torch" or (config.decode.path == "auto" and pool["device"] == "cuda")
     decode = DecodeStage(resolver=resolver, image_size=config.embedder.image_size,
-                         max_pixels=config.decode.max_pixels, background=tuple(config.decode.background))
+                         max_pixels=config.decode.max_pixels, background=tuple(config.decode.background),
+                         defer_jpegs=on_device)
     ds = ds.map_batches(
         _decode_batch,
         fn_kwargs={"stage": decode},
@@ -178,8 +182,9 @@ def _decode_and_embed(inputs: pa.Table, config: Config, resolver: Resolver) -> r
         # on its own CPUs and the model never waits on a serial decode in the same process.
         **pool["decode"].options(),
     )
-    log.info("embedding actor pool: %d..%d actors on %s (%s each); decode tasks %s CPU each", pool["min_size"],
-             pool["max_size"], pool["device"], pool["actor"].options(), pool["decode"].cpus)
+    log.info("embedding actor pool: %d..%d actors on %s (%s each); decode tasks %s CPU each; JPEGs decoded %s",
+             pool["min_size"], pool["max_size"], pool["device"], pool["actor"].options(), pool["decode"].cpus,
+             f"in the embedding actors ({pool['device']})" if on_device else "by the decode tasks")
     return ds.map_batches(
         EmbedStage,
         fn_constructor_kwargs={
@@ -190,6 +195,8 @@ def _decode_and_embed(inputs: pa.Table, config: Config, resolver: Resolver) -> r
             "precision": config.embedder.precision,
             "num_threads": pool["actor"].threads,
             "resolver": resolver,
+            "decode": ({"max_pixels": config.decode.max_pixels, "background": list(config.decode.background)}
+                       if on_device else None),
         },
         compute=ray.data.ActorPoolStrategy(min_size=pool["min_size"], max_size=pool["max_size"]),
         batch_size=config.embedder.batch_size,

@@ -98,3 +98,20 @@ def test_many_classes_stay_within_the_block_bound(monkeypatch):
     blocked, _ = _scored(x, y)
     np.testing.assert_allclose(blocked["label_quality"].to_numpy(), quality, rtol=0, atol=1e-6)
     assert blocked["suggested_label"].equals(table["suggested_label"])
+
+
+def test_the_fits_as_ray_tasks_give_what_one_process_gives(ray_local, monkeypatch):
+    """Every fold and strength its own one-CPU task (the sample through the object store): the
+    same out-of-sample probabilities, model and chosen strength as all fits in one process."""
+    from curation.index.source import MemoryVectors
+
+    x, y = _mixture(seed=3)
+    noisy, _ = _flip(y, 0.08)
+    sample = label_probe.stratified_sample(noisy, 400)
+    source = MemoryVectors(x)
+    oos_a, model_a, backend_a = label_probe.train_probe_in_tasks(source, sample, noisy[sample], 4,
+                                                                 label_probe.REGULARISATION_C)
+    oos_b, model_b, backend_b = label_probe.train_probe(source, sample, noisy[sample], 4)
+    assert backend_a == backend_b and backend_a.startswith("sklearn, C=")
+    np.testing.assert_allclose(oos_a, oos_b, atol=1e-4)
+    np.testing.assert_allclose(model_a.probabilities(x), model_b.probabilities(x), atol=1e-4)

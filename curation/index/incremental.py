@@ -190,7 +190,7 @@ def merge_candidates(ids: np.ndarray, sims: np.ndarray, rows: np.ndarray, cand: 
     top = np.argsort(-all_sims, axis=1, kind="stable")[:, :k]
     ids[unique] = np.take_along_axis(all_ids, top, axis=1)
     sims[unique] = np.take_along_axis(all_sims, top, axis=1)
-    return int(np.isin(extra_ids, ids[unique]).sum())
+    return int(((top >= k) & np.isfinite(np.take_along_axis(all_sims, top, axis=1))).sum())  # candidates kept
 
 
 def quantiser_drift(trained: Location, source, new_ids: np.ndarray, old_ids: np.ndarray) -> float:

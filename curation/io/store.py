@@ -82,10 +82,10 @@ class EmbeddingStore:
     """
 
     def __init__(self, location: Location, model_id: str):
-        from curation.stages.decode import COPY_DESCRIPTOR_ID
+        from curation.stages.decode import FEATURES_ID
 
-        # The copy descriptor is stored beside the vector: a new descriptor is a new store.
-        self.root = location.child(_slug(f"{model_id}+{COPY_DESCRIPTOR_ID}"))
+        # The decode-time features are stored beside the vector: a new definition is a new store.
+        self.root = location.child(_slug(f"{model_id}+{FEATURES_ID}"))
         self.model_id = model_id
 
     def snapshot_run(self) -> str | None:

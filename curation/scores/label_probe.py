@@ -10,12 +10,12 @@ the better model (0.993 vs 0.989) and the average beats both (0.9955). See bench
 How it runs, bounded whatever N is:
 
 1. a stratified sample of at most ``PROBE_SAMPLE`` labelled items (every class keeps at least
-   ``MIN_PER_CLASS`` items when it has them) is fetched from the vector store in one Ray task
-   (on a GPU worker with cuML when the cluster has one, scikit-learn otherwise);
-2. in that task, ``FOLDS``-fold cross-validation gives the sample's own out-of-sample
-   probabilities for each regularisation strength in ``REGULARISATION_C``; the one with the
-   lower out-of-sample log-loss is kept, and one model fitted with it on the whole sample is
-   returned (weights only);
+   ``MIN_PER_CLASS`` items when it has them) is fetched from the vector store in one Ray task;
+2. ``FOLDS``-fold cross-validation gives the sample's own out-of-sample probabilities for each
+   regularisation strength in ``REGULARISATION_C``; the one with the lower out-of-sample
+   log-loss is kept, with the model fitted with it on the whole sample (weights only). With
+   scikit-learn every fit is its own one-CPU task, side by side; on a GPU worker (when the
+   cluster has one) the fits run in that one task, with cuML when it imports;
 3. that model is applied to every other vector where it is stored (Ray tasks over the
    Parquet parts): items outside the sample are out of sample by construction.
 
@@ -152,6 +152,63 @@ def train_probe(source, sample_ids: np.ndarray, labels: np.ndarray, n_classes: i
     return oos, LinearModel(mean, scale, weights, bias, classes), f"{backend}, C={c}"
 
 
+def _standardised_sample(source, sample_ids: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """In a task: the sample's vectors standardised, and the mean and scale used."""
+    x = source.take(sample_ids).astype(np.float32)
+    mean = x.mean(axis=0)
+    scale = np.maximum(x.std(axis=0), 1e-6)
+    return (x - mean) / scale, mean, scale
+
+
+def _fit_one(z: np.ndarray, labels: np.ndarray, folds: np.ndarray, fold: int, c: float, n_classes: int):
+    """In a one-CPU task: fold ``fold``'s out-of-sample probabilities (the model fitted on the
+    other folds), or with ``fold = -1`` the model fitted on the whole sample. One thread: at
+    this size (tens of thousands of rows) BLAS threads cost more than they give (a fit took
+    0.95 s on one thread and 2.3 s on two here), and the folds run side by side instead."""
+    from threadpoolctl import threadpool_limits
+
+    with threadpool_limits(1):
+        if fold < 0:
+            return _fit(z, labels, "sklearn", c)
+        test = folds == fold
+        if not test.any() or len(np.unique(labels[~test])) < 2:
+            return None
+        weights, bias, classes = _fit(z[~test], labels[~test], "sklearn", c)
+        return _dense(classes, LinearModel(0.0, 1.0, weights, bias, classes).probabilities(z[test]), n_classes)
+
+
+def train_probe_in_tasks(source, sample_ids: np.ndarray, labels: np.ndarray, n_classes: int,
+                         regularisation: tuple[float, ...]) -> tuple[np.ndarray, LinearModel, str]:
+    """:func:`train_probe` with scikit-learn, every fit its own one-CPU Ray task (each fold of
+    each regularisation strength, and the whole-sample model for each), side by side on the
+    cluster; the standardised sample travels once, through the object store."""
+    import ray
+
+    from curation.session import run_tasks
+
+    present = np.unique(labels)
+    if len(present) < 2 or not ray.is_initialized():
+        return train_probe(source, sample_ids, labels, n_classes, 1, regularisation)
+    z, mean, scale = ray.remote(num_cpus=1, num_returns=3)(_standardised_sample).remote(source, sample_ids)
+    mean, scale = ray.get([mean, scale])
+    folds = _folds(labels, FOLDS)
+    jobs = [(z, labels, folds, fold, c, n_classes) for c in regularisation for fold in [-1, *range(FOLDS)]]
+    results = iter(run_tasks(_fit_one, jobs))
+    best = None
+    for c in regularisation:
+        full = next(results)
+        oos = np.zeros((len(labels), n_classes), np.float32)
+        for fold in range(FOLDS):
+            part = next(results)
+            if part is not None:
+                oos[folds == fold] = part
+        loss = -float(np.mean(np.log(np.maximum(oos[np.arange(len(labels)), labels], 1e-6))))
+        if best is None or loss < best[0]:
+            best = (loss, c, oos, full)
+    _, c, oos, (weights, bias, classes) = best
+    return oos, LinearModel(mean, scale, weights, bias, classes), f"sklearn, C={c}"
+
+
 def _folds(labels: np.ndarray, k: int) -> np.ndarray:
     """Stratified fold number per row: each class dealt round-robin after a shuffle."""
     rng = np.random.default_rng(SEED)
@@ -193,8 +250,11 @@ def probe_probabilities(vectors, codes: np.ndarray, n_classes: int,
     sample = stratified_sample(codes, PROBE_SAMPLE)
     request = training_request("the label probe's training task", TRAIN_THREADS)
     choices = (float(previous_c),) if previous_c else REGULARISATION_C
-    oos, model, backend = run_tasks(train_probe, [(vectors, sample, codes[sample], n_classes, request.threads,
-                                                   choices)], request=request)[0]
+    if not request.gpus:
+        oos, model, backend = train_probe_in_tasks(vectors, sample, codes[sample], n_classes, choices)
+    else:  # a GPU beside the task: cuML there when it imports, in one task
+        oos, model, backend = run_tasks(train_probe, [(vectors, sample, codes[sample], n_classes, request.threads,
+                                                       choices)], request=request)[0]
     parts = map_vectors(vectors, _apply, model, n_classes, TOP_CLASSES)
     top_classes = np.concatenate([p[0] for p in parts])
     top_p = np.concatenate([p[1] for p in parts])

@@ -55,6 +55,47 @@ COPY_INSET = 3  # ... and this many px cut off each side (rotation corners, crop
 COPY_DIM = COPY_GRID * COPY_GRID  # mirror-even half plus mirror-odd magnitude half
 BORDER_TOLERANCE = 10  # grey levels: a row or column this close to the frame colour is border
 
+# The stored per-item features' definition (statistics, hashes, copy descriptor): part of the
+# embedding store's key, so vectors and features made under another definition are never
+# mixed. "features-v2": the copy descriptor "copy-v1" (COPY_DESCRIPTOR_ID), and a JPEG's
+# pixel_hash is its coded image's digest (jpeg_image_digest), the same on every decode path.
+FEATURES_ID = "features-v2"
+
+_METADATA_MARKERS = set(range(0xE0, 0xF0)) | {0xFE}  # APP0..APP15, COM
+
+
+def jpeg_image_digest(data: bytes) -> str | None:
+    """The digest of a JPEG's coded image: its segments up to the first scan without the APPn
+    (EXIF, ICC, XMP, ...) and COM ones, and everything from the first scan on. None when the
+    markers cannot be walked (the caller then hashes decoded pixels). With the EXIF orientation,
+    so a rotated copy is not an exact one."""
+    if data[:2] != b"\xff\xd8":
+        return None
+    # The orientation tag lives in the metadata left out: it is hashed on its own.
+    digest = hashlib.sha1(b"\xff\xd8" + str(exif_orientation(data) or 1).encode(), usedforsecurity=False)
+    at, end = 2, len(data)
+    while at + 4 <= end:
+        if data[at] != 0xFF:
+            return None
+        marker = data[at + 1]
+        if marker == 0xFF:
+            at += 1
+            continue
+        if marker == 0xDA:  # start of scan: the coded image and whatever follows it
+            digest.update(data[at:])
+            return digest.hexdigest()[:32]
+        if marker == 0x01 or 0xD0 <= marker <= 0xD7:
+            digest.update(data[at:at + 2])
+            at += 2
+            continue
+        length = int.from_bytes(data[at + 2:at + 4], "big")
+        if length < 2:
+            return None
+        if marker not in _METADATA_MARKERS:
+            digest.update(data[at:at + 2 + length])
+        at += 2 + length
+    return None
+
 
 class RejectedInput(Exception):
     """An input item that cannot be used; ``str()`` is the human-readable reason."""
@@ -448,8 +489,9 @@ def decode_into(data: bytes, *, image_size: int, max_pixels: int, background: tu
         _check_size(width, height, max_pixels)
         rgb, scale = _decode_with_pil(image, width, image_size, background)
         pixels = np.array(rgb)  # writable: the resizes read it without copying it again
-    # The hash of the decoded pixels (at the decode scale): the same picture saved twice losslessly.
-    pixel_hash = pixel_digest(pixels)
+    # The same picture saved twice: a JPEG's coded image (whatever decodes it, see
+    # jpeg_image_digest), else the decoded pixels' digest (lossless formats).
+    pixel_hash = jpeg_image_digest(data) or pixel_digest(pixels)
     grey = grey_thumbnail(pixels)
     model_input(pixels, image_size, out=pixels_out)
     return round(pixels.shape[1] * scale), round(pixels.shape[0] * scale), pixel_hash, grey
@@ -590,6 +632,9 @@ class DecodeStage:
         image_size: square model input size.
         max_pixels: refuse images larger than this before decoding.
         background: RGB for compositing transparency.
+        defer_jpegs: leave the files the torch path takes (:func:`~curation.stages.decode_torch.torch_decodable`)
+            undecoded: their bytes go out in a ``jpeg`` column (empty for every other row) for
+            the embedding actor to decode on its device (``decode.path: torch``).
     """
 
     num_cpus = 1
@@ -598,7 +643,8 @@ class DecodeStage:
     memory_bytes = 1024 * 1024 * 1024
 
     def __init__(self, *, resolver: Resolver, image_size: int, max_pixels: int,
-                 background: tuple[int, int, int] = (255, 255, 255)):
+                 background: tuple[int, int, int] = (255, 255, 255), defer_jpegs: bool = False):
+        self.defer_jpegs = defer_jpegs
         self.resolver = resolver
         self.image_size = image_size
         self.max_pixels = max_pixels
@@ -632,6 +678,8 @@ class DecodeStage:
             "phash": np.zeros(n, np.int64), "pixels": np.empty((n, size, size, 3), np.uint8),  # every row written
             "copy_vector": np.zeros((n, COPY_DIM), np.float32),
         }
+        if self.defer_jpegs:
+            out["jpeg"] = np.full(n, b"", dtype=object)
         with _OneTorchThread():
             self._decode_rows(batch, out)
         result = {key: value for key, value in batch.items() if key != "input_error"}
@@ -648,6 +696,14 @@ class DecodeStage:
                     raise RejectedInput(str(errors[i]))
                 data = self._read(str(uri))
                 out["content_hash"][i] = _digest(data)
+                if self.defer_jpegs:
+                    from curation.stages.decode_torch import torch_decodable
+
+                    if torch_decodable(data, self.max_pixels):
+                        out["jpeg"][i] = data  # decoded by the embedding actor
+                        out["status"][i], out["reason"][i] = STATUS_OK, None
+                        out["pixels"][i] = 0
+                        continue
                 width, height, out["pixel_hash"][i], greys[i] = decode_into(
                     data, image_size=self.image_size, max_pixels=self.max_pixels, background=self.background,
                     pixels_out=out["pixels"][i])
@@ -666,6 +722,8 @@ class DecodeStage:
         for i in list(greys):
             features.add(i, greys.pop(i))
         ok = is_ok(out["status"])
+        if "jpeg" in out:  # deferred rows get their features in the embedding actor
+            ok &= np.fromiter((not data for data in out["jpeg"]), bool, n)
         if ok.any():
             for key, values in features.finish(ok).items():
                 out[key][ok] = values

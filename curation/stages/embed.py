@@ -27,16 +27,26 @@ class EmbedStage:
 
     Rows whose ``status`` is not ``ok`` get a null embedding. ``pixels`` is dropped.
 
+    With ``decode`` (``decode.path: torch``), rows whose ``jpeg`` column holds a file are
+    decoded here first, as one batch on this actor's device
+    (:class:`~curation.stages.decode_torch.TorchDecoder`), filling their ``pixels``, size,
+    statistics and hashes; a file that decoder refuses goes through the CPU decode here (it is
+    rare: the read tasks sent only plain, complete JPEGs), so its ``rejected`` reason is the
+    CPU path's.
+
     Args:
         model, weights, image_size: see :func:`curation.embedders.load_embedder`.
         device: ``auto`` | ``cpu`` | ``cuda``.
         precision: ``auto`` (bf16 on GPU, fp32 on CPU) | ``fp32`` | ``bf16``.
         num_threads: torch intra-op threads on CPU (match the actor's CPU reservation).
         resolver: for weights given as ``s3://`` URIs.
+        decode: ``{"max_pixels": ..., "background": ...}`` to decode the ``jpeg`` column here.
     """
 
     def __init__(self, *, model: str, weights: str, image_size: int, device: str = "auto",
-                 precision: str = "auto", num_threads: int | None = None, resolver: Resolver | None = None):
+                 precision: str = "auto", num_threads: int | None = None, resolver: Resolver | None = None,
+                 decode: dict | None = None):
+        self.decode_settings = decode
         self.model_name = model
         self.weights = weights
         self.image_size = image_size
@@ -58,6 +68,48 @@ class EmbedStage:
         self.std = torch.tensor(self.identity.std, device=self.device).view(1, 3, 1, 1)
         use_bf16 = self.precision == "bf16" or (self.precision == "auto" and self.device == "cuda")
         self.autocast_dtype = torch.bfloat16 if use_bf16 else None
+        self.decoder = None
+        if self.decode_settings is not None:
+            from curation.stages.decode_torch import TorchDecoder
+
+            self.decoder = TorchDecoder(image_size=self.image_size, device=self.device)
+
+    def decode_deferred(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        """Decode the rows the read tasks left as JPEG bytes (see the class); the batch with
+        them filled in and without its ``jpeg`` column."""
+        from curation.schema import STATUS_REJECTED
+        from curation.stages.decode import RejectedInput, ThumbnailFeatures, decode_into
+
+        files = batch.pop("jpeg")
+        rows = np.flatnonzero(np.fromiter((bool(f) for f in files), bool, len(files)))
+        if not len(rows):
+            return batch
+        batch = {key: (value.copy() if isinstance(value, np.ndarray) and not value.flags.writeable else value)
+                 for key, value in batch.items()}
+        data = [bytes(files[i]) for i in rows]
+        pixels, features, decoded = self.decoder(data)
+        batch["pixels"][rows] = pixels
+        for key, values in features.items():
+            if key == "pixel_hash":
+                batch[key][rows] = values
+            else:
+                batch[key][rows[decoded]] = values[decoded]
+        for j in np.flatnonzero(~decoded):  # the CPU path, for its pixels or its reason
+            i = rows[j]
+            try:
+                width, height, batch["pixel_hash"][i], grey = decode_into(
+                    data[j], image_size=self.image_size, max_pixels=self.decode_settings["max_pixels"],
+                    background=tuple(self.decode_settings["background"]), pixels_out=batch["pixels"][i])
+            except RejectedInput as exc:
+                batch["status"][i], batch["reason"][i], batch["pixel_hash"][i] = STATUS_REJECTED, str(exc), ""
+                batch["pixels"][i] = 0
+                continue
+            batch["width"][i], batch["height"][i] = width, height
+            one = ThumbnailFeatures(1)
+            one.add(0, grey)
+            for key, values in one.finish().items():
+                batch[key][i] = values[0]
+        return batch
 
     def embed(self, pixels: np.ndarray) -> np.ndarray:
         """(N, S, S, 3) uint8 -> (N, D) float32, L2-normalised."""
@@ -79,6 +131,8 @@ class EmbedStage:
         return feats.cpu().numpy().astype(np.float32, copy=False)
 
     def __call__(self, batch: dict[str, np.ndarray]) -> pa.Table:
+        if "jpeg" in batch:
+            batch = self.decode_deferred(dict(batch))
         status = batch["status"]
         ok = is_ok(np.asarray(status, dtype=object))
         n = len(status)
