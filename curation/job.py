@@ -382,8 +382,10 @@ def score(ingested: Ingested, neighbours: Neighbours, config: Config) -> tuple[p
     budgets = [sel.budget for sel in config.selections if sel.mode == "representative" and sel.budget]
     return run_scores(ingested.samples, ingested.vectors, neighbours.graph, config.scores,
                       budget=max(budgets, default=None), copies=ingested.copies, copy_knn=neighbours.copy_graph,
-                      previous_centroids=_previous_centroids(neighbours.info, config),
-                      previous_probe_c=_previous_probe_c(neighbours.info, config))
+                      previous_centroids=(centroids := _previous_centroids(neighbours.info, config)),
+                      previous_probe_c=_previous_probe_c(neighbours.info, config),
+                      previous_assignment=(_previous_assignment(ingested.samples, neighbours.info, config)
+                                           if centroids is not None else None))
 
 
 def _updated_from(knn: dict, resolver: Resolver) -> Location | None:
@@ -403,6 +405,38 @@ def _previous_centroids(knn: dict, config: Config):
         return None
     profile = Profile.read(Resolver(config.storage).resolve(update["previous_run"]))
     return profile.centroids if profile is not None and len(profile.centroids) >= 2 else None
+
+
+def _previous_assignment(samples: pa.Table, knn: dict, config: Config):
+    """Per vector id, the cluster and cosine the previous run (whose graph tonight's updates)
+    gave the same unchanged item; cluster -1 for new and changed items. None when that run's
+    samples cannot be read."""
+    import pyarrow.dataset as ds
+
+    from curation.io.filesystem import Resolver
+    from curation.schema import is_ok, item_key_columns, item_keys, ok_rows_in_vector_order
+
+    previous = _updated_from(knn, Resolver(config.storage))
+    if previous is None:
+        return None
+    folder = previous.child("samples")
+    try:
+        old = ds.dataset(folder.path, filesystem=folder.filesystem, format="parquet")
+        wanted = [c for c in ("uri", "fingerprint", "status", "cluster", "cluster_similarity") if c in old.schema.names]
+        old = old.to_table(columns=wanted)
+    except (OSError, pa.ArrowException, ValueError):
+        return None
+    if "cluster" not in old.column_names or "cluster_similarity" not in old.column_names:
+        return None
+    old = old.filter(pa.array(is_ok(old["status"])))
+    use = item_key_columns(samples, old)
+    tonight = item_keys(samples.take(pa.array(ok_rows_in_vector_order(samples), pa.int64())), use)
+    where = pc.index_in(tonight, value_set=item_keys(old, use)).to_numpy(zero_copy_only=False)
+    found = ~np.isnan(where.astype(np.float64))
+    at = np.nan_to_num(where.astype(np.float64)).astype(np.int64)
+    cluster = old["cluster"].fill_null(-1).to_numpy(zero_copy_only=False).astype(np.int32)
+    similarity = old["cluster_similarity"].fill_null(np.nan).to_numpy(zero_copy_only=False).astype(np.float32)
+    return np.where(found, cluster[at], -1).astype(np.int32), np.where(found, similarity[at], np.nan).astype(np.float32)
 
 
 def _previous_probe_c(knn: dict, config: Config) -> float | None:

@@ -109,6 +109,19 @@ def test_night_two_updates_the_exact_graph_to_what_a_full_recompute_finds(tmp_pa
     assert whole.info.map["method"].startswith("PCA")
     # An updated night keeps the previous run's clusters (ids mean the same thing night to night).
     assert second.info.scores["clusters"]["kmeans_backend"] == "previous run's centroids"
+    # Unchanged items keep their cluster and cosine (carried, not assigned again); the rest are
+    # assigned to the same centroids: every item sits in the cluster of its most similar centroid.
+    for column in ("cluster", "cluster_similarity"):
+        assert all(before.at[u, column] == after.at[u, column] for u in both), column
+    from curation.drift import Profile
+    from curation.io.filesystem import resolve
+
+    centroids = Profile.read(resolve(first.run_uri)).centroids
+    vectors = pq.read_table(os.path.join(tmp_path, "emb.parquet"))
+    x = np.array(vectors["embedding"].to_pylist(), np.float32)
+    x /= np.linalg.norm(x, axis=1, keepdims=True)
+    nearest = dict(zip(vectors["uri"].to_pylist(), np.argmax(x @ centroids.T, axis=1)))
+    assert all(after.at[u, "cluster"] == nearest[u] for u in after.index if u in nearest)
     assert whole.info.scores["clusters"]["kmeans_backend"] != "previous run's centroids"
     # ... and the label probe's regularisation (refitted, not chosen again).
     probe = second.info.scores["label_quality"]["probe"]

@@ -132,6 +132,8 @@ def gpu_available() -> bool:
 def load_index(location) -> faiss.Index:
     """Read an index written by :meth:`IndexShard.save` (or the trained empty index),
     streamed: a filled shard is never held twice in memory."""
+    if getattr(location, "local_path", None):  # FAISS reads a local file itself, without Python in the loop
+        return faiss.read_index(location.local_path)
     with location.filesystem.open_input_stream(location.path) as fh:
         return faiss.read_index(faiss.PyCallbackIOReader(fh.read))
 

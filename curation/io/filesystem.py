@@ -94,6 +94,11 @@ class Location:
         path = posixpath.join(self.path, *parts)
         return Location(self.filesystem, path, to_uri(self.filesystem, path))
 
+    @property
+    def local_path(self) -> str | None:
+        """The path on this machine's disk, for libraries that read files themselves (None on S3)."""
+        return self.path if isinstance(self.filesystem, pafs.LocalFileSystem) else None
+
 
 def to_uri(filesystem: pafs.FileSystem, path: str) -> str:
     """Full URI of ``path`` on ``filesystem`` (``s3://bucket/key`` or an absolute local path)."""

@@ -86,6 +86,8 @@ class ScoreContext:
         previous_centroids: the previous published run's cluster centroids when tonight's graph
             updates its graph (clusters then keep their ids from night to night), else None.
         previous_probe_c: the label probe's regularisation the previous run chose (same nights).
+        previous_assignment: with ``previous_centroids``, per vector id the cluster and cosine
+            the previous run gave the same item, unchanged (cluster -1: new or changed tonight).
     """
 
     columns: Columns
@@ -99,6 +101,7 @@ class ScoreContext:
     copy_knn: KnnGraph | None = None
     previous_centroids: np.ndarray | None = None
     previous_probe_c: float | None = None
+    previous_assignment: tuple[np.ndarray, np.ndarray] | None = None
 
     def __post_init__(self) -> None:
         if self.ok_rows is None:

@@ -122,10 +122,20 @@ class ClustersScore:
         if n_ok and previous is not None and len(previous) >= 2 and not ctx.config.n_clusters:
             # An incremental night: the previous run's clusters, so cluster ids mean the same
             # thing night after night (retrained when the graph is built whole).
-            parts = map_vectors(ctx.vectors, assign, np.asarray(previous, np.float32))
-            labels = np.concatenate([p[0] for p in parts]) if parts else np.empty(0, np.int32)
-            sims = np.concatenate([p[1] for p in parts]) if parts else np.empty(0, np.float32)
-            k, backend, centroids = len(previous), "previous run's centroids", np.asarray(previous, np.float32)
+            centroids = np.asarray(previous, np.float32)
+            if ctx.previous_assignment is not None:
+                # Unchanged items keep yesterday's assignment (the same centroids give the same
+                # answer); only the new and changed ones are read and assigned.
+                labels, sims = (np.array(a, copy=True) for a in ctx.previous_assignment)
+                labels, sims = labels.astype(np.int32), sims.astype(np.float32)
+                todo = np.flatnonzero(labels < 0)
+                if len(todo):
+                    labels[todo], sims[todo] = assign(todo, ctx.vectors.take(todo), centroids)
+            else:
+                parts = map_vectors(ctx.vectors, assign, centroids)
+                labels = np.concatenate([p[0] for p in parts]) if parts else np.empty(0, np.int32)
+                sims = np.concatenate([p[1] for p in parts]) if parts else np.empty(0, np.float32)
+            k, backend = len(previous), "previous run's centroids"
         elif n_ok:
             labels, sims, backend, centroids = cluster_vectors(ctx.vectors, k)
         else:
