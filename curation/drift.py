@@ -166,29 +166,6 @@ def profile_sample_ids(n: int, sample_size: int) -> np.ndarray:
     return np.sort(np.random.default_rng(SEED).choice(n, size=min(n, sample_size), replace=False))
 
 
-class _TakeCache:
-    """A vector source whose ``take`` of ids it was told about in advance is served from one
-    read: the drift phase's samples and candidates are spread over every file, and a take of
-    each would read the whole store each time. Anything else goes to ``source``."""
-
-    def __init__(self, source, ids: np.ndarray):
-        self.source = source
-        self.ids = np.unique(np.asarray(ids, np.int64))
-        self.x = source.take(self.ids) if len(self.ids) else np.zeros((0, source.dim), np.float32)
-
-    def take(self, ids: np.ndarray, *, local: bool = False) -> np.ndarray:
-        ids = np.asarray(ids, np.int64)
-        at = np.searchsorted(self.ids, ids)
-        if len(ids) and (at.max() >= len(self.ids) or not np.array_equal(self.ids[np.minimum(at, len(self.ids) - 1)], ids)):
-            return self.source.take(ids, local=local)
-        return self.x[at]
-
-    def __getattr__(self, name):
-        if name.startswith("__") or name == "source":  # unpickling, copying: not delegated
-            raise AttributeError(name)
-        return getattr(self.source, name)
-
-
 def build_profile(samples: pa.Table, vectors, graph, *, model_id: str, sample_size: int,
                   previous_centroids: np.ndarray | None = None,
                   centroids: np.ndarray | None = None) -> tuple[Profile, np.ndarray | None]:
@@ -218,8 +195,7 @@ def build_profile(samples: pa.Table, vectors, graph, *, model_id: str, sample_si
         counts = np.bincount(cluster_of, minlength=n_clusters)
         on_previous = counts if same else None
     else:
-        whole = source.source if isinstance(source, _TakeCache) else source
-        parts = map_vectors(whole, _cluster_pass, cluster_of, n_clusters, previous_centroids) if n else []
+        parts = map_vectors(source, _cluster_pass, cluster_of, n_clusters, previous_centroids) if n else []
         sums = sum((p[0] for p in parts), np.zeros((n_clusters, d)))
         counts = sum((p[1] for p in parts), np.zeros(n_clusters, np.int64))
         if not known:
@@ -375,8 +351,7 @@ def find_new_regions(graph, is_new: np.ndarray, threshold: float, vectors, *, ne
     best = dict(zip(new_ids.tolist(), best_known.tolist()))
     far = np.zeros(0, np.int64)
     if len(candidates):
-        whole = source.source if isinstance(source, _TakeCache) else source  # map_vectors ships it to tasks
-        exact = np.max(np.stack(map_vectors(whole, _nearest_old, source.take(candidates), is_new)), axis=0)
+        exact = np.max(np.stack(map_vectors(source, _nearest_old, source.take(candidates), is_new)), axis=0)
         best.update(zip(candidates.tolist(), exact.tolist()))
         far = candidates[exact < threshold]
     summary["far_items"] = int(round(len(far) * scale))
@@ -506,7 +481,7 @@ def _new_sample_ids(is_new: np.ndarray, sample_size: int) -> np.ndarray:
 def drift_phase(samples: pa.Table, vectors, graph, config: DriftConfig, *, model_id: str,
                 previous: Location | None, centroids: np.ndarray | None = None) -> DriftResult:
     """Tonight's profile and its comparison with the previous published run's."""
-    from curation.index.source import as_source
+    from curation.index.source import CachedVectors, as_source
     from curation.schema import ok_rows_in_vector_order
 
     before = Profile.read(previous) if previous is not None else None
@@ -521,7 +496,7 @@ def drift_phase(samples: pa.Table, vectors, graph, config: DriftConfig, *, model
         if is_new.any() and (~is_new).any():
             _, crowded, candidates, _ = _graph_evidence(graph, is_new, before.kth_similarity, before.nearest_similarity)
             hints += [candidates, np.flatnonzero(is_new)[crowded]]
-        vectors = _TakeCache(source, np.concatenate(hints))
+        vectors = CachedVectors(source, np.concatenate(hints))
     profile, on_previous = build_profile(samples, vectors, graph, model_id=model_id, sample_size=config.sample_size,
                                          previous_centroids=before.centroids if usable else None,
                                          centroids=centroids)

@@ -90,7 +90,7 @@ class Ingested:
     the ok rows' vectors are stored (vector id i = i-th vector of ``vectors``)."""
 
     samples: pa.Table
-    vectors: VectorParts
+    vectors: VectorParts  # after the kNN phase, possibly a CachedVectors in front of it
     embedder: dict
     copies: VectorParts | None = None  # the copy descriptors (same ids); None without pixels
 
@@ -352,20 +352,20 @@ def find_neighbours(ingested: Ingested, config: Config, plan: Plan) -> Neighbour
     previous = previous_run(plan.output, plan.latest) if config.knn.incremental != "off" else None
     previous_info = read_previous_info(previous) if previous is not None else {}
     model_id = str(ingested.embedder.get("model_id"))
-    graph, info = neighbour_graph(ingested.vectors, config.knn, samples=ingested.samples, save_to=plan.run.child("index"),
+    graph, info, ingested.vectors = neighbour_graph(ingested.vectors, config.knn, samples=ingested.samples, save_to=plan.run.child("index"),
                                   previous=previous, previous_info=previous_info, model_id=model_id)
-    if isinstance(ingested.vectors, VectorParts):
+    if hasattr(ingested.vectors, "describe"):  # in storage (possibly with a cache in front)
         info["vectors"] = ingested.vectors.describe()
     log.info("kNN graph: %d vectors x %d, k=%d, %s", n_ok, ingested.vectors.dim, config.knn.k, info.get("method"))
     copy_graph = None
     if ingested.copies is not None:
         # Copy detection has its own graph, in the copy descriptor's space: whatever model
         # embeds the images, a copy is judged by how it looks (see scores/duplicates.py).
-        copy_graph, copy_info = neighbour_graph(ingested.copies, config.knn, samples=ingested.samples,
+        copy_graph, copy_info, ingested.copies = neighbour_graph(ingested.copies, config.knn, samples=ingested.samples,
                                                 save_to=plan.run.child("index-copies"), previous=previous,
                                                 previous_info=previous_info, model_id=model_id, folder="knn-copies",
                                                 index_folder="index-copies")
-        if isinstance(ingested.copies, VectorParts):
+        if hasattr(ingested.copies, "describe"):
             copy_info["vectors"] = ingested.copies.describe()
         info["copies"] = copy_info
         log.info("copy graph: %d descriptors, %s", n_ok, copy_info.get("method"))

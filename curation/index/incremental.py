@@ -78,6 +78,8 @@ def _dense(lists: pa.ChunkedArray, width: int, fill, dtype) -> np.ndarray:
     offsets = offsets - offsets[0]
     values = lists.flatten().to_numpy()
     lengths = np.diff(offsets)
+    if len(lengths) and (lengths == width).all():  # the usual graph: every row full
+        return np.array(values.reshape(len(lengths), width), dtype)  # writable
     out = np.full((len(lengths), width), fill, dtype)
     row_of = np.repeat(np.arange(len(lengths)), lengths)
     slot = np.arange(len(values)) - offsets[:-1][row_of]
@@ -111,20 +113,22 @@ def carry_previous(previous: Location, samples: pa.Table, k: int, *, folder: str
     except (OSError, pa.ArrowException, ValueError):
         return None
     width = k + margin
-    ids_before = _dense(graph["neighbor_ids"], width, -1, np.int64)
-    sims_before = _dense(graph["neighbor_similarities"], width, -np.inf, np.float32)
+    ids_before = _dense(graph["neighbor_ids"], k, -1, np.int64)
+    sims_before = _dense(graph["neighbor_similarities"], k, -np.inf, np.float32)
     if margin:
+        ids_before = np.concatenate([ids_before, np.full((len(ids_before), margin), -1, np.int64)], axis=1)
+        sims_before = np.concatenate([sims_before, np.full((len(sims_before), margin), -np.inf, np.float32)], axis=1)
         try:  # written in the same row order as the graph
             extra = _read_graph(previous.child(f"{folder}-margin"))
-            if extra.num_rows == graph.num_rows and np.array_equal(extra["input_id"].to_numpy(),
-                                                                   graph["input_id"].to_numpy()):
+        except (OSError, pa.ArrowException, ValueError):
+            extra = None  # a run without a margin (older, or incremental off): its rows are k wide
+        if extra is not None and extra.num_rows == graph.num_rows:
+            if np.array_equal(extra["input_id"].to_numpy(), graph["input_id"].to_numpy()):
                 ids_extra = _dense(extra["neighbor_ids"], margin, -1, np.int64)
                 sims_extra = _dense(extra["neighbor_similarities"], margin, -np.inf, np.float32)
                 short = (ids_before[:, :k] >= 0).sum(axis=1) < k  # a short row has no margin
                 ids_extra[short], sims_extra[short] = -1, -np.inf
                 ids_before[:, k:], sims_before[:, k:] = ids_extra, sims_extra
-        except (OSError, pa.ArrowException, ValueError):
-            pass  # a run without a margin (older, or incremental off): its rows are k wide
     old = old.filter(pa.array(is_ok(old["status"])))
     rows = ok_rows_in_vector_order(samples)
     n = len(rows)
@@ -146,14 +150,20 @@ def carry_previous(previous: Location, samples: pa.Table, k: int, *, folder: str
     own = to_tonight[graph["input_id"].to_numpy()]
     keep = own >= 0
     if keep.any():
-        mapped = np.where(ids_before >= 0, to_tonight[np.maximum(ids_before, 0)], -1)[keep]
+        mapped = to_tonight[np.maximum(ids_before[keep], 0)]
+        mapped[ids_before[keep] < 0] = -1
         mapped_sims = sims_before[keep]
         valid = mapped >= 0
-        # The surviving neighbours moved to the left, in their order.
-        order = np.argsort(~valid, axis=1, kind="stable")
+        # The surviving neighbours moved to the left, in their order (only rows that lost one).
+        holes = np.flatnonzero(~valid.all(axis=1))
+        order = np.argsort(~valid[holes], axis=1, kind="stable")
+        mapped[holes] = np.where(np.take_along_axis(valid[holes], order, axis=1),
+                                 np.take_along_axis(mapped[holes], order, axis=1), -1)
+        mapped_sims[holes] = np.take_along_axis(mapped_sims[holes], order, axis=1)
+        mapped_sims[mapped < 0] = -np.inf
         target = own[keep]
-        ids[target] = np.where(np.take_along_axis(valid, order, axis=1), np.take_along_axis(mapped, order, axis=1), -1)
-        sims[target] = np.where(ids[target] >= 0, np.take_along_axis(mapped_sims, order, axis=1), -np.inf)
+        ids[target] = mapped
+        sims[target] = mapped_sims
         carried[target] = True
         lost[target] = valid.sum(axis=1) < min(k, n - 1)
         refilled = int(((ids_before[keep] >= 0) & ~valid).any(axis=1).sum() - lost[target].sum())
@@ -193,8 +203,10 @@ def merge_candidates(ids: np.ndarray, sims: np.ndarray, rows: np.ndarray, cand: 
     return int(((top >= k) & np.isfinite(np.take_along_axis(all_sims, top, axis=1))).sum())  # candidates kept
 
 
-def quantiser_drift(trained: Location, source, new_ids: np.ndarray, old_ids: np.ndarray) -> float:
-    """New items' mean distance to their nearest coarse centroid over the old items' (samples)."""
+def quantiser_drift(trained: Location, source, new_ids: np.ndarray, old_ids: np.ndarray,
+                    old_distance: float | None = None) -> float:
+    """New items' mean distance to their nearest coarse centroid over the old items' (samples;
+    ``old_distance``, the training sample's as the index recorded it, when given)."""
     import faiss
 
     from curation.index.shard import load_index
@@ -209,6 +221,9 @@ def quantiser_drift(trained: Location, source, new_ids: np.ndarray, old_ids: np.
         return 1.0
     rng = np.random.default_rng(0)
     new = np.sort(rng.choice(new_ids, min(len(new_ids), DRIFT_SAMPLE), replace=False))
+    if old_distance:
+        sims, _ = quantiser.search(np.ascontiguousarray(source.take(new), np.float32), 1)
+        return float(np.mean(1.0 - sims[:, 0])) / max(float(old_distance), 1e-9)
     old = np.sort(rng.choice(old_ids, min(len(old_ids), DRIFT_SAMPLE), replace=False))
     x = source.take(np.concatenate([new, old]))  # one read of the store for both
     sims, _ = quantiser.search(np.ascontiguousarray(x, np.float32), 1)
@@ -323,12 +338,15 @@ def why_not(cfg, previous: Location | None, previous_info: dict, model_id: str, 
 
 def neighbour_graph(vectors, cfg, *, samples, save_to: Location | None, previous: Location | None,
                     previous_info: dict, model_id: str, folder: str = "knn",
-                    index_folder: str = "index") -> tuple[KnnGraph, dict]:
+                    index_folder: str = "index") -> tuple[KnnGraph, dict, object]:
     """Tonight's graph: the previous run's updated when it can be (see the module), else built
-    whole; ``info["incremental"]`` says which and why."""
+    whole; ``info["incremental"]`` says which and why. Also returns the vector source to use
+    from here on: on an updated night, one that holds the new and changed items' vectors in
+    memory (:class:`~curation.index.source.CachedVectors`: read once, they are what the search,
+    the shards, the clusters and the drift check read)."""
     from curation.index.params import IndexParams
     from curation.index.sharded import index_params, knn_graph, sharded_knn
-    from curation.index.source import as_source
+    from curation.index.source import CachedVectors, as_source
 
     source = as_source(vectors)
     n = source.n
@@ -341,6 +359,8 @@ def neighbour_graph(vectors, cfg, *, samples, save_to: Location | None, previous
     if folder != "knn":
         before = before.get("copies") or {}
     trained = None
+    if reason is None:  # read the new, changed and short rows' vectors once: every step below needs them
+        source = CachedVectors(source, np.flatnonzero(~carried.carried | carried.lost))
     if reason is None and params.kind == "ivf":
         trained = previous.child(index_folder, "trained.faissindex")
         if trained.filesystem.get_file_info(trained.path).type.name != "File":
@@ -348,7 +368,8 @@ def neighbour_graph(vectors, cfg, *, samples, save_to: Location | None, previous
         else:  # the previous index's lists and codec, tonight's shard count
             params = IndexParams(params.kind, before.get("codec", params.codec), int(before.get("nlist") or params.nlist),
                                  int(before.get("nprobe") or params.nprobe), params.train_size, params.shards)
-            drift = quantiser_drift(trained, source, np.flatnonzero(~carried.carried), np.flatnonzero(carried.carried))
+            drift = quantiser_drift(trained, source, np.flatnonzero(~carried.carried), np.flatnonzero(carried.carried),
+                                    old_distance=before.get("coarse_distance"))
             if drift > QUANTISER_DRIFT:
                 reason = (f"new items sit {drift:.2f}x farther from the index's coarse centroids than old ones "
                           f"(more than {QUANTISER_DRIFT}): retrained")
@@ -356,7 +377,7 @@ def neighbour_graph(vectors, cfg, *, samples, save_to: Location | None, previous
         graph, info = knn_graph(vectors, cfg, save_to=save_to, k=cfg.k + margin)
         info["incremental"] = {"used": False, "reason": reason, "nights_since_rebuild": 0, "margin": margin}
         log.info("kNN graph built whole (%s)", reason)
-        return graph.split(cfg.k), info
+        return graph.split(cfg.k), info, vectors
     chain = int((before.get("incremental") or {}).get("nights_since_rebuild", 0))
     info: dict = {"k": cfg.k, **params.to_dict()}
     if params.kind == "flat" and params.shards == 1:
@@ -384,8 +405,10 @@ def neighbour_graph(vectors, cfg, *, samples, save_to: Location | None, previous
                           f"actor(s), the previous run's index reused ({reused})")
     info["incremental"] = {"used": True, "previous_run": previous.uri, "nights_since_rebuild": chain + 1,
                            "margin": margin, **update}
+    if before.get("coarse_distance") is not None:  # the same quantiser: the same yardstick next night
+        info["coarse_distance"] = before["coarse_distance"]
     log.info("kNN graph updated from %s: %s", previous.uri, update)
-    return graph.split(cfg.k), info
+    return graph.split(cfg.k), info, source
 
 
 def _previous_shards(folder: Location, before: dict, params, carried: Carried):

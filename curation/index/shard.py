@@ -25,12 +25,14 @@ class IndexShard:
         renumber: when ``index_bytes`` is a previous run's filled shard, every id it holds
             becomes ``renumber[id]`` (those mapped to -1, the deleted and changed items, are
             removed) ...
-        added: ... and ids ``added`` of ``source`` are added.
+        added: ... and ids ``added`` of ``source`` are added (``added_vectors`` when the caller
+            has them, else read from ``source``).
     """
 
     def __init__(self, index_bytes: np.ndarray, *, nprobe: int = 0, num_threads: int = 1, use_gpu: bool = False,
                  refine_factor: int = 16, partition: tuple[int, int, int] | None = None, source=None,
-                 renumber: np.ndarray | None = None, added: np.ndarray | None = None):
+                 renumber: np.ndarray | None = None, added: np.ndarray | None = None,
+                 added_vectors: np.ndarray | None = None):
         faiss.omp_set_num_threads(max(1, num_threads))
         if hasattr(index_bytes, "filesystem"):
             index = load_index(index_bytes)
@@ -56,7 +58,9 @@ class IndexShard:
             self.add_from(source, *partition)
         if renumber is not None:
             self.renumber(renumber)
-        if added is not None:
+        if added is not None and added_vectors is not None:
+            self.add(np.asarray(added, np.int64), added_vectors)
+        elif added is not None:
             batch_rows = partition[2] if partition is not None else 16384
             for start in range(0, len(added), batch_rows):
                 ids = np.asarray(added[start:start + batch_rows], np.int64)

@@ -27,7 +27,7 @@ from curation.config import KnnConfig
 from curation.index.knn import KnnGraph, drop_self, exact_knn, id_dtype
 from curation.index.params import IndexParams, choose_params
 from curation.index.shard import IndexShard, merge_shard_results, train_empty_index
-from curation.index.source import VectorParts, as_source
+from curation.index.source import CachedVectors, VectorParts, as_source
 from curation.io.filesystem import Location, write_bytes
 from curation.session import ClusterShape, progress, shard_request, training_request
 
@@ -100,7 +100,8 @@ def sharded_knn(vectors, k: int, params: IndexParams, *, query_batch: int = 1638
 
     from curation.io.filesystem import read_bytes
 
-    source = as_source(vectors)
+    cache = as_source(vectors)  # a CachedVectors serves the query and added vectors from memory
+    source = cache.source if isinstance(cache, CachedVectors) else cache
     n, d = source.n, source.dim
     timing: dict = {}
     t = time.perf_counter()
@@ -112,7 +113,7 @@ def sharded_knn(vectors, k: int, params: IndexParams, *, query_batch: int = 1638
         # trained, empty index (nlist centroids).
         request = training_request("the kNN index's training task", TRAIN_THREADS)
         train = ray.remote(**request.options())(_train)
-        blob = ray.get(train.remote(source, params, d, n, seed, request.threads))
+        blob, timing["coarse_distance"] = ray.get(train.remote(source, params, d, n, seed, request.threads))
         progress.tick()
         timing["train_s"] = round(time.perf_counter() - t, 3)
     trained = None
@@ -145,9 +146,12 @@ def sharded_knn(vectors, k: int, params: IndexParams, *, query_batch: int = 1638
     else:
         files, new_id_of, added = update
         new_id_ref = ray.put(new_id_of)  # once for every shard
+        # The added vectors from memory when the caller holds them (read once for the search
+        # too), else each shard reads its own from storage.
+        added_x = [ray.put(cache.take(a)) if isinstance(cache, CachedVectors) else None for a in added]
         shards = [actor_cls.remote(files[i], nprobe=params.nprobe, num_threads=threads, use_gpu=use_gpu,
                                    refine_factor=refine_factor, source=source_ref,
-                                   renumber=new_id_ref, added=added[i])
+                                   renumber=new_id_ref, added=added[i], added_vectors=added_x[i])
                   for i in range(len(files))]
     try:
         if update is None:
@@ -181,6 +185,12 @@ def sharded_knn(vectors, k: int, params: IndexParams, *, query_batch: int = 1638
             query = ray.remote(num_cpus=0)(_query_batch)
             jobs = ((start, stop, query.remote(source_ref, start, stop, shards, search_k, k, query_batch))
                     for start, stop in source.ranges(query_batch))
+        elif isinstance(cache, CachedVectors):  # the given ids, their vectors from the caller's memory
+            query = ray.remote(num_cpus=0)(_query_vectors)
+            jobs = ((start, min(start + query_batch, rows),
+                     query.remote(queries[start:start + query_batch], cache.take(queries[start:start + query_batch]),
+                                  shards, search_k, k))
+                    for start in range(0, rows, query_batch))
         else:  # the given ids, query_batch at a time (each task reads just its rows)
             query = ray.remote(num_cpus=0)(_query_ids)
             jobs = ((start, min(start + query_batch, rows),
@@ -235,8 +245,10 @@ def _check_shards(shards: list, expected: list[int], when: str) -> None:
             raise ShardLost(f"kNN index shard {i} holds {have} vectors {when}, expected {want}")
 
 
-def _train(source, params: IndexParams, d: int, n: int, seed: int, threads: int = 1) -> np.ndarray:
-    """Train the empty index on a uniform sample of ``source``; returns it serialised."""
+def _train(source, params: IndexParams, d: int, n: int, seed: int, threads: int = 1) -> tuple[np.ndarray, float | None]:
+    """Train the empty index on a uniform sample of ``source``; returns it serialised, and the
+    sample's mean distance (1 - cosine) to its nearest coarse centroid (None without lists):
+    the yardstick a later night's new items are held against (``knn.incremental``)."""
     import faiss
 
     faiss.omp_set_num_threads(threads)  # Ray sets one OpenMP thread per reserved CPU
@@ -245,7 +257,13 @@ def _train(source, params: IndexParams, d: int, n: int, seed: int, threads: int 
         sample = source.take(np.sort(rng.choice(n, size=params.train_size, replace=False)))
     else:
         sample = np.zeros((1, d), np.float32)
-    return faiss.serialize_index(train_empty_index(sample, params.factory(d)))
+    index = train_empty_index(sample, params.factory(d))
+    distance = None
+    if params.kind == "ivf":
+        holder = index.base_index if isinstance(index, faiss.IndexRefine) else index
+        sims, _ = faiss.extract_index_ivf(holder).quantizer.search(np.ascontiguousarray(sample[:2000]), 1)
+        distance = round(float(np.mean(1.0 - sims[:, 0])), 6)
+    return faiss.serialize_index(index), distance
 
 
 def _query_batch(source, start: int, stop: int, shards: list, search_k: int, k: int,
@@ -270,6 +288,15 @@ def _query_ids(source, own: np.ndarray, shards: list, search_k: int, k: int) -> 
     """The given ids, run as a Ray task: read their vectors (in this task: it must not wait on
     other tasks while the shards hold the CPUs), search every shard, merge, drop self."""
     queries = source.take(own, local=True)
+    results = _shard_call([shard.search.remote(queries, search_k) for shard in shards], "the search")
+    merged_sims, merged_ids = merge_shard_results(results)
+    sims, ids = drop_self(merged_sims, merged_ids, own, k)
+    return ids, sims
+
+
+def _query_vectors(own: np.ndarray, queries: np.ndarray, shards: list, search_k: int,
+                   k: int) -> tuple[np.ndarray, np.ndarray]:
+    """The given ids with their vectors, run as a Ray task: search every shard, merge, drop self."""
     results = _shard_call([shard.search.remote(queries, search_k) for shard in shards], "the search")
     merged_sims, merged_ids = merge_shard_results(results)
     sims, ids = drop_self(merged_sims, merged_ids, own, k)

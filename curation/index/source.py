@@ -297,6 +297,58 @@ class MemoryVectors:
             yield self.take(ids)
 
 
+CACHE_MAX_BYTES = 512 << 20  # the most vectors a CachedVectors holds on the driver
+
+
+class CachedVectors:
+    """A vector source that keeps the vectors of some ids in memory, read once.
+
+    A night's new and changed items, or a phase's samples, are spread over every file: each
+    :meth:`VectorParts.take` of some of them reads most of the store again. Wrapped here, their
+    vectors are read once; ``take`` serves them from memory and reads only the ids it does not
+    hold. Everything else goes to ``source``, and a copy sent to a Ray task (pickled) is the
+    plain ``source``: the cache never travels.
+
+    Args:
+        source: the vector source.
+        ids: the ids to hold (at most ``CACHE_MAX_BYTES`` of vectors; past that none are held).
+    """
+
+    def __init__(self, source, ids: np.ndarray):
+        self.source = source.source if isinstance(source, CachedVectors) else source
+        ids = np.unique(np.asarray(ids, np.int64))
+        if len(ids) * 4 * max(self.source.dim, 1) > CACHE_MAX_BYTES:
+            ids = ids[:0]
+        self.ids = ids
+        # Through ``source``: ids another cache already holds are not read again.
+        self.x = source.take(ids) if len(ids) else np.zeros((0, self.source.dim), np.float32)
+
+    def take(self, ids: np.ndarray, *, local: bool = False) -> np.ndarray:
+        ids = np.asarray(ids, np.int64)
+        if not len(self.ids):
+            return self.source.take(ids, local=local)
+        at = np.minimum(np.searchsorted(self.ids, ids), len(self.ids) - 1)
+        held = self.ids[at] == ids
+        if held.all():
+            return self.x[at]
+        out = np.empty((len(ids), self.source.dim), np.float32)
+        out[held] = self.x[at[held]]
+        out[~held] = self.source.take(ids[~held], local=local)
+        return out
+
+    def __reduce__(self):
+        return _plain_source, (self.source,)
+
+    def __getattr__(self, name):
+        if name.startswith("__") or name == "source":
+            raise AttributeError(name)
+        return getattr(self.source, name)
+
+
+def _plain_source(source):
+    return source
+
+
 def as_source(vectors) -> "VectorParts | MemoryVectors":
     """A vector source from a matrix or a source."""
     return MemoryVectors(vectors) if isinstance(vectors, np.ndarray) else vectors
