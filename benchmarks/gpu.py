@@ -7,7 +7,9 @@ Measures, each side by side in one run:
   ``EmbedStage`` code path) on pre-decoded uint8 batches, against
 * pipeline: the job's Ray Data graph end to end on synthetic 640x480 JPEGs (read, decode,
   embed, write ``embeddings/`` from the workers) with the same model: images/s and the ratio to
-  the raw model (how far decoding and data movement keep the GPU from its own speed);
+  the raw model (how far decoding and data movement keep the GPU from its own speed), once
+  with ``decode.path: cpu`` (the CPU tasks decode) and once with ``torch`` (they only read;
+  the embedding actor decodes with nvJPEG on its GPU); ``--num-cpus 8`` holds Ray to 8 CPUs;
 * decode: ``DecodeStage`` images/s in one process (= per CPU), and PIL's bare draft decode on
   the same files (the codec's own speed); the stage in one process per CPU (the node's decode
   ceiling); nvJPEG (``torchvision.io.decode_jpeg`` on the GPU, batched) with the same centre
@@ -21,6 +23,7 @@ Measures, each side by side in one run:
   FAISS / scikit-learn on the same 200k x 128 data, when cuML is installed.
 
     python benchmarks/gpu.py --out benchmarks/results/gpu.json
+    python benchmarks/gpu.py --num-cpus 8 --skip-knn   # issue 25's figures: both decode paths
 """
 
 from __future__ import annotations

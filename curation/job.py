@@ -347,13 +347,17 @@ def find_neighbours(ingested: Ingested, config: Config, plan: Plan) -> Neighbour
     if n_ok == 0:
         raise NothingToPublish(f"no usable item: {ingested.samples.num_rows} inputs, all rejected "
                                f"(see the log for reasons); nothing published, latest unchanged")
+    from curation.drift import profile_sample_ids
     from curation.index.incremental import neighbour_graph, read_previous_info
 
     previous = previous_run(plan.output, plan.latest) if config.knn.incremental != "off" else None
     previous_info = read_previous_info(previous) if previous is not None else {}
     model_id = str(ingested.embedder.get("model_id"))
-    graph, info, ingested.vectors = neighbour_graph(ingested.vectors, config.knn, samples=ingested.samples, save_to=plan.run.child("index"),
-                                  previous=previous, previous_info=previous_info, model_id=model_id)
+    # The drift profile's sample is read with the night's changed items (one read of the store).
+    hold = profile_sample_ids(n_ok, config.drift.sample_size) if config.drift.enabled else None
+    graph, info, ingested.vectors = neighbour_graph(ingested.vectors, config.knn, samples=ingested.samples,
+                                                    save_to=plan.run.child("index"), previous=previous,
+                                                    previous_info=previous_info, model_id=model_id, hold=hold)
     if hasattr(ingested.vectors, "describe"):  # in storage (possibly with a cache in front)
         info["vectors"] = ingested.vectors.describe()
     log.info("kNN graph: %d vectors x %d, k=%d, %s", n_ok, ingested.vectors.dim, config.knn.k, info.get("method"))

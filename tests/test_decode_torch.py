@@ -134,6 +134,9 @@ def test_a_job_on_the_torch_path_finds_what_the_cpu_path_finds(ray_local, demo_s
         data["input"] = {"images": os.path.join(root, "images"), "labels": os.path.join(root, "labels.csv")}
         data["decode"] = {"path": path}
         data["store"] = {"enabled": False}
+        data["selections"] = [{"name": "clean", "mode": "clean"}]  # what is compared: the flags and groups
+        data["report"] = {"map_method": "pca", "thumbnails": 0}
+        data["drift"] = {"enabled": False}
         result = run_job(load_config(data=data))
         runs[path] = pq.read_table(os.path.join(result.run_uri, "samples")).sort_by("uri").to_pandas()
     cpu, torch_ = runs["cpu"], runs["torch"]

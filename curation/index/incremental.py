@@ -338,12 +338,13 @@ def why_not(cfg, previous: Location | None, previous_info: dict, model_id: str, 
 
 def neighbour_graph(vectors, cfg, *, samples, save_to: Location | None, previous: Location | None,
                     previous_info: dict, model_id: str, folder: str = "knn",
-                    index_folder: str = "index") -> tuple[KnnGraph, dict, object]:
+                    index_folder: str = "index", hold: np.ndarray | None = None) -> tuple[KnnGraph, dict, object]:
     """Tonight's graph: the previous run's updated when it can be (see the module), else built
     whole; ``info["incremental"]`` says which and why. Also returns the vector source to use
     from here on: on an updated night, one that holds the new and changed items' vectors in
     memory (:class:`~curation.index.source.CachedVectors`: read once, they are what the search,
-    the shards, the clusters and the drift check read)."""
+    the shards, the clusters and the drift check read; ``hold``: more ids to read with them, for
+    a later phase)."""
     from curation.index.params import IndexParams
     from curation.index.sharded import index_params, knn_graph, sharded_knn
     from curation.index.source import CachedVectors, as_source
@@ -360,7 +361,8 @@ def neighbour_graph(vectors, cfg, *, samples, save_to: Location | None, previous
         before = before.get("copies") or {}
     trained = None
     if reason is None:  # read the new, changed and short rows' vectors once: every step below needs them
-        source = CachedVectors(source, np.flatnonzero(~carried.carried | carried.lost))
+        wanted = np.flatnonzero(~carried.carried | carried.lost)
+        source = CachedVectors(source, wanted if hold is None else np.union1d(wanted, hold))
     if reason is None and params.kind == "ivf":
         trained = previous.child(index_folder, "trained.faissindex")
         if trained.filesystem.get_file_info(trained.path).type.name != "File":
