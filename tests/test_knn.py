@@ -194,8 +194,8 @@ def test_job_uses_the_sharded_path_and_saves_graph_and_index(ray_local, tmp_path
 
 
 def test_a_shard_updated_in_place_answers_as_one_filled_from_scratch(tmp_path):
-    """A previous run's saved shard, renumbered (deleted ids dropped) with new vectors added and
-    their lists kept for the search, answers every query as a shard filled afresh does."""
+    """A previous run's saved shard, renumbered (deleted ids dropped) with new vectors added,
+    answers every query as a shard filled afresh does."""
     import faiss
 
     from curation.index.shard import IndexShard, train_empty_index
@@ -216,9 +216,9 @@ def test_a_shard_updated_in_place_answers_as_one_filled_from_scratch(tmp_path):
     updated = IndexShard(saved, nprobe=6, renumber=new_id_of, added=added, added_vectors=tonight[added])
     fresh = IndexShard(trained, nprobe=6)
     fresh.add(np.arange(len(tonight)), tonight)
-    assert updated.size() == fresh.size() == len(tonight) and updated.assigned is not None
-    queries = np.concatenate([added[:200], np.arange(300)])  # preassigned and not
-    a = updated.search(tonight[queries], 8, ids=queries)
+    assert updated.size() == fresh.size() == len(tonight)
+    queries = np.concatenate([added[:200], np.arange(300)])  # new and old items
+    a = updated.search(tonight[queries], 8)
     b = fresh.search(tonight[queries], 8)
     np.testing.assert_allclose(a[0], b[0], atol=1e-6)
     assert (a[1] == b[1]).mean() > 0.99  # ties aside

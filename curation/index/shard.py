@@ -54,14 +54,12 @@ class IndexShard:
                 pass  # a flat index has no lists
         self.is_ivf = isinstance(index, faiss.IndexIVF) or "IVF" in type(index).__name__
         self.index = index if self.is_ivf else faiss.IndexIDMap2(index)
-        self.nprobe = nprobe
-        self.assigned: tuple[np.ndarray, np.ndarray, np.ndarray] | None = None  # see add_assigned
         if partition is not None:  # (lo, hi, batch_rows) of ``source``: see add_from
             self.add_from(source, *partition)
         if renumber is not None:
             self.renumber(renumber)
         if added is not None and added_vectors is not None:
-            self.add_assigned(np.asarray(added, np.int64), added_vectors)
+            self.add(np.asarray(added, np.int64), added_vectors)
         elif added is not None:
             batch_rows = partition[2] if partition is not None else 16384
             for start in range(0, len(added), batch_rows):
@@ -90,23 +88,6 @@ class IndexShard:
         self.index.add_with_ids(vectors, np.ascontiguousarray(ids, dtype=np.int64))
         return int(self.index.ntotal)
 
-    def add_assigned(self, ids: np.ndarray, vectors: np.ndarray) -> int:
-        """Add vectors that will be searched for too (a night's new items): their ``nprobe``
-        nearest lists are found once, the first used to add them, all kept for
-        :meth:`search` (``search_preassigned``): the coarse search is half the cost of adding
-        and searching them. Plain IVF on CPU only; elsewhere a plain :meth:`add`."""
-        ivf = self.index if isinstance(self.index, faiss.IndexIVF) and self.gpu is None else None
-        if ivf is None or not self.nprobe or not len(ids):
-            return self.add(ids, vectors)
-        x = np.ascontiguousarray(vectors, dtype=np.float32)
-        ids = np.ascontiguousarray(ids, dtype=np.int64)
-        centroid_sims, lists = ivf.quantizer.search(x, min(self.nprobe, ivf.nlist))
-        first = np.ascontiguousarray(lists[:, 0])
-        ivf.add_core(len(x), faiss.swig_ptr(x), faiss.swig_ptr(ids), faiss.swig_ptr(first))
-        order = np.argsort(ids)
-        self.assigned = (ids[order], centroid_sims[order], lists[order])
-        return int(self.index.ntotal)
-
     def add_from(self, source, lo: int, hi: int, batch_rows: int) -> int:
         """Stream ids ``[lo, hi)`` of a :class:`curation.index.source.VectorParts` from storage
         into the index, ``batch_rows`` at a time. Returns the vectors now held."""
@@ -114,27 +95,11 @@ class IndexShard:
             self.add(ids, vectors)
         return int(self.index.ntotal)
 
-    def search(self, queries: np.ndarray, k: int, ids: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
-        """Top-k (similarities, global ids); missing results are (-inf, -1). ``ids``: the
-        queries' own ids, so that those added with :meth:`add_assigned` skip the coarse search."""
-        queries = np.ascontiguousarray(queries, dtype=np.float32)
-        known = None
-        if self.assigned is not None and ids is not None and len(ids):
-            held, centroid_sims, lists = self.assigned
-            at = np.minimum(np.searchsorted(held, ids), len(held) - 1)
-            known = held[at] == ids
-        if known is None or not known.any():
-            sims, found = self.index.search(queries, k)
-        else:
-            sims = np.empty((len(queries), k), np.float32)
-            found = np.empty((len(queries), k), np.int64)
-            rows = at[known]
-            sims[known], found[known] = self.index.search_preassigned(
-                queries[known], k, np.ascontiguousarray(lists[rows]), np.ascontiguousarray(centroid_sims[rows]))
-            if (~known).any():
-                sims[~known], found[~known] = self.index.search(queries[~known], k)
-        sims = np.where(found >= 0, sims, -np.inf).astype(np.float32)
-        return sims, found
+    def search(self, queries: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+        """Top-k (similarities, global ids); missing results are (-inf, -1)."""
+        sims, ids = self.index.search(np.ascontiguousarray(queries, dtype=np.float32), k)
+        sims = np.where(ids >= 0, sims, -np.inf).astype(np.float32)
+        return sims, ids
 
     def save(self, location) -> int:
         """Stream the filled index to ``location`` (a :class:`curation.io.filesystem.Location`)

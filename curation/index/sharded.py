@@ -296,9 +296,8 @@ def _query_ids(source, own: np.ndarray, shards: list, search_k: int, k: int) -> 
 
 def _query_vectors(own: np.ndarray, queries: np.ndarray, shards: list, search_k: int,
                    k: int) -> tuple[np.ndarray, np.ndarray]:
-    """The given ids with their vectors, run as a Ray task: search every shard (with the ids:
-    a shard that just added them knows their lists), merge, drop self."""
-    results = _shard_call([shard.search.remote(queries, search_k, ids=own) for shard in shards], "the search")
+    """The given ids with their vectors, run as a Ray task: search every shard, merge, drop self."""
+    results = _shard_call([shard.search.remote(queries, search_k) for shard in shards], "the search")
     merged_sims, merged_ids = merge_shard_results(results)
     sims, ids = drop_self(merged_sims, merged_ids, own, k)
     return ids, sims
