@@ -348,13 +348,18 @@ def find_neighbours(ingested: Ingested, config: Config, plan: Plan) -> Neighbour
         raise NothingToPublish(f"no usable item: {ingested.samples.num_rows} inputs, all rejected "
                                f"(see the log for reasons); nothing published, latest unchanged")
     from curation.drift import profile_sample_ids
+    from curation.scores.label_quality import probe_sample_ids
     from curation.index.incremental import neighbour_graph, read_previous_info
 
     previous = previous_run(plan.output, plan.latest) if config.knn.incremental != "off" else None
     previous_info = read_previous_info(previous) if previous is not None else {}
     model_id = str(ingested.embedder.get("model_id"))
-    # The drift profile's sample is read with the night's changed items (one read of the store).
-    hold = profile_sample_ids(n_ok, config.drift.sample_size) if config.drift.enabled else None
+    # The drift profile's and the label probe's samples are read with the night's changed items
+    # (one read of the store for all three).
+    hold = [profile_sample_ids(n_ok, config.drift.sample_size) if config.drift.enabled else np.zeros(0, np.int64)]
+    if config.scores.label_probe_weight > 0:
+        hold.append(probe_sample_ids(ingested.samples))
+    hold = np.concatenate(hold)
     graph, info, ingested.vectors = neighbour_graph(ingested.vectors, config.knn, samples=ingested.samples,
                                                     save_to=plan.run.child("index"), previous=previous,
                                                     previous_info=previous_info, model_id=model_id, hold=hold)

@@ -189,8 +189,14 @@ def train_probe_in_tasks(source, sample_ids: np.ndarray, labels: np.ndarray, n_c
     present = np.unique(labels)
     if len(present) < 2 or not ray.is_initialized():
         return train_probe(source, sample_ids, labels, n_classes, 1, regularisation)
-    z, mean, scale = ray.remote(num_cpus=1, num_returns=3)(_standardised_sample).remote(source, sample_ids)
-    mean, scale = ray.get([mean, scale])
+    from curation.index.source import CachedVectors
+
+    if isinstance(source, CachedVectors) and np.isin(sample_ids, source.ids).all():
+        z, mean, scale = _standardised_sample(source, sample_ids)  # from memory: no read of the store
+        z = ray.put(z)
+    else:
+        z, mean, scale = ray.remote(num_cpus=1, num_returns=3)(_standardised_sample).remote(source, sample_ids)
+        mean, scale = ray.get([mean, scale])
     folds = _folds(labels, FOLDS)
     jobs = [(z, labels, folds, fold, c, n_classes) for c in regularisation for fold in [-1, *range(FOLDS)]]
     results = iter(run_tasks(_fit_one, jobs))

@@ -87,6 +87,27 @@ def _probe_block(top_classes: np.ndarray, top_p: np.ndarray, prior: np.ndarray, 
     return out
 
 
+def label_codes(labels) -> tuple[pa.DictionaryArray, np.ndarray, np.ndarray]:
+    """Labels as dictionary codes (no per-row Python strings): the encoded column, the classes
+    and every row's code (-1 = unlabelled)."""
+    encoded = pc.dictionary_encode(labels).combine_chunks()
+    classes = np.asarray(encoded.dictionary.to_pylist(), dtype=object)
+    codes = np.nan_to_num(encoded.indices.to_numpy(zero_copy_only=False).astype(np.float64), nan=-1)
+    return encoded, classes, codes.astype(np.int64)
+
+
+def probe_sample_ids(samples: pa.Table) -> np.ndarray:
+    """The vector ids the label probe will train on (its stratified sample), for a phase that
+    reads vectors before the scores and can read these with them."""
+    from curation.scores.label_probe import PROBE_SAMPLE, stratified_sample
+    from curation.schema import ok_rows_in_vector_order
+
+    if "label" not in samples.column_names:
+        return np.zeros(0, np.int64)
+    _, _, codes = label_codes(samples["label"])
+    return stratified_sample(codes[ok_rows_in_vector_order(samples)], PROBE_SAMPLE)
+
+
 class LabelQualityScore:
     name = "label_quality"
     flags = (Flag("is_suspected_mislabel", "mislabel", "Suspected mislabels", "label_quality", True,
@@ -99,11 +120,7 @@ class LabelQualityScore:
         n = ctx.n
         ok_rows = ctx.ok_rows
         n_ok = len(ok_rows)
-        # Labels as dictionary codes (no per-row Python strings); -1 = unlabelled.
-        encoded = pc.dictionary_encode(ctx.columns.arrow("label")).combine_chunks()
-        classes = np.asarray(encoded.dictionary.to_pylist(), dtype=object)
-        codes_all = np.nan_to_num(encoded.indices.to_numpy(zero_copy_only=False).astype(np.float64), nan=-1)
-        codes_all = codes_all.astype(np.int64)
+        encoded, classes, codes_all = label_codes(ctx.columns.arrow("label"))
         codes = codes_all[ok_rows]
         labelled = codes >= 0
         quality_ok = np.full(n_ok, np.nan, np.float32)
