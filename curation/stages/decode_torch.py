@@ -15,11 +15,12 @@ Same answers on either path:
   segment but the APPn metadata and comments), not of decoded pixels: two decoders never agree
   to the last bit, and this is the same on every node (the same picture with other metadata
   still matches; a lossless re-encode with other Huffman tables no longer does);
-* the statistics, the dHash and the copy descriptor come from the grey working thumbnail
-  through the very same :class:`~curation.stages.decode.ThumbnailFeatures` code; only the
-  thumbnail itself is made differently (here: the full decode resampled on the device; there:
-  a DCT-scaled decode resampled on CPU). ``benchmarks/decode_agreement.py`` measures what that
-  moves, on 640x480 and 1600x1200 photos.
+* the full-size decode is first brought to the size and look of the CPU path's DCT-scaled
+  decode (:func:`as_cpu_decodes`), and the model input and the working thumbnail are made from
+  it as the CPU path makes them; the statistics, the dHash and the copy descriptor then come
+  from that thumbnail through the very same :class:`~curation.stages.decode.ThumbnailFeatures`
+  code. ``benchmarks/decode_agreement.py`` measures what is left between the paths, on
+  640x480 and 1600x1200 photos (benchmarks/README.md, "Decoding on the device").
 """
 
 from __future__ import annotations
