@@ -122,8 +122,11 @@ def image_nights(work: str, n: int) -> tuple[str, str]:
     _scenes([job for job in jobs if not os.path.exists(job[0])])
     uris += [path for path, _ in jobs[:extra]]
     labels += [names[i % len(names)] for _, i in jobs[:extra]]
+    def fingerprints(paths):  # what a manifest carries for the store to see an unchanged file
+        return [f"{os.stat(p).st_size}-{os.stat(p).st_mtime_ns}" for p in paths]
+
     night1 = os.path.join(work, "night1.parquet")
-    pq.write_table(pa.table({"uri": uris, "label": labels}), night1)
+    pq.write_table(pa.table({"uri": uris, "label": labels, "fingerprint": fingerprints(uris)}), night1)
     rng = np.random.default_rng(1)
     order = rng.permutation(n)
     deleted, changed = set(order[: n // 100].tolist()), order[n // 100: n // 50]
@@ -134,9 +137,10 @@ def image_nights(work: str, n: int) -> tuple[str, str]:
         labels[i] = names[seed % len(names)]
     keep = [i for i in range(n) if i not in deleted]
     night2 = os.path.join(work, "night2.parquet")
-    pq.write_table(pa.table({"uri": [uris[i] for i in keep] + [path for path, _ in jobs[extra:]],
-                             "label": [labels[i] for i in keep] + [names[i % len(names)] for _, i in jobs[extra:]]}),
-                   night2)
+    uris2 = [uris[i] for i in keep] + [path for path, _ in jobs[extra:]]
+    pq.write_table(pa.table({"uri": uris2,
+                             "label": [labels[i] for i in keep] + [names[i % len(names)] for _, i in jobs[extra:]],
+                             "fingerprint": fingerprints(uris2)}), night2)
     return night1, night2
 
 

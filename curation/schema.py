@@ -118,6 +118,18 @@ def item_key_columns(*tables: pa.Table) -> list[str]:
 
 
 def item_keys(table: pa.Table, columns: list[str]) -> pa.Array:
-    """One string per row joining ``columns`` (from :func:`item_key_columns`), nulls as ''."""
+    """One string per row joining ``columns`` (from :func:`item_key_columns`), nulls as ''.
+    A row whose ``fingerprint`` is null (a manifest without one) cannot be shown unchanged: its
+    key is unique to this call, so it matches nothing in another table's keys."""
     parts = [pc.fill_null(pc.cast(table[c], pa.string()), "").combine_chunks() for c in columns]
-    return parts[0] if len(parts) == 1 else pc.binary_join_element_wise(*parts, "\x00")
+    keys = parts[0] if len(parts) == 1 else pc.binary_join_element_wise(*parts, "\x00")
+    if "fingerprint" in columns and table["fingerprint"].null_count:
+        import uuid
+
+        unknown = pc.is_null(table["fingerprint"]).combine_chunks()
+        token = f"\x01{uuid.uuid4().hex}:"
+        rows = np.flatnonzero(unknown.to_numpy(zero_copy_only=False))
+        unique = np.full(len(keys), None, object)
+        unique[rows] = [f"{token}{r}" for r in rows]
+        keys = pc.if_else(unknown, pa.array(unique, pa.string()), keys)
+    return keys

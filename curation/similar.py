@@ -77,6 +77,8 @@ class RunSearch:
             raise SimilarError(f"run {self.info.run_id} does not say where its vectors are (run.json knn.vectors): "
                                f"it was made by an older version; rerun it to search it")
         self.k_run = int(self.info.knn.get("k") or 0)
+        # The run searched k neighbours and its margin (knn.incremental: auto keeps k/2 more).
+        self.k_searched = self.k_run + int((self.info.knn.get("incremental") or {}).get("margin") or 0)
         self._read_samples()
         self._open_vectors(knn)
         self._open_index(knn)
@@ -244,10 +246,10 @@ class RunSearch:
             sims, ids = self._search_filtered(x, k + extra, allowed)
         else:
             sims, ids = self._search_all(x, k + extra)
-            if own is not None and self.exact is None and 0 < self.k_run < k:
-                # The first knn.k hits are the run's own search (a larger k lets the
-                # approximate index refine more candidates, which could reorder them).
-                head_s, head_i = self._search_all(x, self.k_run + 1)
+            if own is not None and self.exact is None and 0 < self.k_run and k != self.k_searched:
+                # The first knn.k hits are the run's own search, as wide as it was (another k
+                # lets the approximate index refine other candidates, which could reorder them).
+                head_s, head_i = self._search_all(x, self.k_searched + 1)
                 head_s, head_i = drop_self(head_s, head_i, own, self.k_run)
                 tail_s, tail_i = drop_self(sims, ids, own, k)
                 return _merge_head(head_s, head_i, tail_s, tail_i, k)
