@@ -118,37 +118,19 @@ def train_probe(source, sample_ids: np.ndarray, labels: np.ndarray, n_classes: i
     """In a task: out-of-sample probabilities of the sample (K-fold) and the model fitted on
     all of it, for the best of the ``regularisation`` strengths. Returns ``(probabilities
     (n_sample, n_classes), model, backend)``."""
-    from threadpoolctl import threadpool_limits
-
-    x = source.take(sample_ids).astype(np.float32)
-    mean = x.mean(axis=0)
-    scale = np.maximum(x.std(axis=0), 1e-6)
-    z = (x - mean) / scale
+    z, mean, scale = _standardised_sample(source, sample_ids)
     backend = probe_backend()
     present = np.unique(labels)
-    with threadpool_limits(threads):
-        if len(present) < 2:  # one class: nothing to learn, every item is its class
-            oos = np.zeros((len(labels), n_classes), np.float32)
-            oos[:, present] = 1.0
-            weights = np.zeros((x.shape[1], 1), np.float32)
-            return oos, LinearModel(mean, scale, weights, np.zeros(1, np.float32), present), f"{backend}"
-        folds = _folds(labels, FOLDS)
-        best = None
-        for c in regularisation:
-            oos = np.zeros((len(labels), n_classes), np.float32)
-            for fold in range(FOLDS):
-                test = folds == fold
-                train = ~test
-                if not test.any() or len(np.unique(labels[train])) < 2:
-                    continue
-                weights, bias, classes = _fit(z[train], labels[train], backend, c)
-                oos[test] = _dense(classes, LinearModel(0.0, 1.0, weights, bias, classes).probabilities(z[test]),
-                                   n_classes)
-            loss = -float(np.mean(np.log(np.maximum(oos[np.arange(len(labels)), labels], 1e-6))))
-            if best is None or loss < best[0]:
-                best = (loss, c, oos)
-        _, c, oos = best
-        weights, bias, classes = _fit(z, labels, backend, c)
+    if len(present) < 2:  # one class: nothing to learn, every item is its class
+        oos = np.zeros((len(labels), n_classes), np.float32)
+        oos[:, present] = 1.0
+        weights = np.zeros((z.shape[1], 1), np.float32)
+        return oos, LinearModel(mean, scale, weights, np.zeros(1, np.float32), present), f"{backend}"
+    folds = _folds(labels, FOLDS)
+    parts = [_fit_one(z, labels, folds, fold, c, n_classes, backend, threads)
+             for c in regularisation for fold in range(FOLDS)]
+    c, oos = _best_strength(parts, regularisation, folds, labels, n_classes)
+    weights, bias, classes = _fit_one(z, labels, folds, -1, c, n_classes, backend, threads)
     return oos, LinearModel(mean, scale, weights, bias, classes), f"{backend}, C={c}"
 
 
@@ -160,21 +142,39 @@ def _standardised_sample(source, sample_ids: np.ndarray) -> tuple[np.ndarray, np
     return (x - mean) / scale, mean, scale
 
 
-def _fit_one(z: np.ndarray, labels: np.ndarray, folds: np.ndarray, fold: int, c: float, n_classes: int):
-    """In a one-CPU task: fold ``fold``'s out-of-sample probabilities (the model fitted on the
-    other folds), or with ``fold = -1`` the model fitted on the whole sample. One thread: at
-    this size (tens of thousands of rows) BLAS threads cost more than they give (a fit took
-    0.95 s on one thread and 2.3 s on two here), and the folds run side by side instead."""
+def _fit_one(z: np.ndarray, labels: np.ndarray, folds: np.ndarray, fold: int, c: float, n_classes: int,
+             backend: str = "sklearn", threads: int = 1):
+    """Fold ``fold``'s out-of-sample probabilities (the model fitted on the other folds; None
+    when it cannot be fitted), or with ``fold = -1`` the model fitted on the whole sample. As a
+    one-CPU task, one thread: at this size (tens of thousands of rows) BLAS threads cost more
+    than they give (a fit took 0.95 s on one thread and 2.3 s on two here), and the folds run
+    side by side instead."""
     from threadpoolctl import threadpool_limits
 
-    with threadpool_limits(1):
+    with threadpool_limits(threads):
         if fold < 0:
-            return _fit(z, labels, "sklearn", c)
+            return _fit(z, labels, backend, c)
         test = folds == fold
         if not test.any() or len(np.unique(labels[~test])) < 2:
             return None
-        weights, bias, classes = _fit(z[~test], labels[~test], "sklearn", c)
+        weights, bias, classes = _fit(z[~test], labels[~test], backend, c)
         return _dense(classes, LinearModel(0.0, 1.0, weights, bias, classes).probabilities(z[test]), n_classes)
+
+
+def _best_strength(parts: list, regularisation: tuple[float, ...], folds: np.ndarray, labels: np.ndarray,
+                   n_classes: int) -> tuple[float, np.ndarray]:
+    """From every fold's out-of-sample probabilities (``FOLDS`` per strength, in order), the
+    strength with the lower out-of-sample log-loss and its probabilities."""
+    best = None
+    for i, c in enumerate(regularisation):
+        oos = np.zeros((len(labels), n_classes), np.float32)
+        for fold, part in enumerate(parts[i * FOLDS:(i + 1) * FOLDS]):
+            if part is not None:
+                oos[folds == fold] = part
+        loss = -float(np.mean(np.log(np.maximum(oos[np.arange(len(labels)), labels], 1e-6))))
+        if best is None or loss < best[0]:
+            best = (loss, c, oos)
+    return best[1], best[2]
 
 
 def train_probe_in_tasks(source, sample_ids: np.ndarray, labels: np.ndarray, n_classes: int,
@@ -198,20 +198,13 @@ def train_probe_in_tasks(source, sample_ids: np.ndarray, labels: np.ndarray, n_c
         z, mean, scale = ray.remote(num_cpus=1, num_returns=3)(_standardised_sample).remote(source, sample_ids)
         mean, scale = ray.get([mean, scale])
     folds = _folds(labels, FOLDS)
-    jobs = [(z, labels, folds, fold, c, n_classes) for c in regularisation for fold in [-1, *range(FOLDS)]]
-    results = iter(run_tasks(_fit_one, jobs))
-    best = None
-    for c in regularisation:
-        full = next(results)
-        oos = np.zeros((len(labels), n_classes), np.float32)
-        for fold in range(FOLDS):
-            part = next(results)
-            if part is not None:
-                oos[folds == fold] = part
-        loss = -float(np.mean(np.log(np.maximum(oos[np.arange(len(labels)), labels], 1e-6))))
-        if best is None or loss < best[0]:
-            best = (loss, c, oos, full)
-    _, c, oos, (weights, bias, classes) = best
+    # The whole-sample model of every strength too, beside the folds (one more round of tasks
+    # would cost more than the fits not kept).
+    jobs = [(z, labels, folds, fold, c, n_classes) for c in regularisation for fold in range(FOLDS)]
+    jobs += [(z, labels, folds, -1, c, n_classes) for c in regularisation]
+    results = run_tasks(_fit_one, jobs)
+    c, oos = _best_strength(results[:-len(regularisation)], regularisation, folds, labels, n_classes)
+    weights, bias, classes = results[len(results) - len(regularisation) + regularisation.index(c)]
     return oos, LinearModel(mean, scale, weights, bias, classes), f"sklearn, C={c}"
 
 
