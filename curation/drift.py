@@ -455,20 +455,13 @@ def compare(previous: Profile, current: Profile, config: DriftConfig, *, on_prev
 def new_item_mask(samples: pa.Table, previous: Location) -> np.ndarray:
     """Per vector id: the item is new tonight (its uri and fingerprint were not an ok item of
     the previous run)."""
-    import pyarrow.dataset as ds
+    from curation.run_diff import read_previous_items
+    from curation.schema import match_items, ok_rows_in_vector_order
 
-    from curation.schema import is_ok, item_key_columns, item_keys, ok_rows_in_vector_order
-
-    columns = item_key_columns(samples)
-    folder = previous.child("samples")
-    old = ds.dataset(folder.path, filesystem=folder.filesystem, format="parquet")
-    old_columns = [c for c in columns + ["status"] if c in old.schema.names]
-    old = old.to_table(columns=old_columns)
-    old = old.filter(pa.array(is_ok(old["status"])))
-    use = item_key_columns(samples, old)
-    now = item_keys(samples.take(pa.array(ok_rows_in_vector_order(samples), pa.int64())), use)
-    return ~pc.is_in(now, value_set=item_keys(old, use) if old.num_rows else pa.array([], pa.string())
-                     ).to_numpy(zero_copy_only=False).astype(bool)
+    old = read_previous_items(previous, [])
+    if old is None:
+        raise OSError(f"cannot read the previous run's samples ({previous.uri})")
+    return match_items(samples.take(pa.array(ok_rows_in_vector_order(samples), pa.int64())), old) < 0
 
 
 def _new_sample_ids(is_new: np.ndarray, sample_size: int) -> np.ndarray:

@@ -420,29 +420,17 @@ def _previous_assignment(samples: pa.Table, knn: dict, config: Config):
     """Per vector id, the cluster and cosine the previous run (whose graph tonight's updates)
     gave the same unchanged item; cluster -1 for new and changed items. None when that run's
     samples cannot be read."""
-    import pyarrow.dataset as ds
-
     from curation.io.filesystem import Resolver
-    from curation.schema import is_ok, item_key_columns, item_keys, ok_rows_in_vector_order
+    from curation.run_diff import read_previous_items
+    from curation.schema import match_items, ok_rows_in_vector_order
 
     previous = _updated_from(knn, Resolver(config.storage))
-    if previous is None:
+    old = read_previous_items(previous, ["cluster", "cluster_similarity"]) if previous is not None else None
+    if old is None or "cluster" not in old.column_names or "cluster_similarity" not in old.column_names:
         return None
-    folder = previous.child("samples")
-    try:
-        old = ds.dataset(folder.path, filesystem=folder.filesystem, format="parquet")
-        wanted = [c for c in ("uri", "fingerprint", "status", "cluster", "cluster_similarity") if c in old.schema.names]
-        old = old.to_table(columns=wanted)
-    except (OSError, pa.ArrowException, ValueError):
-        return None
-    if "cluster" not in old.column_names or "cluster_similarity" not in old.column_names:
-        return None
-    old = old.filter(pa.array(is_ok(old["status"])))
-    use = item_key_columns(samples, old)
-    tonight = item_keys(samples.take(pa.array(ok_rows_in_vector_order(samples), pa.int64())), use)
-    where = pc.index_in(tonight, value_set=item_keys(old, use)).to_numpy(zero_copy_only=False)
-    found = ~np.isnan(where.astype(np.float64))
-    at = np.nan_to_num(where.astype(np.float64)).astype(np.int64)
+    at = match_items(samples.take(pa.array(ok_rows_in_vector_order(samples), pa.int64())), old)
+    found = at >= 0
+    at = np.maximum(at, 0)
     cluster = old["cluster"].fill_null(-1).to_numpy(zero_copy_only=False).astype(np.int32)
     similarity = old["cluster_similarity"].fill_null(np.nan).to_numpy(zero_copy_only=False).astype(np.float32)
     return np.where(found, cluster[at], -1).astype(np.int32), np.where(found, similarity[at], np.nan).astype(np.float32)

@@ -117,6 +117,17 @@ def item_key_columns(*tables: pa.Table) -> list[str]:
     return [c for c in ("uri", "fingerprint") if all(c in t.column_names for t in tables)]
 
 
+def match_items(tonight: pa.Table, old: pa.Table) -> np.ndarray:
+    """Per row of ``tonight``, the row of ``old`` holding the same item unchanged (the same
+    :func:`item_keys`), else -1."""
+    use = item_key_columns(tonight, old)
+    if not old.num_rows or not tonight.num_rows:
+        return np.full(tonight.num_rows, -1, np.int64)
+    where = pc.index_in(item_keys(tonight, use), value_set=item_keys(old, use)).to_numpy(zero_copy_only=False)
+    where = where.astype(np.float64)
+    return np.where(np.isnan(where), -1, np.nan_to_num(where)).astype(np.int64)
+
+
 def item_keys(table: pa.Table, columns: list[str]) -> pa.Array:
     """One string per row joining ``columns`` (from :func:`item_key_columns`), nulls as ''.
     A row whose ``fingerprint`` is null (a manifest without one) cannot be shown unchanged: its

@@ -26,7 +26,6 @@ from dataclasses import dataclass
 
 import numpy as np
 import pyarrow as pa
-import pyarrow.compute as pc
 
 from curation.index.knn import KnnGraph, drop_self, id_dtype
 from curation.io.filesystem import Location
@@ -100,17 +99,15 @@ def carry_previous(previous: Location, samples: pa.Table, k: int, *, folder: str
     """The previous run's ``folder`` graph (``knn/`` or ``knn-copies/``, followed by its
     ``-margin`` neighbours when it kept them) mapped onto tonight's ok items (``samples`` with
     ``vector_id``), ``k + margin`` wide; None when that run has no such graph."""
-    import pyarrow.dataset as ds
+    from curation.run_diff import read_previous_items
+    from curation.schema import match_items, ok_rows_in_vector_order
 
-    from curation.schema import is_ok, item_key_columns, item_keys, ok_rows_in_vector_order
-
-    graph_folder, samples_folder = previous.child(folder), previous.child("samples")
+    old = read_previous_items(previous, ["input_id", "vector_id"])
     try:
-        old = ds.dataset(samples_folder.path, filesystem=samples_folder.filesystem, format="parquet")
-        old = old.to_table(columns=[c for c in ("input_id", "uri", "fingerprint", "status", "vector_id")
-                                    if c in old.schema.names])
-        graph = _read_graph(graph_folder)
+        graph = _read_graph(previous.child(folder))
     except (OSError, pa.ArrowException, ValueError):
+        return None
+    if old is None:
         return None
     width = k + margin
     ids_before = _dense(graph["neighbor_ids"], k, -1, np.int64)
@@ -129,14 +126,10 @@ def carry_previous(previous: Location, samples: pa.Table, k: int, *, folder: str
                 short = (ids_before[:, :k] >= 0).sum(axis=1) < k  # a short row has no margin
                 ids_extra[short], sims_extra[short] = -1, -np.inf
                 ids_before[:, k:], sims_before[:, k:] = ids_extra, sims_extra
-    old = old.filter(pa.array(is_ok(old["status"])))
     rows = ok_rows_in_vector_order(samples)
     n = len(rows)
-    use = item_key_columns(samples, old)
-    tonight = item_keys(samples.take(pa.array(rows, pa.int64())), use)
     # previous input_id -> tonight's vector id (-1: deleted or changed)
-    where = pc.index_in(item_keys(old, use), value_set=tonight).to_numpy(zero_copy_only=False)
-    where = np.where(np.isnan(where.astype(np.float64)), -1, np.nan_to_num(where)).astype(np.int64)
+    where = match_items(old, samples.take(pa.array(rows, pa.int64())))
     old_input = old["input_id"].to_numpy()
     size = int(max(old_input.max(initial=-1), graph["input_id"].to_numpy().max(initial=-1)) + 1)
     to_tonight = np.full(size, -1, np.int64)

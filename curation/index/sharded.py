@@ -287,11 +287,7 @@ def _query_batch(source, start: int, stop: int, shards: list, search_k: int, k: 
 def _query_ids(source, own: np.ndarray, shards: list, search_k: int, k: int) -> tuple[np.ndarray, np.ndarray]:
     """The given ids, run as a Ray task: read their vectors (in this task: it must not wait on
     other tasks while the shards hold the CPUs), search every shard, merge, drop self."""
-    queries = source.take(own, local=True)
-    results = _shard_call([shard.search.remote(queries, search_k) for shard in shards], "the search")
-    merged_sims, merged_ids = merge_shard_results(results)
-    sims, ids = drop_self(merged_sims, merged_ids, own, k)
-    return ids, sims
+    return _query_vectors(own, source.take(own, local=True), shards, search_k, k)
 
 
 def _query_vectors(own: np.ndarray, queries: np.ndarray, shards: list, search_k: int,

@@ -18,7 +18,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from curation.config import ReportConfig
-from curation.schema import is_ok, item_key_columns, item_keys
+from curation.schema import is_ok, match_items
 from curation.scores import flag_columns
 
 log = logging.getLogger(__name__)
@@ -196,25 +196,16 @@ def _prefer_placed(rows: np.ndarray, previous, samples: pa.Table, ok: np.ndarray
 def previous_layout(previous, samples: pa.Table, rows: np.ndarray) -> np.ndarray:
     """``(len(rows), 2)`` coordinates the previous run gave the same items (same uri and
     fingerprint), NaN for the others."""
-    import pyarrow.dataset as ds
+    from curation.run_diff import read_previous_items
 
-    folder = previous.child("samples")
     out = np.full((len(rows), 2), np.nan, np.float32)
-    try:
-        old = ds.dataset(folder.path, filesystem=folder.filesystem, format="parquet")
-        columns = [c for c in ("uri", "fingerprint", "x", "y") if c in old.schema.names]
-        if "x" not in columns:
-            return out
-        old = old.to_table(columns=columns)
-    except (OSError, pa.ArrowException, ValueError):
+    old = read_previous_items(previous, ["x", "y"], ok_only=False)
+    if old is None or "x" not in old.column_names:
         return out
     old = old.filter(pc.is_valid(old["x"]))
-    keys = item_key_columns(samples, old)
-    where = pc.index_in(item_keys(samples.take(pa.array(rows, pa.int64())), keys),
-                        value_set=item_keys(old, keys)).to_numpy(
-        zero_copy_only=False).astype(np.float64)
-    found = np.isfinite(where)
-    at = where[found].astype(np.int64)
+    where = match_items(samples.take(pa.array(rows, pa.int64())), old)
+    found = where >= 0
+    at = where[found]
     out[found, 0] = old["x"].to_numpy(zero_copy_only=False)[at]
     out[found, 1] = old["y"].to_numpy(zero_copy_only=False)[at]
     return out
