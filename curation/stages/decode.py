@@ -690,16 +690,17 @@ class DecodeStage:
         n = len(batch["uri"])
         errors = batch.get("input_error")
         greys: dict[int, Image.Image] = {}
+        deferrable = None
+        if self.defer_jpegs:  # (imported here: that module builds on this one)
+            from curation.stages.decode_torch import torch_decodable as deferrable
         for i, uri in enumerate(batch["uri"]):
             try:
                 if errors is not None and errors[i]:
                     raise RejectedInput(str(errors[i]))
                 data = self._read(str(uri))
                 out["content_hash"][i] = _digest(data)
-                if self.defer_jpegs:
-                    from curation.stages.decode_torch import torch_decodable
-
-                    if torch_decodable(data, self.max_pixels):
+                if deferrable is not None:
+                    if deferrable(data, self.max_pixels):
                         out["jpeg"][i] = data  # decoded by the embedding actor
                         out["status"][i], out["reason"][i] = STATUS_OK, None
                         out["pixels"][i] = 0
