@@ -224,10 +224,13 @@ def main() -> None:
     s_theirs = pq.read_table(os.path.join(whole.run_uri, "samples")).sort_by("input_id")
     flag_columns = [c for c in s_mine.column_names if c.startswith("is_")]
     same_flags = np.ones(s_mine.num_rows, bool)
+    flags_differ = {}
     for c in flag_columns:
         a = s_mine[c].fill_null(False).to_numpy(zero_copy_only=False)
         b = s_theirs[c].fill_null(False).to_numpy(zero_copy_only=False)
         same_flags &= a == b
+        flags_differ[c] = {"updated_only": int((a & ~b).sum()), "whole_only": int((~a & b).sum()),
+                           "both": int((a & b).sum())}
     selections = {}
     for name in ("train", "label_review", "clean"):
         a = set(pq.read_table(os.path.join(update.run_uri, "selections", f"{name}.parquet"))["uri"].to_pylist())
@@ -240,7 +243,9 @@ def main() -> None:
            "update_share_of_night_1": round(timings["night 2, updated"]["total"] / timings["night 1"]["total"], 3),
            "update_knn_share_of_night_1_knn": round(timings["night 2, updated"]["knn"] / timings["night 1"]["knn"], 3),
            "knn_slot_recall_vs_whole": round(recall, 4), "same_flags": round(float(same_flags.mean()), 5),
-           "selection_overlap_vs_whole": selections, "incremental": update.info.knn.get("incremental"),
+           "flags_differ": flags_differ, "selection_overlap_vs_whole": selections,
+           "nprobe": {name: r.info.knn.get("nprobe") for name, r in (("night 1", first), ("night 2, whole", whole))},
+           "nprobe_calibration": first.info.knn.get("nprobe_calibration"), "incremental": update.info.knn.get("incremental"),
            "knn_night_2": {k: update.info.knn.get(k) for k in ("method", "add_s", "search_s", "searched")}}
     print(f"\n{'phase':<16}" + "".join(f"{name:>18}" for name in timings))
     for phase in PHASES:
@@ -248,6 +253,7 @@ def main() -> None:
     print(f"\nnight 2 updated / night 1: {row['update_share_of_night_1']}; kNN: {row['update_knn_share_of_night_1_knn']}; "
           f"slot recall vs whole: {row['knn_slot_recall_vs_whole']}; same flags: {row['same_flags']}; "
           f"selection overlap: {selections}")
+    print("flags that differ:", {c: v for c, v in flags_differ.items() if v["updated_only"] or v["whole_only"]})
     os.makedirs(os.path.dirname(args.out) or ".", exist_ok=True)
     with open(args.out, "w") as fh:
         json.dump({"machine": f"{os.cpu_count()} CPUs, no GPU", **row}, fh, indent=1)

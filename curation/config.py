@@ -167,7 +167,11 @@ class KnnConfig:
         k: neighbours per item, self excluded.
         index: ``auto`` (exact below ``exact_below`` items, IVF above), ``flat`` or ``ivf``.
         exact_below: item count under which ``auto`` searches exactly.
-        nlist / nprobe: IVF lists and lists probed per query; 0 = from N.
+        nlist / nprobe: IVF lists and lists probed per query; 0 = from N (nlist) and from
+            ``target_recall`` (nprobe).
+        target_recall: with ``nprobe: 0``, the probed lists are the fewest (16 to 256) that find
+            this share of the k nearest neighbours of 256 sampled items, measured against a
+            search of every list once the shards are filled (0: 16 lists, no measurement).
         codec: ``auto``, ``flat``, ``sq8`` (8-bit scalar quantisation) or ``pq-fastscan``
             (4-bit product-quantised codes scanned with SIMD, the top ``refine_factor * k``
             candidates re-ranked on the exact vectors) for IVF vectors.
@@ -191,6 +195,7 @@ class KnnConfig:
     exact_below: int = ranged(50_000, 0)
     nlist: int = ranged(0, 0)
     nprobe: int = ranged(0, 0)
+    target_recall: float = ranged(0.99, 0.0, 1.0)
     codec: str = choice("auto", "auto", "flat", "sq8", "pq-fastscan")
     max_flat_bytes: int = ranged(8 * 1024**3, 1)
     refine_factor: int = ranged(16, 1)

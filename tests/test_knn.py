@@ -108,6 +108,29 @@ def test_ivf_shards_reach_recall(ray_local):
     assert recall(graph, exact) >= 0.95
 
 
+def test_nprobe_is_calibrated_to_the_target_recall(ray_local):
+    """Unclustered vectors need many more lists probed than clustered ones for the same recall:
+    calibration measures it on the filled shards and searches with the first nprobe that reaches
+    the target; a fixed nprobe is kept as given."""
+    from curation.index.sharded import knn_graph
+
+    x = clustered(20_000, d=24, clusters=1, spread=1.0, seed=5)  # one blob: no cluster structure
+    exact = exact_knn(x, 10)
+    fixed, fixed_info = knn_graph(x, KnnConfig(k=10, index="ivf", shards=2, target_recall=0.0))
+    assert fixed_info["nprobe"] == 16 and "nprobe_calibration" not in fixed_info
+    graph, info = knn_graph(x, KnnConfig(k=10, index="ivf", shards=2, target_recall=0.95))
+    measured = info["nprobe_calibration"]["recall_at"]
+    assert info["nprobe"] > 16 and info["nprobe"] == int(list(measured)[-1])
+    assert measured[str(info["nprobe"])] >= 0.95 and all(r < 0.95 for r in list(measured.values())[:-1])
+    assert recall(fixed, exact) < 0.9 <= recall(graph, exact)
+    assert abs(recall(graph, exact) - measured[str(info["nprobe"])]) < 0.05  # the sample speaks for all
+    _, clustered_info = knn_graph(clustered(20_000, d=64, clusters=100, spread=0.4, seed=1),
+                                  KnnConfig(k=10, index="ivf", shards=2, target_recall=0.95))
+    assert clustered_info["nprobe"] == 16
+    _, given = knn_graph(x, KnnConfig(k=10, index="ivf", shards=2, nprobe=8))
+    assert given["nprobe"] == 8 and "nprobe_calibration" not in given
+
+
 def test_pq_fastscan_codec_with_refinement_reaches_recall(ray_local, tmp_path):
     from curation.index.params import choose_params
     from curation.index.shard import load_index

@@ -43,7 +43,7 @@ def margin_of(k: int) -> int:
 
 QUANTISER_DRIFT = 1.5  # retrain when new items' mean distance to their coarse centroid is this many times the old items'
 DRIFT_SAMPLE = 2000  # items of each kind that measure it
-KNN_SETTINGS = ("k", "index", "exact_below", "nlist", "nprobe", "codec", "refine_factor", "train_size", "max_flat_bytes")
+KNN_SETTINGS = ("k", "index", "exact_below", "nlist", "nprobe", "target_recall", "codec", "refine_factor", "train_size", "max_flat_bytes")
 
 
 @dataclass

@@ -46,14 +46,16 @@ class IndexShard:
             # GPU FAISS (faiss-gpu builds only): the same index, searched on the actor's GPU.
             self.gpu = faiss.StandardGpuResources()
             index = faiss.index_cpu_to_gpu(self.gpu, 0, index)
-        if nprobe and hasattr(faiss, "extract_index_ivf"):
-            try:
-                ivf_holder = index.base_index if isinstance(index, faiss.IndexRefine) else index
-                faiss.extract_index_ivf(ivf_holder).nprobe = nprobe
-            except RuntimeError:
-                pass  # a flat index has no lists
         self.is_ivf = isinstance(index, faiss.IndexIVF) or "IVF" in type(index).__name__
+        # What holds the probed-list count: the IVF index itself, or the one a refine step wraps.
+        self.lists = index.base_index if isinstance(index, faiss.IndexRefine) else index
+        try:
+            faiss.extract_index_ivf(self.lists)
+        except RuntimeError:  # no lists (flat), unless a GPU IVF index, which is not a CPU IndexIVF
+            self.lists = self.lists if "IVF" in type(self.lists).__name__ else None
         self.index = index if self.is_ivf else faiss.IndexIDMap2(index)
+        self.nprobe = 0
+        self.set_nprobe(nprobe)
         if partition is not None:  # (lo, hi, batch_rows) of ``source``: see add_from
             self.add_from(source, *partition)
         if renumber is not None:
@@ -95,8 +97,20 @@ class IndexShard:
             self.add(ids, vectors)
         return int(self.index.ntotal)
 
-    def search(self, queries: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
-        """Top-k (similarities, global ids); missing results are (-inf, -1)."""
+    def set_nprobe(self, nprobe: int) -> None:
+        """Lists probed per query from now on (IVF only; 0 keeps the current number)."""
+        if not nprobe or nprobe == self.nprobe or self.lists is None:
+            return
+        try:
+            faiss.extract_index_ivf(self.lists).nprobe = int(nprobe)
+        except RuntimeError:  # a GPU IVF index is not a CPU IndexIVF; it has its own nprobe
+            self.lists.nprobe = int(nprobe)
+        self.nprobe = int(nprobe)
+
+    def search(self, queries: np.ndarray, k: int, nprobe: int = 0) -> tuple[np.ndarray, np.ndarray]:
+        """Top-k (similarities, global ids); missing results are (-inf, -1). ``nprobe``: lists
+        probed (IVF), given with every call so that a restarted shard searches as the others do."""
+        self.set_nprobe(nprobe)
         sims, ids = self.index.search(np.ascontiguousarray(queries, dtype=np.float32), k)
         sims = np.where(ids >= 0, sims, -np.inf).astype(np.float32)
         return sims, ids

@@ -18,6 +18,7 @@ The driver holds the graph: two ``(N, k)`` arrays, int32 ids and float32 similar
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import time
 
@@ -35,6 +36,8 @@ log = logging.getLogger(__name__)
 
 SOURCE_BATCH = 16384  # rows a shard reads from storage per step (32 MB at d=512)
 QUERY_TASKS_IN_FLIGHT = 2  # one batch searching while the previous one is read and merged
+CALIBRATION_QUERIES = 256  # items whose exact neighbours choose nprobe (knn.target_recall)
+NPROBE_STEPS = (16, 24, 32, 48, 64, 96, 128, 192, 256)  # the nprobe values calibration tries, in order
 TRAIN_THREADS = 8  # CPUs the training task asks for (at most one node's: session.training_request)
 SHARD_RESTARTS = 2  # a dead shard actor is restarted (and refills itself) at most this often
 
@@ -68,7 +71,8 @@ def knn_graph(vectors, cfg: KnnConfig, *, seed: int = 0, save_to: Location | Non
         info.update(method="exact (faiss.IndexFlatIP, in process)", search_s=round(time.perf_counter() - t, 3))
         return graph, info
     graph, timing = sharded_knn(source, k, params, query_batch=cfg.query_batch, seed=seed, save_to=save_to,
-                                refine_factor=cfg.refine_factor)
+                                refine_factor=cfg.refine_factor,
+                                target_recall=cfg.target_recall if not cfg.nprobe else 0.0)
     info.update(method=f"{params.factory(d)} over {params.shards} Ray shard actor(s)", **timing)
     return graph, info
 
@@ -81,7 +85,8 @@ def index_params(source, cfg: KnnConfig) -> IndexParams:
 def sharded_knn(vectors, k: int, params: IndexParams, *, query_batch: int = 16384,
                 seed: int = 0, save_to: Location | None = None, refine_factor: int = 16,
                 trained_from: Location | None = None, queries: np.ndarray | None = None,
-                update: tuple[list[Location], np.ndarray, list[np.ndarray]] | None = None) -> tuple[KnnGraph, dict]:
+                update: tuple[list[Location], np.ndarray, list[np.ndarray]] | None = None,
+                target_recall: float = 0.0) -> tuple[KnnGraph, dict]:
     """Train once on a uniform sample, fill shard actors with contiguous partitions, search every
     query batch on every shard from a Ray task and merge the per-shard top-k with FAISS.
 
@@ -95,6 +100,9 @@ def sharded_knn(vectors, k: int, params: IndexParams, *, query_batch: int = 1638
         update: ``(files, new_id_of, added)``: shard i starts from a previous run's filled
             ``files[i]`` instead of the source, renumbered by ``new_id_of`` (its deleted and
             changed items dropped), and adds ids ``added[i]`` (see :class:`IndexShard`).
+        target_recall: when training here, choose nprobe as the smallest of ``NPROBE_STEPS`` whose
+            recall@k against searching every list reaches this on ``CALIBRATION_QUERIES`` items
+            (0: ``params.nprobe`` as given). ``timing["nprobe"]`` is the one searched with.
     """
     import ray
 
@@ -105,6 +113,7 @@ def sharded_knn(vectors, k: int, params: IndexParams, *, query_batch: int = 1638
     n, d = source.n, source.dim
     timing: dict = {}
     t = time.perf_counter()
+    calibration = None
     if trained_from is not None:
         blob = np.frombuffer(read_bytes(trained_from), np.uint8)
         timing["trained_from"] = trained_from.uri
@@ -113,7 +122,9 @@ def sharded_knn(vectors, k: int, params: IndexParams, *, query_batch: int = 1638
         # trained, empty index (nlist centroids).
         request = training_request("the kNN index's training task", TRAIN_THREADS)
         train = ray.remote(**request.options())(_train)
-        blob, timing["coarse_distance"] = ray.get(train.remote(source, params, d, n, seed, request.threads))
+        calibrate = CALIBRATION_QUERIES if target_recall > 0 and params.kind == "ivf" else 0
+        blob, timing["coarse_distance"], calibration = ray.get(
+            train.remote(source, params, d, n, seed, request.threads, calibrate))
         progress.tick()
         timing["train_s"] = round(time.perf_counter() - t, 3)
     trained = None
@@ -170,6 +181,13 @@ def sharded_knn(vectors, k: int, params: IndexParams, *, query_batch: int = 1638
         _check_shards(shards, expected, "after filling")
         timing["add_s"] = round(time.perf_counter() - t, 3)
         timing["shard_sizes"] = expected
+        if calibration is not None:
+            t = time.perf_counter()
+            nprobe, recalls = calibrate_nprobe(shards, *calibration, k, params.nlist, target_recall)
+            params = dataclasses.replace(params, nprobe=nprobe)
+            timing["nprobe_calibration"] = {"target_recall": target_recall, "queries": len(calibration[0]),
+                                            "recall_at": recalls, "s": round(time.perf_counter() - t, 3)}
+        timing["nprobe"] = params.nprobe
 
         t = time.perf_counter()
         rows = n if queries is None else len(queries)
@@ -183,18 +201,18 @@ def sharded_knn(vectors, k: int, params: IndexParams, *, query_batch: int = 1638
         if queries is None:
             # One task per range of whole row groups (each read once), searched query_batch rows at a time.
             query = ray.remote(num_cpus=0)(_query_batch)
-            jobs = ((start, stop, query.remote(source_ref, start, stop, shards, search_k, k, query_batch))
+            jobs = ((start, stop, query.remote(source_ref, start, stop, shards, search_k, k, query_batch, params.nprobe))
                     for start, stop in source.ranges(query_batch))
         elif isinstance(cache, CachedVectors):  # the given ids, their vectors from the caller's memory
             query = ray.remote(num_cpus=0)(_query_vectors)
             jobs = ((start, min(start + query_batch, rows),
                      query.remote(queries[start:start + query_batch], cache.take(queries[start:start + query_batch]),
-                                  shards, search_k, k))
+                                  shards, search_k, k, params.nprobe))
                     for start in range(0, rows, query_batch))
         else:  # the given ids, query_batch at a time (each task reads just its rows)
             query = ray.remote(num_cpus=0)(_query_ids)
             jobs = ((start, min(start + query_batch, rows),
-                     query.remote(source_ref, queries[start:start + query_batch], shards, search_k, k))
+                     query.remote(source_ref, queries[start:start + query_batch], shards, search_k, k, params.nprobe))
                     for start in range(0, rows, query_batch))
         for job in jobs:
             pending.append(job)
@@ -245,16 +263,27 @@ def _check_shards(shards: list, expected: list[int], when: str) -> None:
             raise ShardLost(f"kNN index shard {i} holds {have} vectors {when}, expected {want}")
 
 
-def _train(source, params: IndexParams, d: int, n: int, seed: int, threads: int = 1) -> tuple[np.ndarray, float | None]:
-    """Train the empty index on a uniform sample of ``source``; returns it serialised, and the
+def _train(source, params: IndexParams, d: int, n: int, seed: int, threads: int = 1,
+           calibrate: int = 0) -> tuple[np.ndarray, float | None, tuple[np.ndarray, np.ndarray] | None]:
+    """Train the empty index on a uniform sample of ``source``; returns it serialised, the
     sample's mean distance (1 - cosine) to its nearest coarse centroid (None without lists):
-    the yardstick a later night's new items are held against (``knn.incremental``)."""
+    the yardstick a later night's new items are held against (``knn.incremental``), and
+    ``calibrate`` other uniformly drawn items ``(ids, vectors)`` (read with the sample) for
+    :func:`calibrate_nprobe`, or None."""
     import faiss
 
     faiss.omp_set_num_threads(threads)  # Ray sets one OpenMP thread per reserved CPU
+    calibration = None
     if params.kind == "ivf":
         rng = np.random.default_rng(seed)
-        sample = source.take(np.sort(rng.choice(n, size=params.train_size, replace=False)))
+        # The calibration items are drawn apart from the training sample when N allows.
+        drawn = rng.choice(n, size=min(n, params.train_size + calibrate), replace=False)
+        train_ids = np.sort(drawn[:params.train_size])
+        query_ids = np.sort(drawn[len(drawn) - min(calibrate, len(drawn)):])
+        rows = source.take(np.concatenate([train_ids, query_ids]))
+        sample = rows[:len(train_ids)]
+        if len(query_ids):
+            calibration = (query_ids, rows[len(train_ids):])
     else:
         sample = np.zeros((1, d), np.float32)
     index = train_empty_index(sample, params.factory(d))
@@ -263,18 +292,42 @@ def _train(source, params: IndexParams, d: int, n: int, seed: int, threads: int 
         holder = index.base_index if isinstance(index, faiss.IndexRefine) else index
         sims, _ = faiss.extract_index_ivf(holder).quantizer.search(np.ascontiguousarray(sample[:2000]), 1)
         distance = round(float(np.mean(1.0 - sims[:, 0])), 6)
-    return faiss.serialize_index(index), distance
+    return faiss.serialize_index(index), distance, calibration
+
+
+def calibrate_nprobe(shards: list, ids: np.ndarray, queries: np.ndarray, k: int, nlist: int,
+                     target: float) -> tuple[int, dict]:
+    """The smallest of ``NPROBE_STEPS`` (at most ``nlist``) at which the filled shards find
+    ``target`` of the queries' k nearest neighbours, the truth being a search of every list
+    (exact on the stored vectors). How many lists a query must probe depends on how clustered
+    the vectors are: on clustered 512-d embeddings 16 lists find 0.99, on a 772-d pixel-statistics
+    embedding (``thumbnail``) about 0.9. Returns it and the recall measured at each step tried."""
+    def search(nprobe):
+        results = _shard_call([shard.search.remote(queries, k + 1, nprobe) for shard in shards], "calibration")
+        sims, found = merge_shard_results(results)
+        return drop_self(sims, found, ids, k)[1]
+
+    truth = search(nlist)
+    recalls: dict = {}
+    steps = [s for s in NPROBE_STEPS if s < nlist] or [nlist]
+    for nprobe in steps:
+        found = search(nprobe)
+        hits = sum(len(np.intersect1d(a[a >= 0], b[b >= 0])) for a, b in zip(found, truth))
+        recalls[str(nprobe)] = round(hits / max(int((truth >= 0).sum()), 1), 4)
+        if recalls[str(nprobe)] >= target:
+            return nprobe, recalls
+    return steps[-1], recalls
 
 
 def _query_batch(source, start: int, stop: int, shards: list, search_k: int, k: int,
-                 batch_rows: int) -> tuple[np.ndarray, np.ndarray]:
+                 batch_rows: int, nprobe: int = 0) -> tuple[np.ndarray, np.ndarray]:
     """Ids ``[start, stop)``, run as a Ray task: read them batch by batch, search every shard,
     merge, drop self. Returns the rows' ``(ids, sims)``."""
     out_ids, out_sims = [], []
     for own, queries in source.read(start, stop, batch_rows=batch_rows):
         if len(own) == 0:
             continue
-        results = _shard_call([shard.search.remote(queries, search_k) for shard in shards], "the search")
+        results = _shard_call([shard.search.remote(queries, search_k, nprobe) for shard in shards], "the search")
         merged_sims, merged_ids = merge_shard_results(results)
         sims, ids = drop_self(merged_sims, merged_ids, own, k)
         out_ids.append(ids)
@@ -284,16 +337,17 @@ def _query_batch(source, start: int, stop: int, shards: list, search_k: int, k: 
     return np.concatenate(out_ids), np.concatenate(out_sims)
 
 
-def _query_ids(source, own: np.ndarray, shards: list, search_k: int, k: int) -> tuple[np.ndarray, np.ndarray]:
+def _query_ids(source, own: np.ndarray, shards: list, search_k: int, k: int,
+               nprobe: int = 0) -> tuple[np.ndarray, np.ndarray]:
     """The given ids, run as a Ray task: read their vectors (in this task: it must not wait on
     other tasks while the shards hold the CPUs), search every shard, merge, drop self."""
-    return _query_vectors(own, source.take(own, local=True), shards, search_k, k)
+    return _query_vectors(own, source.take(own, local=True), shards, search_k, k, nprobe)
 
 
 def _query_vectors(own: np.ndarray, queries: np.ndarray, shards: list, search_k: int,
-                   k: int) -> tuple[np.ndarray, np.ndarray]:
+                   k: int, nprobe: int = 0) -> tuple[np.ndarray, np.ndarray]:
     """The given ids with their vectors, run as a Ray task: search every shard, merge, drop self."""
-    results = _shard_call([shard.search.remote(queries, search_k) for shard in shards], "the search")
+    results = _shard_call([shard.search.remote(queries, search_k, nprobe) for shard in shards], "the search")
     merged_sims, merged_ids = merge_shard_results(results)
     sims, ids = drop_self(merged_sims, merged_ids, own, k)
     return ids, sims
