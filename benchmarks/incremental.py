@@ -11,9 +11,11 @@ full recompute, and how many items get the same flags and the same selections.
     python benchmarks/incremental.py --n 1000000 --out benchmarks/results/incremental-1m.json
 
 ``--images N`` runs the same two nights in images mode (the embedding store on, ``thumbnail``
-embedder): the 60,000 CIFAR-10 photos of ``../shared/data`` and, past them, the demo's scenes
-at 64 px; night 2 deletes 1% of the files, rewrites 1% in place (another picture under the same
-name) and adds 5% new scenes.
+embedder): CIFAR-10 photos of ``../shared/data`` and, past them, the demo's scenes at 64 px;
+night 2 deletes 1% of the files, rewrites 1% in place (another picture of the same kind under
+the same name) and adds 5% new files, photos and scenes in night 1's proportions (photos held
+back from night 1), as a night of the same stream. ``--shifted`` makes every rewritten and new
+file a scene instead: a night whose arrivals differ from what the index was trained on.
 
     python benchmarks/incremental.py --images 100000 --out benchmarks/results/incremental-images-100k.json
 """
@@ -92,8 +94,8 @@ def _scenes(jobs: list[tuple[str, int]]) -> None:
         pool.starmap(_scene, jobs, chunksize=256)
 
 
-def image_nights(work: str, n: int) -> tuple[str, str]:
-    """Night 1's and night 2's manifests (``uri, label``) over JPEG files in ``work``."""
+def image_nights(work: str, n: int, shifted: bool = False) -> tuple[str, str]:
+    """Night 1's and night 2's manifests (``uri, label, fingerprint``) over JPEG files in ``work``."""
     import tarfile
 
     import pyarrow as pa
@@ -107,21 +109,32 @@ def image_nights(work: str, n: int) -> tuple[str, str]:
     data = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "..", "shared", "data", "cifar10")
     uris, labels = [], []
     for split in ("train", "test"):
-        if not os.path.isdir(os.path.join(files, split)):
-            with tarfile.open(os.path.join(data, f"{split}.tar.gz")) as tar:
-                tar.extractall(files)
+        shutil.rmtree(os.path.join(files, split), ignore_errors=True)  # a run before rewrote some
+        with tarfile.open(os.path.join(data, f"{split}.tar.gz")) as tar:
+            tar.extractall(files)
         for label in sorted(os.listdir(os.path.join(files, split))):
             for name in sorted(os.listdir(os.path.join(files, split, label))):
                 uris.append(os.path.join(files, split, label, name))
                 labels.append(label)
-    uris, labels = uris[:n], labels[:n]
+    new, changed_count = n // 20, n // 100
+    photo_share = 0.0 if shifted else min(len(uris), n) / n
+    # Photos night 1 does not see: night 2's new photos, and the pictures rewritten photos get.
+    held = int(round((new + changed_count) * photo_share))
+    rng = np.random.default_rng(2)
+    order = rng.permutation(len(uris))
+    night1_photos = np.sort(order[:min(len(uris), n) - held])
+    spare = order[min(len(uris), n) - held:min(len(uris), n)]
+    new_photos, spare_photos = spare[:int(round(new * photo_share))], list(spare[int(round(new * photo_share)):])
+    photo_uris, photo_labels = uris, labels
+    uris, labels = [photo_uris[i] for i in night1_photos], [photo_labels[i] for i in night1_photos]
     extra = n - len(uris)
-    new = n // 20
+    new_scenes = new - len(new_photos)
     os.makedirs(os.path.join(files, "scenes"), exist_ok=True)
-    jobs = [(os.path.join(files, "scenes", f"{i:07d}.jpg"), i) for i in range(extra + new)]
+    jobs = [(os.path.join(files, "scenes", f"{i:07d}.jpg"), i) for i in range(extra + new_scenes)]
     _scenes([job for job in jobs if not os.path.exists(job[0])])
     uris += [path for path, _ in jobs[:extra]]
     labels += [names[i % len(names)] for _, i in jobs[:extra]]
+
     def fingerprints(paths):  # what a manifest carries for the store to see an unchanged file
         return [f"{os.stat(p).st_size}-{os.stat(p).st_mtime_ns}" for p in paths]
 
@@ -130,17 +143,23 @@ def image_nights(work: str, n: int) -> tuple[str, str]:
     rng = np.random.default_rng(1)
     order = rng.permutation(n)
     deleted, changed = set(order[: n // 100].tolist()), order[n // 100: n // 50]
-    # Rewritten in place: another picture under the same name (a scene, labelled as such).
+    # Rewritten in place: another picture under the same name, of the same kind (a held-back
+    # photo for a photo while they last, else a scene), labelled as such.
     for j, i in enumerate(changed):
-        seed = 10_000_000 + j
-        _scene(uris[i], seed)
-        labels[i] = names[seed % len(names)]
+        if "/scenes/" not in uris[i] and spare_photos:
+            source = spare_photos.pop()
+            shutil.copyfile(photo_uris[source], uris[i])
+            labels[i] = photo_labels[source]
+        else:
+            seed = 10_000_000 + j
+            _scene(uris[i], seed)
+            labels[i] = names[seed % len(names)]
     keep = [i for i in range(n) if i not in deleted]
     night2 = os.path.join(work, "night2.parquet")
-    uris2 = [uris[i] for i in keep] + [path for path, _ in jobs[extra:]]
-    pq.write_table(pa.table({"uri": uris2,
-                             "label": [labels[i] for i in keep] + [names[i % len(names)] for _, i in jobs[extra:]],
-                             "fingerprint": fingerprints(uris2)}), night2)
+    uris2 = ([uris[i] for i in keep] + [photo_uris[i] for i in new_photos] + [path for path, _ in jobs[extra:]])
+    labels2 = ([labels[i] for i in keep] + [photo_labels[i] for i in new_photos]
+               + [names[i % len(names)] for _, i in jobs[extra:]])
+    pq.write_table(pa.table({"uri": uris2, "label": labels2, "fingerprint": fingerprints(uris2)}), night2)
     return night1, night2
 
 
@@ -151,6 +170,8 @@ def main() -> None:
     parser.add_argument("--work", default=os.path.join(tempfile.gettempdir(), "curation-bench-incremental"))
     parser.add_argument("--out", default="benchmarks/results/incremental.json")
     parser.add_argument("--images", type=int, default=0, help="images mode at this many files (see above)")
+    parser.add_argument("--shifted", action="store_true",
+                        help="images mode: night 2's new and rewritten files are all scenes (see above)")
     parser.add_argument("--again", action="store_true",
                         help="keep --work's night 1 and night-2 input; run both night 2s again")
     args = parser.parse_args()
@@ -167,7 +188,7 @@ def main() -> None:
     night2_manifest = None
     if args.images:
         shutil.rmtree(out, ignore_errors=True)
-        night1_manifest, night2_manifest = image_nights(args.work, args.images)
+        night1_manifest, night2_manifest = image_nights(args.work, args.images, args.shifted)
         data = os.path.join(args.work, "manifest.parquet")
         shutil.copy(night1_manifest, data)
     elif not args.again:

@@ -245,3 +245,39 @@ def test_a_shard_updated_in_place_answers_as_one_filled_from_scratch(tmp_path):
     b = fresh.search(tonight[queries], 8)
     np.testing.assert_allclose(a[0], b[0], atol=1e-6)
     assert (a[1] == b[1]).mean() > 0.99  # ties aside
+
+
+def test_reverse_candidates_are_every_pair_in_the_probed_lists_that_beats_the_row():
+    """The shard's reverse check: with every list probed it finds exactly the (old row, new
+    item) pairs that beat the row's threshold, by brute force; with fewer lists, a subset with
+    the same similarities; a quantised codec declines (None) rather than answer from codes."""
+    import faiss
+
+    from curation.index.shard import IndexShard, train_empty_index
+
+    x = clustered(4000, d=24, clusters=1, spread=1.0, seed=9)  # no structure: one-way pairs abound
+    new = np.arange(3600, 4000)
+    open_rows = np.ones(4000, bool)
+    open_rows[new] = False
+    open_rows[::7] = False  # rows searched anew take no candidates
+    exact = exact_knn(x[:3600], 10)  # each old row's list among old items
+    threshold = np.full(4000, np.inf, np.float32)
+    threshold[:3600] = exact.sims[:, -1]
+    trained = faiss.serialize_index(train_empty_index(x, "IVF16,Flat"))
+    truth = {(r, c) for r, c in zip(*np.nonzero((x @ x[new].T > threshold[:, None]) & open_rows[:, None]))}
+    truth = {(int(r), int(new[c])) for r, c in truth}
+    assert len(truth) > 500
+    for nprobe in (16, 3):
+        shard = IndexShard(trained, nprobe=nprobe)
+        shard.add(np.arange(4000), x)
+        rows, cands, sims = shard.reverse_candidates(new, x[new], threshold, open_rows)
+        found = set(zip(rows.tolist(), cands.tolist()))
+        assert len(found) == len(rows)  # each pair once
+        np.testing.assert_allclose(sims, np.einsum("ij,ij->i", x[rows], x[cands]), atol=1e-5)
+        if nprobe == 16:
+            assert found == truth
+        else:
+            assert found < truth and len(found) > 0.5 * len(truth)
+    quantised = IndexShard(faiss.serialize_index(train_empty_index(x, "IVF16,SQ8")), nprobe=4)
+    quantised.add(np.arange(4000), x)
+    assert quantised.reverse_candidates(new, x[new], threshold, open_rows) is None

@@ -7,10 +7,12 @@ neighbour list, mapped to tonight's ids. Then:
   neighbours (their own top k, and candidates for the reverse direction);
 * **old items that lost a neighbour** (deleted or changed tonight) are searched again;
 * **reverse edges**: a new item enters an old item's list when it is closer than that item's
-  k-th neighbour. On the exact path every old item is checked against every new item (exact:
-  the graph equals a full recompute, up to ties); on the sharded path the candidates come from
-  the new items' wide lists (an old item farther than ``WIDE * k`` from a new one is missed;
-  the recall against a full recompute is measured in ``benchmarks/incremental.py``).
+  last neighbour (margin included). On the exact path every old item is checked against every
+  new item (exact: the graph equals a full recompute, up to ties); on the sharded path every
+  shard scores each new item against every item stored in the lists that new item probes
+  (:meth:`~curation.index.shard.IndexShard.reverse_candidates`: the pairs its search scored,
+  not only its own top k), and the candidates from the new items' wide lists join them. The
+  recall against a full recompute is measured in ``benchmarks/incremental.py``.
 
 On the sharded path the previous run's trained coarse quantiser (``index/trained.faissindex``)
 is reused instead of trained again, unless the new items sit farther from its centroids than
@@ -225,9 +227,11 @@ def quantiser_drift(trained: Location, source, new_ids: np.ndarray, old_ids: np.
 
 
 def update_graph(source, carried: Carried, k: int, *, search) -> tuple[KnnGraph, dict]:
-    """Tonight's graph from ``carried`` rows: ``search(query_ids, width)`` returns the
+    """Tonight's graph from ``carried`` rows: ``search(query_ids, width, reverse)`` returns the
     ``(ids, sims)`` of those queries among all of tonight's vectors (self excluded), and is
-    asked only for new items, changed ones and old items that lost a neighbour."""
+    asked only for new items, changed ones and old items that lost a neighbour; and, given
+    ``reverse = (new_ids, threshold, open_rows)``, the ``(rows, candidates, sims)`` of open rows
+    a new item beats the threshold of, or None where it cannot tell."""
     t = time.perf_counter()
     n = len(carried.carried)
     ids, sims = carried.ids.copy(), carried.sims.copy()
@@ -239,7 +243,11 @@ def update_graph(source, carried: Carried, k: int, *, search) -> tuple[KnnGraph,
     if len(queries):
         keep = ids.shape[1]  # k and the margin
         width = min(max(WIDE * k, keep), n - 1)
-        found_ids, found_sims = search(queries, width)
+        # What a newcomer must beat: the row's last neighbour (margin included) where it has
+        # them all, else its k-th.
+        threshold = np.where(np.isfinite(sims[:, -1]), sims[:, -1], sims[:, k - 1]).astype(np.float32)
+        open_rows = carried.carried & ~carried.lost
+        found_ids, found_sims, reverse = search(queries, width, (np.flatnonzero(new), threshold, open_rows))
         got = min(keep, found_ids.shape[1])
         ids[queries], sims[queries] = -1, -np.inf
         ids[queries, :got] = found_ids[:, :got]
@@ -250,8 +258,14 @@ def update_graph(source, carried: Carried, k: int, *, search) -> tuple[KnnGraph,
         cand = np.repeat(queries[is_new_query], found_ids.shape[1])
         cand_sims = found_sims[is_new_query].ravel()
         open_row = (rows >= 0)
-        open_row[open_row] = carried.carried[rows[open_row]] & ~carried.lost[rows[open_row]]
-        info["reverse_inserted"] = merge_candidates(ids, sims, rows[open_row], cand[open_row], cand_sims[open_row])
+        open_row[open_row] = open_rows[rows[open_row]]
+        rows, cand, cand_sims = rows[open_row], cand[open_row], cand_sims[open_row]
+        if reverse is not None:  # the shards' pairs, each once
+            rows, cand, cand_sims = (np.concatenate([a, b]) for a, b in zip((rows, cand, cand_sims), reverse))
+            _, first = np.unique(rows * n + cand, return_index=True)
+            rows, cand, cand_sims = rows[first], cand[first], cand_sims[first]
+            info["reverse_scored_by_shards"] = int(len(reverse[0]))
+        info["reverse_inserted"] = merge_candidates(ids, sims, rows, cand, cand_sims)
     info["update_s"] = round(time.perf_counter() - t, 3)
     return KnnGraph(ids, sims), info
 
@@ -264,10 +278,10 @@ def exact_search(x: np.ndarray):
     index = faiss.IndexFlatIP(x.shape[1])
     index.add(np.ascontiguousarray(x, np.float32))
 
-    def search(queries: np.ndarray, width: int):
+    def search(queries: np.ndarray, width: int, reverse=None):
         found_sims, found_ids = index.search(np.ascontiguousarray(x[queries]), width + 1)
         found_sims, found_ids = drop_self(found_sims, found_ids, queries, width)
-        return found_ids, found_sims
+        return found_ids, found_sims, None  # the reverse check is exact_reverse's
 
     return search
 
@@ -385,12 +399,13 @@ def neighbour_graph(vectors, cfg, *, samples, save_to: Location | None, previous
         timings: dict = {}
         shards = _previous_shards(previous.child(index_folder), before, params, carried)
 
-        def search(queries, width):
+        def search(queries, width, reverse):
             found, timing = sharded_knn(source, width, params, query_batch=cfg.query_batch, save_to=save_to,
                                         refine_factor=cfg.refine_factor, trained_from=trained, queries=queries,
-                                        update=shards)
+                                        update=shards, reverse=reverse)
+            candidates = timing.pop("reverse_candidates", None)
             timings.update(timing)
-            return found.ids, found.sims
+            return found.ids, found.sims, candidates
 
         graph, update = update_graph(source, carried, cfg.k, search=search)
         info.update(timings)

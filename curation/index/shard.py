@@ -115,6 +115,60 @@ class IndexShard:
         sims = np.where(ids >= 0, sims, -np.inf).astype(np.float32)
         return sims, ids
 
+    def reverse_candidates(self, new_ids: np.ndarray, new_vectors: np.ndarray, threshold: np.ndarray,
+                           open_rows: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray] | None:
+        """The reverse direction of the new items' search: every stored item in the lists a new
+        item probes, against that new item, kept where the pair beats the item's ``threshold``
+        (the similarity a newcomer must pass to enter its list). A neighbour search keeps only
+        each query's own top k, and a near new item is often not among its neighbour's top k
+        (high-dimensional embeddings are full of such one-way pairs: on ``thumbnail`` vectors a
+        new item's 30-wide list held 59% of the old items that it enters); here every pair the
+        search would have scored is scored, one matrix product per list.
+
+        Args:
+            new_ids, new_vectors: the new items and their vectors.
+            threshold: per id, the similarity to beat (float32, every id tonight).
+            open_rows: per id, whether its row takes candidates (rows searched anew do not).
+
+        Returns:
+            ``(rows, candidates, similarities)``, or None where the stored vectors cannot be
+            read as float32 (a quantised codec, a GPU index): the caller falls back on the
+            new items' own lists.
+        """
+        if self.lists is None or self.gpu is not None:
+            return None
+        ivf = faiss.extract_index_ivf(self.lists)
+        d = ivf.d
+        if ivf.code_size != 4 * d or len(new_ids) == 0:
+            return None if ivf.code_size != 4 * d else (np.zeros(0, np.int64), np.zeros(0, np.int64),
+                                                         np.zeros(0, np.float32))
+        new_vectors = np.ascontiguousarray(new_vectors, dtype=np.float32)
+        nprobe = max(1, min(self.nprobe or ivf.nprobe, ivf.nlist))
+        _, probed = ivf.quantizer.search(new_vectors, nprobe)
+        flat = probed.ravel()
+        order = np.argsort(flat, kind="stable")
+        who = order // nprobe  # the new items probing each list, lists in order
+        starts = np.searchsorted(flat[order], np.arange(ivf.nlist + 1))
+        rows, cands, sims = [], [], []
+        for number in np.flatnonzero(np.diff(starts)):
+            size = ivf.invlists.list_size(int(number))
+            if not size:
+                continue
+            ids = faiss.rev_swig_ptr(ivf.invlists.get_ids(int(number)), size)
+            stored = faiss.rev_swig_ptr(ivf.invlists.get_codes(int(number)), size * 4 * d).view(np.float32)
+            queries = who[starts[number]:starts[number + 1]]
+            scores = stored.reshape(size, d) @ new_vectors[queries].T
+            inside = (ids >= 0) & (ids < len(threshold))
+            safe = np.where(inside, ids, 0)
+            hit_row, hit_query = np.nonzero((scores > threshold[safe][:, None]) & (inside & open_rows[safe])[:, None])
+            if len(hit_row):
+                rows.append(ids[hit_row].astype(np.int64))
+                cands.append(np.asarray(new_ids, np.int64)[queries[hit_query]])
+                sims.append(scores[hit_row, hit_query].astype(np.float32))
+        if not rows:
+            return np.zeros(0, np.int64), np.zeros(0, np.int64), np.zeros(0, np.float32)
+        return np.concatenate(rows), np.concatenate(cands), np.concatenate(sims)
+
     def save(self, location) -> int:
         """Stream the filled index to ``location`` (a :class:`curation.io.filesystem.Location`)
         without building the whole serialised blob in memory. Returns the vectors saved."""

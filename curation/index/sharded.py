@@ -86,7 +86,8 @@ def sharded_knn(vectors, k: int, params: IndexParams, *, query_batch: int = 1638
                 seed: int = 0, save_to: Location | None = None, refine_factor: int = 16,
                 trained_from: Location | None = None, queries: np.ndarray | None = None,
                 update: tuple[list[Location], np.ndarray, list[np.ndarray]] | None = None,
-                target_recall: float = 0.0) -> tuple[KnnGraph, dict]:
+                target_recall: float = 0.0,
+                reverse: tuple[np.ndarray, np.ndarray, np.ndarray] | None = None) -> tuple[KnnGraph, dict]:
     """Train once on a uniform sample, fill shard actors with contiguous partitions, search every
     query batch on every shard from a Ray task and merge the per-shard top-k with FAISS.
 
@@ -103,6 +104,11 @@ def sharded_knn(vectors, k: int, params: IndexParams, *, query_batch: int = 1638
         target_recall: when training here, choose nprobe as the smallest of ``NPROBE_STEPS`` whose
             recall@k against searching every list reaches this on ``CALIBRATION_QUERIES`` items
             (0: ``params.nprobe`` as given). ``timing["nprobe"]`` is the one searched with.
+        reverse: ``(new_ids, threshold, open_rows)``: after the search, every shard also scores
+            the new items against the items in the lists they probe
+            (:meth:`~curation.index.shard.IndexShard.reverse_candidates`);
+            ``timing["reverse_candidates"]`` is ``(rows, candidates, sims)``, or None where a
+            shard cannot (quantised codec, GPU).
     """
     import ray
 
@@ -223,6 +229,15 @@ def sharded_knn(vectors, k: int, params: IndexParams, *, query_batch: int = 1638
             done_rows += _collect(pending.pop(0), ids, sims)
         timing["search_s"] = round(time.perf_counter() - t, 3)
         timing["searched"] = rows
+        if reverse is not None:
+            t = time.perf_counter()
+            new_ids = reverse[0]
+            new_x = cache.take(new_ids) if isinstance(cache, CachedVectors) else source.take(new_ids)
+            args = [ray.put(a) for a in (new_ids, new_x, *reverse[1:])]
+            parts = _shard_call([shard.reverse_candidates.remote(*args) for shard in shards], "the reverse check")
+            timing["reverse_candidates"] = (None if any(p is None for p in parts)
+                                            else tuple(np.concatenate(c) for c in zip(*parts)))
+            timing["reverse_s"] = round(time.perf_counter() - t, 3)
         _check_shards(shards, expected, "after the search")
         timing["shard_peak_rss_bytes"] = ray.get([shard.memory_bytes.remote() for shard in shards])
         timing["shard_private_bytes"] = ray.get([shard.private_bytes.remote() for shard in shards])
