@@ -56,6 +56,25 @@ def test_stratified_sample_keeps_every_class():
     assert np.all(np.diff(sample) > 0)
 
 
+def test_probe_follows_the_items_not_their_order(monkeypatch):
+    """With item keys, the probe samples, folds and fits the same items in the same order
+    whatever order the vectors are stored in (an updated night beside the same night built
+    whole): every item gets the same probabilities. Without keys the sample follows the rows."""
+    x, y = _mixture(n_per=200)
+    noisy, _ = _flip(y, 0.08)
+    uris = [f"s3://b/{i}.jpg" for i in range(len(y))]
+    keys = label_probe.item_keys(uris)
+    monkeypatch.setattr(label_probe, "PROBE_SAMPLE", 400)
+    order = np.random.default_rng(3).permutation(len(y))
+    a_classes, a_p, _ = label_probe.probe_probabilities(x, noisy, 4, keys=keys)
+    b_classes, b_p, _ = label_probe.probe_probabilities(x[order], noisy[order], 4, keys=keys[order])
+    dense = lambda c, p: np.take_along_axis(p, np.argsort(c, axis=1), axis=1)  # noqa: E731
+    np.testing.assert_allclose(dense(b_classes, b_p), dense(a_classes, a_p)[order], atol=1e-4)
+    picked = label_probe.stratified_sample(noisy, 400, keys=keys)
+    assert set(order[label_probe.stratified_sample(noisy[order], 400, keys=keys[order])]) == set(picked)
+    assert set(order[label_probe.stratified_sample(noisy[order], 400)]) != set(label_probe.stratified_sample(noisy, 400))
+
+
 def _scored(x, labels, **cfg):
     samples = make_samples(len(labels), labels=[str(v) for v in labels])
     return run_scores(samples, x, exact_knn(x, 10), ScoresConfig(**cfg))

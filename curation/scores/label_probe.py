@@ -54,20 +54,45 @@ def probe_backend() -> str:
     return "cuml" if kmeans_backend() == "cuml" else "sklearn"
 
 
-def stratified_sample(codes: np.ndarray, size: int, *, seed: int = SEED) -> np.ndarray:
-    """Sorted positions of at most ``size`` labelled rows (``codes >= 0``), classes in
-    proportion to their counts but each with at least ``MIN_PER_CLASS`` (or all it has)."""
+def item_keys(uris) -> np.ndarray:
+    """A pseudo-random uint64 per item, from its uri alone: the order the probe samples and
+    deals folds in. Tied to the item, not to its row, so a night that stores its vectors in
+    another order (an updated night beside the same night built whole) fits the same model on
+    the same rows, and an item stays in the sample from night to night."""
+    import zlib
+
+    crc = np.fromiter((zlib.crc32(u.encode()) for u in _as_strings(uris)), np.uint64)
+    z = crc * np.uint64(0x9E3779B97F4A7C15)  # splitmix64's finaliser: CRC32 alone is linear
+    z = (z ^ (z >> np.uint64(30))) * np.uint64(0xBF58476D1CE4E5B9)
+    z = (z ^ (z >> np.uint64(27))) * np.uint64(0x94D049BB133111EB)
+    return z ^ (z >> np.uint64(31))
+
+
+def _as_strings(uris) -> list:
+    return uris.to_pylist() if hasattr(uris, "to_pylist") else list(uris)
+
+
+def stratified_sample(codes: np.ndarray, size: int, *, keys: np.ndarray | None = None,
+                      seed: int = SEED) -> np.ndarray:
+    """Positions of at most ``size`` labelled rows (``codes >= 0``), classes in proportion to
+    their counts but each with at least ``MIN_PER_CLASS`` (or all it has). With ``keys``
+    (:func:`item_keys`) each class gives its lowest-keyed members and the positions come in key
+    order; without, a seeded random draw, sorted."""
     labelled = np.flatnonzero(codes >= 0)
     if len(labelled) <= size:
-        return labelled
+        return labelled[np.argsort(keys[labelled], kind="stable")] if keys is not None else labelled
     rng = np.random.default_rng(seed)
     classes, counts = np.unique(codes[labelled], return_counts=True)
     quota = np.maximum(np.minimum(counts, MIN_PER_CLASS), np.floor(counts * size / len(labelled))).astype(np.int64)
     picked = []
     for c, q in zip(classes, quota):
         members = labelled[codes[labelled] == c]
-        picked.append(rng.choice(members, min(q, len(members)), replace=False))
-    return np.sort(np.concatenate(picked))
+        if keys is None:
+            picked.append(rng.choice(members, min(q, len(members)), replace=False))
+        else:
+            picked.append(members[np.argsort(keys[members], kind="stable")[:q]])
+    sample = np.concatenate(picked)
+    return sample[np.argsort(keys[sample], kind="stable")] if keys is not None else np.sort(sample)
 
 
 class LinearModel:
@@ -209,12 +234,12 @@ def train_probe_in_tasks(source, sample_ids: np.ndarray, labels: np.ndarray, n_c
 
 
 def _folds(labels: np.ndarray, k: int) -> np.ndarray:
-    """Stratified fold number per row: each class dealt round-robin after a shuffle."""
-    rng = np.random.default_rng(SEED)
+    """Stratified fold number per row: each class dealt round-robin in row order (a sample in
+    key order: the same items get the same folds whatever order a night stores them in)."""
     folds = np.empty(len(labels), np.int64)
     for c in np.unique(labels):
         members = np.flatnonzero(labels == c)
-        folds[rng.permutation(members)] = np.arange(len(members)) % k
+        folds[members] = np.arange(len(members)) % k
     return folds
 
 
@@ -229,8 +254,8 @@ def _apply(ids: np.ndarray, x: np.ndarray, model: LinearModel, n_classes: int, t
     return _top(_dense(model.classes, model.probabilities(x.astype(np.float32)), n_classes), top)
 
 
-def probe_probabilities(vectors, codes: np.ndarray, n_classes: int,
-                        previous_c: float | None = None) -> tuple[np.ndarray, np.ndarray, dict]:
+def probe_probabilities(vectors, codes: np.ndarray, n_classes: int, previous_c: float | None = None, *,
+                        keys: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray, dict]:
     """Out-of-sample probe probabilities for every vector.
 
     Args:
@@ -239,6 +264,7 @@ def probe_probabilities(vectors, codes: np.ndarray, n_classes: int,
         previous_c: the regularisation the previous run chose, on a night that updates its
             graph: it is kept instead of chosen again (half the fits; chosen afresh whenever
             the graph is built whole, at least every ``knn.rebuild_every`` nights).
+        keys: :func:`item_keys` of the vectors' items: the sample and its folds follow them.
 
     Returns:
         ``(top_classes (N, m) int32, top_probabilities (N, m) float32, info)``.
@@ -246,7 +272,7 @@ def probe_probabilities(vectors, codes: np.ndarray, n_classes: int,
     from curation.session import run_tasks, training_request
 
     vectors = as_source(vectors)
-    sample = stratified_sample(codes, PROBE_SAMPLE)
+    sample = stratified_sample(codes, PROBE_SAMPLE, keys=keys)
     request = training_request("the label probe's training task", TRAIN_THREADS)
     choices = (float(previous_c),) if previous_c else REGULARISATION_C
     if not request.gpus:

@@ -45,7 +45,7 @@ import pyarrow.compute as pc
 from curation.corrections import corrected_mask
 from curation.scores.base import REASON_COLUMN, Flag, ScoreContext, count_true, evidence_of, masked, nearby, \
     one_sided_counts, side_by_side, with_evidence
-from curation.scores.label_probe import probe_probabilities
+from curation.scores.label_probe import item_keys, probe_probabilities
 
 TEMPERATURE = 0.1
 PRIOR_WEIGHT = 0.1
@@ -99,13 +99,14 @@ def label_codes(labels) -> tuple[pa.DictionaryArray, np.ndarray, np.ndarray]:
 def probe_sample_ids(samples: pa.Table) -> np.ndarray:
     """The vector ids the label probe will train on (its stratified sample), for a phase that
     reads vectors before the scores and can read these with them."""
-    from curation.scores.label_probe import PROBE_SAMPLE, stratified_sample
+    from curation.scores.label_probe import PROBE_SAMPLE, item_keys, stratified_sample
     from curation.schema import ok_rows_in_vector_order
 
     if "label" not in samples.column_names:
         return np.zeros(0, np.int64)
     _, _, codes = label_codes(samples["label"])
-    return stratified_sample(codes[ok_rows_in_vector_order(samples)], PROBE_SAMPLE)
+    rows = ok_rows_in_vector_order(samples)
+    return np.sort(stratified_sample(codes[rows], PROBE_SAMPLE, keys=item_keys(samples["uri"].take(rows))))
 
 
 class LabelQualityScore:
@@ -191,8 +192,9 @@ class LabelQualityScore:
         weight = ctx.config.label_probe_weight
         probe, info = None, {"probe": "off"}
         if weight > 0 and len(np.unique(codes[labelled])) > 1:
+            keys = item_keys(ctx.columns.arrow("uri").take(ctx.ok_rows))
             top_classes, top_p, info["probe"] = probe_probabilities(ctx.vectors, codes, n_classes,
-                                                                    previous_c=ctx.previous_probe_c)
+                                                                    previous_c=ctx.previous_probe_c, keys=keys)
             probe = (top_classes, top_p)
         step = max(1024, BLOCK_CELLS // max(1, n_classes))
         blocks = [(lo, min(lo + step, n_ok)) for lo in range(0, n_ok, step)]
