@@ -32,7 +32,7 @@ from curation.index.knn import KnnGraph
 from curation.index.source import VectorParts, parquet_parts
 from curation.io import inputs as inputs_io
 from curation.io import outputs
-from curation.io.filesystem import Location, PreconditionFailed, Resolver, read_tagged, write_bytes
+from curation.io.filesystem import Location, PreconditionFailed, Resolver, read_bytes, read_tagged, write_bytes
 from curation.io.store import EmbeddingStore
 from curation.report import ReportAssets, prepare_report, render_report
 from curation.run_diff import diff_runs, previous_run
@@ -43,6 +43,7 @@ from curation.session import check_cluster, needs_ray, ray_session, run_tasks
 log = logging.getLogger(__name__)
 
 
+PROBE_FILE = "label-probe.npz"  # the label probe's models, where the next night's fits start
 DIFF_CORRECTIONS_LISTED = 1000  # corrections listed one by one in run.json's diff (all are in corrections.parquet)
 
 
@@ -170,6 +171,9 @@ def run_job(config: Config, *, resolver: Resolver | None = None, plan: Plan | No
                 outputs.write_knn_graph(plan.run.child(folder), samples, graph)
                 if graph.margin is not None:  # the next night fills a lost neighbour from these
                     outputs.write_knn_graph(plan.run.child(f"{folder}-margin"), samples, graph.margin)
+            probe_state = score_report["artifacts"].get("label_quality", {}).get("probe_state")
+            if probe_state:  # the next night's probe fits start from these models
+                write_bytes(plan.run.child(PROBE_FILE), probe_state)
         with clock.phase("drift"):
             drift = _drift(plan, config, samples, ingested, neighbours.graph,
                            centroids=score_report["artifacts"].get("clusters", {}).get("centroids"))
@@ -392,7 +396,7 @@ def score(ingested: Ingested, neighbours: Neighbours, config: Config) -> tuple[p
     return run_scores(ingested.samples, ingested.vectors, neighbours.graph, config.scores,
                       budget=max(budgets, default=None), copies=ingested.copies, copy_knn=neighbours.copy_graph,
                       previous_centroids=(centroids := _previous_centroids(neighbours.info, config)),
-                      previous_probe_c=_previous_probe_c(neighbours.info, config),
+                      previous_probe=_previous_probe(neighbours.info, config),
                       previous_assignment=(_previous_assignment(ingested.samples, neighbours.info, config)
                                            if centroids is not None else None))
 
@@ -436,11 +440,13 @@ def _previous_assignment(samples: pa.Table, knn: dict, config: Config):
     return np.where(found, cluster[at], -1).astype(np.int32), np.where(found, similarity[at], np.nan).astype(np.float32)
 
 
-def _previous_probe_c(knn: dict, config: Config) -> float | None:
-    """The label probe's regularisation the previous run chose, when tonight's graph is an
-    update of its graph (the data barely moved); None otherwise."""
+def _previous_probe(knn: dict, config: Config):
+    """The label probe the previous run fitted (its regularisation, and its models from
+    ``label-probe.npz`` when it kept them), when tonight's graph is an update of its graph
+    (the data barely moved); None otherwise."""
     from curation.io.filesystem import Resolver
     from curation.run_info import RunInfo
+    from curation.scores.label_probe import ProbeState
 
     previous = _updated_from(knn, Resolver(config.storage))
     if previous is None:
@@ -449,7 +455,15 @@ def _previous_probe_c(knn: dict, config: Config) -> float | None:
         probe = (RunInfo.read(previous).scores.get("label_quality") or {}).get("probe") or {}
     except (OSError, ValueError):
         return None
-    return float(probe["C"]) if isinstance(probe, dict) and probe.get("C") else None
+    if not (isinstance(probe, dict) and probe.get("C")):
+        return None
+    try:
+        state = ProbeState.from_bytes(read_bytes(previous.child(PROBE_FILE)))
+    except (OSError, ValueError, KeyError) as exc:  # kept by a run before this file existed, or unreadable
+        log.info("label probe: the previous run's models cannot be read (%s); the fits start from zero",
+                 str(exc).splitlines()[0][:200] if str(exc) else type(exc).__name__)
+        return ProbeState(float(probe["C"]))
+    return state if abs(state.c - float(probe["C"])) < 1e-12 else ProbeState(float(probe["C"]))
 
 
 def _apply_corrections(plan: Plan, config: Config, resolver: Resolver,

@@ -35,7 +35,7 @@ def test_probe_probabilities_are_out_of_sample(monkeypatch):
     noisy, flip = _flip(y, 0.08)
     # A sample smaller than N: sampled rows get K-fold probabilities, the rest the final model's.
     monkeypatch.setattr(label_probe, "PROBE_SAMPLE", 300)
-    top_classes, top_p, info = label_probe.probe_probabilities(x, noisy, 4)
+    top_classes, top_p, info, _ = label_probe.probe_probabilities(x, noisy, 4)
     assert 280 <= info["sample"] <= 300 and info["backend"] == "sklearn"
     assert top_classes.shape == (len(y), 4) and np.allclose(top_p.sum(axis=1), 1.0, atol=1e-4)
     p_given = np.array([top_p[i][top_classes[i] == noisy[i]][0] for i in range(len(y))])
@@ -66,13 +66,54 @@ def test_probe_follows_the_items_not_their_order(monkeypatch):
     keys = label_probe.item_keys(uris)
     monkeypatch.setattr(label_probe, "PROBE_SAMPLE", 400)
     order = np.random.default_rng(3).permutation(len(y))
-    a_classes, a_p, _ = label_probe.probe_probabilities(x, noisy, 4, keys=keys)
-    b_classes, b_p, _ = label_probe.probe_probabilities(x[order], noisy[order], 4, keys=keys[order])
+    a_classes, a_p, _, _ = label_probe.probe_probabilities(x, noisy, 4, keys=keys)
+    b_classes, b_p, _, _ = label_probe.probe_probabilities(x[order], noisy[order], 4, keys=keys[order])
     dense = lambda c, p: np.take_along_axis(p, np.argsort(c, axis=1), axis=1)  # noqa: E731
     np.testing.assert_allclose(dense(b_classes, b_p), dense(a_classes, a_p)[order], atol=1e-4)
     picked = label_probe.stratified_sample(noisy, 400, keys=keys)
     assert set(order[label_probe.stratified_sample(noisy[order], 400, keys=keys[order])]) == set(picked)
     assert set(order[label_probe.stratified_sample(noisy[order], 400)]) != set(label_probe.stratified_sample(noisy, 400))
+
+
+def test_an_updated_night_starts_its_fits_from_the_previous_models(monkeypatch):
+    """Night 2 (5% new items, classes listed in another order) starts every fit from night 1's
+    model of the same fold, moved to tonight's standardisation and class codes: two L-BFGS
+    iterations from there land next to the converged answer, two from zero do not. The kept
+    state survives its file format; a class set that changed starts from zero."""
+    x, y = _mixture(n_per=250, classes=4, dim=24, seed=5)
+    noisy, _ = _flip(y, 0.08)
+    names = np.array(["cat", "dog", "emu", "fox"])
+    uris = np.array([f"s3://b/{i}.jpg" for i in range(len(y))])
+    monkeypatch.setattr(label_probe, "PROBE_SAMPLE", 600)
+    night1 = np.arange(len(y)) % 20 != 0  # 5% arrive on night 2
+    _, _, info1, state = label_probe.probe_probabilities(x[night1], noisy[night1], 4,
+                                                          keys=label_probe.item_keys(uris[night1]), class_names=names)
+    assert info1["fits_started_from"] == "zero" and state.weights.shape == (label_probe.FOLDS + 1, 24, 4)
+    state = label_probe.ProbeState.from_bytes(state.to_bytes())
+    # Night 2: every item, the class codes in another order (codes follow first appearance).
+    remap = np.array([2, 0, 3, 1])
+    codes2, names2 = remap[noisy], np.empty(4, object)
+    names2[remap] = names
+    keys2 = label_probe.item_keys(uris)
+    converged = label_probe.probe_probabilities(x, codes2, 4, label_probe.ProbeState(state.c), keys=keys2,
+                                                class_names=names2)
+
+    def dense(result):
+        out = np.zeros((len(y), 4))
+        np.put_along_axis(out, result[0].astype(np.int64), result[1], axis=1)
+        return out
+
+    monkeypatch.setattr(label_probe, "MAX_ITER", 2)
+    warm = label_probe.probe_probabilities(x, codes2, 4, state, keys=keys2, class_names=names2)
+    cold = label_probe.probe_probabilities(x, codes2, 4, label_probe.ProbeState(state.c), keys=keys2,
+                                           class_names=names2)
+    assert warm[2]["fits_started_from"] == "the previous run's models" and cold[2]["fits_started_from"] == "zero"
+    assert warm[2]["C_chosen_by"] == "the previous run"
+    warm_gap = np.abs(dense(warm) - dense(converged)).max()
+    assert warm_gap < 0.05 < np.abs(dense(cold) - dense(converged)).max()
+    other = label_probe.probe_probabilities(x, codes2, 4, state, keys=keys2,
+                                            class_names=np.array(["cat", "dog", "emu", "gnu"], object))
+    assert other[2]["fits_started_from"] == "zero"
 
 
 def _scored(x, labels, **cfg):
@@ -128,9 +169,22 @@ def test_the_fits_as_ray_tasks_give_what_one_process_gives(ray_local, monkeypatc
     noisy, _ = _flip(y, 0.08)
     sample = label_probe.stratified_sample(noisy, 400)
     source = MemoryVectors(x)
-    oos_a, model_a, backend_a = label_probe.train_probe_in_tasks(source, sample, noisy[sample], 4,
-                                                                 label_probe.REGULARISATION_C)
-    oos_b, model_b, backend_b = label_probe.train_probe(source, sample, noisy[sample], 4)
+    keys = label_probe.item_keys([f"u{i}" for i in sample])
+    oos_a, model_a, backend_a, models_a = label_probe.train_probe_in_tasks(source, sample, noisy[sample], 4,
+                                                                           label_probe.REGULARISATION_C, keys)
+    oos_b, model_b, backend_b, models_b = label_probe.train_probe(source, sample, noisy[sample], 4, keys=keys)
     assert backend_a == backend_b and backend_a.startswith("sklearn, C=")
     np.testing.assert_allclose(oos_a, oos_b, atol=1e-4)
     np.testing.assert_allclose(model_a.probabilities(x), model_b.probabilities(x), atol=1e-4)
+    assert len(models_a) == len(models_b) == label_probe.FOLDS + 1
+    for a, b in zip(models_a, models_b):
+        np.testing.assert_allclose(a[0], b[0], atol=1e-3)
+    # Started from kept models, in tasks or in one process: the same again.
+    names = np.array(["a", "b", "c", "d"])
+    c = float(backend_a.rsplit("C=", 1)[1])
+    state = label_probe.ProbeState(c, names, model_a.mean, model_a.scale,
+                                   np.stack([label_probe._dense_weights(m, 4)[0] for m in models_a]),
+                                   np.stack([label_probe._dense_weights(m, 4)[1] for m in models_a]))
+    warm_a = label_probe.train_probe_in_tasks(source, sample, noisy[sample], 4, (c,), keys, state, names)
+    warm_b = label_probe.train_probe(source, sample, noisy[sample], 4, 1, (c,), keys, state, names)
+    np.testing.assert_allclose(warm_a[0], warm_b[0], atol=1e-4)

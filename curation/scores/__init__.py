@@ -78,7 +78,7 @@ def run_scores(samples: pa.Table, vectors, knn_ok: KnnGraph, config: ScoresConfi
                *, registry: tuple[Score, ...] = REGISTRY, budget: int | None = None,
                copies=None, copy_knn: KnnGraph | None = None,
                previous_centroids: np.ndarray | None = None,
-               previous_probe_c: float | None = None,
+               previous_probe=None,
                previous_assignment: tuple[np.ndarray, np.ndarray] | None = None) -> tuple[pa.Table, dict]:
     """Run every registered score.
 
@@ -91,7 +91,7 @@ def run_scores(samples: pa.Table, vectors, knn_ok: KnnGraph, config: ScoresConfi
             run has no pixels (copies are then judged by the embedding).
         previous_centroids: the previous run's cluster centroids, to assign to instead of
             training (an incremental night).
-        previous_probe_c: the label probe's regularisation the previous run chose (the same
+        previous_probe: the label probe the previous run fitted (regularisation and models; the same
             nights), kept instead of chosen again.
         previous_assignment: the previous run's cluster and cosine per vector id (-1: new or
             changed), so only tonight's new items are assigned to ``previous_centroids``.
@@ -105,7 +105,7 @@ def run_scores(samples: pa.Table, vectors, knn_ok: KnnGraph, config: ScoresConfi
     ok = is_ok(samples["status"])
     ctx = ScoreContext(Columns(samples), ok, as_source(vectors), knn_ok, config, budget,
                        ok_rows_in_vector_order(samples), as_source(copies) if copies is not None else None, copy_knn,
-                       previous_centroids, previous_probe_c, previous_assignment)
+                       previous_centroids, previous_probe, previous_assignment)
     reasons: list[pa.ChunkedArray | pa.Array] = []
     timings: dict[str, float] = {}
     summary: dict[str, dict] = {}

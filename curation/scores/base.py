@@ -85,7 +85,8 @@ class ScoreContext:
         copy_knn: the kNN graph among the copy descriptors (None with ``copies``).
         previous_centroids: the previous published run's cluster centroids when tonight's graph
             updates its graph (clusters then keep their ids from night to night), else None.
-        previous_probe_c: the label probe's regularisation the previous run chose (same nights).
+        previous_probe: the previous run's label probe (:class:`~curation.scores.label_probe.ProbeState`:
+            its regularisation, and its models when it kept them) on the same nights.
         previous_assignment: with ``previous_centroids``, per vector id the cluster and cosine
             the previous run gave the same item, unchanged (cluster -1: new or changed tonight).
     """
@@ -100,7 +101,7 @@ class ScoreContext:
     copies: Any = None
     copy_knn: KnnGraph | None = None
     previous_centroids: np.ndarray | None = None
-    previous_probe_c: float | None = None
+    previous_probe: Any = None
     previous_assignment: tuple[np.ndarray, np.ndarray] | None = None
 
     def __post_init__(self) -> None:

@@ -22,11 +22,20 @@ How it runs, bounded whatever N is:
 Each item comes back as its ``TOP_CLASSES`` most probable classes and their probabilities
 (compact whatever the number of classes); the rest of the mass is spread over the other
 classes in proportion to their frequency.
+
+The sample and its folds follow the items (:func:`item_keys`: a hash of the uri), not their
+rows, and a fold is the same items from night to night. A night that updates the previous
+run's graph keeps its regularisation and starts every fit from the previous run's model of the
+same fold (:class:`ProbeState`, ``label-probe.npz``): fold f's model never saw a fold-f label on
+either night, so its probabilities stay out of sample, and L-BFGS, starting near the optimum of
+a problem that barely moved, stops after a few iterations instead of running from zero.
 """
 
 from __future__ import annotations
 
+import io
 import logging
+from dataclasses import dataclass
 
 import numpy as np
 
@@ -95,6 +104,54 @@ def stratified_sample(codes: np.ndarray, size: int, *, keys: np.ndarray | None =
     return sample[np.argsort(keys[sample], kind="stable")] if keys is not None else np.sort(sample)
 
 
+@dataclass
+class ProbeState:
+    """What a night's probe leaves for the next (``label-probe.npz`` in the run).
+
+    Attributes:
+        c: the regularisation chosen.
+        classes: class names, the models' columns (None: only ``c`` is known, as from a run
+            before the models were kept).
+        mean, scale: the standardisation the models apply to.
+        weights, bias: ``(FOLDS + 1, d, n_classes)`` and ``(FOLDS + 1, n_classes)``: each fold's
+            model, then the whole sample's.
+    """
+
+    c: float
+    classes: np.ndarray | None = None
+    mean: np.ndarray | None = None
+    scale: np.ndarray | None = None
+    weights: np.ndarray | None = None
+    bias: np.ndarray | None = None
+
+    def to_bytes(self) -> bytes:
+        out = io.BytesIO()
+        np.savez(out, c=np.float64(self.c), classes=np.asarray(self.classes, str), mean=self.mean, scale=self.scale,
+                 weights=self.weights, bias=self.bias)
+        return out.getvalue()
+
+    @classmethod
+    def from_bytes(cls, data: bytes) -> "ProbeState":
+        with np.load(io.BytesIO(data), allow_pickle=False) as z:
+            return cls(float(z["c"]), z["classes"], z["mean"], z["scale"], z["weights"], z["bias"])
+
+    def start_for(self, class_names, mean: np.ndarray, scale: np.ndarray) -> list | None:
+        """Each model (folds, then whole) as ``(weights (d, n), bias (n))`` over tonight's class
+        codes (``class_names`` in code order) and tonight's standardisation; None when the
+        classes or the dimension changed (the fits start from zero)."""
+        if self.weights is None or self.classes is None or mean is None or self.mean is None:
+            return None
+        names = [str(c) for c in class_names]
+        if sorted(names) != sorted(str(c) for c in self.classes) or len(mean) != len(self.mean):
+            return None
+        column = {str(c): i for i, c in enumerate(self.classes)}
+        order = np.array([column[c] for c in names])
+        # logits = ((x - m0) / s0) W0 + b0, with x = z * s1 + m1: z (s1 / s0) W0 + ((m1 - m0) / s0) W0 + b0.
+        ratio, shift = (scale / self.scale)[:, None], ((mean - self.mean) / self.scale)
+        return [((ratio * w)[:, order].astype(np.float32), (b + shift @ w)[order].astype(np.float32))
+                for w, b in zip(self.weights, self.bias)]
+
+
 class LinearModel:
     """Multinomial logistic regression weights, applied as ``softmax(((x - mean) / scale) W + b)``."""
 
@@ -109,14 +166,21 @@ class LinearModel:
         return p / p.sum(axis=1, keepdims=True)
 
 
-def _fit(x: np.ndarray, y: np.ndarray, backend: str, c: float):
+def _fit(x: np.ndarray, y: np.ndarray, backend: str, c: float, start=None):
+    """Multinomial logistic regression; ``start``: ``(weights (d, n_classes), bias)`` over all
+    class codes to start L-BFGS from (scikit-learn, three classes or more) instead of zero."""
     if backend == "cuml":
         from cuml.linear_model import LogisticRegression
     else:
         from sklearn.linear_model import LogisticRegression
     import warnings
 
-    model = LogisticRegression(C=c, max_iter=MAX_ITER)
+    present = np.unique(y)
+    warm = start is not None and backend != "cuml" and len(present) > 2
+    model = LogisticRegression(C=c, max_iter=MAX_ITER, warm_start=warm)
+    if warm:
+        model.coef_ = np.ascontiguousarray(start[0][:, present].T, np.float64)
+        model.intercept_ = np.asarray(start[1][present], np.float64)
     with warnings.catch_warnings():
         # A few hundred iterations from zero is a good probe even where L-BFGS would go on
         # (weak, high-dimensional features); the warning would only flood the worker logs.
@@ -138,11 +202,14 @@ def _dense(classes: np.ndarray, p: np.ndarray, n_classes: int) -> np.ndarray:
 
 
 def train_probe(source, sample_ids: np.ndarray, labels: np.ndarray, n_classes: int,
-                threads: int = 1, regularisation: tuple[float, ...] = REGULARISATION_C
-                ) -> tuple[np.ndarray, LinearModel, str]:
+                threads: int = 1, regularisation: tuple[float, ...] = REGULARISATION_C,
+                keys: np.ndarray | None = None, previous: ProbeState | None = None,
+                class_names=None) -> tuple[np.ndarray, LinearModel, str, list]:
     """In a task: out-of-sample probabilities of the sample (K-fold) and the model fitted on
-    all of it, for the best of the ``regularisation`` strengths. Returns ``(probabilities
-    (n_sample, n_classes), model, backend)``."""
+    all of it, for the best of the ``regularisation`` strengths. ``keys``: the sample's item
+    keys (its folds); ``previous``: the previous run's models to start from (one strength).
+    Returns ``(probabilities (n_sample, n_classes), model, backend, models)``, ``models`` the
+    chosen strength's fold models and then the whole sample's, as ``(weights, bias, classes)``."""
     z, mean, scale = _standardised_sample(source, sample_ids)
     backend = probe_backend()
     present = np.unique(labels)
@@ -150,13 +217,25 @@ def train_probe(source, sample_ids: np.ndarray, labels: np.ndarray, n_classes: i
         oos = np.zeros((len(labels), n_classes), np.float32)
         oos[:, present] = 1.0
         weights = np.zeros((z.shape[1], 1), np.float32)
-        return oos, LinearModel(mean, scale, weights, np.zeros(1, np.float32), present), f"{backend}"
-    folds = _folds(labels, FOLDS)
-    parts = [_fit_one(z, labels, folds, fold, c, n_classes, backend, threads)
+        return oos, LinearModel(mean, scale, weights, np.zeros(1, np.float32), present), f"{backend}", []
+    folds = _folds(labels, FOLDS, keys)
+    starts = _starts(previous, class_names, mean, scale, regularisation)
+    parts = [_fit_one(z, labels, folds, fold, c, n_classes, backend, threads, starts[fold])
              for c in regularisation for fold in range(FOLDS)]
-    c, oos = _best_strength(parts, regularisation, folds, labels, n_classes)
-    weights, bias, classes = _fit_one(z, labels, folds, -1, c, n_classes, backend, threads)
-    return oos, LinearModel(mean, scale, weights, bias, classes), f"{backend}, C={c}"
+    c, oos = _best_strength([p and p[0] for p in parts], regularisation, folds, labels, n_classes)
+    whole = _fit_one(z, labels, folds, -1, c, n_classes, backend, threads, starts[FOLDS])
+    at = regularisation.index(c) * FOLDS
+    models = [p and p[1] for p in parts[at:at + FOLDS]] + [whole]
+    return oos, LinearModel(mean, scale, *whole), f"{backend}, C={c}", models
+
+
+def _starts(previous: ProbeState | None, class_names, mean, scale, regularisation) -> list:
+    """Per fit (each fold, then the whole sample) where L-BFGS starts: the previous run's model
+    of the same fold when it chose the one strength tried tonight, else None (zero)."""
+    starts = None
+    if previous is not None and class_names is not None and tuple(regularisation) == (previous.c,):
+        starts = previous.start_for(class_names, mean, scale)
+    return starts if starts is not None else [None] * (FOLDS + 1)
 
 
 def _standardised_sample(source, sample_ids: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
@@ -168,9 +247,10 @@ def _standardised_sample(source, sample_ids: np.ndarray) -> tuple[np.ndarray, np
 
 
 def _fit_one(z: np.ndarray, labels: np.ndarray, folds: np.ndarray, fold: int, c: float, n_classes: int,
-             backend: str = "sklearn", threads: int = 1):
-    """Fold ``fold``'s out-of-sample probabilities (the model fitted on the other folds; None
-    when it cannot be fitted), or with ``fold = -1`` the model fitted on the whole sample. As a
+             backend: str = "sklearn", threads: int = 1, start=None):
+    """Fold ``fold``'s out-of-sample probabilities and model (fitted on the other folds; None
+    when it cannot be fitted), or with ``fold = -1`` the model fitted on the whole sample
+    (``start``: see :func:`_fit`). As a
     one-CPU task, one thread: at this size (tens of thousands of rows) BLAS threads cost more
     than they give (a fit took 0.95 s on one thread and 2.3 s on two here), and the folds run
     side by side instead."""
@@ -178,12 +258,13 @@ def _fit_one(z: np.ndarray, labels: np.ndarray, folds: np.ndarray, fold: int, c:
 
     with threadpool_limits(threads):
         if fold < 0:
-            return _fit(z, labels, backend, c)
+            return _fit(z, labels, backend, c, start)
         test = folds == fold
         if not test.any() or len(np.unique(labels[~test])) < 2:
             return None
-        weights, bias, classes = _fit(z[~test], labels[~test], backend, c)
-        return _dense(classes, LinearModel(0.0, 1.0, weights, bias, classes).probabilities(z[test]), n_classes)
+        weights, bias, classes = _fit(z[~test], labels[~test], backend, c, start)
+        oos = _dense(classes, LinearModel(0.0, 1.0, weights, bias, classes).probabilities(z[test]), n_classes)
+        return oos, (weights, bias, classes)
 
 
 def _best_strength(parts: list, regularisation: tuple[float, ...], folds: np.ndarray, labels: np.ndarray,
@@ -203,7 +284,9 @@ def _best_strength(parts: list, regularisation: tuple[float, ...], folds: np.nda
 
 
 def train_probe_in_tasks(source, sample_ids: np.ndarray, labels: np.ndarray, n_classes: int,
-                         regularisation: tuple[float, ...]) -> tuple[np.ndarray, LinearModel, str]:
+                         regularisation: tuple[float, ...], keys: np.ndarray | None = None,
+                         previous: ProbeState | None = None,
+                         class_names=None) -> tuple[np.ndarray, LinearModel, str, list]:
     """:func:`train_probe` with scikit-learn, every fit its own one-CPU Ray task (each fold of
     each regularisation strength, and the whole-sample model for each), side by side on the
     cluster; the standardised sample travels once, through the object store."""
@@ -213,7 +296,7 @@ def train_probe_in_tasks(source, sample_ids: np.ndarray, labels: np.ndarray, n_c
 
     present = np.unique(labels)
     if len(present) < 2 or not ray.is_initialized():
-        return train_probe(source, sample_ids, labels, n_classes, 1, regularisation)
+        return train_probe(source, sample_ids, labels, n_classes, 1, regularisation, keys, previous, class_names)
     from curation.index.source import CachedVectors
 
     if isinstance(source, CachedVectors) and np.isin(sample_ids, source.ids).all():
@@ -222,20 +305,27 @@ def train_probe_in_tasks(source, sample_ids: np.ndarray, labels: np.ndarray, n_c
     else:
         z, mean, scale = ray.remote(num_cpus=1, num_returns=3)(_standardised_sample).remote(source, sample_ids)
         mean, scale = ray.get([mean, scale])
-    folds = _folds(labels, FOLDS)
+    folds = _folds(labels, FOLDS, keys)
+    starts = _starts(previous, class_names, mean, scale, regularisation)
     # The whole-sample model of every strength too, beside the folds (one more round of tasks
     # would cost more than the fits not kept).
-    jobs = [(z, labels, folds, fold, c, n_classes) for c in regularisation for fold in range(FOLDS)]
-    jobs += [(z, labels, folds, -1, c, n_classes) for c in regularisation]
+    jobs = [(z, labels, folds, fold, c, n_classes, "sklearn", 1, starts[fold])
+            for c in regularisation for fold in range(FOLDS)]
+    jobs += [(z, labels, folds, -1, c, n_classes, "sklearn", 1, starts[FOLDS]) for c in regularisation]
     results = run_tasks(_fit_one, jobs)
-    c, oos = _best_strength(results[:-len(regularisation)], regularisation, folds, labels, n_classes)
-    weights, bias, classes = results[len(results) - len(regularisation) + regularisation.index(c)]
-    return oos, LinearModel(mean, scale, weights, bias, classes), f"sklearn, C={c}"
+    parts = results[:-len(regularisation)]
+    c, oos = _best_strength([p and p[0] for p in parts], regularisation, folds, labels, n_classes)
+    whole = results[len(results) - len(regularisation) + regularisation.index(c)]
+    at = regularisation.index(c) * FOLDS
+    models = [p and p[1] for p in parts[at:at + FOLDS]] + [whole]
+    return oos, LinearModel(mean, scale, *whole), f"sklearn, C={c}", models
 
 
-def _folds(labels: np.ndarray, k: int) -> np.ndarray:
-    """Stratified fold number per row: each class dealt round-robin in row order (a sample in
-    key order: the same items get the same folds whatever order a night stores them in)."""
+def _folds(labels: np.ndarray, k: int, keys: np.ndarray | None = None) -> np.ndarray:
+    """Fold number per row: from the item's key when given (the same item is in the same fold
+    every night, whatever its row), else each class dealt round-robin in row order."""
+    if keys is not None:
+        return ((np.asarray(keys, np.uint64) >> np.uint64(40)) % np.uint64(k)).astype(np.int64)
     folds = np.empty(len(labels), np.int64)
     for c in np.unique(labels):
         members = np.flatnonzero(labels == c)
@@ -254,32 +344,39 @@ def _apply(ids: np.ndarray, x: np.ndarray, model: LinearModel, n_classes: int, t
     return _top(_dense(model.classes, model.probabilities(x.astype(np.float32)), n_classes), top)
 
 
-def probe_probabilities(vectors, codes: np.ndarray, n_classes: int, previous_c: float | None = None, *,
-                        keys: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray, dict]:
+def probe_probabilities(vectors, codes: np.ndarray, n_classes: int, previous: ProbeState | None = None, *,
+                        keys: np.ndarray | None = None, class_names=None
+                        ) -> tuple[np.ndarray, np.ndarray, dict, ProbeState | None]:
     """Out-of-sample probe probabilities for every vector.
 
     Args:
         vectors: the ok rows' vectors (a source in storage or in memory).
         codes: each vector's label code (-1 = unlabelled).
-        previous_c: the regularisation the previous run chose, on a night that updates its
-            graph: it is kept instead of chosen again (half the fits; chosen afresh whenever
-            the graph is built whole, at least every ``knn.rebuild_every`` nights).
+        previous: on a night that updates the previous run's graph, that run's probe: its
+            regularisation is kept instead of chosen again (half the fits; chosen afresh
+            whenever the graph is built whole, at least every ``knn.rebuild_every`` nights),
+            and its models are where tonight's fits start.
         keys: :func:`item_keys` of the vectors' items: the sample and its folds follow them.
+        class_names: the class of each code (what the kept models are stored against).
 
     Returns:
-        ``(top_classes (N, m) int32, top_probabilities (N, m) float32, info)``.
+        ``(top_classes (N, m) int32, top_probabilities (N, m) float32, info, state)``;
+        ``state`` is what the next night starts from (None without ``class_names``).
     """
     from curation.session import run_tasks, training_request
 
     vectors = as_source(vectors)
     sample = stratified_sample(codes, PROBE_SAMPLE, keys=keys)
+    sample_keys = keys[sample] if keys is not None else None
     request = training_request("the label probe's training task", TRAIN_THREADS)
-    choices = (float(previous_c),) if previous_c else REGULARISATION_C
+    choices = (float(previous.c),) if previous is not None else REGULARISATION_C
     if not request.gpus:
-        oos, model, backend = train_probe_in_tasks(vectors, sample, codes[sample], n_classes, choices)
+        oos, model, backend, models = train_probe_in_tasks(vectors, sample, codes[sample], n_classes, choices,
+                                                           sample_keys, previous, class_names)
     else:  # a GPU beside the task: cuML there when it imports, in one task
-        oos, model, backend = run_tasks(train_probe, [(vectors, sample, codes[sample], n_classes, request.threads,
-                                                       choices)], request=request)[0]
+        oos, model, backend, models = run_tasks(train_probe, [(vectors, sample, codes[sample], n_classes,
+                                                               request.threads, choices, sample_keys, previous,
+                                                               class_names)], request=request)[0]
     parts = map_vectors(vectors, _apply, model, n_classes, TOP_CLASSES)
     top_classes = np.concatenate([p[0] for p in parts])
     top_p = np.concatenate([p[1] for p in parts])
@@ -289,6 +386,27 @@ def probe_probabilities(vectors, codes: np.ndarray, n_classes: int, previous_c: 
             "folds": FOLDS}
     if "C=" in backend:
         info["C"] = float(backend.rsplit("C=", 1)[1])
-        info["C_chosen_by"] = "the previous run" if previous_c else f"{FOLDS}-fold log-loss over {list(REGULARISATION_C)}"
-    log.info("label probe: %s, fitted on %d labelled items (%d-fold out of sample)", backend, len(sample), FOLDS)
-    return top_classes, top_p, info
+        info["C_chosen_by"] = ("the previous run" if previous is not None
+                               else f"{FOLDS}-fold log-loss over {list(REGULARISATION_C)}")
+    warm = (previous is not None and class_names is not None
+            and previous.start_for(class_names, model.mean, model.scale) is not None)
+    info["fits_started_from"] = "the previous run's models" if warm else "zero"
+    state = None
+    if class_names is not None and models and all(m is not None for m in models) and "C" in info:
+        weights = np.stack([_dense_weights(m, n_classes)[0] for m in models])
+        bias = np.stack([_dense_weights(m, n_classes)[1] for m in models])
+        state = ProbeState(info["C"], np.asarray([str(c) for c in class_names]), model.mean, model.scale, weights, bias)
+    log.info("label probe: %s, fitted on %d labelled items (%d-fold out of sample, fits from %s)", backend,
+             len(sample), FOLDS, info["fits_started_from"])
+    return top_classes, top_p, info, state
+
+
+def _dense_weights(model: tuple, n_classes: int) -> tuple[np.ndarray, np.ndarray]:
+    """A model's ``(weights, bias)`` over every class code; a class it never saw gets zero
+    weights and a bias far below the others (what a fit would give it, near enough)."""
+    weights, bias, classes = model
+    dense_w = np.zeros((weights.shape[0], n_classes), np.float32)
+    dense_b = np.full(n_classes, float(np.min(bias)) - 10.0, np.float32)
+    dense_w[:, classes] = weights
+    dense_b[classes] = bias
+    return dense_w, dense_b

@@ -128,8 +128,9 @@ class LabelQualityScore:
         suggested_code_ok = np.full(n_ok, -1, np.int64)
         confidence_ok = np.zeros(n_ok, np.float64)
         info: dict = {"probe": "off"}
+        state = None
         if labelled.any():
-            quality_ok, suggested_code_ok, confidence_ok, info = self._vote(ctx, codes, len(classes))
+            quality_ok, suggested_code_ok, confidence_ok, info, state = self._vote(ctx, codes, classes)
         quality = ctx.scatter(quality_ok, np.nan, np.float32)
         suggested_code = ctx.scatter(suggested_code_ok, -1, np.int64)
         confidence_all = ctx.scatter(confidence_ok, 0.0, np.float64)
@@ -162,7 +163,8 @@ class LabelQualityScore:
             "is_suspected_mislabel": suspected,
             "is_disputed": disputed,
             REASON_COLUMN: pa.array(reasons, pa.string()),
-        }).replace_schema_metadata({"label_models": json.dumps(info)})  # for summary()
+        }).replace_schema_metadata({"label_models": json.dumps(info),  # for summary()
+                                    **({"probe_state": state.to_bytes()} if state is not None else {})})
         # Moving label_quality_threshold changes only which of these are flagged: labelled items
         # the label models confidently disagree with, outside the rare tail, not corrected.
         open_to_it = has_quality & ~rare & confident & disagree & ~corrected
@@ -181,9 +183,12 @@ class LabelQualityScore:
             "flagged": described(sides["flagged"]), "not_flagged": described(sides["not_flagged"])}})
 
     @staticmethod
-    def _vote(ctx: ScoreContext, codes: np.ndarray, n_classes: int):
+    def _vote(ctx: ScoreContext, codes: np.ndarray, classes: np.ndarray):
         """Calibrated probabilities from the probe and the vote. Returns quality (NaN for
-        unlabelled rows), suggested class code and its calibrated probability per ok row."""
+        unlabelled rows), suggested class code and its calibrated probability per ok row, the
+        models' description and the probe's state for the next night (or None)."""
+        n_classes = len(classes)
+        state = None
         n_ok = len(codes)
         labelled = codes >= 0
         prior = np.bincount(codes[labelled], minlength=n_classes) / labelled.sum()
@@ -193,8 +198,8 @@ class LabelQualityScore:
         probe, info = None, {"probe": "off"}
         if weight > 0 and len(np.unique(codes[labelled])) > 1:
             keys = item_keys(ctx.columns.arrow("uri").take(ctx.ok_rows))
-            top_classes, top_p, info["probe"] = probe_probabilities(ctx.vectors, codes, n_classes,
-                                                                    previous_c=ctx.previous_probe_c, keys=keys)
+            top_classes, top_p, info["probe"], state = probe_probabilities(
+                ctx.vectors, codes, n_classes, ctx.previous_probe, keys=keys, class_names=classes)
             probe = (top_classes, top_p)
         step = max(1024, BLOCK_CELLS // max(1, n_classes))
         blocks = [(lo, min(lo + step, n_ok)) for lo in range(0, n_ok, step)]
@@ -225,7 +230,13 @@ class LabelQualityScore:
             quality[lo:hi] = np.where(block_codes >= 0, q[rows, np.maximum(block_codes, 0)], np.nan)
             suggested[lo:hi] = np.argmax(q, axis=1)
             confidence[lo:hi] = q[rows, suggested[lo:hi]]
-        return np.where(labelled, quality, np.nan).astype(np.float32), suggested, confidence, info
+        return np.where(labelled, quality, np.nan).astype(np.float32), suggested, confidence, info, state
+
+    def artifacts(self, table: pa.Table) -> dict:
+        """The probe's models (written to the run as ``label-probe.npz``: the next night's fits
+        start from them)."""
+        state = (table.schema.metadata or {}).get(b"probe_state")
+        return {"probe_state": state} if state else {}
 
     def summary(self, table: pa.Table) -> dict:
         metadata = (table.schema.metadata or {}).get(b"label_models", b"{}")
