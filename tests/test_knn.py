@@ -247,10 +247,11 @@ def test_a_shard_updated_in_place_answers_as_one_filled_from_scratch(tmp_path):
     assert (a[1] == b[1]).mean() > 0.99  # ties aside
 
 
-def test_reverse_candidates_are_every_pair_in_the_probed_lists_that_beats_the_row():
-    """The shard's reverse check: with every list probed it finds exactly the (old row, new
-    item) pairs that beat the row's threshold, by brute force; with fewer lists, a subset with
-    the same similarities; a quantised codec declines (None) rather than answer from codes."""
+def test_a_scan_finds_what_the_search_finds_and_the_reverse_pairs():
+    """The shard's scan of the probed lists: its forward lists are the search's (same nprobe),
+    and with every list probed its reverse pairs are exactly the (old row, new item) pairs that
+    beat the row's threshold, by brute force; with fewer lists, a subset with the same
+    similarities. A quantised codec cannot be scanned (the caller searches it)."""
     import faiss
 
     from curation.index.shard import IndexShard, train_empty_index
@@ -267,17 +268,23 @@ def test_reverse_candidates_are_every_pair_in_the_probed_lists_that_beats_the_ro
     truth = {(r, c) for r, c in zip(*np.nonzero((x @ x[new].T > threshold[:, None]) & open_rows[:, None]))}
     truth = {(int(r), int(new[c])) for r, c in truth}
     assert len(truth) > 500
+    queries = np.concatenate([new, np.arange(0, 3600, 9)])  # new items and some old rows searched anew
+    is_new = np.isin(queries, new)
     for nprobe in (16, 3):
         shard = IndexShard(trained, nprobe=nprobe)
         shard.add(np.arange(4000), x)
-        rows, cands, sims = shard.reverse_candidates(new, x[new], threshold, open_rows)
+        assert shard.can_scan()
+        (sims, ids), (rows, cands, rsims) = shard.scan(x[queries], 11, 0, queries, is_new, threshold, open_rows,
+                                                       chunk=150)
+        searched_sims, searched_ids = shard.search(x[queries], 11)
+        np.testing.assert_allclose(sims, searched_sims, atol=1e-5)
+        assert (ids == searched_ids).mean() > 0.99  # ties aside
         found = set(zip(rows.tolist(), cands.tolist()))
         assert len(found) == len(rows)  # each pair once
-        np.testing.assert_allclose(sims, np.einsum("ij,ij->i", x[rows], x[cands]), atol=1e-5)
+        np.testing.assert_allclose(rsims, np.einsum("ij,ij->i", x[rows], x[cands]), atol=1e-5)
         if nprobe == 16:
             assert found == truth
         else:
             assert found < truth and len(found) > 0.5 * len(truth)
     quantised = IndexShard(faiss.serialize_index(train_empty_index(x, "IVF16,SQ8")), nprobe=4)
-    quantised.add(np.arange(4000), x)
-    assert quantised.reverse_candidates(new, x[new], threshold, open_rows) is None
+    assert not quantised.can_scan()

@@ -115,59 +115,98 @@ class IndexShard:
         sims = np.where(ids >= 0, sims, -np.inf).astype(np.float32)
         return sims, ids
 
-    def reverse_candidates(self, new_ids: np.ndarray, new_vectors: np.ndarray, threshold: np.ndarray,
-                           open_rows: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray] | None:
-        """The reverse direction of the new items' search: every stored item in the lists a new
-        item probes, against that new item, kept where the pair beats the item's ``threshold``
-        (the similarity a newcomer must pass to enter its list). A neighbour search keeps only
-        each query's own top k, and a near new item is often not among its neighbour's top k
+    def can_scan(self) -> bool:
+        """Whether :meth:`scan` can read this shard's stored vectors (IVF Flat on CPU)."""
+        if self.lists is None or self.gpu is not None:
+            return False
+        ivf = faiss.extract_index_ivf(self.lists)
+        return ivf.code_size == 4 * ivf.d
+
+    def scan(self, queries: np.ndarray, k: int, nprobe: int = 0, query_ids: np.ndarray | None = None,
+             is_new: np.ndarray | None = None, threshold: np.ndarray | None = None,
+             open_rows: np.ndarray | None = None, chunk: int = 32768) -> tuple[tuple[np.ndarray, np.ndarray], tuple | None]:
+        """The search of ``queries`` in both directions, one matrix product per probed list.
+
+        FAISS's search keeps each query's own top k of the items it scores. A nightly update
+        also needs the other direction: the stored items a new item is closer to than their
+        own last neighbour. A near new item is often not in its neighbour's top k
         (high-dimensional embeddings are full of such one-way pairs: on ``thumbnail`` vectors a
-        new item's 30-wide list held 59% of the old items that it enters); here every pair the
-        search would have scored is scored, one matrix product per list.
+        new item's 30-wide list held 59% of the old items it enters). Here every pair the
+        search scores -- each query against every item in the lists it probes -- is scored
+        once, as a product of the list's stored vectors with its queries, and serves both.
 
         Args:
-            new_ids, new_vectors: the new items and their vectors.
-            threshold: per id, the similarity to beat (float32, every id tonight).
-            open_rows: per id, whether its row takes candidates (rows searched anew do not).
+            queries: ``(m, d)`` float32.
+            k: neighbours per query (as :meth:`search`; the query's own id may be among them).
+            nprobe: lists probed (0: the shard's).
+            query_ids, is_new, threshold, open_rows: the reverse direction (with
+                ``threshold``): for the queries with ``is_new``, also every stored item of an
+                open row (``open_rows[id]``) whose ``threshold[id]`` the pair beats.
 
         Returns:
-            ``(rows, candidates, similarities)``, or None where the stored vectors cannot be
-            read as float32 (a quantised codec, a GPU index): the caller falls back on the
-            new items' own lists.
+            ``((sims, ids), (rows, candidates, sims) or None)``; the first as :meth:`search`
+            returns it (the same neighbours, up to ties).
         """
-        if self.lists is None or self.gpu is not None:
-            return None
         ivf = faiss.extract_index_ivf(self.lists)
         d = ivf.d
-        if ivf.code_size != 4 * d or len(new_ids) == 0:
-            return None if ivf.code_size != 4 * d else (np.zeros(0, np.int64), np.zeros(0, np.int64),
-                                                         np.zeros(0, np.float32))
-        new_vectors = np.ascontiguousarray(new_vectors, dtype=np.float32)
-        nprobe = max(1, min(self.nprobe or ivf.nprobe, ivf.nlist))
-        _, probed = ivf.quantizer.search(new_vectors, nprobe)
-        flat = probed.ravel()
-        order = np.argsort(flat, kind="stable")
-        who = order // nprobe  # the new items probing each list, lists in order
-        starts = np.searchsorted(flat[order], np.arange(ivf.nlist + 1))
-        rows, cands, sims = [], [], []
-        for number in np.flatnonzero(np.diff(starts)):
-            size = ivf.invlists.list_size(int(number))
-            if not size:
-                continue
-            ids = faiss.rev_swig_ptr(ivf.invlists.get_ids(int(number)), size)
-            stored = faiss.rev_swig_ptr(ivf.invlists.get_codes(int(number)), size * 4 * d).view(np.float32)
-            queries = who[starts[number]:starts[number + 1]]
-            scores = stored.reshape(size, d) @ new_vectors[queries].T
-            inside = (ids >= 0) & (ids < len(threshold))
-            safe = np.where(inside, ids, 0)
-            hit_row, hit_query = np.nonzero((scores > threshold[safe][:, None]) & (inside & open_rows[safe])[:, None])
-            if len(hit_row):
-                rows.append(ids[hit_row].astype(np.int64))
-                cands.append(np.asarray(new_ids, np.int64)[queries[hit_query]])
-                sims.append(scores[hit_row, hit_query].astype(np.float32))
-        if not rows:
-            return np.zeros(0, np.int64), np.zeros(0, np.int64), np.zeros(0, np.float32)
-        return np.concatenate(rows), np.concatenate(cands), np.concatenate(sims)
+        nprobe = max(1, min(nprobe or self.nprobe or ivf.nprobe, ivf.nlist))
+        queries = np.ascontiguousarray(queries, dtype=np.float32)
+        m = len(queries)
+        out_sims = np.full((m, k), -np.inf, np.float32)
+        out_ids = np.full((m, k), -1, np.int64)
+        rev_rows, rev_cands, rev_sims = [], [], []
+        reverse = threshold is not None
+        for lo in range(0, m, chunk):
+            block = queries[lo:lo + chunk]
+            _, probed = ivf.quantizer.search(block, nprobe)
+            flat = probed.ravel()
+            order = np.argsort(flat, kind="stable")
+            who = order // nprobe  # the queries probing each list, lists in order
+            starts = np.searchsorted(flat[order], np.arange(ivf.nlist + 1))
+            if reverse:
+                block_new = np.asarray(is_new[lo:lo + chunk], bool)
+            found_q, found_id, found_sim = [], [], []
+            for number in np.flatnonzero(np.diff(starts)):
+                size = ivf.invlists.list_size(int(number))
+                if not size:
+                    continue
+                ids = faiss.rev_swig_ptr(ivf.invlists.get_ids(int(number)), size)
+                stored = faiss.rev_swig_ptr(ivf.invlists.get_codes(int(number)), size * 4 * d).view(np.float32)
+                members = who[starts[number]:starts[number + 1]]
+                scores = stored.reshape(size, d) @ block[members].T  # (size, queries of this list)
+                if size > k:
+                    top = np.argpartition(scores, size - k, axis=0)[size - k:]
+                    found_sim.append(np.take_along_axis(scores, top, axis=0).ravel())
+                    found_id.append(ids[top].ravel())
+                    found_q.append(np.broadcast_to(members, top.shape).ravel())
+                else:
+                    found_sim.append(scores.ravel())
+                    found_id.append(np.repeat(ids, len(members)))
+                    found_q.append(np.tile(members, size))
+                if reverse and block_new[members].any():
+                    inside = (ids >= 0) & (ids < len(threshold))
+                    safe = np.where(inside, ids, 0)
+                    hit = ((scores > threshold[safe][:, None]) & (inside & open_rows[safe])[:, None]
+                           & block_new[members][None, :])
+                    hit_row, hit_query = np.nonzero(hit)
+                    if len(hit_row):
+                        rev_rows.append(ids[hit_row].astype(np.int64))
+                        rev_cands.append(np.asarray(query_ids, np.int64)[lo + members[hit_query]])
+                        rev_sims.append(scores[hit_row, hit_query].astype(np.float32))
+            if found_q:
+                q, i, v = np.concatenate(found_q), np.concatenate(found_id), np.concatenate(found_sim)
+                order = np.lexsort((-v, q))  # by query, best first
+                q, i, v = q[order], i[order], v[order]
+                first = np.searchsorted(q, np.arange(len(block)))
+                rank = np.arange(len(q)) - first[q]
+                keep = rank < k
+                out_sims[lo + q[keep], rank[keep]] = v[keep]
+                out_ids[lo + q[keep], rank[keep]] = i[keep]
+        result = None
+        if reverse:
+            result = ((np.concatenate(rev_rows), np.concatenate(rev_cands), np.concatenate(rev_sims)) if rev_rows
+                      else (np.zeros(0, np.int64), np.zeros(0, np.int64), np.zeros(0, np.float32)))
+        return (out_sims, out_ids), result
 
     def save(self, location) -> int:
         """Stream the filled index to ``location`` (a :class:`curation.io.filesystem.Location`)

@@ -104,11 +104,11 @@ def sharded_knn(vectors, k: int, params: IndexParams, *, query_batch: int = 1638
         target_recall: when training here, choose nprobe as the smallest of ``NPROBE_STEPS`` whose
             recall@k against searching every list reaches this on ``CALIBRATION_QUERIES`` items
             (0: ``params.nprobe`` as given). ``timing["nprobe"]`` is the one searched with.
-        reverse: ``(new_ids, threshold, open_rows)``: after the search, every shard also scores
-            the new items against the items in the lists they probe
-            (:meth:`~curation.index.shard.IndexShard.reverse_candidates`);
-            ``timing["reverse_candidates"]`` is ``(rows, candidates, sims)``, or None where a
-            shard cannot (quantised codec, GPU).
+        reverse: ``(new_ids, threshold, open_rows)`` (with ``queries``): the shards scan the
+            queries' lists in both directions (:meth:`~curation.index.shard.IndexShard.scan`),
+            and ``timing["reverse_candidates"]`` is ``(rows, candidates, sims)``: the open rows
+            a new item beats the threshold of. None where a shard cannot scan (a quantised
+            codec, a GPU index): those shards are searched.
     """
     import ray
 
@@ -203,12 +203,26 @@ def sharded_knn(vectors, k: int, params: IndexParams, *, query_batch: int = 1638
         # Query tasks reserve no CPU: they mostly wait on the shards, which hold the CPUs.
         pending: list = []
         done_rows = 0
+        scanning = False
         # Generators: each task is submitted only when fewer than QUERY_TASKS_IN_FLIGHT run.
         if queries is None:
             # One task per range of whole row groups (each read once), searched query_batch rows at a time.
             query = ray.remote(num_cpus=0)(_query_batch)
             jobs = ((start, stop, query.remote(source_ref, start, stop, shards, search_k, k, query_batch, params.nprobe))
                     for start, stop in source.ranges(query_batch))
+        elif reverse is not None and all(_shard_call([shard.can_scan.remote() for shard in shards], "the scan check")):
+            # Both directions in one scan of the probed lists; the vectors from the caller's
+            # memory when it holds them (the task reads them otherwise).
+            is_new = np.isin(queries, reverse[0])
+            shared = [ray.put(np.asarray(reverse[1], np.float32)), ray.put(np.asarray(reverse[2], bool))]
+            query = ray.remote(num_cpus=0)(_scan_vectors)
+            jobs = ((start, min(start + query_batch, rows),
+                     query.remote(queries[start:start + query_batch],
+                                  cache.take(queries[start:start + query_batch]) if isinstance(cache, CachedVectors)
+                                  else None, source_ref, shards, search_k, k, params.nprobe,
+                                  is_new[start:start + query_batch], shared))
+                    for start in range(0, rows, query_batch))
+            scanning = True
         elif isinstance(cache, CachedVectors):  # the given ids, their vectors from the caller's memory
             query = ray.remote(num_cpus=0)(_query_vectors)
             jobs = ((start, min(start + query_batch, rows),
@@ -220,24 +234,20 @@ def sharded_knn(vectors, k: int, params: IndexParams, *, query_batch: int = 1638
             jobs = ((start, min(start + query_batch, rows),
                      query.remote(source_ref, queries[start:start + query_batch], shards, search_k, k, params.nprobe))
                     for start in range(0, rows, query_batch))
+        found_reverse = [] if scanning else None
         for job in jobs:
             pending.append(job)
             if len(pending) >= QUERY_TASKS_IN_FLIGHT:
-                done_rows += _collect(pending.pop(0), ids, sims)
+                done_rows += _collect(pending.pop(0), ids, sims, found_reverse)
                 log.info("kNN search: %d / %d items (%.0f s)", done_rows, rows, time.perf_counter() - t)
         while pending:
-            done_rows += _collect(pending.pop(0), ids, sims)
+            done_rows += _collect(pending.pop(0), ids, sims, found_reverse)
         timing["search_s"] = round(time.perf_counter() - t, 3)
         timing["searched"] = rows
         if reverse is not None:
-            t = time.perf_counter()
-            new_ids = reverse[0]
-            new_x = cache.take(new_ids) if isinstance(cache, CachedVectors) else source.take(new_ids)
-            args = [ray.put(a) for a in (new_ids, new_x, *reverse[1:])]
-            parts = _shard_call([shard.reverse_candidates.remote(*args) for shard in shards], "the reverse check")
-            timing["reverse_candidates"] = (None if any(p is None for p in parts)
-                                            else tuple(np.concatenate(c) for c in zip(*parts)))
-            timing["reverse_s"] = round(time.perf_counter() - t, 3)
+            timing["scanned_both_ways"] = found_reverse is not None
+            timing["reverse_candidates"] = (tuple(np.concatenate(c) for c in zip(*found_reverse))
+                                            if found_reverse else None)
         _check_shards(shards, expected, "after the search")
         timing["shard_peak_rss_bytes"] = ray.get([shard.memory_bytes.remote() for shard in shards])
         timing["shard_private_bytes"] = ray.get([shard.private_bytes.remote() for shard in shards])
@@ -317,12 +327,18 @@ def calibrate_nprobe(shards: list, ids: np.ndarray, queries: np.ndarray, k: int,
     (exact on the stored vectors). How many lists a query must probe depends on how clustered
     the vectors are: on clustered 512-d embeddings 16 lists find 0.99, on a 772-d pixel-statistics
     embedding (``thumbnail``) about 0.9. Returns it and the recall measured at each step tried."""
-    def search(nprobe):
-        results = _shard_call([shard.search.remote(queries, k + 1, nprobe) for shard in shards], "calibration")
+    scan = all(_shard_call([shard.can_scan.remote() for shard in shards], "calibration"))
+
+    def search(nprobe, exact=False):
+        if exact and scan:  # every list, as matrix products: several times faster than the list scan
+            results = [r[0] for r in _shard_call([shard.scan.remote(queries, k + 1, nprobe) for shard in shards],
+                                                 "calibration")]
+        else:
+            results = _shard_call([shard.search.remote(queries, k + 1, nprobe) for shard in shards], "calibration")
         sims, found = merge_shard_results(results)
         return drop_self(sims, found, ids, k)[1]
 
-    truth = search(nlist)
+    truth = search(nlist, exact=True)
     recalls: dict = {}
     steps = [s for s in NPROBE_STEPS if s < nlist] or [nlist]
     for nprobe in steps:
@@ -368,11 +384,29 @@ def _query_vectors(own: np.ndarray, queries: np.ndarray, shards: list, search_k:
     return ids, sims
 
 
-def _collect(pending, ids: np.ndarray, sims: np.ndarray) -> int:
+def _scan_vectors(own: np.ndarray, queries: np.ndarray | None, source, shards: list, search_k: int, k: int,
+                  nprobe: int, is_new: np.ndarray, shared: list) -> tuple[np.ndarray, np.ndarray, tuple]:
+    """The given ids, run as a Ray task: every shard scans their lists both ways
+    (:meth:`~curation.index.shard.IndexShard.scan`); the forward lists merged with self
+    dropped, and the reverse candidates of every shard. ``shared``: ``[threshold, open_rows]``
+    object refs, handed to the shards unread."""
+    if queries is None:
+        queries = source.take(own, local=True)
+    threshold, open_rows = shared
+    results = _shard_call([shard.scan.remote(queries, search_k, nprobe, own, is_new, threshold, open_rows)
+                           for shard in shards], "the scan")
+    merged_sims, merged_ids = merge_shard_results([r[0] for r in results])
+    sims, ids = drop_self(merged_sims, merged_ids, own, k)
+    return ids, sims, tuple(np.concatenate(c) for c in zip(*(r[1] for r in results)))
+
+
+def _collect(pending, ids: np.ndarray, sims: np.ndarray, reverse: list | None = None) -> int:
     import ray
 
     start, stop, ref = pending
-    batch_ids, batch_sims = ray.get(ref)
+    batch_ids, batch_sims, *rest = ray.get(ref)
+    if reverse is not None and rest:
+        reverse.append(rest[0])
     progress.tick()
     ids[start:stop, : batch_ids.shape[1]] = batch_ids
     sims[start:stop, : batch_sims.shape[1]] = batch_sims

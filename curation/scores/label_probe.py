@@ -63,22 +63,37 @@ def probe_backend() -> str:
     return "cuml" if kmeans_backend() == "cuml" else "sklearn"
 
 
-def item_keys(uris) -> np.ndarray:
-    """A pseudo-random uint64 per item, from its uri alone: the order the probe samples and
-    deals folds in. Tied to the item, not to its row, so a night that stores its vectors in
-    another order (an updated night beside the same night built whole) fits the same model on
-    the same rows, and an item stays in the sample from night to night."""
+def item_keys(names) -> np.ndarray:
+    """A pseudo-random uint64 per item from a name of it (its file's content hash, else its
+    uri; see :func:`probe_keys`): the order the probe samples and deals folds in. Tied to the
+    item, not to its row, so a night that stores its vectors in another order (an updated night
+    beside the same night built whole, a cluster of another size) fits the same model on the
+    same rows, and an item stays in the sample and in its fold from night to night."""
     import zlib
 
-    crc = np.fromiter((zlib.crc32(u.encode()) for u in _as_strings(uris)), np.uint64)
+    crc = np.fromiter((zlib.crc32(str(u).encode()) for u in _as_strings(names)), np.uint64)
     z = crc * np.uint64(0x9E3779B97F4A7C15)  # splitmix64's finaliser: CRC32 alone is linear
     z = (z ^ (z >> np.uint64(30))) * np.uint64(0xBF58476D1CE4E5B9)
     z = (z ^ (z >> np.uint64(27))) * np.uint64(0x94D049BB133111EB)
     return z ^ (z >> np.uint64(31))
 
 
-def _as_strings(uris) -> list:
-    return uris.to_pylist() if hasattr(uris, "to_pylist") else list(uris)
+def _as_strings(names) -> list:
+    return names.to_pylist() if hasattr(names, "to_pylist") else list(names)
+
+
+def probe_keys(table, rows: np.ndarray) -> np.ndarray:
+    """:func:`item_keys` of ``rows`` of a samples table: by the file's content hash where it
+    has one (the same picture is the same item wherever it is stored: in a local folder or in
+    S3), else by uri."""
+    import pyarrow as pa
+    import pyarrow.compute as pc
+
+    take = pa.array(np.asarray(rows, np.int64), pa.int64())
+    uris = table["uri"].take(take)
+    if "content_hash" in table.column_names:
+        uris = pc.coalesce(table["content_hash"].take(take).cast(pa.string()), uris.cast(pa.string()))
+    return item_keys(uris)
 
 
 def stratified_sample(codes: np.ndarray, size: int, *, keys: np.ndarray | None = None,

@@ -45,7 +45,7 @@ import pyarrow.compute as pc
 from curation.corrections import corrected_mask
 from curation.scores.base import REASON_COLUMN, Flag, ScoreContext, count_true, evidence_of, masked, nearby, \
     one_sided_counts, side_by_side, with_evidence
-from curation.scores.label_probe import item_keys, probe_probabilities
+from curation.scores.label_probe import probe_keys, probe_probabilities
 
 TEMPERATURE = 0.1
 PRIOR_WEIGHT = 0.1
@@ -99,14 +99,14 @@ def label_codes(labels) -> tuple[pa.DictionaryArray, np.ndarray, np.ndarray]:
 def probe_sample_ids(samples: pa.Table) -> np.ndarray:
     """The vector ids the label probe will train on (its stratified sample), for a phase that
     reads vectors before the scores and can read these with them."""
-    from curation.scores.label_probe import PROBE_SAMPLE, item_keys, stratified_sample
+    from curation.scores.label_probe import PROBE_SAMPLE, probe_keys, stratified_sample
     from curation.schema import ok_rows_in_vector_order
 
     if "label" not in samples.column_names:
         return np.zeros(0, np.int64)
     _, _, codes = label_codes(samples["label"])
     rows = ok_rows_in_vector_order(samples)
-    return np.sort(stratified_sample(codes[rows], PROBE_SAMPLE, keys=item_keys(samples["uri"].take(rows))))
+    return np.sort(stratified_sample(codes[rows], PROBE_SAMPLE, keys=probe_keys(samples, rows)))
 
 
 class LabelQualityScore:
@@ -197,7 +197,7 @@ class LabelQualityScore:
         weight = ctx.config.label_probe_weight
         probe, info = None, {"probe": "off"}
         if weight > 0 and len(np.unique(codes[labelled])) > 1:
-            keys = item_keys(ctx.columns.arrow("uri").take(ctx.ok_rows))
+            keys = probe_keys(ctx.columns.table, ctx.ok_rows)
             top_classes, top_p, info["probe"], state = probe_probabilities(
                 ctx.vectors, codes, n_classes, ctx.previous_probe, keys=keys, class_names=classes)
             probe = (top_classes, top_p)
