@@ -165,7 +165,7 @@ class IndexShard:
             starts = np.searchsorted(flat[order], np.arange(ivf.nlist + 1))
             if reverse:
                 block_new = np.asarray(is_new[lo:lo + chunk], bool)
-            found_q, found_id, found_sim = [], [], []
+            heap = faiss.ResultHeap(len(block), k, keep_max=True)  # FAISS's own top-k heaps
             for number in np.flatnonzero(np.diff(starts)):
                 size = ivf.invlists.list_size(int(number))
                 if not size:
@@ -173,35 +173,22 @@ class IndexShard:
                 ids = faiss.rev_swig_ptr(ivf.invlists.get_ids(int(number)), size)
                 stored = faiss.rev_swig_ptr(ivf.invlists.get_codes(int(number)), size * 4 * d).view(np.float32)
                 members = who[starts[number]:starts[number + 1]]
-                scores = stored.reshape(size, d) @ block[members].T  # (size, queries of this list)
-                if size > k:
-                    top = np.argpartition(scores, size - k, axis=0)[size - k:]
-                    found_sim.append(np.take_along_axis(scores, top, axis=0).ravel())
-                    found_id.append(ids[top].ravel())
-                    found_q.append(np.broadcast_to(members, top.shape).ravel())
-                else:
-                    found_sim.append(scores.ravel())
-                    found_id.append(np.repeat(ids, len(members)))
-                    found_q.append(np.tile(members, size))
+                scores = block[members] @ stored.reshape(size, d).T  # (queries of this list, size)
+                heap.add_result_subset(members, scores, np.ascontiguousarray(ids, np.int64))
                 if reverse and block_new[members].any():
                     inside = (ids >= 0) & (ids < len(threshold))
                     safe = np.where(inside, ids, 0)
-                    hit = ((scores > threshold[safe][:, None]) & (inside & open_rows[safe])[:, None]
-                           & block_new[members][None, :])
-                    hit_row, hit_query = np.nonzero(hit)
+                    hit = ((scores > threshold[safe][None, :]) & (inside & open_rows[safe])[None, :]
+                           & block_new[members][:, None])
+                    hit_query, hit_row = np.nonzero(hit)
                     if len(hit_row):
                         rev_rows.append(ids[hit_row].astype(np.int64))
                         rev_cands.append(np.asarray(query_ids, np.int64)[lo + members[hit_query]])
-                        rev_sims.append(scores[hit_row, hit_query].astype(np.float32))
-            if found_q:
-                q, i, v = np.concatenate(found_q), np.concatenate(found_id), np.concatenate(found_sim)
-                order = np.lexsort((-v, q))  # by query, best first
-                q, i, v = q[order], i[order], v[order]
-                first = np.searchsorted(q, np.arange(len(block)))
-                rank = np.arange(len(q)) - first[q]
-                keep = rank < k
-                out_sims[lo + q[keep], rank[keep]] = v[keep]
-                out_ids[lo + q[keep], rank[keep]] = i[keep]
+                        rev_sims.append(scores[hit_query, hit_row].astype(np.float32))
+            heap.finalize()
+            filled = heap.I >= 0
+            out_sims[lo:lo + len(block)] = np.where(filled, heap.D, -np.inf)
+            out_ids[lo:lo + len(block)] = np.where(filled, heap.I, -1)
         result = None
         if reverse:
             result = ((np.concatenate(rev_rows), np.concatenate(rev_cands), np.concatenate(rev_sims)) if rev_rows
