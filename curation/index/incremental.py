@@ -8,11 +8,12 @@ neighbour list, mapped to tonight's ids. Then:
 * **old items that lost a neighbour** (deleted or changed tonight) are searched again;
 * **reverse edges**: a new item enters an old item's list when it is closer than that item's
   last neighbour (margin included). On the exact path every old item is checked against every
-  new item (exact: the graph equals a full recompute, up to ties); on the sharded path every
-  shard scores each new item against every item stored in the lists that new item probes
-  (:meth:`~curation.index.shard.IndexShard.reverse_candidates`: the pairs its search scored,
-  not only its own top k), and the candidates from the new items' wide lists join them. The
-  recall against a full recompute is measured in ``benchmarks/incremental.py``.
+  new item (exact: the graph equals a full recompute, up to ties); on the sharded path the
+  shards scan the lists each new item probes once, for both directions
+  (:meth:`~curation.index.shard.IndexShard.scan`: every pair its search scores, not only its
+  own top k), and the candidates from the new items' wide lists join them (all there is for
+  a codec the scan cannot read). The recall against a full recompute is measured in
+  ``benchmarks/incremental.py``.
 
 On the sharded path the previous run's trained coarse quantiser (``index/trained.faissindex``)
 is reused instead of trained again, unless the new items sit farther from its centroids than
