@@ -80,6 +80,10 @@ def test_an_updated_night_starts_its_fits_from_the_previous_models(monkeypatch):
     model of the same fold, moved to tonight's standardisation and class codes: two L-BFGS
     iterations from there land next to the converged answer, two from zero do not. The kept
     state survives its file format; a class set that changed starts from zero."""
+    import ray
+
+    # The fits in this process, where MAX_ITER is patched (Ray workers would not see it).
+    monkeypatch.setattr(ray, "is_initialized", lambda: False)
     x, y = _mixture(n_per=250, classes=4, dim=24, seed=5)
     noisy, _ = _flip(y, 0.08)
     names = np.array(["cat", "dog", "emu", "fox"])
