@@ -408,8 +408,7 @@ def probe_probabilities(vectors, codes: np.ndarray, n_classes: int, previous: Pr
     info["fits_started_from"] = "the previous run's models" if warm else "zero"
     state = None
     if class_names is not None and models and all(m is not None for m in models) and "C" in info:
-        weights = np.stack([_dense_weights(m, n_classes)[0] for m in models])
-        bias = np.stack([_dense_weights(m, n_classes)[1] for m in models])
+        weights, bias = (np.stack(part) for part in zip(*(_dense_weights(m, n_classes) for m in models)))
         state = ProbeState(info["C"], np.asarray([str(c) for c in class_names]), model.mean, model.scale, weights, bias)
     log.info("label probe: %s, fitted on %d labelled items (%d-fold out of sample, fits from %s)", backend,
              len(sample), FOLDS, info["fits_started_from"])
