@@ -634,7 +634,10 @@ class DecodeStage:
         background: RGB for compositing transparency.
         defer_jpegs: leave the files the torch path takes (:func:`~curation.stages.decode_torch.torch_decodable`)
             undecoded: their bytes go out in a ``jpeg`` column (empty for every other row) for
-            the embedding actor to decode on its device (``decode.path: torch``).
+            the embedding actor to decode on its device (``decode.path: torch``), with their
+            ``pixel_hash`` (read here, where the bytes are). ``pixels`` is then a binary column:
+            each decoded row's model input as its ``S*S*3`` bytes, empty for the others, so a
+            deferred row carries no placeholder pixels to the actor.
     """
 
     num_cpus = 1
@@ -682,6 +685,10 @@ class DecodeStage:
             out["jpeg"] = np.full(n, b"", dtype=object)
         with _OneTorchThread():
             self._decode_rows(batch, out)
+        if self.defer_jpegs:
+            deferred = np.fromiter((bool(data) for data in out["jpeg"]), bool, n)
+            decoded = is_ok(out["status"]) & ~deferred
+            out["pixels"] = np.array([out["pixels"][i].tobytes() if decoded[i] else b"" for i in range(n)], object)
         result = {key: value for key, value in batch.items() if key != "input_error"}
         result.update(out)
         return result
@@ -699,11 +706,11 @@ class DecodeStage:
                     raise RejectedInput(str(errors[i]))
                 data = self._read(str(uri))
                 out["content_hash"][i] = _digest(data)
-                if deferrable is not None:
-                    if deferrable(data, self.max_pixels):
-                        out["jpeg"][i] = data  # decoded by the embedding actor
+                if deferrable is not None and deferrable(data, self.max_pixels):
+                    digest = jpeg_image_digest(data)
+                    if digest is not None:  # (else decoded here, and its pixels hashed)
+                        out["jpeg"][i], out["pixel_hash"][i] = data, digest  # decoded by the embedding actor
                         out["status"][i], out["reason"][i] = STATUS_OK, None
-                        out["pixels"][i] = 0
                         continue
                 width, height, out["pixel_hash"][i], greys[i] = decode_into(
                     data, image_size=self.image_size, max_pixels=self.max_pixels, background=self.background,

@@ -64,8 +64,12 @@ class EmbedStage:
         self.net = net.to(self.device)
         if self.device == "cuda":
             self.net = self.net.to(memory_format=torch.channels_last)
-        self.mean = torch.tensor(self.identity.mean, device=self.device).view(1, 3, 1, 1)
-        self.std = torch.tensor(self.identity.std, device=self.device).view(1, 3, 1, 1)
+        mean = torch.tensor(self.identity.mean, dtype=torch.float32).view(1, 3, 1, 1)
+        std = torch.tensor(self.identity.std, dtype=torch.float32).view(1, 3, 1, 1)
+        self.scale = (1.0 / (255.0 * std)).to(self.device)
+        self.shift = (mean / std).to(self.device)
+        self._staging: torch.Tensor | None = None  # pinned model inputs (GPU)
+        self._outputs: torch.Tensor | None = None  # pinned embeddings (GPU)
         use_bf16 = self.precision == "bf16" or (self.precision == "auto" and self.device == "cuda")
         self.autocast_dtype = torch.bfloat16 if use_bf16 else None
         self.decoder = None
@@ -74,50 +78,94 @@ class EmbedStage:
 
             self.decoder = TorchDecoder(image_size=self.image_size, device=self.device)
 
-    def decode_deferred(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-        """Decode the rows the read tasks left as JPEG bytes (see the class); the batch with
-        them filled in and without its ``jpeg`` column."""
+    def decode_deferred(self, batch: dict[str, np.ndarray]) -> tuple[dict[str, np.ndarray], np.ndarray, object]:
+        """Decode the rows the read tasks left as JPEG bytes (see the class). Returns the batch
+        without its ``jpeg`` column, the rows decoded on the device (ascending), and what
+        :meth:`TorchDecoder.start` returned for them: their model inputs on the device and
+        their features on the way (:class:`~curation.stages.decode_torch.DecodedFeatures`);
+        ``(batch, [], None)`` when no row was left."""
         from curation.schema import STATUS_REJECTED
         from curation.stages.decode import RejectedInput, ThumbnailFeatures, decode_into
 
         files = batch.pop("jpeg")
         rows = np.flatnonzero(np.fromiter((bool(f) for f in files), bool, len(files)))
         if not len(rows):
-            return batch
+            return batch, rows, None
         batch = {key: (value.copy() if isinstance(value, np.ndarray) and not value.flags.writeable else value)
                  for key, value in batch.items()}
-        data = [bytes(files[i]) for i in rows]
-        pixels, features, decoded = self.decoder(data)
-        batch["pixels"][rows] = pixels
-        for key, values in features.items():
-            if key == "pixel_hash":
-                batch[key][rows] = values
-            else:
-                batch[key][rows[decoded]] = values[decoded]
-        for j in np.flatnonzero(~decoded):  # the CPU path, for its pixels or its reason
+        data = [files[i] for i in rows]
+        pixels, decoded, pending = self.decoder.start(data)
+        size = self.image_size
+        for j in np.flatnonzero(~decoded):  # the CPU path, for its pixels or its reason (rare)
             i = rows[j]
+            model_input = np.zeros((size, size, 3), np.uint8)
             try:
                 width, height, batch["pixel_hash"][i], grey = decode_into(
-                    data[j], image_size=self.image_size, max_pixels=self.decode_settings["max_pixels"],
-                    background=tuple(self.decode_settings["background"]), pixels_out=batch["pixels"][i])
+                    data[j], image_size=size, max_pixels=self.decode_settings["max_pixels"],
+                    background=tuple(self.decode_settings["background"]), pixels_out=model_input)
             except RejectedInput as exc:
                 batch["status"][i], batch["reason"][i], batch["pixel_hash"][i] = STATUS_REJECTED, str(exc), ""
-                batch["pixels"][i] = 0
                 continue
+            batch["pixels"][i] = model_input.tobytes()
             batch["width"][i], batch["height"][i] = width, height
             one = ThumbnailFeatures(1)
             one.add(0, grey)
             for key, values in one.finish().items():
                 batch[key][i] = values[0]
-        return batch
+        return batch, rows[decoded], (pixels[torch.as_tensor(np.flatnonzero(decoded), device=pixels.device)],
+                                      pending, rows)
 
-    def embed(self, pixels: np.ndarray) -> np.ndarray:
-        """(N, S, S, 3) uint8 -> (N, D) float32, L2-normalised."""
-        x = torch.from_numpy(np.ascontiguousarray(pixels))
-        if self.device == "cuda":
-            x = x.pin_memory().to(self.device, non_blocking=True)
-        x = x.permute(0, 3, 1, 2).float().div_(255.0)
-        x = (x - self.mean) / self.std
+    def _host_pixels(self, column: np.ndarray, rows: np.ndarray) -> np.ndarray:
+        """``(len(rows), S, S, 3)`` uint8 model inputs of ``rows`` from the ``pixels`` column:
+        an array of them (the CPU path), or their bytes (read tasks that left JPEGs to this
+        actor send only the rows they decoded, as bytes)."""
+        size = self.image_size
+        if column.dtype != object:
+            return column if len(rows) == len(column) else column[rows]
+        if not len(rows):
+            return np.zeros((0, size, size, 3), np.uint8)
+        return np.frombuffer(b"".join(column[i] for i in rows), np.uint8).reshape(len(rows), size, size, 3)
+
+    def _to_device(self, pixels: np.ndarray) -> torch.Tensor:
+        """``(N, S, S, 3)`` uint8 on the host -> ``(N, 3, S, S)`` uint8 on this actor's device
+        (a view of NHWC memory: channels-last, the layout the GPU path runs in). On a GPU
+        through one pinned buffer kept for the actor's life, copied without blocking."""
+        if self.device != "cuda":
+            return torch.from_numpy(np.ascontiguousarray(pixels)).permute(0, 3, 1, 2)
+        n = len(pixels)
+        if self._staging is None or self._staging.shape[0] < n:
+            self._staging = torch.empty((n, *pixels.shape[1:]), dtype=torch.uint8, pin_memory=True)
+        staged = self._staging[:n]
+        # The previous batch's copy out of this buffer was waited for before that batch returned.
+        np.copyto(staged.numpy(), pixels)
+        return staged.to(self.device, non_blocking=True).permute(0, 3, 1, 2)
+
+    def model_inputs(self, column: np.ndarray, ok: np.ndarray, device_rows: np.ndarray | None = None,
+                     device_pixels: torch.Tensor | None = None) -> torch.Tensor:
+        """``(m, 3, S, S)`` uint8 on this actor's device for the ``ok`` rows, in order: those
+        in ``device_rows`` from ``device_pixels`` (decoded here, already on the device), the
+        others from the ``pixels`` column."""
+        ok_rows = np.flatnonzero(ok)
+        if device_rows is None or not len(device_rows):
+            return self._to_device(self._host_pixels(column, ok_rows))
+        on_device = np.isin(ok_rows, device_rows)
+        if on_device.all() and len(device_rows) == len(ok_rows):
+            return device_pixels
+        size = self.image_size
+        x = torch.empty((len(ok_rows), 3, size, size), dtype=torch.uint8, device=self.device)
+        at = torch.as_tensor(np.flatnonzero(on_device), device=self.device)
+        x[at] = device_pixels[torch.as_tensor(np.searchsorted(device_rows, ok_rows[on_device]), device=self.device)]
+        if not on_device.all():
+            host_rows = ok_rows[~on_device]
+            x[torch.as_tensor(np.flatnonzero(~on_device), device=self.device)] = self._to_device(
+                self._host_pixels(column, host_rows))
+        return x
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """``(N, 3, S, S)`` uint8 on the device -> ``(N, D)`` float32 L2-normalised, on the
+        device (on a GPU, queued: nothing waits for it here)."""
+        x = x.float()  # keeps a channels-last view's strides
+        x = x.mul_(self.scale).sub_(self.shift)  # (x / 255 - mean) / std in one pass each
         if self.device == "cuda":
             x = x.contiguous(memory_format=torch.channels_last)
         with torch.inference_mode():
@@ -127,28 +175,62 @@ class EmbedStage:
             else:
                 feats = self.net(x)
             feats = feats.reshape(feats.shape[0], -1).float()
-            feats = torch.nn.functional.normalize(feats, dim=1)
-        return feats.cpu().numpy().astype(np.float32, copy=False)
+            return torch.nn.functional.normalize(feats, dim=1)
+
+    def _send(self, feats: torch.Tensor):
+        """Start the features' copy to the host; :meth:`_receive` waits for it."""
+        if self.device != "cuda":
+            return feats, None
+        n, dim = feats.shape
+        if self._outputs is None or self._outputs.shape[0] < n or self._outputs.shape[1] != dim:
+            self._outputs = torch.empty((n, dim), dtype=torch.float32, pin_memory=True)
+        host = self._outputs[:n]
+        host.copy_(feats, non_blocking=True)
+        done = torch.cuda.Event()
+        done.record()
+        return host, done
+
+    @staticmethod
+    def _receive(sent) -> np.ndarray:
+        host, done = sent
+        if done is None:
+            return host.numpy()
+        done.synchronize()
+        return host.numpy().copy()  # the pinned buffer serves the next batch
+
+    def embed(self, pixels: np.ndarray) -> np.ndarray:
+        """(N, S, S, 3) uint8 -> (N, D) float32, L2-normalised."""
+        return self._receive(self._send(self.forward(self._to_device(pixels))))
 
     def __call__(self, batch: dict[str, np.ndarray]) -> pa.Table:
+        device_rows, on_device = None, None
         if "jpeg" in batch:
-            batch = self.decode_deferred(dict(batch))
+            batch, device_rows, on_device = self.decode_deferred(dict(batch))
         status = batch["status"]
         ok = is_ok(np.asarray(status, dtype=object))
         n = len(status)
         dim = self.identity.dim
-        if n and ok.all():  # the usual batch: no copy of its pixels to select the ok rows
-            values = self.embed(batch["pixels"])
-        else:
-            values = np.zeros((n, dim), np.float32)
-            if ok.any():
-                values[ok] = self.embed(batch["pixels"][ok])
-        flat = pa.array(values.reshape(-1), pa.float32())
-        embedding = pa.FixedSizeListArray.from_arrays(flat, dim, mask=pa.array(~ok))
+        sent = None
+        if ok.any():  # queued on a GPU: the host builds the other columns meanwhile
+            sent = self._send(self.forward(self.model_inputs(batch["pixels"], ok, device_rows,
+                                                             on_device[0] if on_device else None)))
+        if on_device is not None:  # the device-decoded rows' features (their work came before the model's)
+            _, pending, deferred = on_device
+            columns = pending.columns()
+            for key, values in columns.items():
+                batch[key][deferred[pending.decoded]] = values[pending.decoded]
         columns = {key: _to_arrow(value, STRING_COLUMNS.get(key), empty_is_null=key in EMPTY_IS_NULL)
                    for key, value in batch.items()
                    if key not in ("pixels", "copy_vector")}
-        columns["embedding"] = embedding
+        if sent is None:
+            values = np.zeros((n, dim), np.float32)
+        elif ok.all():  # the usual batch
+            values = self._receive(sent)
+        else:
+            values = np.zeros((n, dim), np.float32)
+            values[ok] = self._receive(sent)
+        flat = pa.array(values.reshape(-1), pa.float32())
+        columns["embedding"] = pa.FixedSizeListArray.from_arrays(flat, dim, mask=pa.array(~ok))
         if "copy_vector" in batch:  # the copy descriptor travels with the vector, in half precision
             copies = np.asarray(batch["copy_vector"], np.float16)
             columns["copy_vector"] = pa.FixedSizeListArray.from_arrays(

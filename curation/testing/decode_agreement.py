@@ -33,11 +33,14 @@ def compare_paths(files: list[bytes], *, image_size: int = 224, device: str = "c
     descriptors' cosine, the model inputs' mean absolute difference (grey levels), and whether
     the pixel hashes are equal, between :func:`curation.stages.decode.decode_image` (CPU) and
     :class:`curation.stages.decode_torch.TorchDecoder` on ``device``."""
-    from curation.stages.decode import decode_image
+    from curation.stages.decode import decode_image, jpeg_image_digest
     from curation.stages.decode_torch import TorchDecoder
 
     cpu = [decode_image(f, image_size=image_size, max_pixels=10**9) for f in files]
     pixels, features, decoded = TorchDecoder(image_size=image_size, device=device)(files)
+    pixels = pixels.permute(0, 2, 3, 1).cpu().numpy()
+    # On that path the read task hashes the file (it holds the bytes) and the actor decodes it.
+    features["pixel_hash"] = [jpeg_image_digest(f) for f in files]
     if not decoded.all():
         raise ValueError(f"the torch path refused {int((~decoded).sum())} of {len(files)} files")
     out = {name: np.abs(np.array([getattr(c, name) for c in cpu]) - features[name]) for name in STATISTICS}
