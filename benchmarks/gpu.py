@@ -113,17 +113,62 @@ def pipeline_throughput(paths: list[str], model: str, batch: int, decode_path: s
     return n / elapsed, elapsed
 
 
-def _decode_stage():
-    """The job's decode stage as the pipeline builds it for a 224-px model."""
+def _decode_stage(defer: bool = False):
+    """The job's decode stage as the pipeline builds it for a 224-px model (``defer``: as for
+    ``decode.path: torch``, where it only reads and hashes the JPEGs)."""
     from curation.io.filesystem import Resolver
     from curation.stages.decode import DecodeStage
 
-    return DecodeStage(resolver=Resolver(), image_size=224, max_pixels=100_000_000)
+    return DecodeStage(resolver=Resolver(), image_size=224, max_pixels=100_000_000, defer_jpegs=defer)
 
 
-def _decoded(paths: list[str]) -> dict:
+def _decoded(paths: list[str], defer: bool = False) -> dict:
     """One decoded batch of ``paths`` (what the embedding actors receive)."""
-    return _decode_stage()({"uri": np.array(paths, dtype=object), "input_id": np.arange(len(paths))})
+    return _decode_stage(defer)({"uri": np.array(paths, dtype=object), "input_id": np.arange(len(paths))})
+
+
+def read_rate(paths: list[str]) -> float:
+    """The read tasks' work on ``decode.path: torch`` (read, hash, check the header: what a
+    CPU still does per image on a GPU node), images/s in one process."""
+    stage = _decode_stage(defer=True)
+    batch = {"uri": np.array(paths, dtype=object)}
+    stage(batch)
+    t = time.perf_counter()
+    stage(batch)
+    return len(paths) / (time.perf_counter() - t)
+
+
+def torch_decode_rate(paths: list[str], device: str, batch: int, seconds: float) -> float:
+    """``TorchDecoder`` alone on ``device`` (decode, model input, thumbnail and its features,
+    those back on the host), files in memory, ``batch`` at a time: images/s."""
+    from curation.stages.decode_torch import TorchDecoder
+
+    files = [open(p, "rb").read() for p in paths[:batch]]
+    decoder = TorchDecoder(image_size=224, device=device)
+    decoder(files)  # warm-up
+    done, t = 0, time.perf_counter()
+    while time.perf_counter() - t < seconds:
+        pixels, _, _ = decoder(files)
+        done += len(files)
+    if device == "cuda":
+        import torch
+
+        torch.cuda.synchronize()
+    return done / (time.perf_counter() - t)
+
+
+def busy_cpus(run) -> tuple[object, float]:
+    """``run()``'s result and the CPUs busy meanwhile, machine-wide (every Ray worker is
+    its own process): CPU seconds of all processes over wall seconds, from ``/proc/stat``."""
+
+    def busy_seconds() -> float:
+        with open("/proc/stat") as fh:
+            user, nice, system, _idle, _iowait, irq, softirq = (int(v) for v in fh.readline().split()[1:8])
+        return (user + nice + system + irq + softirq) / os.sysconf("SC_CLK_TCK")
+
+    before, t = busy_seconds(), time.perf_counter()
+    result = run()
+    return result, (busy_seconds() - before) / (time.perf_counter() - t)
 
 
 def decode_rates(paths: list[str]) -> tuple[float, float]:
@@ -261,14 +306,17 @@ def trained_encoder_agreement(encoder: str, pixels: np.ndarray, labels: np.ndarr
             "knn_vote_accuracy_cpu": round(vote_accuracy(near_cpu), 4)}
 
 
-def embed_call_rate(model: str, paths: list[str], seconds: float = 10.0, device: str = "cuda") -> float:
+def embed_call_rate(model: str, paths: list[str], seconds: float = 10.0, device: str = "cuda",
+                    defer: bool = False) -> float:
     """One embedding actor's own ceiling: ``EmbedStage.__call__`` on a decoded batch (numpy in,
     Arrow table out: the selection of ok rows, the pinned copy, the forward pass and the output
-    columns), images/s. Ray Data's batching and object transfers are not in it."""
+    columns), images/s; ``defer``: on a batch of JPEG bytes (``decode.path: torch``), decoded
+    on the actor's device first. Ray Data's batching and object transfers are not in it."""
     from curation.stages.embed import EmbedStage
 
-    batch = _decoded(paths)
-    stage = EmbedStage(model=model, weights="none", image_size=224, device=device, precision="auto")
+    batch = _decoded(paths, defer)
+    stage = EmbedStage(model=model, weights="none", image_size=224, device=device, precision="auto",
+                       decode={"max_pixels": 100_000_000, "background": [255, 255, 255]} if defer else None)
     stage(batch)
     done, t = 0, time.perf_counter()
     while time.perf_counter() - t < seconds:
@@ -435,6 +483,22 @@ def main() -> None:
         record(f"one embedding actor's own ceiling (EmbedStage.__call__, batch {batch})", f"{actor:.0f} img/s",
                round(actor / raw, 3), embed_call_img_s=actor)
         torch.cuda.empty_cache()
+    # decode.path torch: what the device does per batch, alone, and then in the actor.
+    reads = read_rate(paths[:200])
+    record("read tasks on decode.path torch (read, hash, header), one process", f"{reads:.0f} img/s",
+           read_img_s=reads)
+    decoded = torch_decode_rate(paths, device, batch, 10 if gpu else 4)
+    busy_decode = (1 / decoded) / (1 / decoded + 1 / raw)
+    record(f"TorchDecoder alone on {device} (decode, model input, features; batch {batch})", f"{decoded:.0f} img/s",
+           round(decoded / raw, 3), torch_decode_img_s=decoded)
+    record("device busy share back to back: decode / model", f"{busy_decode:.2f} / {1 - busy_decode:.2f}",
+           busy_decode_share=round(busy_decode, 3),
+           back_to_back_cap_img_s=round(1 / (1 / decoded + 1 / raw)))
+    actor = embed_call_rate(args.model, paths[:batch], seconds=10 if gpu else 4, device=device, defer=True)
+    record(f"one embedding actor's own ceiling with decode.path torch (batch {batch}; ratio to raw)",
+           f"{actor:.0f} img/s", round(actor / raw, 3), embed_call_torch_img_s=actor)
+    if gpu:
+        torch.cuda.empty_cache()
 
     import ray
 
@@ -449,12 +513,14 @@ def main() -> None:
         e2e, seconds = pipeline_throughput(paths, args.model, batch, decode_path)
         record(f"pipeline end to end ({where}, {len(paths)} 640x480 JPEGs, start-up included)", f"{e2e:.0f} img/s",
                round(e2e / raw, 3), **{f"pipeline_{decode_path}_img_s": e2e})
-        big, big_seconds = pipeline_throughput(paths * 4, args.model, batch, decode_path)
+        (big, big_seconds), cpus_busy = busy_cpus(lambda: pipeline_throughput(paths * 4, args.model, batch, decode_path))
         steady = 3 * len(paths) / max(1e-9, big_seconds - seconds)
         record(f"pipeline end to end ({where}, {4 * len(paths)} rows, each file four times)", f"{big:.0f} img/s",
                round(big / raw, 3), **{f"pipeline_{decode_path}_big_img_s": big})
         record(f"pipeline steady state ({where}; the extra rows over the extra seconds; ratio to raw)",
                f"{steady:.0f} img/s", round(steady / raw, 3), **{f"pipeline_{decode_path}_steady_img_s": steady})
+        record(f"CPUs busy during the {4 * len(paths)}-row run ({where}; machine-wide, of {cpus})",
+               f"{cpus_busy:.1f}", **{f"pipeline_{decode_path}_cpus_busy": round(cpus_busy, 2)})
     ray.shutdown()
 
     if args.skip_knn:

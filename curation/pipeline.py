@@ -198,7 +198,8 @@ def _decode_and_embed(inputs: pa.Table, config: Config, resolver: Resolver) -> r
             "decode": ({"max_pixels": config.decode.max_pixels, "background": list(config.decode.background)}
                        if on_device else None),
         },
-        compute=ray.data.ActorPoolStrategy(min_size=pool["min_size"], max_size=pool["max_size"]),
+        compute=ray.data.ActorPoolStrategy(min_size=pool["min_size"], max_size=pool["max_size"],
+                                           max_concurrent_calls_per_actor=pool["calls"]),
         batch_size=config.embedder.batch_size,
         batch_format="numpy",
         **pool["actor"].options(),

@@ -366,14 +366,17 @@ def stage_requests(embedder: EmbedderConfig, shape: ClusterShape, *, decode_memo
 
     * **GPU** (``device: cuda``, or ``auto`` when the cluster has or may add GPU nodes): one
       actor per GPU with one CPU beside it on the same node; ``max_actors`` (default: every GPU
-      the cluster has or may add) bounds the pool.
+      the cluster has or may add) bounds the pool. Each GPU actor takes two calls at once
+      (``calls``: Ray Data's ``max_concurrent_calls_per_actor``): the model still runs one batch at
+      a time, while Ray Data batches the next batch's input and the last one's output beside it
+      instead of with the GPU idle.
     * **CPU**: at most half the cluster's CPUs (now, or as many as it may grow to) run embedding
       actors, so decoding always keeps CPUs. Every CPU node must hold one actor *and* one decode
       task at once — otherwise an actor restarted on a one-CPU node left after a node loss would
       starve decoding there — so on nodes of fewer than 2 CPUs both ask for half a CPU.
 
     Returns:
-        ``{"min_size", "max_size", "actor": Request, "decode": Request, "device"}``.
+        ``{"min_size", "max_size", "actor": Request, "decode": Request, "device", "calls"}``.
 
     Raises:
         InfeasibleRequest: e.g. ``device: cuda`` on a cluster with no GPU node, now or later.
@@ -391,7 +394,7 @@ def stage_requests(embedder: EmbedderConfig, shape: ClusterShape, *, decode_memo
         max_size = min(embedder.max_actors or limit, limit)
     decode = shape.fit("a decode task (decode.batch_size images in memory)", cpus=decode_cpus, memory=decode_memory)
     return {"min_size": min(embedder.min_actors, max_size), "max_size": max_size, "actor": actor,
-            "decode": decode, "device": "cuda" if use_gpu else "cpu"}
+            "decode": decode, "device": "cuda" if use_gpu else "cpu", "calls": 2 if use_gpu else 1}
 
 
 def shard_count(requested: int, n_items: int, cpus: int) -> int:

@@ -49,6 +49,74 @@ def test_the_torch_path_agrees_with_the_cpu_path_on_photos(width, height):
     assert diff["model_input_mad"].max() < 2.0
 
 
+def _thumbnails() -> list[np.ndarray]:
+    """Grey working thumbnails of every kind the features meet: photos at two aspects, a
+    letterboxed and a pillarboxed one (the copy descriptor trims those frames), a flat one and
+    ones too small for the Laplacian."""
+    from curation.stages.decode import decode_into
+
+    out = []
+    for seed, (width, height) in enumerate([(640, 480), (480, 640), (1600, 1200), (300, 200)]):
+        model_input = np.empty((64, 64, 3), np.uint8)
+        grey = decode_into(photo_jpeg(width, height, seed), image_size=64, max_pixels=10**9,
+                           background=(255, 255, 255), pixels_out=model_input)[3]
+        out.append(np.array(grey))
+    boxed = out[0].copy()
+    boxed[:24], boxed[-24:] = 0, 0
+    pillar = out[1].copy()
+    pillar[:, :30], pillar[:, -30:] = 250, 250
+    rng = np.random.default_rng(0)
+    return out + [boxed, pillar, np.full((40, 50), 90, np.uint8), rng.integers(0, 255, (2, 7), np.uint8),
+                  rng.integers(0, 255, (9, 5), np.uint8)]
+
+
+def test_the_torch_features_are_the_cpu_paths_on_the_same_thumbnails():
+    """Given equal thumbnails the device's features are the CPU path's: exact statistics
+    (integer histograms and Laplacians), the same dHash and the same copy descriptor (PIL's
+    fixed-point resize, reduction and blur, emulated on the device)."""
+    import torch
+
+    from curation.stages.decode import ThumbnailFeatures
+    from curation.stages.decode_torch import TorchThumbnailFeatures
+
+    thumbnails = _thumbnails()
+    cpu = ThumbnailFeatures(len(thumbnails))
+    for i, lum in enumerate(thumbnails):
+        cpu.add(i, Image.fromarray(lum, "L"))
+    on_device = TorchThumbnailFeatures(len(thumbnails))
+    for i, lum in enumerate(thumbnails):  # one stack per size, as the decoder stacks them
+        on_device.add(np.array([i]), torch.from_numpy(lum)[None])
+    same_size = TorchThumbnailFeatures(2)  # and a stack of two in one call
+    same_size.add(np.array([1, 0]), torch.from_numpy(np.stack([thumbnails[4], thumbnails[0]])))
+    expected, got = cpu.finish(), on_device.finish()
+    for key in ("brightness", "contrast", "sharpness", "shadows", "highlights", "phash"):
+        np.testing.assert_array_equal(got[key], expected[key], err_msg=key)
+    assert np.einsum("ij,ij->i", got["copy_vector"], expected["copy_vector"])[:6].min() > 0.9999
+    np.testing.assert_array_equal(got["copy_vector"][6], 0)  # flat: no descriptor on either path
+    stacked = same_size.finish()
+    np.testing.assert_array_equal(stacked["phash"], expected["phash"][[0, 4]])
+    np.testing.assert_array_equal(stacked["sharpness"], expected["sharpness"][[0, 4]])
+
+
+@pytest.mark.parametrize("shape", [(192, 256), (256, 171), (200, 256), (26, 26), (37, 61)])
+def test_pils_resize_reduction_and_blur_are_emulated_on_the_device(shape):
+    import torch
+    from PIL import ImageFilter
+
+    from curation.stages.decode_torch import _pil_reduce_then_resize, pil_gaussian_blur, pil_resize
+
+    lum = np.random.default_rng(shape[0]).integers(0, 256, shape, np.uint8)
+    image, tensor = Image.fromarray(lum, "L"), torch.from_numpy(lum)[None]
+    for size in ((16, 16), (8, 9), (32, 32)):
+        expected = np.asarray(image.resize(size[::-1], Image.BILINEAR)).astype(int)
+        np.testing.assert_array_equal(pil_resize(tensor, *size)[0].numpy(), expected)
+    reduced = np.asarray(image.resize((32, 32), Image.BILINEAR, reducing_gap=2.0)).astype(int)
+    difference = np.abs(_pil_reduce_then_resize(tensor, 32, 32, 2.0)[0].numpy().astype(int) - reduced)
+    assert difference.max() <= 1 and difference.mean() < 0.01  # Pillow's corner boxes round their own way
+    blurred = np.asarray(image.filter(ImageFilter.GaussianBlur(1.0)))
+    np.testing.assert_array_equal(pil_gaussian_blur(tensor, 1.0)[0].numpy(), blurred)
+
+
 def test_only_plain_complete_upright_jpegs_take_the_torch_path():
     photo = Image.fromarray(np.random.default_rng(0).integers(0, 255, (60, 80, 3), np.uint8))
     plain = _encode(photo, "JPEG", quality=90)
@@ -104,6 +172,9 @@ def test_deferred_rows_are_decoded_in_the_actor_as_the_cpu_path_decodes_them(tmp
     deferred, torch_rows = _batch_through(tmp_path, names, defer=True)
     sent = [bool(b) for b in deferred["jpeg"]]
     assert sent == [True, True, False, False, False, True, False, False]  # only plain, complete JPEGs travel
+    # The read task hashes what it sends; pixels travel only for the rows it decoded, as bytes.
+    assert deferred["pixel_hash"][0] == jpeg_image_digest(plain)
+    assert [len(p) for p in deferred["pixels"]] == [0, 0, 32 * 32 * 3, 32 * 32 * 3, 0, 0, 0, 0]
     _, cpu_rows = _batch_through(tmp_path, names, defer=False)
     assert torch_rows["status"] == cpu_rows["status"] and torch_rows["reason"] == cpu_rows["reason"]
     assert cpu_rows["status"][:4] == ["ok"] * 4 and cpu_rows["status"][4] == "rejected"
@@ -120,16 +191,21 @@ def test_deferred_rows_are_decoded_in_the_actor_as_the_cpu_path_decodes_them(tmp
         assert torch_rows["width"][i] == cpu_rows["width"][i] and torch_rows["height"][i] == cpu_rows["height"][i]
 
 
-def test_a_job_on_the_torch_path_finds_what_the_cpu_path_finds(ray_local, demo_set, tmp_path):
+def test_a_job_on_the_torch_path_finds_what_the_cpu_path_finds(ray_local, demo_set, tmp_path, monkeypatch):
     """The demo set (planted exact and near copies, junk, non-images) through the job twice:
-    the same statuses and reasons, and the same copy groups and junk flags on >= 99.5% of items."""
+    the same statuses and reasons, and the same copy groups and junk flags on >= 99.5% of items.
+    The torch run's actors take two calls at once, as GPU actors do."""
+    from curation import pipeline
     from curation.config import load_config
     from curation.demo import demo_config
     from curation.job import run_job
 
     root, _ = demo_set
     runs = {}
+    sized = pipeline.stage_requests
     for path in ("cpu", "torch"):
+        if path == "torch":
+            monkeypatch.setattr(pipeline, "stage_requests", lambda *a, **k: {**sized(*a, **k), "calls": 2})
         data = demo_config("/unused", str(tmp_path / path), budget=40)
         data["input"] = {"images": os.path.join(root, "images"), "labels": os.path.join(root, "labels.csv")}
         data["decode"] = {"path": path}

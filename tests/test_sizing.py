@@ -59,6 +59,8 @@ def test_cluster_keys_describe_the_largest_node_that_may_join():
     assert shape.may_grow and shape.has_gpus
     pool = stage_requests(EmbedderConfig(device="cuda"), shape, decode_memory=GIB)
     assert pool["device"] == "cuda" and pool["actor"].gpus == 1
+    assert pool["calls"] == 2  # Ray Data batches beside the GPU's batch; CPU actors take one call
+    assert stage_requests(EmbedderConfig(), ClusterShape.single(2), decode_memory=GIB)["calls"] == 1
 
 
 def test_cpu_embedding_pool_leaves_every_node_room_to_decode():
