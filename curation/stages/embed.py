@@ -2,7 +2,8 @@
 
 The model is loaded once per actor (in ``setup``, called from the constructor) and every batch
 runs under ``torch.inference_mode``; output is L2-normalised float32. On GPU the batch is
-copied from pinned memory and run channels-last under bf16 autocast.
+copied through a pinned buffer without blocking and run channels-last under bf16 autocast; the
+embeddings come back through another pinned buffer while the host builds the other columns.
 """
 
 from __future__ import annotations
@@ -29,10 +30,12 @@ class EmbedStage:
 
     With ``decode`` (``decode.path: torch``), rows whose ``jpeg`` column holds a file are
     decoded here first, as one batch on this actor's device
-    (:class:`~curation.stages.decode_torch.TorchDecoder`), filling their ``pixels``, size,
-    statistics and hashes; a file that decoder refuses goes through the CPU decode here (it is
-    rare: the read tasks sent only plain, complete JPEGs), so its ``rejected`` reason is the
-    CPU path's.
+    (:class:`~curation.stages.decode_torch.TorchDecoder`): their model inputs stay on the
+    device for the model, and their size, statistics and hashes fill the batch's columns. The
+    other rows' ``pixels`` then arrive as bytes (the read tasks send no placeholder for a
+    deferred row). A file that decoder refuses goes through the CPU decode here (it is rare:
+    the read tasks sent only plain, complete JPEGs), so its ``rejected`` reason is the CPU
+    path's.
 
     Args:
         model, weights, image_size: see :func:`curation.embedders.load_embedder`.
@@ -112,8 +115,9 @@ class EmbedStage:
             one.add(0, grey)
             for key, values in one.finish().items():
                 batch[key][i] = values[0]
-        return batch, rows[decoded], (pixels[torch.as_tensor(np.flatnonzero(decoded), device=pixels.device)],
-                                      pending, rows)
+        if not decoded.all():
+            pixels = pixels[torch.as_tensor(np.flatnonzero(decoded), device=pixels.device)]
+        return batch, rows[decoded], (pixels, pending, rows)
 
     def _host_pixels(self, column: np.ndarray, rows: np.ndarray) -> np.ndarray:
         """``(len(rows), S, S, 3)`` uint8 model inputs of ``rows`` from the ``pixels`` column:
