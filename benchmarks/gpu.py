@@ -24,6 +24,11 @@ Measures, each side by side in one run:
 
     python benchmarks/gpu.py --out benchmarks/results/gpu.json
     python benchmarks/gpu.py --num-cpus 8 --skip-knn   # issue 25's figures: both decode paths
+
+The hardware JPEG engine row needs nvImageCodec, which the GPU machine cannot download: fetch
+the wheels here (``pip download nvidia-nvimgcodec-cu13 nvidia-nvjpeg-cu13 --no-deps -d
+wheels``, about 30 MB: git ignores ``wheels/``; carry it) and install them there first
+(``pip install --no-index wheels/*.whl``).
 """
 
 from __future__ import annotations
@@ -233,6 +238,39 @@ def nvjpeg_rate(paths: list[str], batch: int = 128) -> float:
         run(paths[start:start + batch])
     torch.cuda.synchronize()
     return len(paths) / (time.perf_counter() - t)
+
+
+def hardware_jpeg_rates(paths: list[str], batch: int = 128) -> dict:
+    """nvImageCodec's JPEG decode on the GPU's hardware engine (``HW_GPU_ONLY``; A100, H100 and
+    H200 have one) beside its CUDA decoder (``GPU_ONLY``), batched, files in memory, decoded
+    images handed to torch: images/s each, or why a backend could not run. Only when
+    nvImageCodec is installed (the GPU machine reaches no index: carry the wheels, see the
+    module docstring)."""
+    try:
+        from nvidia import nvimgcodec
+    except ImportError as exc:
+        return {"note": f"nvImageCodec not installed ({exc})"}
+    import torch
+
+    files = [open(p, "rb").read() for p in paths]
+    out: dict = {"nvimgcodec": getattr(nvimgcodec, "__version__", "?")}
+    for name, kind in (("hardware", "HW_GPU_ONLY"), ("cuda", "GPU_ONLY")):
+        try:
+            decoder = nvimgcodec.Decoder(backends=[nvimgcodec.Backend(getattr(nvimgcodec.BackendKind, kind))])
+            decoder.decode(files[:batch])
+            torch.cuda.synchronize()
+            t = time.perf_counter()
+            for start in range(0, len(files), batch):
+                images = decoder.decode(files[start:start + batch])
+                if any(image is None for image in images):
+                    raise RuntimeError("the backend left some files undecoded")
+                for image in images:
+                    torch.as_tensor(image, device="cuda")
+            torch.cuda.synchronize()
+            out[f"{name}_img_s"] = round(len(files) / (time.perf_counter() - t), 1)
+        except Exception as exc:  # noqa: BLE001 -- recorded: the rest of the run goes on
+            out[f"{name}_error"] = f"{type(exc).__name__}: {exc}"[:300]
+    return out
 
 
 def gpu_matches_cpu(model: str, paths: list[str]) -> dict:
@@ -479,6 +517,10 @@ def main() -> None:
         rate = nvjpeg_rate(paths[:4096])
         record("nvJPEG decode + model input on the GPU (batched, full size)", f"{rate:.0f} img/s",
                round(rate / node, 3), nvjpeg_img_s=rate)
+        engine = hardware_jpeg_rates(paths[:4096])
+        record("hardware JPEG engine / CUDA decoder (nvImageCodec, decode only)",
+               f"{engine.get('hardware_img_s', engine.get('hardware_error', engine.get('note')))} / "
+               f"{engine.get('cuda_img_s', engine.get('cuda_error', '-'))}", hardware_jpeg=engine)
         actor = embed_call_rate(args.model, paths[:batch])
         record(f"one embedding actor's own ceiling (EmbedStage.__call__, batch {batch})", f"{actor:.0f} img/s",
                round(actor / raw, 3), embed_call_img_s=actor)
