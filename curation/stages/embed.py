@@ -8,6 +8,9 @@ embeddings come back through another pinned buffer while the host builds the oth
 
 from __future__ import annotations
 
+import dataclasses
+from typing import NamedTuple
+
 import numpy as np
 import pyarrow as pa
 import torch
@@ -15,6 +18,17 @@ import torch
 from curation.embedders import load_embedder
 from curation.io.filesystem import Resolver
 from curation.schema import is_ok
+from curation.stages.decode_torch import DecodedFeatures, TorchDecoder
+
+
+class DeviceDecoded(NamedTuple):
+    """Rows of a batch decoded on the embedding actor's device (ascending), their model inputs
+    there, and their features on the way to the host (one entry per file sent to the device:
+    ``pending.decoded`` marks these rows among them)."""
+
+    rows: np.ndarray
+    pixels: torch.Tensor
+    pending: DecodedFeatures
 
 
 def pick_device(device: str) -> str:
@@ -77,47 +91,38 @@ class EmbedStage:
         self.autocast_dtype = torch.bfloat16 if use_bf16 else None
         self.decoder = None
         if self.decode_settings is not None:
-            from curation.stages.decode_torch import TorchDecoder
-
             self.decoder = TorchDecoder(image_size=self.image_size, device=self.device)
 
-    def decode_deferred(self, batch: dict[str, np.ndarray]) -> tuple[dict[str, np.ndarray], np.ndarray, object]:
+    def decode_deferred(self, batch: dict[str, np.ndarray]) -> tuple[dict[str, np.ndarray], DeviceDecoded | None]:
         """Decode the rows the read tasks left as JPEG bytes (see the class). Returns the batch
-        without its ``jpeg`` column, the rows decoded on the device (ascending), and what
-        :meth:`TorchDecoder.start` returned for them: their model inputs on the device and
-        their features on the way (:class:`~curation.stages.decode_torch.DecodedFeatures`);
-        ``(batch, [], None)`` when no row was left."""
+        without its ``jpeg`` column, and the rows decoded on the device (None when no row was
+        left); a file the device refused is decoded here by the CPU path, into the batch."""
         from curation.schema import STATUS_REJECTED
-        from curation.stages.decode import RejectedInput, ThumbnailFeatures, decode_into
+        from curation.stages.decode import RejectedInput, decode_image
 
         files = batch.pop("jpeg")
         rows = np.flatnonzero(np.fromiter((bool(f) for f in files), bool, len(files)))
         if not len(rows):
-            return batch, rows, None
+            return batch, None
         batch = {key: (value.copy() if isinstance(value, np.ndarray) and not value.flags.writeable else value)
                  for key, value in batch.items()}
         data = [files[i] for i in rows]
         pixels, decoded, pending = self.decoder.start(data)
-        size = self.image_size
         for j in np.flatnonzero(~decoded):  # the CPU path, for its pixels or its reason (rare)
             i = rows[j]
-            model_input = np.zeros((size, size, 3), np.uint8)
             try:
-                width, height, batch["pixel_hash"][i], grey = decode_into(
-                    data[j], image_size=size, max_pixels=self.decode_settings["max_pixels"],
-                    background=tuple(self.decode_settings["background"]), pixels_out=model_input)
+                one = decode_image(data[j], image_size=self.image_size, max_pixels=self.decode_settings["max_pixels"],
+                                   background=tuple(self.decode_settings["background"]))
             except RejectedInput as exc:
                 batch["status"][i], batch["reason"][i], batch["pixel_hash"][i] = STATUS_REJECTED, str(exc), ""
                 continue
-            batch["pixels"][i] = model_input.tobytes()
-            batch["width"][i], batch["height"][i] = width, height
-            one = ThumbnailFeatures(1)
-            one.add(0, grey)
-            for key, values in one.finish().items():
-                batch[key][i] = values[0]
+            batch["pixels"][i] = one.pixels.tobytes()
+            for field in dataclasses.fields(one):
+                if field.name != "pixels":
+                    batch[field.name][i] = getattr(one, field.name)
         if not decoded.all():
             pixels = pixels[torch.as_tensor(np.flatnonzero(decoded), device=pixels.device)]
-        return batch, rows[decoded], (pixels, pending, rows)
+        return batch, DeviceDecoded(rows=rows[decoded], pixels=pixels, pending=pending)
 
     def _host_pixels(self, column: np.ndarray, rows: np.ndarray) -> np.ndarray:
         """``(len(rows), S, S, 3)`` uint8 model inputs of ``rows`` from the ``pixels`` column:
@@ -144,14 +149,15 @@ class EmbedStage:
         np.copyto(staged.numpy(), pixels)
         return staged.to(self.device, non_blocking=True).permute(0, 3, 1, 2)
 
-    def model_inputs(self, column: np.ndarray, ok: np.ndarray, device_rows: np.ndarray | None = None,
-                     device_pixels: torch.Tensor | None = None) -> torch.Tensor:
-        """``(m, 3, S, S)`` uint8 on this actor's device for the ``ok`` rows, in order: those
-        in ``device_rows`` from ``device_pixels`` (decoded here, already on the device), the
-        others from the ``pixels`` column."""
+    def model_inputs(self, column: np.ndarray, ok: np.ndarray, decoded_here: DeviceDecoded | None = None
+                     ) -> torch.Tensor:
+        """``(m, 3, S, S)`` uint8 on this actor's device for the ``ok`` rows, in order: the
+        rows ``decoded_here`` from their pixels already on the device, the others from the
+        ``pixels`` column."""
         ok_rows = np.flatnonzero(ok)
-        if device_rows is None or not len(device_rows):
+        if decoded_here is None or not len(decoded_here.rows):
             return self._to_device(self._host_pixels(column, ok_rows))
+        device_rows, device_pixels = decoded_here.rows, decoded_here.pixels
         on_device = np.isin(ok_rows, device_rows)
         if on_device.all() and len(device_rows) == len(ok_rows):
             return device_pixels
@@ -207,22 +213,19 @@ class EmbedStage:
         return self._receive(self._send(self.forward(self._to_device(pixels))))
 
     def __call__(self, batch: dict[str, np.ndarray]) -> pa.Table:
-        device_rows, on_device = None, None
+        decoded_here = None
         if "jpeg" in batch:
-            batch, device_rows, on_device = self.decode_deferred(dict(batch))
+            batch, decoded_here = self.decode_deferred(dict(batch))
         status = batch["status"]
         ok = is_ok(np.asarray(status, dtype=object))
         n = len(status)
         dim = self.identity.dim
         sent = None
         if ok.any():  # queued on a GPU: the host builds the other columns meanwhile
-            sent = self._send(self.forward(self.model_inputs(batch["pixels"], ok, device_rows,
-                                                             on_device[0] if on_device else None)))
-        if on_device is not None:  # the device-decoded rows' features (their work came before the model's)
-            _, pending, deferred = on_device
-            columns = pending.columns()
-            for key, values in columns.items():
-                batch[key][deferred[pending.decoded]] = values[pending.decoded]
+            sent = self._send(self.forward(self.model_inputs(batch["pixels"], ok, decoded_here)))
+        if decoded_here is not None:  # their features (the device's work on them came before the model's)
+            for key, values in decoded_here.pending.columns().items():
+                batch[key][decoded_here.rows] = values[decoded_here.pending.decoded]
         columns = {key: _to_arrow(value, STRING_COLUMNS.get(key), empty_is_null=key in EMPTY_IS_NULL)
                    for key, value in batch.items()
                    if key not in ("pixels", "copy_vector")}
