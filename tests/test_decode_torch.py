@@ -155,15 +155,22 @@ def _batch_through(tmp_path, names, *, defer: bool):
 def test_deferred_rows_are_decoded_in_the_actor_as_the_cpu_path_decodes_them(tmp_path):
     photo = Image.open(io.BytesIO(photo_jpeg(320, 240, 3)))
     plain = _encode(photo, "JPEG", quality=90)
-    damaged = bytearray(plain)
-    damaged[len(plain) // 2: len(plain) // 2 + 400] = os.urandom(400)  # scan data garbled, markers kept
+
+    def damaged(seed: int) -> bytes:  # scan data garbled, markers kept
+        garbled = bytearray(plain)
+        noise = np.random.default_rng(seed).integers(0, 256, 400, np.uint8).tobytes()
+        garbled[len(plain) // 2: len(plain) // 2 + 400] = noise
+        return bytes(garbled)
+
     files = {
         "plain.jpg": plain,
         "copy.jpg": _with_segment(plain, 0xFE, b"same picture, other metadata"),
         "photo.png": _encode(photo, "PNG"),
         "rotated.jpg": _encode(photo, "JPEG", exif=_orientation_exif(6)),
         "truncated.jpg": plain[: len(plain) // 2],
-        "damaged.jpg": bytes(damaged),
+        "damaged.jpg": damaged(0),  # both decoders refuse it
+        "garbled.jpg": damaged(1),  # both decode it
+        "refused.jpg": damaged(2),  # torchvision's decoder refuses it, the CPU path (run in the actor) decodes it
         "headless.jpg": b"\xff\xd8\xff" + b"\x00" * 50 + b"\xff\xd9",
     }
     for name, data in files.items():
@@ -171,10 +178,10 @@ def test_deferred_rows_are_decoded_in_the_actor_as_the_cpu_path_decodes_them(tmp
     names = list(files) + ["gone.jpg"]
     deferred, torch_rows = _batch_through(tmp_path, names, defer=True)
     sent = [bool(b) for b in deferred["jpeg"]]
-    assert sent == [True, True, False, False, False, True, False, False]  # only plain, complete JPEGs travel
+    assert sent == [True, True, False, False, False, True, True, True, False, False]  # only plain, complete JPEGs travel
     # The read task hashes what it sends; pixels travel only for the rows it decoded, as bytes.
     assert deferred["pixel_hash"][0] == jpeg_image_digest(plain)
-    assert [len(p) for p in deferred["pixels"]] == [0, 0, 32 * 32 * 3, 32 * 32 * 3, 0, 0, 0, 0]
+    assert [len(p) for p in deferred["pixels"]] == [0, 0, 32 * 32 * 3, 32 * 32 * 3, 0, 0, 0, 0, 0, 0]  # the actor wrote into a copy
     _, cpu_rows = _batch_through(tmp_path, names, defer=False)
     assert torch_rows["status"] == cpu_rows["status"] and torch_rows["reason"] == cpu_rows["reason"]
     assert cpu_rows["status"][:4] == ["ok"] * 4 and cpu_rows["status"][4] == "rejected"

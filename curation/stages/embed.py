@@ -104,8 +104,8 @@ class EmbedStage:
         rows = np.flatnonzero(np.fromiter((bool(f) for f in files), bool, len(files)))
         if not len(rows):
             return batch, None
-        batch = {key: (value.copy() if isinstance(value, np.ndarray) and not value.flags.writeable else value)
-                 for key, value in batch.items()}
+        # Written below, so copied: the caller's batch stays as it was (the columns are shallow).
+        batch = {key: (value.copy() if isinstance(value, np.ndarray) else value) for key, value in batch.items()}
         data = [files[i] for i in rows]
         pixels, decoded, pending = self.decoder.start(data)
         for j in np.flatnonzero(~decoded):  # the CPU path, for its pixels or its reason (rare)
