@@ -9,6 +9,7 @@ embeddings come back through another pinned buffer while the host builds the oth
 from __future__ import annotations
 
 import dataclasses
+import warnings
 from typing import NamedTuple
 
 import numpy as np
@@ -140,7 +141,9 @@ class EmbedStage:
         (a view of NHWC memory: channels-last, the layout the GPU path runs in). On a GPU
         through one pinned buffer kept for the actor's life, copied without blocking."""
         if self.device != "cuda":
-            return torch.from_numpy(np.ascontiguousarray(pixels)).permute(0, 3, 1, 2)
+            with warnings.catch_warnings():  # read-only Arrow memory: forward() reads it, never writes
+                warnings.filterwarnings("ignore", message="The given NumPy array is not writable")
+                return torch.from_numpy(np.ascontiguousarray(pixels)).permute(0, 3, 1, 2)
         n = len(pixels)
         if self._staging is None or self._staging.shape[0] < n:
             self._staging = torch.empty((n, *pixels.shape[1:]), dtype=torch.uint8, pin_memory=True)
