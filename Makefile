@@ -1,16 +1,20 @@
 # The two commands a fresh machine needs: `make demo` and `make test`.
 # Each builds the virtualenv it needs first, from its lock in locks/ (every package at one exact
-# version with its hashes; `make lock` rewrites them, `make lock-check` says whether they are current).
-# A changed lock rebuilds its virtualenv from scratch, so nothing the old lock installed is left over.
+# version with its hashes; `make lock` rewrites them, `make lock-check` says whether they are
+# current). A changed lock rebuilds its virtualenv from scratch, so nothing an older lock
+# installed is left over.
 PYTHON ?= python3
 VENV ?= .venv
 STAMP := $(VENV)/.installed-dev
-# Hash-checked installs of a lock: nothing outside it, no resolver. The project itself goes in
-# after, without dependencies and without build isolation (its build requirements are in the lock).
-PIP_LOCKED = bin/pip install --quiet --disable-pip-version-check --require-hashes --no-deps --only-binary :all: -r
-# Label Studio pins one package that has no wheel (attr 0.3.1): it is built with the locked build
-# tools installed first (locks/build.txt), without build isolation, so nothing unlocked is fetched.
-PIP_LOCKED_SDIST = bin/pip install --quiet --disable-pip-version-check --require-hashes --no-deps --no-build-isolation -r
+# uv installs the locks (itself installed by pip from its own hash-checked lock, locks/tools.txt):
+# from a cold cache it builds .venv in about a quarter of pip's time (README, *Locks*).
+TOOLS_VENV ?= .venv-lock
+TOOLS_STAMP := $(TOOLS_VENV)/.installed
+UV := $(TOOLS_VENV)/bin/uv
+# Hash-checked installs of a lock into a virtualenv made by the interpreter's own `venv`:
+# nothing outside the lock, no resolver. The project itself goes in after, without dependencies
+# and without build isolation (its build requirements, setuptools and wheel, are in the lock).
+UV_LOCKED = $(UV) pip install --quiet --require-hashes --no-deps --python
 # Label Studio for the review round-trip test, in its own virtualenv (it pins Django and boto
 # ranges that clash with ours). Its first-start database migrations (a minute or two) run in its
 # build, once, into a template data folder that each test server copies. (Defined before the
@@ -20,12 +24,18 @@ LS_STAMP := $(LS_VENV)/.installed
 
 .PHONY: demo test test-fast venv clean bench-venv browser label-studio lock lock-check
 
-$(STAMP): pyproject.toml locks/dev.txt
+$(TOOLS_STAMP): locks/tools.txt
+	rm -rf $(TOOLS_VENV)
+	$(PYTHON) -m venv $(TOOLS_VENV)
+	$(TOOLS_VENV)/bin/pip install --quiet --disable-pip-version-check --require-hashes --no-deps -r locks/tools.txt
+	touch $@
+
+$(STAMP): pyproject.toml locks/dev.txt $(TOOLS_STAMP)
 	rm -rf $(VENV)
 	$(PYTHON) -m venv $(VENV)
-	$(VENV)/$(PIP_LOCKED) locks/dev.txt
-	$(VENV)/bin/pip install --quiet --disable-pip-version-check --no-deps --no-build-isolation -e .
-	touch $(STAMP)
+	$(UV_LOCKED) $(VENV)/bin/python --only-binary :all: -r locks/dev.txt
+	$(UV) pip install --quiet --no-deps --no-build-isolation --python $(VENV)/bin/python -e .
+	touch $@
 
 venv: $(STAMP)
 
@@ -44,19 +54,23 @@ test-fast: $(STAMP)
 	$(VENV)/bin/python -m pytest -q -m "not integration"
 
 # The report test opens report.html in Debian's Chromium (never a downloaded browser build).
+# Not locked: apt installs the distribution's current release.
 browser:
 	@command -v chromium >/dev/null 2>&1 || { (apt-get update -qq && apt-get install -y -qq chromium >/dev/null) \
 		|| echo "could not install chromium: the report's browser test will be skipped (and fails under CI)"; }
 
-$(LS_STAMP): locks/label-studio.txt locks/build.txt
+# Label Studio pins one package that has no wheel (attr 0.3.1): it is built from source with the
+# locked build tools installed first (locks/build.txt) and no build isolation, so nothing
+# unlocked is fetched to build it.
+$(LS_STAMP): locks/label-studio.txt locks/build.txt $(TOOLS_STAMP)
 	rm -rf $(LS_VENV)
 	$(PYTHON) -m venv $(LS_VENV)
-	$(LS_VENV)/$(PIP_LOCKED) locks/build.txt
-	$(LS_VENV)/$(PIP_LOCKED_SDIST) locks/label-studio.txt
+	$(UV_LOCKED) $(LS_VENV)/bin/python --only-binary :all: -r locks/build.txt
+	$(UV_LOCKED) $(LS_VENV)/bin/python --no-build-isolation -r locks/label-studio.txt
 	rm -rf $(LS_VENV)/template
 	LATEST_VERSION_CHECK=false COLLECT_ANALYTICS=false $(LS_VENV)/bin/label-studio version \
 		--data-dir $(LS_VENV)/template >/dev/null
-	touch $(LS_STAMP)
+	touch $@
 
 label-studio: $(LS_STAMP)
 
@@ -65,22 +79,15 @@ label-studio: $(LS_STAMP)
 bench-venv: $(VENV)/.installed-bench
 
 $(VENV)/.installed-bench: $(STAMP) locks/bench.txt
-	$(VENV)/$(PIP_LOCKED) locks/bench.txt
+	$(UV_LOCKED) $(VENV)/bin/python --only-binary :all: -r locks/bench.txt
 	touch $@
 
-# The lock tool (uv, itself locked) in its own virtualenv; `make lock` needs the package index.
-LOCK_VENV ?= .venv-lock
-$(LOCK_VENV)/.installed: locks/tools.txt
-	rm -rf $(LOCK_VENV)
-	$(PYTHON) -m venv $(LOCK_VENV)
-	$(LOCK_VENV)/$(PIP_LOCKED) locks/tools.txt
-	touch $@
+# Rewrite every lock (needs the package index), or say whether they are current.
+lock: $(TOOLS_STAMP)
+	PATH=$(CURDIR)/$(TOOLS_VENV)/bin:$$PATH $(TOOLS_VENV)/bin/python locks/update.py
 
-lock: $(LOCK_VENV)/.installed
-	PATH=$(CURDIR)/$(LOCK_VENV)/bin:$$PATH $(LOCK_VENV)/bin/python locks/update.py
-
-lock-check: $(LOCK_VENV)/.installed
-	PATH=$(CURDIR)/$(LOCK_VENV)/bin:$$PATH $(LOCK_VENV)/bin/python locks/update.py --check
+lock-check: $(TOOLS_STAMP)
+	PATH=$(CURDIR)/$(TOOLS_VENV)/bin:$$PATH $(TOOLS_VENV)/bin/python locks/update.py --check
 
 clean:
-	rm -rf $(VENV) $(LS_VENV) $(LOCK_VENV) demo-output .pytest_cache
+	rm -rf $(VENV) $(LS_VENV) $(TOOLS_VENV) demo-output .pytest_cache

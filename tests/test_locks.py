@@ -99,17 +99,19 @@ def test_the_makefile_and_the_dockerfile_install_only_from_the_locks():
         makefile = fh.read()
     with open(os.path.join(ROOT, "cluster", "Dockerfile")) as fh:
         dockerfile = fh.read()
-    assert "--require-hashes --no-deps" in makefile
+    assert "UV_LOCKED = $(UV) pip install --quiet --require-hashes --no-deps" in makefile
     for target, lock in [("$(STAMP):", "locks/dev.txt"), ("$(LS_STAMP):", "locks/label-studio.txt"),
-                         ("$(VENV)/.installed-bench:", "locks/bench.txt"), ("$(LS_STAMP):", "locks/build.txt")]:
+                         ("$(LS_STAMP):", "locks/build.txt"), ("$(VENV)/.installed-bench:", "locks/bench.txt"),
+                         ("$(TOOLS_STAMP):", "locks/tools.txt")]:
         rule = makefile.split("\n" + target, 1)[1].split("\n\n", 1)[0]
         assert lock in rule.split("\n", 1)[0], f"{target} is rebuilt when {lock} changes"
-        assert f"$(PIP_LOCKED) {lock}" in rule or f"$(PIP_LOCKED_SDIST) {lock}" in rule, rule
-    # pip install lines name either a lock or the project itself without its dependencies
+        assert f"-r {lock}" in rule and ("$(UV_LOCKED)" in rule or "--require-hashes" in rule), rule
+    # every other install is the project itself, without its dependencies
     for text in (makefile, dockerfile):
         for line in text.splitlines():
-            if "pip install" in line and "PIP_LOCKED" not in line and "-r " not in line:
+            if ("pip install" in line or "$(UV_LOCKED)" in line) and "-r " not in line and "UV_LOCKED =" not in line:
                 assert "--no-deps" in line, line
+                assert line.rstrip().endswith(("-e .", " .", ". && pip check")), line
     assert "--require-hashes --no-deps" in dockerfile and "locks/image${EXTRAS:+-$EXTRAS}.txt" in dockerfile
     for extras in ("", "gpu"):
         assert os.path.exists(os.path.join(ROOT, "locks", f"image{'-' + extras if extras else ''}.txt"))
