@@ -279,7 +279,8 @@ class SelectionConfig:
         mode: ``representative`` | ``edge_cases`` | ``label_review`` | ``clean`` | ``to_label``.
         budget: maximum rows (``clean`` ignores it unless set).
         class_balance: ``uniform`` | ``proportional`` | ``tempered:<alpha>`` (representative).
-        where: a filter over sample/metadata columns (pandas ``query`` syntax).
+        where: a filter over sample/metadata columns (pandas ``query`` syntax, parsed by
+            :mod:`curation.where`; never evaluated as text).
         balance_on: balance over this column instead of ``label``.
         include_rare: ``to_label`` may pick from the rarest tail (sparseness >
             ``scores.rare_tail_quantile``); off by default: outliers teach a model little per label.

@@ -29,8 +29,8 @@
   run put in this selection that are still unlabelled and eligible keep their place at the head
   (``pending`` in ``run.json``).
 
-Every mode takes ``where`` (a pandas ``query`` over sample and metadata columns, applied
-before selection) and ``balance_on`` (a column to balance over: for ``representative`` it
+Every mode takes ``where`` (a filter over sample and metadata columns in pandas ``query``
+syntax, parsed and evaluated by :mod:`curation.where`, applied before selection) and ``balance_on`` (a column to balance over: for ``representative`` it
 replaces ``label``; for the others ranks are interleaved round-robin over its values).
 A budget larger than what is eligible returns what is eligible and says so.
 
@@ -42,9 +42,7 @@ checked against the known columns before any work (:func:`check_selection_column
 
 from __future__ import annotations
 
-import ast
 import logging
-import re
 from dataclasses import dataclass, field
 from typing import ClassVar, Protocol, Sequence
 
@@ -59,6 +57,7 @@ from curation.corrections import corrected_mask
 from curation.index.source import as_source
 from curation.schema import SELECTION_SCHEMA, is_ok, ok_rows_in_vector_order, vector_id_of_rows
 from curation.scores import flag_columns
+from curation.where import WhereError, columns_of, where_mask
 
 log = logging.getLogger(__name__)
 
@@ -220,8 +219,7 @@ def columns_named(selections: list[SelectionConfig], available: list[str]) -> se
     for sel in selections:
         if sel.balance_on:
             names.add(sel.balance_on)
-        for quoted, bare in re.findall(r"`([^`]+)`|([A-Za-z_][A-Za-z0-9_]*)", sel.where or ""):
-            names.add(quoted or bare)
+        names |= columns_of(sel.where or "")
     return names & set(available)
 
 
@@ -620,71 +618,11 @@ class Selector:
                                rows=np.asarray(rows, np.int64))
 
 
-# What a ``where`` may contain: comparisons, boolean logic and arithmetic over columns and
-# literals, plus a few read-only string and null tests. Anything else (other calls, attribute
-# access, ``@`` locals) is refused before pandas sees it: ``label.to_csv('/x')`` would otherwise
-# write a file wherever the job runs.
-WHERE_NODES = (ast.Expression, ast.BoolOp, ast.And, ast.Or, ast.UnaryOp, ast.Not, ast.USub, ast.UAdd,
-               ast.Invert, ast.BinOp, ast.Add, ast.Sub, ast.Mult, ast.Div, ast.Mod, ast.FloorDiv, ast.Pow,
-               ast.BitAnd, ast.BitOr, ast.Compare, ast.Eq, ast.NotEq, ast.Lt, ast.LtE, ast.Gt, ast.GtE, ast.In,
-               ast.NotIn, ast.Name, ast.Load, ast.Constant, ast.List, ast.Tuple)
-WHERE_STR_METHODS = {"startswith", "endswith", "contains", "match", "lower", "upper", "len", "strip"}
-WHERE_METHODS = {"isna", "notna", "isnull", "notnull"}
-
-
-def check_where_expression(expression: str) -> None:
-    """Raise ``ValueError`` unless ``expression`` uses only what :data:`WHERE_NODES` allows,
-    ``column.str.<method>(literals)`` or ``column.<isna|notna>()``."""
-    names: dict[str, str] = {}
-
-    def placeholder(match: re.Match) -> str:  # pandas' `quoted names` are not Python
-        names.setdefault(match.group(1), f"_quoted_{len(names)}")
-        return names[match.group(1)]
-
-    try:
-        tree = ast.parse(re.sub(r"`([^`]+)`", placeholder, expression), mode="eval")
-    except SyntaxError as exc:
-        raise ValueError(f"not an expression ({exc.msg})") from None
-    allowed_calls: set[int] = set()
-    for node in ast.walk(tree):
-        if isinstance(node, ast.Call):
-            func = node.func
-            ok = (isinstance(func, ast.Attribute) and not node.keywords
-                  and all(isinstance(arg, ast.Constant) for arg in node.args)
-                  and ((func.attr in WHERE_METHODS and isinstance(func.value, ast.Name))
-                       or (func.attr in WHERE_STR_METHODS and isinstance(func.value, ast.Attribute)
-                           and func.value.attr == "str" and isinstance(func.value.value, ast.Name))))
-            if not ok:
-                raise ValueError(f"only column.str.{{{', '.join(sorted(WHERE_STR_METHODS))}}}(...) and "
-                                 f"column.{{{', '.join(sorted(WHERE_METHODS))}}}() may be called")
-            allowed_calls.update({id(func), id(func.value)})
-        elif isinstance(node, ast.Attribute):
-            if id(node) not in allowed_calls and not (node.attr == "str" and isinstance(node.value, ast.Name)):
-                raise ValueError(f"attribute access '.{node.attr}' is not allowed")
-        elif isinstance(node, ast.Name) and node.id.startswith("__"):
-            raise ValueError(f"name {node.id!r} is not allowed")
-        elif not isinstance(node, WHERE_NODES):
-            raise ValueError(f"{type(node).__name__} is not allowed")
-
-
-def where_mask(df: pd.DataFrame, expression: str) -> np.ndarray:
-    """``expression`` over ``df`` as a boolean mask (``ValueError`` saying why not). The
-    expression is checked first (:func:`check_where_expression`) and sees only the columns."""
-    try:
-        check_where_expression(expression)
-        mask = df.eval(expression, local_dict={}, global_dict={})
-    except Exception as exc:
-        raise ValueError(f"cannot evaluate {expression!r} ({exc})") from None
-    if not isinstance(mask, pd.Series) or not (mask.dtype == bool or str(mask.dtype).startswith("bool")):
-        raise ValueError(f"{expression!r} is not a true/false condition")
-    return mask.to_numpy(bool)
-
-
 def evaluate_where(df: pd.DataFrame, sel: SelectionConfig) -> np.ndarray:
     """``sel.where`` over ``df`` as a boolean mask; :class:`ConfigError` naming the selection otherwise."""
     try:
         return where_mask(df, sel.where)
-    except ValueError as exc:
+    except WhereError as exc:
         raise ConfigError(f"selection {sel.name!r} where: {exc}") from None
 
 

@@ -173,7 +173,7 @@ class RunSearch:
         """Vector ids that pass ``where`` (None: no filter)."""
         if not where:
             return None
-        from curation.select import where_mask
+        from curation.where import where_mask
 
         if self._frame is None:
             self._frame = self.samples.drop_columns([c for c in ("embedding",) if c in self.samples.column_names])
