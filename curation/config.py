@@ -11,6 +11,7 @@ scalars, so ``true``, ``0.9`` and ``[a, b]`` arrive typed.
 from __future__ import annotations
 
 import dataclasses
+import math
 import os
 import re
 import types
@@ -23,6 +24,10 @@ import yaml
 
 class ConfigError(ValueError):
     """A configuration problem; the message names the offending key and says why."""
+
+
+class _NotFinite(ConfigError):
+    """NaN or an infinity for a number: refused for every key (NaN passes every range check)."""
 
 
 def choice(default: Any, *options: Any) -> Any:
@@ -64,7 +69,13 @@ class InputConfig:
             with annotations, as ``curation export`` made them) or a CSV ``uri,label``. The
             majority answer per item is applied (a tie is not); applied corrections are kept
             with the run and carried to later runs without the file (see
-            ``curation/corrections.py``).
+            ``curation/corrections.py``). Checked before any work: a malformed file, a label longer
+            than 200 characters, a file matching no input item, or a label the run has no class
+            for is exit 2 naming the file and the first bad record.
+        allow_new_classes: corrections may name classes the inputs do not have; such a class
+            gets the corrected items as members, and while it has fewer than 5 labelled
+            members it is held out of the label scores (never suggested, its items never
+            flagged). Off by default: a typo in one answer must not become a class.
         split_column: the column (manifest or embeddings file) that names each item's split
             (train / val / test ...); default ``split`` when there is such a column. Copies
             across splits are reported (``leakage.parquet``, ``run.json`` -> ``leakage``).
@@ -87,6 +98,7 @@ class InputConfig:
     split_column: str | None = None
     split_from_path: bool = False
     label_corrections: str | None = None
+    allow_new_classes: bool = False
 
 
 @dataclass
@@ -492,6 +504,8 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
                 continue
             try:
                 return _coerce(value, arg, key)
+            except _NotFinite:
+                raise
             except ConfigError:
                 continue
         raise ConfigError(f"config key '{key}': expected {' or '.join(_type_name(a) for a in args)}, got {value!r}")
@@ -510,6 +524,8 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
             return value
     elif tp is float:
         if isinstance(value, (int, float)) and not isinstance(value, bool):
+            if not math.isfinite(value):
+                raise _NotFinite(f"config key '{key}': must be a finite number, got {value}")
             return float(value)
     elif tp is str:
         if isinstance(value, (str, int, float)) and not isinstance(value, bool):

@@ -33,39 +33,112 @@ STORE_SCHEMA = pa.schema([("uri", pa.string()), ("fingerprint", pa.string()), ("
 SOURCE_GIVEN, SOURCE_CORRECTED = "given", "corrected"
 
 
+MAX_LABEL_LENGTH = 200  # characters: a class name, not a document (and it goes into every log line)
+# A class with fewer labelled members than this is held out of the label scores (see
+# scores/label_quality.py): a single correction naming a new class must not drive suggestions.
+MIN_CLASS_MEMBERS = 5
+
+
+class CorrectionsError(ValueError):
+    """A label corrections file that cannot be used: names the file and the first bad record."""
+
+
 def read_answers(location: Location) -> dict[str, list[str]]:
-    """``{uri: [answer, ...]}`` from a Label Studio JSON export or a ``uri,label`` CSV."""
+    """``{uri: [answer, ...]}`` from a Label Studio JSON export or a ``uri,label`` CSV.
+
+    Raises :class:`CorrectionsError` naming the file and the first bad record (malformed
+    JSON or CSV, a record of the wrong shape, a label longer than ``MAX_LABEL_LENGTH``) and
+    when the file holds no answer at all; ``StorageError`` when it cannot be read."""
     try:
         data = read_bytes(location)
     except OSError as exc:
         raise StorageError(f"{location.uri}: cannot read label corrections ({exc})") from exc
-    answers: dict[str, list[str]] = {}
     if location.path.lower().endswith(".json"):
-        try:
-            tasks = json.loads(data)
-        except ValueError as exc:
-            raise ValueError(f"{location.uri}: not a Label Studio JSON export ({exc})") from None
-        if not isinstance(tasks, list):
-            raise ValueError(f"{location.uri}: expected a list of Label Studio tasks, got {type(tasks).__name__}")
-        for task in tasks:
-            uri = ((task or {}).get("data") or {}).get("uri")
-            if not uri:
-                continue
-            for annotation in task.get("annotations") or []:
-                if annotation.get("was_cancelled"):
-                    continue
-                choices = [c for result in annotation.get("result") or [] if result.get("type") == "choices"
-                           for c in (result.get("value") or {}).get("choices") or []]
-                if len(choices) == 1:
-                    answers.setdefault(uri, []).append(str(choices[0]))
-        return answers
-    reader = csv.reader(io.StringIO(data.decode("utf-8-sig")))
-    for i, row in enumerate(reader):
-        if len(row) < 2 or (i == 0 and row[0].strip().lower() == "uri"):
-            continue
-        if row[0].strip() and row[1].strip():
-            answers.setdefault(row[0].strip(), []).append(row[1].strip())
+        answers = _label_studio_answers(data, location.uri)
+    else:
+        answers = _csv_answers(data, location.uri)
+    if not answers:
+        raise CorrectionsError(f"{location.uri}: no answers in it (expected Label Studio tasks with a choice, "
+                               f"or CSV rows uri,label)")
     return answers
+
+
+def _checked_label(label, where: str) -> str:
+    if not isinstance(label, str) or not label.strip():
+        raise CorrectionsError(f"{where}: the label must be a non-empty string, got {str(label)[:40]!r}")
+    label = label.strip()
+    if len(label) > MAX_LABEL_LENGTH:
+        raise CorrectionsError(f"{where}: a label of {len(label)} characters (at most {MAX_LABEL_LENGTH})")
+    return label
+
+
+def _label_studio_answers(data: bytes, uri: str) -> dict[str, list[str]]:
+    try:
+        tasks = json.loads(data)
+    except ValueError as exc:
+        raise CorrectionsError(f"{uri}: not a Label Studio JSON export ({exc})") from None
+    if not isinstance(tasks, list):
+        raise CorrectionsError(f"{uri}: expected a list of Label Studio tasks, got {type(tasks).__name__}")
+    answers: dict[str, list[str]] = {}
+    for i, task in enumerate(tasks):
+        where = f"{uri}: task {i}"
+        if not isinstance(task, dict):
+            raise CorrectionsError(f"{where}: expected a task object, got {type(task).__name__}")
+        data_field = task.get("data")
+        if not isinstance(data_field, dict) or not isinstance(data_field.get("uri"), str) or not data_field["uri"]:
+            raise CorrectionsError(f"{where}: no data.uri naming the item (tasks as `curation export` writes them)")
+        annotations = task.get("annotations") or []
+        if not isinstance(annotations, list) or not all(isinstance(a, dict) for a in annotations):
+            raise CorrectionsError(f"{where}: 'annotations' must be a list of objects")
+        for annotation in annotations:
+            if annotation.get("was_cancelled"):
+                continue
+            results = annotation.get("result") or []
+            if not isinstance(results, list) or not all(isinstance(r, dict) for r in results):
+                raise CorrectionsError(f"{where}: an annotation's 'result' must be a list of objects")
+            choices = [c for result in results if result.get("type") == "choices"
+                       for c in ((result.get("value") or {}).get("choices") or [])]
+            if len(choices) == 1:
+                answers.setdefault(data_field["uri"], []).append(_checked_label(choices[0], where))
+    return answers
+
+
+def _csv_answers(data: bytes, uri: str) -> dict[str, list[str]]:
+    try:
+        rows = list(csv.reader(io.StringIO(data.decode("utf-8-sig"))))
+    except (UnicodeDecodeError, csv.Error) as exc:
+        raise CorrectionsError(f"{uri}: not a UTF-8 CSV ({exc})") from None
+    header = [cell.strip().lower() for cell in rows[0]] if rows else []
+    if "label" in header and ("uri" in header or "path" in header):
+        uri_col, label_col = header.index("uri") if "uri" in header else header.index("path"), header.index("label")
+        first = 1
+    else:  # no header: uri,label by position
+        uri_col, label_col, first = 0, 1, 0
+    answers: dict[str, list[str]] = {}
+    for line, row in enumerate(rows[first:], start=first + 1):
+        if not any(cell.strip() for cell in row):
+            continue
+        where = f"{uri}: line {line}"
+        if len(row) <= max(uri_col, label_col) or not row[uri_col].strip():
+            raise CorrectionsError(f"{where}: expected uri,label, got {','.join(row)[:80]!r}")
+        answers.setdefault(row[uri_col].strip(), []).append(_checked_label(row[label_col], where))
+    return answers
+
+
+def check_answers(answers: dict[str, list[str]], *, uri: str, items: set[str] | None, classes: set[str] | None,
+                  allow_new_classes: bool) -> None:
+    """Refuse a corrections file that matches no item, or names classes the run does not have
+    (unless ``allow_new_classes``): :class:`CorrectionsError` naming the file and an example."""
+    if items is not None and not any(u in items for u in answers):
+        example = next(iter(answers))
+        raise CorrectionsError(f"{uri}: none of its {len(answers)} items is an input of this run "
+                               f"(e.g. {example[:200]!r})")
+    if classes is not None and not allow_new_classes:
+        new = sorted({label for votes in answers.values() for label in votes} - classes)
+        if new:
+            raise CorrectionsError(f"{uri}: {len(new)} label(s) the run has no class for, e.g. {new[0][:80]!r} "
+                                   f"(classes: {', '.join(sorted(classes)[:20])}); set input.allow_new_classes "
+                                   f"to add classes from corrections")
 
 
 def majority(answers: dict[str, list[str]]) -> tuple[dict[str, str], list[str]]:

@@ -24,7 +24,7 @@ from xml.sax.saxutils import quoteattr
 
 import pyarrow.parquet as pq
 
-from curation.io.filesystem import Location, Resolver, is_s3, write_bytes
+from curation.io.filesystem import Location, Resolver, is_s3, write_bytes_atomic
 from curation.io.outputs import resolve_run
 from curation.run_info import RunInfo
 
@@ -49,24 +49,28 @@ def export_selection(*, run: str, selection: str, out: str, fmt: str = "label-st
     location = resolve_run(resolver.resolve(run))
     if location is None:
         raise ExportError(f"--run {run}: no published run there (no _SUCCESS, and no latest naming one)")
-    info = RunInfo.read(location)
+    try:
+        info = RunInfo.read(location)
+    except ValueError as exc:
+        raise ExportError(str(exc)) from None
     names = [s.name for s in info.selections]
     if selection not in names:
         raise ExportError(f"--selection {selection!r}: not in run {info.run_id} (selections: {', '.join(names)})")
     rows = _rows(location, selection)
     target = resolver.resolve(out)
     if fmt == "csv":
-        write_bytes(target, _csv(rows).encode("utf-8"))
+        write_bytes_atomic(target, _csv(rows).encode("utf-8"))
         return {"tasks": len(rows), "files": [target.uri], "run": location.uri}
+    # Every check before the first byte is written: a refused --out leaves the file as it was.
+    config = resolver.resolve(os.path.splitext(out)[0] + ".xml")
+    if config.uri == target.uri:
+        raise ExportError(f"--out {out}: the tasks file cannot end in .xml (the labelling config is written there)")
     choices = list(classes) if classes else sorted(info.class_balance)
     if not choices:
         raise ExportError(f"run {info.run_id} has no labelled item: give the classes with --classes a,b,...")
     tasks = [_task(row, info.run_id, local_files_root) for row in rows]
-    write_bytes(target, json.dumps(tasks, indent=1).encode("utf-8"))
-    config = resolver.resolve(os.path.splitext(out)[0] + ".xml")
-    if config.uri == target.uri:
-        raise ExportError(f"--out {out}: the tasks file cannot end in .xml (the labelling config is written there)")
-    write_bytes(config, labelling_config(choices).encode("utf-8"))
+    write_bytes_atomic(target, json.dumps(tasks, indent=1).encode("utf-8"))
+    write_bytes_atomic(config, labelling_config(choices).encode("utf-8"))
     return {"tasks": len(tasks), "files": [target.uri, config.uri], "run": location.uri}
 
 

@@ -78,7 +78,9 @@ class Plan:
     embedding_files: list[Location] = field(default_factory=list)  # input.embeddings mode
     count: int = 0
     latest_tag: str | None = None  # `latest` as this run found it: publication swaps it only if unchanged
-    latest: bytes | None = None  # ... and its content: the previous run, to diff against
+    latest: bytes | None = None  # ... and its content
+    previous: Location | None = None  # the published run `latest` named at preflight: the diff, drift and graph update
+    answers: dict | None = None  # input.label_corrections, parsed and checked at preflight
 
     @property
     def run(self) -> Location:
@@ -206,7 +208,14 @@ def preflight(config: Config, resolver: Resolver) -> Plan:
     inputs_io.check_inputs(config, resolver)
     output = resolver.resolve(config.output.uri)
     plan = Plan(output=output, run_id=config.output.run_id or outputs.new_run_id())
+    if output.filesystem.get_file_info(plan.run.child("_SUCCESS").path).type.name == "File":
+        raise ConfigError(f"config key 'output.run_id': run {plan.run_id!r} is already published at {plan.run.uri} "
+                          f"(a published run is never rewritten: choose another run id, or leave it unset)")
     plan.latest, plan.latest_tag = read_tagged(output.child("latest"), config.storage)
+    # Resolved once, before anything is written: every later phase diffs against this run.
+    plan.previous = previous_run(output, plan.latest)
+    if plan.previous is not None and plan.previous.uri == plan.run.uri:
+        plan.previous = None
     if config.input.embeddings:
         plan.embedding_files, names, plan.count = inputs_io.embeddings_files(config, resolver)
         metadata = [n for n in names if n not in inputs_io.EMBEDDINGS_COLUMNS]
@@ -221,7 +230,41 @@ def preflight(config: Config, resolver: Resolver) -> Plan:
         raise ConfigError(f"config key 'input.split_column': no column {config.input.split_column!r} in the inputs "
                           f"(columns: {', '.join(metadata) or 'none'})")
     _check_selection_columns(config, metadata, plan)
+    if config.input.label_corrections:
+        plan.answers = _checked_corrections(config, resolver, plan)
     return plan
+
+
+def _checked_corrections(config: Config, resolver: Resolver, plan: Plan) -> dict[str, list[str]]:
+    """``input.label_corrections`` parsed and checked against the inputs' items and classes
+    (and the classes the previous run's kept corrections made), before any work."""
+    import pyarrow.parquet as pq
+
+    from curation.corrections import CorrectionsError, check_answers, read_answers
+
+    location = resolver.resolve(config.input.label_corrections)
+    if plan.inputs is not None:
+        uris, labels = plan.inputs["uri"], plan.inputs["label"] if "label" in plan.inputs.column_names else None
+    else:
+        from curation.io.inputs import read_embeddings_metadata
+
+        table, _ = read_embeddings_metadata(plan.embedding_files)
+        uris, labels = table["uri"], table["label"] if "label" in table.column_names else None
+    classes = set(pc.unique(labels.cast(pa.string())).drop_null().to_pylist()) if labels is not None else set()
+    if plan.previous is not None:
+        kept = plan.previous.child("corrections.parquet")
+        try:
+            classes |= set(pq.read_table(kept.path, filesystem=kept.filesystem, columns=["label"])["label"]
+                           .drop_null().to_pylist())
+        except (OSError, pa.ArrowException):
+            pass  # that run kept none
+    try:
+        answers = read_answers(location)
+        check_answers(answers, uri=location.uri, items=set(uris.to_pylist()), classes=classes,
+                      allow_new_classes=config.input.allow_new_classes)
+    except CorrectionsError as exc:
+        raise ConfigError(f"config key 'input.label_corrections': {exc}") from None
+    return answers
 
 
 def _check_selection_columns(config: Config, metadata: list[str], plan: Plan) -> None:
@@ -355,7 +398,7 @@ def find_neighbours(ingested: Ingested, config: Config, plan: Plan) -> Neighbour
     from curation.scores.label_quality import probe_sample_ids
     from curation.index.incremental import neighbour_graph, read_previous_info
 
-    previous = previous_run(plan.output, plan.latest) if config.knn.incremental != "off" else None
+    previous = plan.previous if config.knn.incremental != "off" else None
     previous_info = read_previous_info(previous) if previous is not None else {}
     model_id = str(ingested.embedder.get("model_id"))
     # The drift profile's and the label probe's samples are read with the night's changed items
@@ -474,9 +517,11 @@ def _apply_corrections(plan: Plan, config: Config, resolver: Resolver,
 
     from curation.corrections import apply_corrections, read_answers
 
-    answers = read_answers(resolver.resolve(config.input.label_corrections)) if config.input.label_corrections else None
+    answers = plan.answers
+    if answers is None and config.input.label_corrections:  # a plan made before this check existed
+        answers = read_answers(resolver.resolve(config.input.label_corrections))
     stored = None
-    previous = previous_run(plan.output, plan.latest)
+    previous = plan.previous
     if previous is not None:
         location = previous.child("corrections.parquet")
         try:
@@ -500,7 +545,7 @@ def _drift(plan: Plan, config: Config, samples: pa.Table, ingested: Ingested, gr
     from curation.drift import drift_phase
 
     return drift_phase(samples, ingested.vectors, graph, config.drift, model_id=str(ingested.embedder.get("model_id")),
-                       previous=previous_run(plan.output, plan.latest), centroids=centroids)
+                       previous=plan.previous, centroids=centroids)
 
 
 def _split_leakage(samples: pa.Table, ingested: Ingested, config: Config,
@@ -527,7 +572,7 @@ def _previous_selections(plan: Plan, config: Config) -> dict[str, pa.Table]:
     import pyarrow.parquet as pq
 
     names = [sel.name for sel in config.selections if sel.mode in ("to_label", "validation")]
-    previous = previous_run(plan.output, plan.latest) if names else None
+    previous = plan.previous if names else None
     out: dict[str, pa.Table] = {}
     for name in names if previous is not None else []:
         location = previous.child("selections", f"{name}.parquet")
@@ -593,7 +638,7 @@ def _write_outputs(plan: Plan, config: Config, info: RunInfo, samples: pa.Table,
     run = plan.run
     tables = {r.name: r.table for r in scored.selections}
     outputs.write_samples(run, samples)
-    previous = previous_run(plan.output, plan.latest)
+    previous = plan.previous
     if previous is not None:
         info.diff = diff_runs(previous, samples, tables, run.child("diff"))
     for name, table in tables.items():

@@ -13,6 +13,7 @@ score's ``summary``), ``balance`` (:mod:`curation.balance`), ``knn`` (the index)
 from __future__ import annotations
 
 import json
+import math
 import platform
 from dataclasses import dataclass, field, fields
 from typing import TYPE_CHECKING, Any
@@ -172,18 +173,43 @@ class RunInfo:
     def write(self, run: Location) -> None:
         from curation.io.filesystem import write_bytes
 
-        write_bytes(run.child(FILE_NAME), json.dumps(self.to_dict(), indent=2, default=str).encode("utf-8"))
+        # Strict JSON (no NaN / Infinity tokens, which strict readers refuse): a non-finite
+        # number is written as null.
+        text = json.dumps(finite(self.to_dict()), indent=2, default=str, allow_nan=False)
+        write_bytes(run.child(FILE_NAME), text.encode("utf-8"))
 
     @classmethod
     def read(cls, run: Location) -> RunInfo:
         """The ``run.json`` of the run at ``run``; ``ValueError`` naming the file when it is not one."""
         from curation.io.filesystem import read_bytes
 
+        from curation.io.filesystem import StorageError
+
         location = run.child(FILE_NAME)
         try:
-            return cls.from_dict(json.loads(read_bytes(location)))
+            data = read_bytes(location)
+        except FileNotFoundError:
+            raise ValueError(f"{location.uri}: missing (the run has _SUCCESS but no run.json: "
+                             f"it was damaged after it was published)") from None
+        except (OSError, StorageError) as exc:
+            raise ValueError(f"{location.uri}: cannot read ({str(exc).splitlines()[0][:200]})") from None
+        try:
+            return cls.from_dict(json.loads(data))
         except (ValueError, TypeError, KeyError) as exc:
             raise ValueError(f"{location.uri}: not a run.json this version can read ({exc})") from None
+
+
+def finite(value: Any) -> Any:
+    """``value`` with every NaN or infinite float (in dicts, lists and tuples) replaced by None."""
+    if isinstance(value, float):
+        return value if math.isfinite(value) else None
+    if isinstance(value, dict):
+        return {k: finite(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [finite(v) for v in value]
+    if hasattr(value, "dtype") and getattr(value, "shape", None) == ():  # a numpy scalar
+        return finite(value.item())
+    return value
 
 
 def package_versions() -> dict[str, str]:

@@ -230,9 +230,12 @@ def needs_ray(config: Config, n_items: int) -> bool:
 def ray_session(config: Config, *, needed: bool = True) -> Iterator[bool]:
     """Connect to Ray once for the whole run. Yields whether Ray is up.
 
-    Connects to ``RAY_ADDRESS`` when set, reuses a Ray already initialised in this process (tests,
-    notebooks) and otherwise starts a local Ray with ``ray.num_cpus`` / ``ray.object_store_memory``,
-    which it shuts down on exit (so a local run leaves no Ray process behind).
+    Connects to ``RAY_ADDRESS`` when set (``ray job submit`` sets it; ``auto`` joins the
+    machine's running cluster on purpose), reuses a Ray already initialised in this process
+    (tests, notebooks) and otherwise starts a new local Ray with ``ray.num_cpus`` /
+    ``ray.object_store_memory`` -- whatever else runs on the machine: without an address,
+    ``ray.init()`` would join the cluster last started here (Ray's ``ray_current_cluster``
+    file) -- which it shuts down on exit (so a local run leaves no Ray process behind).
     """
     if not needed:
         yield False
@@ -254,7 +257,7 @@ def ray_session(config: Config, *, needed: bool = True) -> Iterator[bool]:
             kwargs["num_cpus"] = config.ray.num_cpus
         if config.ray.object_store_memory:
             kwargs["object_store_memory"] = config.ray.object_store_memory
-        ray.init(include_dashboard=False, **kwargs)
+        ray.init(address="local", include_dashboard=False, **kwargs)
         log.info("started a local Ray (%s CPUs)", ray.cluster_resources().get("CPU"))
     # A local Ray is this process's to clean up, even if this process is killed (SIGKILL skips
     # every finally): a watchdog process kills what is left of it then.

@@ -90,6 +90,58 @@ def _dense(lists: pa.ChunkedArray, width: int, fill, dtype) -> np.ndarray:
     return out
 
 
+class UntrustedGraph(ValueError):
+    """The previous run's saved graph is there but not consistent with that run: tonight's is built whole."""
+
+
+SIM_CHECK_ROWS = 64  # carried rows whose stored similarities are recomputed from the vectors
+SIM_CHECK_TOLERANCE = 0.05  # cosine: loose enough for a quantised index, far below a scrambled graph's error
+SIM_CHECK_MAX_BAD = 0.1  # share of checked pairs allowed outside the tolerance
+
+
+def _check_graph(graph: pa.Table, ids: np.ndarray, sims: np.ndarray, old_input: np.ndarray, where: str) -> None:
+    """The saved graph against the run that wrote it: one row per ok item, neighbour ids that
+    name that run's items, similarities that are cosines in descending order."""
+    own = graph["input_id"].to_numpy()
+    if graph.num_rows != len(old_input):
+        raise UntrustedGraph(f"{where}: {graph.num_rows} rows for the run's {len(old_input)} ok items")
+    if len(np.unique(own)) != len(own) or not np.isin(own, old_input).all():
+        raise UntrustedGraph(f"{where}: its input_id column does not name that run's ok items one to one")
+    named = ids[ids >= 0]
+    if (ids < -1).any() or not np.isin(named, old_input).all():
+        bad = ids[(ids < -1) | ((ids >= 0) & ~np.isin(ids, old_input))][0]
+        raise UntrustedGraph(f"{where}: neighbour id {int(bad)} is not an item of that run")
+    valid = ids >= 0
+    values = sims[valid]
+    if not np.isfinite(values).all() or (np.abs(values) > 1.01).any():
+        raise UntrustedGraph(f"{where}: similarities outside [-1, 1]")
+    ordered = np.where(valid[:, 1:] & valid[:, :-1], sims[:, 1:] - sims[:, :-1], 0.0)
+    if (ordered > 1e-4).any():
+        raise UntrustedGraph(f"{where}: neighbours not in descending similarity")
+
+
+def check_carried_similarities(carried: Carried, source, k: int, where: str, *, seed: int = 0) -> None:
+    """Recompute a sample of carried rows' similarities from tonight's vectors (the carried
+    items are unchanged, so their vectors are the ones the previous graph was built from)."""
+    rows = np.flatnonzero(carried.carried & ((carried.ids[:, :k] >= 0).sum(axis=1) > 0))
+    if len(rows) == 0:
+        return
+    rows = np.sort(np.random.default_rng(seed).choice(rows, min(SIM_CHECK_ROWS, len(rows)), replace=False))
+    pairs = [(r, int(j), float(s)) for r in rows
+             for j, s in zip(carried.ids[r, :k][:4], carried.sims[r, :k][:4]) if j >= 0]
+    ids = np.unique(np.array([p[0] for p in pairs] + [p[1] for p in pairs], np.int64))
+    x = source.take(ids, local=True)
+    at = {int(i): n for n, i in enumerate(ids)}
+    true = np.array([float(x[at[a]] @ x[at[b]]) for a, b, _ in pairs])
+    stored = np.array([p[2] for p in pairs])
+    bad = np.abs(true - stored) > SIM_CHECK_TOLERANCE
+    if bad.mean() > SIM_CHECK_MAX_BAD:
+        worst = int(np.argmax(np.abs(true - stored)))
+        raise UntrustedGraph(f"{where}: {int(bad.sum())} of {len(pairs)} sampled neighbour similarities differ from "
+                             f"the vectors' by more than {SIM_CHECK_TOLERANCE} (e.g. stored {stored[worst]:.3f}, "
+                             f"recomputed {true[worst]:.3f})")
+
+
 def _read_graph(folder: Location) -> pa.Table:
     import pyarrow.dataset as ds
 
@@ -106,15 +158,20 @@ def carry_previous(previous: Location, samples: pa.Table, k: int, *, folder: str
     from curation.schema import match_items, ok_rows_in_vector_order
 
     old = read_previous_items(previous, ["input_id", "vector_id"])
+    location = previous.child(folder)
+    info = location.filesystem.get_file_info(location.path)
+    if info.type.name != "Directory":
+        return None  # that run saved no graph
     try:
-        graph = _read_graph(previous.child(folder))
-    except (OSError, pa.ArrowException, ValueError):
-        return None
+        graph = _read_graph(location)
+    except (OSError, pa.ArrowException, ValueError) as exc:
+        raise UntrustedGraph(f"{location.uri}: cannot be read ({str(exc).splitlines()[0][:200]})") from None
     if old is None:
         return None
     width = k + margin
     ids_before = _dense(graph["neighbor_ids"], k, -1, np.int64)
     sims_before = _dense(graph["neighbor_similarities"], k, -np.inf, np.float32)
+    _check_graph(graph, ids_before, sims_before, old["input_id"].to_numpy(), location.uri)
     if margin:
         ids_before = np.concatenate([ids_before, np.full((len(ids_before), margin), -1, np.int64)], axis=1)
         sims_before = np.concatenate([sims_before, np.full((len(sims_before), margin), -np.inf, np.float32)], axis=1)
@@ -316,7 +373,7 @@ def read_previous_info(previous: Location) -> dict:
 
 
 def why_not(cfg, previous: Location | None, previous_info: dict, model_id: str, n_items: int,
-            carried: Carried | None, kind: str) -> str | None:
+            carried: Carried | None, kind: str, *, graph_problem: str | None = None) -> str | None:
     """The reason tonight's graph is built whole, or None when the previous one can be updated."""
     if cfg.incremental == "off":
         return "knn.incremental is off"
@@ -337,7 +394,7 @@ def why_not(cfg, previous: Location | None, previous_info: dict, model_id: str, 
     if chain + 1 >= cfg.rebuild_every:
         return f"knn.rebuild_every: {chain + 1} nights since the graph was built whole"
     if carried is None:
-        return "the previous run has no saved graph"
+        return graph_problem or "the previous run has no saved graph"
     changed_share = (int((~carried.carried).sum()) + carried.deleted) / max(n_items, 1)
     if changed_share > cfg.incremental_max_change:
         return f"{changed_share:.0%} of the items changed (knn.incremental_max_change {cfg.incremental_max_change})"
@@ -361,9 +418,16 @@ def neighbour_graph(vectors, cfg, *, samples, save_to: Location | None, previous
     n = source.n
     params = index_params(source, cfg)
     margin = margin_of(cfg.k) if cfg.incremental != "off" else 0
-    carried = (carry_previous(previous, samples, cfg.k, folder=folder, margin=margin)
-               if previous is not None and cfg.incremental != "off" else None)
-    reason = why_not(cfg, previous, previous_info, model_id, n, carried, params.kind)
+    carried, problem = None, None
+    if previous is not None and cfg.incremental != "off":
+        try:  # the previous night is validated before it is trusted
+            carried = carry_previous(previous, samples, cfg.k, folder=folder, margin=margin)
+            if carried is not None:
+                check_carried_similarities(carried, source, cfg.k, previous.child(folder).uri)
+        except UntrustedGraph as exc:
+            carried, problem = None, f"the previous run's graph is not trusted: {exc}"
+            log.warning("kNN: %s; building the whole graph", problem)
+    reason = why_not(cfg, previous, previous_info, model_id, n, carried, params.kind, graph_problem=problem)
     before = (previous_info.get("knn") or {})
     if folder != "knn":
         before = before.get("copies") or {}

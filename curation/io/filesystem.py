@@ -7,11 +7,13 @@ URI scheme. pyarrow's S3 filesystem is used (not s3fs) because inside Ray Data i
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import io
 import logging
 import os
 import posixpath
+import tempfile
 from dataclasses import dataclass
 from urllib.parse import urlparse
 
@@ -123,6 +125,26 @@ def write_bytes(location: Location, data: bytes) -> None:
         location.filesystem.create_dir(parent, recursive=True)
     with location.filesystem.open_output_stream(location.path) as fh:
         fh.write(data)
+
+
+def write_bytes_atomic(location: Location, data: bytes) -> None:
+    """Write ``data`` so that ``location`` holds either its old content or all of ``data``, never
+    a part: a temporary sibling renamed over it on a local disk (an S3 PUT is already atomic)."""
+    if location.local_path is None:
+        write_bytes(location, data)
+        return
+    parent = os.path.dirname(location.path) or "."
+    os.makedirs(parent, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{os.path.basename(location.path)}.", suffix=".tmp", dir=parent)
+    try:
+        with os.fdopen(fd, "wb") as fh:
+            fh.write(data)
+        os.chmod(tmp, 0o644)  # mkstemp's 0600 would make the output private
+        os.replace(tmp, location.path)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.unlink(tmp)
+        raise
 
 
 @dataclass(frozen=True)

@@ -24,6 +24,10 @@ For a labelled ok item i:
    tail (sparseness > ``scores.rare_tail_quantile``: isolated items have no peers to judge
    their label by).
 
+A class with fewer than ``MIN_CLASS_MEMBERS`` (5) labelled ok items is held out: its items are
+scored as unlabelled (no ``label_quality``, never flagged or disputed) and it is never
+suggested; ``run.json`` -> ``scores.label_quality`` names such classes (``held_out_classes``).
+
 Unlabelled ok items get a suggestion too (pre-annotations for labelling, and the uncertainty
 that ``to_label`` ranks by): the probe's probabilities for them are out of sample by
 construction (the probe never trains on them), and their neighbours vote as for any item.
@@ -42,7 +46,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from curation.corrections import corrected_mask
+from curation.corrections import MIN_CLASS_MEMBERS, corrected_mask
 from curation.scores.base import REASON_COLUMN, Flag, ScoreContext, count_true, evidence_of, masked, nearby, \
     one_sided_counts, side_by_side, with_evidence
 from curation.scores.label_probe import probe_keys, probe_probabilities
@@ -123,6 +127,13 @@ class LabelQualityScore:
         n_ok = len(ok_rows)
         encoded, classes, codes_all = label_codes(ctx.columns.arrow("label"))
         codes = codes_all[ok_rows]
+        # A class with too few labelled members (one typo'd correction, say) is held out: its
+        # items count as unlabelled here, so it is never suggested, never calibrated (one
+        # member's tiny t_c would inflate it for every item) and its items are never flagged.
+        members = np.bincount(codes[codes >= 0], minlength=len(classes))
+        held_out = members < MIN_CLASS_MEMBERS
+        codes = np.where((codes >= 0) & held_out[np.maximum(codes, 0)], -1, codes)
+        in_held_out = (codes_all >= 0) & held_out[np.maximum(codes_all, 0)]
         labelled = codes >= 0
         quality_ok = np.full(n_ok, np.nan, np.float32)
         suggested_code_ok = np.full(n_ok, -1, np.int64)
@@ -145,7 +156,7 @@ class LabelQualityScore:
         corrected = corrected_mask(ctx.columns.table) if "label_source" in ctx.columns else np.zeros(n, bool)
         suspected = (has_quality & ~rare & confident & (quality < ctx.config.label_quality_threshold)
                      & disagree & ~corrected)
-        disputed = corrected & disagree & (confidence_all >= ctx.config.dispute_min_confidence)
+        disputed = corrected & disagree & ~in_held_out & (confidence_all >= ctx.config.dispute_min_confidence)
         suggested = pa.DictionaryArray.from_arrays(pa.array(suggested_code, pa.int32(), mask=suggested_code < 0),
                                                    encoded.dictionary).cast(pa.string())
         reasons = np.empty(n, dtype=object)
@@ -163,7 +174,9 @@ class LabelQualityScore:
             "is_suspected_mislabel": suspected,
             "is_disputed": disputed,
             REASON_COLUMN: pa.array(reasons, pa.string()),
-        }).replace_schema_metadata({"label_models": json.dumps(info),  # for summary()
+        }).replace_schema_metadata({"label_models": json.dumps({**info, **({"held_out_classes": [
+                                        str(c) for c in classes[held_out & (members > 0)]]} if (held_out & (members > 0)).any()
+                                        else {})}),  # for summary()
                                     **({"probe_state": state.to_bytes()} if state is not None else {})})
         # Moving label_quality_threshold changes only which of these are flagged: labelled items
         # the label models confidently disagree with, outside the rare tail, not corrected.
