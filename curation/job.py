@@ -96,6 +96,7 @@ class Ingested:
     vectors: VectorParts  # after the kNN phase, possibly a CachedVectors in front of it
     embedder: dict
     copies: VectorParts | None = None  # the copy descriptors (same ids); None without pixels
+    snapshot: object | None = None  # the embedding store's new snapshot (StagedSnapshot), named once published
 
 
 @dataclass
@@ -196,7 +197,7 @@ def run_job(config: Config, *, resolver: Resolver | None = None, plan: Plan | No
                                              previous=_updated_from(neighbours.info, resolver))
     return publish(plan, config, Scored(samples, score_report["summary"], selections, report, leakage, corrections,
                                         drift),
-                   clock, embedder=ingested.embedder, knn=neighbours.info)
+                   clock, embedder=ingested.embedder, knn=neighbours.info, snapshot=ingested.snapshot)
 
 
 # ---------------------------------------------------------------------------------- preflight
@@ -325,9 +326,8 @@ def _ingest_images(plan: Plan, config: Config, resolver: Resolver, clock: Clock)
               "rejected": int((~ok).sum())}
     identity["store"] = counts
     log.info("embedding store: reused %(reused)d, embedded %(embedded)d, rejected %(rejected)d", counts)
-    if store is not None and files:
-        store.write(files, plan.run_id, rows=int(ok.sum()))
-    return Ingested(samples, VectorParts(parts), identity, VectorParts(parts, column="copy_vector"))
+    snapshot = store.stage(files, plan.run_id, rows=int(ok.sum())) if store is not None and files else None
+    return Ingested(samples, VectorParts(parts), identity, VectorParts(parts, column="copy_vector"), snapshot)
 
 
 def _describe_embedder(config: Config, resolver: Resolver) -> dict:
@@ -599,8 +599,10 @@ class Scored:
     drift: DriftResult | None = None  # tonight's profile, the comparison with the previous run, far new items
 
 
-def publish(plan: Plan, config: Config, scored: Scored, clock: Clock, *, embedder: dict, knn: dict) -> RunResult:
-    """Write every output, then ``_SUCCESS``, then swap ``latest``; then apply retention."""
+def publish(plan: Plan, config: Config, scored: Scored, clock: Clock, *, embedder: dict, knn: dict,
+            snapshot=None) -> RunResult:
+    """Write every output, then ``_SUCCESS``, then swap ``latest`` (and, when it swapped, point
+    the embedding store at this run's snapshot); then apply retention."""
     with clock.phase("write_outputs"):
         samples, counts = _accounted(scored.samples, plan.count)
         info = RunInfo.build(run_id=plan.run_id, uri=plan.run.uri, samples=samples, counts=counts,
@@ -611,7 +613,9 @@ def publish(plan: Plan, config: Config, scored: Scored, clock: Clock, *, embedde
     clock.timings["total"] = round(time.perf_counter() - clock.start, 3)
     info.driver_peak_bytes = clock.peak_bytes
     info.write(plan.run)
-    _swap_latest(plan, config)
+    _swap_latest(plan, config)  # raises PublishConflict when another run published first
+    if snapshot is not None:
+        snapshot.point()
     removed = outputs.remove_old_runs(plan.output, config.output.keep_runs)
     if removed:
         log.info("retention (output.keep_runs=%d): removed %d older run(s): %s", config.output.keep_runs,

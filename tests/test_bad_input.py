@@ -334,3 +334,37 @@ def test_an_intact_previous_graph_is_still_updated(two_nights):
     incremental = _damage_and_rerun(root, config, "n2-intact", lambda part: None)
     assert incremental["used"] is True
     assert _graph(root / "out" / "n2-intact") == _graph(root / "whole-out" / "whole")
+
+
+def test_the_store_follows_the_run_that_published_not_the_one_that_lost(ray_local, tmp_path):
+    """Two runs with different inputs start from the same latest; the later one publishes
+    first. The loser ends with PublishConflict and the store's CURRENT names the winner's
+    snapshot, so the next night reuses the winner's vectors."""
+    from PIL import Image
+
+    from curation.io.filesystem import Resolver
+    from curation.job import PublishConflict, preflight, run_job
+
+    rng = np.random.default_rng(7)
+    for name, n in (("small", 6), ("large", 9)):
+        folder = tmp_path / name
+        folder.mkdir()
+        for i in range(n):
+            Image.fromarray(rng.integers(0, 255, (24, 24, 3), dtype=np.uint8)).save(folder / f"{i}.png")
+
+    def config(name, run_id):
+        return load_config(data={"input": {"images": str(tmp_path / name)}, "report": {"map_method": "pca"},
+                                 "output": {"uri": str(tmp_path / "out"), "run_id": run_id},
+                                 "embedder": {"model": "thumbnail", "weights": "none"}})
+
+    resolver = Resolver()
+    loser = config("small", "loser")
+    plan = preflight(loser, resolver)
+    run_job(config("large", "winner"))
+    with pytest.raises(PublishConflict):
+        run_job(loser, resolver=resolver, plan=plan)
+    (current_file,) = (tmp_path / "out" / "embedding-store").glob("*/CURRENT")  # one folder per embedder
+    current = json.loads(current_file.read_text())
+    assert current == {"snapshot": "snapshot-winner", "rows": 9}
+    night2 = run_job(config("large", "night2"))
+    assert night2.info.embedder["store"]["reused"] == 9

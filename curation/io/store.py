@@ -157,14 +157,31 @@ class EmbeddingStore:
         owners = key_owner[np.searchsorted(stored_keys, sorted_keys)]
         return hit, Reuse(readable, sorted_keys, inputs["input_id"].to_numpy()[hit][order], self.model_id, owners)
 
-    def write(self, vector_files: list[Location], run_id: str, rows: int) -> int:
-        """Make the run's vector files the new snapshot (copied, server-side on S3), then
-        point ``CURRENT`` at it. Returns the rows stored."""
+    def stage(self, vector_files: list[Location], run_id: str, rows: int) -> "StagedSnapshot":
+        """Copy the run's vector files into a new snapshot (server-side on S3). ``CURRENT`` is
+        not moved: :meth:`StagedSnapshot.point` does that once the run has published, so of two
+        concurrent runs the store follows the one that published, not the one that lost."""
         snapshot = f"snapshot-{run_id}"
         for location in vector_files:
             copy_file(location, self.root.child(snapshot, location.path.rsplit("/", 1)[-1]))
-        write_bytes(self.root.child("CURRENT"), json.dumps({"snapshot": snapshot, "rows": rows}).encode())
+        return StagedSnapshot(self.root, snapshot, rows)
+
+    def write(self, vector_files: list[Location], run_id: str, rows: int) -> int:
+        """Stage the snapshot and point ``CURRENT`` at it at once. Returns the rows stored."""
+        self.stage(vector_files, run_id, rows).point()
         return rows
+
+
+@dataclass(frozen=True)
+class StagedSnapshot:
+    """A snapshot copied into the store that ``CURRENT`` does not name yet."""
+
+    root: Location
+    snapshot: str
+    rows: int
+
+    def point(self) -> None:
+        write_bytes(self.root.child("CURRENT"), json.dumps({"snapshot": self.snapshot, "rows": self.rows}).encode())
 
 
 SCHEME_AND_ROOT = r"^([a-z0-9]+://)?/*"  # what readers may spell differently in one path

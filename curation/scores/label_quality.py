@@ -131,9 +131,9 @@ class LabelQualityScore:
         # items count as unlabelled here, so it is never suggested, never calibrated (one
         # member's tiny t_c would inflate it for every item) and its items are never flagged.
         members = np.bincount(codes[codes >= 0], minlength=len(classes))
-        held_out = members < MIN_CLASS_MEMBERS
-        codes = np.where((codes >= 0) & held_out[np.maximum(codes, 0)], -1, codes)
-        in_held_out = (codes_all >= 0) & held_out[np.maximum(codes_all, 0)]
+        held_out = np.append(members < MIN_CLASS_MEMBERS, False)  # the last slot: unlabelled rows' -1
+        codes = np.where(held_out[codes], -1, codes)
+        in_held_out = held_out[codes_all]
         labelled = codes >= 0
         quality_ok = np.full(n_ok, np.nan, np.float32)
         suggested_code_ok = np.full(n_ok, -1, np.int64)
@@ -175,7 +175,7 @@ class LabelQualityScore:
             "is_disputed": disputed,
             REASON_COLUMN: pa.array(reasons, pa.string()),
         }).replace_schema_metadata({"label_models": json.dumps({**info, **({"held_out_classes": [
-                                        str(c) for c in classes[held_out & (members > 0)]]} if (held_out & (members > 0)).any()
+                                        str(c) for c in classes[held_out[:-1] & (members > 0)]]} if (held_out[:-1] & (members > 0)).any()
                                         else {})}),  # for summary()
                                     **({"probe_state": state.to_bytes()} if state is not None else {})})
         # Moving label_quality_threshold changes only which of these are flagged: labelled items
