@@ -368,3 +368,24 @@ def test_the_store_follows_the_run_that_published_not_the_one_that_lost(ray_loca
     assert current == {"snapshot": "snapshot-winner", "rows": 9}
     night2 = run_job(config("large", "night2"))
     assert night2.info.embedder["store"]["reused"] == 9
+
+
+def test_a_shards_vector_source_stays_small_enough_to_pass_by_value():
+    """Ray puts actor arguments over 100 KB in the object store, and a restartable actor with
+    such arguments logs an E-level line: an input.embeddings run of 450k rows with a rejected
+    row did. The rejected-rows mask travels packed and compressed, and arrives equal."""
+    import pickle
+
+    import cloudpickle
+
+    from curation.index.source import VectorParts
+    from curation.io.filesystem import resolve
+
+    keep = np.ones(1_000_000, bool)
+    keep[np.random.default_rng(0).choice(1_000_000, 500, replace=False)] = False
+    parts = VectorParts([(resolve(f"/data/part-{i}.parquet"), i * 250_000, 250_000) for i in range(4)], keep=keep)
+    blob = cloudpickle.dumps(parts)
+    assert len(blob) < 20_000
+    back = pickle.loads(blob)
+    assert back.keep.dtype == bool and np.array_equal(back.keep, keep) and back.parts == parts.parts
+    assert parts.keep is keep  # pickling left the original as it was

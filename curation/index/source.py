@@ -13,6 +13,7 @@ benchmarks, small in-process runs).
 
 from __future__ import annotations
 
+import zlib
 from dataclasses import dataclass
 from typing import Iterator
 
@@ -40,6 +41,23 @@ class VectorParts:
     parts: list[tuple[Location, int, int]]
     column: str = "embedding"
     keep: np.ndarray | None = None
+
+    # A VectorParts is an index shard's constructor argument. Ray puts arguments over 100 KB in
+    # the object store, and an actor that may restart with such arguments logs an E-level line
+    # (and keeps them alive); a byte per row of ``keep`` would be that at 100k rows. Packed to a
+    # bit per row and compressed, a mask with few rejected rows is a few hundred bytes.
+    def __getstate__(self) -> dict:
+        state = dict(self.__dict__)
+        if self.keep is not None:
+            state["keep"] = ("packed", len(self.keep), zlib.compress(np.packbits(self.keep).tobytes(), 6))
+        return state
+
+    def __setstate__(self, state: dict) -> None:
+        keep = state.get("keep")
+        if isinstance(keep, tuple) and keep and keep[0] == "packed":
+            _, n, data = keep
+            state["keep"] = np.unpackbits(np.frombuffer(zlib.decompress(data), np.uint8), count=n).astype(bool)
+        self.__dict__.update(state)
 
     @property
     def rows(self) -> int:
