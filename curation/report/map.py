@@ -124,6 +124,55 @@ def map_backend() -> str:
     return "cuml" if kmeans_backend() == "cuml" else "umap-learn"
 
 
+# umap-learn's own numba functions are compiled in every new process (~8 s here: most are not
+# declared cache=True) and, below 4,096 points, it finds neighbours by calling a numba distance
+# from Python for every pair (~4 s at 2,600 points). The map sample's exact neighbours from
+# FAISS cost well under a second at the 20,000-point cap, and the compiled functions are kept
+# on disk (numba's cache, beside umap's sources or in NUMBA_CACHE_DIR) for the next process.
+_NUMBA_CACHED = False
+
+
+def enable_numba_cache() -> int:
+    """Turn on numba's on-disk cache for umap-learn's compiled functions (best effort; how many)."""
+    global _NUMBA_CACHED
+    if _NUMBA_CACHED:
+        return 0
+    _NUMBA_CACHED = True
+    try:
+        import importlib
+
+        from numba.core.caching import NullCache
+        from numba.core.registry import CPUDispatcher
+    except ImportError:
+        return 0
+    count = 0
+    for name in ("umap.umap_", "umap.layouts", "umap.utils", "umap.distances", "umap.sparse", "umap.spectral"):
+        try:
+            module = importlib.import_module(name)
+        except ImportError:
+            continue
+        for value in vars(module).values():
+            if isinstance(value, CPUDispatcher) and isinstance(getattr(value, "_cache", None), NullCache):
+                try:
+                    value.enable_caching()
+                    count += 1
+                except Exception:  # a function numba cannot cache: compiled per process, as before
+                    continue
+    return count
+
+
+def exact_knn(x: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray, None]:
+    """``(ids, euclidean distances, None)`` of every row's ``k`` nearest rows (itself first), as
+    umap-learn's ``precomputed_knn`` takes them."""
+    import faiss
+
+    x = np.ascontiguousarray(x, np.float32)
+    index = faiss.IndexFlatL2(x.shape[1])
+    index.add(x)
+    squared, ids = index.search(x, k)
+    return ids.astype(np.int64), np.sqrt(np.maximum(squared, 0)).astype(np.float32), None
+
+
 def embed_2d(x: np.ndarray, method: str, *, seed: int = SEED) -> tuple[np.ndarray, str]:
     """(n, 2) float32 coordinates of the rows of ``x`` and a description of how they were made."""
     from sklearn.decomposition import PCA
@@ -141,10 +190,14 @@ def embed_2d(x: np.ndarray, method: str, *, seed: int = SEED) -> tuple[np.ndarra
         warnings.simplefilter("ignore")  # umap-learn warns that a seed turns off its parallelism
         if backend == "cuml":
             from cuml.manifold import UMAP
+
+            model = UMAP(n_neighbors=UMAP_NEIGHBOURS, min_dist=UMAP_MIN_DIST, random_state=seed, init="spectral")
         else:
+            enable_numba_cache()
             from umap import UMAP
-        model = UMAP(n_neighbors=UMAP_NEIGHBOURS, min_dist=UMAP_MIN_DIST, random_state=seed, init="pca"
-                     if backend != "cuml" else "spectral")
+
+            model = UMAP(n_neighbors=UMAP_NEIGHBOURS, min_dist=UMAP_MIN_DIST, random_state=seed, init="pca",
+                         precomputed_knn=exact_knn(reduced, UMAP_NEIGHBOURS))
         xy = np.asarray(model.fit_transform(reduced), dtype=np.float32)
     return xy, f"UMAP ({backend}, after PCA to {reduced.shape[1]} dims)"
 
