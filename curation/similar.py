@@ -349,8 +349,9 @@ def format_hits(table: pa.Table, *, width: int = 60) -> str:
 
 
 def write_hits(table: pa.Table, location: Location) -> None:
-    from curation.io.filesystem import write_bytes
+    """The hits as one Parquet file, written whole or not at all (a temporary name renamed)."""
+    from curation.io.filesystem import write_bytes_atomic
 
     sink = pa.BufferOutputStream()
     pq.write_table(table, sink)
-    write_bytes(location, sink.getvalue().to_pybytes())
+    write_bytes_atomic(location, sink.getvalue().to_pybytes())

@@ -389,3 +389,20 @@ def test_a_shards_vector_source_stays_small_enough_to_pass_by_value():
     back = pickle.loads(blob)
     assert back.keep.dtype == bool and np.array_equal(back.keep, keep) and back.parts == parts.parts
     assert parts.keep is keep  # pickling left the original as it was
+
+
+def test_an_output_is_replaced_whole_or_not_at_all(tmp_path, monkeypatch):
+    from curation.io.filesystem import resolve, write_bytes_atomic
+
+    target = tmp_path / "hits.parquet"
+    target.write_bytes(b"old")
+    write_bytes_atomic(resolve(str(target)), b"new")
+    assert target.read_bytes() == b"new" and oct(target.stat().st_mode & 0o777) == "0o644"
+
+    def fail(src, dst):
+        raise OSError("disk full")
+
+    monkeypatch.setattr(os, "replace", fail)
+    with pytest.raises(OSError, match="disk full"):
+        write_bytes_atomic(resolve(str(target)), b"half")
+    assert target.read_bytes() == b"new" and sorted(p.name for p in tmp_path.iterdir()) == ["hits.parquet"]
