@@ -546,7 +546,7 @@ def main() -> None:
 
     result["environment"]["ray"] = ray.__version__
     result["environment"]["ray_num_cpus"] = args.num_cpus or os.cpu_count()
-    ray.init(include_dashboard=False, logging_level="WARNING", num_gpus=torch.cuda.device_count(),
+    ray.init(address="local", include_dashboard=False, logging_level="WARNING", num_gpus=torch.cuda.device_count(),
              num_cpus=args.num_cpus or None, object_store_memory=8 * 2**30 if gpu else None)
     for decode_path in ("cpu", "torch"):
         # decode.path cpu: CPU tasks decode; torch: they only read, the actor decodes on its device.

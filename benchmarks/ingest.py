@@ -137,7 +137,7 @@ def main() -> None:
     sizes = [os.path.getsize(p) for p in paths[: args.n]]
     print(f"{len(paths)} JPEGs 640x480, mean {np.mean(sizes) / 1e3:.0f} KB ({time.perf_counter() - t:.0f}s to make)", flush=True)
     cpus = os.cpu_count() or 2
-    ray.init(num_cpus=cpus, include_dashboard=False, logging_level="WARNING")
+    ray.init(address="local", num_cpus=cpus, include_dashboard=False, logging_level="WARNING")
     result: dict = {"machine": f"{cpus} CPUs, no GPU", "n": args.n, "image_size": args.image_size, "batch": args.batch,
                     "mean_jpeg_kb": round(float(np.mean(sizes)) / 1e3, 1), "rows": []}
     decode_rate = decode_only(paths[: min(args.n, 500)], args.image_size)

@@ -156,7 +156,7 @@ def main() -> None:
     from curation.config import KnnConfig
     from curation.index.sharded import knn_graph
 
-    ray.init(num_cpus=os.cpu_count(), include_dashboard=False, logging_level="WARNING")
+    ray.init(address="local", num_cpus=os.cpu_count(), include_dashboard=False, logging_level="WARNING")
     baseline = idle_shard_rss(args.d)
     rows = []
     for n in args.n:

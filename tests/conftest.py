@@ -43,7 +43,7 @@ def ray_local():
     # Idle workers are kept (Ray keeps as many as CPUs by default): the many small runs of a
     # test session then find workers that have imported torch, scikit-learn and UMAP (whose
     # numba functions compile in each new process, ~8 s) instead of starting new ones.
-    ray.init(num_cpus=2, object_store_memory=256 * 1024 * 1024, include_dashboard=False,
+    ray.init(address="local", num_cpus=2, object_store_memory=256 * 1024 * 1024, include_dashboard=False,
              _temp_dir=temp_dir, _node_ip_address="127.0.0.1", logging_level="WARNING",
              _system_config={"num_workers_soft_limit": 8})
     ray.data.DataContext.get_current().enable_progress_bars = False
