@@ -35,6 +35,9 @@ $(STAMP): pyproject.toml locks/dev.txt $(TOOLS_STAMP)
 	$(PYTHON) -m venv $(VENV)
 	$(UV_LOCKED) $(VENV)/bin/python --only-binary :all: -r locks/dev.txt
 	$(UV) pip install --quiet --no-deps --no-build-isolation --python $(VENV)/bin/python -e .
+	@# the report map's numba functions compiled once into numba's cache, not in every first run
+	$(VENV)/bin/python -c "from curation.report.map import warm_numba_cache as w; print(f'numba cache warmed in {w():.0f} s')" \
+		|| echo "could not warm numba's cache: the first run's map compiles instead"
 	touch $@
 
 venv: $(STAMP)
