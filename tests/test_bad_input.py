@@ -156,13 +156,14 @@ def test_without_ray_address_a_run_starts_its_own_ray_not_the_one_already_on_the
     env["RAY_AUTH_MODE"] = "disabled"
     ray_bin = os.path.join(os.path.dirname(sys.executable), "ray")
     port = _free_port()
+    marker = "/tmp/ray/ray_current_cluster"  # where ray.init() without an address looks
+    before = open(marker).read() if os.path.exists(marker) else None
     head = subprocess.Popen([ray_bin, "start", "--head", "--block", "--num-cpus=3", "--node-ip-address=127.0.0.1",
                              f"--port={port}", "--include-dashboard=false",
                              "--object-store-memory=100000000"],
                             env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
     try:
         deadline = time.time() + 150
-        marker = "/tmp/ray/ray_current_cluster"  # where ray.init() without an address looks
         while time.time() < deadline and not (os.path.exists(marker) and open(marker).read().strip()
                                               .endswith(f":{port}")):
             assert head.poll() is None, "the other Ray exited"
@@ -189,6 +190,13 @@ def test_without_ray_address_a_run_starts_its_own_ray_not_the_one_already_on_the
             head.wait(timeout=30)
         except subprocess.TimeoutExpired:
             os.killpg(head.pid, signal.SIGKILL)
+        # Leave the machine's pointer as it was, not naming the Ray just stopped.
+        if os.path.exists(marker) and open(marker).read().strip().endswith(f":{port}"):
+            if before is None:
+                os.remove(marker)
+            else:
+                with open(marker, "w") as fh:
+                    fh.write(before)
 
 
 # ------------------------------------------------------------------------------- corrections
