@@ -247,9 +247,11 @@ def _checked_corrections(config: Config, resolver: Resolver, plan: Plan) -> dict
     if plan.inputs is not None:
         uris, labels = plan.inputs["uri"], plan.inputs["label"] if "label" in plan.inputs.column_names else None
     else:
-        from curation.io.inputs import read_embeddings_metadata
+        import pyarrow.dataset as ds
 
-        table, _ = read_embeddings_metadata(plan.embedding_files)
+        files = plan.embedding_files  # only the two columns needed here: ingest reads the rest
+        dataset = ds.dataset([f.path for f in files], filesystem=files[0].filesystem, format="parquet")
+        table = dataset.to_table(columns=[c for c in ("uri", "label") if c in dataset.schema.names])
         uris, labels = table["uri"], table["label"] if "label" in table.column_names else None
     classes = set(pc.unique(labels.cast(pa.string())).drop_null().to_pylist()) if labels is not None else set()
     if plan.previous is not None:

@@ -142,6 +142,9 @@ class LabelQualityScore:
         state = None
         if labelled.any():
             quality_ok, suggested_code_ok, confidence_ok, info, state = self._vote(ctx, codes, classes)
+        small = held_out[:-1] & (members > 0)
+        if small.any():
+            info["held_out_classes"] = [str(c) for c in classes[small]]
         quality = ctx.scatter(quality_ok, np.nan, np.float32)
         suggested_code = ctx.scatter(suggested_code_ok, -1, np.int64)
         confidence_all = ctx.scatter(confidence_ok, 0.0, np.float64)
@@ -174,9 +177,7 @@ class LabelQualityScore:
             "is_suspected_mislabel": suspected,
             "is_disputed": disputed,
             REASON_COLUMN: pa.array(reasons, pa.string()),
-        }).replace_schema_metadata({"label_models": json.dumps({**info, **({"held_out_classes": [
-                                        str(c) for c in classes[held_out[:-1] & (members > 0)]]} if (held_out[:-1] & (members > 0)).any()
-                                        else {})}),  # for summary()
+        }).replace_schema_metadata({"label_models": json.dumps(info),  # for summary()
                                     **({"probe_state": state.to_bytes()} if state is not None else {})})
         # Moving label_quality_threshold changes only which of these are flagged: labelled items
         # the label models confidently disagree with, outside the rare tail, not corrected.
