@@ -70,7 +70,8 @@ def main(argv: list[str] | None = None) -> int:
     from curation.config import ConfigError, load_config
     from curation.embedders import EmbedderError
     from curation.io.filesystem import StorageError
-    from curation.session import InfeasibleRequest, NodeCannotReach
+    from curation.session import NodeCannotReach
+    from curation.sizing import InfeasibleRequest
 
     try:
         if args.command == "demo":

@@ -21,36 +21,8 @@ from typing import Any
 
 import yaml
 
-
-class ConfigError(ValueError):
-    """A configuration problem; the message names the offending key and says why."""
-
-
-class _NotFinite(ConfigError):
-    """NaN or an infinity for a number: refused for every key (NaN passes every range check)."""
-
-
-def choice(default: Any, *options: Any) -> Any:
-    """A field whose value must be one of ``options`` (checked at load time)."""
-    return field(default=default, metadata={"choices": options})
-
-
-def ranged(default: Any, low: float | None = None, high: float | None = None) -> Any:
-    """A number that must lie in ``[low, high]`` (either bound optional; checked at load time)."""
-    return field(default=default, metadata={"range": (low, high)})
-
-
-def _check_field(f: dataclasses.Field, value: Any, key: str) -> None:
-    choices = f.metadata.get("choices")
-    if choices is not None and value not in choices:
-        raise ConfigError(f"config key '{key}': expected {' | '.join(map(str, choices))}, got {value!r}")
-    bounds = f.metadata.get("range")
-    if bounds is not None and value is not None:
-        low, high = bounds
-        if (low is not None and value < low) or (high is not None and value > high):
-            want = (f"in [{low:g}, {high:g}]" if low is not None and high is not None
-                    else f">= {low:g}" if low is not None else f"<= {high:g}")
-            raise ConfigError(f"config key '{key}': must be {want}, got {value}")
+from curation.config_fields import ConfigError, _check_field, _NotFinite, choice, ranged  # noqa: F401 (re-exported)
+from curation.io.filesystem import Resolver, StorageConfig, StorageError, read_bytes
 
 
 @dataclass
@@ -99,24 +71,6 @@ class InputConfig:
     split_from_path: bool = False
     label_corrections: str | None = None
     allow_new_classes: bool = False
-
-
-@dataclass
-class StorageConfig:
-    """S3-compatible storage. Unset fields fall back to the standard AWS environment variables
-    (``AWS_ENDPOINT_URL``, ``AWS_ACCESS_KEY_ID``, ``AWS_SECRET_ACCESS_KEY``, ``AWS_REGION``).
-    Secrets are never logged nor written to ``run.json``.
-
-    Attributes:
-        max_attempts: tries per S3 request (the AWS standard retry mode: exponential backoff
-            with jitter on throttling -- 503 SlowDown --, 5xx and dropped connections).
-    """
-
-    endpoint_url: str | None = None
-    region: str | None = None
-    access_key_id: str | None = field(default=None, repr=False)
-    secret_access_key: str | None = field(default=None, repr=False)
-    max_attempts: int = ranged(10, 1, 100)
 
 
 @dataclass
@@ -424,7 +378,7 @@ class DriftConfig:
 
 @dataclass
 class ClusterConfig:
-    """How the run fits a Ray cluster of several nodes (see ``curation/session.py``).
+    """How the run fits a Ray cluster of several nodes (see ``curation/sizing.py``).
 
     Every task and actor is sized to fit one node: from the nodes that exist, and from the
     node types the autoscaler reports when it has any (KubeRay's autoscaler v2). When the
@@ -639,8 +593,6 @@ PATH_KEYS = (("input", "images"), ("input", "manifest"), ("input", "labels"), ("
 def _read_config_text(path: str) -> str:
     """A config file's text from a local path or an ``s3://`` URI (credentials from the
     environment: the config cannot hold the keys to read itself)."""
-    from curation.io.filesystem import Resolver, StorageError, read_bytes
-
     try:
         if path.startswith("s3://"):
             return read_bytes(Resolver().resolve(path)).decode("utf-8")

@@ -26,6 +26,8 @@ from __future__ import annotations
 
 import numpy as np
 
+from curation.cover import farthest_first
+
 RULES = ("combined", "typical", "coverage", "uncertainty", "random")
 MAX_REGIONS = 4096
 KMEANS_POINTS_PER_REGION = 32  # k-means trains on at most this many points per region
@@ -80,7 +82,6 @@ def _coverage(x, labelled, candidates, budget):
     """Greedy k-center over the candidates, the labelled items already centres."""
     import faiss
 
-    from curation.select import farthest_first
 
     xc = np.ascontiguousarray(x[candidates], np.float32)
     if labelled.any():

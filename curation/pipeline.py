@@ -25,7 +25,8 @@ from curation.config import Config
 from curation.io.filesystem import Location, Resolver
 from curation.io.outputs import EMBEDDING_ROW_GROUP, write_vector_part
 from curation.io.store import Reuse, match_stored
-from curation.session import ClusterShape, progress, stage_requests
+from curation.session import progress
+from curation.sizing import ClusterShape, stage_requests
 from curation.stages.decode import DecodeStage
 from curation.stages.embed import EMPTY_IS_NULL, EmbedStage
 
@@ -82,7 +83,7 @@ def embed_to_storage(todo: pa.Table, reuse: Reuse | None, config: Config, resolv
     ctx = ray.data.DataContext.get_current()
     # Ray Data warns "no available CPUs, the Dataset job will hang" once per process when it
     # re-reads the materialised write while the actor pool is still giving its CPUs back: a
-    # false alarm at the end of every run. Sizing (session.stage_requests) prevents the real
+    # false alarm at the end of every run. Sizing (sizing.stage_requests) prevents the real
     # case, and the stall watchdog reports it if it happens anyway.
     from ray.util.debug import log_once
 
@@ -165,7 +166,7 @@ def _decode_and_embed(inputs: pa.Table, config: Config, resolver: Resolver) -> r
         ds = ds.repartition(blocks)
     # Decoding runs as stateless CPU tasks (the stage holds no model), so Ray Data can scale
     # them with the available CPUs and keep them apart from the embedding actors.
-    pool = stage_requests(config.embedder, ClusterShape.current(config.cluster), decode_memory=DecodeStage.memory_bytes)
+    pool = stage_requests(config.embedder, ClusterShape.current(config.cluster))
     # decode.path: auto decodes JPEGs in the embedding actors when they hold a GPU (nvJPEG):
     # the node's CPUs then only read the files.
     on_device = config.decode.path == "torch" or (config.decode.path == "auto" and pool["device"] == "cuda")

@@ -54,6 +54,8 @@ import pyarrow.compute as pc
 
 from curation.config import ConfigError, ScoresConfig, SelectionConfig, parse_class_balance
 from curation.corrections import corrected_mask
+from curation.cover import farthest_first
+from curation.labelling import rank_for_labelling
 from curation.index.source import as_source
 from curation.schema import SELECTION_SCHEMA, is_ok, ok_rows_in_vector_order, vector_id_of_rows
 from curation.scores import flag_columns
@@ -304,7 +306,6 @@ class ToLabel:
         return base if sel.include_rare else base & ~rare
 
     def rank(self, view, sel, rows):
-        from curation.labelling import rank_for_labelling
 
         budget = sel.budget or len(rows)
         pending, ranks = previous_members(view, sel, rows)
@@ -639,30 +640,6 @@ def check_selection_columns(selections: list[SelectionConfig], schema: pa.Schema
                 evaluate_where(empty, sel)
             except ConfigError as exc:
                 raise ConfigError(f"config key 'selections[{i}].where': {exc}") from None
-
-
-def farthest_first(x: np.ndarray, count: int, *, start: int | None = None,
-                   nearest: np.ndarray | None = None) -> tuple[list[int], list[float]]:
-    """Greedy k-center over the rows of L2-normalised ``x``: each step takes the row farthest
-    (cosine distance) from everything taken so far. Seeded at the row ``start`` (the first pick
-    gets its farthest row's distance), or by centres outside ``x``: ``nearest`` is each row's
-    distance to the closest of them. Returns the rows and, for each, its distance to the nearest
-    earlier pick (or centre) at the time it was taken."""
-    if nearest is not None:
-        nearest = np.array(nearest, np.float64)
-        chosen, gaps = [], []
-        count += 1  # no pick is spent on a seed
-    else:
-        nearest = 1.0 - x @ x[start]
-        chosen, gaps = [start], [float(nearest.max())]
-        nearest[start] = -1.0
-    for _ in range(count - 1):
-        j = int(np.argmax(nearest))
-        chosen.append(j)
-        gaps.append(float(nearest[j]))
-        np.minimum(nearest, 1.0 - x @ x[j], out=nearest)
-        nearest[chosen] = -1.0
-    return chosen, gaps
 
 
 def build_selections(samples: pa.Table, scores: ScoresConfig, selections: list[SelectionConfig],

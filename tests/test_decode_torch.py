@@ -14,7 +14,7 @@ from PIL import Image
 
 from curation.io.filesystem import Resolver
 from curation.stages.decode import DecodeStage, jpeg_image_digest
-from curation.stages.decode_torch import torch_decodable
+from curation.stages.jpeg import torch_decodable
 from curation.testing.decode_agreement import compare_paths, photo_jpeg
 
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 
 from curation.config import ClusterConfig, EmbedderConfig
-from curation.session import (GIB, ClusterShape, InfeasibleRequest, NodeShape, shard_count, shard_request,
+from curation.sizing import (GIB, ClusterShape, InfeasibleRequest, NodeShape, shard_count, shard_request,
                               stage_requests, training_request)
 
 HEAD = NodeShape(0, 0, 8 * GIB)  # KubeRay's recommended head: schedules, runs no task

@@ -20,6 +20,7 @@ import math
 from dataclasses import asdict, dataclass
 
 from curation.config import KnnConfig
+from curation.sizing import shard_count
 
 
 @dataclass
@@ -44,8 +45,6 @@ class IndexParams:
 
 
 def choose_params(n: int, d: int, cfg: KnnConfig, *, cpus: int = 2) -> IndexParams:
-    from curation.session import shard_count
-
     shards = shard_count(cfg.shards, n, cpus)
     if cfg.index == "flat" or (cfg.index == "auto" and n < cfg.exact_below):
         return IndexParams("flat", "flat", 0, 0, 0, shards)

@@ -30,7 +30,8 @@ from curation.index.params import IndexParams, choose_params
 from curation.index.shard import IndexShard, merge_shard_results, train_empty_index
 from curation.index.source import CachedVectors, VectorParts, as_source
 from curation.io.filesystem import Location, write_bytes
-from curation.session import ClusterShape, progress, shard_request, training_request
+from curation.session import progress
+from curation.sizing import TRAIN_THREADS, WAITING, ClusterShape, shard_request, training_request
 
 log = logging.getLogger(__name__)
 
@@ -38,7 +39,6 @@ SOURCE_BATCH = 16384  # rows a shard reads from storage per step (32 MB at d=512
 QUERY_TASKS_IN_FLIGHT = 2  # one batch searching while the previous one is read and merged
 CALIBRATION_QUERIES = 256  # items whose exact neighbours choose nprobe (knn.target_recall)
 NPROBE_STEPS = (16, 24, 32, 48, 64, 96, 128, 192, 256)  # the nprobe values calibration tries, in order
-TRAIN_THREADS = 8  # CPUs the training task asks for (at most one node's: session.training_request)
 SHARD_RESTARTS = 2  # a dead shard actor is restarted (and refills itself) at most this often
 
 
@@ -207,7 +207,7 @@ def sharded_knn(vectors, k: int, params: IndexParams, *, query_batch: int = 1638
         # Generators: each task is submitted only when fewer than QUERY_TASKS_IN_FLIGHT run.
         if queries is None:
             # One task per range of whole row groups (each read once), searched query_batch rows at a time.
-            query = ray.remote(num_cpus=0)(_query_batch)
+            query = ray.remote(**WAITING.options())(_query_batch)
             jobs = ((start, stop, query.remote(source_ref, start, stop, shards, search_k, k, query_batch, params.nprobe))
                     for start, stop in source.ranges(query_batch))
         elif reverse is not None and all(_shard_call([shard.can_scan.remote() for shard in shards], "the scan check")):
@@ -215,7 +215,7 @@ def sharded_knn(vectors, k: int, params: IndexParams, *, query_batch: int = 1638
             # memory when it holds them (the task reads them otherwise).
             is_new = np.isin(queries, reverse[0])
             shared = [ray.put(np.asarray(reverse[1], np.float32)), ray.put(np.asarray(reverse[2], bool))]
-            query = ray.remote(num_cpus=0)(_scan_vectors)
+            query = ray.remote(**WAITING.options())(_scan_vectors)
             jobs = ((start, min(start + query_batch, rows),
                      query.remote(queries[start:start + query_batch],
                                   cache.take(queries[start:start + query_batch]) if isinstance(cache, CachedVectors)
@@ -224,13 +224,13 @@ def sharded_knn(vectors, k: int, params: IndexParams, *, query_batch: int = 1638
                     for start in range(0, rows, query_batch))
             scanning = True
         elif isinstance(cache, CachedVectors):  # the given ids, their vectors from the caller's memory
-            query = ray.remote(num_cpus=0)(_query_vectors)
+            query = ray.remote(**WAITING.options())(_query_vectors)
             jobs = ((start, min(start + query_batch, rows),
                      query.remote(queries[start:start + query_batch], cache.take(queries[start:start + query_batch]),
                                   shards, search_k, k, params.nprobe))
                     for start in range(0, rows, query_batch))
         else:  # the given ids, query_batch at a time (each task reads just its rows)
-            query = ray.remote(num_cpus=0)(_query_ids)
+            query = ray.remote(**WAITING.options())(_query_ids)
             jobs = ((start, min(start + query_batch, rows),
                      query.remote(source_ref, queries[start:start + query_batch], shards, search_k, k, params.nprobe))
                     for start in range(0, rows, query_batch))

@@ -23,6 +23,7 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from curation.io.filesystem import Location
+from curation.sizing import ONE_CPU
 
 READ_BUFFER = 8 << 20  # bytes per buffered read from storage
 
@@ -158,7 +159,7 @@ class VectorParts:
                 continue
             rows = [np.sort(self.rows_of(groups[i])) for i in window]
             order = [np.argsort(np.argsort(self.rows_of(groups[i]), kind="stable"), kind="stable") for i in window]
-            task = ray.remote(num_cpus=1, num_returns=len(window))(_take_rows_split)
+            task = ray.remote(num_returns=len(window), **ONE_CPU.options())(_take_rows_split)
             refs = []
             for location, first, count in self.parts:
                 local = [r[np.searchsorted(r, first):np.searchsorted(r, first + count)] - first for r in rows]

@@ -14,17 +14,35 @@ import logging
 import os
 import posixpath
 import tempfile
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from urllib.parse import urlparse
 
 import pyarrow as pa
 import pyarrow.fs as pafs
 
-from curation.config import StorageConfig
+from curation.config_fields import ranged
 
 S3_SCHEME = "s3://"
 
 log = logging.getLogger(__name__)
+
+
+@dataclass
+class StorageConfig:
+    """S3-compatible storage. Unset fields fall back to the standard AWS environment variables
+    (``AWS_ENDPOINT_URL``, ``AWS_ACCESS_KEY_ID``, ``AWS_SECRET_ACCESS_KEY``, ``AWS_REGION``).
+    Secrets are never logged nor written to ``run.json``.
+
+    Attributes:
+        max_attempts: tries per S3 request (the AWS standard retry mode: exponential backoff
+            with jitter on throttling -- 503 SlowDown --, 5xx and dropped connections).
+    """
+
+    endpoint_url: str | None = None
+    region: str | None = None
+    access_key_id: str | None = field(default=None, repr=False)
+    secret_access_key: str | None = field(default=None, repr=False)
+    max_attempts: int = ranged(10, 1, 100)
 
 
 class StorageError(OSError):

@@ -287,7 +287,8 @@ def map_coordinates(samples: pa.Table, vectors, selections: dict[str, pa.Table],
             ``REUSE_MIN_SHARE`` of the points had a place (then a new layout is made).
     """
     from curation.index.source import as_source
-    from curation.session import ClusterShape, gpu_request, run_tasks
+    from curation.session import run_tasks
+    from curation.sizing import ClusterShape, gpu_request
 
     start = time.perf_counter()
     ok = is_ok(samples["status"])

@@ -27,7 +27,6 @@ log = logging.getLogger(__name__)
 SEED = 1234
 N_RESTARTS = 5
 POINTS_PER_CENTROID = 256
-TRAIN_THREADS = 8  # CPUs the training task asks for (at most one node's: session.training_request)
 
 
 def choose_n_clusters(n: int, requested: int = 0, budget: int | None = None) -> int:
@@ -86,7 +85,8 @@ def assign(ids: np.ndarray, x: np.ndarray, centroids: np.ndarray) -> tuple[np.nd
 def cluster_vectors(vectors, k: int, *, seed: int = SEED) -> tuple[np.ndarray, np.ndarray, str, np.ndarray]:
     """Train on a sample of ``vectors`` (a source or a matrix), assign every vector where it is
     stored. Returns labels, cosine to the centroid, the training backend and the centroids."""
-    from curation.session import run_tasks, training_request
+    from curation.session import run_tasks
+    from curation.sizing import TRAIN_THREADS, training_request
 
     source = as_source(vectors)
     n = source.n

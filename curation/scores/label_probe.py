@@ -53,7 +53,6 @@ TOP_CLASSES = 16
 REGULARISATION_C = (0.05, 1.0)
 MAX_ITER = 200
 SEED = 0
-TRAIN_THREADS = 8
 
 
 def probe_backend() -> str:
@@ -308,6 +307,7 @@ def train_probe_in_tasks(source, sample_ids: np.ndarray, labels: np.ndarray, n_c
     import ray
 
     from curation.session import run_tasks
+    from curation.sizing import ONE_CPU
 
     present = np.unique(labels)
     if len(present) < 2 or not ray.is_initialized():
@@ -318,7 +318,7 @@ def train_probe_in_tasks(source, sample_ids: np.ndarray, labels: np.ndarray, n_c
         z, mean, scale = _standardised_sample(source, sample_ids)  # from memory: no read of the store
         z = ray.put(z)
     else:
-        z, mean, scale = ray.remote(num_cpus=1, num_returns=3)(_standardised_sample).remote(source, sample_ids)
+        z, mean, scale = ray.remote(num_returns=3, **ONE_CPU.options())(_standardised_sample).remote(source, sample_ids)
         mean, scale = ray.get([mean, scale])
     folds = _folds(labels, FOLDS, keys)
     starts = _starts(previous, class_names, mean, scale, regularisation)
@@ -378,7 +378,8 @@ def probe_probabilities(vectors, codes: np.ndarray, n_classes: int, previous: Pr
         ``(top_classes (N, m) int32, top_probabilities (N, m) float32, info, state)``;
         ``state`` is what the next night starts from (None without ``class_names``).
     """
-    from curation.session import run_tasks, training_request
+    from curation.session import run_tasks
+    from curation.sizing import TRAIN_THREADS, training_request
 
     vectors = as_source(vectors)
     sample = stratified_sample(codes, PROBE_SAMPLE, keys=keys)

@@ -22,7 +22,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 import torch.nn.functional as torch_functional
-from PIL import Image, ImageFile, ImageFilter, ImageOps, UnidentifiedImageError
+from PIL import Image, ImageFile, ImageOps, UnidentifiedImageError
 
 try:  # libjpeg-turbo with DCT scaling straight into numpy (PIL's own copy skipped); PIL is the fallback
     import simplejpeg
@@ -31,6 +31,12 @@ except ImportError:  # pragma: no cover - a declared dependency
 
 from curation.io.filesystem import Resolver
 from curation.schema import STATUS_OK, STATUS_REJECTED, is_ok
+from curation.sizing import DECODE_TASK_MEMORY
+from curation.stages.features import (  # noqa: F401 (the one-image helpers are public here too)
+    COPY_DESCRIPTOR_ID, COPY_DIM, FEATURES_ID, STATS_MAX_SIDE, ThumbnailFeatures, copy_descriptor, copy_grid,
+    copy_vectors, grey_statistics, luminance_percentiles, trim_border)
+from curation.stages.jpeg import (  # noqa: F401
+    _plain_jpeg_size, draft_request, exif_orientation, jpeg_image_digest, torch_decodable)
 
 # The operator behind F.interpolate(mode="bilinear", antialias=True), in its form that writes into
 # a given tensor (see _downscale_rgb); F.interpolate itself when a torch lacks it.
@@ -40,61 +46,7 @@ _RESAMPLE_INTO = getattr(getattr(torch.ops.aten, "_upsample_bilinear2d_aa", None
 Image.MAX_IMAGE_PIXELS = None
 ImageFile.LOAD_TRUNCATED_IMAGES = False
 
-STATS_MAX_SIDE = 256  # statistics are computed at most at this size; never upscaled
 REDUCE_TO = 1024  # a full-size decode is box-reduced right away to about this longer side (or less)
-
-# The copy descriptor (see :func:`copy_descriptor`); its identity is part of the embedding
-# store's key, so a change of its definition never mixes old and new descriptors. Bump it when
-# a change moves stored descriptors past what `copy_cosine` tolerates (benchmarks/README.md,
-# "The decode stage against the codec", says how that was judged last time).
-COPY_DESCRIPTOR_ID = "copy-v1"
-COPY_GRID = 16  # cells per side of the descriptor grid
-COPY_CANON = 32  # the trimmed image is resampled to this square first ...
-COPY_BLUR = 1.0  # ... blurred (px at that size: tolerance to shifts, rotation, noise) ...
-COPY_INSET = 3  # ... and this many px cut off each side (rotation corners, crops, frames)
-COPY_DIM = COPY_GRID * COPY_GRID  # mirror-even half plus mirror-odd magnitude half
-BORDER_TOLERANCE = 10  # grey levels: a row or column this close to the frame colour is border
-
-# The stored per-item features' definition (statistics, hashes, copy descriptor): part of the
-# embedding store's key, so vectors and features made under another definition are never
-# mixed. "features-v2": the copy descriptor "copy-v1" (COPY_DESCRIPTOR_ID), and a JPEG's
-# pixel_hash is its coded image's digest (jpeg_image_digest), the same on every decode path.
-FEATURES_ID = "features-v2"
-
-_METADATA_MARKERS = set(range(0xE0, 0xF0)) | {0xFE}  # APP0..APP15, COM
-
-
-def jpeg_image_digest(data: bytes) -> str | None:
-    """The digest of a JPEG's coded image: its segments up to the first scan without the APPn
-    (EXIF, ICC, XMP, ...) and COM ones, and everything from the first scan on. None when the
-    markers cannot be walked (the caller then hashes decoded pixels). With the EXIF orientation,
-    so a rotated copy is not an exact one."""
-    if data[:2] != b"\xff\xd8":
-        return None
-    # The orientation tag lives in the metadata left out: it is hashed on its own.
-    digest = hashlib.sha1(b"\xff\xd8" + str(exif_orientation(data) or 1).encode(), usedforsecurity=False)
-    at, end = 2, len(data)
-    while at + 4 <= end:
-        if data[at] != 0xFF:
-            return None
-        marker = data[at + 1]
-        if marker == 0xFF:
-            at += 1
-            continue
-        if marker == 0xDA:  # start of scan: the coded image and whatever follows it
-            digest.update(data[at:])
-            return digest.hexdigest()[:32]
-        if marker == 0x01 or 0xD0 <= marker <= 0xD7:
-            digest.update(data[at:at + 2])
-            at += 2
-            continue
-        length = int.from_bytes(data[at + 2:at + 4], "big")
-        if length < 2:
-            return None
-        if marker not in _METADATA_MARKERS:
-            digest.update(data[at:at + 2 + length])
-        at += 2 + length
-    return None
 
 
 class RejectedInput(Exception):
@@ -266,188 +218,6 @@ def pixel_statistics(image: Image.Image) -> tuple[float, float, float, int]:
     return grey_statistics(working_thumbnail(image))
 
 
-def luminance_percentiles(grey: Image.Image, low: float = 0.01, high: float = 0.99) -> tuple[float, float]:
-    """The ``low`` and ``high`` quantiles of luminance in [0, 1] (from PIL's histogram, in C):
-    the shadows and the highlights. An under-exposed image has no highlights, an over-exposed
-    or washed-out one no shadows -- unlike a night shot or a snow scene, which keep both."""
-    shadows, highlights = _percentiles(np.asarray(grey.histogram()[:256], np.int64)[np.newaxis], low, high)
-    return float(shadows[0]), float(highlights[0])
-
-
-def grey_statistics(grey: Image.Image) -> tuple[float, float, float, int]:
-    """Brightness, contrast, sharpness and a 64-bit difference hash of a grey working thumbnail.
-
-    All four come from that one thumbnail (:func:`working_thumbnail`, at most
-    ``STATS_MAX_SIDE`` px, never upscaled, so a sharp small image stays sharp):
-    brightness: mean luminance in [0, 1]; contrast: luminance std; sharpness: variance of the
-    Laplacian over the variance of the luminance (independent of contrast); phash: dHash on a
-    9x8 grey thumbnail (robust to re-encoding, resizing and brightness shifts).
-    """
-    features = ThumbnailFeatures(1)
-    features.add(0, grey, copy=False)
-    values = features.finish()
-    return (float(values["brightness"][0]), float(values["contrast"][0]), float(values["sharpness"][0]),
-            int(values["phash"][0]))
-
-
-_LEVELS = np.arange(256, dtype=np.int64)
-_LEVELS_SQUARED = _LEVELS * _LEVELS
-
-
-def _percentiles(histograms: np.ndarray, low: float, high: float) -> tuple[np.ndarray, np.ndarray]:
-    """Per row of ``(N, 256)`` histograms, the first level whose cumulative count reaches each
-    quantile, in [0, 1] (NaN for an empty histogram)."""
-    counts = np.cumsum(histograms, axis=1)
-    total = counts[:, -1:].astype(np.float64)
-    shadows = np.where(total[:, 0] > 0, (counts < low * total).sum(axis=1) / 255.0, np.nan)
-    highlights = np.where(total[:, 0] > 0, (counts < high * total).sum(axis=1) / 255.0, np.nan)
-    return shadows, highlights
-
-
-def _laplacian_variance(lum: np.ndarray) -> float:
-    """The variance of the 4-neighbour Laplacian of a grey image, in [0, 1] units (0 below 3x3)."""
-    if lum.shape[0] < 3 or lum.shape[1] < 3:
-        return 0.0
-    lum = lum.astype(np.int16)
-    lap = lum[:-2, 1:-1] + lum[2:, 1:-1]  # in place after this: one temporary, not five
-    lap += lum[1:-1, :-2]
-    lap += lum[1:-1, 2:]
-    lap -= 4 * lum[1:-1, 1:-1]
-    values = lap.ravel().astype(np.float64)  # integers: the sums below are exact
-    mean = values.sum() / values.size
-    # einsum, not `values @ values`: BLAS would start threads on a one-CPU decode task.
-    return float(np.einsum("i,i->", values, values) / values.size - mean * mean) / (255.0 * 255.0)
-
-
-class ThumbnailFeatures:
-    """The statistics, dHash and copy descriptor of ``n`` grey working thumbnails.
-
-    :meth:`add` does each image's part, all of it in C (PIL's histogram and small resizes, the
-    Laplacian); :meth:`finish` does the arithmetic on those for every image at once. A decode
-    task spends its time in the codec: per-image interpreter calls for 256-element sums cost
-    more there than their arithmetic does.
-
-    Args:
-        n: images (rows) to hold.
-    """
-
-    def __init__(self, n: int):
-        self.histogram = np.zeros((n, 256), np.int64)
-        self.laplacian_variance = np.zeros(n, np.float64)
-        self.dhash = np.zeros((n, 8, 9), np.uint8)
-        self.copy_grid = np.zeros((n, COPY_GRID, COPY_GRID), np.uint8)
-
-    def add(self, row: int, grey: Image.Image, *, copy: bool = True) -> None:
-        """Row ``row``'s part from its grey thumbnail (``copy=False``: no copy descriptor)."""
-        lum = np.asarray(grey)  # one copy, read by the Laplacian and the copy descriptor
-        self.histogram[row] = grey.histogram()[:256]
-        self.laplacian_variance[row] = _laplacian_variance(lum)
-        self.dhash[row] = np.asarray(grey.resize((9, 8), Image.BILINEAR))
-        if copy:
-            self.copy_grid[row] = copy_grid(lum)
-
-    def finish(self, rows: np.ndarray | None = None) -> dict[str, np.ndarray]:
-        """``brightness``, ``contrast``, ``sharpness``, ``shadows``, ``highlights``, ``phash``
-        and ``copy_vector`` of the chosen rows (a boolean mask or indices; all by default)."""
-        pick = slice(None) if rows is None else rows
-        histogram = self.histogram[pick]
-        # Mean and variance from the histogram, as ImageStat computes them (exact integer sums).
-        count = histogram.sum(axis=1).astype(np.float64)
-        total = (histogram @ _LEVELS).astype(np.float64)
-        squares = (histogram @ _LEVELS_SQUARED).astype(np.float64)
-        brightness = total / count / 255.0
-        contrast = np.sqrt((squares - total**2.0 / count) / count) / 255.0
-        shadows, highlights = _percentiles(histogram, 0.01, 0.99)
-        dhash = self.dhash[pick].astype(np.int16)
-        bits = (dhash[:, :, 1:] > dhash[:, :, :-1]).reshape(len(dhash), 64)
-        return {
-            "brightness": brightness, "contrast": contrast,
-            "sharpness": self.laplacian_variance[pick] / (contrast**2 + 1e-4),
-            "shadows": shadows, "highlights": highlights,
-            "phash": np.packbits(bits, axis=1).view(">i8")[:, 0].astype(np.int64),
-            "copy_vector": copy_vectors(self.copy_grid[pick]),
-        }
-
-
-def trim_border(lum: np.ndarray) -> np.ndarray:
-    """``lum`` without a uniform frame: the rows and columns at the edges that stay within
-    ``BORDER_TOLERANCE`` of the frame's colour (borders, letterbox and pillarbox bars). An image
-    that would lose more than 80% of a side is returned whole (it is mostly flat)."""
-    h, w = lum.shape
-    ring = np.concatenate([lum[0], lum[-1], lum[:, 0], lum[:, -1]])
-    frame = int(np.median(ring))
-    low, high = frame - BORDER_TOLERANCE, frame + BORDER_TOLERANCE
-
-    def off(pixels):  # in uint8, without a widened copy (a bound past 0 or 255 excludes nothing)
-        if low <= 0:
-            return pixels > high
-        if high >= 255:
-            return pixels < low
-        return (pixels < low) | (pixels > high)
-
-    edges = off(ring)
-    if edges[:w].any() and edges[w:2 * w].any() and edges[2 * w:2 * w + h].any() and edges[2 * w + h:].any():
-        return lum  # every edge line leaves the frame's colour: no frame (most photos)
-    mask = off(lum)
-    rows, cols = mask.any(axis=1), mask.any(axis=0)
-    if rows.sum() < 0.2 * h or cols.sum() < 0.2 * w:
-        return lum
-    top, bottom = int(np.argmax(rows)), h - int(np.argmax(rows[::-1]))
-    left, right = int(np.argmax(cols)), w - int(np.argmax(cols[::-1]))
-    return lum[top:bottom, left:right]
-
-
-def copy_descriptor(grey: Image.Image | np.ndarray) -> np.ndarray:
-    """A compact appearance descriptor for copy detection, whatever model embeds the image.
-
-    From the grey working thumbnail: the uniform frame is trimmed (borders, letterboxing), the
-    rest resampled to a ``COPY_CANON`` square whatever its aspect (aspect changes), blurred
-    (re-encoding, small shifts and rotations), inset by ``COPY_INSET`` px (rotation corners,
-    crops) and pooled to ``COPY_GRID`` x ``COPY_GRID``. Grey and mean-removed, so colour and
-    brightness edits do not move it; the mirror-even half and the magnitude of the mirror-odd
-    half make it identical for an image and its mirror. Unit norm; compared by cosine.
-    Measured on CIFAR-10 photos against the alternatives (grid 8/12/16, with and without trim,
-    blur, inset, symmetry): see benchmarks/README.md.
-    """
-    return copy_vectors(copy_grid(np.asarray(grey, dtype=np.uint8))[np.newaxis])[0]
-
-
-def copy_grid(lum: np.ndarray) -> np.ndarray:
-    """The pooled ``COPY_GRID`` square of a grey thumbnail, before :func:`copy_vectors`."""
-    canon = Image.fromarray(trim_border(lum)).resize((COPY_CANON, COPY_CANON), Image.BILINEAR, reducing_gap=2.0)
-    canon = canon.filter(ImageFilter.GaussianBlur(COPY_BLUR))
-    inner = canon.crop((COPY_INSET, COPY_INSET, COPY_CANON - COPY_INSET, COPY_CANON - COPY_INSET))
-    return np.asarray(inner.resize((COPY_GRID, COPY_GRID), Image.BILINEAR))
-
-
-def copy_vectors(grids: np.ndarray) -> np.ndarray:
-    """``(N, COPY_GRID, COPY_GRID)`` pooled grids -> ``(N, COPY_DIM)`` float32 unit descriptors:
-    mean removed, the mirror-even half and the mirror-odd half's magnitude (zeros when flat)."""
-    x = grids.astype(np.float32)
-    x -= x.mean(axis=(1, 2), keepdims=True)
-    n, half = len(x), COPY_GRID // 2
-    left, mirrored = x[:, :, :half], x[:, :, :half - 1:-1]  # each column and its mirror image's
-    vectors = np.empty((n, COPY_DIM), np.float32)
-    even = vectors[:, :COPY_DIM // 2].reshape(n, COPY_GRID, half)
-    odd = vectors[:, COPY_DIM // 2:].reshape(n, COPY_GRID, half)
-    np.add(left, mirrored, out=even)
-    np.abs(np.subtract(left, mirrored, out=odd), out=odd)
-    odd -= odd.mean(axis=(1, 2), keepdims=True)
-    odd *= 0.7
-    norms = np.sqrt(np.einsum("ij,ij->i", vectors, vectors))
-    flat = norms <= 1e-6
-    vectors /= np.where(flat, 1.0, norms)[:, np.newaxis]
-    vectors[flat] = 0.0
-    return vectors
-
-
-def draft_request(width: int, height: int, image_size: int) -> tuple[int, int]:
-    """The smallest JPEG decode every consumer can use: the shorter side at least the model
-    input (``image_size``), the longer side at least the working thumbnail's (or the full size)."""
-    longer = min(max(width, height), STATS_MAX_SIDE)
-    return (longer, image_size) if width >= height else (image_size, longer)
-
-
 def decode_image(data: bytes, *, image_size: int, max_pixels: int,
                  background: tuple[int, int, int] = (255, 255, 255), pixels_out: np.ndarray | None = None) -> Decoded:
     """Decode encoded image bytes once, at the smallest scale its consumers need (JPEG DCT
@@ -476,7 +246,8 @@ def decode_into(data: bytes, *, image_size: int, max_pixels: int, background: tu
     if not data:
         raise RejectedInput("corrupt: empty file (0 bytes)")
     pixels = None
-    size = _plain_jpeg_size(data)  # most inputs: no PIL header parse
+    # most inputs: no PIL header parse (and none without simplejpeg: PIL decodes everything then)
+    size = _plain_jpeg_size(data) if simplejpeg is not None else None
     if size is not None:
         width, height = size
         _check_size(width, height, max_pixels)
@@ -513,62 +284,6 @@ def _check_size(width: int, height: int, max_pixels: int) -> None:
         raise RejectedInput(f"corrupt: invalid size {width}x{height}")
     if width * height > max_pixels:
         raise RejectedInput(f"too many pixels: {width}x{height} exceeds decode.max_pixels={max_pixels}")
-
-
-def _plain_jpeg_size(data: bytes) -> tuple[int, int] | None:
-    """``(width, height)`` of a JPEG that libjpeg-turbo decodes to RGB as it stands (YCbCr, RGB
-    or grey, and no EXIF orientation to apply), read from its header without PIL; None for
-    anything else (PIL then opens it, and says why when it cannot)."""
-    if simplejpeg is None or data[:3] != b"\xff\xd8\xff":
-        return None
-    try:
-        height, width, colorspace, _ = simplejpeg.decode_jpeg_header(data)
-    except (ValueError, RuntimeError, OSError):
-        return None
-    if colorspace not in ("YCbCr", "RGB", "Gray") or exif_orientation(data) != 1:
-        return None
-    return width, height
-
-
-def exif_orientation(jpeg: bytes) -> int | None:
-    """The EXIF orientation tag of a JPEG (1, upright, when it has none), from the first EXIF
-    segment before the image data (as PIL reads it); None when the markers cannot be walked."""
-    at, end = 2, len(jpeg)
-    while at + 4 <= end:
-        if jpeg[at] != 0xFF:
-            return None
-        marker = jpeg[at + 1]
-        if marker == 0xFF:  # fill byte
-            at += 1
-            continue
-        if marker in (0xDA, 0xD9):  # start of scan, end of image: no metadata after
-            return 1
-        if marker == 0x01 or 0xD0 <= marker <= 0xD7:  # markers without a length
-            at += 2
-            continue
-        length = int.from_bytes(jpeg[at + 2:at + 4], "big")
-        if length < 2:
-            return None
-        if marker == 0xE1 and jpeg[at + 4:at + 10] == b"Exif\x00\x00":
-            return _tiff_orientation(jpeg[at + 10:at + 2 + length])
-        at += 2 + length
-    return None
-
-
-def _tiff_orientation(tiff: bytes) -> int | None:
-    """Tag 0x0112 of a TIFF header's first IFD (1 when absent); None when malformed."""
-    order = {b"II": "little", b"MM": "big"}.get(tiff[:2])
-    if order is None or len(tiff) < 8:
-        return None
-    ifd = int.from_bytes(tiff[4:8], order)
-    if ifd + 2 > len(tiff):
-        return None
-    for entry in range(ifd + 2, ifd + 2 + 12 * int.from_bytes(tiff[ifd:ifd + 2], order), 12):
-        if entry + 12 > len(tiff):
-            return None
-        if int.from_bytes(tiff[entry:entry + 2], order) == 0x0112:
-            return int.from_bytes(tiff[entry + 8:entry + 10], order)  # a SHORT, first in its value field
-    return 1
 
 
 def _decode_jpeg_fast(data: bytes, width: int, height: int, image_size: int) -> np.ndarray | None:
@@ -632,7 +347,7 @@ class DecodeStage:
         image_size: square model input size.
         max_pixels: refuse images larger than this before decoding.
         background: RGB for compositing transparency.
-        defer_jpegs: leave the files the torch path takes (:func:`~curation.stages.decode_torch.torch_decodable`)
+        defer_jpegs: leave the files the torch path takes (:func:`~curation.stages.jpeg.torch_decodable`)
             undecoded: their bytes go out in a ``jpeg`` column (empty for every other row) for
             the embedding actor to decode on its device (``decode.path: torch``), with their
             ``pixel_hash`` (read here, where the bytes are). ``pixels`` is then a binary column:
@@ -640,10 +355,7 @@ class DecodeStage:
             deferred row carries no placeholder pixels to the actor.
     """
 
-    num_cpus = 1
-    # One batch of decoded images and PIL's working set, over the worker's libraries: Ray Data
-    # measured decode workers at up to 734 MiB resident on a 16-CPU GPU node (torch's pages included).
-    memory_bytes = 1024 * 1024 * 1024
+    memory_bytes = DECODE_TASK_MEMORY  # what each decode task declares (sized in curation.sizing)
 
     def __init__(self, *, resolver: Resolver, image_size: int, max_pixels: int,
                  background: tuple[int, int, int] = (255, 255, 255), defer_jpegs: bool = False):
@@ -697,9 +409,7 @@ class DecodeStage:
         n = len(batch["uri"])
         errors = batch.get("input_error")
         greys: dict[int, Image.Image] = {}
-        deferrable = None
-        if self.defer_jpegs:  # (imported here: that module builds on this one)
-            from curation.stages.decode_torch import torch_decodable as deferrable
+        deferrable = torch_decodable if self.defer_jpegs else None
         for i, uri in enumerate(batch["uri"]):
             try:
                 if errors is not None and errors[i]:

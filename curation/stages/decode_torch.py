@@ -39,22 +39,13 @@ import numpy as np
 import torch
 import torch.nn.functional as torch_functional
 
-from curation.stages.decode import (BORDER_TOLERANCE, COPY_CANON, COPY_GRID, COPY_INSET, STATS_MAX_SIDE,
-                                     ThumbnailFeatures, _plain_jpeg_size, draft_request)
+from curation.stages.features import (BORDER_TOLERANCE, COPY_BLUR, COPY_CANON, COPY_GRID, COPY_INSET, STATS_MAX_SIDE,
+                                       ThumbnailFeatures, trim_border)
+from curation.stages.jpeg import draft_request
+
 
 # Decoded pixels stacked per resampling call: bounds the float32 working copy (~0.8 GB).
 STACK_PIXELS = 64 * 1024 * 1024
-
-
-def torch_decodable(data: bytes, max_pixels: int) -> bool:
-    """A file the torch path decodes: a JPEG libjpeg-turbo decodes to RGB as it stands (YCbCr,
-    RGB or grey; not CMYK), upright (no EXIF rotation to apply), complete (it ends with the
-    end-of-image marker: a truncated file takes the CPU path and gets its reason there) and
-    within ``decode.max_pixels``."""
-    size = _plain_jpeg_size(data)
-    if size is None or size[0] * size[1] > max_pixels or size[0] <= 0 or size[1] <= 0:
-        return False
-    return data.rstrip(b"\x00\r\n ")[-2:] == b"\xff\xd9"
 
 
 def _as_uint8(x: torch.Tensor) -> torch.Tensor:
@@ -233,7 +224,6 @@ def copy_grids(lum: torch.Tensor) -> torch.Tensor:
     """``(B, h, w)`` uint8 thumbnails -> ``(B, COPY_GRID, COPY_GRID)`` uint8: the copy
     descriptor's pooled grid (:func:`~curation.stages.decode.copy_grid`), on the device. A
     thumbnail with a frame to trim (rare) has it trimmed on the host, as the CPU path does."""
-    from curation.stages.decode import trim_border
 
     grids = torch.empty((lum.shape[0], COPY_GRID, COPY_GRID), dtype=torch.uint8, device=lum.device)
     framed = _frame_check(lum).cpu().numpy()
@@ -247,7 +237,6 @@ def copy_grids(lum: torch.Tensor) -> torch.Tensor:
 
 
 def _grid(lum: torch.Tensor) -> torch.Tensor:
-    from curation.stages.decode import COPY_BLUR
 
     canon = _pil_reduce_then_resize(lum, COPY_CANON, COPY_CANON, reducing_gap=2.0)
     canon = pil_gaussian_blur(canon, COPY_BLUR)
