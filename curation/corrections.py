@@ -8,7 +8,7 @@ not applied. Cancelled annotations and answers without a choice do not vote.
 Applied corrections are kept with the run (``<run>/corrections.parquet``: uri, fingerprint,
 label, given_label, run_id), and the next run reads them from the previous published run, so
 later nights keep them without the file; a newer correction of an item replaces the older one.
-A correction applies while the item's file is unchanged (same fingerprint); an item whose file
+A correction applies while the item's file is unchanged (:mod:`curation.item_key`); an item whose file
 changed is labelled as given again.
 
 A corrected item's ``label`` is the correction, ``label_source`` is ``corrected`` and
@@ -27,6 +27,7 @@ import numpy as np
 import pyarrow as pa
 
 from curation.io.filesystem import Location, StorageError, read_bytes
+from curation.item_key import unchanged
 
 STORE_SCHEMA = pa.schema([("uri", pa.string()), ("fingerprint", pa.string()), ("label", pa.string()),
                           ("given_label", pa.string()), ("run_id", pa.string())])
@@ -174,11 +175,14 @@ def apply_corrections(samples: pa.Table, *, stored: pa.Table | None, answers: di
     given = dict(zip(found, samples["label"].take(take).to_pylist()))
     keep: dict[str, dict] = {}
     stale = 0
-    for row in stored_rows:
+    # A stored correction holds while its item is unchanged (curation.item_key: an unknown
+    # fingerprint, then or now, never is).
+    still = unchanged(stored, samples.take(take)) if stored_rows else np.zeros(0, bool)
+    for row, same in zip(stored_rows, still):
         if position.get(row["uri"]) is None:
             continue  # the item is gone
-        if row["fingerprint"] is not None and row["fingerprint"] != fingerprint[row["uri"]]:
-            stale += 1  # its file changed since it was corrected
+        if not same:
+            stale += 1  # its file changed since it was corrected (or cannot be shown unchanged)
             continue
         keep[row["uri"]] = row
     unknown = [u for u in decided if position.get(u) is None]

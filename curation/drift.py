@@ -456,7 +456,8 @@ def new_item_mask(samples: pa.Table, previous: Location) -> np.ndarray:
     """Per vector id: the item is new tonight (its uri and fingerprint were not an ok item of
     the previous run)."""
     from curation.run_diff import read_previous_items
-    from curation.schema import match_items, ok_rows_in_vector_order
+    from curation.item_key import match_items
+    from curation.schema import ok_rows_in_vector_order
 
     old = read_previous_items(previous, [])
     if old is None:

@@ -471,7 +471,8 @@ def _previous_assignment(samples: pa.Table, knn: dict, config: Config):
     samples cannot be read."""
     from curation.io.filesystem import Resolver
     from curation.run_diff import read_previous_items
-    from curation.schema import match_items, ok_rows_in_vector_order
+    from curation.item_key import match_items
+    from curation.schema import ok_rows_in_vector_order
 
     previous = _updated_from(knn, Resolver(config.storage))
     old = read_previous_items(previous, ["cluster", "cluster_similarity"]) if previous is not None else None

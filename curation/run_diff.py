@@ -24,6 +24,7 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from curation.io.filesystem import Location
+from curation.item_key import unchanged
 from curation.scores import flag_columns
 
 log = logging.getLogger(__name__)
@@ -82,11 +83,9 @@ def diff_runs(previous: Location, samples: pa.Table, selections: dict[str, pa.Ta
     now_uri, old_uri = samples["uri"], old["uri"]
     is_new = ~pc.is_in(now_uri, value_set=old_uri).to_numpy(zero_copy_only=False)
     deleted = int((~pc.is_in(old_uri, value_set=now_uri).to_numpy(zero_copy_only=False)).sum())
-    changed = 0
-    if "fingerprint" in samples.column_names and "fingerprint" in old.column_names:
-        key_now = pc.binary_join_element_wise(now_uri, pc.fill_null(samples["fingerprint"], ""), "\x00")
-        key_old = pc.binary_join_element_wise(old_uri, pc.fill_null(old["fingerprint"], ""), "\x00")
-        changed = int((~is_new & ~pc.is_in(key_now, value_set=key_old).to_numpy(zero_copy_only=False)).sum())
+    # An item seen before whose file is not known unchanged (curation.item_key: a null
+    # fingerprint never is) counts as changed.
+    changed = int((~is_new & ~unchanged(samples, old)).sum())
     newly = {}
     for name in (*flags, "dup_of"):
         if name not in samples.column_names:

@@ -109,38 +109,3 @@ def ok_rows_in_vector_order(samples: pa.Table) -> np.ndarray:
         return ok
     vector_id = samples["vector_id"].to_numpy(zero_copy_only=False)[ok]
     return ok[np.argsort(vector_id, kind="stable")]
-
-
-def item_key_columns(*tables: pa.Table) -> list[str]:
-    """The columns that name one version of an item (``uri``, and ``fingerprint`` when every
-    table has it) -- what "the same item, unchanged" means between two runs."""
-    return [c for c in ("uri", "fingerprint") if all(c in t.column_names for t in tables)]
-
-
-def match_items(tonight: pa.Table, old: pa.Table) -> np.ndarray:
-    """Per row of ``tonight``, the row of ``old`` holding the same item unchanged (the same
-    :func:`item_keys`), else -1."""
-    use = item_key_columns(tonight, old)
-    if not old.num_rows or not tonight.num_rows:
-        return np.full(tonight.num_rows, -1, np.int64)
-    where = pc.index_in(item_keys(tonight, use), value_set=item_keys(old, use)).to_numpy(zero_copy_only=False)
-    where = where.astype(np.float64)
-    return np.where(np.isnan(where), -1, np.nan_to_num(where)).astype(np.int64)
-
-
-def item_keys(table: pa.Table, columns: list[str]) -> pa.Array:
-    """One string per row joining ``columns`` (from :func:`item_key_columns`), nulls as ''.
-    A row whose ``fingerprint`` is null (a manifest without one) cannot be shown unchanged: its
-    key is unique to this call, so it matches nothing in another table's keys."""
-    parts = [pc.fill_null(pc.cast(table[c], pa.string()), "").combine_chunks() for c in columns]
-    keys = parts[0] if len(parts) == 1 else pc.binary_join_element_wise(*parts, "\x00")
-    if "fingerprint" in columns and table["fingerprint"].null_count:
-        import uuid
-
-        unknown = pc.is_null(table["fingerprint"]).combine_chunks()
-        token = f"\x01{uuid.uuid4().hex}:"
-        rows = np.flatnonzero(unknown.to_numpy(zero_copy_only=False))
-        unique = np.full(len(keys), None, object)
-        unique[rows] = [f"{token}{r}" for r in rows]
-        keys = pc.if_else(unknown, pa.array(unique, pa.string()), keys)
-    return keys

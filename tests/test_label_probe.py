@@ -63,7 +63,7 @@ def test_probe_follows_the_items_not_their_order(monkeypatch):
     x, y = _mixture(n_per=200)
     noisy, _ = _flip(y, 0.08)
     uris = [f"s3://b/{i}.jpg" for i in range(len(y))]
-    keys = label_probe.item_keys(uris)
+    keys = label_probe.fold_keys(uris)
     monkeypatch.setattr(label_probe, "PROBE_SAMPLE", 400)
     order = np.random.default_rng(3).permutation(len(y))
     a_classes, a_p, _, _ = label_probe.probe_probabilities(x, noisy, 4, keys=keys)
@@ -91,14 +91,14 @@ def test_an_updated_night_starts_its_fits_from_the_previous_models(monkeypatch):
     monkeypatch.setattr(label_probe, "PROBE_SAMPLE", 600)
     night1 = np.arange(len(y)) % 20 != 0  # 5% arrive on night 2
     _, _, info1, state = label_probe.probe_probabilities(x[night1], noisy[night1], 4,
-                                                          keys=label_probe.item_keys(uris[night1]), class_names=names)
+                                                          keys=label_probe.fold_keys(uris[night1]), class_names=names)
     assert info1["fits_started_from"] == "zero" and state.weights.shape == (label_probe.FOLDS + 1, 24, 4)
     state = label_probe.ProbeState.from_bytes(state.to_bytes())
     # Night 2: every item, the class codes in another order (codes follow first appearance).
     remap = np.array([2, 0, 3, 1])
     codes2, names2 = remap[noisy], np.empty(4, object)
     names2[remap] = names
-    keys2 = label_probe.item_keys(uris)
+    keys2 = label_probe.fold_keys(uris)
     converged = label_probe.probe_probabilities(x, codes2, 4, label_probe.ProbeState(state.c), keys=keys2,
                                                 class_names=names2)
 
@@ -173,7 +173,7 @@ def test_the_fits_as_ray_tasks_give_what_one_process_gives(ray_local, monkeypatc
     noisy, _ = _flip(y, 0.08)
     sample = label_probe.stratified_sample(noisy, 400)
     source = MemoryVectors(x)
-    keys = label_probe.item_keys([f"u{i}" for i in sample])
+    keys = label_probe.fold_keys([f"u{i}" for i in sample])
     oos_a, model_a, backend_a, models_a = label_probe.train_probe_in_tasks(source, sample, noisy[sample], 4,
                                                                            label_probe.REGULARISATION_C, keys)
     oos_b, model_b, backend_b, models_b = label_probe.train_probe(source, sample, noisy[sample], 4, keys=keys)

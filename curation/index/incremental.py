@@ -155,7 +155,8 @@ def carry_previous(previous: Location, samples: pa.Table, k: int, *, folder: str
     ``-margin`` neighbours when it kept them) mapped onto tonight's ok items (``samples`` with
     ``vector_id``), ``k + margin`` wide; None when that run has no such graph."""
     from curation.run_diff import read_previous_items
-    from curation.schema import match_items, ok_rows_in_vector_order
+    from curation.item_key import match_items
+    from curation.schema import ok_rows_in_vector_order
 
     old = read_previous_items(previous, ["input_id", "vector_id"])
     location = previous.child(folder)

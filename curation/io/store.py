@@ -26,35 +26,18 @@ import re
 from dataclasses import dataclass
 
 import numpy as np
-import pandas as pd
 import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from curation.io.filesystem import Location, copy_file, list_files, read_bytes, write_bytes
+from curation.item_key import KEY_COLUMNS, key_hashes
 from curation.schema import STATUS_OK
 
 log = logging.getLogger(__name__)
 
-KEY_COLUMNS = ("uri", "fingerprint")
-
-
 def _slug(model_id: str) -> str:
     return re.sub(r"[^A-Za-z0-9._-]+", "_", model_id)
-
-
-def key_hashes(uri, fingerprint) -> np.ndarray:
-    """Stable 64-bit hashes of ``(uri, fingerprint)`` (pandas' keyed SipHash: the same in every
-    process). Arrow or numpy columns in; rows without a fingerprint hash to 0 (never reused)."""
-    uri = pa.array(uri) if not isinstance(uri, (pa.Array, pa.ChunkedArray)) else uri
-    fingerprint = pa.array(fingerprint) if not isinstance(fingerprint, (pa.Array, pa.ChunkedArray)) else fingerprint
-    keys = pc.binary_join_element_wise(uri.cast(pa.string()), fingerprint.cast(pa.string()), "\x00")
-    values = keys.to_numpy(zero_copy_only=False)
-    valid = ~pd.isna(values)
-    out = np.zeros(len(values), np.uint64)
-    if valid.any():
-        out[valid] = pd.util.hash_array(values[valid].astype(object), categorize=False)
-    return out.view(np.int64)
 
 
 @dataclass

@@ -18,7 +18,8 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from curation.config import ReportConfig
-from curation.schema import is_ok, match_items
+from curation.item_key import match_items
+from curation.schema import is_ok
 from curation.scores import flag_columns
 
 log = logging.getLogger(__name__)

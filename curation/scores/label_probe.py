@@ -23,7 +23,7 @@ Each item comes back as its ``TOP_CLASSES`` most probable classes and their prob
 (compact whatever the number of classes); the rest of the mass is spread over the other
 classes in proportion to their frequency.
 
-The sample and its folds follow the items (:func:`item_keys`: a hash of the uri), not their
+The sample and its folds follow the items (:func:`fold_keys`: a hash of the uri), not their
 rows, and a fold is the same items from night to night. A night that updates the previous
 run's graph keeps its regularisation and starts every fit from the previous run's model of the
 same fold (:class:`ProbeState`, ``label-probe.npz``): fold f's model never saw a fold-f label on
@@ -62,7 +62,7 @@ def probe_backend() -> str:
     return "cuml" if kmeans_backend() == "cuml" else "sklearn"
 
 
-def item_keys(names) -> np.ndarray:
+def fold_keys(names) -> np.ndarray:
     """A pseudo-random uint64 per item from a name of it (its file's content hash, else its
     uri; see :func:`probe_keys`): the order the probe samples and deals folds in. Tied to the
     item, not to its row, so a night that stores its vectors in another order (an updated night
@@ -82,7 +82,7 @@ def _as_strings(names) -> list:
 
 
 def probe_keys(table, rows: np.ndarray) -> np.ndarray:
-    """:func:`item_keys` of ``rows`` of a samples table: by the file's content hash where it
+    """:func:`fold_keys` of ``rows`` of a samples table: by the file's content hash where it
     has one (the same picture is the same item wherever it is stored: in a local folder or in
     S3), else by uri."""
     import pyarrow as pa
@@ -92,14 +92,14 @@ def probe_keys(table, rows: np.ndarray) -> np.ndarray:
     uris = table["uri"].take(take)
     if "content_hash" in table.column_names:
         uris = pc.coalesce(table["content_hash"].take(take).cast(pa.string()), uris.cast(pa.string()))
-    return item_keys(uris)
+    return fold_keys(uris)
 
 
 def stratified_sample(codes: np.ndarray, size: int, *, keys: np.ndarray | None = None,
                       seed: int = SEED) -> np.ndarray:
     """Positions of at most ``size`` labelled rows (``codes >= 0``), classes in proportion to
     their counts but each with at least ``MIN_PER_CLASS`` (or all it has). With ``keys``
-    (:func:`item_keys`) each class gives its lowest-keyed members and the positions come in key
+    (:func:`fold_keys`) each class gives its lowest-keyed members and the positions come in key
     order; without, a seeded random draw, sorted."""
     labelled = np.flatnonzero(codes >= 0)
     if len(labelled) <= size:
@@ -371,7 +371,7 @@ def probe_probabilities(vectors, codes: np.ndarray, n_classes: int, previous: Pr
             regularisation is kept instead of chosen again (half the fits; chosen afresh
             whenever the graph is built whole, at least every ``knn.rebuild_every`` nights),
             and its models are where tonight's fits start.
-        keys: :func:`item_keys` of the vectors' items: the sample and its folds follow them.
+        keys: :func:`fold_keys` of the vectors' items: the sample and its folds follow them.
         class_names: the class of each code (what the kept models are stored against).
 
     Returns:

@@ -1,0 +1,84 @@
+"""What "the same item, unchanged" means between two runs: the one rule.
+
+An item is its ``uri``; a version of it is its ``uri`` and ``fingerprint`` (size and
+modification time from the listing, or a manifest's ``etag``/``fingerprint``). Two rows are the
+same item unchanged when their uris are equal and their fingerprints are equal -- **an unknown
+(null) fingerprint never counts as unchanged**: nothing tells that the file is the one seen
+before. When a table has no ``fingerprint`` column at all (precomputed embeddings without one,
+or a run written before the column existed), the uri alone names the item.
+
+Every consumer calls this module: the nightly diff (``changed``), stored label corrections
+(kept while their item is unchanged), the embedding store (vectors reused), drift (``new``
+items), the kNN graph update (rows carried from the previous night) and the report map
+(positions carried). No other module joins uri and fingerprint itself.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pandas as pd
+import pyarrow as pa
+import pyarrow.compute as pc
+
+KEY_COLUMNS = ("uri", "fingerprint")
+_SEPARATOR = "\x00"
+
+
+def key_columns(*tables: pa.Table) -> list[str]:
+    """The columns that name one version of an item in every one of ``tables``: ``uri``, and
+    ``fingerprint`` when every table has it."""
+    return [c for c in KEY_COLUMNS if all(c in t.column_names for t in tables)]
+
+
+def _joined(table: pa.Table, columns: list[str]) -> pa.Array:
+    """Per row, ``columns`` joined (null where any of them is null)."""
+    parts = [pc.cast(table[c], pa.string()).combine_chunks() for c in columns]
+    return parts[0] if len(parts) == 1 else pc.binary_join_element_wise(*parts, _SEPARATOR)
+
+
+def unknown(table: pa.Table, columns: list[str]) -> np.ndarray:
+    """Rows whose key is unknown (a null uri, or a null fingerprint where it is a key column):
+    such a row never matches a row of another run."""
+    out = np.zeros(table.num_rows, bool)
+    for c in columns:
+        if table[c].null_count:
+            out |= ~pc.is_valid(table[c]).to_numpy(zero_copy_only=False)
+    return out
+
+
+def match_items(tonight: pa.Table, old: pa.Table) -> np.ndarray:
+    """Per row of ``tonight``, the row of ``old`` holding the same item unchanged, else -1."""
+    if not old.num_rows or not tonight.num_rows:
+        return np.full(tonight.num_rows, -1, np.int64)
+    columns = key_columns(tonight, old)
+    # A null key matches nothing: pc.index_in never matches a null needle with a null in the set
+    # when nulls are skipped (the default), and rows with a null part join to null.
+    where = pc.index_in(_joined(tonight, columns), value_set=_joined(old, columns))
+    out = where.to_numpy(zero_copy_only=False)
+    out = np.where(np.isnan(out.astype(np.float64)), -1, np.nan_to_num(out.astype(np.float64))).astype(np.int64)
+    out[unknown(tonight, columns)] = -1
+    return out
+
+
+def unchanged(tonight: pa.Table, old: pa.Table) -> np.ndarray:
+    """Per row of ``tonight``: whether ``old`` holds the same item unchanged."""
+    return match_items(tonight, old) >= 0
+
+
+def key_hashes(uri, fingerprint) -> np.ndarray:
+    """Stable 64-bit hashes of ``(uri, fingerprint)`` versions (pandas' keyed SipHash: the same
+    in every process), for the embedding store's files. Arrow or numpy columns in; a row whose
+    key is unknown hashes to 0, which the store never reuses."""
+    table = pa.table({"uri": _as_array(uri), "fingerprint": _as_array(fingerprint)})
+    values = _joined(table, list(KEY_COLUMNS)).to_numpy(zero_copy_only=False)
+    valid = ~pd.isna(values)
+    out = np.zeros(len(values), np.uint64)
+    if valid.any():
+        out[valid] = pd.util.hash_array(values[valid].astype(object), categorize=False)
+    return out.view(np.int64)
+
+
+def _as_array(values) -> pa.Array:
+    if isinstance(values, pa.ChunkedArray):
+        return values.combine_chunks()
+    return values if isinstance(values, pa.Array) else pa.array(values)
