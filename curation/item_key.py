@@ -65,6 +65,19 @@ def unchanged(tonight: pa.Table, old: pa.Table) -> np.ndarray:
     return match_items(tonight, old) >= 0
 
 
+def unverifiable(tonight: pa.Table, old: pa.Table) -> np.ndarray:
+    """Per row of ``tonight``: its uri was in ``old`` but a version is unknown (a null
+    fingerprint tonight or then), so it can be shown neither unchanged nor changed."""
+    columns = key_columns(tonight, old)
+    if "fingerprint" not in columns or not tonight.num_rows:
+        return np.zeros(tonight.num_rows, bool)
+    uri_now, uri_old = tonight["uri"].combine_chunks(), old["uri"].combine_chunks()
+    seen = pc.is_in(uri_now, value_set=uri_old).to_numpy(zero_copy_only=False)
+    unknown_then = uri_old.filter(pa.array(unknown(old, columns)))
+    then = pc.is_in(uri_now, value_set=unknown_then).to_numpy(zero_copy_only=False) if len(unknown_then) else False
+    return seen & (unknown(tonight, columns) | then)
+
+
 def key_hashes(uri, fingerprint) -> np.ndarray:
     """Stable 64-bit hashes of ``(uri, fingerprint)`` versions (pandas' keyed SipHash: the same
     in every process), for the embedding store's files. Arrow or numpy columns in; a row whose

@@ -24,7 +24,7 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from curation.io.filesystem import Location
-from curation.item_key import unchanged
+from curation.item_key import unchanged, unverifiable
 from curation.scores import flag_columns
 
 log = logging.getLogger(__name__)
@@ -83,9 +83,10 @@ def diff_runs(previous: Location, samples: pa.Table, selections: dict[str, pa.Ta
     now_uri, old_uri = samples["uri"], old["uri"]
     is_new = ~pc.is_in(now_uri, value_set=old_uri).to_numpy(zero_copy_only=False)
     deleted = int((~pc.is_in(old_uri, value_set=now_uri).to_numpy(zero_copy_only=False)).sum())
-    # An item seen before whose file is not known unchanged (curation.item_key: a null
-    # fingerprint never is) counts as changed.
-    changed = int((~is_new & ~unchanged(samples, old)).sum())
+    # Seen before and not the same version (curation.item_key). An item whose version is unknown
+    # (a null fingerprint, then or now) is never counted unchanged: it is counted apart.
+    unverified = unverifiable(samples, old)
+    changed = int((~is_new & ~unchanged(samples, old) & ~unverified).sum())
     newly = {}
     for name in (*flags, "dup_of"):
         if name not in samples.column_names:
@@ -119,6 +120,7 @@ def diff_runs(previous: Location, samples: pa.Table, selections: dict[str, pa.Ta
         changes[name] = {"added": added.num_rows, "removed": removed.num_rows}
     summary = {"previous_run": previous.uri,
                "inputs": {"new": int(np.sum(is_new)), "changed": changed, "deleted": deleted},
+               "unverified": int(unverified.sum()),
                "newly_flagged": newly, "selections": changes}
     log.info("since %s: %s", previous.uri, json.dumps({k: v for k, v in summary.items() if k != "previous_run"}))
     return summary

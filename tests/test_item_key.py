@@ -64,11 +64,12 @@ def test_the_rule():
     assert (key_hashes(tonight["uri"], tonight["fingerprint"]) != 0).tolist() == [True, False, True, True]
 
 
-def test_the_nightly_diff_counts_an_unknown_fingerprint_as_changed(previous, tmp_path):
+def test_the_nightly_diff_never_counts_an_unknown_fingerprint_unchanged(previous, tmp_path):
     from curation.run_diff import diff_runs
 
     summary = diff_runs(previous, _samples(TONIGHT), {}, Resolver().resolve(str(tmp_path / "diff")))
-    assert summary["inputs"] == {"new": 0, "changed": SAME.count(False), "deleted": 0}
+    # d.jpg's file changed; b.jpg has no known version: not unchanged, counted apart
+    assert summary["inputs"] == {"new": 0, "changed": 1, "deleted": 0} and summary["unverified"] == 1
 
 
 def test_a_stored_correction_needs_its_item_known_unchanged():
