@@ -176,7 +176,7 @@ def build_profile(samples: pa.Table, vectors, graph, *, model_id: str, sample_si
     from curation.index.knn import kth_distance
     from curation.index.source import as_source, map_vectors
     from curation.schema import is_ok, ok_rows_in_vector_order
-    from curation.scores import FLAGS
+    from curation.scores import boolean_flag_columns
 
     source = as_source(vectors)
     n = source.n
@@ -207,10 +207,10 @@ def build_profile(samples: pa.Table, vectors, graph, *, model_id: str, sample_si
     label_shares = ({str(v["values"]): int(v["counts"]) / len(labels) for v in pc.value_counts(labels).to_pylist()}
                     if len(labels) else {})
     flag_rates = {}
-    for flag in FLAGS:
-        if flag.column in samples.column_names and n:
-            flagged = pc.fill_null(samples[flag.column], False).to_numpy(zero_copy_only=False).astype(bool)
-            flag_rates[flag.column] = float(flagged[ok].mean())
+    for column in boolean_flag_columns():
+        if column in samples.column_names and n:
+            flagged = pc.fill_null(samples[column], False).to_numpy(zero_copy_only=False).astype(bool)
+            flag_rates[column] = float(flagged[ok].mean())
     kth = 1.0 - kth_distance(graph, missing=np.nan) if graph is not None and n else np.zeros(0)
     kth = kth[np.isfinite(kth)]
     nearest = graph.sims[:, 0] if graph is not None and n and graph.k else np.zeros(0)

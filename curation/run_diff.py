@@ -25,7 +25,7 @@ import pyarrow.parquet as pq
 
 from curation.io.filesystem import Location
 from curation.item_key import unchanged, unverifiable
-from curation.scores import flag_columns
+from curation.scores import declared_flags
 
 log = logging.getLogger(__name__)
 
@@ -63,21 +63,22 @@ def read_previous_items(previous: Location, columns: list[str], *, ok_only: bool
 
 
 def _read(location: Location, columns: list[str]) -> pa.Table | None:
+    """``columns`` of the Parquet file or folder at ``location`` (those it has: a flag a score
+    added since that run is simply absent); None when unreadable."""
+    import pyarrow.dataset as ds
+
     try:
-        schema = pq.read_schema(location.path, filesystem=location.filesystem) if location.path.endswith(
-            ".parquet") else None
-        table = pq.read_table(location.path, filesystem=location.filesystem,
-                              columns=[c for c in columns if schema is None or c in schema.names])
+        dataset = ds.dataset(location.path, filesystem=location.filesystem, format="parquet")
+        return dataset.to_table(columns=[c for c in dict.fromkeys(columns) if c in dataset.schema.names])
     except (OSError, pa.ArrowException, ValueError):
         return None
-    return table
 
 
 def diff_runs(previous: Location, samples: pa.Table, selections: dict[str, pa.Table], folder: Location) -> dict:
     """Compare this run with ``previous``; write ``folder/<selection>.parquet``; return the
     summary for ``run.json``."""
-    flags = flag_columns()  # every flag the scores declare
-    old = _read(previous.child("samples"), ["uri", "fingerprint", "dup_of", *flags])
+    flags = declared_flags()  # every flag the scores declare
+    old = _read(previous.child("samples"), ["uri", "fingerprint", *(f.column for f in flags)])
     if old is None:
         return {"previous_run": previous.uri, "error": "previous samples unreadable"}
     now_uri, old_uri = samples["uri"], old["uri"]
@@ -88,18 +89,12 @@ def diff_runs(previous: Location, samples: pa.Table, selections: dict[str, pa.Ta
     unverified = unverifiable(samples, old)
     changed = int((~is_new & ~unchanged(samples, old) & ~unverified).sum())
     newly = {}
-    for name in (*flags, "dup_of"):
-        if name not in samples.column_names:
+    for declared in flags:
+        if declared.column not in samples.column_names:
             continue
-        flagged_now = (pc.is_valid(samples[name]) if name == "dup_of" else pc.fill_null(samples[name], False))
-        now_set = pc.filter(now_uri, flagged_now)
-        if name in old.column_names:
-            then = pc.is_valid(old[name]) if name == "dup_of" else pc.fill_null(old[name], False)
-            was = pc.filter(old_uri, then)
-        else:
-            was = pa.array([], pa.string())
-        newly["duplicate" if name == "dup_of" else name.removeprefix("is_")] = int(
-            (~pc.is_in(now_set, value_set=was).to_numpy(zero_copy_only=False)).sum())
+        now_set = pc.filter(now_uri, pa.array(declared.mask(samples)))
+        was = pc.filter(old_uri, pa.array(declared.mask(old)))  # a flag the previous run lacked: none
+        newly[declared.key] = int((~pc.is_in(now_set, value_set=was).to_numpy(zero_copy_only=False)).sum())
     changes = {}
     folder.filesystem.create_dir(folder.path, recursive=True)
     for name, table in selections.items():

@@ -58,7 +58,7 @@ from curation.cover import farthest_first
 from curation.labelling import rank_for_labelling
 from curation.index.source import as_source
 from curation.schema import SELECTION_SCHEMA, is_ok, ok_rows_in_vector_order, vector_id_of_rows
-from curation.scores import flag_columns
+from curation.scores import declared_flags, flag_columns
 from curation.where import WhereError, columns_of, where_mask
 
 log = logging.getLogger(__name__)
@@ -177,21 +177,20 @@ class SampleView:
         self.ok = is_ok(samples["status"])
         self.vector_of_row = vector_id_of_rows(samples)
         table = self.table
-        self.junk = self._any(flag_columns("junk"))
-        self.kept = ~table["dup_of"].is_valid().to_numpy(zero_copy_only=False)
-        self.suspected = self._any(flag_columns("mislabel"))
+        self.junk = self._any("junk")
+        self.kept = ~self._any("duplicate")  # a copy that is not its group's kept item is not kept
+        self.suspected = self._any("mislabel")
         self.quality = _floats(table["label_quality"])
         self.sparseness = _floats(table["sparseness"])
         self.labelled = table["label"].is_valid().to_numpy(zero_copy_only=False)
         self.cluster = _floats(table["cluster"])
         self.previous = previous or {}  # the previous published run's selections, by name
 
-    def _any(self, columns) -> np.ndarray:
-        """Rows where any of these flag columns is true (a flag a table lacks is false)."""
+    def _any(self, kind: str) -> np.ndarray:
+        """Rows that any declared flag of ``kind`` marks (a flag the table lacks marks none)."""
         out = np.zeros(self.table.num_rows, bool)
-        for name in columns:
-            if name in self.table.column_names:
-                out |= _filled(self.table[name], False)
+        for declared in declared_flags(kind):
+            out |= declared.mask(self.table)
         return out
 
     @property

@@ -92,7 +92,7 @@ class RunSearch:
         import pyarrow.dataset as ds
 
         from curation.schema import is_ok
-        from curation.scores import FLAGS
+        from curation.scores import boolean_flag_columns
 
         dataset = ds.dataset(self.run.child("samples").path, filesystem=self.run.filesystem, format="parquet")
         table = dataset.to_table()
@@ -100,7 +100,7 @@ class RunSearch:
         table = table.filter(pa.array(ok))
         order = np.argsort(table["vector_id"].to_numpy(zero_copy_only=False), kind="stable")
         self.samples = table.take(pa.array(order))  # row i = vector id i
-        self.flag_columns = [flag.column for flag in FLAGS if flag.column in self.samples.column_names]
+        self.flag_columns = [c for c in boolean_flag_columns() if c in self.samples.column_names]
         self._row_of_uri = None
         self._frame = None
 

@@ -44,8 +44,7 @@ def previous(tmp_path):
 
     n = len(URIS)
     samples = _samples(BEFORE, x=pa.array(np.arange(n, dtype=np.float32)), y=pa.array(np.ones(n, np.float32)),
-                       dup_of=pa.nulls(n, pa.string()),
-                       **{f: pa.array([False] * n) for f in flag_columns()})
+                       **{f: pa.array([False] * n) for f in flag_columns() if f.startswith("is_")})
     (tmp_path / "samples").mkdir()
     pq.write_table(samples.drop_columns(["embedding"]), tmp_path / "samples" / "part-0.parquet")
     x = np.stack(samples["embedding"].to_numpy(zero_copy_only=False)).astype(np.float32)

@@ -241,8 +241,11 @@ def test_a_flag_declared_by_a_score_reaches_selections_map_and_galleries(monkeyp
     smudged[[5, 50, 60]] = True
     smudged &= np.array(samples["status"].to_pylist()) == "ok"
     samples = samples.append_column("is_smudged", pa.array(smudged))
-    monkeypatch.setattr(scores, "FLAGS", scores.FLAGS + (Flag("is_smudged", "junk", "Junk: smudged", "contrast",
-                                                              True, ("smudge_threshold",)),))
+    class Smudged:  # a score registered with one junk flag (its compute is not run here)
+        name, columns, needs = "smudged", ("is_smudged",), ()
+        flags = (Flag("is_smudged", "junk", "Junk: smudged", "contrast", True, ("smudge_threshold",)),)
+
+    monkeypatch.setattr(scores, "REGISTRY", scores.REGISTRY + (Smudged(),))
     view = SampleView(samples, ScoresConfig(), vectors)
     assert view.junk[smudged].all()
     assert highlight_masks(samples, {}, {})["junk"][smudged].all()

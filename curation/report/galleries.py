@@ -63,11 +63,11 @@ def _rows(samples: pa.Table, rows: np.ndarray) -> list[dict]:
 
 def mislabel_galleries(samples: pa.Table, size: int) -> list[Gallery]:
     """One gallery per declared label flag (suspected mislabels, disputed corrections)."""
-    return [mislabel_gallery(samples, size, declared) for declared in scores.FLAGS if declared.kind == "mislabel"]
+    return [mislabel_gallery(samples, size, declared) for declared in scores.declared_flags("mislabel")]
 
 
 def mislabel_gallery(samples: pa.Table, size: int, mislabel=None) -> Gallery:
-    mislabel = mislabel or next(f for f in scores.FLAGS if f.kind == "mislabel")
+    mislabel = mislabel or scores.declared_flags("mislabel")[0]
     rows = np.flatnonzero(flag(samples, mislabel.column))
     shown = _ordered(samples, rows, mislabel.order_by, mislabel.ascending)[:size]
     items = [GalleryItem(r["uri"], [f"{r['label']} \u2192 {r['suggested_label']}",
@@ -101,14 +101,16 @@ def duplicate_gallery(samples: pa.Table, size: int) -> Gallery:
     ids, inverse, counts = np.unique(group[rows], return_inverse=True, return_counts=True)
     n_groups = max(1, size // 3)
     biggest = np.argsort(-counts, kind="stable")[:n_groups]
-    kept = pc.is_null(samples["dup_of"]).to_numpy(zero_copy_only=False).astype(bool)
+    kept = np.ones(samples.num_rows, bool)  # not a copy of another item (the duplicate flags)
+    for declared in scores.declared_flags("duplicate"):
+        kept &= ~declared.mask(samples)
     groups = []
     for g in biggest:
         members = rows[inverse == g]
         members = np.concatenate([members[kept[members]], members[~kept[members]]])[:DUPLICATE_GROUP_SIZE]
         items = []
-        for r in _rows(samples, members):
-            badge = "kept" if r["dup_of"] is None else None
+        for row, r in zip(members, _rows(samples, members)):
+            badge = "kept" if kept[row] else None
             lines = [f"group {int(r['dup_group'])} ({counts[g]} items)"]
             lines.append("kept" if badge else f"{r.get('dup_kind') or 'duplicate'} of the kept item")
             items.append(GalleryItem(r["uri"], lines, badge))
@@ -187,7 +189,7 @@ def threshold_galleries(score_summary: dict | None) -> list[Gallery]:
 
 def junk_galleries(samples: pa.Table, size: int) -> list[Gallery]:
     out = []
-    for declared in (f for f in scores.FLAGS if f.kind == "junk"):
+    for declared in scores.declared_flags("junk"):
         column, title, by, ascending = declared.column, declared.title, declared.order_by, declared.ascending
         rows = np.flatnonzero(flag(samples, column))
         if len(rows) == 0:

@@ -1,7 +1,11 @@
 """Scores: one module per score, one explicit registry, one runner.
 
-Order matters: duplicates use the junk flags (to pick the kept item) and label quality uses
-the duplicate groups (a copy must not vote for its twin).
+What a score reads from another it declares (``Score.needs``: duplicates read every junk flag
+to pick the kept item, label quality reads the duplicate groups so a copy never votes for its
+twin, and the sparseness); the runner orders the registry by those declarations. Everything
+that walks flags (selections, the map, the galleries, the nightly diff, drift, ``similar``,
+``run.json``) reads them from the registry when it runs: a score added to ``REGISTRY`` needs no
+other edit.
 """
 
 from __future__ import annotations
@@ -35,13 +39,42 @@ REGISTRY: tuple[Score, ...] = (
 )
 
 
-# Every boolean flag, in registry order, as its score declares it (see scores.base.Flag).
-FLAGS: tuple[Flag, ...] = tuple(flag for score in REGISTRY for flag in score.flags)
+def declared_flags(kind: str | None = None) -> tuple[Flag, ...]:
+    """Every flag the registered scores declare (see scores.base.Flag), or those of one
+    ``kind`` (``junk``, ``mislabel``, ``duplicate``), read from ``REGISTRY`` now."""
+    return tuple(flag for score in REGISTRY for flag in score.flags if kind is None or flag.kind == kind)
 
 
 def flag_columns(kind: str | None = None) -> tuple[str, ...]:
-    """The ``is_*`` columns of every declared flag, or of one ``kind`` (``junk``, ``mislabel``)."""
-    return tuple(flag.column for flag in FLAGS if kind is None or flag.kind == kind)
+    """The columns of every declared flag, or of one ``kind``."""
+    return tuple(flag.column for flag in declared_flags(kind))
+
+
+def boolean_flag_columns() -> tuple[str, ...]:
+    """The ``is_*`` columns among the declared flags (rates and listings count these)."""
+    return tuple(flag.column for flag in declared_flags() if flag.boolean)
+
+
+def in_order(registry: tuple[Score, ...]) -> list[Score]:
+    """``registry`` ordered so that every score runs after those providing what it ``needs``
+    (a column, or ``"<kind> flags"``); otherwise in registry order. Raises on a circle."""
+    providers: dict[str, set[str]] = {}
+    for score in registry:
+        for column in score.columns:
+            providers.setdefault(column, set()).add(score.name)
+        for flag in score.flags:
+            providers.setdefault(f"{flag.kind} flags", set()).add(score.name)
+    after = {score.name: {p for need in getattr(score, "needs", ()) for p in providers.get(need, ())} - {score.name}
+             for score in registry}
+    done: list[Score] = []
+    pending = list(registry)
+    while pending:
+        ready = next((s for s in pending if after[s.name] <= {d.name for d in done}), None)
+        if ready is None:
+            raise RuntimeError(f"scores need each other: {', '.join(s.name for s in pending)}")
+        done.append(ready)
+        pending.remove(ready)
+    return done
 
 
 def reserved_columns() -> frozenset[str]:
@@ -75,7 +108,7 @@ def _one_array(values) -> pa.Array:
 
 
 def run_scores(samples: pa.Table, vectors, knn_ok: KnnGraph, config: ScoresConfig,
-               *, registry: tuple[Score, ...] = REGISTRY, budget: int | None = None,
+               *, registry: tuple[Score, ...] | None = None, budget: int | None = None,
                copies=None, copy_knn: KnnGraph | None = None,
                previous_centroids: np.ndarray | None = None,
                previous_probe=None,
@@ -102,15 +135,17 @@ def run_scores(samples: pa.Table, vectors, knn_ok: KnnGraph, config: ScoresConfi
         ``{"timings_s": {score: seconds}, "summary": {score: its run.json summary},
         "artifacts": {score: what it keeps for later phases (the clusters' centroids)}}``.
     """
+    registry = REGISTRY if registry is None else registry
     ok = is_ok(samples["status"])
     ctx = ScoreContext(Columns(samples), ok, as_source(vectors), knn_ok, config, budget,
                        ok_rows_in_vector_order(samples), as_source(copies) if copies is not None else None, copy_knn,
-                       previous_centroids, previous_probe, previous_assignment)
+                       previous_centroids, previous_probe, previous_assignment,
+                       flags=tuple(flag for score in registry for flag in score.flags))
     reasons: list[pa.ChunkedArray | pa.Array] = []
     timings: dict[str, float] = {}
     summary: dict[str, dict] = {}
     artifacts: dict[str, dict] = {}
-    for score in registry:
+    for score in in_order(registry):
         start = time.perf_counter()
         result = score.compute(ctx)
         missing = set(score.columns) - set(result.column_names)

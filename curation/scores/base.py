@@ -103,6 +103,7 @@ class ScoreContext:
     previous_centroids: np.ndarray | None = None
     previous_probe: Any = None
     previous_assignment: tuple[np.ndarray, np.ndarray] | None = None
+    flags: tuple["Flag", ...] = ()  # every flag the run's scores declare (see any_flag)
 
     def __post_init__(self) -> None:
         if self.ok_rows is None:
@@ -114,6 +115,16 @@ class ScoreContext:
 
     def column(self, name: str) -> np.ndarray:
         return self.columns[name]
+
+    def any_flag(self, kind: str) -> np.ndarray:
+        """Rows that any declared flag of ``kind`` marks, among the columns computed so far
+        (a score that reads a kind declares it in ``needs``, so those ran first)."""
+        table = self.columns.table
+        out = np.zeros(self.n, bool)
+        for declared in self.flags:
+            if declared.kind == kind and declared.column in table.column_names:
+                out |= declared.mask(table)
+        return out
 
     def with_columns(self, table: pa.Table) -> "ScoreContext":
         """A new context that also sees ``table``'s columns (the runner's merge step)."""
@@ -134,13 +145,19 @@ class Flag:
     the nightly diff and ``run.json`` walk these declarations instead of naming columns.
 
     Attributes:
-        column: the ``is_*`` column.
+        column: the ``is_*`` column (or, with ``boolean`` off, the column that is set on the
+            flagged rows: ``dup_of``).
         kind: ``junk`` (excluded from ``clean``, ``representative`` and ``edge_cases``; one
-            gallery each) or ``mislabel`` (excluded from ``representative`` / ``edge_cases``).
+            gallery each), ``mislabel`` (excluded from ``representative`` / ``edge_cases``) or
+            ``duplicate`` (a copy that is not its group's kept item: excluded from ``clean``).
         title: the gallery's title in the report.
         order_by: the column that orders its gallery, most extreme first.
         ascending: whether smaller ``order_by`` values are more extreme.
         thresholds: the ``scores.*`` keys that decide it.
+        boolean: the column is a boolean flag (counted in the drift profile's ``flag_rates`` and
+            listed in ``curation similar``'s hits); off: flagged where the column is not null.
+        name: its key in the nightly diff's ``newly_flagged`` (default: the column without
+            ``is_``).
     """
 
     column: str
@@ -149,17 +166,36 @@ class Flag:
     order_by: str
     ascending: bool
     thresholds: tuple[str, ...]
+    boolean: bool = True
+    name: str = ""
+
+    @property
+    def key(self) -> str:
+        return self.name or self.column.removeprefix("is_")
+
+    def mask(self, table: pa.Table) -> np.ndarray:
+        """The flagged rows of ``table`` (a flag column the table lacks flags nothing)."""
+        import pyarrow.compute as pc
+
+        if self.column not in table.column_names:
+            return np.zeros(table.num_rows, bool)
+        values = table[self.column]
+        marked = pc.fill_null(values, False) if self.boolean else pc.is_valid(values)
+        return np.asarray(marked.to_numpy(zero_copy_only=False), bool)
 
 
 class Score(Protocol):
     """A score: ``name``, declared output ``columns``, the :class:`Flag` s among them
-    (``flags``), ``compute(ctx) -> pa.Table`` and ``summary(table) -> dict`` (what ``run.json``
-    reports about it under ``scores.<name>``; counts of flagged items go under ``"flags"``,
-    which ``run.json`` also merges into its ``flags``)."""
+    (``flags``), what it reads from other scores (``needs``: their columns, or ``"<kind> flags"``
+    for every flag of a kind), ``compute(ctx) -> pa.Table`` and ``summary(table) -> dict`` (what
+    ``run.json`` reports about it under ``scores.<name>``; counts of flagged items go under
+    ``"flags"``, which ``run.json`` also merges into its ``flags``). The runner orders the
+    scores by ``needs``; nothing else depends on the registry's order."""
 
     name: ClassVar[str]
     columns: ClassVar[tuple[str, ...]]
     flags: ClassVar[tuple[Flag, ...]]
+    needs: ClassVar[tuple[str, ...]]
 
     def compute(self, ctx: ScoreContext) -> pa.Table: ...
 

@@ -114,6 +114,7 @@ class ClustersScore:
     name = "clusters"
     flags = ()
     columns = ("cluster", "cluster_similarity")
+    needs = ()
 
     def compute(self, ctx: ScoreContext) -> pa.Table:
         n_ok = ctx.vectors.n

@@ -38,9 +38,8 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from curation.index.knn import kth_distance
-from curation.scores.base import EVIDENCE_EXAMPLES, REASON_COLUMN, ScoreContext, evidence_of, masked, nearby, \
+from curation.scores.base import EVIDENCE_EXAMPLES, REASON_COLUMN, Flag, ScoreContext, evidence_of, masked, nearby, \
     with_evidence
-from curation.scores.junk import is_junk
 
 PHASH_MIN_COSINE = 0.85
 PHASH_MIN_BITS = 12
@@ -157,8 +156,11 @@ def _cosine_evidence(graph, reference: np.ndarray, cosine: float, ratio: float, 
 
 class DuplicatesScore:
     name = "duplicates"
-    flags = ()
+    # A copy that is not its group's kept item: dup_of names the kept one.
+    flags = (Flag("dup_of", "duplicate", "Largest duplicate groups", "dup_group", True,
+                  ("copy_cosine", "semantic_duplicate_cosine"), boolean=False, name="duplicate"),)
     columns = ("dup_group", "dup_of", "dup_kind")
+    needs = ("junk flags",)  # the kept item of a group is not junk where one can be
 
     def compute(self, ctx: ScoreContext) -> pa.Table:
         cfg = ctx.config
@@ -219,7 +221,7 @@ class DuplicatesScore:
         roots = uf.roots() if n_ok else np.empty(0, np.int64)
         input_id = ctx.column("input_id")[ok_rows]
         uri = ctx.columns.arrow("uri")
-        junk = is_junk(ctx.columns)[ok_rows]
+        junk = ctx.any_flag("junk")[ok_rows]
         width = np.nan_to_num(ctx.column("width")[ok_rows].astype(np.float64))  # null for precomputed embeddings
         height = np.nan_to_num(ctx.column("height")[ok_rows].astype(np.float64))
         area = width * height

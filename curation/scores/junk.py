@@ -32,6 +32,7 @@ class JunkScore:
         Flag("is_low_information", "junk", "Junk: low information", "contrast", True, ("low_information_std",)),
     )
     columns = tuple(f.column for f in flags)
+    needs = ()
 
     def compute(self, ctx: ScoreContext) -> pa.Table:
         cfg = ctx.config
@@ -78,9 +79,3 @@ class JunkScore:
 
     def summary(self, table: pa.Table) -> dict:
         return {"flags": count_true(table, *(f.column for f in self.flags)), "thresholds": evidence_of(table)}
-
-
-def is_junk(columns) -> np.ndarray:
-    """The one junk rule: any junk flag set (a mapping of numpy columns or a DataFrame)."""
-    flags = [np.asarray(columns[flag.column], dtype=bool) for flag in JunkScore.flags]
-    return np.logical_or.reduce(flags)

@@ -120,6 +120,7 @@ class LabelQualityScore:
              Flag("is_disputed", "mislabel", "Disputed corrections", "label_quality", True,
                   ("dispute_min_confidence",)))
     columns = ("label_quality", "suggested_label", "suggested_confidence", "is_suspected_mislabel", "is_disputed")
+    needs = ("sparseness", "dup_group")  # rare items keep their label; a copy never votes for its twin
 
     def compute(self, ctx: ScoreContext) -> pa.Table:
         n = ctx.n

@@ -46,6 +46,7 @@ class SparsenessScore:
     name = "sparseness"
     flags = ()
     columns = ("sparseness", "neighbor_similarity")
+    needs = ()
 
     def compute(self, ctx: ScoreContext) -> pa.Table:
         graph = ctx.knn_ok
