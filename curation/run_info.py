@@ -23,7 +23,7 @@ if TYPE_CHECKING:
 
     from curation.config import Config
     from curation.io.filesystem import Location
-    from curation.select import SelectionResult
+    from curation.select_view import SelectionResult
 
 FILE_NAME = "run.json"
 

@@ -234,7 +234,7 @@ def test_a_flag_declared_by_a_score_reaches_selections_map_and_galleries(monkeyp
     from curation.config import ScoresConfig
     from curation.report.map import highlight_masks
     from curation.scores.base import Flag
-    from curation.select import SampleView
+    from curation.select_view import SampleView
 
     samples, vectors = _scored_table()
     smudged = np.zeros(samples.num_rows, bool)

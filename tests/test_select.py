@@ -8,7 +8,8 @@ import pytest
 from curation.config import ConfigError, ScoresConfig, SelectionConfig
 from curation.index.knn import exact_knn
 from curation.scores import run_scores
-from curation.select import allocate, build_selections
+from curation.select import build_selections
+from curation.select_view import allocate
 from tests.test_scores import make_samples, unit
 
 
@@ -79,7 +80,8 @@ def test_representative_covers_every_mode_of_a_class(scored):
     from tests.test_scores import unit
     emb2 = emb.copy()
     emb2[:60] = unit(modes)
-    from curation.select import SampleView, cover
+    from curation.select_modes import cover
+    from curation.select_view import SampleView
     view = SampleView(table, ScoresConfig(), emb2, set(table.column_names))
     eligible = np.arange(20, 60)  # 10 items of the first mode, 30 of the second
     picks = [r for r, _ in cover(view, eligible, 4)]
@@ -92,8 +94,9 @@ def test_large_classes_are_covered_region_by_region(scored, monkeypatch):
     quota is still met with distinct items, and a far-away small mode still gets a pick."""
     import numpy as np
 
-    import curation.select as select_module
-    from curation.select import SampleView, cover
+    import curation.select_modes as select_module
+    from curation.select_modes import cover
+    from curation.select_view import SampleView
     from tests.test_scores import unit
 
     table, knn, emb = scored
