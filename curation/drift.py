@@ -39,8 +39,8 @@ import numpy as np
 import pyarrow as pa
 
 from curation.config import DriftConfig
-from curation.io.filesystem import Location
 from curation.drift_profile import SEED, Profile, build_profile, profile_sample_ids  # noqa: F401 (public here too)
+from curation.published_run import PublishedRun
 
 log = logging.getLogger(__name__)
 
@@ -298,14 +298,13 @@ def compare(previous: Profile, current: Profile, config: DriftConfig, *, on_prev
 # ------------------------------------------------------------------------------- the phase
 
 
-def new_item_mask(samples: pa.Table, previous: Location) -> np.ndarray:
+def new_item_mask(samples: pa.Table, previous: PublishedRun) -> np.ndarray:
     """Per vector id: the item is new tonight (its uri and fingerprint were not an ok item of
     the previous run)."""
-    from curation.run_diff import read_previous_items
     from curation.item_key import match_items
     from curation.schema import ok_rows_in_vector_order
 
-    old = read_previous_items(previous, [])
+    old = previous.items([])
     if old is None:
         raise OSError(f"cannot read the previous run's samples ({previous.uri})")
     return match_items(samples.take(pa.array(ok_rows_in_vector_order(samples), pa.int64())), old) < 0
@@ -319,12 +318,12 @@ def _new_sample_ids(is_new: np.ndarray, sample_size: int) -> np.ndarray:
 
 
 def drift_phase(samples: pa.Table, vectors, graph, config: DriftConfig, *, model_id: str,
-                previous: Location | None, centroids: np.ndarray | None = None) -> DriftResult:
+                previous: PublishedRun | None, centroids: np.ndarray | None = None) -> DriftResult:
     """Tonight's profile and its comparison with the previous published run's."""
     from curation.index.source import CachedVectors, as_source
     from curation.schema import ok_rows_in_vector_order
 
-    before = Profile.read(previous) if previous is not None else None
+    before = previous.profile() if previous is not None else None
     usable = before is not None and before.model_id == model_id
     source = as_source(vectors)
     is_new = None

@@ -25,7 +25,7 @@ from xml.sax.saxutils import quoteattr
 import pyarrow.parquet as pq
 
 from curation.io.filesystem import Location, Resolver, is_s3, write_bytes_atomic
-from curation.io.outputs import resolve_run
+from curation.published_run import PublishedRun
 from curation.run_info import RunInfo
 
 FORMATS = ("label-studio", "csv")
@@ -46,7 +46,8 @@ def export_selection(*, run: str, selection: str, out: str, fmt: str = "label-st
     if fmt not in FORMATS:
         raise ExportError(f"--format: expected {' | '.join(FORMATS)}, got {fmt!r}")
     resolver = resolver or Resolver()
-    location = resolve_run(resolver.resolve(run))
+    published = PublishedRun.resolve(resolver.resolve(run))
+    location = published.location if published is not None else None
     if location is None:
         raise ExportError(f"--run {run}: no published run there (no _SUCCESS, and no latest naming one)")
     try:

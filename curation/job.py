@@ -32,10 +32,11 @@ from curation.index.knn import KnnGraph
 from curation.index.source import VectorParts, parquet_parts
 from curation.io import inputs as inputs_io
 from curation.io import outputs
-from curation.io.filesystem import Location, PreconditionFailed, Resolver, read_bytes, read_tagged, write_bytes
+from curation.io.filesystem import Location, PreconditionFailed, Resolver, read_tagged, write_bytes
 from curation.io.store import EmbeddingStore
 from curation.report import ReportAssets, prepare_report, render_report
-from curation.run_diff import diff_runs, previous_run
+from curation.published_run import CORRECTIONS_FILE, PublishedRun, is_published, latest_run_id
+from curation.run_diff import diff_runs
 from curation.run_info import Counts, RunInfo
 from curation.schema import INPUT_COLUMNS, INTERNAL_COLUMNS, SAMPLES_CONTRACT, SAMPLES_EXTRA, is_ok
 from curation.session import check_cluster, needs_ray, ray_session, run_tasks
@@ -43,7 +44,6 @@ from curation.session import check_cluster, needs_ray, ray_session, run_tasks
 log = logging.getLogger(__name__)
 
 
-PROBE_FILE = "label-probe.npz"  # the label probe's models, where the next night's fits start
 DIFF_CORRECTIONS_LISTED = 1000  # corrections listed one by one in run.json's diff (all are in corrections.parquet)
 
 
@@ -79,7 +79,7 @@ class Plan:
     count: int = 0
     latest_tag: str | None = None  # `latest` as this run found it: publication swaps it only if unchanged
     latest: bytes | None = None  # ... and its content
-    previous: Location | None = None  # the published run `latest` named at preflight: the diff, drift and graph update
+    previous: PublishedRun | None = None  # the run `latest` named at preflight: the diff, drift, graph update, scores
     answers: dict | None = None  # input.label_corrections, parsed and checked at preflight
 
     @property
@@ -166,7 +166,7 @@ def run_job(config: Config, *, resolver: Resolver | None = None, plan: Plan | No
         with clock.phase("knn"):
             neighbours = find_neighbours(ingested, config, plan)
         with clock.phase("scores"):
-            samples, score_report = score(ingested, neighbours, config)
+            samples, score_report = score(ingested, neighbours, config, plan)
             clock.timings.update({f"score_{k}": v for k, v in score_report["timings_s"].items()})
             for folder, graph in (("knn", neighbours.graph), ("knn-copies", neighbours.copy_graph)):
                 if graph is None:
@@ -174,9 +174,6 @@ def run_job(config: Config, *, resolver: Resolver | None = None, plan: Plan | No
                 outputs.write_knn_graph(plan.run.child(folder), samples, graph)
                 if graph.margin is not None:  # the next night fills a lost neighbour from these
                     outputs.write_knn_graph(plan.run.child(f"{folder}-margin"), samples, graph.margin)
-            probe_state = score_report["artifacts"].get("label_quality", {}).get("probe_state")
-            if probe_state:  # the next night's probe fits start from these models
-                write_bytes(plan.run.child(PROBE_FILE), probe_state)
         with clock.phase("drift"):
             drift = _drift(plan, config, samples, ingested, neighbours.graph,
                            centroids=score_report["artifacts"].get("clusters", {}).get("centroids"))
@@ -194,7 +191,7 @@ def run_job(config: Config, *, resolver: Resolver | None = None, plan: Plan | No
                                              leakage=leakage[0] if leakage is not None else None,
                                              drift=drift.new_region_items if drift is not None else None,
                                              score_summary=score_report["summary"],
-                                             previous=_updated_from(neighbours.info, resolver))
+                                             previous=_updated_from(neighbours.info, plan))
     return publish(plan, config, Scored(samples, score_report["summary"], selections, report, leakage, corrections,
                                         drift),
                    clock, embedder=ingested.embedder, knn=neighbours.info, snapshot=ingested.snapshot)
@@ -209,12 +206,12 @@ def preflight(config: Config, resolver: Resolver) -> Plan:
     inputs_io.check_inputs(config, resolver)
     output = resolver.resolve(config.output.uri)
     plan = Plan(output=output, run_id=config.output.run_id or outputs.new_run_id())
-    if output.filesystem.get_file_info(plan.run.child("_SUCCESS").path).type.name == "File":
+    if is_published(plan.run):
         raise ConfigError(f"config key 'output.run_id': run {plan.run_id!r} is already published at {plan.run.uri} "
                           f"(a published run is never rewritten: choose another run id, or leave it unset)")
     plan.latest, plan.latest_tag = read_tagged(output.child("latest"), config.storage)
     # Resolved once, before anything is written: every later phase diffs against this run.
-    plan.previous = previous_run(output, plan.latest)
+    plan.previous = PublishedRun.named_by_latest(output, plan.latest)
     if plan.previous is not None and plan.previous.uri == plan.run.uri:
         plan.previous = None
     if config.input.embeddings:
@@ -255,7 +252,7 @@ def _checked_corrections(config: Config, resolver: Resolver, plan: Plan) -> dict
         uris, labels = table["uri"], table["label"] if "label" in table.column_names else None
     classes = set(pc.unique(labels.cast(pa.string())).drop_null().to_pylist()) if labels is not None else set()
     if plan.previous is not None:
-        kept = plan.previous.child("corrections.parquet")
+        kept = plan.previous.corrections_file
         try:
             classes |= set(pq.read_table(kept.path, filesystem=kept.filesystem, columns=["label"])["label"]
                            .drop_null().to_pylist())
@@ -398,10 +395,11 @@ def find_neighbours(ingested: Ingested, config: Config, plan: Plan) -> Neighbour
                                f"(see the log for reasons); nothing published, latest unchanged")
     from curation.drift import profile_sample_ids
     from curation.scores.label_quality import probe_sample_ids
-    from curation.index.incremental import neighbour_graph, read_previous_info
+    from curation.index.incremental import neighbour_graph
 
     previous = plan.previous if config.knn.incremental != "off" else None
-    previous_info = read_previous_info(previous) if previous is not None else {}
+    previous_record = previous.info_or_none() if previous is not None else None
+    previous_info = previous_record.to_dict() if previous_record is not None else {}
     model_id = str(ingested.embedder.get("model_id"))
     # The drift profile's and the label probe's samples are read with the night's changed items
     # (one read of the store for all three).
@@ -434,82 +432,20 @@ def find_neighbours(ingested: Ingested, config: Config, plan: Plan) -> Neighbour
     return Neighbours(graph, info, copy_graph)
 
 
-def score(ingested: Ingested, neighbours: Neighbours, config: Config) -> tuple[pa.Table, dict]:
+def score(ingested: Ingested, neighbours: Neighbours, config: Config, plan: Plan) -> tuple[pa.Table, dict]:
     from curation.scores import run_scores
 
     budgets = [sel.budget for sel in config.selections if sel.mode == "representative" and sel.budget]
     return run_scores(ingested.samples, ingested.vectors, neighbours.graph, config.scores,
                       budget=max(budgets, default=None), copies=ingested.copies, copy_knn=neighbours.copy_graph,
-                      previous_centroids=(centroids := _previous_centroids(neighbours.info, config)),
-                      previous_probe=_previous_probe(neighbours.info, config),
-                      previous_assignment=(_previous_assignment(ingested.samples, neighbours.info, config)
-                                           if centroids is not None else None))
+                      previous=_updated_from(neighbours.info, plan), persist_to=plan.run)
 
 
-def _updated_from(knn: dict, resolver: Resolver) -> Location | None:
-    """The previous run tonight's graph updated (None when it was built whole)."""
+def _updated_from(knn: dict, plan: Plan) -> PublishedRun | None:
+    """The previous run when tonight's graph is an update of its graph (None when it was built
+    whole): the scores' state, and the map's positions, carry over only then."""
     update = knn.get("incremental") or {}
-    return resolver.resolve(update["previous_run"]) if update.get("used") and update.get("previous_run") else None
-
-
-def _previous_centroids(knn: dict, config: Config):
-    """The previous run's cluster centroids (its drift profile) when tonight's graph is an
-    update of its graph; None when the graph was built whole."""
-    from curation.drift import Profile
-    from curation.io.filesystem import Resolver
-
-    update = knn.get("incremental") or {}
-    if not update.get("used") or not update.get("previous_run"):
-        return None
-    profile = Profile.read(Resolver(config.storage).resolve(update["previous_run"]))
-    return profile.centroids if profile is not None and len(profile.centroids) >= 2 else None
-
-
-def _previous_assignment(samples: pa.Table, knn: dict, config: Config):
-    """Per vector id, the cluster and cosine the previous run (whose graph tonight's updates)
-    gave the same unchanged item; cluster -1 for new and changed items. None when that run's
-    samples cannot be read."""
-    from curation.io.filesystem import Resolver
-    from curation.run_diff import read_previous_items
-    from curation.item_key import match_items
-    from curation.schema import ok_rows_in_vector_order
-
-    previous = _updated_from(knn, Resolver(config.storage))
-    old = read_previous_items(previous, ["cluster", "cluster_similarity"]) if previous is not None else None
-    if old is None or "cluster" not in old.column_names or "cluster_similarity" not in old.column_names:
-        return None
-    at = match_items(samples.take(pa.array(ok_rows_in_vector_order(samples), pa.int64())), old)
-    found = at >= 0
-    at = np.maximum(at, 0)
-    cluster = old["cluster"].fill_null(-1).to_numpy(zero_copy_only=False).astype(np.int32)
-    similarity = old["cluster_similarity"].fill_null(np.nan).to_numpy(zero_copy_only=False).astype(np.float32)
-    return np.where(found, cluster[at], -1).astype(np.int32), np.where(found, similarity[at], np.nan).astype(np.float32)
-
-
-def _previous_probe(knn: dict, config: Config):
-    """The label probe the previous run fitted (its regularisation, and its models from
-    ``label-probe.npz`` when it kept them), when tonight's graph is an update of its graph
-    (the data barely moved); None otherwise."""
-    from curation.io.filesystem import Resolver
-    from curation.run_info import RunInfo
-    from curation.scores.label_probe import ProbeState
-
-    previous = _updated_from(knn, Resolver(config.storage))
-    if previous is None:
-        return None
-    try:
-        probe = (RunInfo.read(previous).scores.get("label_quality") or {}).get("probe") or {}
-    except (OSError, ValueError):
-        return None
-    if not (isinstance(probe, dict) and probe.get("C")):
-        return None
-    try:
-        state = ProbeState.from_bytes(read_bytes(previous.child(PROBE_FILE)))
-    except (OSError, ValueError, KeyError) as exc:  # kept by a run before this file existed, or unreadable
-        log.info("label probe: the previous run's models cannot be read (%s); the fits start from zero",
-                 str(exc).splitlines()[0][:200] if str(exc) else type(exc).__name__)
-        return ProbeState(float(probe["C"]))
-    return state if abs(state.c - float(probe["C"])) < 1e-12 else ProbeState(float(probe["C"]))
+    return plan.previous if update.get("used") and plan.previous is not None else None
 
 
 def _apply_corrections(plan: Plan, config: Config, resolver: Resolver,
@@ -526,7 +462,7 @@ def _apply_corrections(plan: Plan, config: Config, resolver: Resolver,
     stored = None
     previous = plan.previous
     if previous is not None:
-        location = previous.child("corrections.parquet")
+        location = previous.corrections_file
         try:
             stored = pq.read_table(location.path, filesystem=location.filesystem)
         except (OSError, pa.ArrowException):
@@ -572,17 +508,16 @@ def _previous_selections(plan: Plan, config: Config) -> dict[str, pa.Table]:
     """The previous published run's ``to_label`` and ``validation`` selections (uri, rank), by
     name: a queue an annotation team is working through keeps its order from night to night, and
     a validation item never moves into training."""
-    import pyarrow.parquet as pq
 
     names = [sel.name for sel in config.selections if sel.mode in ("to_label", "validation")]
     previous = plan.previous if names else None
     out: dict[str, pa.Table] = {}
     for name in names if previous is not None else []:
-        location = previous.child("selections", f"{name}.parquet")
-        try:
-            out[name] = pq.read_table(location.path, filesystem=location.filesystem, columns=["uri", "rank"])
-        except (OSError, pa.ArrowException) as exc:  # a new selection, or a run before it existed
-            log.info("selection %s: no previous queue at %s (%s)", name, location.uri, type(exc).__name__)
+        table = previous.selection(name, ["uri", "rank"])
+        if table is None or table.column_names != ["uri", "rank"]:  # a new selection, or a run before it existed
+            log.info("selection %s: no previous queue in %s", name, previous.uri)
+        else:
+            out[name] = table
     return out
 
 
@@ -653,7 +588,7 @@ def _write_outputs(plan: Plan, config: Config, info: RunInfo, samples: pa.Table,
     if scored.corrections is not None:
         store, info.corrections = scored.corrections
         if store.num_rows:
-            outputs.write_table(run.child("corrections.parquet"), store)
+            outputs.write_table(run.child(CORRECTIONS_FILE), store)
         new = store.filter(pc.equal(store["run_id"], plan.run_id)).select(["uri", "given_label", "label"])
         if new.num_rows and info.diff is not None:  # the nightly diff lists the corrections first applied tonight
             info.diff["corrections"] = {"new": new.num_rows,
@@ -678,7 +613,7 @@ def _swap_latest(plan: Plan, config: Config) -> None:
     try:
         outputs.publish(plan.output, plan.run_id, expected_latest=plan.latest_tag, storage=config.storage)
     except PreconditionFailed:
-        other = outputs.latest_run_id(read_tagged(plan.output.child("latest"), config.storage)[0])
+        other = latest_run_id(read_tagged(plan.output.child("latest"), config.storage)[0])
         raise PublishConflict(f"another run ({other}) published to {plan.output.uri} while this one ran: "
                               f"this run is complete at {plan.run.uri} (_SUCCESS written) but latest was left "
                               f"pointing at {other}; rerun to publish a run that includes both") from None

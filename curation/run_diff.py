@@ -31,37 +31,6 @@ log = logging.getLogger(__name__)
 
 
 
-def previous_run(output: Location, latest: bytes | None) -> Location | None:
-    """The complete run ``latest`` named (its bytes as read at preflight), or None."""
-    from curation.io.outputs import latest_run_id
-
-    run_id = latest_run_id(latest)
-    if run_id is None:
-        return None
-    run = output.child(run_id)
-    info = run.filesystem.get_file_info(run.child("_SUCCESS").path)
-    return run if info.type.name == "File" else None
-
-
-def read_previous_items(previous: Location, columns: list[str], *, ok_only: bool = True) -> pa.Table | None:
-    """The previous run's ``samples/`` rows (its ok ones unless ``ok_only`` is off): the item
-    key columns (``uri``, ``fingerprint``) and those of ``columns`` it has; None when unreadable."""
-    import pyarrow.dataset as ds
-
-    from curation.schema import is_ok
-
-    folder = previous.child("samples")
-    try:
-        dataset = ds.dataset(folder.path, filesystem=folder.filesystem, format="parquet")
-        wanted = dict.fromkeys(["uri", "fingerprint", "status", *columns])
-        table = dataset.to_table(columns=[c for c in wanted if c in dataset.schema.names])
-    except (OSError, pa.ArrowException, ValueError):
-        return None
-    if ok_only and "status" in table.column_names:
-        table = table.filter(pa.array(is_ok(table["status"])))
-    return table
-
-
 def _read(location: Location, columns: list[str]) -> pa.Table | None:
     """``columns`` of the Parquet file or folder at ``location`` (those it has: a flag a score
     added since that run is simply absent); None when unreadable."""

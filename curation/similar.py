@@ -31,8 +31,7 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from curation.io.filesystem import Location, Resolver
-from curation.io.outputs import resolve_run
-from curation.run_info import RunInfo
+from curation.published_run import PublishedRun, shard_file
 
 log = logging.getLogger(__name__)
 
@@ -63,11 +62,11 @@ class RunSearch:
         if space not in SPACES:
             raise SimilarError(f"--space: expected {' | '.join(SPACES)}, got {space!r}")
         self.resolver = resolver or Resolver()
-        location = resolve_run(self.resolver.resolve(run))
-        if location is None:
+        published = PublishedRun.resolve(self.resolver.resolve(run))
+        if published is None:
             raise SimilarError(f"--run {run}: no published run there (no _SUCCESS, and no latest naming one)")
-        self.run = location
-        self.info = RunInfo.read(location)
+        self.run = published.location
+        self.info = published.info
         self.space = space
         knn = self.info.knn if space == "embedding" else (self.info.knn.get("copies") or {})
         if space == "copy" and "vectors" not in knn:
@@ -139,7 +138,7 @@ class RunSearch:
             folder = self.resolver.resolve(saved)
             refine = float((self.info.config.get("knn") or {}).get("refine_factor") or 16)
             for i in range(shards):
-                index = load_index(folder.child(f"shard-{i:05d}.faissindex"))
+                index = load_index(shard_file(folder, i))
                 if isinstance(index, faiss.IndexRefine):
                     index.k_factor = refine
                 ivf = index.base_index if isinstance(index, faiss.IndexRefine) else index

@@ -149,6 +149,7 @@ def test_a_published_pair_of_nights_keeps_the_alarm_and_exits_3_when_asked(tmp_p
 def test_a_changed_embedder_skips_the_comparison_with_the_reason(tmp_path):
     from curation.drift import drift_phase
     from curation.io.filesystem import Resolver
+    from curation.published_run import PublishedRun
 
     rng = np.random.default_rng(6)
     x, labels, uris = _draw(rng, {c: 50 for c in range(CLASSES)}, "c")
@@ -158,7 +159,7 @@ def test_a_changed_embedder_skips_the_comparison_with_the_reason(tmp_path):
     run = Resolver().resolve(str(tmp_path / "run"))
     profile, _ = build_profile(samples, x, graph, model_id="resnet18@a/224", sample_size=100)
     profile.write(run)
-    result = drift_phase(samples, x, graph, DriftConfig(), model_id="resnet50@b/224", previous=run)
+    result = drift_phase(samples, x, graph, DriftConfig(), model_id="resnet50@b/224", previous=PublishedRun(run))
     assert "the embedder changed: 'resnet18@a/224' then, 'resnet50@b/224' now" in result.summary["skipped"]
     assert result.profile.model_id == "resnet50@b/224" and not result.alarm
 

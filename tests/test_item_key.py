@@ -14,6 +14,7 @@ import pytest
 
 from curation.io.filesystem import Resolver
 from curation.item_key import key_hashes, match_items, unchanged
+from curation.published_run import PublishedRun
 from curation.scores import flag_columns
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -51,7 +52,7 @@ def previous(tmp_path):
     x /= np.linalg.norm(x, axis=1, keepdims=True)
     location = Resolver().resolve(str(tmp_path))
     write_knn_graph(location.child("knn"), samples, exact_knn(x, 2))
-    return location
+    return PublishedRun(location)
 
 
 def test_the_rule():

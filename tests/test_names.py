@@ -57,7 +57,10 @@ def test_a_run_id_that_escapes_is_exit_2_before_any_work(tmp_path, capsys):
 
 def test_a_latest_that_names_a_path_is_never_followed(tmp_path):
     from curation.io.filesystem import resolve
-    from curation.io.outputs import latest_run_id, publish, resolve_run
+    from curation.io.outputs import publish
+    from curation.published_run import PublishedRun, latest_run_id
+
+    resolve_run = PublishedRun.resolve
 
     assert latest_run_id(json.dumps({"run_id": "night-1"}).encode()) == "night-1"
     assert latest_run_id(json.dumps({"run_id": "../escape"}).encode()) is None

@@ -395,7 +395,9 @@ def test_clusters_summary_reports_the_backend_the_training_task_used(monkeypatch
 
 def test_a_run_uri_or_an_output_uri_resolves_to_the_published_run(tmp_path):
     from curation.io.filesystem import Resolver
-    from curation.io.outputs import latest_run_id, resolve_run
+    from curation.published_run import PublishedRun, latest_run_id
+
+    resolve_run = PublishedRun.resolve
 
     output = Resolver().resolve(str(tmp_path))
     assert resolve_run(output) is None  # nothing published yet

@@ -32,6 +32,7 @@ import pyarrow as pa
 
 from curation.index.knn import KnnGraph, drop_self, id_dtype
 from curation.io.filesystem import Location
+from curation.run_layout import TRAINED_INDEX, shard_file
 
 log = logging.getLogger(__name__)
 
@@ -154,11 +155,10 @@ def carry_previous(previous: Location, samples: pa.Table, k: int, *, folder: str
     """The previous run's ``folder`` graph (``knn/`` or ``knn-copies/``, followed by its
     ``-margin`` neighbours when it kept them) mapped onto tonight's ok items (``samples`` with
     ``vector_id``), ``k + margin`` wide; None when that run has no such graph."""
-    from curation.run_diff import read_previous_items
     from curation.item_key import match_items
     from curation.schema import ok_rows_in_vector_order
 
-    old = read_previous_items(previous, ["input_id", "vector_id"])
+    old = previous.items(["input_id", "vector_id"])
     location = previous.child(folder)
     info = location.filesystem.get_file_info(location.path)
     if info.type.name != "Directory":
@@ -364,15 +364,6 @@ def exact_reverse(graph: KnnGraph, x: np.ndarray, new: np.ndarray, skip: np.ndar
                             found_sims[valid])
 
 
-def read_previous_info(previous: Location) -> dict:
-    from curation.run_info import RunInfo
-
-    try:
-        return RunInfo.read(previous).to_dict()
-    except (OSError, ValueError):
-        return {}
-
-
 def why_not(cfg, previous: Location | None, previous_info: dict, model_id: str, n_items: int,
             carried: Carried | None, kind: str, *, graph_problem: str | None = None) -> str | None:
     """The reason tonight's graph is built whole, or None when the previous one can be updated."""
@@ -437,7 +428,7 @@ def neighbour_graph(vectors, cfg, *, samples, save_to: Location | None, previous
         wanted = np.flatnonzero(~carried.carried | carried.lost)
         source = CachedVectors(source, wanted if hold is None else np.union1d(wanted, hold))
     if reason is None and params.kind == "ivf":
-        trained = previous.child(index_folder, "trained.faissindex")
+        trained = previous.child(index_folder, TRAINED_INDEX)
         if trained.filesystem.get_file_info(trained.path).type.name != "File":
             reason = "the previous run saved no trained index"
         else:  # the previous index's lists and codec, tonight's shard count
@@ -495,7 +486,7 @@ def _previous_shards(folder: Location, before: dict, params, carried: Carried):
     if (carried.tonight_of_previous is None or params.codec == "pq-fastscan" or len(sizes) != params.shards
             or sum(sizes) != len(carried.tonight_of_previous)):
         return None
-    files = [folder.child(f"shard-{i:05d}.faissindex") for i in range(len(sizes))]
+    files = [shard_file(folder, i) for i in range(len(sizes))]
     if any(f.filesystem.get_file_info(f.path).type.name != "File" for f in files):
         return None
     return files, carried.tonight_of_previous, np.array_split(np.flatnonzero(~carried.carried), len(files))

@@ -30,6 +30,7 @@ from curation.index.params import IndexParams, choose_params
 from curation.index.shard import IndexShard, merge_shard_results, train_empty_index
 from curation.index.source import CachedVectors, VectorParts, as_source
 from curation.io.filesystem import Location, write_bytes
+from curation.run_layout import TRAINED_INDEX, shard_file
 from curation.session import progress
 from curation.sizing import TRAIN_THREADS, WAITING, ClusterShape, shard_request, training_request
 
@@ -135,7 +136,7 @@ def sharded_knn(vectors, k: int, params: IndexParams, *, query_batch: int = 1638
         timing["train_s"] = round(time.perf_counter() - t, 3)
     trained = None
     if save_to is not None:
-        trained = save_to.child("trained.faissindex")
+        trained = save_to.child(TRAINED_INDEX)
         write_bytes(trained, blob.tobytes())
 
     t = time.perf_counter()
@@ -253,7 +254,7 @@ def sharded_knn(vectors, k: int, params: IndexParams, *, query_batch: int = 1638
         timing["shard_private_bytes"] = ray.get([shard.private_bytes.remote() for shard in shards])
         if save_to is not None:
             t = time.perf_counter()
-            ray.get([shard.save.remote(save_to.child(f"shard-{i:05d}.faissindex")) for i, shard in enumerate(shards)])
+            ray.get([shard.save.remote(shard_file(save_to, i)) for i, shard in enumerate(shards)])
             timing["save_s"] = round(time.perf_counter() - t, 3)
             timing["saved_to"] = save_to.uri
     finally:  # a failed search must not leave shard actors holding the cluster's CPUs

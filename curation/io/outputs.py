@@ -22,7 +22,6 @@ untouched.
 from __future__ import annotations
 
 import datetime as dt
-import json
 
 import logging
 
@@ -31,6 +30,8 @@ import pyarrow.parquet as pq
 
 from curation.config import is_run_id
 from curation.io.filesystem import Location, read_bytes, write_bytes
+from curation.published_run import latest_bytes, latest_run_id
+from curation.run_layout import LATEST, SUCCESS
 from curation.schema import INTERNAL_COLUMNS, SAMPLES_CONTRACT, SAMPLES_EXTRA, is_ok
 
 log = logging.getLogger(__name__)
@@ -180,7 +181,7 @@ def interrupted_vector_files(output: Location, current_run: str, *, newest: int 
         folders = [info for info in fs.get_file_info(pafs.FileSelector(output.path, allow_not_found=True))
                    if info.type == pafs.FileType.Directory and info.base_name != current_run
                    and info.base_name not in skip]
-        marks = fs.get_file_info([f"{info.path}/_SUCCESS" for info in folders])
+        marks = fs.get_file_info([f"{info.path}/{SUCCESS}" for info in folders])
         unfinished = sorted((info.base_name for info, mark in zip(folders, marks)
                              if mark.type != pafs.FileType.File), reverse=True)
         files: list[Location] = []
@@ -211,11 +212,11 @@ def remove_old_runs(output: Location, keep: int) -> list[str]:
     fs = output.filesystem
     folders = [info for info in fs.get_file_info(pafs.FileSelector(output.path, allow_not_found=True))
                if info.type == pafs.FileType.Directory]
-    marks = fs.get_file_info([f"{info.path}/_SUCCESS" for info in folders])
+    marks = fs.get_file_info([f"{info.path}/{SUCCESS}" for info in folders])
     complete = sorted(((mark.mtime_ns or 0, info.base_name) for info, mark in zip(folders, marks)
                        if mark.type == pafs.FileType.File), reverse=True)
     try:
-        latest = latest_run_id(read_bytes(output.child("latest")))
+        latest = latest_run_id(read_bytes(output.child(LATEST)))
     except OSError:
         latest = None
     removed = []
@@ -224,41 +225,6 @@ def remove_old_runs(output: Location, keep: int) -> list[str]:
             fs.delete_dir(output.child(run_id).path)
             removed.append(run_id)
     return removed
-
-
-def latest_run_id(data: bytes | None) -> str | None:
-    """The run id a ``latest`` file names (its bytes), or None when absent or unreadable: the
-    one parser of ``latest``. A ``latest`` naming anything but a plain run folder (``../x``,
-    ``a/b``: written by hand or by an older version) is unreadable, never followed."""
-    if not data:
-        return None
-    try:
-        run_id = json.loads(data)["run_id"]
-    except (ValueError, KeyError, TypeError):
-        return None
-    if not is_run_id(run_id):
-        log.warning("latest names %r, which is not a run folder name: ignored", run_id)
-        return None
-    return run_id
-
-
-def resolve_run(location: Location) -> Location | None:
-    """A published run: ``location`` itself when it is a complete run (``_SUCCESS``), else the
-    run its ``latest`` names when that one is complete (an output URI meaning its newest run);
-    None when neither. The one resolver for commands that read a published run."""
-    import pyarrow.fs as pafs
-
-    fs = location.filesystem
-    if fs.get_file_info(location.child("_SUCCESS").path).type == pafs.FileType.File:
-        return location
-    try:
-        run_id = latest_run_id(read_bytes(location.child("latest")))
-    except OSError:
-        return None
-    if run_id is None:
-        return None
-    run = location.child(run_id)
-    return run if fs.get_file_info(run.child("_SUCCESS").path).type == pafs.FileType.File else None
 
 
 def publish(output: Location, run_id: str, *, expected_latest: str | None = None, storage=None) -> None:
@@ -272,6 +238,5 @@ def publish(output: Location, run_id: str, *, expected_latest: str | None = None
     if not is_run_id(run_id):  # the config refuses such ids; nothing else may publish one either
         raise ValueError(f"not a run folder name: {run_id!r}")
     run = output.child(run_id)
-    write_bytes(run.child("_SUCCESS"), b"")
-    data = json.dumps({"run_id": run_id, "uri": run.uri}, indent=1).encode()
-    write_if_unchanged(output.child("latest"), data, expected_latest, storage)
+    write_bytes(run.child(SUCCESS), b"")
+    write_if_unchanged(output.child(LATEST), latest_bytes({"run_id": run_id, "uri": run.uri}), expected_latest, storage)

@@ -259,10 +259,8 @@ def _prefer_placed(rows: np.ndarray, previous, samples: pa.Table, ok: np.ndarray
 def previous_layout(previous, samples: pa.Table, rows: np.ndarray) -> np.ndarray:
     """``(len(rows), 2)`` coordinates the previous run gave the same items (same uri and
     fingerprint), NaN for the others."""
-    from curation.run_diff import read_previous_items
-
     out = np.full((len(rows), 2), np.nan, np.float32)
-    old = read_previous_items(previous, ["x", "y"], ok_only=False)
+    old = previous.items(["x", "y"], ok_only=False)
     if old is None or "x" not in old.column_names:
         return out
     old = old.filter(pc.is_valid(old["x"]))

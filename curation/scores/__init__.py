@@ -109,10 +109,8 @@ def _one_array(values) -> pa.Array:
 
 def run_scores(samples: pa.Table, vectors, knn_ok: KnnGraph, config: ScoresConfig,
                *, registry: tuple[Score, ...] | None = None, budget: int | None = None,
-               copies=None, copy_knn: KnnGraph | None = None,
-               previous_centroids: np.ndarray | None = None,
-               previous_probe=None,
-               previous_assignment: tuple[np.ndarray, np.ndarray] | None = None) -> tuple[pa.Table, dict]:
+               copies=None, copy_knn: KnnGraph | None = None, previous=None,
+               persist_to=None) -> tuple[pa.Table, dict]:
     """Run every registered score.
 
     Args:
@@ -122,25 +120,26 @@ def run_scores(samples: pa.Table, vectors, knn_ok: KnnGraph, config: ScoresConfi
         knn_ok: the kNN graph among vector ids.
         copies, copy_knn: the copy descriptors (same ids) and their kNN graph; None when the
             run has no pixels (copies are then judged by the embedding).
-        previous_centroids: the previous run's cluster centroids, to assign to instead of
-            training (an incremental night).
-        previous_probe: the label probe the previous run fitted (regularisation and models; the same
-            nights), kept instead of chosen again.
-        previous_assignment: the previous run's cluster and cosine per vector id (-1: new or
-            changed), so only tonight's new items are assigned to ``previous_centroids``.
+        previous: the previous :class:`~curation.published_run.PublishedRun` when tonight's
+            graph updates its graph (the data barely moved): each score with state reads its
+            own from it (``load_previous``); None builds every score afresh.
+        persist_to: tonight's run folder, where each score with state writes it (``persist``).
 
     Returns:
         ``samples`` with score columns added (and ``reason`` merged: the rejection reason for
         rejected rows, every score's explanation for ok rows), and a report
         ``{"timings_s": {score: seconds}, "summary": {score: its run.json summary},
-        "artifacts": {score: what it keeps for later phases (the clusters' centroids)}}``.
+        "artifacts": {score: what it hands later phases (the clusters' centroids)}}``.
     """
     registry = REGISTRY if registry is None else registry
     ok = is_ok(samples["status"])
+    states = {}
+    for score in registry if previous is not None else ():
+        if hasattr(score, "load_previous") and (state := score.load_previous(previous, samples)) is not None:
+            states[score.name] = state
     ctx = ScoreContext(Columns(samples), ok, as_source(vectors), knn_ok, config, budget,
                        ok_rows_in_vector_order(samples), as_source(copies) if copies is not None else None, copy_knn,
-                       previous_centroids, previous_probe, previous_assignment,
-                       flags=tuple(flag for score in registry for flag in score.flags))
+                       previous=states, flags=tuple(flag for score in registry for flag in score.flags))
     reasons: list[pa.ChunkedArray | pa.Array] = []
     timings: dict[str, float] = {}
     summary: dict[str, dict] = {}
@@ -157,8 +156,10 @@ def run_scores(samples: pa.Table, vectors, knn_ok: KnnGraph, config: ScoresConfi
         ctx = ctx.with_columns(result.select(list(score.columns)))
         timings[score.name] = round(time.perf_counter() - start, 3)
         summary[score.name] = score.summary(result)
-        if hasattr(score, "artifacts"):  # what a score keeps for later phases (not run.json)
+        if hasattr(score, "artifacts"):  # what a score hands later phases (not run.json)
             artifacts[score.name] = score.artifacts(result)
+        if persist_to is not None and hasattr(score, "persist"):  # what the next night starts from
+            score.persist(result, persist_to)
         log.info("score %s: %.2fs %s", score.name, timings[score.name], summary[score.name] or "")
     samples = ctx.columns.table
     samples = samples.set_column(samples.column_names.index("reason"), "reason",

@@ -15,6 +15,7 @@ runner merges those into ``samples.reason``.
 from __future__ import annotations
 
 from collections.abc import Mapping
+import dataclasses
 from dataclasses import dataclass
 from typing import Any, ClassVar, Protocol
 
@@ -83,12 +84,10 @@ class ScoreContext:
         copies: the ok rows' copy descriptors (same ids as ``vectors``), or None when the run
             has no pixels (``input.embeddings``).
         copy_knn: the kNN graph among the copy descriptors (None with ``copies``).
-        previous_centroids: the previous published run's cluster centroids when tonight's graph
-            updates its graph (clusters then keep their ids from night to night), else None.
-        previous_probe: the previous run's label probe (:class:`~curation.scores.label_probe.ProbeState`:
-            its regularisation, and its models when it kept them) on the same nights.
-        previous_assignment: with ``previous_centroids``, per vector id the cluster and cosine
-            the previous run gave the same item, unchanged (cluster -1: new or changed tonight).
+        previous: per score name, the state that score's ``load_previous`` read from the
+            previous published run (only on a night whose graph updates that run's: the data
+            barely moved); a score without state, or a night without one, finds nothing.
+        flags: every flag the run's scores declare (see :meth:`any_flag`).
     """
 
     columns: Columns
@@ -100,10 +99,8 @@ class ScoreContext:
     ok_rows: np.ndarray | None = None
     copies: Any = None
     copy_knn: KnnGraph | None = None
-    previous_centroids: np.ndarray | None = None
-    previous_probe: Any = None
-    previous_assignment: tuple[np.ndarray, np.ndarray] | None = None
-    flags: tuple["Flag", ...] = ()  # every flag the run's scores declare (see any_flag)
+    previous: Mapping[str, Any] = dataclasses.field(default_factory=dict)
+    flags: tuple["Flag", ...] = ()
 
     def __post_init__(self) -> None:
         if self.ok_rows is None:
@@ -128,8 +125,6 @@ class ScoreContext:
 
     def with_columns(self, table: pa.Table) -> "ScoreContext":
         """A new context that also sees ``table``'s columns (the runner's merge step)."""
-        import dataclasses
-
         return dataclasses.replace(self, columns=self.columns.with_table(table))
 
     def scatter(self, values_ok: np.ndarray, fill, dtype) -> np.ndarray:
@@ -190,7 +185,13 @@ class Score(Protocol):
     for every flag of a kind), ``compute(ctx) -> pa.Table`` and ``summary(table) -> dict`` (what
     ``run.json`` reports about it under ``scores.<name>``; counts of flagged items go under
     ``"flags"``, which ``run.json`` also merges into its ``flags``). The runner orders the
-    scores by ``needs``; nothing else depends on the registry's order."""
+    scores by ``needs``; nothing else depends on the registry's order.
+
+    A score that keeps state between nights also has ``load_previous(previous, samples)``
+    (reads it from the previous :class:`~curation.published_run.PublishedRun`; what it returns
+    is ``ctx.previous[name]``) and ``persist(table, run)`` (writes it into tonight's run folder);
+    ``artifacts(table)`` hands later phases what they use of it (the clusters' centroids, for
+    the drift profile). The job knows none of these by name."""
 
     name: ClassVar[str]
     columns: ClassVar[tuple[str, ...]]

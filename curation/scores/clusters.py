@@ -119,15 +119,15 @@ class ClustersScore:
     def compute(self, ctx: ScoreContext) -> pa.Table:
         n_ok = ctx.vectors.n
         k = choose_n_clusters(n_ok, ctx.config.n_clusters, ctx.budget)
-        previous = ctx.previous_centroids
+        previous, assignment = ctx.previous.get(self.name) or (None, None)
         if n_ok and previous is not None and len(previous) >= 2 and not ctx.config.n_clusters:
             # An incremental night: the previous run's clusters, so cluster ids mean the same
             # thing night after night (retrained when the graph is built whole).
             centroids = np.asarray(previous, np.float32)
-            if ctx.previous_assignment is not None:
+            if assignment is not None:
                 # Unchanged items keep yesterday's assignment (the same centroids give the same
                 # answer); only the new and changed ones are read and assigned.
-                labels, sims = (np.array(a, copy=True) for a in ctx.previous_assignment)
+                labels, sims = (np.array(a, copy=True) for a in assignment)
                 labels, sims = labels.astype(np.int32), sims.astype(np.float32)
                 todo = np.flatnonzero(labels < 0)
                 if len(todo):
@@ -153,6 +153,15 @@ class ClustersScore:
         return table.replace_schema_metadata({"kmeans_backend": backend, "centroids": centroids.tobytes(),
                                               "centroid_dim": str(centroids.shape[1] if centroids.ndim == 2 else 1)})
 
+    def load_previous(self, previous, samples: pa.Table):
+        """The previous run's centroids (its drift profile) and, per vector id, the cluster and
+        cosine it gave the same unchanged item (cluster -1: new or changed); None when it kept
+        fewer than two centroids."""
+        profile = previous.profile()
+        if profile is None or len(profile.centroids) < 2:
+            return None
+        return profile.centroids, _previous_assignment(previous, samples)
+
     def artifacts(self, table: pa.Table) -> dict:
         """The centroids the items were assigned to (kept in the run's profile, so the next
         night can assign to the same ones)."""
@@ -168,3 +177,20 @@ class ClustersScore:
         clusters = pc.filter(table["cluster"], pc.greater_equal(table["cluster"], 0))
         backend = (table.schema.metadata or {}).get(b"kmeans_backend", b"none").decode()
         return {"clusters": len(pc.unique(clusters)), "kmeans_backend": backend}
+
+
+def _previous_assignment(previous, samples: pa.Table):
+    """Per vector id, the cluster and cosine ``previous`` gave the same unchanged item (cluster
+    -1 for new and changed items); None when its samples cannot be read."""
+    from curation.item_key import match_items
+    from curation.schema import ok_rows_in_vector_order
+
+    old = previous.items(["cluster", "cluster_similarity"])
+    if old is None or "cluster" not in old.column_names or "cluster_similarity" not in old.column_names:
+        return None
+    at = match_items(samples.take(pa.array(ok_rows_in_vector_order(samples), pa.int64())), old)
+    found = at >= 0
+    at = np.maximum(at, 0)
+    cluster = old["cluster"].fill_null(-1).to_numpy(zero_copy_only=False).astype(np.int32)
+    similarity = old["cluster_similarity"].fill_null(np.nan).to_numpy(zero_copy_only=False).astype(np.float32)
+    return np.where(found, cluster[at], -1).astype(np.int32), np.where(found, similarity[at], np.nan).astype(np.float32)

@@ -41,6 +41,7 @@ Rows are processed in blocks whose dense (rows x classes) probabilities stay und
 from __future__ import annotations
 
 import json
+import logging
 
 import numpy as np
 import pyarrow as pa
@@ -50,6 +51,8 @@ from curation.corrections import MIN_CLASS_MEMBERS, corrected_mask
 from curation.scores.base import REASON_COLUMN, Flag, ScoreContext, count_true, evidence_of, masked, nearby, \
     one_sided_counts, side_by_side, with_evidence
 from curation.scores.label_probe import probe_keys, probe_probabilities
+
+log = logging.getLogger(__name__)
 
 TEMPERATURE = 0.1
 PRIOR_WEIGHT = 0.1
@@ -214,7 +217,8 @@ class LabelQualityScore:
         if weight > 0 and len(np.unique(codes[labelled])) > 1:
             keys = probe_keys(ctx.columns.table, ctx.ok_rows)
             top_classes, top_p, info["probe"], state = probe_probabilities(
-                ctx.vectors, codes, n_classes, ctx.previous_probe, keys=keys, class_names=classes)
+                ctx.vectors, codes, n_classes, ctx.previous.get(LabelQualityScore.name), keys=keys,
+                class_names=classes)
             probe = (top_classes, top_p)
         step = max(1024, BLOCK_CELLS // max(1, n_classes))
         blocks = [(lo, min(lo + step, n_ok)) for lo in range(0, n_ok, step)]
@@ -247,11 +251,36 @@ class LabelQualityScore:
             confidence[lo:hi] = q[rows, suggested[lo:hi]]
         return np.where(labelled, quality, np.nan).astype(np.float32), suggested, confidence, info, state
 
-    def artifacts(self, table: pa.Table) -> dict:
-        """The probe's models (written to the run as ``label-probe.npz``: the next night's fits
-        start from them)."""
+    def load_previous(self, previous, samples: pa.Table):
+        """The label probe ``previous`` fitted: its regularisation (kept instead of chosen
+        again) and its models from ``label-probe.npz`` when it kept them (each fit starts
+        there); None when it fitted none."""
+        from curation.scores.label_probe import ProbeState
+
+        info = previous.info_or_none()
+        probe = ((info.scores.get("label_quality") or {}).get("probe") or {}) if info is not None else {}
+        if not (isinstance(probe, dict) and probe.get("C")):
+            return None
+        data = previous.probe_state()
+        if data is None:  # kept by a run before this file existed
+            return ProbeState(float(probe["C"]))
+        try:
+            state = ProbeState.from_bytes(data)
+        except (OSError, ValueError, KeyError) as exc:
+            log.info("label probe: the previous run's models cannot be read (%s); the fits start from zero",
+                     str(exc).splitlines()[0][:200] if str(exc) else type(exc).__name__)
+            return ProbeState(float(probe["C"]))
+        return state if abs(state.c - float(probe["C"])) < 1e-12 else ProbeState(float(probe["C"]))
+
+    def persist(self, table: pa.Table, run) -> None:
+        """The probe's models, as ``label-probe.npz`` in tonight's run: the next night's fits
+        start from them."""
+        from curation.io.filesystem import write_bytes
+        from curation.run_layout import PROBE_FILE
+
         state = (table.schema.metadata or {}).get(b"probe_state")
-        return {"probe_state": state} if state else {}
+        if state:
+            write_bytes(run.child(PROBE_FILE), state)
 
     def summary(self, table: pa.Table) -> dict:
         metadata = (table.schema.metadata or {}).get(b"label_models", b"{}")

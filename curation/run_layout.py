@@ -1,0 +1,15 @@
+"""The names in a run folder and its output folder that more than one module reads or writes
+(the writer and :class:`~curation.published_run.PublishedRun`, the reader): spelled once here."""
+
+from __future__ import annotations
+
+SUCCESS = "_SUCCESS"  # written last: the run is complete
+LATEST = "latest"  # in the output folder: the newest published run
+PROBE_FILE = "label-probe.npz"  # the label probe's models, where the next night's fits start
+CORRECTIONS_FILE = "corrections.parquet"  # the label corrections a run applied (kept for later nights)
+TRAINED_INDEX = "trained.faissindex"  # a sharded index's trained, empty quantiser
+
+
+def shard_file(index_folder, shard: int):
+    """The saved FAISS shard ``shard`` of a run's ``index/`` (or ``index-copies/``) folder."""
+    return index_folder.child(f"shard-{shard:05d}.faissindex")
