@@ -1,90 +1,52 @@
-"""The curation job as a sequence of phases, each passing a small typed result to the next:
+"""The curation job as a sequence of phases; each returns a new value for the next and none
+edits an earlier phase's result (the README's *Pipeline* lists them, as ``run.json`` →
+``timings_s`` names them):
 
-    preflight ─► ingest ─► neighbours ─► scores ─► selections ─► publish
+    preflight ─► cluster_check ─► ingest ─► corrections ─► knn ─► scores ─► write_knn ─► drift
+    ─► leakage ─► selections ─► report_data ─► publish
 
-* **preflight** (before any work): config already validated; inputs reachable; the model name and
-  weights file checked; the inputs listed (or the precomputed embeddings' files found); every
-  selection's ``where`` / ``balance_on`` dry-run against the columns ``samples`` will have.
+* **preflight** (:mod:`curation.preflight`, before any work): inputs reachable, the model
+  checked, the inputs listed, every ``where`` dry-run, corrections parsed, the previous
+  published run resolved once (:class:`~curation.published_run.PublishedRun`).
 * **ingest**: the vectors of every ok item end up in storage (``embeddings/`` written by Ray Data
   on the workers, or the ``input.embeddings`` files); the driver keeps one compact row per input.
-* **neighbours**: the kNN graph (exact in process, or FAISS shards on Ray actors reading storage).
+* **knn**: the kNN graphs (exact in process, or FAISS shards on Ray actors reading storage).
 * **scores** / **selections**: from the compact rows and the graph; vectors are fetched only as
   bounded samples or one class at a time, or scanned by Ray tasks where they are stored.
-* **publish**: samples, selections, knn, report, run.json, then ``_SUCCESS`` and ``latest``.
+  ``knn/`` is written right after the scores, so the graphs are freed before the selections.
+* **publish** (:mod:`curation.publish`): samples, selections, diff, report, run.json, then
+  ``_SUCCESS`` and ``latest``.
 
-The run holds one Ray session from ingest to selections (:func:`curation.session.ray_session`).
+The run holds one Ray session from ingest to the report (:func:`curation.session.ray_session`).
 """
 
 from __future__ import annotations
 
-import contextlib
+import dataclasses
 import logging
-import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from curation.config import Config, ConfigError
-from curation.drift import DriftResult
+from curation.config import Config
 from curation.index.knn import KnnGraph
 from curation.index.source import VectorParts, parquet_parts
 from curation.io import inputs as inputs_io
 from curation.io import outputs
-from curation.io.filesystem import Location, PreconditionFailed, Resolver, read_tagged, write_bytes
+from curation.io.filesystem import Resolver
 from curation.io.store import EmbeddingStore
-from curation.report import ReportAssets, prepare_report, render_report
-from curation.published_run import CORRECTIONS_FILE, PublishedRun, is_published, latest_run_id
-from curation.run_diff import diff_runs
-from curation.run_info import Counts, RunInfo
-from curation.schema import INPUT_COLUMNS, INTERNAL_COLUMNS, SAMPLES_CONTRACT, SAMPLES_EXTRA, is_ok
+from curation.report import prepare_report
+from curation.published_run import PublishedRun
+from curation.schema import is_ok
 from curation.session import check_cluster, needs_ray, ray_session, run_tasks
 
+from curation.clock import Clock
+from curation.preflight import Plan, preflight  # noqa: F401 (public here too)
+from curation.publish import (NothingToPublish, PublishConflict, RunResult, Scored,  # noqa: F401
+                              publish)
 log = logging.getLogger(__name__)
-
-
-DIFF_CORRECTIONS_LISTED = 1000  # corrections listed one by one in run.json's diff (all are in corrections.parquet)
-
-
-class PublishConflict(RuntimeError):
-    """``latest`` changed while this run ran: another run published first (compare-and-swap)."""
-
-
-class NothingToPublish(RuntimeError):
-    """The run has no usable item (no input, or every input rejected): nothing is published."""
-
-
-@dataclass
-class RunResult:
-    run_id: str
-    run_uri: str
-    samples: pa.Table
-    info: RunInfo
-
-    @property
-    def run_info(self) -> dict:
-        """The run's ``run.json`` as written."""
-        return self.info.to_dict()
-
-
-@dataclass
-class Plan:
-    """What preflight found: where the run goes and what it reads."""
-
-    output: Location
-    run_id: str
-    inputs: pa.Table | None = None  # images / manifest mode: one row per input item
-    embedding_files: list[Location] = field(default_factory=list)  # input.embeddings mode
-    count: int = 0
-    latest_tag: str | None = None  # `latest` as this run found it: publication swaps it only if unchanged
-    latest: bytes | None = None  # ... and its content
-    previous: PublishedRun | None = None  # the run `latest` named at preflight: the diff, drift, graph update, scores
-    answers: dict | None = None  # input.label_corrections, parsed and checked at preflight
-
-    @property
-    def run(self) -> Location:
-        return self.output.child(self.run_id)
 
 
 @dataclass
@@ -106,47 +68,6 @@ class Neighbours:
     copy_graph: KnnGraph | None = None  # among the copy descriptors (images mode)
 
 
-class Clock:
-    """Seconds and the driver's peak memory per phase, for run.json, and a log line as each ends."""
-
-    def __init__(self):
-        self.start = time.perf_counter()
-        self.timings: dict[str, float] = {}
-        self.peak_bytes: dict[str, int] = {}
-
-    @contextlib.contextmanager
-    def phase(self, name: str):
-        _reset_peak_memory()
-        t = time.perf_counter()
-        yield
-        self.timings[name] = round(time.perf_counter() - t, 3)
-        peak = _peak_memory()
-        if peak:
-            self.peak_bytes[name] = peak
-        log.info("phase %s done in %.1fs (driver peak %.0f MiB)", name, self.timings[name], peak / 2**20)
-
-
-def _reset_peak_memory() -> None:
-    """Restart the kernel's peak-RSS counter of this process (Linux; elsewhere a no-op)."""
-    try:
-        with open("/proc/self/clear_refs", "w") as fh:
-            fh.write("5")
-    except OSError:
-        pass
-
-
-def _peak_memory() -> int:
-    """This process's peak RSS since the last reset, in bytes (0 where /proc is missing)."""
-    try:
-        with open("/proc/self/status") as fh:
-            for line in fh:
-                if line.startswith("VmHWM:"):
-                    return int(line.split()[1]) * 1024
-    except OSError:
-        pass
-    return 0
-
-
 def run_job(config: Config, *, resolver: Resolver | None = None, plan: Plan | None = None) -> RunResult:
     """Run the whole job; returns after ``_SUCCESS`` and ``latest`` are written."""
     resolver = resolver or Resolver(config.storage)
@@ -162,23 +83,18 @@ def run_job(config: Config, *, resolver: Resolver | None = None, plan: Plan | No
                 check_cluster(config, resolver, images=plan.inputs is not None, n_items=plan.count)
         ingested = ingest(plan, config, resolver, clock)
         with clock.phase("corrections"):
-            corrections = _apply_corrections(plan, config, resolver, ingested)
+            ingested, corrections = _apply_corrections(plan, config, resolver, ingested)
         with clock.phase("knn"):
-            neighbours = find_neighbours(ingested, config, plan)
+            ingested, neighbours = find_neighbours(ingested, config, plan)
         with clock.phase("scores"):
             samples, score_report = score(ingested, neighbours, config, plan)
             clock.timings.update({f"score_{k}": v for k, v in score_report["timings_s"].items()})
-            for folder, graph in (("knn", neighbours.graph), ("knn-copies", neighbours.copy_graph)):
-                if graph is None:
-                    continue
-                outputs.write_knn_graph(plan.run.child(folder), samples, graph)
-                if graph.margin is not None:  # the next night fills a lost neighbour from these
-                    outputs.write_knn_graph(plan.run.child(f"{folder}-margin"), samples, graph.margin)
+        with clock.phase("write_knn"):  # now, not at publication: the graphs are freed before selections
+            _write_graphs(plan, samples, neighbours)
         with clock.phase("drift"):
             drift = _drift(plan, config, samples, ingested, neighbours.graph,
                            centroids=score_report["artifacts"].get("clusters", {}).get("centroids"))
-            # The graph has served its purpose: free it before selections.
-            neighbours.graph = neighbours.copy_graph = None
+        neighbours = dataclasses.replace(neighbours, graph=None, copy_graph=None)  # the graphs' last reference
         with clock.phase("leakage"):
             leakage = _split_leakage(samples, ingested, config, resolver)
         with clock.phase("selections"):
@@ -195,89 +111,6 @@ def run_job(config: Config, *, resolver: Resolver | None = None, plan: Plan | No
     return publish(plan, config, Scored(samples, score_report["summary"], selections, report, leakage, corrections,
                                         drift),
                    clock, embedder=ingested.embedder, knn=neighbours.info, snapshot=ingested.snapshot)
-
-
-# ---------------------------------------------------------------------------------- preflight
-
-
-def preflight(config: Config, resolver: Resolver) -> Plan:
-    """Everything that can fail before work starts; raises ConfigError / EmbedderError /
-    StorageError naming the key or URI."""
-    inputs_io.check_inputs(config, resolver)
-    output = resolver.resolve(config.output.uri)
-    plan = Plan(output=output, run_id=config.output.run_id or outputs.new_run_id())
-    if is_published(plan.run):
-        raise ConfigError(f"config key 'output.run_id': run {plan.run_id!r} is already published at {plan.run.uri} "
-                          f"(a published run is never rewritten: choose another run id, or leave it unset)")
-    plan.latest, plan.latest_tag = read_tagged(output.child("latest"), config.storage)
-    # Resolved once, before anything is written: every later phase diffs against this run.
-    plan.previous = PublishedRun.named_by_latest(output, plan.latest)
-    if plan.previous is not None and plan.previous.uri == plan.run.uri:
-        plan.previous = None
-    if config.input.embeddings:
-        plan.embedding_files, names, plan.count = inputs_io.embeddings_files(config, resolver)
-        metadata = [n for n in names if n not in inputs_io.EMBEDDINGS_COLUMNS]
-    else:
-        from curation.embedders import check_embedder
-
-        check_embedder(config.embedder.model, config.embedder.weights, resolver=resolver)
-        plan.inputs = inputs_io.list_inputs(config, resolver)
-        plan.count = plan.inputs.num_rows
-        metadata = [n for n in plan.inputs.column_names if n not in INPUT_COLUMNS]
-    if config.input.split_column and config.input.split_column not in metadata:
-        raise ConfigError(f"config key 'input.split_column': no column {config.input.split_column!r} in the inputs "
-                          f"(columns: {', '.join(metadata) or 'none'})")
-    _check_selection_columns(config, metadata, plan)
-    if config.input.label_corrections:
-        plan.answers = _checked_corrections(config, resolver, plan)
-    return plan
-
-
-def _checked_corrections(config: Config, resolver: Resolver, plan: Plan) -> dict[str, list[str]]:
-    """``input.label_corrections`` parsed and checked against the inputs' items and classes
-    (and the classes the previous run's kept corrections made), before any work."""
-    import pyarrow.parquet as pq
-
-    from curation.corrections import CorrectionsError, check_answers, read_answers
-
-    location = resolver.resolve(config.input.label_corrections)
-    if plan.inputs is not None:
-        uris, labels = plan.inputs["uri"], plan.inputs["label"] if "label" in plan.inputs.column_names else None
-    else:
-        import pyarrow.dataset as ds
-
-        files = plan.embedding_files  # only the two columns needed here: ingest reads the rest
-        dataset = ds.dataset([f.path for f in files], filesystem=files[0].filesystem, format="parquet")
-        table = dataset.to_table(columns=[c for c in ("uri", "label") if c in dataset.schema.names])
-        uris, labels = table["uri"], table["label"] if "label" in table.column_names else None
-    classes = set(pc.unique(labels.cast(pa.string())).drop_null().to_pylist()) if labels is not None else set()
-    if plan.previous is not None:
-        kept = plan.previous.corrections_file
-        try:
-            classes |= set(pq.read_table(kept.path, filesystem=kept.filesystem, columns=["label"])["label"]
-                           .drop_null().to_pylist())
-        except (OSError, pa.ArrowException):
-            pass  # that run kept none
-    try:
-        answers = read_answers(location)
-        check_answers(answers, uri=location.uri, items=set(uris.to_pylist()), classes=classes,
-                      allow_new_classes=config.input.allow_new_classes)
-    except CorrectionsError as exc:
-        raise ConfigError(f"config key 'input.label_corrections': {exc}") from None
-    return answers
-
-
-def _check_selection_columns(config: Config, metadata: list[str], plan: Plan) -> None:
-    from curation.scores import reserved_columns
-    from curation.select import check_selection_columns
-
-    fields = list(SAMPLES_CONTRACT) + list(SAMPLES_EXTRA)
-    known = {f.name for f in fields}
-    fields += [pa.field(name, pa.float64()) for name in sorted(reserved_columns() - known - set(INTERNAL_COLUMNS))]
-    source = plan.inputs.schema if plan.inputs is not None else None
-    for name in metadata:
-        fields.append(source.field(name) if source is not None else pa.field(name, pa.string()))
-    check_selection_columns(config.selections, pa.schema(fields))
 
 
 # ------------------------------------------------------------------------------------- ingest
@@ -387,7 +220,10 @@ def _ingest_embeddings(plan: Plan, config: Config, resolver: Resolver) -> Ingest
 # --------------------------------------------------------------------------- neighbours, scores
 
 
-def find_neighbours(ingested: Ingested, config: Config, plan: Plan) -> Neighbours:
+def find_neighbours(ingested: Ingested, config: Config, plan: Plan) -> tuple[Ingested, Neighbours]:
+    """The kNN graphs (the embedding's, and the copy descriptors'), and ``ingested`` with the
+    vector sources the later phases read (a cache in front of storage when the graph update
+    read some rows anyway)."""
 
     n_ok = ingested.vectors.n
     if n_ok == 0:
@@ -407,29 +243,29 @@ def find_neighbours(ingested: Ingested, config: Config, plan: Plan) -> Neighbour
     if config.scores.label_probe_weight > 0:
         hold.append(probe_sample_ids(ingested.samples))
     hold = np.concatenate(hold)
-    graph, info, ingested.vectors = neighbour_graph(ingested.vectors, config.knn, samples=ingested.samples,
-                                                    save_to=plan.run.child("index"), previous=previous,
-                                                    previous_info=previous_info, model_id=model_id, hold=hold)
-    if hasattr(ingested.vectors, "describe"):  # in storage (possibly with a cache in front)
-        info["vectors"] = ingested.vectors.describe()
-    log.info("kNN graph: %d vectors x %d, k=%d, %s", n_ok, ingested.vectors.dim, config.knn.k, info.get("method"))
-    copy_graph = None
+    graph, info, vectors = neighbour_graph(ingested.vectors, config.knn, samples=ingested.samples,
+                                           save_to=plan.run.child("index"), previous=previous,
+                                           previous_info=previous_info, model_id=model_id, hold=hold)
+    if hasattr(vectors, "describe"):  # in storage (possibly with a cache in front)
+        info["vectors"] = vectors.describe()
+    log.info("kNN graph: %d vectors x %d, k=%d, %s", n_ok, vectors.dim, config.knn.k, info.get("method"))
+    copy_graph, copies = None, ingested.copies
     if ingested.copies is not None:
         # Copy detection has its own graph, in the copy descriptor's space: whatever model
         # embeds the images, a copy is judged by how it looks (see scores/duplicates.py).
-        copy_graph, copy_info, ingested.copies = neighbour_graph(ingested.copies, config.knn, samples=ingested.samples,
-                                                save_to=plan.run.child("index-copies"), previous=previous,
-                                                previous_info=previous_info, model_id=model_id, folder="knn-copies",
-                                                index_folder="index-copies")
-        if hasattr(ingested.copies, "describe"):
-            copy_info["vectors"] = ingested.copies.describe()
+        copy_graph, copy_info, copies = neighbour_graph(ingested.copies, config.knn, samples=ingested.samples,
+                                                        save_to=plan.run.child("index-copies"), previous=previous,
+                                                        previous_info=previous_info, model_id=model_id,
+                                                        folder="knn-copies", index_folder="index-copies")
+        if hasattr(copies, "describe"):
+            copy_info["vectors"] = copies.describe()
         info["copies"] = copy_info
         log.info("copy graph: %d descriptors, %s", n_ok, copy_info.get("method"))
     else:
         info["copies"] = {"method": "none: input.embeddings has no pixels, so copies are judged by the "
                                     "embedding alone (edited copies a semantic model puts near its class "
                                     "are missed; exact copies are found only when the files share hashes)"}
-    return Neighbours(graph, info, copy_graph)
+    return dataclasses.replace(ingested, vectors=vectors, copies=copies), Neighbours(graph, info, copy_graph)
 
 
 def score(ingested: Ingested, neighbours: Neighbours, config: Config, plan: Plan) -> tuple[pa.Table, dict]:
@@ -449,7 +285,7 @@ def _updated_from(knn: dict, plan: Plan) -> PublishedRun | None:
 
 
 def _apply_corrections(plan: Plan, config: Config, resolver: Resolver,
-                       ingested: Ingested) -> tuple[pa.Table, dict] | None:
+                       ingested: Ingested) -> tuple[Ingested, tuple[pa.Table, dict] | None]:
     """Fold in ``input.label_corrections`` and the corrections the previous published run kept
     (see :mod:`curation.corrections`); sets ``label_source`` on every row."""
     import pyarrow.parquet as pq
@@ -467,13 +303,24 @@ def _apply_corrections(plan: Plan, config: Config, resolver: Resolver,
             stored = pq.read_table(location.path, filesystem=location.filesystem)
         except (OSError, pa.ArrowException):
             stored = None  # that run kept none
-    ingested.samples, store, summary = apply_corrections(ingested.samples, stored=stored, answers=answers,
-                                                         run_id=plan.run_id)
+    samples, store, summary = apply_corrections(ingested.samples, stored=stored, answers=answers, run_id=plan.run_id)
+    ingested = dataclasses.replace(ingested, samples=samples)
     if answers is None and stored is None:
-        return None
+        return ingested, None
     log.info("label corrections: %(applied)d applied (%(new)d new), %(unknown_uri)d unknown uri, "
              "%(conflicting)d conflicting", summary)
-    return store, summary
+    return ingested, (store, summary)
+
+
+def _write_graphs(plan: Plan, samples: pa.Table, neighbours: Neighbours) -> None:
+    """``knn/`` and ``knn-copies/`` (and their ``-margin`` rows, where the next night fills a
+    lost neighbour from)."""
+    for folder, graph in (("knn", neighbours.graph), ("knn-copies", neighbours.copy_graph)):
+        if graph is None:
+            continue
+        outputs.write_knn_graph(plan.run.child(folder), samples, graph)
+        if graph.margin is not None:
+            outputs.write_knn_graph(plan.run.child(f"{folder}-margin"), samples, graph.margin)
 
 
 def _drift(plan: Plan, config: Config, samples: pa.Table, ingested: Ingested, graph, *, centroids=None):
@@ -519,101 +366,3 @@ def _previous_selections(plan: Plan, config: Config) -> dict[str, pa.Table]:
         else:
             out[name] = table
     return out
-
-
-# ------------------------------------------------------------------------------------ publish
-
-
-@dataclass
-class Scored:
-    """What the scores, selections and report phases produced for publication."""
-
-    samples: pa.Table
-    score_summary: dict[str, dict]  # score name -> its run.json summary
-    selections: list  # SelectionResult, in config order
-    report: ReportAssets | None = None
-    leakage: tuple[pa.Table, dict] | None = None  # copies across splits (leakage.parquet, run.json)
-    corrections: tuple[pa.Table, dict] | None = None  # label corrections kept with the run, and their counts
-    drift: DriftResult | None = None  # tonight's profile, the comparison with the previous run, far new items
-
-
-def publish(plan: Plan, config: Config, scored: Scored, clock: Clock, *, embedder: dict, knn: dict,
-            snapshot=None) -> RunResult:
-    """Write every output, then ``_SUCCESS``, then swap ``latest`` (and, when it swapped, point
-    the embedding store at this run's snapshot); then apply retention."""
-    with clock.phase("write_outputs"):
-        samples, counts = _accounted(scored.samples, plan.count)
-        info = RunInfo.build(run_id=plan.run_id, uri=plan.run.uri, samples=samples, counts=counts,
-                             score_summary=scored.score_summary, selections=scored.selections,
-                             embedder=embedder, knn=knn, config=config)
-        info.timings_s = clock.timings  # the report shows the phases so far; run.json gets them all
-        _write_outputs(plan, config, info, samples, scored)
-    clock.timings["total"] = round(time.perf_counter() - clock.start, 3)
-    info.driver_peak_bytes = clock.peak_bytes
-    info.write(plan.run)
-    _swap_latest(plan, config)  # raises PublishConflict when another run published first
-    if snapshot is not None:
-        snapshot.point()
-    removed = outputs.remove_old_runs(plan.output, config.output.keep_runs)
-    if removed:
-        log.info("retention (output.keep_runs=%d): removed %d older run(s): %s", config.output.keep_runs,
-                 len(removed), ", ".join(removed))
-    log.info("published %s: %d inputs, %d ok, %d rejected in %.1fs", plan.run.uri, counts.inputs, counts.ok,
-             counts.rejected, clock.timings["total"])
-    return RunResult(plan.run_id, plan.run.uri, samples, info)
-
-
-def _accounted(samples: pa.Table, expected: int) -> tuple[pa.Table, Counts]:
-    """``samples`` in input order with the contract's column order, and its counts; raises if a
-    row was lost or added on the way (every input is ok or rejected, exactly once)."""
-    if not (np.diff(samples["input_id"].to_numpy()) > 0).all():
-        samples = samples.sort_by("input_id")
-    samples = outputs.order_samples(samples)
-    ok = int(is_ok(samples["status"]).sum())
-    if samples.num_rows != expected:
-        raise RuntimeError(f"accounting: {expected} inputs but {samples.num_rows} sample rows")
-    return samples, Counts(inputs=expected, ok=ok, rejected=expected - ok)
-
-
-def _write_outputs(plan: Plan, config: Config, info: RunInfo, samples: pa.Table, scored: Scored) -> None:
-    """samples/, diff/ (against the previous published run), selections/ and report.html."""
-    run = plan.run
-    tables = {r.name: r.table for r in scored.selections}
-    outputs.write_samples(run, samples)
-    previous = plan.previous
-    if previous is not None:
-        info.diff = diff_runs(previous, samples, tables, run.child("diff"))
-    for name, table in tables.items():
-        outputs.write_table(run.child("selections", f"{name}.parquet"), table)
-    if scored.corrections is not None:
-        store, info.corrections = scored.corrections
-        if store.num_rows:
-            outputs.write_table(run.child(CORRECTIONS_FILE), store)
-        new = store.filter(pc.equal(store["run_id"], plan.run_id)).select(["uri", "given_label", "label"])
-        if new.num_rows and info.diff is not None:  # the nightly diff lists the corrections first applied tonight
-            info.diff["corrections"] = {"new": new.num_rows,
-                                        "listed": new.slice(0, DIFF_CORRECTIONS_LISTED).to_pylist()}
-    if scored.leakage is not None:
-        outputs.write_table(run.child("leakage.parquet"), scored.leakage[0])
-        info.leakage = scored.leakage[1]
-    if scored.drift is not None:  # part of the published run, so a retried job cannot lose the alarm
-        scored.drift.profile.write(run)
-        info.drift = scored.drift.summary
-        if scored.drift.new_region_items is not None:
-            outputs.write_table(run.child("drift.parquet"), scored.drift.new_region_items)
-    report = scored.report or ReportAssets({r.name: r.mode for r in scored.selections})
-    info.map = report.map_info
-    write_bytes(run.child("report.html"), render_report(
-        run_id=plan.run_id, samples=samples, run_info=info, selections=tables, modes=report.modes,
-        galleries=report.galleries, thumbnails=report.thumbnails, scores_config=config.scores).encode("utf-8"))
-
-
-def _swap_latest(plan: Plan, config: Config) -> None:
-    """``_SUCCESS``, then ``latest`` -> this run if ``latest`` is still what preflight saw."""
-    try:
-        outputs.publish(plan.output, plan.run_id, expected_latest=plan.latest_tag, storage=config.storage)
-    except PreconditionFailed:
-        other = latest_run_id(read_tagged(plan.output.child("latest"), config.storage)[0])
-        raise PublishConflict(f"another run ({other}) published to {plan.output.uri} while this one ran: "
-                              f"this run is complete at {plan.run.uri} (_SUCCESS written) but latest was left "
-                              f"pointing at {other}; rerun to publish a run that includes both") from None

@@ -1,0 +1,51 @@
+"""Seconds and the driver's peak memory per phase of a run (``run.json`` → ``timings_s`` and
+``driver_peak_bytes``), with a log line as each phase ends."""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import time
+
+log = logging.getLogger(__name__)
+
+
+class Clock:
+    """Seconds and the driver's peak memory per phase, for run.json, and a log line as each ends."""
+
+    def __init__(self):
+        self.start = time.perf_counter()
+        self.timings: dict[str, float] = {}
+        self.peak_bytes: dict[str, int] = {}
+
+    @contextlib.contextmanager
+    def phase(self, name: str):
+        _reset_peak_memory()
+        t = time.perf_counter()
+        yield
+        self.timings[name] = round(time.perf_counter() - t, 3)
+        peak = _peak_memory()
+        if peak:
+            self.peak_bytes[name] = peak
+        log.info("phase %s done in %.1fs (driver peak %.0f MiB)", name, self.timings[name], peak / 2**20)
+
+
+def _reset_peak_memory() -> None:
+    """Restart the kernel's peak-RSS counter of this process (Linux; elsewhere a no-op)."""
+    try:
+        with open("/proc/self/clear_refs", "w") as fh:
+            fh.write("5")
+    except OSError:
+        pass
+
+
+def _peak_memory() -> int:
+    """This process's peak RSS since the last reset, in bytes (0 where /proc is missing)."""
+    try:
+        with open("/proc/self/status") as fh:
+            for line in fh:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return 0
