@@ -4,7 +4,8 @@
   function-level imports alike: a function-level import hides a circle, it does not remove it);
 * every resource number a Ray task or actor asks for (``num_cpus=``, ``num_gpus=``, ``memory=``,
   a ``Request(...)``) is written in ``curation/sizing.py`` and nowhere else;
-* one thread constant for training steps (``TRAIN_THREADS``), defined once.
+* one thread constant for training steps (``TRAIN_THREADS``), defined once;
+* no module over ``MAX_LINES`` lines (a module has one job).
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 PACKAGES = ("curation", "benchmarks")
 SIZING = os.path.join("curation", "sizing.py")
 RESOURCE_KEYS = {"num_cpus", "num_gpus", "memory"}
+MAX_LINES = 500
 
 
 def _modules(package: str) -> dict[str, str]:
@@ -164,3 +166,13 @@ def test_one_training_thread_constant():
                 if isinstance(node, ast.Assign) and any(getattr(t, "id", "").endswith("_THREADS") for t in node.targets):
                     defined.append(os.path.relpath(path, ROOT))
     assert defined == [SIZING]
+
+
+def test_no_module_over_the_line_limit():
+    long = {}
+    for package in PACKAGES:
+        for path in _modules(package).values():
+            with open(path, encoding="utf-8") as fh:
+                if (lines := sum(1 for _ in fh)) > MAX_LINES:
+                    long[os.path.relpath(path, ROOT)] = lines
+    assert long == {}
