@@ -33,7 +33,7 @@ def main() -> None:
 
     from curation.stages.decode import decode_image
     from curation.stages.decode_torch import TorchDecoder
-    from curation.testing.decode_agreement import compare_paths, photo_jpeg
+    from testkit.decode_agreement import compare_paths, photo_jpeg
 
     rows = []
     for width, height in ((640, 480), (1600, 1200)):

@@ -145,7 +145,7 @@ def main() -> None:
     sources = [("local", paths[: args.n], None)]
     server = None
     if args.s3:
-        from curation.testing.s3server import S3Server
+        from testkit.s3server import S3Server
 
         server = S3Server()
         endpoint = server.start()

@@ -98,7 +98,7 @@ def to_parquet(x: np.ndarray):
 
     from curation.index.source import VectorParts, parquet_parts
     from curation.io.filesystem import resolve
-    from curation.testing.vectors import write_embeddings
+    from testkit.vectors import write_embeddings
 
     folder = resolve(tempfile.mkdtemp(prefix="knn-bench-"))
     TEMP_FOLDERS.append(folder.path)

@@ -145,7 +145,7 @@ def main() -> None:
     if not args.no_s3:
         from curation.config import StorageConfig
         from curation.io.filesystem import Resolver
-        from curation.testing.s3server import S3Server
+        from testkit.s3server import S3Server
 
         with S3Server() as s3:
             t = time.perf_counter()

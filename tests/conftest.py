@@ -54,7 +54,7 @@ def ray_local():
 
 @pytest.fixture(scope="session")
 def s3():
-    from curation.testing.s3server import S3Server
+    from testkit.s3server import S3Server
 
     server = S3Server()
     endpoint = server.start()

@@ -15,7 +15,7 @@ from PIL import Image
 from curation.io.filesystem import Resolver
 from curation.stages.decode import DecodeStage, jpeg_image_digest
 from curation.stages.jpeg import torch_decodable
-from curation.testing.decode_agreement import compare_paths, photo_jpeg
+from testkit.decode_agreement import compare_paths, photo_jpeg
 
 
 def _encode(image: Image.Image, fmt: str, **kwargs) -> bytes:

@@ -241,7 +241,7 @@ def test_incremental_store_embeds_only_new_and_changed(ray_local, tmp_path):
 
 def test_embeddings_can_be_stored_as_float16(tmp_path):
     from curation.io.filesystem import resolve
-    from curation.testing.vectors import write_embeddings
+    from testkit.vectors import write_embeddings
 
     vectors = np.random.default_rng(0).normal(size=(4, 8)).astype(np.float32)
     vectors /= np.linalg.norm(vectors, axis=1, keepdims=True)

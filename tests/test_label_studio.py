@@ -10,7 +10,7 @@ import pyarrow.parquet as pq
 import pytest
 
 from curation.config import load_config
-from curation.testing.labelstudio import LabelStudioServer
+from testkit.labelstudio import LabelStudioServer
 from tests.conftest import FLIPS, flipped_labels_set
 
 pytestmark = pytest.mark.integration

@@ -15,7 +15,7 @@ import pytest
 from curation.config import load_config
 from curation.demo import demo_config
 from curation.job import run_job
-from curation.testing.faultproxy import FaultProxy
+from testkit.faultproxy import FaultProxy
 from tests.conftest import upload_folder
 from tests.test_faults import assert_same_manifests, manifests
 

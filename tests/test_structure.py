@@ -176,3 +176,11 @@ def test_no_module_over_the_line_limit():
                 if (lines := sum(1 for _ in fh)) > MAX_LINES:
                     long[os.path.relpath(path, ROOT)] = lines
     assert long == {}
+
+
+def test_the_installed_package_holds_no_test_helpers():
+    """Test servers and fault proxies live in ``testkit/`` (outside the package the wheel ships),
+    and the job never imports them."""
+    assert not os.path.exists(os.path.join(ROOT, "curation", "testing"))
+    for path in _modules("curation").values():
+        assert "testkit" not in _imports(path, "x", {"testkit"}), path

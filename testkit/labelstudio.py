@@ -22,7 +22,7 @@ import time
 
 USER_EMAIL = "curator@example.com"
 USER_PASSWORD = "curation-test-password"  # test-only user of a loopback server
-DEFAULT_VENV = os.path.join(os.path.dirname(__file__), "..", "..", ".venv-label-studio")
+DEFAULT_VENV = os.path.join(os.path.dirname(__file__), "..", ".venv-label-studio")
 STARTED = re.compile(r"Starting development server at http://([\d.]+):(\d+)/")
 
 
