@@ -115,13 +115,10 @@ def _shares_change(before: dict[str, float], after: dict[str, float]) -> tuple[d
 
 
 def _js(p: np.ndarray, q: np.ndarray) -> float:
-    mid = 0.5 * (p + q)
+    """Jensen-Shannon divergence (natural log) of two distributions: scipy's distance, squared."""
+    from scipy.spatial.distance import jensenshannon
 
-    def kl(a, b):
-        keep = a > 0
-        return float(np.sum(a[keep] * np.log(a[keep] / b[keep])))
-
-    return 0.5 * kl(p, mid) + 0.5 * kl(q, mid)
+    return float(jensenshannon(p, q) ** 2)
 
 
 def _nearest_old(ids: np.ndarray, x: np.ndarray, queries: np.ndarray, is_new: np.ndarray) -> np.ndarray:
