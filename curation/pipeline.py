@@ -17,6 +17,11 @@ from typing import Iterable
 import numpy as np
 import pyarrow as pa
 import ray
+# Ray internals, each pinned by tests/test_ray_internals.py (which fails when Ray moves them):
+# * ExecutionCallback: the only hook that sees a streaming execution's progress while it runs
+#   (Ray Data's public API reports nothing until a dataset is consumed or written);
+# * StreamingExecutor._topology (in _RayDataProgress): the operators whose finished-task counts
+#   feed the stall watchdog; no public accessor exposes them.
 from ray.data._internal.execution.execution_callback import ExecutionCallback
 from ray.data.block import BlockAccessor
 from ray.data.datasource.datasink import Datasink, WriteResult
@@ -143,7 +148,7 @@ class _RayDataProgress(ExecutionCallback):
         progress.streaming = True
 
     def on_execution_step(self, executor) -> None:
-        topology = getattr(executor, "_topology", None) or {}
+        topology = getattr(executor, "_topology", None) or {}  # internal: see the note at the imports
         finished = sum(getattr(op.metrics, "num_tasks_finished", 0) for op in topology)
         if finished > self.seen:
             progress.tick(finished - self.seen)
