@@ -23,6 +23,7 @@ import numpy as np
 from PIL import Image, ImageDraw, ImageEnhance, ImageFilter
 
 from curation.schema import STATUS_REJECTED
+from curation.scores import declared_flags
 
 log = logging.getLogger(__name__)
 
@@ -252,10 +253,12 @@ def evaluate(truth: dict, samples, selections: dict, images_uri: str) -> list[di
     flagged_dups = set(samples.loc[samples["dup_of"].notna(), "uri"])
     rows[-1]["flagged"] = len(flagged_dups)
     rows[-1]["precision"] = round(len(flagged_dups & planted_dups) / len(flagged_dups), 3) if flagged_dups else None
-    for kind, column in (("dark", "is_dark"), ("bright", "is_bright"), ("blurry", "is_blurry")):
-        planted = {uri(p) for p in truth[kind]}
-        flagged = set(samples.loc[samples[column].fillna(False).astype(bool), "uri"])
-        row(kind, len(planted), len(planted & flagged), planted_set=planted, flagged_set=flagged)
+    for declared in declared_flags("junk"):  # each junk flag the demo planted defects for
+        if declared.key not in truth or declared.column not in samples.columns:
+            continue
+        planted = {uri(p) for p in truth[declared.key]}
+        flagged = set(samples.loc[samples[declared.column].fillna(False).astype(bool), "uri"])
+        row(declared.key, len(planted), len(planted & flagged), planted_set=planted, flagged_set=flagged)
     planted = {uri(p["item"]) for p in truth["flipped_label"]}
     flagged = set(samples.loc[samples["is_suspected_mislabel"].fillna(False).astype(bool), "uri"])
     row("flipped label", len(planted), len(planted & flagged), planted_set=planted, flagged_set=flagged)

@@ -74,3 +74,21 @@ def test_a_new_scores_junk_flag_reaches_every_consumer_with_no_other_edit(tmp_pa
     # the map's junk highlight and the report's gallery
     assert highlight_masks(samples, {}, {})["junk"][smudged].all()
     assert "Junk: smudged" in (run / "report.html").read_text()
+
+
+def test_each_flag_column_is_spelled_only_in_its_score_and_the_schema():
+    """Everything else walks the declarations (the demo's planted-vs-found table included)."""
+    import inspect
+    import os
+
+    root = os.path.dirname(os.path.dirname(os.path.abspath(scores.__file__)))
+    for score in scores.REGISTRY:
+        home = os.path.abspath(inspect.getsourcefile(type(score)))
+        for flag in (f for f in score.flags if f.boolean):
+            spelled = []
+            for folder, _, files in os.walk(os.path.join(root, "curation")):
+                for name in files:
+                    path = os.path.join(folder, name)
+                    if name.endswith(".py") and f'"{flag.column}"' in open(path, encoding="utf-8").read():
+                        spelled.append(os.path.relpath(path, root))
+            assert set(spelled) <= {os.path.relpath(home, root), os.path.join("curation", "schema.py")}, flag.column

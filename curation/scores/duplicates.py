@@ -40,6 +40,7 @@ import pyarrow.compute as pc
 from curation.index.knn import kth_distance
 from curation.scores.base import EVIDENCE_EXAMPLES, REASON_COLUMN, Flag, ScoreContext, evidence_of, masked, nearby, \
     with_evidence
+from curation.scores.junk import LOW_INFORMATION
 
 PHASH_MIN_COSINE = 0.85
 PHASH_MIN_BITS = 12
@@ -188,7 +189,7 @@ class DuplicatesScore:
 
         # Near duplicates from the perceptual hash, guarded by a looser embedding agreement.
         if "phash" in ctx.columns and cfg.near_duplicate_hamming > 0:
-            informative = ~ctx.column("is_low_information")[ok_rows] & np.isfinite(
+            informative = ~ctx.column(LOW_INFORMATION.column)[ok_rows] & np.isfinite(
                 ctx.column("contrast")[ok_rows].astype(np.float64))
             hashes = ctx.column("phash")[ok_rows]
             bits = np.unpackbits(hashes.astype(">i8").view(np.uint8).reshape(-1, 8), axis=1).sum(axis=1)

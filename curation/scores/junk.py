@@ -22,6 +22,10 @@ from curation.scores.base import REASON_COLUMN, Flag, ScoreContext, count_true, 
     one_sided_counts, with_evidence
 
 
+# Declared once; the duplicates score reads this one (a flat image's hash says nothing).
+LOW_INFORMATION = Flag("is_low_information", "junk", "Junk: low information", "contrast", True, ("low_information_std",))
+
+
 class JunkScore:
     name = "junk"
     flags = (
@@ -29,7 +33,7 @@ class JunkScore:
         Flag("is_bright", "junk", "Junk: bright / washed out", "shadows", False,
              ("bright_shadows", "bright_max_range")),
         Flag("is_blurry", "junk", "Junk: blurry", "sharpness", True, ("blurry_sharpness",)),
-        Flag("is_low_information", "junk", "Junk: low information", "contrast", True, ("low_information_std",)),
+        LOW_INFORMATION,
     )
     columns = tuple(f.column for f in flags)
     needs = ()
