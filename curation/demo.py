@@ -24,6 +24,7 @@ from PIL import Image, ImageDraw, ImageEnhance, ImageFilter
 
 from curation.schema import STATUS_REJECTED
 from curation.scores import declared_flags
+from curation.scores.label_quality import SUSPECTED
 
 log = logging.getLogger(__name__)
 
@@ -260,7 +261,7 @@ def evaluate(truth: dict, samples, selections: dict, images_uri: str) -> list[di
         flagged = set(samples.loc[samples[declared.column].fillna(False).astype(bool), "uri"])
         row(declared.key, len(planted), len(planted & flagged), planted_set=planted, flagged_set=flagged)
     planted = {uri(p["item"]) for p in truth["flipped_label"]}
-    flagged = set(samples.loc[samples["is_suspected_mislabel"].fillna(False).astype(bool), "uri"])
+    flagged = set(samples.loc[samples[SUSPECTED.column].fillna(False).astype(bool), "uri"])
     row("flipped label", len(planted), len(planted & flagged), planted_set=planted, flagged_set=flagged)
     review = selections.get("label_review")
     if review is not None:

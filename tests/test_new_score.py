@@ -81,7 +81,7 @@ def test_each_flag_column_is_spelled_only_in_its_score_and_the_schema():
     import inspect
     import os
 
-    root = os.path.dirname(os.path.dirname(os.path.abspath(scores.__file__)))
+    root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(scores.__file__))))
     for score in scores.REGISTRY:
         home = os.path.abspath(inspect.getsourcefile(type(score)))
         for flag in (f for f in score.flags if f.boolean):

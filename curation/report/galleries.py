@@ -15,6 +15,7 @@ import pyarrow.compute as pc
 from curation.report.map import flag
 from curation.schema import is_ok
 from curation import scores
+from curation.scores.label_quality import SUSPECTED
 
 DUPLICATE_GROUP_SIZE = 6  # members shown per duplicate group
 
@@ -72,7 +73,7 @@ def mislabel_gallery(samples: pa.Table, size: int, mislabel=None) -> Gallery:
     shown = _ordered(samples, rows, mislabel.order_by, mislabel.ascending)[:size]
     items = [GalleryItem(r["uri"], [f"{r['label']} \u2192 {r['suggested_label']}",
                                     f"label quality {_fmt(r['label_quality'])}"]) for r in _rows(samples, shown)]
-    key = "mislabels" if mislabel.column == "is_suspected_mislabel" else mislabel.column.removeprefix("is_")
+    key = "mislabels" if mislabel.column == SUSPECTED.column else mislabel.key
     return Gallery(key, mislabel.title, "label \u2192 suggested label, lowest label quality first",
                    [items], len(rows))
 

@@ -116,12 +116,15 @@ def probe_sample_ids(samples: pa.Table) -> np.ndarray:
     return np.sort(stratified_sample(codes[rows], PROBE_SAMPLE, keys=probe_keys(samples, rows)))
 
 
+# The report's main mislabel gallery and the demo's table read this declaration.
+SUSPECTED = Flag("is_suspected_mislabel", "mislabel", "Suspected mislabels", "label_quality", True,
+                 ("label_quality_threshold", "mislabel_min_confidence", "rare_tail_quantile"))
+
+
 class LabelQualityScore:
     name = "label_quality"
-    flags = (Flag("is_suspected_mislabel", "mislabel", "Suspected mislabels", "label_quality", True,
-                  ("label_quality_threshold", "mislabel_min_confidence", "rare_tail_quantile")),
-             Flag("is_disputed", "mislabel", "Disputed corrections", "label_quality", True,
-                  ("dispute_min_confidence",)))
+    flags = (SUSPECTED, Flag("is_disputed", "mislabel", "Disputed corrections", "label_quality", True,
+                             ("dispute_min_confidence",)))
     columns = ("label_quality", "suggested_label", "suggested_confidence", "is_suspected_mislabel", "is_disputed")
     needs = ("sparseness", "dup_group")  # rare items keep their label; a copy never votes for its twin
 
