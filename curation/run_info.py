@@ -99,6 +99,7 @@ class RunInfo:
 
     # ---------------------------------------------------------------------------- building
 
+    # Nine keyword parameters, kept: run.json gathers every phase's record; each arrives by name.
     @classmethod
     def build(cls, *, run_id: str, uri: str, samples: pa.Table, counts: Counts, score_summary: dict[str, dict],
               selections: list[SelectionResult], embedder: dict, knn: dict, config: Config) -> RunInfo:

@@ -393,6 +393,8 @@ def why_not(cfg, previous: Location | None, previous_info: dict, model_id: str, 
     return None
 
 
+# Ten parameters, kept: the graph phase's inputs (the vectors, knn.*, tonight's rows, the
+# previous run and its record, where to save, what to hold in memory) each come from another phase.
 def neighbour_graph(vectors, cfg, *, samples, save_to: Location | None, previous: Location | None,
                     previous_info: dict, model_id: str, folder: str = "knn",
                     index_folder: str = "index", hold: np.ndarray | None = None) -> tuple[KnnGraph, dict, object]:
@@ -403,7 +405,7 @@ def neighbour_graph(vectors, cfg, *, samples, save_to: Location | None, previous
     the shards, the clusters and the drift check read; ``hold``: more ids to read with them, for
     a later phase)."""
     from curation.index.params import IndexParams
-    from curation.index.sharded import index_params, knn_graph, sharded_knn
+    from curation.index.sharded import Incremental, index_params, knn_graph, sharded_knn
     from curation.index.source import CachedVectors, as_source
 
     source = as_source(vectors)
@@ -458,8 +460,8 @@ def neighbour_graph(vectors, cfg, *, samples, save_to: Location | None, previous
 
         def search(queries, width, reverse):
             found, timing = sharded_knn(source, width, params, query_batch=cfg.query_batch, save_to=save_to,
-                                        refine_factor=cfg.refine_factor, trained_from=trained, queries=queries,
-                                        update=shards, reverse=reverse)
+                                        refine_factor=cfg.refine_factor,
+                                        incremental=Incremental(queries, trained, shards, reverse))
             candidates = timing.pop("reverse_candidates", None)
             timings.update(timing)
             return found.ids, found.sims, candidates

@@ -29,6 +29,8 @@ class IndexShard:
             has them, else read from ``source``).
     """
 
+    # An actor's constructor arguments are what Ray replays to rebuild it after a restart: they
+    # stay explicit (10), each a description passed by value.
     def __init__(self, index_bytes: np.ndarray, *, nprobe: int = 0, num_threads: int = 1, use_gpu: bool = False,
                  refine_factor: int = 16, partition: tuple[int, int, int] | None = None, source=None,
                  renumber: np.ndarray | None = None, added: np.ndarray | None = None,

@@ -19,6 +19,7 @@ The driver holds the graph: two ``(N, k)`` arrays, int32 ids and float32 similar
 from __future__ import annotations
 
 import dataclasses
+from dataclasses import dataclass
 import logging
 import time
 
@@ -83,12 +84,35 @@ def index_params(source, cfg: KnnConfig) -> IndexParams:
     return choose_params(source.n, source.dim if source.n else 1, cfg, cpus=ClusterShape.current().cpus)
 
 
+@dataclass(frozen=True)
+class Incremental:
+    """What a night that updates the previous run's index hands the search.
+
+    Attributes:
+        queries: search only these ids (sorted); the graph's rows are then theirs, in this order.
+        trained_from: a trained empty index to reuse (a previous run's ``trained.faissindex``)
+            instead of training one.
+        update: ``(files, new_id_of, added)``: shard i starts from a previous run's filled
+            ``files[i]`` instead of the source, renumbered by ``new_id_of`` (its deleted and
+            changed items dropped), and adds ids ``added[i]`` (see :class:`IndexShard`).
+        reverse: ``(new_ids, threshold, open_rows)``: the shards scan the queries' lists in both
+            directions (:meth:`~curation.index.shard.IndexShard.scan`), and
+            ``timing["reverse_candidates"]`` is ``(rows, candidates, sims)``: the open rows a new
+            item beats the threshold of. None where a shard cannot scan (a quantised codec, a GPU
+            index): those shards are searched.
+    """
+
+    queries: np.ndarray | None = None
+    trained_from: Location | None = None
+    update: tuple[list[Location], np.ndarray, list[np.ndarray]] | None = None
+    reverse: tuple[np.ndarray, np.ndarray, np.ndarray] | None = None
+
+
+# Nine parameters, kept: each is a knob of the search its callers set separately (the job from
+# knn.*, the tests and benchmarks one at a time); the incremental ones travel together.
 def sharded_knn(vectors, k: int, params: IndexParams, *, query_batch: int = 16384,
                 seed: int = 0, save_to: Location | None = None, refine_factor: int = 16,
-                trained_from: Location | None = None, queries: np.ndarray | None = None,
-                update: tuple[list[Location], np.ndarray, list[np.ndarray]] | None = None,
-                target_recall: float = 0.0,
-                reverse: tuple[np.ndarray, np.ndarray, np.ndarray] | None = None) -> tuple[KnnGraph, dict]:
+                target_recall: float = 0.0, incremental: Incremental | None = None) -> tuple[KnnGraph, dict]:
     """Train once on a uniform sample, fill shard actors with contiguous partitions, search every
     query batch on every shard from a Ray task and merge the per-shard top-k with FAISS.
 
@@ -96,98 +120,30 @@ def sharded_knn(vectors, k: int, params: IndexParams, *, query_batch: int = 1638
         vectors: where the vectors are (:class:`~curation.index.source.VectorParts`: shards and
             query tasks read storage themselves), or an in-memory matrix or
             :class:`~curation.index.source.MemoryVectors` (put once in the object store).
-        trained_from: a trained empty index to reuse (a previous run's ``trained.faissindex``)
-            instead of training one.
-        queries: search only these ids (sorted); the graph's rows are then theirs, in this order.
-        update: ``(files, new_id_of, added)``: shard i starts from a previous run's filled
-            ``files[i]`` instead of the source, renumbered by ``new_id_of`` (its deleted and
-            changed items dropped), and adds ids ``added[i]`` (see :class:`IndexShard`).
         target_recall: when training here, choose nprobe as the smallest of ``NPROBE_STEPS`` whose
             recall@k against searching every list reaches this on ``CALIBRATION_QUERIES`` items
             (0: ``params.nprobe`` as given). ``timing["nprobe"]`` is the one searched with.
-        reverse: ``(new_ids, threshold, open_rows)`` (with ``queries``): the shards scan the
-            queries' lists in both directions (:meth:`~curation.index.shard.IndexShard.scan`),
-            and ``timing["reverse_candidates"]`` is ``(rows, candidates, sims)``: the open rows
-            a new item beats the threshold of. None where a shard cannot scan (a quantised
-            codec, a GPU index): those shards are searched.
+        incremental: the previous run's index and the rows to search (:class:`Incremental`).
     """
     import ray
 
-    from curation.io.filesystem import read_bytes
-
+    inc = incremental or Incremental()
     cache = as_source(vectors)  # a CachedVectors serves the query and added vectors from memory
     source = cache.source if isinstance(cache, CachedVectors) else cache
-    n, d = source.n, source.dim
     timing: dict = {}
+    blob, trained, calibration = _trained_index(source, params, inc.trained_from, save_to, seed, target_recall, timing)
     t = time.perf_counter()
-    calibration = None
-    if trained_from is not None:
-        blob = np.frombuffer(read_bytes(trained_from), np.uint8)
-        timing["trained_from"] = trained_from.uri
-    else:
-        # Trained in a Ray task, which fetches its own sample: the driver receives only the
-        # trained, empty index (nlist centroids).
-        request = training_request("the kNN index's training task", TRAIN_THREADS)
-        train = ray.remote(**request.options())(_train)
-        calibrate = CALIBRATION_QUERIES if target_recall > 0 and params.kind == "ivf" else 0
-        blob, timing["coarse_distance"], calibration = ray.get(
-            train.remote(source, params, d, n, seed, request.threads, calibrate))
-        progress.tick()
-        timing["train_s"] = round(time.perf_counter() - t, 3)
-    trained = None
-    if save_to is not None:
-        trained = save_to.child(TRAINED_INDEX)
-        write_bytes(trained, blob.tobytes())
-
-    t = time.perf_counter()
-    request, threads, use_gpu = shard_request(params.shards, ClusterShape.current())
-    # A shard whose process dies is restarted by Ray (on another node when its node is gone)
-    # and refills itself from the source in its constructor. Its searches are retried for as
-    # long as it may come back: a lost node leaves the actor "temporarily unavailable" for the
-    # seconds Ray takes to declare the node dead, and a fixed retry count runs out in that time.
-    # Restarts are bounded; past them every call fails and the run names the shard.
-    actor_cls = ray.remote(**request.options(), max_restarts=SHARD_RESTARTS, max_task_retries=-1)(IndexShard)
-    bounds = np.linspace(0, n, params.shards + 1).astype(np.int64)
-    in_storage = isinstance(source, VectorParts)
     # A restarted shard is rebuilt from its constructor's arguments. In a run they are all
     # descriptions (the trained index's and the vectors' locations in storage), passed by value:
     # nothing for Ray to keep alive in the object store. An in-memory source (tests,
     # benchmarks) travels once through the object store, held by the driver until the search
     # is over, and the query tasks read it from there too.
-    source_ref = source if in_storage else ray.put(source)
-    index_arg = trained if trained is not None else ray.put(blob)
-    if update is None:
-        shards = [actor_cls.remote(index_arg, nprobe=params.nprobe, num_threads=threads, use_gpu=use_gpu,
-                                   refine_factor=refine_factor, partition=(int(lo), int(hi), SOURCE_BATCH),
-                                   source=source_ref)
-                  for lo, hi in zip(bounds[:-1], bounds[1:])]
-    else:
-        files, new_id_of, added = update
-        new_id_ref = ray.put(new_id_of)  # once for every shard
-        # The added vectors from memory when the caller holds them (read once for the search
-        # too), else each shard reads its own from storage.
-        added_x = [ray.put(cache.take(a)) if isinstance(cache, CachedVectors) else None for a in added]
-        shards = [actor_cls.remote(files[i], nprobe=params.nprobe, num_threads=threads, use_gpu=use_gpu,
-                                   refine_factor=refine_factor, source=source_ref,
-                                   renumber=new_id_ref, added=added[i], added_vectors=added_x[i])
-                  for i in range(len(files))]
+    source_ref = source if isinstance(source, VectorParts) else ray.put(source)
+    shards = _start_shards(cache, source_ref, params, trained if trained is not None else ray.put(blob),
+                           refine_factor, inc.update)
     try:
-        if update is None:
-            expected = [int(hi - lo) for lo, hi in zip(bounds[:-1], bounds[1:])]
-            timing["add_from"] = ("storage (each shard streams its partition)" if in_storage
-                                  else "memory (each shard reads its partition from the object store)")
-        else:
-            # Which previous items each file held is known only once it is read: the shards'
-            # first sizes must hold every vector once; later checks compare against them.
-            expected = _shard_call([shard.size.remote() for shard in shards], "the update")
-            if sum(expected) != n:
-                raise ShardLost(f"the previous run's index shards hold {sum(expected)} of tonight's {n} vectors "
-                                f"once renumbered")
-            timing["add_from"] = (f"the previous run's {len(files)} filled shard(s), renumbered; "
-                                  f"{sum(len(a) for a in added)} new or changed vectors added")
-        _check_shards(shards, expected, "after filling")
+        expected = _filled_sizes(shards, source, params, inc.update, timing)
         timing["add_s"] = round(time.perf_counter() - t, 3)
-        timing["shard_sizes"] = expected
         if calibration is not None:
             t = time.perf_counter()
             nprobe, recalls = calibrate_nprobe(shards, *calibration, k, params.nlist, target_recall)
@@ -195,60 +151,7 @@ def sharded_knn(vectors, k: int, params: IndexParams, *, query_batch: int = 1638
             timing["nprobe_calibration"] = {"target_recall": target_recall, "queries": len(calibration[0]),
                                             "recall_at": recalls, "s": round(time.perf_counter() - t, 3)}
         timing["nprobe"] = params.nprobe
-
-        t = time.perf_counter()
-        rows = n if queries is None else len(queries)
-        ids = np.full((rows, k), -1, id_dtype(n))
-        sims = np.full((rows, k), -np.inf, np.float32)
-        search_k = min(k + 1, n)
-        # Query tasks reserve no CPU: they mostly wait on the shards, which hold the CPUs.
-        pending: list = []
-        done_rows = 0
-        scanning = False
-        # Generators: each task is submitted only when fewer than QUERY_TASKS_IN_FLIGHT run.
-        if queries is None:
-            # One task per range of whole row groups (each read once), searched query_batch rows at a time.
-            query = ray.remote(**WAITING.options())(_query_batch)
-            jobs = ((start, stop, query.remote(source_ref, start, stop, shards, search_k, k, query_batch, params.nprobe))
-                    for start, stop in source.ranges(query_batch))
-        elif reverse is not None and all(_shard_call([shard.can_scan.remote() for shard in shards], "the scan check")):
-            # Both directions in one scan of the probed lists; the vectors from the caller's
-            # memory when it holds them (the task reads them otherwise).
-            is_new = np.isin(queries, reverse[0])
-            shared = [ray.put(np.asarray(reverse[1], np.float32)), ray.put(np.asarray(reverse[2], bool))]
-            query = ray.remote(**WAITING.options())(_scan_vectors)
-            jobs = ((start, min(start + query_batch, rows),
-                     query.remote(queries[start:start + query_batch],
-                                  cache.take(queries[start:start + query_batch]) if isinstance(cache, CachedVectors)
-                                  else None, source_ref, shards, search_k, k, params.nprobe,
-                                  is_new[start:start + query_batch], shared))
-                    for start in range(0, rows, query_batch))
-            scanning = True
-        elif isinstance(cache, CachedVectors):  # the given ids, their vectors from the caller's memory
-            query = ray.remote(**WAITING.options())(_query_vectors)
-            jobs = ((start, min(start + query_batch, rows),
-                     query.remote(queries[start:start + query_batch], cache.take(queries[start:start + query_batch]),
-                                  shards, search_k, k, params.nprobe))
-                    for start in range(0, rows, query_batch))
-        else:  # the given ids, query_batch at a time (each task reads just its rows)
-            query = ray.remote(**WAITING.options())(_query_ids)
-            jobs = ((start, min(start + query_batch, rows),
-                     query.remote(source_ref, queries[start:start + query_batch], shards, search_k, k, params.nprobe))
-                    for start in range(0, rows, query_batch))
-        found_reverse = [] if scanning else None
-        for job in jobs:
-            pending.append(job)
-            if len(pending) >= QUERY_TASKS_IN_FLIGHT:
-                done_rows += _collect(pending.pop(0), ids, sims, found_reverse)
-                log.info("kNN search: %d / %d items (%.0f s)", done_rows, rows, time.perf_counter() - t)
-        while pending:
-            done_rows += _collect(pending.pop(0), ids, sims, found_reverse)
-        timing["search_s"] = round(time.perf_counter() - t, 3)
-        timing["searched"] = rows
-        if reverse is not None:
-            timing["scanned_both_ways"] = found_reverse is not None
-            timing["reverse_candidates"] = (tuple(np.concatenate(c) for c in zip(*found_reverse))
-                                            if found_reverse else None)
+        ids, sims = _search(shards, cache, source_ref, k, params, query_batch, inc, timing)
         _check_shards(shards, expected, "after the search")
         timing["shard_peak_rss_bytes"] = ray.get([shard.memory_bytes.remote() for shard in shards])
         timing["shard_private_bytes"] = ray.get([shard.private_bytes.remote() for shard in shards])
@@ -261,6 +164,159 @@ def sharded_knn(vectors, k: int, params: IndexParams, *, query_batch: int = 1638
         for shard in shards:
             ray.kill(shard)
     return KnnGraph(ids, sims), timing
+
+
+def _trained_index(source, params: IndexParams, trained_from: Location | None, save_to: Location | None, seed: int,
+                   target_recall: float, timing: dict):
+    """The trained empty index (serialised), where it was saved (None when not saved) and the
+    nprobe calibration sample (None when not calibrating). Trained in a Ray task, which fetches
+    its own sample: the driver receives only the trained, empty index (nlist centroids)."""
+    import ray
+
+    from curation.io.filesystem import read_bytes
+
+    calibration = None
+    t = time.perf_counter()
+    if trained_from is not None:
+        blob = np.frombuffer(read_bytes(trained_from), np.uint8)
+        timing["trained_from"] = trained_from.uri
+    else:
+        request = training_request("the kNN index's training task", TRAIN_THREADS)
+        train = ray.remote(**request.options())(_train)
+        calibrate = CALIBRATION_QUERIES if target_recall > 0 and params.kind == "ivf" else 0
+        blob, timing["coarse_distance"], calibration = ray.get(
+            train.remote(source, params, source.dim, source.n, seed, request.threads, calibrate))
+        progress.tick()
+        timing["train_s"] = round(time.perf_counter() - t, 3)
+    trained = None
+    if save_to is not None:
+        trained = save_to.child(TRAINED_INDEX)
+        write_bytes(trained, blob.tobytes())
+    return blob, trained, calibration
+
+
+def _start_shards(cache, source_ref, params: IndexParams, index_arg, refine_factor: int, update) -> list:
+    """The shard actors, each filling itself: from its contiguous partition of the source, or
+    (``update``) from a previous run's filled shard, renumbered, plus the vectors added.
+
+    A shard whose process dies is restarted by Ray (on another node when its node is gone) and
+    refills itself from the source in its constructor. Its searches are retried for as long as
+    it may come back: a lost node leaves the actor "temporarily unavailable" for the seconds Ray
+    takes to declare the node dead, and a fixed retry count runs out in that time. Restarts are
+    bounded; past them every call fails and the run names the shard."""
+    import ray
+
+    request, threads, use_gpu = shard_request(params.shards, ClusterShape.current())
+    actor_cls = ray.remote(**request.options(), max_restarts=SHARD_RESTARTS, max_task_retries=-1)(IndexShard)
+    common = {"nprobe": params.nprobe, "num_threads": threads, "use_gpu": use_gpu, "refine_factor": refine_factor,
+              "source": source_ref}
+    if update is None:
+        n = (cache.source if isinstance(cache, CachedVectors) else cache).n
+        bounds = np.linspace(0, n, params.shards + 1).astype(np.int64)
+        return [actor_cls.remote(index_arg, partition=(int(lo), int(hi), SOURCE_BATCH), **common)
+                for lo, hi in zip(bounds[:-1], bounds[1:])]
+    files, new_id_of, added = update
+    new_id_ref = ray.put(new_id_of)  # once for every shard
+    # The added vectors from memory when the caller holds them (read once for the search too),
+    # else each shard reads its own from storage.
+    added_x = [ray.put(cache.take(a)) if isinstance(cache, CachedVectors) else None for a in added]
+    return [actor_cls.remote(files[i], renumber=new_id_ref, added=added[i], added_vectors=added_x[i], **common)
+            for i in range(len(files))]
+
+
+def _filled_sizes(shards: list, source, params: IndexParams, update, timing: dict) -> list[int]:
+    """What each shard must hold (checked now, and again after the search)."""
+    n = source.n
+    if update is None:
+        bounds = np.linspace(0, n, params.shards + 1).astype(np.int64)
+        expected = [int(hi - lo) for lo, hi in zip(bounds[:-1], bounds[1:])]
+        timing["add_from"] = ("storage (each shard streams its partition)" if isinstance(source, VectorParts)
+                              else "memory (each shard reads its partition from the object store)")
+    else:
+        # Which previous items each file held is known only once it is read: the shards' first
+        # sizes must hold every vector once; later checks compare against them.
+        expected = _shard_call([shard.size.remote() for shard in shards], "the update")
+        if sum(expected) != n:
+            raise ShardLost(f"the previous run's index shards hold {sum(expected)} of tonight's {n} vectors "
+                            f"once renumbered")
+        files, _, added = update
+        timing["add_from"] = (f"the previous run's {len(files)} filled shard(s), renumbered; "
+                              f"{sum(len(a) for a in added)} new or changed vectors added")
+    _check_shards(shards, expected, "after filling")
+    timing["shard_sizes"] = expected
+    return expected
+
+
+def _search(shards: list, cache, source_ref, k: int, params: IndexParams, query_batch: int, inc: Incremental,
+            timing: dict) -> tuple[np.ndarray, np.ndarray]:
+    """Every query batch searched on every shard by Ray tasks (at most ``QUERY_TASKS_IN_FLIGHT``
+    at once), merged into the graph's rows."""
+    t = time.perf_counter()
+    n = (cache.source if isinstance(cache, CachedVectors) else cache).n
+    rows = n if inc.queries is None else len(inc.queries)
+    ids = np.full((rows, k), -1, id_dtype(n))
+    sims = np.full((rows, k), -np.inf, np.float32)
+    jobs, scanning = _query_jobs(shards, cache, source_ref, k, min(k + 1, n), params, query_batch, inc)
+    found_reverse = [] if scanning else None
+    pending: list = []
+    done_rows = 0
+    for job in jobs:
+        pending.append(job)
+        if len(pending) >= QUERY_TASKS_IN_FLIGHT:
+            done_rows += _collect(pending.pop(0), ids, sims, found_reverse)
+            log.info("kNN search: %d / %d items (%.0f s)", done_rows, rows, time.perf_counter() - t)
+    while pending:
+        done_rows += _collect(pending.pop(0), ids, sims, found_reverse)
+    timing["search_s"] = round(time.perf_counter() - t, 3)
+    timing["searched"] = rows
+    if inc.reverse is not None:
+        timing["scanned_both_ways"] = found_reverse is not None
+        timing["reverse_candidates"] = (tuple(np.concatenate(c) for c in zip(*found_reverse))
+                                        if found_reverse else None)
+    return ids, sims
+
+
+def _query_jobs(shards: list, cache, source_ref, k: int, search_k: int, params: IndexParams, query_batch: int,
+                inc: Incremental):
+    """``((start, stop, ref) ...)``, a generator (each task is submitted only when fewer than
+    ``QUERY_TASKS_IN_FLIGHT`` run), and whether the tasks scan both ways. Query tasks reserve no
+    CPU: they mostly wait on the shards, which hold the CPUs. Four strategies:
+
+    * every row: one task per range of whole row groups (each read once), searched
+      ``query_batch`` rows at a time;
+    * the given ids, both directions in one scan of the probed lists (``inc.reverse``, when
+      every shard can scan), their vectors from the caller's memory when it holds them;
+    * the given ids, their vectors from the caller's memory;
+    * the given ids, each task reading just its rows."""
+    import ray
+
+    queries = inc.queries
+    if queries is None:
+        query = ray.remote(**WAITING.options())(_query_batch)
+        source = cache.source if isinstance(cache, CachedVectors) else cache
+        return ((start, stop, query.remote(source_ref, start, stop, shards, search_k, k, query_batch, params.nprobe))
+                for start, stop in source.ranges(query_batch)), False
+    rows = len(queries)
+    batches = range(0, rows, query_batch)
+    cached = isinstance(cache, CachedVectors)
+    if inc.reverse is not None and all(_shard_call([shard.can_scan.remote() for shard in shards], "the scan check")):
+        is_new = np.isin(queries, inc.reverse[0])
+        shared = [ray.put(np.asarray(inc.reverse[1], np.float32)), ray.put(np.asarray(inc.reverse[2], bool))]
+        query = ray.remote(**WAITING.options())(_scan_vectors)
+        return ((s, min(s + query_batch, rows),
+                 query.remote(queries[s:s + query_batch], cache.take(queries[s:s + query_batch]) if cached else None,
+                              source_ref, shards, search_k, k, params.nprobe, is_new[s:s + query_batch], shared))
+                for s in batches), True
+    if cached:
+        query = ray.remote(**WAITING.options())(_query_vectors)
+        return ((s, min(s + query_batch, rows),
+                 query.remote(queries[s:s + query_batch], cache.take(queries[s:s + query_batch]), shards, search_k, k,
+                              params.nprobe))
+                for s in batches), False
+    query = ray.remote(**WAITING.options())(_query_ids)
+    return ((s, min(s + query_batch, rows),
+             query.remote(source_ref, queries[s:s + query_batch], shards, search_k, k, params.nprobe))
+            for s in batches), False
 
 
 class ShardLost(RuntimeError):
@@ -385,6 +441,7 @@ def _query_vectors(own: np.ndarray, queries: np.ndarray, shards: list, search_k:
     return ids, sims
 
 
+# A Ray task's arguments are its whole interface (they travel by value): kept flat (9).
 def _scan_vectors(own: np.ndarray, queries: np.ndarray | None, source, shards: list, search_k: int, k: int,
                   nprobe: int, is_new: np.ndarray, shared: list) -> tuple[np.ndarray, np.ndarray, tuple]:
     """The given ids, run as a Ray task: every shard scans their lists both ways

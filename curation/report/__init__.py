@@ -51,6 +51,7 @@ def thumbnail_order(samples: pa.Table, galleries: list[Gallery], masks: dict[str
     return list(wanted)[:cap]
 
 
+# Nine parameters, kept: the report reads every earlier phase's result; each arrives by name.
 def prepare_report(samples: pa.Table, vectors, selections: list, config: Config,
                    resolver: Resolver, *, leakage: pa.Table | None = None,
                    drift: pa.Table | None = None, score_summary: dict | None = None,

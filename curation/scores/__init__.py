@@ -107,6 +107,7 @@ def _one_array(values) -> pa.Array:
     return values.combine_chunks() if isinstance(values, pa.ChunkedArray) else values
 
 
+# Ten parameters, kept: what every score may read (the ScoreContext's fields) arrives here once.
 def run_scores(samples: pa.Table, vectors, knn_ok: KnnGraph, config: ScoresConfig,
                *, registry: tuple[Score, ...] | None = None, budget: int | None = None,
                copies=None, copy_knn: KnnGraph | None = None, previous=None,

@@ -215,6 +215,7 @@ def _dense(classes: np.ndarray, p: np.ndarray, n_classes: int) -> np.ndarray:
     return out
 
 
+# Nine parameters, kept: the in-process twin of train_probe_in_tasks, with the same arguments.
 def train_probe(source, sample_ids: np.ndarray, labels: np.ndarray, n_classes: int,
                 threads: int = 1, regularisation: tuple[float, ...] = REGULARISATION_C,
                 keys: np.ndarray | None = None, previous: ProbeState | None = None,
@@ -260,6 +261,7 @@ def _standardised_sample(source, sample_ids: np.ndarray) -> tuple[np.ndarray, np
     return (x - mean) / scale, mean, scale
 
 
+# One Ray task per fit: its arguments are its whole interface (they travel by value): kept flat (9).
 def _fit_one(z: np.ndarray, labels: np.ndarray, folds: np.ndarray, fold: int, c: float, n_classes: int,
              backend: str = "sklearn", threads: int = 1, start=None):
     """Fold ``fold``'s out-of-sample probabilities and model (fitted on the other folds; None
