@@ -25,8 +25,8 @@ from typing import Any, Callable, Iterator, Sequence
 
 from curation.config import Config
 from curation.index.params import choose_params
-from curation.sizing import (ONE_CPU, WAITING, ClusterError, ClusterShape, Request, shard_request, stage_requests,
-                             training_request)
+from curation.sizing import (ONE_CPU, WAITING, ClusterError, ClusterShape, Request, run_cluster, shard_request,
+                             stage_requests, training_request)
 
 log = logging.getLogger(__name__)
 
@@ -62,7 +62,7 @@ def ray_session(config: Config, *, needed: bool = True) -> Iterator[bool]:
     import ray
 
     if ray.is_initialized():
-        with watch_for_stalls(config):
+        with run_cluster(config.cluster), watch_for_stalls(config):
             yield True
         return
     address = os.environ.get("RAY_ADDRESS")
@@ -82,7 +82,7 @@ def ray_session(config: Config, *, needed: bool = True) -> Iterator[bool]:
     # every finally): a watchdog process kills what is left of it then.
     reaper = None if address else _start_reaper()
     try:
-        with watch_for_stalls(config):
+        with run_cluster(config.cluster), watch_for_stalls(config):
             yield True
     finally:
         ray.shutdown()

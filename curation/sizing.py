@@ -15,13 +15,29 @@ Every ``num_cpus=``/``num_gpus=``/``memory=`` the job passes to Ray comes from h
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
+from typing import Iterator
 from dataclasses import dataclass
 
 from curation.config import ClusterConfig, EmbedderConfig
 
 log = logging.getLogger(__name__)
+
+_RUN_CLUSTER: list[ClusterConfig] = []  # the running job's cluster keys (see run_cluster)
+
+
+@contextlib.contextmanager
+def run_cluster(cluster: ClusterConfig) -> Iterator[None]:
+    """Within the body, every :meth:`ClusterShape.current` sizes under the job's ``cluster.*``
+    keys (``ray_session`` holds it for the run), however deep the step that asks."""
+    _RUN_CLUSTER.append(cluster)
+    try:
+        yield
+    finally:
+        _RUN_CLUSTER.pop()
+
 
 TRAIN_THREADS = 8  # CPUs a training step asks for (capped at one node's by training_request)
 # One batch of decoded images and PIL's working set, over the worker's libraries: Ray Data
@@ -100,8 +116,11 @@ class ClusterShape:
 
     @classmethod
     def current(cls, cluster: ClusterConfig | None = None) -> "ClusterShape":
-        """From Ray's alive nodes and autoscaler config (without Ray: this machine)."""
+        """From Ray's alive nodes and autoscaler config (without Ray: this machine), under
+        ``cluster`` (default: the running job's ``cluster`` keys, see :func:`run_cluster`)."""
         import ray
+
+        cluster = cluster or (_RUN_CLUSTER[-1] if _RUN_CLUSTER else None)
 
         if not ray.is_initialized():
             return cls.single(os.cpu_count() or 1)

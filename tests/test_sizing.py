@@ -100,3 +100,20 @@ def test_shard_count():
     assert shard_count(0, 1_000_000, 16) == 8
     assert shard_count(3, 1_000_000, 2) == 3
     assert shard_count(0, 1, 16) == 1
+
+
+def test_within_a_run_every_shape_is_read_under_the_runs_cluster_keys(monkeypatch):
+    """A step deep in the job (an index shard, the map's task) asks ClusterShape.current() with
+    no config: it still sees the run's cluster.max_node_* (ray_session holds them)."""
+    import ray
+
+    from curation import sizing
+
+    monkeypatch.setattr(ray, "is_initialized", lambda: True)
+    monkeypatch.setattr(ray, "nodes", lambda: [{"Alive": True, "Resources": {"CPU": 2.0}}])
+    monkeypatch.setattr(sizing, "_autoscaler_node_groups", lambda: [])
+    assert not sizing.ClusterShape.current().may_grow
+    with sizing.run_cluster(ClusterConfig(max_node_cpus=16, max_node_gpus=1)):
+        shape = sizing.ClusterShape.current()
+        assert shape.may_grow and shape.has_gpus
+    assert not sizing.ClusterShape.current().may_grow
