@@ -7,7 +7,8 @@ import contextlib
 import logging
 import time
 
-log = logging.getLogger(__name__)
+# The phase lines are the job's: operators (and tests) look for "curation.job: phase ... done".
+log = logging.getLogger("curation.job")
 
 
 class Clock:

@@ -139,8 +139,10 @@ def sharded_knn(vectors, k: int, params: IndexParams, *, query_batch: int = 1638
     # benchmarks) travels once through the object store, held by the driver until the search
     # is over, and the query tasks read it from there too.
     source_ref = source if isinstance(source, VectorParts) else ray.put(source)
-    shards = _start_shards(cache, source_ref, params, trained if trained is not None else ray.put(blob),
-                           refine_factor, inc.update)
+    index_arg = trained if trained is not None or inc.update is not None else ray.put(blob)
+    # The objects the shards' constructors name stay referenced here until the search is over:
+    # a shard restarted after a lost node is rebuilt from them.
+    shards, held = _start_shards(cache, source_ref, params, index_arg, refine_factor, inc.update)
     try:
         expected = _filled_sizes(shards, source, params, inc.update, timing)
         timing["add_s"] = round(time.perf_counter() - t, 3)
@@ -163,6 +165,7 @@ def sharded_knn(vectors, k: int, params: IndexParams, *, query_batch: int = 1638
     finally:  # a failed search must not leave shard actors holding the cluster's CPUs
         for shard in shards:
             ray.kill(shard)
+        del held, index_arg, source_ref  # only now may Ray drop what the constructors named
     return KnnGraph(ids, sims), timing
 
 
@@ -195,7 +198,7 @@ def _trained_index(source, params: IndexParams, trained_from: Location | None, s
     return blob, trained, calibration
 
 
-def _start_shards(cache, source_ref, params: IndexParams, index_arg, refine_factor: int, update) -> list:
+def _start_shards(cache, source_ref, params: IndexParams, index_arg, refine_factor: int, update) -> tuple[list, list]:
     """The shard actors, each filling itself: from its contiguous partition of the source, or
     (``update``) from a previous run's filled shard, renumbered, plus the vectors added.
 
@@ -203,7 +206,8 @@ def _start_shards(cache, source_ref, params: IndexParams, index_arg, refine_fact
     refills itself from the source in its constructor. Its searches are retried for as long as
     it may come back: a lost node leaves the actor "temporarily unavailable" for the seconds Ray
     takes to declare the node dead, and a fixed retry count runs out in that time. Restarts are
-    bounded; past them every call fails and the run names the shard."""
+    bounded; past them every call fails and the run names the shard. Returns the actors and the
+    object refs their constructors name, which the caller holds while the actors live."""
     import ray
 
     request, threads, use_gpu = shard_request(params.shards, ClusterShape.current())
@@ -214,14 +218,14 @@ def _start_shards(cache, source_ref, params: IndexParams, index_arg, refine_fact
         n = (cache.source if isinstance(cache, CachedVectors) else cache).n
         bounds = np.linspace(0, n, params.shards + 1).astype(np.int64)
         return [actor_cls.remote(index_arg, partition=(int(lo), int(hi), SOURCE_BATCH), **common)
-                for lo, hi in zip(bounds[:-1], bounds[1:])]
+                for lo, hi in zip(bounds[:-1], bounds[1:])], []
     files, new_id_of, added = update
     new_id_ref = ray.put(new_id_of)  # once for every shard
     # The added vectors from memory when the caller holds them (read once for the search too),
     # else each shard reads its own from storage.
     added_x = [ray.put(cache.take(a)) if isinstance(cache, CachedVectors) else None for a in added]
     return [actor_cls.remote(files[i], renumber=new_id_ref, added=added[i], added_vectors=added_x[i], **common)
-            for i in range(len(files))]
+            for i in range(len(files))], [new_id_ref, *added_x]
 
 
 def _filled_sizes(shards: list, source, params: IndexParams, update, timing: dict) -> list[int]:
