@@ -171,6 +171,40 @@ def load_config(path: str | os.PathLike | None = None, *, overrides: list[str] |
     return config
 
 
+def recorded_config(data: Any) -> Config:
+    """The typed :class:`Config` a published run recorded (``run.json`` → ``config``), for the
+    readers of that run (``curation similar``, the next night): its values where this version
+    still has the key, the defaults elsewhere. A key this version no longer has is dropped, a
+    section that no longer loads takes its defaults (an older run still reads), and redacted
+    secrets stay ``"***"``; cross-field validation is not repeated (the run validated it)."""
+    recorded = _known_keys(Config, data if isinstance(data, dict) else {})
+    defaults = dataclasses.asdict(Config())
+    try:
+        return _build(Config, _deep_merge(defaults, recorded), "")
+    except ConfigError:
+        pass
+    sections = {}
+    for name, value in recorded.items():  # one section at a time: the ones that load keep their values
+        try:
+            _build(Config, _deep_merge(defaults, {name: value}), "")
+            sections[name] = value
+        except ConfigError:
+            continue
+    return _build(Config, _deep_merge(defaults, sections), "")
+
+
+def _known_keys(cls: type, data: dict) -> dict:
+    """``data`` without the keys ``cls`` (a config dataclass, recursively) does not have."""
+    hints = typing.get_type_hints(cls)
+    out = {}
+    for f in dataclasses.fields(cls):
+        if f.name not in data:
+            continue
+        value, tp = data[f.name], hints[f.name]
+        out[f.name] = _known_keys(tp, value) if dataclasses.is_dataclass(tp) and isinstance(value, dict) else value
+    return out
+
+
 # Config keys holding a path or URI; a relative local path in a config file is relative to the
 # file's own folder (or S3 prefix), so a config shipped with `--working-dir` means the same
 # wherever the job runs.

@@ -20,7 +20,7 @@ from functools import cached_property
 import pyarrow as pa
 import pyarrow.fs as pafs
 
-from curation.config import is_run_id
+from curation.config import Config, is_run_id, recorded_config
 from curation.io.filesystem import Location, read_bytes
 from curation.run_layout import (CORRECTIONS_FILE, LATEST, PROBE_FILE, SUCCESS,  # noqa: F401 (public here too)
                                  TRAINED_INDEX, shard_file)
@@ -113,6 +113,12 @@ class PublishedRun:
     def info(self) -> RunInfo:
         """Its ``run.json`` (``ValueError`` naming the file when it cannot be read)."""
         return RunInfo.read(self.location)
+
+    @cached_property
+    def config(self) -> Config:
+        """The config the run recorded, typed (:func:`~curation.config.recorded_config`): readers
+        take its values and defaults from here, never restate them."""
+        return recorded_config(self.info.config)
 
     def info_or_none(self) -> RunInfo | None:
         """Its ``run.json``, or None when it cannot be read (the next night then builds afresh)."""

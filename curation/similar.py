@@ -66,6 +66,7 @@ class RunSearch:
         if published is None:
             raise SimilarError(f"--run {run}: no published run there (no _SUCCESS, and no latest naming one)")
         self.run = published.location
+        self.published = published
         self.info = published.info
         self.space = space
         knn = self.info.knn if space == "embedding" else (self.info.knn.get("copies") or {})
@@ -136,7 +137,7 @@ class RunSearch:
             self._bounds = np.concatenate([[0], np.cumsum(sizes)]).astype(np.int64) if sizes else None
             self._holds_vectors = self._bounds is not None and knn.get("codec") in ("flat", "pq-fastscan")
             folder = self.resolver.resolve(saved)
-            refine = float((self.info.config.get("knn") or {}).get("refine_factor") or 16)
+            refine = float(self.published.config.knn.refine_factor)
             for i in range(shards):
                 index = load_index(shard_file(folder, i))
                 if isinstance(index, faiss.IndexRefine):

@@ -56,3 +56,23 @@ def test_the_closing_screen_reads_the_typed_record():
     assert "flags: is_exact_duplicate 3\n" in text  # zero counts left out
     assert "selections: clean 7 (of 8 eligible)" in text
     assert "time: ingest 1.5s\n" in text  # per-score timings and the total are not phases
+
+
+def test_a_recorded_config_reads_back_typed_with_defaults_for_what_it_lacks():
+    """Readers of a published run (similar, the next night) take the run's settings from its
+    typed config, never restating a default: a key this version no longer has is dropped, a
+    section that no longer loads takes its defaults, redacted secrets stay redacted."""
+    from curation.config import Config, load_config, recorded_config
+
+    config = load_config(data={"input": {"embeddings": "/x.parquet"}, "output": {"uri": "/out"},
+                               "embedder": {"image_size": 96}, "knn": {"refine_factor": 4},
+                               "storage": {"secret_access_key": "s3cr3t"}})
+    recorded = config.to_dict(redact=True)
+    recorded["embedder"]["renamed_long_ago"] = 1  # an older version's key
+    recorded["report"] = {"map_method": "tsne"}  # a value this version refuses: its section's defaults
+    del recorded["decode"]  # a section an older run did not record
+    back = recorded_config(recorded)
+    assert back.embedder.image_size == 96 and back.knn.refine_factor == 4
+    assert back.decode == Config().decode and back.report == Config().report
+    assert back.storage.secret_access_key == "***"
+    assert back.input.embeddings == "/x.parquet"

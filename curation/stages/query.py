@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import numpy as np
 
+from curation.config import recorded_config
 from curation.io.filesystem import Resolver
 from curation.run_info import RunInfo
 from curation.schema import is_ok
@@ -23,12 +24,10 @@ def embed_images(images: list[str], info: RunInfo, *, space: str, resolver: Reso
     """``(len(images), d)`` unit vectors of ``images`` in ``space`` (``embedding`` or ``copy``)."""
     from curation.stages.decode import DecodeStage
 
-    config = info.config
-    embedder, decode = config.get("embedder") or {}, config.get("decode") or {}
-    image_size = int(embedder.get("image_size") or 224)
-    stage = DecodeStage(resolver=resolver, image_size=image_size,
-                        max_pixels=int(decode.get("max_pixels") or 100_000_000),
-                        background=tuple(decode.get("background") or (255, 255, 255)))
+    config = recorded_config(info.config)  # the run's own settings, typed (defaults where it had none)
+    embedder, decode = config.embedder, config.decode
+    stage = DecodeStage(resolver=resolver, image_size=embedder.image_size, max_pixels=decode.max_pixels,
+                        background=tuple(decode.background))
     uris = [resolver.resolve(image).uri for image in images]
     batch = stage({"uri": np.array(uris, dtype=object)})
     ok = is_ok(batch["status"])
@@ -39,12 +38,12 @@ def embed_images(images: list[str], info: RunInfo, *, space: str, resolver: Reso
         return _as_stored(np.asarray(batch["copy_vector"], np.float32), "float16")
     from curation.stages.embed import EmbedStage
 
-    model = EmbedStage(model=str(embedder.get("model")), weights=str(embedder.get("weights")),
-                       image_size=image_size, device="cpu", resolver=resolver)
+    model = EmbedStage(model=embedder.model, weights=embedder.weights, image_size=embedder.image_size, device="cpu",
+                       resolver=resolver)
     if model.identity.model_id != info.model_id:
         raise QueryImageError(f"the run was embedded with {info.model_id!r} but this install loads "
                               f"{model.identity.model_id!r} from its config: the query cannot be embedded the same way")
-    return _as_stored(model.embed(batch["pixels"]), str(embedder.get("store_dtype") or "float32"))
+    return _as_stored(model.embed(batch["pixels"]), embedder.store_dtype)
 
 
 def _as_stored(x: np.ndarray, dtype: str) -> np.ndarray:
