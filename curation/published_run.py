@@ -173,8 +173,3 @@ class PublishedRun:
     @property
     def corrections_file(self) -> Location:
         return self.child(CORRECTIONS_FILE)
-
-    def index_shards(self, folder: str = "index") -> list[Location]:
-        """Its saved FAISS shards, as its ``run.json`` counts them."""
-        knn = self.info.knn if folder == "index" else (self.info.knn.get("copies") or {})
-        return [shard_file(self.child(folder), i) for i in range(int(knn.get("shards") or 0))]
