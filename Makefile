@@ -46,10 +46,10 @@ demo: $(STAMP)
 	$(VENV)/bin/curation demo --out demo-output
 
 # Two worker processes, whole files each (a file's module fixtures -- one job run shared by its
-# tests -- stay in one process; groups in tests/conftest.py); each worker has its own local Ray
-# and S3 server.
+# tests -- stay in one process), the longest files first (tests/conftest.py orders them; xdist
+# keeps that order with --no-loadscope-reorder); each worker has its own local Ray and S3 server.
 test: $(STAMP) browser $(LS_STAMP)
-	$(VENV)/bin/python -m pytest -q -n 2 --dist loadgroup
+	$(VENV)/bin/python -m pytest -q -n 2 --dist loadfile --no-loadscope-reorder
 
 # The quick loop: everything but the `integration` tests (real Ray, the S3 server, subprocesses,
 # the browser); about a minute.
