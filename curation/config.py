@@ -10,17 +10,14 @@ scalars, so ``true``, ``0.9`` and ``[a, b]`` arrive typed.
 
 from __future__ import annotations
 
-import dataclasses
-import math
 import os
 import re
-import types
-import typing
 from typing import Any
 
 import yaml
+from pydantic import BaseModel, ValidationError
 
-from curation.config_fields import ConfigError, _check_field, _NotFinite, choice, ranged  # noqa: F401 (re-exported)
+from curation.config_fields import ConfigError, Section, Text, config_error, ranged  # noqa: F401 (re-exported)
 from curation.config_sections import (  # noqa: F401 (the sections are public here too)
     ClusterConfig, Config, DecodeConfig, DriftConfig, EmbedderConfig, InputConfig, KnnConfig, MAP_METHODS,
     OutputConfig, RayConfig, ReportConfig, ScoresConfig, SELECTION_MODES, SelectionConfig, StoreConfig)
@@ -28,73 +25,14 @@ from curation.io.filesystem import (  # noqa: F401 (StorageConfig: public here t
     Resolver, StorageConfig, StorageError, read_bytes)
 
 
-# ---------------------------------------------------------------- building from plain data
-
-
-def _type_name(tp: Any) -> str:
-    return getattr(tp, "__name__", str(tp)).replace("NoneType", "null")
-
-
-def _coerce(value: Any, tp: Any, key: str) -> Any:
-    origin = typing.get_origin(tp)
-    if origin in (typing.Union, types.UnionType):
-        args = typing.get_args(tp)
-        if value is None and type(None) in args:
-            return None
-        for arg in args:
-            if arg is type(None):
-                continue
-            try:
-                return _coerce(value, arg, key)
-            except _NotFinite:
-                raise
-            except ConfigError:
-                continue
-        raise ConfigError(f"config key '{key}': expected {' or '.join(_type_name(a) for a in args)}, got {value!r}")
-    if origin is list:
-        (item_tp,) = typing.get_args(tp)
-        if not isinstance(value, list):
-            raise ConfigError(f"config key '{key}': expected a list, got {value!r}")
-        return [_coerce(v, item_tp, f"{key}[{i}]") for i, v in enumerate(value)]
-    if dataclasses.is_dataclass(tp):
-        return _build(tp, value, key)
-    if tp is bool:
-        if isinstance(value, bool):
-            return value
-    elif tp is int:
-        if isinstance(value, int) and not isinstance(value, bool):
-            return value
-    elif tp is float:
-        if isinstance(value, (int, float)) and not isinstance(value, bool):
-            if not math.isfinite(value):
-                raise _NotFinite(f"config key '{key}': must be a finite number, got {value}")
-            return float(value)
-    elif tp is str:
-        if isinstance(value, (str, int, float)) and not isinstance(value, bool):
-            return str(value)
-    raise ConfigError(f"config key '{key}': expected {_type_name(tp)}, got {value!r}")
-
-
-def _build(cls: type, data: Any, prefix: str) -> Any:
-    if data is None:
-        data = {}
+def _build(data: Any) -> Config:
+    """The typed config from plain data (pydantic, strict), or one :class:`ConfigError` line."""
     if not isinstance(data, dict):
-        raise ConfigError(f"config key '{prefix or '<root>'}': expected a mapping, got {data!r}")
-    hints = typing.get_type_hints(cls)
-    fields = {f.name: f for f in dataclasses.fields(cls)}
-    unknown = sorted(set(data) - set(fields))
-    if unknown:
-        where = f"'{prefix}.{unknown[0]}'" if prefix else f"'{unknown[0]}'"
-        raise ConfigError(f"unknown config key {where} (known: {', '.join(fields)})")
-    kwargs = {}
-    for name, f in fields.items():
-        key = f"{prefix}.{name}" if prefix else name
-        if name in data:
-            kwargs[name] = _coerce(data[name], hints[name], key)
-            _check_field(f, kwargs[name], key)
-        elif f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING:
-            raise ConfigError(f"config key '{key}': required")
-    return cls(**kwargs)
+        raise ConfigError(f"config key '<root>': expected a mapping, got {data!r}")
+    try:
+        return Config.model_validate(data)
+    except ValidationError as exc:
+        raise config_error(exc, Config) from None
 
 
 def _set_dotted(data: dict, dotted: str, value: Any) -> None:
@@ -160,13 +98,13 @@ def load_config(path: str | os.PathLike | None = None, *, overrides: list[str] |
         if loaded is not None and not isinstance(loaded, dict):
             raise ConfigError(f"config file {str(path)!r}: expected a mapping at the top level")
         raw.update(_relative_to(loaded or {}, str(path)))
-    raw = _deep_merge(dataclasses.asdict(Config()), {**(data or {}), **raw})
+    raw = _deep_merge(Config().model_dump(), {**(data or {}), **raw})
     for key, value in parse_overrides(overrides or []):
         try:
             _set_dotted(raw, key, value)
         except (IndexError, ValueError) as exc:
             raise ConfigError(f"--set {key}: {exc}") from None
-    config = _build(Config, raw, "")
+    config = _build(raw)
     validate(config)
     return config
 
@@ -178,30 +116,30 @@ def recorded_config(data: Any) -> Config:
     section that no longer loads takes its defaults (an older run still reads), and redacted
     secrets stay ``"***"``; cross-field validation is not repeated (the run validated it)."""
     recorded = _known_keys(Config, data if isinstance(data, dict) else {})
-    defaults = dataclasses.asdict(Config())
+    defaults = Config().model_dump()
     try:
-        return _build(Config, _deep_merge(defaults, recorded), "")
+        return _build(_deep_merge(defaults, recorded))
     except ConfigError:
         pass
     sections = {}
     for name, value in recorded.items():  # one section at a time: the ones that load keep their values
         try:
-            _build(Config, _deep_merge(defaults, {name: value}), "")
+            _build(_deep_merge(defaults, {name: value}))
             sections[name] = value
         except ConfigError:
             continue
-    return _build(Config, _deep_merge(defaults, sections), "")
+    return _build(_deep_merge(defaults, sections))
 
 
-def _known_keys(cls: type, data: dict) -> dict:
-    """``data`` without the keys ``cls`` (a config dataclass, recursively) does not have."""
-    hints = typing.get_type_hints(cls)
+def _known_keys(cls: type[BaseModel], data: dict) -> dict:
+    """``data`` without the keys ``cls`` (a config section, recursively) does not have."""
     out = {}
-    for f in dataclasses.fields(cls):
-        if f.name not in data:
+    for name, info in cls.model_fields.items():
+        if name not in data:
             continue
-        value, tp = data[f.name], hints[f.name]
-        out[f.name] = _known_keys(tp, value) if dataclasses.is_dataclass(tp) and isinstance(value, dict) else value
+        value, tp = data[name], info.annotation
+        nested = isinstance(tp, type) and issubclass(tp, BaseModel)
+        out[name] = _known_keys(tp, value) if nested and isinstance(value, dict) else value
     return out
 
 

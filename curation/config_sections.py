@@ -1,21 +1,19 @@
-"""The typed configuration's sections: one dataclass per top-level key, every field with its
-default, its allowed values or range (:func:`~curation.config_fields.choice`,
-:func:`~curation.config_fields.ranged`) and its meaning. :mod:`curation.config` loads and
+"""The typed configuration's sections: one pydantic model per top-level key, every field with its
+default, its allowed values (``Literal``) or range (:func:`~curation.config_fields.ranged`) and
+its meaning: pydantic models, strict (:class:`~curation.config_fields.Section`). :mod:`curation.config` loads and
 validates a file into :class:`Config`."""
 
 from __future__ import annotations
 
-import dataclasses
-from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Literal
 
+from pydantic import Field
 
-from curation.config_fields import ConfigError, _check_field, _NotFinite, choice, ranged  # noqa: F401 (re-exported)
+from curation.config_fields import ConfigError, Section, Text, ranged  # noqa: F401 (re-exported)
 from curation.io.filesystem import StorageConfig
 
 
-@dataclass
-class InputConfig:
+class InputConfig(Section):
     """What to curate.
 
     Attributes:
@@ -48,22 +46,21 @@ class InputConfig:
             followed. Links to files are always read.
     """
 
-    images: str | None = None
-    manifest: str | None = None
-    labels: str | None = None
-    embeddings: str | None = None
-    extensions: list[str] = field(
+    images: Text | None = None
+    manifest: Text | None = None
+    labels: Text | None = None
+    embeddings: Text | None = None
+    extensions: list[Text] = Field(
         default_factory=lambda: [".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff"]
     )
     follow_symlinks: bool = False
-    split_column: str | None = None
+    split_column: Text | None = None
     split_from_path: bool = False
-    label_corrections: str | None = None
+    label_corrections: Text | None = None
     allow_new_classes: bool = False
 
 
-@dataclass
-class DecodeConfig:
+class DecodeConfig(Section):
     """Decoding.
 
     Attributes:
@@ -78,13 +75,12 @@ class DecodeConfig:
     """
 
     max_pixels: int = ranged(100_000_000, 1)
-    background: list[int] = field(default_factory=lambda: [255, 255, 255])
+    background: list[int] = Field(default_factory=lambda: [255, 255, 255])
     batch_size: int = ranged(64, 1)
-    path: str = choice("auto", "auto", "cpu", "torch")
+    path: Literal["auto", "cpu", "torch"] = "auto"
 
 
-@dataclass
-class EmbedderConfig:
+class EmbedderConfig(Section):
     """The embedding model.
 
     Attributes:
@@ -103,19 +99,18 @@ class EmbedderConfig:
         store_dtype: ``float32`` or ``float16`` for the stored embeddings.
     """
 
-    model: str = "resnet18"
-    weights: str = "DEFAULT"
+    model: Text = "resnet18"
+    weights: Text = "DEFAULT"
     image_size: int = ranged(224, 1)
     batch_size: int = ranged(64, 1)
-    device: str = choice("auto", "auto", "cpu", "cuda")
-    precision: str = choice("auto", "auto", "fp32", "bf16")
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+    precision: Literal["auto", "fp32", "bf16"] = "auto"
     min_actors: int = ranged(1, 1)
     max_actors: int = ranged(0, 0)
-    store_dtype: str = choice("float32", "float32", "float16")
+    store_dtype: Literal["float32", "float16"] = "float32"
 
 
-@dataclass
-class KnnConfig:
+class KnnConfig(Section):
     """Nearest neighbours (see ``curation/index/params.py`` for how defaults are chosen).
 
     Attributes:
@@ -146,24 +141,23 @@ class KnnConfig:
     """
 
     k: int = ranged(10, 1)
-    index: str = choice("auto", "auto", "flat", "ivf")
+    index: Literal["auto", "flat", "ivf"] = "auto"
     exact_below: int = ranged(50_000, 0)
     nlist: int = ranged(0, 0)
     nprobe: int = ranged(0, 0)
     target_recall: float = ranged(0.99, 0.0, 1.0)
-    codec: str = choice("auto", "auto", "flat", "sq8", "pq-fastscan")
+    codec: Literal["auto", "flat", "sq8", "pq-fastscan"] = "auto"
     max_flat_bytes: int = ranged(8 * 1024**3, 1)
     refine_factor: int = ranged(16, 1)
     train_size: int = ranged(0, 0)
     shards: int = ranged(0, 0)
     query_batch: int = ranged(16384, 1)
-    incremental: str = choice("auto", "auto", "off")
+    incremental: Literal["auto", "off"] = "auto"
     rebuild_every: int = ranged(7, 1)
     incremental_max_change: float = ranged(0.3, 0.0, 1.0)
 
 
-@dataclass
-class ScoresConfig:
+class ScoresConfig(Section):
     """Score thresholds. Defaults were measured on the demo set (see README, "Scores").
 
     Attributes:
@@ -225,8 +219,7 @@ class ScoresConfig:
 SELECTION_MODES = ("representative", "edge_cases", "label_review", "clean", "to_label", "validation")
 
 
-@dataclass
-class SelectionConfig:
+class SelectionConfig(Section):
     """One named selection.
 
     Attributes:
@@ -248,15 +241,15 @@ class SelectionConfig:
             ``disjoint_from``.
     """
 
-    name: str
-    mode: str = choice(None, *SELECTION_MODES)
+    name: Text
+    mode: Literal[SELECTION_MODES] | None = None
     budget: int | None = ranged(None, 1)
-    class_balance: str = "uniform"
-    where: str | None = None
-    balance_on: str | None = None
+    class_balance: Text = "uniform"
+    where: Text | None = None
+    balance_on: Text | None = None
     include_rare: bool = False
     fraction: float | None = ranged(None, 0.0, 1.0)
-    disjoint_from: list[str] = field(default_factory=list)
+    disjoint_from: list[Text] = Field(default_factory=list)
     disjoint_cosine: float = ranged(0.95, -1.0, 1.0)
 
 
@@ -269,8 +262,7 @@ def _default_selections() -> list[SelectionConfig]:
     ]
 
 
-@dataclass
-class StoreConfig:
+class StoreConfig(Section):
     """The incremental embedding store.
 
     Attributes:
@@ -280,11 +272,10 @@ class StoreConfig:
     """
 
     enabled: bool = True
-    uri: str | None = None
+    uri: Text | None = None
 
 
-@dataclass
-class OutputConfig:
+class OutputConfig(Section):
     """Where results go.
 
     Attributes:
@@ -299,16 +290,15 @@ class OutputConfig:
             0 keeps every run.
     """
 
-    uri: str | None = None
-    run_id: str | None = None
+    uri: Text | None = None
+    run_id: Text | None = None
     keep_runs: int = ranged(0, 0)
 
 
 MAP_METHODS = ("umap", "pca")
 
 
-@dataclass
-class ReportConfig:
+class ReportConfig(Section):
     """The run's ``report.html``: its 2-D map, thumbnails and galleries.
 
     Attributes:
@@ -325,15 +315,14 @@ class ReportConfig:
             duplicate galleries show this many groups' worth of items.
     """
 
-    map_method: str = choice("umap", *MAP_METHODS)
+    map_method: Literal[MAP_METHODS] = "umap"
     map_points: int = ranged(20_000, 0)
     thumbnails: int = ranged(5_000, 0)
     thumbnail_px: int = ranged(64, 16, 256)
     gallery_size: int = ranged(24, 0)
 
 
-@dataclass
-class DriftConfig:
+class DriftConfig(Section):
     """Drift between nights: each run keeps a compact profile (``profile.json``,
     ``profile.parquet``) and compares itself with the previous published run's (``run.json`` →
     ``drift``; ``drift.parquet``). Defaults are chosen in ``benchmarks/README.md`` (drift).
@@ -365,8 +354,7 @@ class DriftConfig:
     exit_code: bool = False
 
 
-@dataclass
-class ClusterConfig:
+class ClusterConfig(Section):
     """How the run fits a Ray cluster of several nodes (see ``curation/sizing.py``).
 
     Every task and actor is sized to fit one node: from the nodes that exist, and from the
@@ -393,35 +381,33 @@ class ClusterConfig:
     check_nodes: bool = True
 
 
-@dataclass
-class RayConfig:
+class RayConfig(Section):
     """Local Ray settings, used only when neither ``RAY_ADDRESS`` is set nor Ray is running."""
 
     num_cpus: int | None = ranged(None, 1)
     object_store_memory: int | None = ranged(None, 1)
 
 
-@dataclass
-class Config:
+class Config(Section):
     """The whole job configuration."""
 
-    input: InputConfig = field(default_factory=InputConfig)
-    storage: StorageConfig = field(default_factory=StorageConfig)
-    decode: DecodeConfig = field(default_factory=DecodeConfig)
-    embedder: EmbedderConfig = field(default_factory=EmbedderConfig)
-    store: StoreConfig = field(default_factory=StoreConfig)
-    knn: KnnConfig = field(default_factory=KnnConfig)
-    scores: ScoresConfig = field(default_factory=ScoresConfig)
-    selections: list[SelectionConfig] = field(default_factory=_default_selections)
-    output: OutputConfig = field(default_factory=OutputConfig)
-    report: ReportConfig = field(default_factory=ReportConfig)
-    drift: DriftConfig = field(default_factory=DriftConfig)
-    cluster: ClusterConfig = field(default_factory=ClusterConfig)
-    ray: RayConfig = field(default_factory=RayConfig)
+    input: InputConfig = Field(default_factory=InputConfig)
+    storage: StorageConfig = Field(default_factory=StorageConfig)
+    decode: DecodeConfig = Field(default_factory=DecodeConfig)
+    embedder: EmbedderConfig = Field(default_factory=EmbedderConfig)
+    store: StoreConfig = Field(default_factory=StoreConfig)
+    knn: KnnConfig = Field(default_factory=KnnConfig)
+    scores: ScoresConfig = Field(default_factory=ScoresConfig)
+    selections: list[SelectionConfig] = Field(default_factory=_default_selections)
+    output: OutputConfig = Field(default_factory=OutputConfig)
+    report: ReportConfig = Field(default_factory=ReportConfig)
+    drift: DriftConfig = Field(default_factory=DriftConfig)
+    cluster: ClusterConfig = Field(default_factory=ClusterConfig)
+    ray: RayConfig = Field(default_factory=RayConfig)
 
     def to_dict(self, *, redact: bool = True) -> dict[str, Any]:
         """Plain dict (for run.json); credentials replaced by ``"***"`` when ``redact``."""
-        data = dataclasses.asdict(self)
+        data = self.model_dump()
         if redact:
             for key in ("access_key_id", "secret_access_key"):
                 if data["storage"].get(key):

@@ -36,6 +36,28 @@ def test_invalid_configs_name_the_key(data, message):
     assert message in str(err.value)
 
 
+@pytest.mark.parametrize("override, message", [
+    ("knn.k='10'", "'knn.k': expected int, got '10'"),  # a quoted number stays text: no silent conversion
+    ("knn.k=2.5", "'knn.k': expected int, got 2.5"),
+    ("drift.enabled=1", "'drift.enabled': expected bool, got 1"),
+    ("store.enabled=yes please", "'store.enabled': expected bool"),
+    ("decode.background=[255, 255, x]", "'decode.background[2]': expected int"),
+    ("report.map_method=tsne", "'report.map_method': expected umap | pca, got 'tsne'"),
+    ("scores.copy_cosine=.inf", "'scores.copy_cosine': must be a finite number"),
+    ("selections=oops", "'selections': expected a list"),
+])
+def test_types_are_strict_and_errors_are_one_line(override, message):
+    with pytest.raises(ConfigError) as err:
+        load_config(data=BASE, overrides=[override])
+    assert message in str(err.value) and "\n" not in str(err.value)
+
+
+def test_numbers_where_text_is_expected_are_the_text_they_spell():
+    config = load_config(data=BASE, overrides=["output.run_id=2024", "knn.target_recall=1"])
+    assert config.output.run_id == "2024" and config.knn.target_recall == 1.0
+    assert isinstance(config.knn.target_recall, float)
+
+
 def test_secrets_are_redacted_and_not_in_repr():
     config = load_config(data={**BASE, "storage": {"access_key_id": "AKIAXYZ", "secret_access_key": "s3cr3t"}})
     assert "s3cr3t" not in repr(config) and "AKIAXYZ" not in repr(config)

@@ -20,15 +20,16 @@ from urllib.parse import urlparse
 import pyarrow as pa
 import pyarrow.fs as pafs
 
-from curation.config_fields import ranged
+from pydantic import Field
+
+from curation.config_fields import Section, Text, ranged
 
 S3_SCHEME = "s3://"
 
 log = logging.getLogger(__name__)
 
 
-@dataclass
-class StorageConfig:
+class StorageConfig(Section):
     """S3-compatible storage. Unset fields fall back to the standard AWS environment variables
     (``AWS_ENDPOINT_URL``, ``AWS_ACCESS_KEY_ID``, ``AWS_SECRET_ACCESS_KEY``, ``AWS_REGION``).
     Secrets are never logged nor written to ``run.json``.
@@ -38,10 +39,10 @@ class StorageConfig:
             with jitter on throttling -- 503 SlowDown --, 5xx and dropped connections).
     """
 
-    endpoint_url: str | None = None
-    region: str | None = None
-    access_key_id: str | None = field(default=None, repr=False)
-    secret_access_key: str | None = field(default=None, repr=False)
+    endpoint_url: Text | None = None
+    region: Text | None = None
+    access_key_id: Text | None = Field(None, repr=False)
+    secret_access_key: Text | None = Field(None, repr=False)
     max_attempts: int = ranged(10, 1, 100)
 
 
