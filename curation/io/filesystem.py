@@ -14,7 +14,7 @@ import logging
 import os
 import posixpath
 import tempfile
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from urllib.parse import urlparse
 
 import pyarrow as pa
