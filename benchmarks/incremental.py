@@ -208,7 +208,7 @@ def main() -> None:
             "ray": {"object_store_memory": 2 * 1024**3}})
         t = time.perf_counter()
         result = run_job(config)
-        print(f"{run_id}: {time.perf_counter() - t:.0f}s {result.info.knn.get('incremental')}", flush=True)
+        print(f"{run_id}: {time.perf_counter() - t:.0f}s {result.info.knn.incremental}", flush=True)
         return result
 
     if args.again and not args.images:  # night 1 as it was; `latest` back to it
@@ -265,9 +265,9 @@ def main() -> None:
            "update_knn_share_of_night_1_knn": round(timings["night 2, updated"]["knn"] / timings["night 1"]["knn"], 3),
            "knn_slot_recall_vs_whole": round(recall, 4), "same_flags": round(float(same_flags.mean()), 5),
            "flags_differ": flags_differ, "selection_overlap_vs_whole": selections,
-           "nprobe": {name: r.info.knn.get("nprobe") for name, r in (("night 1", first), ("night 2, whole", whole))},
-           "nprobe_calibration": first.info.knn.get("nprobe_calibration"), "incremental": update.info.knn.get("incremental"),
-           "knn_night_2": {k: update.info.knn.get(k) for k in ("method", "add_s", "search_s", "searched")}}
+           "nprobe": {name: r.info.knn.nprobe for name, r in (("night 1", first), ("night 2, whole", whole))},
+           "nprobe_calibration": first.info.knn.to_dict().get("nprobe_calibration"), "incremental": update.info.knn.to_dict().get("incremental"),
+           "knn_night_2": {k: update.info.knn.to_dict().get(k) for k in ("method", "add_s", "search_s", "searched")}}
     print(f"\n{'phase':<16}" + "".join(f"{name:>18}" for name in timings))
     for phase in PHASES:
         print(f"{phase:<16}" + "".join(f"{(t.get(phase) or 0):>18.1f}" for t in timings.values()))

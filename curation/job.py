@@ -234,8 +234,6 @@ def find_neighbours(ingested: Ingested, config: Config, plan: Plan) -> tuple[Ing
     from curation.index.incremental import neighbour_graph
 
     previous = plan.previous if config.knn.incremental != "off" else None
-    previous_record = previous.info_or_none() if previous is not None else None
-    previous_info = previous_record.to_dict() if previous_record is not None else {}
     model_id = str(ingested.embedder.get("model_id"))
     # The drift profile's and the label probe's samples are read with the night's changed items
     # (one read of the store for all three).
@@ -245,7 +243,7 @@ def find_neighbours(ingested: Ingested, config: Config, plan: Plan) -> tuple[Ing
     hold = np.concatenate(hold)
     graph, info, vectors = neighbour_graph(ingested.vectors, config.knn, samples=ingested.samples,
                                            save_to=plan.run.child("index"), previous=previous,
-                                           previous_info=previous_info, model_id=model_id, hold=hold)
+                                           model_id=model_id, hold=hold)
     if hasattr(vectors, "describe"):  # in storage (possibly with a cache in front)
         info["vectors"] = vectors.describe()
     log.info("kNN graph: %d vectors x %d, k=%d, %s", n_ok, vectors.dim, config.knn.k, info.get("method"))
@@ -255,7 +253,7 @@ def find_neighbours(ingested: Ingested, config: Config, plan: Plan) -> tuple[Ing
         # embeds the images, a copy is judged by how it looks (see scores/duplicates.py).
         copy_graph, copy_info, copies = neighbour_graph(ingested.copies, config.knn, samples=ingested.samples,
                                                         save_to=plan.run.child("index-copies"), previous=previous,
-                                                        previous_info=previous_info, model_id=model_id,
+                                                        model_id=model_id,
                                                         folder="knn-copies", index_folder="index-copies")
         if hasattr(copies, "describe"):
             copy_info["vectors"] = copies.describe()

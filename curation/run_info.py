@@ -5,9 +5,14 @@ summary (the CLI's closing screen, the report's header, the demo, a later comman
 published run) goes through :class:`RunInfo` instead of indexing the JSON by string keys. The
 JSON written is :meth:`RunInfo.to_dict`; ``docs/contract.md`` documents its keys.
 
-Sections whose shape belongs to another module stay plain dicts, owned there: ``scores`` (each
-score's ``summary``), ``balance`` (:mod:`curation.balance`), ``knn`` (the index),
-``map`` (the report's map), ``diff`` (:mod:`curation.run_diff`), ``config`` (the redacted config).
+The records are pydantic dataclasses: reading a ``run.json`` validates its types once
+(:meth:`RunInfo.from_dict`). ``knn`` is typed (:class:`KnnRecord`: what the next night's graph
+update and ``curation similar`` read; the index's other figures ride along as extra keys);
+``config`` is the redacted config as written, read back typed by
+:attr:`curation.published_run.PublishedRun.config`. Sections whose shape belongs to another module
+stay plain dicts, owned there: ``scores`` (each score's ``summary``, read back by that score),
+``balance`` (:mod:`curation.balance`), ``map`` (the report's map), ``diff``
+(:mod:`curation.run_diff`).
 """
 
 from __future__ import annotations
@@ -15,8 +20,11 @@ from __future__ import annotations
 import json
 import math
 import platform
-from dataclasses import dataclass, field, fields
+from dataclasses import field, fields
 from typing import TYPE_CHECKING, Any
+
+from pydantic import BaseModel, ConfigDict, TypeAdapter, ValidationError
+from pydantic.dataclasses import dataclass
 
 if TYPE_CHECKING:
     import pyarrow as pa
@@ -27,8 +35,67 @@ if TYPE_CHECKING:
 
 FILE_NAME = "run.json"
 
+# Reading a run.json: types checked, numbers as JSON has them; keys a newer version added are ignored.
+_READ = ConfigDict(extra="ignore", arbitrary_types_allowed=True)
 
-@dataclass(frozen=True)
+
+class _Open(BaseModel):
+    """A record whose other keys (timings, sizes: figures for people) ride along unchanged."""
+
+    model_config = ConfigDict(extra="allow")
+
+
+class VectorsRecord(_Open):
+    """Where a run's vectors are: Parquet ``files`` (in vector-id order), their ``column``."""
+
+    files: list[str]
+    column: str
+    skips_rejected_rows: bool = False  # input.embeddings files: rejected rows hold no vector id
+
+
+class IncrementalRecord(_Open):
+    """Whether the graph was updated from the previous night's (``used``) or built whole (``reason``)."""
+
+    used: bool = False
+    reason: str | None = None
+    nights_since_rebuild: int = 0
+    margin: int = 0  # neighbours kept beyond k, for the next night's update
+
+
+class KnnRecord(_Open):
+    """How a run's neighbours were found (``run.json`` -> ``knn``; ``copies``: the copy graph's)."""
+
+    k: int = 0
+    kind: str | None = None
+    codec: str | None = None
+    nlist: int = 0
+    nprobe: int = 0
+    shards: int = 0
+    shard_sizes: list[int] = []
+    saved_to: str | None = None  # the index shards' folder, when saved
+    coarse_distance: float | None = None
+    method: str | None = None
+    vectors: VectorsRecord | None = None
+    incremental: IncrementalRecord | None = None
+    copies: KnnRecord | None = None
+
+    def to_dict(self) -> dict:
+        """What was recorded, as it was given (no default added)."""
+        return self.model_dump(exclude_unset=True)
+
+    # Read like the JSON object it is written as (``info.knn["method"]``): the figures that have
+    # no field of their own are reached this way.
+    def __getitem__(self, key: str) -> Any:
+        return self.to_dict()[key]
+
+    def __contains__(self, key: object) -> bool:
+        return key in self.to_dict()
+
+    def get(self, key: str, default: Any = None) -> Any:
+        return self.to_dict().get(key, default)
+
+
+@dataclass(frozen=True, config=_READ)
 class Counts:
     """Every input is either ``ok`` or ``rejected``; ``inputs = ok + rejected`` always."""
 
@@ -37,7 +104,7 @@ class Counts:
     rejected: int
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, config=_READ)
 class SelectionSummary:
     name: str
     mode: str
@@ -48,7 +115,7 @@ class SelectionSummary:
     details: dict | None = None  # validation: label/cluster TV distances, sticky members, leakage
 
 
-@dataclass
+@dataclass(config=_READ)
 class RunInfo:
     """One run's ``run.json``.
 
@@ -85,7 +152,7 @@ class RunInfo:
     class_balance: dict[str, int]
     balance: dict
     embedder: dict
-    knn: dict
+    knn: KnnRecord
     selections: list[SelectionSummary]
     config: dict
     versions: dict[str, str]
@@ -120,7 +187,7 @@ class RunInfo:
             run_id=run_id, uri=uri, version=curation.__version__, counts=counts, flags=flags, scores=score_summary,
             class_balance=class_balance,
             balance=balance_stats(samples, tables, {c for s in REGISTRY for c in s.columns}),
-            embedder=embedder, knn=knn,
+            embedder=embedder, knn=KnnRecord.model_validate(knn),
             selections=[SelectionSummary(r.name, r.mode, r.table.num_rows, r.eligible, r.note, r.pending, r.details)
                         for r in selections],
             config=config.to_dict(redact=True), versions=package_versions())
@@ -145,8 +212,9 @@ class RunInfo:
 
     def to_dict(self) -> dict[str, Any]:
         data = {f.name: getattr(self, f.name) for f in fields(self)}
-        data["counts"] = vars(self.counts).copy()
-        data["selections"] = [vars(s).copy() for s in self.selections]
+        data["counts"] = {f.name: getattr(self.counts, f.name) for f in fields(Counts)}
+        data["selections"] = [{f.name: getattr(s, f.name) for f in fields(SelectionSummary)} for s in self.selections]
+        data["knn"] = self.knn.to_dict()
         for optional in ("diff", "leakage", "corrections", "drift"):
             if data[optional] is None:
                 del data[optional]
@@ -154,22 +222,23 @@ class RunInfo:
 
     @classmethod
     def from_dict(cls, data: dict) -> RunInfo:
-        """Read a ``run.json`` document; raises ``ValueError`` naming what is missing."""
+        """Read a ``run.json`` document; raises ``ValueError`` naming what is missing or mistyped."""
         if not isinstance(data, dict):
             raise ValueError(f"run.json: expected an object, got {type(data).__name__}")
-        known = {f.name for f in fields(cls)}
         missing = [name for name in ("run_id", "uri", "counts", "selections") if name not in data]
         if missing:
             raise ValueError(f"run.json: missing {', '.join(missing)}")
-        values = {k: v for k, v in data.items() if k in known}
-        values["counts"] = Counts(**{k: int(data["counts"][k]) for k in ("inputs", "ok", "rejected")})
-        values["selections"] = [SelectionSummary(**{k: s.get(k) for k in ("name", "mode", "rows", "eligible", "note",
-                                                                           "pending", "details")})
-                                for s in data["selections"]]
+        values = dict(data)
         for name, default in (("version", ""), ("flags", {}), ("scores", {}), ("class_balance", {}), ("balance", {}),
                               ("embedder", {}), ("knn", {}), ("config", {}), ("versions", {})):
-            values.setdefault(name, default)
-        return cls(**values)
+            if values.get(name) is None:
+                values[name] = default
+        try:
+            return _RUN_INFO.validate_python(values)
+        except ValidationError as exc:
+            error = exc.errors()[0]
+            where = ".".join(str(part) for part in error["loc"])
+            raise ValueError(f"run.json: {where}: {error['msg']}") from None
 
     def write(self, run: Location) -> None:
         from curation.io.filesystem import write_bytes
@@ -198,6 +267,9 @@ class RunInfo:
             return cls.from_dict(json.loads(data))
         except (ValueError, TypeError, KeyError) as exc:
             raise ValueError(f"{location.uri}: not a run.json this version can read ({exc})") from None
+
+
+_RUN_INFO = TypeAdapter(RunInfo)
 
 
 def finite(value: Any) -> Any:

@@ -32,6 +32,7 @@ import pyarrow.parquet as pq
 
 from curation.io.filesystem import Location, Resolver
 from curation.published_run import PublishedRun, shard_file
+from curation.run_info import KnnRecord
 
 log = logging.getLogger(__name__)
 
@@ -69,16 +70,17 @@ class RunSearch:
         self.published = published
         self.info = published.info
         self.space = space
-        knn = self.info.knn if space == "embedding" else (self.info.knn.get("copies") or {})
-        if space == "copy" and "vectors" not in knn:
+        knn = self.info.knn if space == "embedding" else self.info.knn.copies
+        if space == "copy" and (knn is None or knn.vectors is None):
             raise SimilarError(f"--space copy: run {self.info.run_id} has no copy descriptors "
                                f"(an input.embeddings run has no pixels); use --space embedding")
-        if "vectors" not in knn:
+        if knn.vectors is None:
             raise SimilarError(f"run {self.info.run_id} does not say where its vectors are (run.json knn.vectors): "
                                f"it was made by an older version; rerun it to search it")
-        self.k_run = int(self.info.knn.get("k") or 0)
+        self.k_run = self.info.knn.k
         # The run searched k neighbours and its margin (knn.incremental: auto keeps k/2 more).
-        self.k_searched = self.k_run + int((self.info.knn.get("incremental") or {}).get("margin") or 0)
+        incremental = self.info.knn.incremental
+        self.k_searched = self.k_run + (incremental.margin if incremental is not None else 0)
         self._read_samples()
         self._open_vectors(knn)
         self._open_index(knn)
@@ -104,26 +106,26 @@ class RunSearch:
         self._row_of_uri = None
         self._frame = None
 
-    def _open_vectors(self, knn: dict) -> None:
+    def _open_vectors(self, knn: KnnRecord) -> None:
         from curation.index.source import VectorParts, parquet_parts
 
-        vectors = knn["vectors"]
-        files = [self.resolver.resolve(uri) for uri in vectors["files"]]
+        vectors = knn.vectors
+        files = [self.resolver.resolve(uri) for uri in vectors.files]
         try:
             parts = parquet_parts(files)
         except OSError as exc:
             raise SimilarError(f"run {self.info.run_id}: cannot read its vectors ({exc})") from None
         keep = None
-        if vectors.get("skips_rejected_rows"):  # input.embeddings files: rejected rows hold no id
+        if vectors.skips_rejected_rows:  # input.embeddings files: rejected rows hold no id
             every = pq.read_table(self.run.child("samples").path, filesystem=self.run.filesystem,
                                   columns=["input_id", "vector_id"]).sort_by("input_id")
             keep = pc.is_valid(every["vector_id"]).to_numpy(zero_copy_only=False)
-        self.vectors = VectorParts(parts, column=vectors["column"], keep=keep)
+        self.vectors = VectorParts(parts, column=vectors.column, keep=keep)
         self.n = self.vectors.n
         if self.n != self.samples.num_rows:
             raise SimilarError(f"run {self.info.run_id}: {self.samples.num_rows} ok items but {self.n} vectors")
 
-    def _open_index(self, knn: dict) -> None:
+    def _open_index(self, knn: KnnRecord) -> None:
         import faiss
 
         from curation.index.shard import load_index
@@ -131,11 +133,11 @@ class RunSearch:
         self.shards: list = []
         self.exact = None
         self._holds_vectors = False  # whether the shards give back the stored vectors exactly
-        saved, shards = knn.get("saved_to"), int(knn.get("shards") or 0)
+        saved, shards = knn.saved_to, knn.shards
         if saved and shards:
-            sizes = knn.get("shard_sizes") or []
+            sizes = knn.shard_sizes
             self._bounds = np.concatenate([[0], np.cumsum(sizes)]).astype(np.int64) if sizes else None
-            self._holds_vectors = self._bounds is not None and knn.get("codec") in ("flat", "pq-fastscan")
+            self._holds_vectors = self._bounds is not None and knn.codec in ("flat", "pq-fastscan")
             folder = self.resolver.resolve(saved)
             refine = float(self.published.config.knn.refine_factor)
             for i in range(shards):
@@ -145,7 +147,7 @@ class RunSearch:
                 ivf = index.base_index if isinstance(index, faiss.IndexRefine) else index
                 try:
                     lists = faiss.extract_index_ivf(ivf)
-                    lists.nprobe = int(knn.get("nprobe") or 1)
+                    lists.nprobe = knn.nprobe or 1
                     if self._holds_vectors and isinstance(index, faiss.IndexIVF):
                         lists.set_direct_map_type(faiss.DirectMap.Hashtable)  # reconstruct by id
                 except RuntimeError:

@@ -26,6 +26,7 @@ from __future__ import annotations
 import logging
 import time
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import numpy as np
 import pyarrow as pa
@@ -33,6 +34,10 @@ import pyarrow as pa
 from curation.index.knn import KnnGraph, drop_self, id_dtype
 from curation.io.filesystem import Location
 from curation.run_layout import TRAINED_INDEX, shard_file
+
+if TYPE_CHECKING:
+    from curation.published_run import PublishedRun
+    from curation.run_info import KnnRecord
 
 log = logging.getLogger(__name__)
 
@@ -364,25 +369,26 @@ def exact_reverse(graph: KnnGraph, x: np.ndarray, new: np.ndarray, skip: np.ndar
                             found_sims[valid])
 
 
-def why_not(cfg, previous: Location | None, previous_info: dict, model_id: str, n_items: int,
-            carried: Carried | None, kind: str, *, graph_problem: str | None = None) -> str | None:
+def why_not(cfg, previous: PublishedRun | None, model_id: str, n_items: int, carried: Carried | None, kind: str,
+            *, graph_problem: str | None = None) -> str | None:
     """The reason tonight's graph is built whole, or None when the previous one can be updated."""
     if cfg.incremental == "off":
         return "knn.incremental is off"
     if previous is None:
         return "first night: no previous published run"
-    if not previous_info:
+    record = previous.info_or_none()
+    if record is None:
         return "the previous run's run.json cannot be read"
-    if str(previous_info.get("embedder", {}).get("model_id")) != model_id:
+    if str(record.embedder.get("model_id")) != model_id:
         return "the embedder changed"
-    before = (previous_info.get("config") or {}).get("knn") or {}
-    changed = [key for key in KNN_SETTINGS if before.get(key) != getattr(cfg, key)]
+    settings = previous.config.knn  # as that run validated it
+    changed = [key for key in KNN_SETTINGS if getattr(settings, key) != getattr(cfg, key)]
     if changed:
         return f"knn settings changed: {', '.join(changed)}"
-    knn = previous_info.get("knn") or {}
-    if knn.get("kind") != kind:
-        return f"the index kind changed ({knn.get('kind')} then, {kind} now)"
-    chain = int((knn.get("incremental") or {}).get("nights_since_rebuild", 0))
+    knn = record.knn
+    if knn.kind != kind:
+        return f"the index kind changed ({knn.kind} then, {kind} now)"
+    chain = knn.incremental.nights_since_rebuild if knn.incremental is not None else 0
     if chain + 1 >= cfg.rebuild_every:
         return f"knn.rebuild_every: {chain + 1} nights since the graph was built whole"
     if carried is None:
@@ -393,10 +399,10 @@ def why_not(cfg, previous: Location | None, previous_info: dict, model_id: str, 
     return None
 
 
-# Ten parameters, kept: the graph phase's inputs (the vectors, knn.*, tonight's rows, the
-# previous run and its record, where to save, what to hold in memory) each come from another phase.
-def neighbour_graph(vectors, cfg, *, samples, save_to: Location | None, previous: Location | None,
-                    previous_info: dict, model_id: str, folder: str = "knn",
+# Nine parameters, kept: the graph phase's inputs (the vectors, knn.*, tonight's rows, the
+# previous run, where to save, what to hold in memory) each come from another phase.
+def neighbour_graph(vectors, cfg, *, samples, save_to: Location | None, previous: PublishedRun | None,
+                    model_id: str, folder: str = "knn",
                     index_folder: str = "index", hold: np.ndarray | None = None) -> tuple[KnnGraph, dict, object]:
     """Tonight's graph: the previous run's updated when it can be (see the module), else built
     whole; ``info["incremental"]`` says which and why. Also returns the vector source to use
@@ -421,10 +427,9 @@ def neighbour_graph(vectors, cfg, *, samples, save_to: Location | None, previous
         except UntrustedGraph as exc:
             carried, problem = None, f"the previous run's graph is not trusted: {exc}"
             log.warning("kNN: %s; building the whole graph", problem)
-    reason = why_not(cfg, previous, previous_info, model_id, n, carried, params.kind, graph_problem=problem)
-    before = (previous_info.get("knn") or {})
-    if folder != "knn":
-        before = before.get("copies") or {}
+    reason = why_not(cfg, previous, model_id, n, carried, params.kind, graph_problem=problem)
+    before = None if reason else previous.info.knn if folder == "knn" else previous.info.knn.copies  # its record
+    reason = reason or (None if before is not None else "the previous run recorded no copy graph")
     trained = None
     if reason is None:  # read the new, changed and short rows' vectors once: every step below needs them
         wanted = np.flatnonzero(~carried.carried | carried.lost)
@@ -434,10 +439,10 @@ def neighbour_graph(vectors, cfg, *, samples, save_to: Location | None, previous
         if trained.filesystem.get_file_info(trained.path).type.name != "File":
             reason = "the previous run saved no trained index"
         else:  # the previous index's lists and codec, tonight's shard count
-            params = IndexParams(params.kind, before.get("codec", params.codec), int(before.get("nlist") or params.nlist),
-                                 int(before.get("nprobe") or params.nprobe), params.train_size, params.shards)
+            params = IndexParams(params.kind, before.codec or params.codec, before.nlist or params.nlist,
+                                 before.nprobe or params.nprobe, params.train_size, params.shards)
             drift = quantiser_drift(trained, source, np.flatnonzero(~carried.carried), np.flatnonzero(carried.carried),
-                                    old_distance=before.get("coarse_distance"))
+                                    old_distance=before.coarse_distance)
             if drift > QUANTISER_DRIFT:
                 reason = (f"new items sit {drift:.2f}x farther from the index's coarse centroids than old ones "
                           f"(more than {QUANTISER_DRIFT}): retrained")
@@ -446,7 +451,7 @@ def neighbour_graph(vectors, cfg, *, samples, save_to: Location | None, previous
         info["incremental"] = {"used": False, "reason": reason, "nights_since_rebuild": 0, "margin": margin}
         log.info("kNN graph built whole (%s)", reason)
         return graph.split(cfg.k), info, vectors
-    chain = int((before.get("incremental") or {}).get("nights_since_rebuild", 0))
+    chain = before.incremental.nights_since_rebuild if before.incremental is not None else 0
     info: dict = {"k": cfg.k, **params.to_dict()}
     if params.kind == "flat" and params.shards == 1:
         _, x = source.read_all(0, n)
@@ -474,17 +479,17 @@ def neighbour_graph(vectors, cfg, *, samples, save_to: Location | None, previous
                           f"actor(s), the previous run's index reused ({reused})")
     info["incremental"] = {"used": True, "previous_run": previous.uri, "nights_since_rebuild": chain + 1,
                            "margin": margin, **update}
-    if before.get("coarse_distance") is not None:  # the same quantiser: the same yardstick next night
-        info["coarse_distance"] = before["coarse_distance"]
+    if before.coarse_distance is not None:  # the same quantiser: the same yardstick next night
+        info["coarse_distance"] = before.coarse_distance
     log.info("kNN graph updated from %s: %s", previous.uri, update)
     return graph.split(cfg.k), info, source
 
 
-def _previous_shards(folder: Location, before: dict, params, carried: Carried):
+def _previous_shards(folder: Location, before: KnnRecord, params, carried: Carried):
     """``sharded_knn``'s ``update`` from the previous run's saved shards: when it saved as many
     as tonight uses, of an IVF index whose lists can be renumbered in place (not the refined
     fast-scan codec); else None (the shards are filled from the source)."""
-    sizes = before.get("shard_sizes") or []
+    sizes = before.shard_sizes
     if (carried.tonight_of_previous is None or params.codec == "pq-fastscan" or len(sizes) != params.shards
             or sum(sizes) != len(carried.tonight_of_previous)):
         return None
