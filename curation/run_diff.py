@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import json
 import logging
+from typing import TYPE_CHECKING
 
 import numpy as np
 import pyarrow as pa
@@ -27,27 +28,18 @@ from curation.io.filesystem import Location
 from curation.item_key import unchanged, unverifiable
 from curation.scores import declared_flags
 
+if TYPE_CHECKING:
+    from curation.published_run import PublishedRun
+
 log = logging.getLogger(__name__)
 
 
 
-def _read(location: Location, columns: list[str]) -> pa.Table | None:
-    """``columns`` of the Parquet file or folder at ``location`` (those it has: a flag a score
-    added since that run is simply absent); None when unreadable."""
-    import pyarrow.dataset as ds
-
-    try:
-        dataset = ds.dataset(location.path, filesystem=location.filesystem, format="parquet")
-        return dataset.to_table(columns=[c for c in dict.fromkeys(columns) if c in dataset.schema.names])
-    except (OSError, pa.ArrowException, ValueError):
-        return None
-
-
-def diff_runs(previous: Location, samples: pa.Table, selections: dict[str, pa.Table], folder: Location) -> dict:
+def diff_runs(previous: PublishedRun, samples: pa.Table, selections: dict[str, pa.Table], folder: Location) -> dict:
     """Compare this run with ``previous``; write ``folder/<selection>.parquet``; return the
     summary for ``run.json``."""
     flags = declared_flags()  # every flag the scores declare
-    old = _read(previous.child("samples"), ["uri", "fingerprint", *(f.column for f in flags)])
+    old = previous.items([f.column for f in flags], ok_only=False)
     if old is None:
         return {"previous_run": previous.uri, "error": "previous samples unreadable"}
     now_uri, old_uri = samples["uri"], old["uri"]
@@ -67,7 +59,7 @@ def diff_runs(previous: Location, samples: pa.Table, selections: dict[str, pa.Ta
     changes = {}
     folder.filesystem.create_dir(folder.path, recursive=True)
     for name, table in selections.items():
-        before = _read(previous.child("selections", f"{name}.parquet"), ["uri", "reason"])
+        before = previous.selection(name, ["uri", "reason"])
         if before is None:
             before = pa.table({"uri": pa.array([], pa.string()), "reason": pa.array([], pa.string())})
         added = table.filter(pc.invert(pc.is_in(table["uri"], value_set=before["uri"])))
