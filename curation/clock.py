@@ -21,6 +21,7 @@ class Clock:
 
     @contextlib.contextmanager
     def phase(self, name: str):
+        _return_freed_memory()
         _reset_peak_memory()
         t = time.perf_counter()
         yield
@@ -29,6 +30,19 @@ class Clock:
         if peak:
             self.peak_bytes[name] = peak
         log.info("phase %s done in %.1fs (driver peak %.0f MiB)", name, self.timings[name], peak / 2**20)
+
+
+def _return_freed_memory() -> None:
+    """Hand the memory earlier phases freed back to the operating system (Arrow's allocator and
+    glibc's malloc both keep freed pages for reuse): the driver's resident size between phases is
+    then what it holds, not the high-water mark of the phase before."""
+    import ctypes
+
+    import pyarrow as pa
+
+    pa.default_memory_pool().release_unused()
+    with contextlib.suppress(OSError, AttributeError):
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
 
 
 def _reset_peak_memory() -> None:

@@ -131,8 +131,10 @@ def _start_reaper():
     return reaper.start()
 
 
-def run_tasks(fn: Callable, args: Sequence[tuple], *, max_in_flight: int = 0, request: Request | None = None) -> list:
-    """``[fn(*a) for a in args]``, as Ray tasks when Ray is initialised, in process otherwise.
+def run_tasks(fn: Callable, args: Sequence[tuple], *, max_in_flight: int = 0, request: Request | None = None,
+              in_driver: bool = False) -> list:
+    """``[fn(*a) for a in args]``, as Ray tasks when Ray is initialised, in process otherwise
+    (or when ``in_driver``: a step :func:`~curation.sizing.in_the_driver` finds too small for tasks).
 
     At most ``max_in_flight`` run at once (0 = one per cluster CPU, re-read as tasks finish,
     so nodes that join while the step runs are used). ``request``: each task's resources
@@ -141,7 +143,7 @@ def run_tasks(fn: Callable, args: Sequence[tuple], *, max_in_flight: int = 0, re
     """
     import ray
 
-    if not ray.is_initialized() or not args:
+    if in_driver or not ray.is_initialized() or not args:
         return [fn(*a) for a in args]
     remote = ray.remote(**(request or ONE_CPU).options())(fn)
     results: list = [None] * len(args)

@@ -8,6 +8,7 @@
   :func:`shard_count` are pure functions of a shape, unit-tested without a cluster.
 * :data:`TRAIN_THREADS`: the CPUs a multi-threaded training step (index quantiser, k-means,
   label probe) asks for, at most one node's.
+* :func:`in_the_driver`: whether a step is too small to be worth a Ray task at all.
 
 Every ``num_cpus=``/``num_gpus=``/``memory=`` the job passes to Ray comes from here
 (``Request.options()``); a test fails when one is written anywhere else.
@@ -45,6 +46,17 @@ TRAIN_THREADS = 8  # CPUs a training step asks for (capped at one node's by trai
 DECODE_TASK_MEMORY = 1024**3
 
 GIB = 1024**3
+
+# A step over fewer floats than this (a label probe's sample, a k-means sample, the vectors a
+# map step reads) runs in the driver instead of as Ray tasks: a task's worker start and imports
+# (1-3 s on a busy node, each new worker of a fresh driver) cost more than the work, and the
+# driver holds at most this many floats (4 MB) for it.
+IN_DRIVER_FLOATS = 1_000_000
+
+
+def in_the_driver(rows: int, dim: int) -> bool:
+    """Whether a step over ``rows`` vectors of ``dim`` floats is small enough to run in the driver."""
+    return rows * max(dim, 1) <= IN_DRIVER_FLOATS
 
 
 class ClusterError(RuntimeError):

@@ -201,14 +201,21 @@ def _histogram(title: str, values: np.ndarray, threshold: float | None, threshol
     return fig
 
 
+def _counts(values) -> Counter:
+    """Items per distinct value, counted by Arrow (never a Python object per item)."""
+    if len(values) == 0:
+        return Counter()
+    return Counter({row["values"]: row["counts"] for row in pc.value_counts(values).to_pylist()})
+
+
 def _class_distribution(samples: pa.Table, selections: dict[str, pa.Table]):
     ok = is_ok(samples["status"])
     labels = samples.filter(pa.array(ok))["label"].drop_null()
     if len(labels) == 0:
         return None
-    base = Counter(labels.to_pylist())
+    base = _counts(labels)
     classes = [c for c, _ in base.most_common(MAX_CLASSES_CHARTED)]
-    sets = [("input", base)] + [(name, Counter(t["label"].drop_null().to_pylist())) for name, t in selections.items()]
+    sets = [("input", base)] + [(name, _counts(t["label"].drop_null())) for name, t in selections.items()]
     factors, values, colours = [], [], []
     for c in classes:
         for j, (name, counts) in enumerate(sets):
@@ -227,7 +234,7 @@ def _cluster_sizes(samples: pa.Table):
     clusters = samples["cluster"].drop_null()
     if len(clusters) == 0:
         return None
-    counts = Counter(clusters.to_pylist()).most_common(MAX_CLUSTERS_CHARTED)
+    counts = _counts(clusters).most_common(MAX_CLUSTERS_CHARTED)
     return _bars("Cluster sizes (largest first)" + (f", the {MAX_CLUSTERS_CHARTED} largest" if len(counts) >= MAX_CLUSTERS_CHARTED else ""),
                  [str(c) for c, _ in counts], [float(n) for _, n in counts])
 

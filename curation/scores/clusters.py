@@ -86,7 +86,7 @@ def cluster_vectors(vectors, k: int, *, seed: int = SEED) -> tuple[np.ndarray, n
     """Train on a sample of ``vectors`` (a source or a matrix), assign every vector where it is
     stored. Returns labels, cosine to the centroid, the training backend and the centroids."""
     from curation.session import run_tasks
-    from curation.sizing import TRAIN_THREADS, training_request
+    from curation.sizing import TRAIN_THREADS, in_the_driver, training_request
 
     source = as_source(vectors)
     n = source.n
@@ -97,7 +97,7 @@ def cluster_vectors(vectors, k: int, *, seed: int = SEED) -> tuple[np.ndarray, n
     # centroids come back.
     request = training_request("the k-means training task", TRAIN_THREADS)
     centroids, backend = run_tasks(_train_on_sample, [(source, sample_ids, k, request.threads)],
-                                   request=request)[0]
+                                   request=request, in_driver=in_the_driver(size, source.dim))[0]
     parts = map_vectors(source, assign, centroids)
     labels = np.concatenate([p[0] for p in parts]) if parts else np.empty(0, np.int32)
     sims = np.concatenate([p[1] for p in parts]) if parts else np.empty(0, np.float32)

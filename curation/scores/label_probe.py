@@ -309,10 +309,10 @@ def train_probe_in_tasks(source, sample_ids: np.ndarray, labels: np.ndarray, n_c
     import ray
 
     from curation.session import run_tasks
-    from curation.sizing import ONE_CPU
+    from curation.sizing import ONE_CPU, in_the_driver
 
     present = np.unique(labels)
-    if len(present) < 2 or not ray.is_initialized():
+    if len(present) < 2 or not ray.is_initialized() or in_the_driver(len(sample_ids), source.dim):
         return train_probe(source, sample_ids, labels, n_classes, 1, regularisation, keys, previous, class_names)
     from curation.index.source import CachedVectors
 
