@@ -6,6 +6,8 @@ from __future__ import annotations
 import contextlib
 import logging
 import time
+import ctypes
+import pyarrow as pa
 
 # The phase lines are the job's: operators (and tests) look for "curation.job: phase ... done".
 log = logging.getLogger("curation.job")
@@ -36,9 +38,7 @@ def _return_freed_memory() -> None:
     """Hand the memory earlier phases freed back to the operating system (Arrow's allocator and
     glibc's malloc both keep freed pages for reuse): the driver's resident size between phases is
     then what it holds, not the high-water mark of the phase before."""
-    import ctypes
 
-    import pyarrow as pa
 
     pa.default_memory_pool().release_unused()
     with contextlib.suppress(OSError, AttributeError):

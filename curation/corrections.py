@@ -25,6 +25,7 @@ from collections import Counter
 
 import numpy as np
 import pyarrow as pa
+import pyarrow.compute as pc
 
 from curation.io.filesystem import Location, StorageError, read_bytes
 from curation.item_key import unchanged
@@ -160,7 +161,6 @@ def apply_corrections(samples: pa.Table, *, stored: pa.Table | None, answers: di
     """``samples`` with the corrections applied (``label``, ``label_source``, ``given_label``),
     the corrections to keep with this run, and the ``run.json`` summary. Only the corrected
     items are visited one by one; every other row is handled by Arrow, in bulk."""
-    import pyarrow.compute as pc
 
     n = samples.num_rows
     stored_rows = stored.to_pylist() if stored is not None else []
@@ -215,7 +215,6 @@ def apply_corrections(samples: pa.Table, *, stored: pa.Table | None, answers: di
 
 def corrected_mask(samples: pa.Table) -> np.ndarray:
     """Rows whose label is an annotator's correction."""
-    import pyarrow.compute as pc
 
     if "label_source" not in samples.column_names:
         return np.zeros(samples.num_rows, bool)

@@ -21,6 +21,7 @@ import sys
 
 import numpy as np
 from PIL import Image, ImageDraw, ImageEnhance, ImageFilter
+import pyarrow.parquet as pq
 
 from curation.schema import STATUS_REJECTED
 from curation.scores import declared_flags
@@ -290,7 +291,6 @@ def format_table(rows: list[dict], columns: list[str]) -> str:
 
 def run_demo(*, out: str = "./demo-output", n: int = 2400) -> int:
     """Generate, curate, and print planted-vs-found. Returns the process exit status."""
-    import pyarrow.parquet as pq
 
     from curation.config import load_config
     from curation.job import run_job

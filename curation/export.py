@@ -21,8 +21,10 @@ import io
 import json
 import os
 from xml.sax.saxutils import quoteattr
+from urllib.parse import quote
 
 import pyarrow.parquet as pq
+import pyarrow.dataset as ds
 
 from curation.io.filesystem import Location, Resolver, is_s3, write_bytes_atomic
 from curation.published_run import PublishedRun
@@ -91,7 +93,6 @@ def _rows(run: Location, selection: str) -> list[dict]:
 
 
 def _columns(run: Location) -> list[str]:
-    import pyarrow.dataset as ds
 
     return ds.dataset(run.child("samples").path, filesystem=run.filesystem, format="parquet").schema.names
 
@@ -105,7 +106,6 @@ def _image_reference(uri: str, local_files_root: str | None) -> str:
     root = os.path.abspath(local_files_root).rstrip("/") + "/"
     if not uri.startswith(root):
         raise ExportError(f"{uri} is not under --local-files-root {root}")
-    from urllib.parse import quote
 
     return LOCAL_FILES_URL + quote(uri[len(root):])
 

@@ -29,6 +29,7 @@ from dataclasses import dataclass
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
+import pyarrow.parquet as pq
 
 from curation.config import Config
 from curation.index.knn import KnnGraph
@@ -286,7 +287,6 @@ def _apply_corrections(plan: Plan, config: Config, resolver: Resolver,
                        ingested: Ingested) -> tuple[Ingested, tuple[pa.Table, dict] | None]:
     """Fold in ``input.label_corrections`` and the corrections the previous published run kept
     (see :mod:`curation.corrections`); sets ``label_source`` on every row."""
-    import pyarrow.parquet as pq
 
     from curation.corrections import apply_corrections, read_answers
 

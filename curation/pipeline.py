@@ -25,6 +25,8 @@ import ray
 from ray.data._internal.execution.execution_callback import ExecutionCallback
 from ray.data.block import BlockAccessor
 from ray.data.datasource.datasink import Datasink, WriteResult
+import pyarrow.compute as pc
+import pyarrow.fs as pafs
 
 from curation.config import Config
 from curation.io.filesystem import Location, Resolver
@@ -120,8 +122,6 @@ def remove_unlisted_parts(folder: Location, compact: pa.Table | None) -> list[st
     """Delete ``embeddings/`` parts no compact row points at: a write task that Ray reran
     after its node was lost may have left a first, half-reported part behind, and readers
     take the folder's name order as vector order. Returns the names removed."""
-    import pyarrow.compute as pc
-    import pyarrow.fs as pafs
 
     listed = set()
     if compact is not None and "vector_file" in compact.column_names:

@@ -9,6 +9,7 @@ from dataclasses import dataclass, field
 
 import pyarrow as pa
 import pyarrow.compute as pc
+import pyarrow.parquet as pq
 
 from curation.config import Config, ConfigError
 from curation.io import inputs as inputs_io
@@ -75,7 +76,6 @@ def preflight(config: Config, resolver: Resolver) -> Plan:
 def _checked_corrections(config: Config, resolver: Resolver, plan: Plan) -> dict[str, list[str]]:
     """``input.label_corrections`` parsed and checked against the inputs' items and classes
     (and the classes the previous run's kept corrections made), before any work."""
-    import pyarrow.parquet as pq
 
     from curation.corrections import CorrectionsError, check_answers, read_answers
 

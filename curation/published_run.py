@@ -19,6 +19,7 @@ from functools import cached_property
 
 import pyarrow as pa
 import pyarrow.fs as pafs
+import pyarrow.dataset as ds
 
 from curation.config import Config, is_run_id, recorded_config
 from curation.io.filesystem import Location, read_bytes
@@ -130,7 +131,6 @@ class PublishedRun:
     def items(self, columns: list[str], *, ok_only: bool = True) -> pa.Table | None:
         """Its ``samples/`` rows (the ok ones unless ``ok_only`` is off): the item key columns
         (``uri``, ``fingerprint``) and those of ``columns`` it has; None when unreadable."""
-        import pyarrow.dataset as ds
 
         from curation.schema import is_ok
 
@@ -147,7 +147,6 @@ class PublishedRun:
 
     def selection(self, name: str, columns: list[str] | None = None) -> pa.Table | None:
         """Its selection ``name`` (those of ``columns`` it has), or None when it has none."""
-        import pyarrow.dataset as ds
 
         location = self.child("selections", f"{name}.parquet")
         try:

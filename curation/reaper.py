@@ -15,6 +15,7 @@ import os
 import signal
 import sys
 import time
+import subprocess
 
 POLL_S = 0.5
 
@@ -73,7 +74,6 @@ def watch(driver: int) -> int:
 
 def start(driver: int | None = None):
     """Start the watchdog for ``driver`` (this process by default); returns its Popen."""
-    import subprocess
 
     return subprocess.Popen([sys.executable, "-m", "curation.reaper", str(driver or os.getpid())],
                             stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,

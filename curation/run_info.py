@@ -22,9 +22,11 @@ import math
 import platform
 from dataclasses import field, fields
 from typing import TYPE_CHECKING, Any
+from importlib.metadata import PackageNotFoundError, version
 
 from pydantic import BaseModel, ConfigDict, TypeAdapter, ValidationError
 from pydantic.dataclasses import dataclass
+import pyarrow.compute as pc
 
 if TYPE_CHECKING:
     import pyarrow as pa
@@ -172,7 +174,6 @@ class RunInfo:
               selections: list[SelectionResult], embedder: dict, knn: dict, config: Config) -> RunInfo:
         """The record of a finished run, from what its phases produced (``samples`` ordered and
         counted already)."""
-        import pyarrow.compute as pc
 
         import curation
         from curation.balance import balance_stats
@@ -287,7 +288,6 @@ def finite(value: Any) -> Any:
 
 def package_versions() -> dict[str, str]:
     """Package versions from their metadata (importing torch on the driver would cost ~300 MB)."""
-    from importlib.metadata import PackageNotFoundError, version
 
     out = {"python": platform.python_version()}
     for name in ("ray", "torch", "torchvision", "faiss-cpu", "pyarrow", "scikit-learn", "cuml-cu13"):

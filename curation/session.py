@@ -22,6 +22,9 @@ import logging
 import os
 import signal
 from typing import Any, Callable, Iterator, Sequence
+import threading
+import time
+import pyarrow.fs as pafs
 
 from curation.config import Config
 from curation.index.params import choose_params
@@ -97,7 +100,6 @@ STALL_SIGNAL = signal.SIGUSR2  # raised in the main thread by the stall watchdog
 def watch_for_stalls(config: Config) -> Iterator[None]:
     """Run the body under a :class:`StallWatchdog` (``cluster.stall_timeout_s``); a stall
     surfaces as :class:`ClusterStalled` instead of the interrupt that stopped the body."""
-    import threading
 
     watchdog = StallWatchdog(config.cluster.stall_timeout_s)
     previous = None
@@ -131,10 +133,8 @@ def _start_reaper():
     return reaper.start()
 
 
-def run_tasks(fn: Callable, args: Sequence[tuple], *, max_in_flight: int = 0, request: Request | None = None,
-              in_driver: bool = False) -> list:
-    """``[fn(*a) for a in args]``, as Ray tasks when Ray is initialised, in process otherwise
-    (or when ``in_driver``: a step :func:`~curation.sizing.in_the_driver` finds too small for tasks).
+def run_tasks(fn: Callable, args: Sequence[tuple], *, max_in_flight: int = 0, request: Request | None = None) -> list:
+    """``[fn(*a) for a in args]``, as Ray tasks when Ray is initialised, in process otherwise.
 
     At most ``max_in_flight`` run at once (0 = one per cluster CPU, re-read as tasks finish,
     so nodes that join while the step runs are used). ``request``: each task's resources
@@ -143,7 +143,7 @@ def run_tasks(fn: Callable, args: Sequence[tuple], *, max_in_flight: int = 0, re
     """
     import ray
 
-    if in_driver or not ray.is_initialized() or not args:
+    if not ray.is_initialized() or not args:
         return [fn(*a) for a in args]
     remote = ray.remote(**(request or ONE_CPU).options())(fn)
     results: list = [None] * len(args)
@@ -200,7 +200,6 @@ class StallWatchdog:
     """
 
     def __init__(self, timeout_s: float, *, poll_s: float | None = None):
-        import threading
 
         self.timeout_s = timeout_s
         self.poll_s = poll_s or max(0.5, min(30.0, timeout_s / 10))
@@ -221,7 +220,6 @@ class StallWatchdog:
 
     def _watch(self) -> None:
         import _thread
-        import time
 
         last, since = None, time.monotonic()
         while not self._stop.wait(self.poll_s):
@@ -330,7 +328,6 @@ def check_nodes(resolver, inputs: list[tuple[str, str]], output: tuple[str, str]
 
 def _reach(resolver, inputs: list[tuple[str, str]], output: tuple[str, str], node_id: str) -> str | None:
     """On one node: None when every input is readable and the output writable, else why not."""
-    import pyarrow.fs as pafs
 
     for key, uri in inputs:
         try:

@@ -29,6 +29,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
+import pyarrow.dataset as ds
 
 from curation.io.filesystem import Location, Resolver
 from curation.published_run import PublishedRun, shard_file
@@ -91,7 +92,6 @@ class RunSearch:
     # ------------------------------------------------------------------------------ opening
 
     def _read_samples(self) -> None:
-        import pyarrow.dataset as ds
 
         from curation.schema import is_ok
         from curation.scores import boolean_flag_columns

@@ -8,7 +8,6 @@
   :func:`shard_count` are pure functions of a shape, unit-tested without a cluster.
 * :data:`TRAIN_THREADS`: the CPUs a multi-threaded training step (index quantiser, k-means,
   label probe) asks for, at most one node's.
-* :func:`in_the_driver`: whether a step is too small to be worth a Ray task at all.
 
 Every ``num_cpus=``/``num_gpus=``/``memory=`` the job passes to Ray comes from here
 (``Request.options()``); a test fails when one is written anywhere else.
@@ -21,6 +20,7 @@ import logging
 import os
 from typing import Iterator
 from dataclasses import dataclass
+import importlib.util
 
 from curation.config import ClusterConfig, EmbedderConfig
 
@@ -46,17 +46,6 @@ TRAIN_THREADS = 8  # CPUs a training step asks for (capped at one node's by trai
 DECODE_TASK_MEMORY = 1024**3
 
 GIB = 1024**3
-
-# A step over fewer floats than this (a label probe's sample, a k-means sample, the vectors a
-# map step reads) runs in the driver instead of as Ray tasks: a task's worker start and imports
-# (1-3 s on a busy node, each new worker of a fresh driver) cost more than the work, and the
-# driver holds at most this many floats (4 MB) for it.
-IN_DRIVER_FLOATS = 1_000_000
-
-
-def in_the_driver(rows: int, dim: int) -> bool:
-    """Whether a step over ``rows`` vectors of ``dim`` floats is small enough to run in the driver."""
-    return rows * max(dim, 1) <= IN_DRIVER_FLOATS
 
 
 class ClusterError(RuntimeError):
@@ -255,7 +244,6 @@ def gpu_request(shape: ClusterShape) -> float:
     may start later is not worth waiting for: these steps run on CPU too)."""
     if not shape.gpus:
         return 0
-    import importlib.util
 
     return 1 if importlib.util.find_spec("cuml") is not None else 0
 

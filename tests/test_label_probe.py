@@ -167,10 +167,7 @@ def test_many_classes_stay_within_the_block_bound(monkeypatch):
 def test_the_fits_as_ray_tasks_give_what_one_process_gives(ray_local, monkeypatch):
     """Every fold and strength its own one-CPU task (the sample through the object store): the
     same out-of-sample probabilities, model and chosen strength as all fits in one process."""
-    from curation import sizing
     from curation.index.source import MemoryVectors
-
-    monkeypatch.setattr(sizing, "IN_DRIVER_FLOATS", 0)  # this small sample would otherwise be fitted in the driver
 
     x, y = _mixture(seed=3)
     noisy, _ = _flip(y, 0.08)

@@ -117,26 +117,3 @@ def test_within_a_run_every_shape_is_read_under_the_runs_cluster_keys(monkeypatc
         shape = sizing.ClusterShape.current()
         assert shape.may_grow and shape.has_gpus
     assert not sizing.ClusterShape.current().may_grow
-
-
-def test_only_steps_under_the_floats_bound_run_in_the_driver():
-    from curation.sizing import IN_DRIVER_FLOATS, in_the_driver
-
-    assert in_the_driver(IN_DRIVER_FLOATS // 512, 512)
-    assert not in_the_driver(IN_DRIVER_FLOATS // 512 + 1, 512)
-    assert not in_the_driver(450_000, 512)  # a real night's probe sample and map step are tasks
-
-
-def _pid() -> int:
-    import os
-
-    return os.getpid()
-
-
-def test_a_step_marked_in_the_driver_runs_in_this_process_and_others_as_tasks(ray_local):
-    import os
-
-    from curation.session import run_tasks
-
-    assert run_tasks(_pid, [(), ()], in_driver=True) == [os.getpid()] * 2
-    assert os.getpid() not in run_tasks(_pid, [(), ()])

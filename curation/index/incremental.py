@@ -30,6 +30,7 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 import pyarrow as pa
+import pyarrow.dataset as ds
 
 from curation.index.knn import KnnGraph, drop_self, id_dtype
 from curation.io.filesystem import Location
@@ -149,7 +150,6 @@ def check_carried_similarities(carried: Carried, source, k: int, where: str, *, 
 
 
 def _read_graph(folder: Location) -> pa.Table:
-    import pyarrow.dataset as ds
 
     return ds.dataset(folder.path, filesystem=folder.filesystem, format="parquet").to_table(
         columns=["input_id", "neighbor_ids", "neighbor_similarities"])

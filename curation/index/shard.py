@@ -7,6 +7,7 @@ shards are merged with ``faiss.merge_knn_results``.
 """
 
 from __future__ import annotations
+import resource
 
 import faiss
 import numpy as np
@@ -209,7 +210,6 @@ class IndexShard:
 
     def memory_bytes(self) -> int:
         """Peak resident set of this process (includes pages of Ray's shared object store it read)."""
-        import resource
 
         return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
 

@@ -376,17 +376,14 @@ def as_source(vectors) -> "VectorParts | MemoryVectors":
 def map_vectors(source, fn, *args, rows_per_task: int = 65536) -> list:
     """``[fn(ids, vectors, *args) for each consecutive range of ids]``, run where the vectors
     are: one Ray task per range when Ray is up (each reads its own rows from storage), in
-    process otherwise or when the source is small (:func:`~curation.sizing.in_the_driver`).
-    Only ``fn``'s (compact) results come back."""
+    process otherwise. Only ``fn``'s (compact) results come back."""
     import ray
 
     from curation.session import run_tasks
-    from curation.sizing import in_the_driver
 
     ranges = source.ranges(rows_per_task)
-    in_driver = in_the_driver(source.n, source.dim)
-    shared = ray.put(source) if ray.is_initialized() and len(ranges) > 1 and not in_driver else source
-    return run_tasks(_apply_to_range, [(shared, lo, hi, fn, args) for lo, hi in ranges], in_driver=in_driver)
+    shared = ray.put(source) if ray.is_initialized() and len(ranges) > 1 else source
+    return run_tasks(_apply_to_range, [(shared, lo, hi, fn, args) for lo, hi in ranges])
 
 
 def _apply_to_range(source, lo: int, hi: int, fn, args: tuple):

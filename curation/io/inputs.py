@@ -17,6 +17,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.csv as pacsv
 import pyarrow.parquet as pq
+import pyarrow.dataset as pads
 
 from curation.config import Config, ConfigError
 from curation.io.filesystem import Location, Resolver, StorageError, check_readable, list_files, open_text, to_uri
@@ -220,7 +221,6 @@ EMBEDDINGS_COLUMNS = ("uri", "embedding", "label", "model_id")  # of input.embed
 def embeddings_files(config: Config, resolver: Resolver) -> tuple[list[Location], list[str], int]:
     """The Parquet files of ``input.embeddings`` (a file or a folder), their column names and
     row count, from the footers alone. Raises ConfigError when a required column is missing."""
-    import pyarrow.dataset as pads
 
     location = resolver.resolve(config.input.embeddings)
     try:

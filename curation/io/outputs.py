@@ -24,9 +24,13 @@ from __future__ import annotations
 import datetime as dt
 
 import logging
+import uuid
 
 import pyarrow as pa
 import pyarrow.parquet as pq
+import numpy as np
+import pyarrow.compute as pc
+import pyarrow.fs as pafs
 
 from curation.config import is_run_id
 from curation.io.filesystem import Location, read_bytes, write_bytes
@@ -94,10 +98,7 @@ def write_vector_part(folder: Location, rows: pa.Table, *, model_id: str, store_
     is named after the block's smallest ``input_id`` so that name order follows input order, and
     written in row groups of ``EMBEDDING_ROW_GROUP`` rows so readers can stream it.
     """
-    import uuid
 
-    import numpy as np
-    import pyarrow.compute as pc
 
     keyed = "input_id" in rows.column_names
     if keyed:
@@ -136,7 +137,6 @@ def write_knn_graph(folder: Location, samples: pa.Table, knn) -> None:
     """The kNN graph the scores used: ``uri, input_id, neighbor_ids`` (their ``input_id``s),
     ``neighbor_similarities`` (cosine), for every ok item, nearest first. Written step by step so
     no second copy of the whole graph is made."""
-    import numpy as np
 
     from curation.schema import ok_rows_in_vector_order
 
@@ -174,7 +174,6 @@ def interrupted_vector_files(output: Location, current_run: str, *, newest: int 
     so they are the checkpoint a rerun resumes from; a part cut short by the crash is skipped
     when it is read (see :meth:`curation.io.store.EmbeddingStore.lookup`). ``skip``: runs not to
     consider (the one the store's snapshot was made from already is in the store)."""
-    import pyarrow.fs as pafs
 
     fs = output.filesystem
     try:
@@ -205,7 +204,6 @@ def remove_old_runs(output: Location, keep: int) -> list[str]:
     """Delete all but the ``keep`` newest complete runs under ``output`` (by the time of their
     ``_SUCCESS``), never the run ``latest`` names nor a folder without ``_SUCCESS`` (a run being
     written, a crashed one kept for inspection, the embedding store). Returns the removed ids."""
-    import pyarrow.fs as pafs
 
     if keep <= 0:
         return []

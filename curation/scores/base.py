@@ -18,9 +18,11 @@ from collections.abc import Mapping
 import dataclasses
 from dataclasses import dataclass
 from typing import Any, ClassVar, Protocol
+import json
 
 import numpy as np
 import pyarrow as pa
+import pyarrow.compute as pc
 
 from curation.config import ScoresConfig
 from curation.index.knn import KnnGraph
@@ -170,7 +172,6 @@ class Flag:
 
     def mask(self, table: pa.Table) -> np.ndarray:
         """The flagged rows of ``table`` (a flag column the table lacks flags nothing)."""
-        import pyarrow.compute as pc
 
         if self.column not in table.column_names:
             return np.zeros(table.num_rows, bool)
@@ -205,7 +206,6 @@ class Score(Protocol):
 
 def count_true(table: pa.Table, *names: str) -> dict[str, int]:
     """``{name: number of true rows}`` for boolean columns (a common summary)."""
-    import pyarrow.compute as pc
 
     return {name: int(pc.sum(table[name]).as_py() or 0) for name in names}
 
@@ -241,7 +241,6 @@ def one_sided_counts(values: np.ndarray, eligible: np.ndarray, thresholds: list[
 def with_evidence(table: pa.Table, evidence: dict) -> pa.Table:
     """``table`` carrying ``evidence`` (per threshold key: counts at nearby values and the items
     or pairs on either side) for its score's summary to report; never shared state."""
-    import json
 
     meta = dict(table.schema.metadata or {})
     meta[EVIDENCE_KEY] = json.dumps(evidence, default=float).encode()
@@ -249,7 +248,6 @@ def with_evidence(table: pa.Table, evidence: dict) -> pa.Table:
 
 
 def evidence_of(table: pa.Table) -> dict:
-    import json
 
     raw = (table.schema.metadata or {}).get(EVIDENCE_KEY)
     return json.loads(raw) if raw else {}

@@ -14,10 +14,12 @@ from __future__ import annotations
 
 import logging
 import math
+import importlib
 
 import faiss
 import numpy as np
 import pyarrow as pa
+import pyarrow.compute as pc
 
 from curation.index.source import as_source, map_vectors
 from curation.scores.base import ScoreContext, masked
@@ -41,7 +43,6 @@ def choose_n_clusters(n: int, requested: int = 0, budget: int | None = None) -> 
 
 def kmeans_backend() -> str:
     """``cuml`` when cuML imports and a GPU is visible, else ``faiss``."""
-    import importlib
 
     try:
         importlib.import_module("cuml")  # only whether it imports
@@ -86,7 +87,7 @@ def cluster_vectors(vectors, k: int, *, seed: int = SEED) -> tuple[np.ndarray, n
     """Train on a sample of ``vectors`` (a source or a matrix), assign every vector where it is
     stored. Returns labels, cosine to the centroid, the training backend and the centroids."""
     from curation.session import run_tasks
-    from curation.sizing import TRAIN_THREADS, in_the_driver, training_request
+    from curation.sizing import TRAIN_THREADS, training_request
 
     source = as_source(vectors)
     n = source.n
@@ -97,7 +98,7 @@ def cluster_vectors(vectors, k: int, *, seed: int = SEED) -> tuple[np.ndarray, n
     # centroids come back.
     request = training_request("the k-means training task", TRAIN_THREADS)
     centroids, backend = run_tasks(_train_on_sample, [(source, sample_ids, k, request.threads)],
-                                   request=request, in_driver=in_the_driver(size, source.dim))[0]
+                                   request=request)[0]
     parts = map_vectors(source, assign, centroids)
     labels = np.concatenate([p[0] for p in parts]) if parts else np.empty(0, np.int32)
     sims = np.concatenate([p[1] for p in parts]) if parts else np.empty(0, np.float32)
@@ -172,7 +173,6 @@ class ClustersScore:
         return {"centroids": np.frombuffer(meta[b"centroids"], np.float32).reshape(-1, dim)}
 
     def summary(self, table: pa.Table) -> dict:
-        import pyarrow.compute as pc
 
         clusters = pc.filter(table["cluster"], pc.greater_equal(table["cluster"], 0))
         backend = (table.schema.metadata or {}).get(b"kmeans_backend", b"none").decode()

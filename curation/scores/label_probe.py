@@ -36,8 +36,12 @@ from __future__ import annotations
 import io
 import logging
 from dataclasses import dataclass
+import zlib
+import warnings
 
 import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
 
 from curation.index.source import as_source, map_vectors
 
@@ -68,7 +72,6 @@ def fold_keys(names) -> np.ndarray:
     item, not to its row, so a night that stores its vectors in another order (an updated night
     beside the same night built whole, a cluster of another size) fits the same model on the
     same rows, and an item stays in the sample and in its fold from night to night."""
-    import zlib
 
     crc = np.fromiter((zlib.crc32(str(u).encode()) for u in _as_strings(names)), np.uint64)
     z = crc * np.uint64(0x9E3779B97F4A7C15)  # splitmix64's finaliser: CRC32 alone is linear
@@ -85,8 +88,6 @@ def probe_keys(table, rows: np.ndarray) -> np.ndarray:
     """:func:`fold_keys` of ``rows`` of a samples table: by the file's content hash where it
     has one (the same picture is the same item wherever it is stored: in a local folder or in
     S3), else by uri."""
-    import pyarrow as pa
-    import pyarrow.compute as pc
 
     take = pa.array(np.asarray(rows, np.int64), pa.int64())
     uris = table["uri"].take(take)
@@ -187,7 +188,6 @@ def _fit(x: np.ndarray, y: np.ndarray, backend: str, c: float, start=None):
         from cuml.linear_model import LogisticRegression
     else:
         from sklearn.linear_model import LogisticRegression
-    import warnings
 
     present = np.unique(y)
     warm = start is not None and backend != "cuml" and len(present) > 2
@@ -309,10 +309,10 @@ def train_probe_in_tasks(source, sample_ids: np.ndarray, labels: np.ndarray, n_c
     import ray
 
     from curation.session import run_tasks
-    from curation.sizing import ONE_CPU, in_the_driver
+    from curation.sizing import ONE_CPU
 
     present = np.unique(labels)
-    if len(present) < 2 or not ray.is_initialized() or in_the_driver(len(sample_ids), source.dim):
+    if len(present) < 2 or not ray.is_initialized():
         return train_probe(source, sample_ids, labels, n_classes, 1, regularisation, keys, previous, class_names)
     from curation.index.source import CachedVectors
 
