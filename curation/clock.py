@@ -38,8 +38,6 @@ def _return_freed_memory() -> None:
     """Hand the memory earlier phases freed back to the operating system (Arrow's allocator and
     glibc's malloc both keep freed pages for reuse): the driver's resident size between phases is
     then what it holds, not the high-water mark of the phase before."""
-
-
     pa.default_memory_pool().release_unused()
     with contextlib.suppress(OSError, AttributeError):
         ctypes.CDLL("libc.so.6").malloc_trim(0)

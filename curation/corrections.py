@@ -161,7 +161,6 @@ def apply_corrections(samples: pa.Table, *, stored: pa.Table | None, answers: di
     """``samples`` with the corrections applied (``label``, ``label_source``, ``given_label``),
     the corrections to keep with this run, and the ``run.json`` summary. Only the corrected
     items are visited one by one; every other row is handled by Arrow, in bulk."""
-
     n = samples.num_rows
     stored_rows = stored.to_pylist() if stored is not None else []
     decided, conflicting = majority(answers or {})
@@ -215,7 +214,6 @@ def apply_corrections(samples: pa.Table, *, stored: pa.Table | None, answers: di
 
 def corrected_mask(samples: pa.Table) -> np.ndarray:
     """Rows whose label is an annotator's correction."""
-
     if "label_source" not in samples.column_names:
         return np.zeros(samples.num_rows, bool)
     return pc.fill_null(pc.equal(samples["label_source"], SOURCE_CORRECTED), False).to_numpy(zero_copy_only=False)

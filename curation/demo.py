@@ -26,6 +26,8 @@ import pyarrow.parquet as pq
 from curation.schema import STATUS_REJECTED
 from curation.scores import declared_flags
 from curation.scores.label_quality import SUSPECTED
+from curation.config import load_config
+from curation.job import run_job
 
 log = logging.getLogger(__name__)
 
@@ -291,10 +293,6 @@ def format_table(rows: list[dict], columns: list[str]) -> str:
 
 def run_demo(*, out: str = "./demo-output", n: int = 2400) -> int:
     """Generate, curate, and print planted-vs-found. Returns the process exit status."""
-
-    from curation.config import load_config
-    from curation.job import run_job
-
     out = os.path.abspath(out)
     data_root = os.path.join(out, "data")
     os.makedirs(data_root, exist_ok=True)

@@ -41,6 +41,9 @@ import pyarrow as pa
 from curation.config import DriftConfig
 from curation.drift_profile import SEED, Profile, build_profile, profile_sample_ids  # noqa: F401 (public here too)
 from curation.published_run import PublishedRun
+from curation.index.source import CachedVectors, as_source, map_vectors
+from curation.item_key import match_items
+from curation.schema import ok_rows_in_vector_order
 
 log = logging.getLogger(__name__)
 
@@ -179,8 +182,6 @@ def find_new_regions(graph, is_new: np.ndarray, threshold: float, vectors, *, ne
     from scipy.sparse import coo_matrix
     from scipy.sparse.csgraph import connected_components
 
-    from curation.index.source import as_source, map_vectors
-
     source = as_source(vectors)
     new_ids = np.flatnonzero(is_new)
     empty = (np.zeros(0, np.int64), np.zeros(0, np.int64), np.zeros(0, np.float32))
@@ -298,9 +299,6 @@ def compare(previous: Profile, current: Profile, config: DriftConfig, *, on_prev
 def new_item_mask(samples: pa.Table, previous: PublishedRun) -> np.ndarray:
     """Per vector id: the item is new tonight (its uri and fingerprint were not an ok item of
     the previous run)."""
-    from curation.item_key import match_items
-    from curation.schema import ok_rows_in_vector_order
-
     old = previous.items([])
     if old is None:
         raise OSError(f"cannot read the previous run's samples ({previous.uri})")
@@ -317,8 +315,6 @@ def _new_sample_ids(is_new: np.ndarray, sample_size: int) -> np.ndarray:
 def drift_phase(samples: pa.Table, vectors, graph, config: DriftConfig, *, model_id: str,
                 previous: PublishedRun | None, centroids: np.ndarray | None = None) -> DriftResult:
     """Tonight's profile and its comparison with the previous published run's."""
-    from curation.index.source import CachedVectors, as_source
-    from curation.schema import ok_rows_in_vector_order
 
     before = previous.profile() if previous is not None else None
     usable = before is not None and before.model_id == model_id

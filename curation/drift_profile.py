@@ -13,6 +13,11 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from curation.io.filesystem import Location, read_bytes, write_bytes
+from curation.index.knn import kth_distance
+from curation.index.source import as_source, map_vectors
+from curation.schema import is_ok, ok_rows_in_vector_order
+from curation.scores import boolean_flag_columns
+from curation.scores.clusters import assign
 
 log = logging.getLogger(__name__)
 
@@ -99,8 +104,6 @@ def _cluster_pass(ids: np.ndarray, x: np.ndarray, cluster_of: np.ndarray, n_clus
     counts = np.bincount(labels, minlength=n_clusters)
     previous = None
     if previous_centroids is not None and len(previous_centroids):
-        from curation.scores.clusters import assign
-
         nearest, _ = assign(ids, x, previous_centroids)
         previous = np.bincount(nearest, minlength=len(previous_centroids))
     return sums, counts, previous
@@ -120,11 +123,6 @@ def build_profile(samples: pa.Table, vectors, graph, *, model_id: str, sample_si
     over the stored vectors, where they are). ``samples`` has the ``cluster`` column;
     ``centroids`` are the ones the clusters score assigned to (kept, so that the next night can
     assign to the very same ones); without them, each cluster's normalised member mean."""
-    from curation.index.knn import kth_distance
-    from curation.index.source import as_source, map_vectors
-    from curation.schema import is_ok, ok_rows_in_vector_order
-    from curation.scores import boolean_flag_columns
-
     source = as_source(vectors)
     n = source.n
     ok = is_ok(samples["status"])

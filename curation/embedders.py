@@ -30,7 +30,7 @@ from dataclasses import asdict, dataclass
 import torch
 from torch import nn
 
-from curation.io.filesystem import Resolver, read_bytes
+from curation.io.filesystem import Resolver, StorageError, check_readable, read_bytes
 
 log = logging.getLogger(__name__)
 
@@ -120,8 +120,6 @@ def check_embedder(model: str, weights: str, *, resolver: Resolver | None = None
     """Cheap up-front validation (no model is built): a known model name and, for weights given
     as a path or URI, an object that exists. Raises :class:`EmbedderError`."""
     import torchvision
-
-    from curation.io.filesystem import StorageError, check_readable
 
     if model not in ("thumbnail", "torchscript", "exported") and model not in set(torchvision.models.list_models()):
         raise EmbedderError(f"embedder.model: unknown model {model!r}; expected 'thumbnail', 'torchscript', "

@@ -93,7 +93,6 @@ def _rows(run: Location, selection: str) -> list[dict]:
 
 
 def _columns(run: Location) -> list[str]:
-
     return ds.dataset(run.child("samples").path, filesystem=run.filesystem, format="parquet").schema.names
 
 

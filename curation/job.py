@@ -34,8 +34,8 @@ import pyarrow.parquet as pq
 from curation.config import Config
 from curation.index.knn import KnnGraph
 from curation.index.source import VectorParts, parquet_parts
-from curation.io import inputs as inputs_io
-from curation.io import outputs
+from curation.select import build_selections
+from curation.io import inputs as inputs_io, outputs
 from curation.io.filesystem import Resolver
 from curation.io.store import EmbeddingStore
 from curation.report import prepare_report
@@ -47,6 +47,12 @@ from curation.clock import Clock
 from curation.preflight import Plan, preflight  # noqa: F401 (public here too)
 from curation.publish import (NothingToPublish, PublishConflict, RunResult, Scored,  # noqa: F401
                               publish)
+from curation.drift import drift_phase, profile_sample_ids
+from curation.scores.label_quality import probe_sample_ids
+from curation.index.incremental import neighbour_graph
+from curation.scores import run_scores
+from curation.corrections import apply_corrections, read_answers
+from curation.leakage import find_leaks, split_values
 log = logging.getLogger(__name__)
 
 
@@ -99,8 +105,6 @@ def run_job(config: Config, *, resolver: Resolver | None = None, plan: Plan | No
         with clock.phase("leakage"):
             leakage = _split_leakage(samples, ingested, config, resolver)
         with clock.phase("selections"):
-            from curation.select import build_selections
-
             selections = build_selections(samples, config.scores, config.selections, ingested.vectors,
                                           previous=_previous_selections(plan, config))
         with clock.phase("report_data"):
@@ -126,7 +130,7 @@ def ingest(plan: Plan, config: Config, resolver: Resolver, clock: Clock) -> Inge
 
 
 def _ingest_images(plan: Plan, config: Config, resolver: Resolver, clock: Clock) -> Ingested:
-    from curation import pipeline
+    from curation import pipeline  # Ray Data, only when images are decoded and embedded
 
     inputs = plan.inputs
     identity = run_tasks(_describe_embedder, [(config, resolver)])[0]  # the model loads on a worker
@@ -230,9 +234,6 @@ def find_neighbours(ingested: Ingested, config: Config, plan: Plan) -> tuple[Ing
     if n_ok == 0:
         raise NothingToPublish(f"no usable item: {ingested.samples.num_rows} inputs, all rejected "
                                f"(see the log for reasons); nothing published, latest unchanged")
-    from curation.drift import profile_sample_ids
-    from curation.scores.label_quality import probe_sample_ids
-    from curation.index.incremental import neighbour_graph
 
     previous = plan.previous if config.knn.incremental != "off" else None
     model_id = str(ingested.embedder.get("model_id"))
@@ -268,8 +269,6 @@ def find_neighbours(ingested: Ingested, config: Config, plan: Plan) -> tuple[Ing
 
 
 def score(ingested: Ingested, neighbours: Neighbours, config: Config, plan: Plan) -> tuple[pa.Table, dict]:
-    from curation.scores import run_scores
-
     budgets = [sel.budget for sel in config.selections if sel.mode == "representative" and sel.budget]
     return run_scores(ingested.samples, ingested.vectors, neighbours.graph, config.scores,
                       budget=max(budgets, default=None), copies=ingested.copies, copy_knn=neighbours.copy_graph,
@@ -287,9 +286,6 @@ def _apply_corrections(plan: Plan, config: Config, resolver: Resolver,
                        ingested: Ingested) -> tuple[Ingested, tuple[pa.Table, dict] | None]:
     """Fold in ``input.label_corrections`` and the corrections the previous published run kept
     (see :mod:`curation.corrections`); sets ``label_source`` on every row."""
-
-    from curation.corrections import apply_corrections, read_answers
-
     answers = plan.answers
     if answers is None and config.input.label_corrections:  # a plan made before this check existed
         answers = read_answers(resolver.resolve(config.input.label_corrections))
@@ -326,7 +322,6 @@ def _drift(plan: Plan, config: Config, samples: pa.Table, ingested: Ingested, gr
     :mod:`curation.drift`); None when ``drift.enabled`` is off."""
     if not config.drift.enabled:
         return None
-    from curation.drift import drift_phase
 
     return drift_phase(samples, ingested.vectors, graph, config.drift, model_id=str(ingested.embedder.get("model_id")),
                        previous=plan.previous, centroids=centroids)
@@ -335,8 +330,6 @@ def _drift(plan: Plan, config: Config, samples: pa.Table, ingested: Ingested, gr
 def _split_leakage(samples: pa.Table, ingested: Ingested, config: Config,
                    resolver: Resolver) -> tuple[pa.Table, dict] | None:
     """Copies across splits (see :mod:`curation.leakage`), or None when the run has no split."""
-    from curation.leakage import find_leaks, split_values
-
     inp = config.input
     column = inp.split_column or (None if inp.split_from_path else "split")
     root = resolver.resolve(inp.images).uri if inp.split_from_path else None

@@ -122,7 +122,6 @@ def remove_unlisted_parts(folder: Location, compact: pa.Table | None) -> list[st
     """Delete ``embeddings/`` parts no compact row points at: a write task that Ray reran
     after its node was lost may have left a first, half-reported part behind, and readers
     take the folder's name order as vector order. Returns the names removed."""
-
     listed = set()
     if compact is not None and "vector_file" in compact.column_names:
         listed = set(pc.drop_null(compact["vector_file"]).to_pylist())

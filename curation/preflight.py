@@ -9,14 +9,17 @@ from dataclasses import dataclass, field
 
 import pyarrow as pa
 import pyarrow.compute as pc
+import pyarrow.dataset as ds
 import pyarrow.parquet as pq
 
 from curation.config import Config, ConfigError
-from curation.io import inputs as inputs_io
-from curation.io import outputs
+from curation.io import inputs as inputs_io, outputs
 from curation.io.filesystem import Location, Resolver, read_tagged
 from curation.published_run import PublishedRun, is_published
 from curation.schema import INPUT_COLUMNS, INTERNAL_COLUMNS, SAMPLES_CONTRACT, SAMPLES_EXTRA
+from curation.corrections import CorrectionsError, check_answers, read_answers
+from curation.scores import reserved_columns
+from curation.select import check_selection_columns
 
 log = logging.getLogger(__name__)
 
@@ -76,15 +79,10 @@ def preflight(config: Config, resolver: Resolver) -> Plan:
 def _checked_corrections(config: Config, resolver: Resolver, plan: Plan) -> dict[str, list[str]]:
     """``input.label_corrections`` parsed and checked against the inputs' items and classes
     (and the classes the previous run's kept corrections made), before any work."""
-
-    from curation.corrections import CorrectionsError, check_answers, read_answers
-
     location = resolver.resolve(config.input.label_corrections)
     if plan.inputs is not None:
         uris, labels = plan.inputs["uri"], plan.inputs["label"] if "label" in plan.inputs.column_names else None
     else:
-        import pyarrow.dataset as ds
-
         files = plan.embedding_files  # only the two columns needed here: ingest reads the rest
         dataset = ds.dataset([f.path for f in files], filesystem=files[0].filesystem, format="parquet")
         table = dataset.to_table(columns=[c for c in ("uri", "label") if c in dataset.schema.names])
@@ -107,9 +105,6 @@ def _checked_corrections(config: Config, resolver: Resolver, plan: Plan) -> dict
 
 
 def _check_selection_columns(config: Config, metadata: list[str], plan: Plan) -> None:
-    from curation.scores import reserved_columns
-    from curation.select import check_selection_columns
-
     fields = list(SAMPLES_CONTRACT) + list(SAMPLES_EXTRA)
     known = {f.name for f in fields}
     fields += [pa.field(name, pa.float64()) for name in sorted(reserved_columns() - known - set(INTERNAL_COLUMNS))]

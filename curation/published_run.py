@@ -26,6 +26,8 @@ from curation.io.filesystem import Location, read_bytes
 from curation.run_layout import (CORRECTIONS_FILE, LATEST, PROBE_FILE, SUCCESS,  # noqa: F401 (public here too)
                                  TRAINED_INDEX, shard_file)
 from curation.run_info import RunInfo
+from curation.schema import is_ok
+from curation.drift_profile import Profile
 
 log = logging.getLogger(__name__)
 
@@ -131,9 +133,6 @@ class PublishedRun:
     def items(self, columns: list[str], *, ok_only: bool = True) -> pa.Table | None:
         """Its ``samples/`` rows (the ok ones unless ``ok_only`` is off): the item key columns
         (``uri``, ``fingerprint``) and those of ``columns`` it has; None when unreadable."""
-
-        from curation.schema import is_ok
-
         folder = self.child("samples")
         try:
             dataset = ds.dataset(folder.path, filesystem=folder.filesystem, format="parquet")
@@ -147,7 +146,6 @@ class PublishedRun:
 
     def selection(self, name: str, columns: list[str] | None = None) -> pa.Table | None:
         """Its selection ``name`` (those of ``columns`` it has), or None when it has none."""
-
         location = self.child("selections", f"{name}.parquet")
         try:
             dataset = ds.dataset(location.path, filesystem=location.filesystem, format="parquet")
@@ -165,8 +163,6 @@ class PublishedRun:
 
     def profile(self):
         """Its drift profile (:class:`~curation.drift_profile.Profile`; None when it kept none)."""
-        from curation.drift_profile import Profile
-
         return Profile.read(self.location)
 
     @property

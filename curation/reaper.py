@@ -74,7 +74,6 @@ def watch(driver: int) -> int:
 
 def start(driver: int | None = None):
     """Start the watchdog for ``driver`` (this process by default); returns its Popen."""
-
     return subprocess.Popen([sys.executable, "-m", "curation.reaper", str(driver or os.getpid())],
                             stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
                             start_new_session=True)

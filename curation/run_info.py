@@ -27,6 +27,10 @@ from importlib.metadata import PackageNotFoundError, version
 from pydantic import BaseModel, ConfigDict, TypeAdapter, ValidationError
 from pydantic.dataclasses import dataclass
 import pyarrow.compute as pc
+from curation import __version__
+from curation.balance import balance_stats
+from curation.io.filesystem import StorageError, read_bytes, write_bytes
+from curation.scores import REGISTRY
 
 if TYPE_CHECKING:
     import pyarrow as pa
@@ -174,18 +178,13 @@ class RunInfo:
               selections: list[SelectionResult], embedder: dict, knn: dict, config: Config) -> RunInfo:
         """The record of a finished run, from what its phases produced (``samples`` ordered and
         counted already)."""
-
-        import curation
-        from curation.balance import balance_stats
-        from curation.scores import REGISTRY
-
         flags = {name: value for summary in score_summary.values() for name, value in summary.get("flags", {}).items()}
         labels = samples["label"].drop_null()
         class_balance = ({str(v["values"]): int(v["counts"]) for v in pc.value_counts(labels).to_pylist()}
                          if len(labels) else {})
         tables = {r.name: r.table for r in selections}
         return cls(
-            run_id=run_id, uri=uri, version=curation.__version__, counts=counts, flags=flags, scores=score_summary,
+            run_id=run_id, uri=uri, version=__version__, counts=counts, flags=flags, scores=score_summary,
             class_balance=class_balance,
             balance=balance_stats(samples, tables, {c for s in REGISTRY for c in s.columns}),
             embedder=embedder, knn=KnnRecord.model_validate(knn),
@@ -242,8 +241,6 @@ class RunInfo:
             raise ValueError(f"run.json: {where}: {error['msg']}") from None
 
     def write(self, run: Location) -> None:
-        from curation.io.filesystem import write_bytes
-
         # Strict JSON (no NaN / Infinity tokens, which strict readers refuse): a non-finite
         # number is written as null.
         text = json.dumps(finite(self.to_dict()), indent=2, default=str, allow_nan=False)
@@ -252,10 +249,6 @@ class RunInfo:
     @classmethod
     def read(cls, run: Location) -> RunInfo:
         """The ``run.json`` of the run at ``run``; ``ValueError`` naming the file when it is not one."""
-        from curation.io.filesystem import read_bytes
-
-        from curation.io.filesystem import StorageError
-
         location = run.child(FILE_NAME)
         try:
             data = read_bytes(location)
@@ -288,7 +281,6 @@ def finite(value: Any) -> Any:
 
 def package_versions() -> dict[str, str]:
     """Package versions from their metadata (importing torch on the driver would cost ~300 MB)."""
-
     out = {"python": platform.python_version()}
     for name in ("ray", "torch", "torchvision", "faiss-cpu", "pyarrow", "scikit-learn", "cuml-cu13"):
         try:

@@ -17,6 +17,7 @@ from curation.cover import farthest_first
 from curation.labelling import rank_for_labelling
 from curation.schema import ok_rows_in_vector_order
 from curation.select_view import Ranked, SampleView, _floats, allocate, interleave, interleave_by
+from curation.index.source import map_vectors
 
 log = logging.getLogger(__name__)
 
@@ -220,8 +221,6 @@ def blocked_by(view: SampleView, members: np.ndarray, cosine: float) -> np.ndarr
     """Rows that would leak ``members`` into another selection: every row in a duplicate group
     with a member, and every ok row whose cosine to some member is at least ``cosine`` (scanned
     where the vectors are stored, a Ray task per range)."""
-    from curation.index.source import map_vectors
-
     out = np.zeros(view.table.num_rows, bool)
     if len(members) == 0:
         return out

@@ -17,6 +17,7 @@ What each task and actor asks for is decided in :mod:`curation.sizing`, never he
 
 from __future__ import annotations
 
+import _thread
 import contextlib
 import logging
 import os
@@ -100,7 +101,6 @@ STALL_SIGNAL = signal.SIGUSR2  # raised in the main thread by the stall watchdog
 def watch_for_stalls(config: Config) -> Iterator[None]:
     """Run the body under a :class:`StallWatchdog` (``cluster.stall_timeout_s``); a stall
     surfaces as :class:`ClusterStalled` instead of the interrupt that stopped the body."""
-
     watchdog = StallWatchdog(config.cluster.stall_timeout_s)
     previous = None
     if watchdog.timeout_s > 0 and threading.current_thread() is threading.main_thread():
@@ -128,7 +128,7 @@ def watch_for_stalls(config: Config) -> Iterator[None]:
 def _start_reaper():
     if not os.path.isdir("/proc"):  # the watchdog reads /proc (Linux); elsewhere, Ray's own cleanup
         return None
-    from curation import reaper
+    from curation import reaper  # a process of its own: only a local Ray needs one
 
     return reaper.start()
 
@@ -200,7 +200,6 @@ class StallWatchdog:
     """
 
     def __init__(self, timeout_s: float, *, poll_s: float | None = None):
-
         self.timeout_s = timeout_s
         self.poll_s = poll_s or max(0.5, min(30.0, timeout_s / 10))
         self.message: str | None = None
@@ -219,8 +218,6 @@ class StallWatchdog:
             self._thread.join(timeout=5)
 
     def _watch(self) -> None:
-        import _thread
-
         last, since = None, time.monotonic()
         while not self._stop.wait(self.poll_s):
             try:
@@ -328,7 +325,6 @@ def check_nodes(resolver, inputs: list[tuple[str, str]], output: tuple[str, str]
 
 def _reach(resolver, inputs: list[tuple[str, str]], output: tuple[str, str], node_id: str) -> str | None:
     """On one node: None when every input is readable and the output writable, else why not."""
-
     for key, uri in inputs:
         try:
             location = resolver.resolve(uri)

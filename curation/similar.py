@@ -31,9 +31,16 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 import pyarrow.dataset as ds
 
-from curation.io.filesystem import Location, Resolver
+from curation.io.filesystem import Location, Resolver, write_bytes_atomic
 from curation.published_run import PublishedRun, shard_file
 from curation.run_info import KnnRecord
+from curation.schema import is_ok
+from curation.scores import boolean_flag_columns
+from curation.index.source import VectorParts, parquet_parts
+from curation.index.shard import load_index, merge_shard_results
+from curation.where import where_mask
+from curation.stages.query import QueryImageError, embed_images
+from curation.index.knn import drop_self
 
 log = logging.getLogger(__name__)
 
@@ -92,10 +99,6 @@ class RunSearch:
     # ------------------------------------------------------------------------------ opening
 
     def _read_samples(self) -> None:
-
-        from curation.schema import is_ok
-        from curation.scores import boolean_flag_columns
-
         dataset = ds.dataset(self.run.child("samples").path, filesystem=self.run.filesystem, format="parquet")
         table = dataset.to_table()
         ok = is_ok(table["status"])
@@ -107,8 +110,6 @@ class RunSearch:
         self._frame = None
 
     def _open_vectors(self, knn: KnnRecord) -> None:
-        from curation.index.source import VectorParts, parquet_parts
-
         vectors = knn.vectors
         files = [self.resolver.resolve(uri) for uri in vectors.files]
         try:
@@ -127,8 +128,6 @@ class RunSearch:
 
     def _open_index(self, knn: KnnRecord) -> None:
         import faiss
-
-        from curation.index.shard import load_index
 
         self.shards: list = []
         self.exact = None
@@ -175,7 +174,6 @@ class RunSearch:
         """Vector ids that pass ``where`` (None: no filter)."""
         if not where:
             return None
-        from curation.where import where_mask
 
         if self._frame is None:
             self._frame = self.samples.drop_columns([c for c in ("embedding",) if c in self.samples.column_names])
@@ -207,7 +205,6 @@ class RunSearch:
     def by_image(self, images: list[str], *, k: int = 20, where: str | None = None) -> pa.Table:
         """Hits for image files (local paths or URIs), embedded as the run embedded its items."""
         from curation.embedders import EmbedderError
-        from curation.stages.query import QueryImageError, embed_images
 
         try:
             vectors = embed_images(images, self.info, space=self.space, resolver=self.resolver)
@@ -240,8 +237,6 @@ class RunSearch:
                own: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
         """Top-``k`` ``(similarities, vector ids)`` of each row of ``x``, ``own[i]`` excluded
         from row i, only ``allowed`` ids when given."""
-        from curation.index.knn import drop_self
-
         x = np.ascontiguousarray(x, np.float32)
         extra = 0 if own is None else 1
         if allowed is not None:
@@ -260,8 +255,6 @@ class RunSearch:
         return drop_self(sims, ids, own, k)
 
     def _search_all(self, x: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
-        from curation.index.shard import merge_shard_results
-
         k = min(k, self.n)
         if self.exact is not None:
             return self.exact.search(x, k)
@@ -279,8 +272,6 @@ class RunSearch:
         with the same filter); a filter that leaves more than :data:`EXACT_FILTER_MAX` items
         uses the exact index with an id selector."""
         import faiss
-
-        from curation.index.shard import merge_shard_results
 
         if len(allowed) == 0:
             return np.full((len(x), 0), -np.inf, np.float32), np.full((len(x), 0), -1, np.int64)
@@ -352,8 +343,6 @@ def format_hits(table: pa.Table, *, width: int = 60) -> str:
 
 def write_hits(table: pa.Table, location: Location) -> None:
     """The hits as one Parquet file, written whole or not at all (a temporary name renamed)."""
-    from curation.io.filesystem import write_bytes_atomic
-
     sink = pa.BufferOutputStream()
     pq.write_table(table, sink)
     write_bytes_atomic(location, sink.getvalue().to_pybytes())

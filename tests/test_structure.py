@@ -184,3 +184,50 @@ def test_the_installed_package_holds_no_test_helpers():
     assert not os.path.exists(os.path.join(ROOT, "curation", "testing"))
     for path in _modules("curation").values():
         assert "testkit" not in _imports(path, "x", {"testkit"}), path
+
+
+# Imports inside functions keep heavy or optional libraries off the processes that do not need
+# them (the driver, a CLI command, the reaper): Ray and Ray Data, torch and the project modules
+# that import it, FAISS, scikit-learn, scipy, Bokeh, UMAP / numba, cuML, botocore, threadpoolctl.
+# Everything else is imported at the top of its module.
+LAZY_LIBRARIES = {"ray", "torch", "torchvision", "faiss", "sklearn", "scipy", "bokeh", "umap", "numba", "cuml",
+                  "botocore", "threadpoolctl", "importlib"}
+LAZY_PROJECT_MODULES = {"curation.embedders", "curation.stages.decode", "curation.stages.embed", "curation.pipeline",
+                        "curation.reaper"}
+CLI_MODULES = {"curation/cli.py", "curation/__main__.py"}  # a command loads only what it runs
+
+
+def lazy_imports(source: str) -> list[tuple[int, str]]:
+    """``(line, module)`` of every import inside a function (``from curation import x`` as ``curation.x``)."""
+    found = []
+    for fn in ast.walk(ast.parse(source)):
+        if isinstance(fn, (ast.FunctionDef, ast.AsyncFunctionDef)):
+            for node in ast.walk(fn):
+                if isinstance(node, ast.Import):
+                    found += [(node.lineno, a.name) for a in node.names]
+                elif isinstance(node, ast.ImportFrom) and node.module and not node.level:
+                    found += ([(node.lineno, f"curation.{a.name}") for a in node.names] if node.module == "curation"
+                              else [(node.lineno, node.module)])
+    return sorted(found)
+
+
+def test_the_lazy_import_finder_sees_nested_and_package_imports():
+    found = lazy_imports("def f():\n    if x:\n        import json\n    from curation import pipeline\n")
+    assert found == [(3, "json"), (4, "curation.pipeline")]
+
+
+def test_imports_inside_functions_only_keep_heavy_libraries_off_a_process():
+    wrong = []
+    for folder, _, files in os.walk(os.path.join(ROOT, "curation")):
+        for name in files:
+            if not name.endswith(".py"):
+                continue
+            path = os.path.join(folder, name)
+            rel = os.path.relpath(path, ROOT)
+            for line, module in lazy_imports(open(path).read()):
+                if module.split(".")[0] in LAZY_LIBRARIES or module in LAZY_PROJECT_MODULES:
+                    continue
+                if module.startswith("curation") and rel in CLI_MODULES:
+                    continue
+                wrong.append(f"{rel}:{line} {module}")
+    assert wrong == [], "import these at the top of their modules: " + ", ".join(wrong)

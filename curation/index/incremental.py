@@ -35,6 +35,12 @@ import pyarrow.dataset as ds
 from curation.index.knn import KnnGraph, drop_self, id_dtype
 from curation.io.filesystem import Location
 from curation.run_layout import TRAINED_INDEX, shard_file
+from curation.item_key import match_items
+from curation.schema import ok_rows_in_vector_order
+from curation.index.shard import load_index
+from curation.index.params import IndexParams
+from curation.index.sharded import Incremental, index_params, knn_graph, sharded_knn
+from curation.index.source import CachedVectors, as_source
 
 if TYPE_CHECKING:
     from curation.published_run import PublishedRun
@@ -150,7 +156,6 @@ def check_carried_similarities(carried: Carried, source, k: int, where: str, *, 
 
 
 def _read_graph(folder: Location) -> pa.Table:
-
     return ds.dataset(folder.path, filesystem=folder.filesystem, format="parquet").to_table(
         columns=["input_id", "neighbor_ids", "neighbor_similarities"])
 
@@ -160,9 +165,6 @@ def carry_previous(previous: Location, samples: pa.Table, k: int, *, folder: str
     """The previous run's ``folder`` graph (``knn/`` or ``knn-copies/``, followed by its
     ``-margin`` neighbours when it kept them) mapped onto tonight's ok items (``samples`` with
     ``vector_id``), ``k + margin`` wide; None when that run has no such graph."""
-    from curation.item_key import match_items
-    from curation.schema import ok_rows_in_vector_order
-
     old = previous.items(["input_id", "vector_id"])
     location = previous.child(folder)
     info = location.filesystem.get_file_info(location.path)
@@ -267,8 +269,6 @@ def quantiser_drift(trained: Location, source, new_ids: np.ndarray, old_ids: np.
     """New items' mean distance to their nearest coarse centroid over the old items' (samples;
     ``old_distance``, the training sample's as the index recorded it, when given)."""
     import faiss
-
-    from curation.index.shard import load_index
 
     index = load_index(trained)
     holder = index.base_index if isinstance(index, faiss.IndexRefine) else index
@@ -410,10 +410,6 @@ def neighbour_graph(vectors, cfg, *, samples, save_to: Location | None, previous
     memory (:class:`~curation.index.source.CachedVectors`: read once, they are what the search,
     the shards, the clusters and the drift check read; ``hold``: more ids to read with them, for
     a later phase)."""
-    from curation.index.params import IndexParams
-    from curation.index.sharded import Incremental, index_params, knn_graph, sharded_knn
-    from curation.index.source import CachedVectors, as_source
-
     source = as_source(vectors)
     n = source.n
     params = index_params(source, cfg)

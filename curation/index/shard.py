@@ -210,7 +210,6 @@ class IndexShard:
 
     def memory_bytes(self) -> int:
         """Peak resident set of this process (includes pages of Ray's shared object store it read)."""
-
         return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
 
     def private_bytes(self) -> int:

@@ -30,7 +30,7 @@ from curation.index.knn import KnnGraph, drop_self, exact_knn, id_dtype
 from curation.index.params import IndexParams, choose_params
 from curation.index.shard import IndexShard, merge_shard_results, train_empty_index
 from curation.index.source import CachedVectors, VectorParts, as_source
-from curation.io.filesystem import Location, write_bytes
+from curation.io.filesystem import Location, read_bytes, write_bytes
 from curation.run_layout import TRAINED_INDEX, shard_file
 from curation.session import progress
 from curation.sizing import TRAIN_THREADS, WAITING, ClusterShape, shard_request, training_request
@@ -175,8 +175,6 @@ def _trained_index(source, params: IndexParams, trained_from: Location | None, s
     nprobe calibration sample (None when not calibrating). Trained in a Ray task, which fetches
     its own sample: the driver receives only the trained, empty index (nlist centroids)."""
     import ray
-
-    from curation.io.filesystem import read_bytes
 
     calibration = None
     t = time.perf_counter()

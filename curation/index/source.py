@@ -24,6 +24,7 @@ import pyarrow.parquet as pq
 
 from curation.io.filesystem import Location
 from curation.sizing import ONE_CPU
+from curation.session import progress, run_tasks
 
 READ_BUFFER = 8 << 20  # bytes per buffered read from storage
 
@@ -115,8 +116,6 @@ class VectorParts:
         Only the row groups holding them are read, one task per file (Ray tasks when Ray is
         up; in this process when ``local``, as a task that must not wait on other tasks does),
         so the caller receives just these rows."""
-        from curation.session import run_tasks
-
         ids = np.asarray(ids, np.int64)
         if len(ids) == 0:
             return np.zeros((0, self.dim), np.float32)
@@ -139,8 +138,6 @@ class VectorParts:
         object per file and group (spilled to disk by Ray if it must), and the caller holds
         one group at a time."""
         import ray
-
-        from curation.session import progress
 
         row_bytes = 4 * max(self.dim, 1)
         window: list[int] = []
@@ -378,8 +375,6 @@ def map_vectors(source, fn, *args, rows_per_task: int = 65536) -> list:
     are: one Ray task per range when Ray is up (each reads its own rows from storage), in
     process otherwise. Only ``fn``'s (compact) results come back."""
     import ray
-
-    from curation.session import run_tasks
 
     ranges = source.ranges(rows_per_task)
     shared = ray.put(source) if ray.is_initialized() and len(ranges) > 1 else source

@@ -22,6 +22,7 @@ import pyarrow.dataset as pads
 from curation.config import Config, ConfigError
 from curation.io.filesystem import Location, Resolver, StorageError, check_readable, list_files, open_text, to_uri
 from curation.schema import STATUS_OK, STATUS_REJECTED
+from curation.scores import reserved_columns
 
 log = logging.getLogger(__name__)
 
@@ -141,8 +142,6 @@ def _read_manifest(config: Config, resolver: Resolver) -> pa.Table:
 def metadata_columns(key: str, names: list[str], *, known: tuple[str, ...]) -> list[str]:
     """The metadata columns among an input's ``names`` (all but the ``known`` ones), carried
     into ``samples``. Raises ConfigError for one named like an output column."""
-    from curation.scores import reserved_columns
-
     reserved = reserved_columns()
     metadata = [name for name in names if name not in known]
     for name in metadata:
@@ -221,7 +220,6 @@ EMBEDDINGS_COLUMNS = ("uri", "embedding", "label", "model_id")  # of input.embed
 def embeddings_files(config: Config, resolver: Resolver) -> tuple[list[Location], list[str], int]:
     """The Parquet files of ``input.embeddings`` (a file or a folder), their column names and
     row count, from the footers alone. Raises ConfigError when a required column is missing."""
-
     location = resolver.resolve(config.input.embeddings)
     try:
         dataset = pads.dataset(location.path, filesystem=location.filesystem, format="parquet")

@@ -33,10 +33,10 @@ import pyarrow.compute as pc
 import pyarrow.fs as pafs
 
 from curation.config import is_run_id
-from curation.io.filesystem import Location, read_bytes, write_bytes
+from curation.io.filesystem import Location, read_bytes, write_bytes, write_if_unchanged
 from curation.published_run import latest_bytes, latest_run_id
 from curation.run_layout import LATEST, SUCCESS
-from curation.schema import INTERNAL_COLUMNS, SAMPLES_CONTRACT, SAMPLES_EXTRA, is_ok
+from curation.schema import INTERNAL_COLUMNS, SAMPLES_CONTRACT, SAMPLES_EXTRA, is_ok, ok_rows_in_vector_order
 
 log = logging.getLogger(__name__)
 
@@ -98,8 +98,6 @@ def write_vector_part(folder: Location, rows: pa.Table, *, model_id: str, store_
     is named after the block's smallest ``input_id`` so that name order follows input order, and
     written in row groups of ``EMBEDDING_ROW_GROUP`` rows so readers can stream it.
     """
-
-
     keyed = "input_id" in rows.column_names
     if keyed:
         rows = rows.sort_by("input_id")
@@ -137,9 +135,6 @@ def write_knn_graph(folder: Location, samples: pa.Table, knn) -> None:
     """The kNN graph the scores used: ``uri, input_id, neighbor_ids`` (their ``input_id``s),
     ``neighbor_similarities`` (cosine), for every ok item, nearest first. Written step by step so
     no second copy of the whole graph is made."""
-
-    from curation.schema import ok_rows_in_vector_order
-
     ok_rows = ok_rows_in_vector_order(samples)
     input_ids = samples["input_id"].to_numpy()[ok_rows]
     folder.filesystem.create_dir(folder.path, recursive=True)
@@ -174,7 +169,6 @@ def interrupted_vector_files(output: Location, current_run: str, *, newest: int 
     so they are the checkpoint a rerun resumes from; a part cut short by the crash is skipped
     when it is read (see :meth:`curation.io.store.EmbeddingStore.lookup`). ``skip``: runs not to
     consider (the one the store's snapshot was made from already is in the store)."""
-
     fs = output.filesystem
     try:
         folders = [info for info in fs.get_file_info(pafs.FileSelector(output.path, allow_not_found=True))
@@ -204,7 +198,6 @@ def remove_old_runs(output: Location, keep: int) -> list[str]:
     """Delete all but the ``keep`` newest complete runs under ``output`` (by the time of their
     ``_SUCCESS``), never the run ``latest`` names nor a folder without ``_SUCCESS`` (a run being
     written, a crashed one kept for inspection, the embedding store). Returns the removed ids."""
-
     if keep <= 0:
         return []
     fs = output.filesystem
@@ -231,8 +224,6 @@ def publish(output: Location, run_id: str, *, expected_latest: str | None = None
     started (None: only if there was none), so of two runs on one output that started from the
     same ``latest``, exactly one publishes; the other raises
     :class:`~curation.io.filesystem.PreconditionFailed` and leaves ``latest`` alone."""
-    from curation.io.filesystem import write_if_unchanged
-
     if not is_run_id(run_id):  # the config refuses such ids; nothing else may publish one either
         raise ValueError(f"not a run folder name: {run_id!r}")
     run = output.child(run_id)

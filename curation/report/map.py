@@ -21,6 +21,10 @@ from curation.config import ReportConfig
 from curation.item_key import match_items
 from curation.schema import is_ok
 from curation.scores import flag_columns
+from curation.scores.clusters import kmeans_backend
+from curation.index.source import as_source
+from curation.session import run_tasks
+from curation.sizing import ClusterShape, gpu_request
 
 log = logging.getLogger(__name__)
 
@@ -120,8 +124,6 @@ def choose_map_rows(ok: np.ndarray, must: np.ndarray, codes: np.ndarray, cap: in
 
 def map_backend() -> str:
     """``cuml`` when cuML imports and a GPU is visible, else ``umap-learn``."""
-    from curation.scores.clusters import kmeans_backend
-
     return "cuml" if kmeans_backend() == "cuml" else "umap-learn"
 
 
@@ -285,10 +287,6 @@ def map_coordinates(samples: pa.Table, vectors, selections: dict[str, pa.Table],
             and the others go beside their nearest placed neighbour, unless fewer than
             ``REUSE_MIN_SHARE`` of the points had a place (then a new layout is made).
     """
-    from curation.index.source import as_source
-    from curation.session import run_tasks
-    from curation.sizing import ClusterShape, gpu_request
-
     start = time.perf_counter()
     ok = is_ok(samples["status"])
     rows = choose_map_rows(ok, must_show(samples, selections, modes), strata(samples), config.map_points)

@@ -16,6 +16,7 @@ import time
 from PIL import Image, ImageOps
 
 from curation.io.filesystem import Resolver
+from curation.session import run_tasks
 
 log = logging.getLogger(__name__)
 
@@ -57,8 +58,6 @@ def _thumbnails_of(uris: list[str], resolver: Resolver, px: int, max_pixels: int
 
 def fetch_thumbnails(uris: list[str], resolver: Resolver, *, px: int, max_pixels: int) -> dict[str, str]:
     """``uri -> data:image/webp;base64,...`` for the uris whose image could be read."""
-    from curation.session import run_tasks
-
     start = time.perf_counter()
     chunks = [uris[i:i + CHUNK] for i in range(0, len(uris), CHUNK)]
     results = run_tasks(_thumbnails_of, [(chunk, resolver, px, max_pixels) for chunk in chunks])

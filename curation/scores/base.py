@@ -172,7 +172,6 @@ class Flag:
 
     def mask(self, table: pa.Table) -> np.ndarray:
         """The flagged rows of ``table`` (a flag column the table lacks flags nothing)."""
-
         if self.column not in table.column_names:
             return np.zeros(table.num_rows, bool)
         values = table[self.column]
@@ -206,7 +205,6 @@ class Score(Protocol):
 
 def count_true(table: pa.Table, *names: str) -> dict[str, int]:
     """``{name: number of true rows}`` for boolean columns (a common summary)."""
-
     return {name: int(pc.sum(table[name]).as_py() or 0) for name in names}
 
 
@@ -241,14 +239,12 @@ def one_sided_counts(values: np.ndarray, eligible: np.ndarray, thresholds: list[
 def with_evidence(table: pa.Table, evidence: dict) -> pa.Table:
     """``table`` carrying ``evidence`` (per threshold key: counts at nearby values and the items
     or pairs on either side) for its score's summary to report; never shared state."""
-
     meta = dict(table.schema.metadata or {})
     meta[EVIDENCE_KEY] = json.dumps(evidence, default=float).encode()
     return table.replace_schema_metadata(meta)
 
 
 def evidence_of(table: pa.Table) -> dict:
-
     raw = (table.schema.metadata or {}).get(EVIDENCE_KEY)
     return json.loads(raw) if raw else {}
 

@@ -23,6 +23,10 @@ import pyarrow.compute as pc
 
 from curation.index.source import as_source, map_vectors
 from curation.scores.base import ScoreContext, masked
+from curation.session import run_tasks
+from curation.sizing import TRAIN_THREADS, training_request
+from curation.item_key import match_items
+from curation.schema import ok_rows_in_vector_order
 
 log = logging.getLogger(__name__)
 
@@ -43,7 +47,6 @@ def choose_n_clusters(n: int, requested: int = 0, budget: int | None = None) -> 
 
 def kmeans_backend() -> str:
     """``cuml`` when cuML imports and a GPU is visible, else ``faiss``."""
-
     try:
         importlib.import_module("cuml")  # only whether it imports
         import torch
@@ -86,9 +89,6 @@ def assign(ids: np.ndarray, x: np.ndarray, centroids: np.ndarray) -> tuple[np.nd
 def cluster_vectors(vectors, k: int, *, seed: int = SEED) -> tuple[np.ndarray, np.ndarray, str, np.ndarray]:
     """Train on a sample of ``vectors`` (a source or a matrix), assign every vector where it is
     stored. Returns labels, cosine to the centroid, the training backend and the centroids."""
-    from curation.session import run_tasks
-    from curation.sizing import TRAIN_THREADS, training_request
-
     source = as_source(vectors)
     n = source.n
     rng = np.random.default_rng(seed)
@@ -173,7 +173,6 @@ class ClustersScore:
         return {"centroids": np.frombuffer(meta[b"centroids"], np.float32).reshape(-1, dim)}
 
     def summary(self, table: pa.Table) -> dict:
-
         clusters = pc.filter(table["cluster"], pc.greater_equal(table["cluster"], 0))
         backend = (table.schema.metadata or {}).get(b"kmeans_backend", b"none").decode()
         return {"clusters": len(pc.unique(clusters)), "kmeans_backend": backend}
@@ -182,9 +181,6 @@ class ClustersScore:
 def _previous_assignment(previous, samples: pa.Table):
     """Per vector id, the cluster and cosine ``previous`` gave the same unchanged item (cluster
     -1 for new and changed items); None when its samples cannot be read."""
-    from curation.item_key import match_items
-    from curation.schema import ok_rows_in_vector_order
-
     old = previous.items(["cluster", "cluster_similarity"])
     if old is None or "cluster" not in old.column_names or "cluster_similarity" not in old.column_names:
         return None

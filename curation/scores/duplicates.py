@@ -260,7 +260,6 @@ class DuplicatesScore:
         }), evidence)
 
     def summary(self, table: pa.Table) -> dict:
-
         kinds = pc.value_counts(table["dup_kind"].drop_null()).to_pylist()
         return {"flags": {"duplicates_not_kept": int(table["dup_of"].is_valid().to_numpy(zero_copy_only=False).sum()),
                           "duplicate_groups": len(pc.unique(table["dup_group"].drop_null()))},

@@ -43,7 +43,10 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from curation.index.source import as_source, map_vectors
+from curation.index.source import CachedVectors, as_source, map_vectors
+from curation.scores.clusters import kmeans_backend
+from curation.session import run_tasks
+from curation.sizing import ONE_CPU, TRAIN_THREADS, training_request
 
 log = logging.getLogger(__name__)
 
@@ -61,8 +64,6 @@ SEED = 0
 
 def probe_backend() -> str:
     """``cuml`` when cuML imports and a GPU is visible, else ``sklearn``."""
-    from curation.scores.clusters import kmeans_backend
-
     return "cuml" if kmeans_backend() == "cuml" else "sklearn"
 
 
@@ -72,7 +73,6 @@ def fold_keys(names) -> np.ndarray:
     item, not to its row, so a night that stores its vectors in another order (an updated night
     beside the same night built whole, a cluster of another size) fits the same model on the
     same rows, and an item stays in the sample and in its fold from night to night."""
-
     crc = np.fromiter((zlib.crc32(str(u).encode()) for u in _as_strings(names)), np.uint64)
     z = crc * np.uint64(0x9E3779B97F4A7C15)  # splitmix64's finaliser: CRC32 alone is linear
     z = (z ^ (z >> np.uint64(30))) * np.uint64(0xBF58476D1CE4E5B9)
@@ -88,7 +88,6 @@ def probe_keys(table, rows: np.ndarray) -> np.ndarray:
     """:func:`fold_keys` of ``rows`` of a samples table: by the file's content hash where it
     has one (the same picture is the same item wherever it is stored: in a local folder or in
     S3), else by uri."""
-
     take = pa.array(np.asarray(rows, np.int64), pa.int64())
     uris = table["uri"].take(take)
     if "content_hash" in table.column_names:
@@ -308,13 +307,9 @@ def train_probe_in_tasks(source, sample_ids: np.ndarray, labels: np.ndarray, n_c
     cluster; the standardised sample travels once, through the object store."""
     import ray
 
-    from curation.session import run_tasks
-    from curation.sizing import ONE_CPU
-
     present = np.unique(labels)
     if len(present) < 2 or not ray.is_initialized():
         return train_probe(source, sample_ids, labels, n_classes, 1, regularisation, keys, previous, class_names)
-    from curation.index.source import CachedVectors
 
     if isinstance(source, CachedVectors) and np.isin(sample_ids, source.ids).all():
         z, mean, scale = _standardised_sample(source, sample_ids)  # from memory: no read of the store
@@ -380,9 +375,6 @@ def probe_probabilities(vectors, codes: np.ndarray, n_classes: int, previous: Pr
         ``(top_classes (N, m) int32, top_probabilities (N, m) float32, info, state)``;
         ``state`` is what the next night starts from (None without ``class_names``).
     """
-    from curation.session import run_tasks
-    from curation.sizing import TRAIN_THREADS, training_request
-
     vectors = as_source(vectors)
     sample = stratified_sample(codes, PROBE_SAMPLE, keys=keys)
     sample_keys = keys[sample] if keys is not None else None

@@ -50,7 +50,10 @@ import pyarrow.compute as pc
 from curation.corrections import MIN_CLASS_MEMBERS, corrected_mask
 from curation.scores.base import REASON_COLUMN, Flag, ScoreContext, count_true, evidence_of, masked, nearby, \
     one_sided_counts, side_by_side, with_evidence
-from curation.scores.label_probe import probe_keys, probe_probabilities
+from curation.scores.label_probe import PROBE_SAMPLE, ProbeState, probe_keys, probe_probabilities, stratified_sample
+from curation.schema import ok_rows_in_vector_order
+from curation.io.filesystem import write_bytes
+from curation.run_layout import PROBE_FILE
 
 log = logging.getLogger(__name__)
 
@@ -106,8 +109,6 @@ def label_codes(labels) -> tuple[pa.DictionaryArray, np.ndarray, np.ndarray]:
 def probe_sample_ids(samples: pa.Table) -> np.ndarray:
     """The vector ids the label probe will train on (its stratified sample), for a phase that
     reads vectors before the scores and can read these with them."""
-    from curation.scores.label_probe import PROBE_SAMPLE, probe_keys, stratified_sample
-    from curation.schema import ok_rows_in_vector_order
 
     if "label" not in samples.column_names:
         return np.zeros(0, np.int64)
@@ -258,8 +259,6 @@ class LabelQualityScore:
         """The label probe ``previous`` fitted: its regularisation (kept instead of chosen
         again) and its models from ``label-probe.npz`` when it kept them (each fit starts
         there); None when it fitted none."""
-        from curation.scores.label_probe import ProbeState
-
         info = previous.info_or_none()
         probe = ((info.scores.get("label_quality") or {}).get("probe") or {}) if info is not None else {}
         if not (isinstance(probe, dict) and probe.get("C")):
@@ -278,9 +277,6 @@ class LabelQualityScore:
     def persist(self, table: pa.Table, run) -> None:
         """The probe's models, as ``label-probe.npz`` in tonight's run: the next night's fits
         start from them."""
-        from curation.io.filesystem import write_bytes
-        from curation.run_layout import PROBE_FILE
-
         state = (table.schema.metadata or {}).get(b"probe_state")
         if state:
             write_bytes(run.child(PROBE_FILE), state)

@@ -18,7 +18,7 @@ import torch
 
 from curation.embedders import load_embedder
 from curation.io.filesystem import Resolver
-from curation.schema import is_ok
+from curation.schema import STATUS_REJECTED, is_ok
 from curation.stages.decode_torch import DecodedFeatures, TorchDecoder
 
 
@@ -98,7 +98,6 @@ class EmbedStage:
         """Decode the rows the read tasks left as JPEG bytes (see the class). Returns the batch
         without its ``jpeg`` column, and the rows decoded on the device (None when no row was
         left); a file the device refused is decoded here by the CPU path, into the batch."""
-        from curation.schema import STATUS_REJECTED
         from curation.stages.decode import RejectedInput, decode_image
 
         files = batch.pop("jpeg")
