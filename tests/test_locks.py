@@ -99,7 +99,8 @@ def test_the_makefile_and_the_dockerfile_install_only_from_the_locks():
         makefile = fh.read()
     with open(os.path.join(ROOT, "cluster", "Dockerfile")) as fh:
         dockerfile = fh.read()
-    assert "UV_LOCKED = $(UV) pip install --quiet --require-hashes --no-deps" in makefile
+    # hash-checked, no resolver; bytecode compiled at install (uv's default is not to: see below)
+    assert "UV_LOCKED = $(UV) pip install --quiet --require-hashes --no-deps --compile-bytecode" in makefile
     for target, lock in [("$(STAMP):", "locks/dev.txt"), ("$(LS_STAMP):", "locks/label-studio.txt"),
                          ("$(LS_STAMP):", "locks/build.txt"), ("$(VENV)/.installed-bench:", "locks/bench.txt"),
                          ("$(TOOLS_STAMP):", "locks/tools.txt")]:
@@ -156,3 +157,19 @@ def test_the_project_venv_holds_exactly_its_lock():
 
 def test_the_label_studio_venv_holds_exactly_its_lock():
     _compare(".venv-label-studio", ["build", "label-studio"])
+
+
+@pytest.mark.parametrize("venv, module", [(None, "torch"), (None, "ray"), (".venv-label-studio", "django")])
+def test_the_venvs_hold_compiled_bytecode(venv, module):
+    """Where PYTHONDONTWRITEBYTECODE is set (CI here), Python never writes bytecode: a venv
+    installed without it compiles torch's sources again in every process that imports it
+    (each Ray worker), 6 s or more each on this machine."""
+    python = sys.executable if venv is None else os.path.join(ROOT, venv, "bin", "python")
+    if not os.path.exists(python):
+        if os.environ.get("CI"):
+            pytest.fail(f"{venv} is missing: `make test` builds it")
+        pytest.skip(f"{venv} is not built here (`make test` builds it)")
+    code = (f"import importlib.util as u, os; s = u.find_spec({module!r}).origin; "
+            "print(os.path.exists(u.cache_from_source(s)))")
+    out = subprocess.run([python, "-c", code], check=True, capture_output=True, text=True).stdout.strip()
+    assert out == "True", f"{module} in {venv or sys.prefix} has no compiled bytecode"
