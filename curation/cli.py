@@ -68,7 +68,7 @@ def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     _setup_logging(args.quiet)
     from curation.config import ConfigError, load_config
-    from curation.embedders import EmbedderError
+    from curation.embedder_check import EmbedderError
     from curation.io.filesystem import StorageError
     from curation.session import NodeCannotReach
     from curation.sizing import InfeasibleRequest

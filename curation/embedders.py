@@ -30,16 +30,13 @@ from dataclasses import asdict, dataclass
 import torch
 from torch import nn
 
-from curation.io.filesystem import Resolver, StorageError, check_readable, read_bytes
+from curation.embedder_check import EmbedderError, check_embedder  # noqa: F401 (public here too)
+from curation.io.filesystem import Resolver, read_bytes
 
 log = logging.getLogger(__name__)
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
-
-
-class EmbedderError(ValueError):
-    """The model or its weights cannot be loaded; the message names which and why."""
 
 
 @dataclass
@@ -114,22 +111,6 @@ def _load_bytes(uri: str, resolver: Resolver) -> bytes:
         return read_bytes(resolver.resolve(uri))
     except (OSError, ValueError) as exc:
         raise EmbedderError(f"embedder.weights: cannot read {uri} ({exc})") from None
-
-
-def check_embedder(model: str, weights: str, *, resolver: Resolver | None = None) -> None:
-    """Cheap up-front validation (no model is built): a known model name and, for weights given
-    as a path or URI, an object that exists. Raises :class:`EmbedderError`."""
-    import torchvision
-
-    if model not in ("thumbnail", "torchscript", "exported") and model not in set(torchvision.models.list_models()):
-        raise EmbedderError(f"embedder.model: unknown model {model!r}; expected 'thumbnail', 'torchscript', "
-                            f"'exported' or a torchvision model such as resnet18, resnet50")
-    key = (weights or "none").strip()
-    if model != "thumbnail" and key.lower() not in ("none", "default"):
-        try:
-            check_readable((resolver or Resolver()).resolve(key), want="file")
-        except (StorageError, OSError) as exc:
-            raise EmbedderError(f"embedder.weights: {exc}") from None
 
 
 def load_embedder(model: str, weights: str, *, image_size: int,

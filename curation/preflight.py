@@ -18,6 +18,7 @@ from curation.io.filesystem import Location, Resolver, read_tagged
 from curation.published_run import PublishedRun, is_published
 from curation.schema import INPUT_COLUMNS, INTERNAL_COLUMNS, SAMPLES_CONTRACT, SAMPLES_EXTRA
 from curation.corrections import CorrectionsError, check_answers, read_answers
+from curation.embedder_check import check_embedder
 from curation.scores import reserved_columns
 from curation.select import check_selection_columns
 
@@ -61,8 +62,6 @@ def preflight(config: Config, resolver: Resolver) -> Plan:
         plan.embedding_files, names, plan.count = inputs_io.embeddings_files(config, resolver)
         metadata = [n for n in names if n not in inputs_io.EMBEDDINGS_COLUMNS]
     else:
-        from curation.embedders import check_embedder
-
         check_embedder(config.embedder.model, config.embedder.weights, resolver=resolver)
         plan.inputs = inputs_io.list_inputs(config, resolver)
         plan.count = plan.inputs.num_rows

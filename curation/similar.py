@@ -31,6 +31,7 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 import pyarrow.dataset as ds
 
+from curation.embedder_check import EmbedderError
 from curation.io.filesystem import Location, Resolver, write_bytes_atomic
 from curation.published_run import PublishedRun, shard_file
 from curation.run_info import KnnRecord
@@ -204,8 +205,6 @@ class RunSearch:
 
     def by_image(self, images: list[str], *, k: int = 20, where: str | None = None) -> pa.Table:
         """Hits for image files (local paths or URIs), embedded as the run embedded its items."""
-        from curation.embedders import EmbedderError
-
         try:
             vectors = embed_images(images, self.info, space=self.space, resolver=self.resolver)
         except (QueryImageError, EmbedderError) as exc:

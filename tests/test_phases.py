@@ -414,12 +414,25 @@ def test_a_run_uri_or_an_output_uri_resolves_to_the_published_run(tmp_path):
 
 
 @pytest.mark.integration
-def test_the_driver_does_not_import_torch():
-    """torch (~300 MB) loads on the workers that decode and embed, never on the driver."""
+def test_the_driver_does_not_import_torch(tmp_path):
+    """torch (~300 MB) loads on the workers that decode and embed, never on the driver: not
+    on import, nor in the preflight of an image run (whose model check needs no torch unless
+    the model is one of torchvision's)."""
     import subprocess
     import sys
 
-    probe = "import sys, curation.cli, curation.job, curation.report; print('torch' in sys.modules)"
+    from PIL import Image
+
+    (tmp_path / "images").mkdir()
+    Image.new("RGB", (8, 8)).save(tmp_path / "images" / "a.png")
+    probe = ("import sys, curation.cli, curation.job, curation.report, curation.similar, curation.export\n"
+             "from curation.config import load_config\n"
+             "from curation.preflight import preflight\n"
+             f"c = load_config(data={{'input': {{'images': {str(tmp_path / 'images')!r}}}, "
+             f"'output': {{'uri': {str(tmp_path / 'out')!r}}}, 'embedder': {{'model': 'thumbnail'}}}})\n"
+             "from curation.io.filesystem import Resolver\n"
+             "assert preflight(c, Resolver()).count == 1\n"
+             "print('torch' in sys.modules)")
     done = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, timeout=120)
     assert done.stdout.strip() == "False", done.stderr[-2000:]
 
