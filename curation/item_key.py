@@ -15,6 +15,8 @@ items), the kNN graph update (rows carried from the previous night) and the repo
 
 from __future__ import annotations
 
+import hashlib
+
 import numpy as np
 import pandas as pd
 import pyarrow as pa
@@ -89,6 +91,30 @@ def key_hashes(uri, fingerprint) -> np.ndarray:
     if valid.any():
         out[valid] = pd.util.hash_array(values[valid].astype(object), categorize=False)
     return out.view(np.int64)
+
+
+def object_ids(uri, bbox, *, grid: float = 0.5) -> pa.Array:
+    """A box's identity from night to night: its image's ``uri`` and its geometry (``[x, y, w,
+    h]``, pixels, snapped to ``grid`` so that a float written back a little differently names
+    the same box), as a hex string. Not the input's annotation id, which an export renumbers;
+    not the label, so a relabelled box is the same object (its change is the diff's to report).
+    Two boxes with the same geometry on one image (a duplicate box) get the order they came in
+    as a third part. Whether the box is *unchanged* is its image's question, asked by the rule
+    above (``uri`` and ``fingerprint``): a box of a changed image is a changed object. A row
+    with a null uri or bbox gets a null id."""
+    uris = _as_array(uri).cast(pa.string()).to_pylist()
+    boxes = _as_array(bbox).to_pylist()
+    seen: dict[str, int] = {}
+    out: list[str | None] = []
+    for u, box in zip(uris, boxes):
+        if u is None or box is None or any(v is None for v in box):
+            out.append(None)
+            continue
+        geometry = ",".join(f"{round(float(v) / grid) * grid:g}" for v in box)
+        key = f"{u}{_SEPARATOR}{geometry}"
+        seen[key] = seen.get(key, -1) + 1
+        out.append(hashlib.blake2b(f"{key}{_SEPARATOR}{seen[key]}".encode(), digest_size=12).hexdigest())
+    return pa.array(out, pa.string())
 
 
 def _as_array(values) -> pa.Array:

@@ -141,3 +141,18 @@ def test_the_join_finder_sees_the_old_diff(tmp_path):
     old = tmp_path / "old.py"
     old.write_text('k = pc.binary_join_element_wise(now_uri, pc.fill_null(samples["fingerprint"], ""), "x")\n')
     assert _joins_the_key(str(old))
+
+
+def test_an_objects_id_is_its_image_and_geometry_not_the_annotation_id_or_label():
+    from curation.item_key import object_ids
+
+    uris = ["s3://b/a.jpg", "s3://b/a.jpg", "s3://b/a.jpg", "s3://b/b.jpg", None]
+    boxes = [[1, 2, 10, 20], [1, 2, 10, 20], [5, 5, 8, 8], [1, 2, 10, 20], [1, 2, 3, 4]]
+    night1 = object_ids(uris, boxes).to_pylist()
+    # next night: another export order and float noise; a duplicate box keeps its own id
+    night2 = object_ids(uris[::-1][1:] + [None], [[1, 2, 10, 20], [5, 5, 8, 8.0001], [1, 2, 10, 20],
+                                                   [1.0002, 2, 10, 20], [1, 2, 3, 4]]).to_pylist()
+    assert night1[4] is None and len(set(night1[:4])) == 4  # the same box twice on a.jpg: two objects
+    assert set(night2[:4]) == set(night1[:4])
+    moved = object_ids(["s3://b/a.jpg"], [[3, 2, 10, 20]]).to_pylist()
+    assert moved[0] not in night1
