@@ -1,0 +1,242 @@
+"""Detection data sets with known truth, built on the fly (no detection set is on disk).
+
+Objects are pasted at known boxes on textured backgrounds, several per image: CIFAR-10 **test**
+photos (the repository's encoder was trained on CIFAR-10 train) when ``../shared/data`` is
+there, else drawn shapes (so the object path is tested without it). The annotations are the
+true boxes with planted errors, written as COCO (``annotations.json``) and as YOLO
+(``data.yaml`` + ``labels/``); a simulated detector's boxes go to ``predictions.json`` (COCO
+results format).
+
+Planted errors, each recorded in the returned truth by annotation id (or object, for the
+dropped ones):
+
+* ``swapped``: the annotation names another class;
+* ``misplaced``: the box shifted by 35-60% of its size, or scaled by 0.55 or 1.7;
+* ``dropped``: a real object with no annotation (the detector may still find it: overlooked);
+* ``duplicate``: a second annotation of an object already boxed (same class, jittered 3%);
+* ``spurious``: a box on background where no object is.
+
+The detector finds each real object with probability ``detect_rate`` (its box jittered by ~5%
+of its size) and adds ``false_positives`` boxes per image on background. Its class scores are a
+noisy oracle unless ``classify`` is given: a function from a list of crops (H, W, 3 uint8) to
+an (n, classes) probability matrix -- a real classifier over the crops.
+"""
+
+from __future__ import annotations
+
+import gzip
+import io
+import json
+import os
+import tarfile
+from dataclasses import dataclass, field
+
+import numpy as np
+from PIL import Image, ImageDraw
+
+SHARED_DATA = os.path.join(os.path.dirname(__file__), "..", "..", "shared", "data")
+SHAPES = ("circle", "square", "triangle", "cross")
+ERROR_KINDS = ("swapped", "misplaced", "dropped", "duplicate", "spurious")
+
+
+@dataclass
+class DetectionSet:
+    root: str
+    classes: list[str]
+    objects: list[dict]  # the truth: {"file_name", "object", "label", "bbox"} per real object
+    errors: dict[str, list] = field(default_factory=dict)  # kind -> annotation ids (dropped: object ids)
+    annotation_of: dict[int, int] = field(default_factory=dict)  # annotation id -> the object it boxes
+
+    @property
+    def images(self) -> str:
+        return os.path.join(self.root, "images")
+
+
+def object_sources(source: str, n: int, rng: np.random.Generator) -> tuple[list[np.ndarray], list[str]]:
+    """``n`` object patches (uint8 RGB) and their classes: CIFAR-10 test photos, or shapes."""
+    if source == "cifar":
+        path = os.path.join(SHARED_DATA, "cifar10", "test.tar.gz")
+        with tarfile.open(path) as tar:
+            members = sorted((m for m in tar.getmembers() if m.isfile() and m.name.endswith(".jpg")),
+                             key=lambda m: m.name)
+            picked = [members[i] for i in np.sort(rng.choice(len(members), n, replace=n > len(members)))]
+            patches = [np.asarray(Image.open(io.BytesIO(tar.extractfile(m).read())).convert("RGB")) for m in picked]
+            return patches, [m.name.split("/")[-2] for m in picked]
+    if source == "mnist":
+        raw = gzip.open(os.path.join(SHARED_DATA, "mnist", "t10k-images-idx3-ubyte.gz")).read()
+        digits = np.frombuffer(raw, np.uint8, offset=16).reshape(-1, 28, 28)
+        labels = np.frombuffer(gzip.open(os.path.join(SHARED_DATA, "mnist", "t10k-labels-idx1-ubyte.gz")).read(),
+                               np.uint8, offset=8)
+        idx = rng.choice(len(digits), n, replace=False)
+        return [np.repeat(digits[i][:, :, None], 3, axis=2) for i in idx], [f"digit{labels[i]}" for i in idx]
+    if source != "shapes":
+        raise ValueError(f"source: expected cifar, mnist or shapes, got {source!r}")
+    patches, labels = [], []
+    for _ in range(n):
+        kind = SHAPES[int(rng.integers(len(SHAPES)))]
+        canvas = Image.new("RGB", (32, 32), tuple(int(v) for v in rng.integers(0, 80, 3)))
+        draw = ImageDraw.Draw(canvas)
+        colour = tuple(int(v) for v in rng.integers(120, 256, 3))
+        if kind == "circle":
+            draw.ellipse((3, 3, 28, 28), fill=colour)
+        elif kind == "square":
+            draw.rectangle((5, 5, 26, 26), fill=colour)
+        elif kind == "triangle":
+            draw.polygon([(16, 3), (29, 28), (3, 28)], fill=colour)
+        else:
+            draw.rectangle((12, 2, 19, 29), fill=colour)
+            draw.rectangle((2, 12, 29, 19), fill=colour)
+        patches.append(np.asarray(canvas))
+        labels.append(kind)
+    return patches, labels
+
+
+def _background(rng: np.random.Generator, width: int, height: int) -> np.ndarray:
+    """A smooth colour gradient with noise: textured, but unlike any object."""
+    gy, gx = np.mgrid[0:height, 0:width].astype(np.float32)
+    a, b = rng.uniform(60, 200, 3), rng.uniform(-0.4, 0.4, (2, 3))
+    image = a + gx[..., None] * b[0] + gy[..., None] * b[1] + rng.normal(0, 12, (height, width, 3))
+    return np.clip(image, 0, 255).astype(np.uint8)
+
+
+def _free_spot(rng, width, height, size, taken, tries=60):
+    for _ in range(tries):
+        x, y = int(rng.integers(0, width - size)), int(rng.integers(0, height - size))
+        if all(x + size <= tx or tx + ts <= x or y + size <= ty or ty + ts <= y for tx, ty, ts in taken):
+            return x, y
+    return None
+
+
+def make_detection_set(root: str, *, n_images: int = 40, seed: int = 0, source: str = "shapes",
+                       objects_per_image: tuple[int, int] = (2, 5), image_size: tuple[int, int] = (192, 144),
+                       object_size: tuple[int, int] = (28, 56), error_rate: dict[str, float] | None = None,
+                       detect_rate: float = 0.92, false_positives: float = 0.3, classify=None) -> DetectionSet:
+    """Write the set under ``root`` (``images/``, ``annotations.json``, ``data.yaml`` +
+    ``labels/``, ``predictions.json``) and return its truth."""
+    rng = np.random.default_rng(seed)
+    rates = {"swapped": 0.06, "misplaced": 0.06, "dropped": 0.05, "duplicate": 0.04, "spurious": 0.04,
+             **(error_rate or {})}
+    width, height = image_size
+    counts = rng.integers(objects_per_image[0], objects_per_image[1] + 1, n_images)
+    patches, patch_labels = object_sources(source, int(counts.sum()), rng)
+    classes = sorted(set(patch_labels))
+    os.makedirs(os.path.join(root, "images"), exist_ok=True)
+    os.makedirs(os.path.join(root, "labels"), exist_ok=True)
+    truth = DetectionSet(root, classes, [], {k: [] for k in ERROR_KINDS})
+    images, annotations, predictions, crops = [], [], [], []
+    next_patch = 0
+
+    def annotate(image_id, label, box, obj):
+        annotations.append({"id": len(annotations) + 1, "image_id": image_id, "category_id": classes.index(label) + 1,
+                            "bbox": [round(float(v), 2) for v in box], "area": round(float(box[2] * box[3]), 2),
+                            "iscrowd": 0})
+        if obj is not None:
+            truth.annotation_of[len(annotations)] = obj
+        return len(annotations)
+
+    for i in range(n_images):
+        canvas = _background(rng, width, height)
+        file_name = f"img{i:05d}.jpg"
+        image_id = i + 1
+        taken = []
+        for _ in range(int(counts[i])):
+            patch, label = patches[next_patch], patch_labels[next_patch]
+            next_patch += 1
+            size = int(rng.integers(object_size[0], object_size[1] + 1))
+            spot = _free_spot(rng, width, height, size, taken)
+            if spot is None:
+                continue
+            x, y = spot
+            taken.append((x, y, size))
+            canvas[y:y + size, x:x + size] = np.asarray(Image.fromarray(patch).resize((size, size), Image.BILINEAR))
+            obj = len(truth.objects)
+            box = np.array([x, y, size, size], np.float64)
+            truth.objects.append({"file_name": file_name, "object": obj, "label": label, "bbox": box.tolist()})
+            if rng.random() < detect_rate:  # the detector
+                jitter = rng.normal(0, 0.05 * size, 4)
+                crops.append(canvas[y:y + size, x:x + size].copy())
+                predictions.append({"image_id": image_id, "file_name": file_name, "bbox": (box + jitter).round(2).tolist(),
+                                    "true_label": label})
+            roll = rng.random()
+            if roll < rates["dropped"]:
+                truth.errors["dropped"].append(obj)
+                continue
+            given, kind = label, None
+            if roll < rates["dropped"] + rates["swapped"]:
+                given = classes[(classes.index(label) + int(rng.integers(1, len(classes)))) % len(classes)]
+                kind = "swapped"
+            elif roll < rates["dropped"] + rates["swapped"] + rates["misplaced"]:
+                if rng.random() < 0.5:
+                    # towards the image's centre, so that the edge never cuts the shift short
+                    toward = np.where([x + size / 2 < width / 2, y + size / 2 < height / 2], 1, -1)
+                    shift = rng.uniform(0.35, 0.6, 2) * size * toward
+                    box = np.array([x + shift[0], y + shift[1], size, size])
+                else:
+                    scale = rng.choice([0.55, 1.7])
+                    box = np.array([x + size * (1 - scale) / 2, y + size * (1 - scale) / 2, size * scale, size * scale])
+                box[:2] = np.clip(box[:2], 0, [width - box[2], height - box[3]])
+                kind = "misplaced"
+            ann = annotate(image_id, given, box, obj)
+            if kind:
+                truth.errors[kind].append(ann)
+            if rng.random() < rates["duplicate"]:
+                truth.errors["duplicate"].append(annotate(image_id, label, box + rng.normal(0, 0.03 * size, 4), obj))
+        for _ in range(int(rng.random() < rates["spurious"] * 5)):  # about rates["spurious"] of the boxes
+            size = int(rng.integers(object_size[0], object_size[1] + 1))
+            spot = _free_spot(rng, width, height, size, taken)
+            if spot is not None:
+                taken.append((*spot, size))
+                label = classes[int(rng.integers(len(classes)))]
+                truth.errors["spurious"].append(annotate(image_id, label, [*spot, size, size], None))
+        for _ in range(int(rng.poisson(false_positives))):
+            size = int(rng.integers(object_size[0], object_size[1] + 1))
+            spot = _free_spot(rng, width, height, size, taken)
+            if spot is not None:
+                crops.append(canvas[spot[1]:spot[1] + size, spot[0]:spot[0] + size].copy())
+                predictions.append({"image_id": image_id, "file_name": file_name,
+                                    "bbox": [*spot, size, size], "true_label": None})
+        Image.fromarray(canvas).save(os.path.join(root, "images", file_name), quality=92)
+        images.append({"id": image_id, "file_name": file_name, "width": width, "height": height})
+
+    probs = classify(crops) if classify is not None and crops else _oracle(predictions, classes, rng)
+    for pred, p in zip(predictions, probs):
+        label = pred.pop("true_label")
+        best = int(np.argmax(p))
+        pred["category_id"] = best + 1
+        pred["score"] = round(float(p[best]) * (0.95 if label is not None else 0.5), 4)
+        pred["probabilities"] = [round(float(v), 4) for v in p]
+    categories = [{"id": k + 1, "name": name} for k, name in enumerate(classes)]
+    with open(os.path.join(root, "annotations.json"), "w") as fh:
+        json.dump({"images": images, "annotations": annotations, "categories": categories}, fh)
+    with open(os.path.join(root, "predictions.json"), "w") as fh:
+        json.dump(predictions, fh)
+    _write_yolo(root, images, annotations, classes)
+    return truth
+
+
+def _oracle(predictions: list[dict], classes: list[str], rng) -> np.ndarray:
+    """A detector's class scores without a classifier: right 85% of the time, confident when right."""
+    out = np.empty((len(predictions), len(classes)))
+    for i, pred in enumerate(predictions):
+        alpha = np.full(len(classes), 0.5)
+        if pred["true_label"] is not None:
+            right = classes.index(pred["true_label"])
+            alpha[right if rng.random() < 0.85 else int(rng.integers(len(classes)))] += 8
+        out[i] = rng.dirichlet(alpha)
+    return out
+
+
+def _write_yolo(root: str, images: list[dict], annotations: list[dict], classes: list[str]) -> None:
+    with open(os.path.join(root, "data.yaml"), "w") as fh:
+        fh.write("names:\n" + "".join(f"  {k}: {name}\n" for k, name in enumerate(classes)))
+    by_image: dict[int, list[str]] = {image["id"]: [] for image in images}
+    size = {image["id"]: (image["width"], image["height"]) for image in images}
+    for ann in annotations:
+        w, h = size[ann["image_id"]]
+        x, y, bw, bh = ann["bbox"]
+        by_image[ann["image_id"]].append(f"{ann['category_id'] - 1} {(x + bw / 2) / w:.6f} {(y + bh / 2) / h:.6f} "
+                                         f"{bw / w:.6f} {bh / h:.6f}")
+    for image in images:
+        name = os.path.splitext(image["file_name"])[0] + ".txt"
+        with open(os.path.join(root, "labels", name), "w") as fh:
+            fh.write("".join(line + "\n" for line in by_image[image["id"]]))
