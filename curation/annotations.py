@@ -102,7 +102,8 @@ def read_coco(text: str, *, source: str = "annotations") -> Annotations:
                                f"'categories' lists")
     categories: dict = {}
     for i, cat in enumerate(doc["categories"]):
-        if not isinstance(cat, dict) or not isinstance(cat.get("id"), (int, str)) or not isinstance(cat.get("name"), str):
+        if not isinstance(cat, dict) or not isinstance(cat.get("id"), (int, str)) \
+                or not isinstance(cat.get("name"), str):
             raise AnnotationsError(f"{source}: categories[{i}]: expected an object with 'id' and 'name', got "
                                    f"{str(cat)[:80]}")
         categories[cat["id"]] = cat["name"].strip()  # repeated names: one class
@@ -240,15 +241,16 @@ def _yolo_line(fields: list[str], names: tuple[str, ...]):
 # ------------------------------------------------------------------------------------ geometry
 
 
-def place_boxes(bbox: np.ndarray, *, units: str, width: int, height: int, tolerance_px: float = 2.0,
+def place_boxes(bbox: np.ndarray, *, units: str, width, height, tolerance_px: float = 2.0,
                 min_size_px: float = 0.0) -> tuple[np.ndarray, list[str | None]]:
-    """Boxes (n, 4) ``[x, y, w, h]`` in ``units`` on a decoded ``width`` x ``height`` image, as
-    pixel boxes clipped to the image, and per box None or why it cannot be cut: a box reaching
-    more than ``tolerance_px`` outside the image, with no area, or with a side under
-    ``min_size_px`` (after clipping)."""
+    """Boxes (n, 4) ``[x, y, w, h]`` in ``units`` on decoded images ``width`` x ``height`` (one
+    size, or one per box), as pixel boxes clipped to the image, and per box None or why it
+    cannot be cut: a box reaching more than ``tolerance_px`` outside the image, with no area,
+    or with a side under ``min_size_px`` (after clipping)."""
     box = np.asarray(bbox, np.float64).reshape(-1, 4).copy()
-    if units == "fraction":
-        box *= np.array([width, height, width, height], np.float64)
+    width = np.broadcast_to(np.asarray(width, np.float64), len(box))
+    height = np.broadcast_to(np.asarray(height, np.float64), len(box))
+    box = to_pixels(box, units=units, width=width, height=height)
     x0, y0 = box[:, 0], box[:, 1]
     x1, y1 = x0 + box[:, 2], y0 + box[:, 3]
     outside = np.maximum.reduce([-x0, -y0, x1 - width, y1 - height, np.zeros(len(box))])
@@ -260,7 +262,7 @@ def place_boxes(bbox: np.ndarray, *, units: str, width: int, height: int, tolera
         if box[i, 2] <= 0 or box[i, 3] <= 0:
             reasons.append(f"degenerate box (w={box[i, 2]:.4g}, h={box[i, 3]:.4g} px)")
         elif outside[i] > tolerance_px:
-            reasons.append(f"box reaches {outside[i]:.1f} px outside the {width}x{height} image "
+            reasons.append(f"box reaches {outside[i]:.1f} px outside the {width[i]:.0f}x{height[i]:.0f} image "
                            f"(more than the {tolerance_px:g} px tolerance)")
         elif min(placed[i, 2], placed[i, 3]) < max(min_size_px, 1e-9):
             reasons.append(f"box {placed[i, 2]:.1f}x{placed[i, 3]:.1f} px is under the "
@@ -268,6 +270,15 @@ def place_boxes(bbox: np.ndarray, *, units: str, width: int, height: int, tolera
         else:
             reasons.append(None)
     return placed, reasons
+
+
+def to_pixels(bbox: np.ndarray, *, units: str, width, height) -> np.ndarray:
+    """``[x, y, w, h]`` rows in the image's pixels (``fraction`` rows scaled by its size)."""
+    box = np.asarray(bbox, np.float64).reshape(-1, 4)
+    if units != "fraction":
+        return box.copy()
+    scale = np.stack([width, height, width, height], axis=1).astype(np.float64)
+    return box * scale
 
 
 # ------------------------------------------------------------------------------------- helpers

@@ -147,6 +147,7 @@ def _known_keys(cls: type[BaseModel], data: dict) -> dict:
 # file's own folder (or S3 prefix), so a config shipped with `--working-dir` means the same
 # wherever the job runs.
 PATH_KEYS = (("input", "images"), ("input", "manifest"), ("input", "labels"), ("input", "embeddings"),
+             ("input", "annotations"),
              ("output", "uri"), ("store", "uri"), ("embedder", "weights"))
 
 
@@ -195,6 +196,12 @@ def validate(config: Config) -> None:
         raise ConfigError("config key 'input': set one of input.images, input.manifest or input.embeddings")
     if inp.images and inp.manifest:
         raise ConfigError("config key 'input.manifest': give input.images or input.manifest, not both")
+    if inp.annotations and not inp.images:
+        raise ConfigError("config key 'input.annotations': only with input.images (the annotations name files "
+                          "relative to it)")
+    if inp.annotations and inp.labels:
+        raise ConfigError("config key 'input.labels': give input.annotations or input.labels, not both (a "
+                          "detection set's classes are its boxes')")
     if inp.split_from_path and not inp.images:
         raise ConfigError("config key 'input.split_from_path': only with input.images")
     if inp.split_from_path and inp.split_column:

@@ -40,6 +40,14 @@ class InputConfig(Section):
             across splits are reported (``leakage.parquet``, ``run.json`` -> ``leakage``).
         split_from_path: images mode: the split is the first path component under ``images``
             (``train/cat/1.jpg`` -> ``train``).
+        annotations: detection annotations, one box per object (issue 37's input): a COCO
+            instances JSON (``images[].file_name`` relative to ``images``; ``bbox`` ``[x, y, w, h]``
+            in the stored image's pixels) or a YOLO ``data.yaml`` (its ``names``; each image's
+            ``.txt`` of ``class cx cy w h`` fractions sits where the image's path has ``labels``
+            for its last ``images`` folder, ``.txt`` for its suffix). In place of ``labels``.
+            Every box becomes a row of the run's ``objects/`` (see :mod:`curation.objects`).
+        annotations_format: ``auto`` (``coco`` for a ``.json``, ``yolo`` for a ``.yaml``) |
+            ``coco`` | ``yolo``.
         follow_symlinks: follow symbolic links to directories when listing a local ``images``
             folder. Off by default (as ``find`` and ``os.walk``); when on, each real directory
             is listed once (loops end) and a link to the input root or above it is not
@@ -58,6 +66,25 @@ class InputConfig(Section):
     split_from_path: bool = False
     label_corrections: Text | None = None
     allow_new_classes: bool = False
+    annotations: Text | None = None
+    annotations_format: Literal["auto", "coco", "yolo"] = "auto"
+
+
+class ObjectsConfig(Section):
+    """How the boxes of ``input.annotations`` meet the decoded images.
+
+    Attributes:
+        clip_tolerance_px: a box reaching at most this far outside its image is clipped to it;
+            one reaching further is rejected with the distance in its reason.
+        min_size_px: a box whose shorter side (after clipping) is under this many pixels is
+            rejected (too small to crop and embed).
+        max_per_image: at most this many boxes of one image are kept, in the annotation
+            file's order; the rest are rejected rows that say so.
+    """
+
+    clip_tolerance_px: float = ranged(2.0, 0.0, 1e6)
+    min_size_px: float = ranged(4.0, 0.0, 1e6)
+    max_per_image: int = ranged(500, 1, 1_000_000)
 
 
 class DecodeConfig(Section):
@@ -394,6 +421,7 @@ class Config(Section):
     input: InputConfig = Field(default_factory=InputConfig)
     storage: StorageConfig = Field(default_factory=StorageConfig)
     decode: DecodeConfig = Field(default_factory=DecodeConfig)
+    objects: ObjectsConfig = Field(default_factory=ObjectsConfig)
     embedder: EmbedderConfig = Field(default_factory=EmbedderConfig)
     store: StoreConfig = Field(default_factory=StoreConfig)
     knn: KnnConfig = Field(default_factory=KnnConfig)

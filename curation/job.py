@@ -2,7 +2,7 @@
 edits an earlier phase's result (the README's *Pipeline* lists them, as ``run.json`` →
 ``timings_s`` names them):
 
-    preflight ─► cluster_check ─► ingest ─► corrections ─► knn ─► scores ─► write_knn ─► drift
+    preflight ─► cluster_check ─► ingest ─► corrections ─► [objects] ─► knn ─► scores ─► write_knn ─► drift
     ─► leakage ─► selections ─► report_data ─► publish
 
 * **preflight** (:mod:`curation.preflight`, before any work): inputs reachable, the model
@@ -10,6 +10,8 @@ edits an earlier phase's result (the README's *Pipeline* lists them, as ``run.js
   published run resolved once (:class:`~curation.published_run.PublishedRun`).
 * **ingest**: the vectors of every ok item end up in storage (``embeddings/`` written by Ray Data
   on the workers, or the ``input.embeddings`` files); the driver keeps one compact row per input.
+* **objects** (detection runs, ``input.annotations``): the boxes placed on their decoded images
+  (:mod:`curation.objects`).
 * **knn**: the kNN graphs (exact in process, or FAISS shards on Ray actors reading storage).
 * **scores** / **selections**: from the compact rows and the graph; vectors are fetched only as
   bounded samples or one class at a time, or scanned by Ray tasks where they are stored.
@@ -53,6 +55,7 @@ from curation.index.incremental import neighbour_graph
 from curation.scores import run_scores
 from curation.corrections import apply_corrections, read_answers
 from curation.leakage import find_leaks, split_values
+from curation.objects import objects_summary, place_objects
 log = logging.getLogger(__name__)
 
 
@@ -91,6 +94,11 @@ def run_job(config: Config, *, resolver: Resolver | None = None, plan: Plan | No
         ingested = ingest(plan, config, resolver, clock)
         with clock.phase("corrections"):
             ingested, corrections = _apply_corrections(plan, config, resolver, ingested)
+        if plan.objects is not None:
+            with clock.phase("objects"):
+                ingested, objects = _place_objects(plan, config, ingested)
+        else:
+            objects = None
         with clock.phase("knn"):
             ingested, neighbours = find_neighbours(ingested, config, plan)
         with clock.phase("scores"):
@@ -114,7 +122,7 @@ def run_job(config: Config, *, resolver: Resolver | None = None, plan: Plan | No
                                              score_summary=score_report["summary"],
                                              previous=_updated_from(neighbours.info, plan))
     return publish(plan, config, Scored(samples, score_report["summary"], selections, report, leakage, corrections,
-                                        drift),
+                                        drift, objects),
                    clock, embedder=ingested.embedder, knn=neighbours.info, snapshot=ingested.snapshot)
 
 
@@ -304,6 +312,17 @@ def _apply_corrections(plan: Plan, config: Config, resolver: Resolver,
     log.info("label corrections: %(applied)d applied (%(new)d new), %(unknown_uri)d unknown uri, "
              "%(conflicting)d conflicting", summary)
     return ingested, (store, summary)
+
+
+def _place_objects(plan: Plan, config: Config, ingested: Ingested) -> tuple[Ingested, tuple[pa.Table, dict]]:
+    """The annotations' boxes on their decoded images (see :mod:`curation.objects`), and
+    ``object_count`` on every input's row."""
+    table = place_objects(plan.objects, ingested.samples, config.objects)
+    summary = objects_summary(table, plan.objects.object_count)
+    log.info("objects: %(annotations)d boxes, %(ok)d ok, %(rejected)d rejected", summary)
+    samples = ingested.samples.sort_by("input_id")
+    samples = samples.append_column("object_count", plan.objects.object_count)
+    return dataclasses.replace(ingested, samples=samples), (table, summary)
 
 
 def _write_graphs(plan: Plan, samples: pa.Table, neighbours: Neighbours) -> None:

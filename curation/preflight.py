@@ -19,6 +19,8 @@ from curation.published_run import PublishedRun, is_published
 from curation.schema import INPUT_COLUMNS, INTERNAL_COLUMNS, SAMPLES_CONTRACT, SAMPLES_EXTRA
 from curation.corrections import CorrectionsError, check_answers, read_answers
 from curation.embedder_check import check_embedder
+from curation.annotations import AnnotationsError
+from curation.objects import ObjectsInput, read_objects
 from curation.scores import reserved_columns
 from curation.select import check_selection_columns
 
@@ -38,6 +40,7 @@ class Plan:
     latest: bytes | None = None  # ... and its content
     previous: PublishedRun | None = None  # the run `latest` named at preflight: the diff, drift, graph update, scores
     answers: dict | None = None  # input.label_corrections, parsed and checked at preflight
+    objects: ObjectsInput | None = None  # input.annotations' boxes, joined to the inputs
 
     @property
     def run(self) -> Location:
@@ -65,6 +68,11 @@ def preflight(config: Config, resolver: Resolver) -> Plan:
         check_embedder(config.embedder.model, config.embedder.weights, resolver=resolver)
         plan.inputs = inputs_io.list_inputs(config, resolver)
         plan.count = plan.inputs.num_rows
+        if config.input.annotations:
+            try:
+                plan.objects = read_objects(config, resolver, plan.inputs)
+            except AnnotationsError as exc:
+                raise ConfigError(f"config key 'input.annotations': {exc}") from None
         metadata = [n for n in plan.inputs.column_names if n not in INPUT_COLUMNS]
     if config.input.split_column and config.input.split_column not in metadata:
         raise ConfigError(f"config key 'input.split_column': no column {config.input.split_column!r} in the inputs "

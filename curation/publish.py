@@ -17,6 +17,7 @@ from curation.io import outputs
 from curation.io.filesystem import PreconditionFailed, read_tagged, write_bytes
 from curation.report import ReportAssets, render_report
 from curation.published_run import CORRECTIONS_FILE, latest_run_id
+from curation.run_layout import OBJECTS_FOLDER
 from curation.run_diff import diff_runs
 from curation.run_info import Counts, RunInfo
 from curation.schema import is_ok
@@ -62,6 +63,7 @@ class Scored:
     leakage: tuple[pa.Table, dict] | None = None  # copies across splits (leakage.parquet, run.json)
     corrections: tuple[pa.Table, dict] | None = None  # label corrections kept with the run, and their counts
     drift: DriftResult | None = None  # tonight's profile, the comparison with the previous run, far new items
+    objects: tuple[pa.Table, dict] | None = None  # detection runs: objects/ and its run.json summary
 
 
 def publish(plan: Plan, config: Config, scored: Scored, clock: Clock, *, embedder: dict, knn: dict,
@@ -120,6 +122,9 @@ def _write_outputs(plan: Plan, config: Config, info: RunInfo, samples: pa.Table,
         if new.num_rows and info.diff is not None:  # the nightly diff lists the corrections first applied tonight
             info.diff["corrections"] = {"new": new.num_rows,
                                         "listed": new.slice(0, DIFF_CORRECTIONS_LISTED).to_pylist()}
+    if scored.objects is not None:
+        outputs.write_parquet_parts(run.child(OBJECTS_FOLDER), scored.objects[0])
+        info.objects = scored.objects[1]
     if scored.leakage is not None:
         outputs.write_table(run.child("leakage.parquet"), scored.leakage[0])
         info.leakage = scored.leakage[1]

@@ -147,6 +147,8 @@ class RunInfo:
         corrections: Label corrections applied, new, kept from earlier runs, unknown, conflicting.
         drift: Changes in the data since the previous published run and the alarm
             (:mod:`curation.drift`); ``skipped`` with the reason when they do not compare.
+        objects: Detection runs: boxes in, ok, rejected, per class and by reason
+            (:func:`curation.objects.objects_summary`).
     """
 
     run_id: str
@@ -169,6 +171,7 @@ class RunInfo:
     leakage: dict | None = None
     corrections: dict | None = None
     drift: dict | None = None
+    objects: dict | None = None
 
     # ---------------------------------------------------------------------------- building
 
@@ -215,7 +218,7 @@ class RunInfo:
         data["counts"] = {f.name: getattr(self.counts, f.name) for f in fields(Counts)}
         data["selections"] = [{f.name: getattr(s, f.name) for f in fields(SelectionSummary)} for s in self.selections]
         data["knn"] = self.knn.to_dict()
-        for optional in ("diff", "leakage", "corrections", "drift"):
+        for optional in ("diff", "leakage", "corrections", "drift", "objects"):
             if data[optional] is None:
                 del data[optional]
         return data

@@ -7,7 +7,8 @@ SUCCESS = "_SUCCESS"  # written last: the run is complete
 LATEST = "latest"  # in the output folder: the newest published run
 PROBE_FILE = "label-probe.npz"  # the label probe's models, where the next night's fits start
 CORRECTIONS_FILE = "corrections.parquet"  # the label corrections a run applied (kept for later nights)
-TRAINED_INDEX = "trained.faissindex"  # a sharded index's trained, empty quantiser
+TRAINED_INDEX = "trained.faissindex"
+OBJECTS_FOLDER = "objects"  # detection runs: one row per box (curation/objects.py)  # a sharded index's trained, empty quantiser
 
 
 def shard_file(index_folder, shard: int):

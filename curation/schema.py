@@ -59,6 +59,7 @@ SAMPLES_EXTRA = pa.schema(
         ("dup_kind", pa.string()),
         ("cluster_similarity", pa.float32()),
         ("vector_id", pa.int64()),
+        ("object_count", pa.int32()),  # detection runs: boxes the annotations list (null: not listed)
     ]
 )
 

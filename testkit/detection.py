@@ -155,8 +155,8 @@ def make_detection_set(root: str, *, n_images: int = 40, seed: int = 0, source: 
             if rng.random() < detect_rate:  # the detector
                 jitter = rng.normal(0, 0.05 * size, 4)
                 crops.append(canvas[y:y + size, x:x + size].copy())
-                predictions.append({"image_id": image_id, "file_name": file_name, "bbox": (box + jitter).round(2).tolist(),
-                                    "true_label": label})
+                predictions.append({"image_id": image_id, "file_name": file_name,
+                                    "bbox": (box + jitter).round(2).tolist(), "true_label": label})
             roll = rng.random()
             if roll < rates["dropped"]:
                 truth.errors["dropped"].append(obj)

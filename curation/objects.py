@@ -1,0 +1,203 @@
+"""The objects of a detection run (``input.annotations``): every box a row of ``objects/``.
+
+Two steps, each returning a new table:
+
+* :func:`read_objects` (preflight, before any work): the annotation file(s) read
+  (:mod:`curation.annotations`) and joined to the listed inputs; a box whose image is not among
+  them is a rejected row that says so. The file is checked here, so a file that cannot be read
+  or parsed is exit 2 before any work.
+* :func:`place_objects` (after decoding, when each image's size is known): the boxes put on
+  their decoded image -- clipped within ``objects.clip_tolerance_px``, too small or too many
+  rejected with a reason -- in the stored image's pixels, and given their ``object_id``
+  (:func:`curation.item_key.object_ids`).
+
+Accounting: every annotated box in is exactly one ``annotation`` row out, ``ok`` or
+``rejected`` with a reason. The boxes are not embedded or scored yet (issue 37's next steps:
+crops in the decode pass, their own kNN graph, the box scores and selections).
+
+YOLO's ``.txt`` files are read by the driver, one read per listed label file (fine locally; on
+S3 at millions of images this step belongs on Ray tasks).
+"""
+
+from __future__ import annotations
+
+import logging
+import posixpath
+from dataclasses import dataclass
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.fs as pafs
+
+from curation.annotations import (COCO, YOLO, AnnotationsError, Annotations, place_boxes, read_annotations,
+                                  to_pixels, yolo_label_path)
+from curation.config import Config
+from curation.config_sections import ObjectsConfig
+from curation.io.filesystem import Location, Resolver, StorageError, to_uri
+from curation.item_key import object_ids
+from curation.schema import STATUS_OK, STATUS_REJECTED, is_ok
+
+log = logging.getLogger(__name__)
+
+SOURCE_ANNOTATION = "annotation"
+# The columns of objects/*.parquet, in order (docs/contract.md).
+OBJECTS_CONTRACT = pa.schema([
+    ("uri", pa.string()), ("object_id", pa.string()), ("annotation_id", pa.string()), ("source", pa.string()),
+    ("label", pa.string()), ("bbox", pa.list_(pa.float64(), 4)), ("area", pa.float64()), ("iscrowd", pa.bool_()),
+    ("status", pa.string()), ("reason", pa.string()), ("segmentation", pa.string()), ("input_id", pa.int64()),
+])
+
+
+@dataclass(frozen=True)
+class ObjectsInput:
+    """The boxes joined to the inputs (``input_id`` null where the image is not among them),
+    their units (``pixels`` or ``fraction``) and, per input, how many boxes the annotations
+    list for it (null: the annotations do not list the image, so it is unlabelled)."""
+
+    boxes: pa.Table
+    units: str
+    object_count: pa.Array
+    classes: tuple[str, ...]
+
+
+def read_objects(config: Config, resolver: Resolver, inputs: pa.Table) -> ObjectsInput:
+    """``input.annotations`` read and joined to ``inputs`` (raises :class:`AnnotationsError`
+    for a file that cannot be read or parsed)."""
+    inp = config.input
+    root = resolver.resolve(inp.images)
+    location = resolver.resolve(inp.annotations)
+    fmt = None if inp.annotations_format == "auto" else inp.annotations_format
+    try:
+        if (fmt or (YOLO if location.path.lower().endswith((".yaml", ".yml")) else COCO)) == YOLO:
+            annotations = read_annotations(location, fmt=YOLO, label_files=_yolo_label_files(root, inputs))
+        else:
+            annotations = read_annotations(location, fmt=fmt)
+    except StorageError as exc:
+        raise AnnotationsError(f"input.annotations: {exc}") from None
+    return _joined(annotations, root, inputs)
+
+
+def _relative_names(root: Location, inputs: pa.Table) -> list[str | None]:
+    prefix = root.uri.rstrip("/") + "/"
+    return [u[len(prefix):] if isinstance(u, str) and u.startswith(prefix) else None
+            for u in inputs["uri"].to_pylist()]
+
+
+def _yolo_label_files(root: Location, inputs: pa.Table) -> dict[str, Location]:
+    """Image name (relative to ``input.images``) -> its ``.txt``, for the images that have one
+    (one listing per folder of label files)."""
+    wanted: dict[str, str] = {}
+    for name in _relative_names(root, inputs):
+        if name is not None:
+            wanted[name] = yolo_label_path(posixpath.join(root.path, name))
+    present: set[str] = set()
+    for folder in sorted({posixpath.dirname(p) for p in wanted.values()}):
+        infos = root.filesystem.get_file_info(pafs.FileSelector(folder, allow_not_found=True))
+        present.update(i.path for i in infos if i.type == pafs.FileType.File)
+    return {name: Location(root.filesystem, path, to_uri(root.filesystem, path))
+            for name, path in wanted.items() if path in present}
+
+
+def _joined(annotations: Annotations, root: Location, inputs: pa.Table) -> ObjectsInput:
+    names = _relative_names(root, inputs)
+    input_of = {name: i for i, name in enumerate(names) if name is not None}
+    boxes = annotations.boxes
+    file_names = boxes["file_name"].to_pylist()
+    input_id = [input_of.get(f) if f is not None else None for f in file_names]
+    status = boxes["status"].to_pylist()
+    reason = boxes["reason"].to_pylist()
+    for i, (f, found) in enumerate(zip(file_names, input_id)):
+        if found is None and status[i] == STATUS_OK:
+            status[i], reason[i] = STATUS_REJECTED, f"image {f!r} is not among the inputs under {root.uri}"
+    prefix = root.uri.rstrip("/") + "/"
+    uris = [prefix + f if f is not None else None for f in file_names]
+    table = pa.table({
+        "uri": pa.array(uris, pa.string()), "annotation_id": boxes["annotation_id"],
+        "source": pa.array([SOURCE_ANNOTATION] * boxes.num_rows, pa.string()), "label": boxes["label"],
+        "bbox": boxes["bbox"], "area": boxes["area"], "iscrowd": boxes["iscrowd"],
+        "status": pa.array(status, pa.string()), "reason": pa.array(reason, pa.string()),
+        "segmentation": boxes["segmentation"], "input_id": pa.array(input_id, pa.int64()),
+    })
+    counts: list[int | None] = [None] * inputs.num_rows
+    for row in annotations.images.to_pylist():
+        where = input_of.get(row["file_name"])
+        if where is not None:
+            counts[where] = row["boxes"]
+    rejected = table.num_rows - int(is_ok(table["status"]).sum())
+    log.info("annotations: %d boxes on %d listed images (%d classes); %d rejected before decoding",
+             table.num_rows, annotations.images.num_rows, len(annotations.classes), rejected)
+    return ObjectsInput(table, annotations.units, pa.array(counts, pa.int32()), annotations.classes)
+
+
+def place_objects(objects: ObjectsInput, samples: pa.Table, cfg: ObjectsConfig) -> pa.Table:
+    """The boxes on their decoded images (``samples``: one row per input, by ``input_id``), in
+    ``OBJECTS_CONTRACT`` order: pixel boxes clipped to the image, ``object_id`` set, a box of a
+    rejected image, one out of the image, too small, or over ``cfg.max_per_image`` rejected."""
+    boxes = objects.boxes
+    n = boxes.num_rows
+    samples = samples.sort_by("input_id")
+    input_id = boxes["input_id"].to_numpy(zero_copy_only=False)
+    has_image = ~np.isnan(input_id.astype(np.float64))
+    row = np.where(has_image, np.nan_to_num(input_id.astype(np.float64)), 0).astype(np.int64)
+    image_ok = is_ok(samples["status"])[row] & has_image if samples.num_rows else np.zeros(n, bool)
+    width, height = (samples[c].to_numpy(zero_copy_only=False).astype(np.float64)[row] if samples.num_rows
+                     else np.zeros(n) for c in ("width", "height"))
+    image_reasons = samples["reason"].to_pylist() if samples.num_rows else []
+    status = boxes["status"].to_pylist()
+    reason = boxes["reason"].to_pylist()
+    given = boxes["bbox"].to_pylist()
+    known = np.array([b is not None for b in given])
+    raw = np.array([b if b is not None else [0.0] * 4 for b in given], np.float64).reshape(-1, 4)
+    sized = image_ok & known
+    pixels = np.full((n, 4), np.nan)
+    if sized.any():
+        pixels[sized] = to_pixels(raw[sized], units=objects.units, width=width[sized], height=height[sized])
+    placed = pixels.copy()
+    if sized.any():
+        placed[sized], why = place_boxes(raw[sized], units=objects.units, width=width[sized], height=height[sized],
+                                         tolerance_px=cfg.clip_tolerance_px, min_size_px=cfg.min_size_px)
+        for i, problem in zip(np.flatnonzero(sized), why):
+            if problem and status[i] == STATUS_OK:
+                status[i], reason[i] = STATUS_REJECTED, problem
+    for i in np.flatnonzero(has_image & ~image_ok):
+        if status[i] == STATUS_OK:
+            status[i], reason[i] = STATUS_REJECTED, f"image rejected: {image_reasons[row[i]]}"
+    kept: dict[int, int] = {}
+    for i in range(n):  # the per-image cap, in the annotation file's order
+        if status[i] == STATUS_OK:
+            kept[row[i]] = kept.get(row[i], 0) + 1
+            if kept[row[i]] > cfg.max_per_image:
+                status[i], reason[i] = STATUS_REJECTED, f"more than objects.max_per_image ({cfg.max_per_image}) " \
+                                                        f"boxes on this image"
+    # Pixels where the image's size is known; a COCO box (pixels already) as given otherwise.
+    shown = np.where(sized[:, None], placed, raw if objects.units == "pixels" else np.nan)
+    bbox = pa.array([None if not known[i] or np.isnan(shown[i]).any() else shown[i].round(3).tolist()
+                     for i in range(n)], pa.list_(pa.float64(), 4))
+    ids = object_ids(boxes["uri"], pa.array([p.tolist() if sized[i] else None for i, p in enumerate(pixels)],
+                                            pa.list_(pa.float64(), 4)))
+    area = pc.if_else(pc.is_valid(boxes["area"]), boxes["area"],
+                      pa.array([b[2] * b[3] if b is not None else None for b in bbox.to_pylist()], pa.float64()))
+    if objects.units == "fraction":  # YOLO gives no area: the pixel box's
+        area = pa.array([b[2] * b[3] if b is not None else None for b in bbox.to_pylist()], pa.float64())
+    table = boxes.set_column(boxes.schema.get_field_index("bbox"), "bbox", bbox)
+    table = table.set_column(table.schema.get_field_index("area"), "area", area)
+    table = table.set_column(table.schema.get_field_index("status"), "status", pa.array(status, pa.string()))
+    table = table.set_column(table.schema.get_field_index("reason"), "reason", pa.array(reason, pa.string()))
+    table = table.append_column("object_id", ids)
+    return table.select(OBJECTS_CONTRACT.names).cast(OBJECTS_CONTRACT)
+
+
+def objects_summary(objects: pa.Table, object_count: pa.Array) -> dict:
+    """``run.json`` → ``objects``: boxes in, ok and rejected, per class, and the reasons."""
+    ok = is_ok(objects["status"])
+    labels = objects.filter(pa.array(ok))["label"].drop_null()
+    per_class = {str(v["values"]): int(v["counts"]) for v in pc.value_counts(labels).to_pylist()} if len(labels) else {}
+    reasons: dict[str, int] = {}
+    for text in objects.filter(pa.array(~ok))["reason"].to_pylist():
+        head = (text or "").split(":")[0].split(" (")[0][:80]
+        reasons[head] = reasons.get(head, 0) + 1
+    listed = pc.drop_null(object_count)
+    return {"annotations": objects.num_rows, "ok": int(ok.sum()), "rejected": int((~ok).sum()),
+            "images_listed": len(listed), "images_listed_empty": int(pc.sum(pc.equal(listed, 0)).as_py() or 0),
+            "per_class": per_class, "rejected_by_reason": dict(sorted(reasons.items(), key=lambda kv: -kv[1])[:20])}

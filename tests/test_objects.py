@@ -1,0 +1,161 @@
+"""Detection runs (``input.annotations``): every box a row of ``objects/`` with a status and a
+reason, COCO and YOLO, local and on S3 (issue 37's input step; the boxes are not scored yet)."""
+
+from __future__ import annotations
+
+import json
+import os
+
+import numpy as np
+import pyarrow.parquet as pq
+import pytest
+from PIL import Image
+
+from curation.config import ConfigError, load_config
+from curation.io.filesystem import Resolver
+from curation.objects import OBJECTS_CONTRACT
+from curation.preflight import preflight
+from tests.conftest import upload_folder
+from testkit.detection import make_detection_set
+
+N_IMAGES = 16
+
+
+def detection_config(images: str, annotations: str, out: str, **input_keys) -> dict:
+    return {"input": {"images": images, "annotations": annotations, **input_keys},
+            "output": {"uri": out}, "embedder": {"model": "thumbnail"}, "report": {"map_method": "pca"},
+            "objects": {"min_size_px": 6}}
+
+
+@pytest.fixture(scope="module")
+def detection_set(tmp_path_factory):
+    """A shapes set with bad boxes added to its COCO file (the planted box errors are for the
+    scores; these are boxes no score should see), and two files that are not images."""
+    root = str(tmp_path_factory.mktemp("detection"))
+    truth = make_detection_set(root, n_images=N_IMAGES, seed=5, source="shapes")
+    with open(os.path.join(root, "annotations.json")) as fh:
+        doc = json.load(fh)
+    image = doc["images"][0]
+    extra = [
+        {"image_id": image["id"], "category_id": 1, "bbox": [-1.5, 0, 20, 20]},  # within tolerance: clipped
+        {"image_id": image["id"], "category_id": 1, "bbox": [150, 100, 80, 80]},  # far out of the image
+        {"image_id": image["id"], "category_id": 1, "bbox": [10, 10, 3, 3]},  # under min_size_px
+        {"image_id": image["id"], "category_id": 1, "bbox": [10, 10, 0, 30]},  # degenerate
+        {"image_id": image["id"], "category_id": 99, "bbox": [10, 10, 20, 20]},  # unknown class
+        {"image_id": 10_000, "category_id": 1, "bbox": [10, 10, 20, 20]},  # unknown image
+        {"image_id": 10_001, "category_id": 1, "bbox": [10, 10, 20, 20]},  # listed, but no such file
+        {"image_id": 10_002, "category_id": 1, "bbox": [10, 10, 20, 20]},  # a file that does not decode
+    ]
+    for i, ann in enumerate(extra):
+        ann["id"] = 90_000 + i
+    doc["annotations"] += extra
+    doc["images"] += [{"id": 10_001, "file_name": "missing.jpg"}, {"id": 10_002, "file_name": "broken.jpg"},
+                      {"id": 10_003, "file_name": "empty.jpg", "width": 192, "height": 144}]
+    with open(os.path.join(root, "images", "broken.jpg"), "wb") as fh:
+        fh.write(b"not a jpeg")
+    Image.new("RGB", (192, 144), (90, 90, 90)).save(os.path.join(root, "images", "empty.jpg"))
+    with open(os.path.join(root, "annotations.json"), "w") as fh:
+        json.dump(doc, fh)
+    return root, truth, doc
+
+
+@pytest.fixture(scope="module")
+def coco_run(ray_local, detection_set, tmp_path_factory):
+    from curation.job import run_job
+
+    root, _, _ = detection_set
+    out = str(tmp_path_factory.mktemp("coco-run"))
+    return run_job(load_config(data=detection_config(os.path.join(root, "images"),
+                                                     os.path.join(root, "annotations.json"), out)))
+
+
+def read_objects_folder(run_uri: str, fs=None):
+    import pyarrow.fs as pafs
+
+    return pq.read_table(f"{run_uri}/objects", filesystem=fs or pafs.LocalFileSystem())
+
+
+def test_every_box_in_is_one_row_out_with_a_reason_when_rejected(coco_run, detection_set):
+    root, truth, doc = detection_set
+    objects = read_objects_folder(coco_run.run_uri)
+    assert objects.schema == OBJECTS_CONTRACT
+    rows = {r["annotation_id"]: r for r in objects.to_pylist()}
+    assert len(rows) == objects.num_rows == len(doc["annotations"])  # accounting
+    assert all(r["status"] == "ok" or r["reason"] for r in rows.values())
+    reasons = {i: rows[str(90_000 + i)]["reason"] for i in range(8)}
+    assert reasons[0] is None and rows["90000"]["bbox"] == [0, 0, 18.5, 20]  # clipped
+    assert "outside the 192x144 image" in reasons[1]
+    assert "minimum side" in reasons[2] and "degenerate" in reasons[3]
+    assert "category_id 99" in reasons[4] and "image_id 10000" in reasons[5]
+    assert "missing.jpg" in reasons[6] and "not among the inputs" in reasons[6]
+    assert reasons[7].startswith("image rejected: ")
+    # the planted box errors are boxes like any other here: all ok, on the true pixels
+    clean = [a for a in doc["annotations"] if a["id"] < 90_000]
+    assert all(rows[str(a["id"])]["status"] == "ok" for a in clean)
+    assert all(np.allclose(rows[str(a["id"])]["bbox"], a["bbox"], atol=0.01) for a in clean)
+    ids = [r["object_id"] for r in rows.values() if r["status"] == "ok"]
+    assert len(ids) == len(set(ids)) and all(ids)
+
+
+def test_samples_count_each_images_boxes_and_run_json_sums_them(coco_run, detection_set):
+    root, _, doc = detection_set
+    samples = pq.read_table(os.path.join(coco_run.run_uri, "samples")).to_pylist()
+    count = {os.path.basename(r["uri"]): r["object_count"] for r in samples}
+    assert count["empty.jpg"] == 0  # listed with no boxes: labelled and empty
+    first = doc["images"][0]["file_name"]
+    assert count[first] == sum(1 for a in doc["annotations"] if a["image_id"] == doc["images"][0]["id"])
+    info = json.load(open(os.path.join(coco_run.run_uri, "run.json")))
+    objects = info["objects"]
+    assert objects["annotations"] == len(doc["annotations"]) == objects["ok"] + objects["rejected"]
+    assert objects["rejected"] == 7 and objects["images_listed_empty"] == 1
+    assert sum(objects["per_class"].values()) == objects["ok"]
+
+
+def test_the_yolo_layout_gives_the_coco_files_boxes(ray_local, detection_set, coco_run, tmp_path):
+    from curation.job import run_job
+
+    root, truth, _ = detection_set
+    config = detection_config(os.path.join(root, "images"), os.path.join(root, "data.yaml"), str(tmp_path / "out"))
+    result = run_job(load_config(data=config))
+    yolo = read_objects_folder(result.run_uri)
+    coco = read_objects_folder(coco_run.run_uri)
+    coco = coco.filter(np.array([int(a) < 90_000 for a in coco["annotation_id"].to_pylist()]))
+    assert yolo.num_rows == coco.num_rows and set(yolo["status"].to_pylist()) == {"ok"}
+    key = lambda t: sorted(zip(t["uri"].to_pylist(), t["label"].to_pylist(), t["object_id"].to_pylist()))  # noqa: E731
+    # the same boxes, so the same object ids (YOLO's fractions round to within the id's half pixel)
+    same = sum(a == b for a, b in zip(key(yolo), key(coco)))
+    assert same >= 0.95 * coco.num_rows
+    samples = pq.read_table(os.path.join(result.run_uri, "samples"), columns=["uri", "object_count"]).to_pylist()
+    assert {os.path.basename(r["uri"]): r["object_count"] for r in samples}["broken.jpg"] is None  # no .txt
+
+
+def test_coco_on_s3_end_to_end(ray_local, s3, detection_set):
+    from curation.job import run_job
+
+    root, _, doc = detection_set
+    fs = s3.pyarrow_fs()
+    fs.create_dir("detection")
+    upload_folder(fs, root, "detection/set")
+    data = detection_config("s3://detection/set/images", "s3://detection/set/annotations.json", "s3://detection/out")
+    data["storage"] = s3.storage()
+    config = load_config(data=data)
+    result = run_job(config, resolver=Resolver(config.storage))
+    objects = read_objects_folder(result.run_uri.replace("s3://", ""), fs)
+    assert objects.num_rows == len(doc["annotations"])
+    assert all(u.startswith("s3://detection/set/images/") for u in objects["uri"].drop_null().to_pylist())
+
+
+def test_bad_annotation_files_are_exit_2_before_any_work(detection_set, tmp_path):
+    root, _, _ = detection_set
+    images = os.path.join(root, "images")
+    with pytest.raises(ConfigError, match="input.labels': give input.annotations or input.labels"):
+        load_config(data=detection_config(images, os.path.join(root, "annotations.json"), str(tmp_path),
+                                          labels=os.path.join(root, "x.csv")))
+    (tmp_path / "bad.json").write_text("{")
+    config = load_config(data=detection_config(images, str(tmp_path / "bad.json"), str(tmp_path / "out")))
+    with pytest.raises(ConfigError, match=r"input.annotations.*bad.json: not JSON"):
+        preflight(config, Resolver())
+    config = load_config(data=detection_config(images, str(tmp_path / "none.json"), str(tmp_path / "out")))
+    with pytest.raises(ConfigError, match="input.annotations"):
+        preflight(config, Resolver())
+    assert not (tmp_path / "out").exists()
