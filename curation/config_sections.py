@@ -78,13 +78,22 @@ class ObjectsConfig(Section):
             one reaching further is rejected with the distance in its reason.
         min_size_px: a box whose shorter side (after clipping) is under this many pixels is
             rejected (too small to crop and embed).
-        max_per_image: at most this many boxes of one image are kept, in the annotation
+        max_per_image: at most this many usable boxes of one image are kept, in the annotation
             file's order; the rest are rejected rows that say so.
+        context_margin: each box is cut as a square around its centre, its longer side plus
+            this fraction of it on each side (context the embedder sees); outside the image grey.
+        duplicate_iou: two usable boxes on one image overlapping by at least this IoU are one
+            object boxed twice (``is_duplicate_box``).
+        mislabel_below: a box whose crop's neighbours suggest another class is flagged
+            ``is_box_mislabel`` when its ``box_label_quality`` is under this.
     """
 
     clip_tolerance_px: float = ranged(2.0, 0.0, 1e6)
     min_size_px: float = ranged(4.0, 0.0, 1e6)
     max_per_image: int = ranged(500, 1, 1_000_000)
+    context_margin: float = ranged(0.1, 0.0, 2.0)
+    duplicate_iou: float = ranged(0.7, 0.05, 1.0)
+    mislabel_below: float = ranged(0.4, 0.0, 1.0)
 
 
 class DecodeConfig(Section):

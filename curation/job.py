@@ -55,7 +55,11 @@ from curation.index.incremental import neighbour_graph
 from curation.scores import run_scores
 from curation.corrections import apply_corrections, read_answers
 from curation.leakage import find_leaks, split_values
-from curation.objects import objects_summary, place_objects
+from curation.objects import (ObjectVectors, crop_requests, crop_settings, objects_summary, place_objects,
+                              read_object_vectors, with_object_vectors)
+from curation.object_scores import per_image, score_objects
+from curation.index.sharded import knn_graph
+from curation.run_layout import OBJECT_EMBEDDINGS_FOLDER
 log = logging.getLogger(__name__)
 
 
@@ -69,6 +73,7 @@ class Ingested:
     embedder: dict
     copies: VectorParts | None = None  # the copy descriptors (same ids); None without pixels
     snapshot: object | None = None  # the embedding store's new snapshot (StagedSnapshot), named once published
+    crops: ObjectVectors | None = None  # detection runs: the boxes' crop vectors as stored
 
 
 @dataclass
@@ -142,6 +147,13 @@ def _ingest_images(plan: Plan, config: Config, resolver: Resolver, clock: Clock)
 
     inputs = plan.inputs
     identity = run_tasks(_describe_embedder, [(config, resolver)])[0]  # the model loads on a worker
+    # A detection run sends each image's usable boxes to the decode stage, which cuts them from
+    # the same decode; an image with boxes is decoded (not reused from the store) for its crops.
+    with_boxes, has_boxes, crop_cfg = inputs, None, None
+    if plan.objects is not None:
+        box_bytes, row_bytes, has_boxes = crop_requests(plan.objects, inputs.num_rows, config.objects)
+        with_boxes = inputs.append_column("boxes", box_bytes).append_column("box_rows", row_bytes)
+        crop_cfg = crop_settings(plan.objects, config.objects)
     store = None
     reused = np.zeros(inputs.num_rows, bool)
     reuse = None
@@ -151,16 +163,22 @@ def _ingest_images(plan: Plan, config: Config, resolver: Resolver, clock: Clock)
         # What a run that stopped before publishing had already embedded is reused too: its
         # embeddings/ parts are written as blocks complete (the checkpoint).
         resume = outputs.interrupted_vector_files(plan.output, plan.run_id, skip=(store.snapshot_run(),))
-        reused, reuse = store.lookup(inputs, resume=resume)
+        reused, reuse = store.lookup(inputs, resume=resume, exclude=has_boxes)
         if resume:
             log.info("resuming: %d vector part(s) of interrupted runs considered", len(resume))
-    todo = inputs.filter(pa.array(~reused))
+    todo = with_boxes.filter(pa.array(~reused))
     log.info("inputs: %d; reused from the embedding store: %d; to decode and embed: %d",
              inputs.num_rows, int(reused.sum()), todo.num_rows)
     folder = plan.run.child("embeddings")
     with clock.phase("decode_embed" if todo.num_rows else "copy_stored"):
         compact = pipeline.embed_to_storage(todo, reuse, config, resolver, folder=folder,
-                                            model_id=identity["model_id"])
+                                            model_id=identity["model_id"], objects=crop_cfg,
+                                            object_folder=plan.run.child(OBJECT_EMBEDDINGS_FOLDER))
+    crops = None
+    if plan.objects is not None:
+        crops = read_object_vectors(plan.run.child(OBJECT_EMBEDDINGS_FOLDER), compact)
+        compact = compact.drop_columns(["object_vector_file"]) if "object_vector_file" in compact.column_names \
+            else compact
     samples = _join_compact(inputs, compact)
     names = sorted(set(pc.drop_null(samples["vector_file"]).to_pylist())) if "vector_file" in samples.column_names else []
     files = [folder.child(name) for name in names]
@@ -172,7 +190,8 @@ def _ingest_images(plan: Plan, config: Config, resolver: Resolver, clock: Clock)
     identity["store"] = counts
     log.info("embedding store: reused %(reused)d, embedded %(embedded)d, rejected %(rejected)d", counts)
     snapshot = store.stage(files, plan.run_id, rows=int(ok.sum())) if store is not None and files else None
-    return Ingested(samples, VectorParts(parts), identity, VectorParts(parts, column="copy_vector"), snapshot)
+    return Ingested(samples, VectorParts(parts), identity, VectorParts(parts, column="copy_vector"), snapshot,
+                    crops)
 
 
 def _describe_embedder(config: Config, resolver: Resolver) -> dict:
@@ -317,11 +336,22 @@ def _apply_corrections(plan: Plan, config: Config, resolver: Resolver,
 def _place_objects(plan: Plan, config: Config, ingested: Ingested) -> tuple[Ingested, tuple[pa.Table, dict]]:
     """The annotations' boxes on their decoded images (see :mod:`curation.objects`), and
     ``object_count`` on every input's row."""
-    table = place_objects(plan.objects, ingested.samples, config.objects)
+    samples = ingested.samples.sort_by("input_id")
+    table = place_objects(plan.objects, samples, config.objects)
+    crops = ingested.crops or ObjectVectors([], np.zeros(0, np.int64))
+    table, keep = with_object_vectors(table, crops.rows)
     summary = objects_summary(table, plan.objects.object_count)
     log.info("objects: %(annotations)d boxes, %(ok)d ok, %(rejected)d rejected", summary)
-    samples = ingested.samples.sort_by("input_id")
+    graph = None
+    if keep.any():  # the crops' own kNN graph, through the same index as the images' (built whole)
+        vectors = VectorParts(crops.parts, keep=keep)
+        graph, info = knn_graph(vectors, config.knn, save_to=plan.run.child("index-objects"))
+        summary["knn"] = {"vectors": int(keep.sum()), "method": info.get("method")}
+    table, summary["scores"] = score_objects(table, graph, config.objects)
+    samples = samples.drop_columns([c for c in ("orientation",) if c in samples.column_names])
     samples = samples.append_column("object_count", plan.objects.object_count)
+    for name, column in per_image(table, samples.num_rows).items():
+        samples = samples.append_column(name, column)
     return dataclasses.replace(ingested, samples=samples), (table, summary)
 
 

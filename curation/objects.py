@@ -12,8 +12,9 @@ Two steps, each returning a new table:
   (:func:`curation.item_key.object_ids`).
 
 Accounting: every annotated box in is exactly one ``annotation`` row out, ``ok`` or
-``rejected`` with a reason. The boxes are not embedded or scored yet (issue 37's next steps:
-crops in the decode pass, their own kNN graph, the box scores and selections).
+``rejected`` with a reason. The usable boxes travel to the decode stage (:func:`crop_requests`),
+which cuts their crops from the same decode as the image (:mod:`curation.stages.crops`); their
+vectors are stored in ``object-embeddings/`` and named on each row (:func:`with_object_vectors`).
 
 YOLO's ``.txt`` files are read by the driver, one read per listed label file (fine locally; on
 S3 at millions of images this step belongs on Ray tasks).
@@ -29,11 +30,13 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.fs as pafs
+import pyarrow.parquet as pq
 
 from curation.annotations import (COCO, YOLO, AnnotationsError, Annotations, place_boxes, read_annotations,
                                   to_pixels, yolo_label_path)
 from curation.config import Config
 from curation.config_sections import ObjectsConfig
+from curation.index.source import parquet_parts
 from curation.io.filesystem import Location, Resolver, StorageError, to_uri
 from curation.item_key import object_ids
 from curation.schema import STATUS_OK, STATUS_REJECTED, is_ok
@@ -130,6 +133,94 @@ def _joined(annotations: Annotations, root: Location, inputs: pa.Table) -> Objec
     return ObjectsInput(table, annotations.units, pa.array(counts, pa.int32()), annotations.classes)
 
 
+def within_cap(boxes: pa.Table, max_per_image: int) -> np.ndarray:
+    """The boxes among the first ``max_per_image`` of their image that the annotations list
+    usable (in the file's order); the rest are over the per-image cap."""
+    ok = is_ok(boxes["status"])
+    input_id = boxes["input_id"].to_numpy(zero_copy_only=False)
+    keep = np.ones(len(ok), bool)
+    seen: dict[int, int] = {}
+    for i in np.flatnonzero(ok):
+        key = input_id[i]
+        if key != key:  # no image
+            continue
+        seen[key] = seen.get(key, 0) + 1
+        keep[i] = seen[key] <= max_per_image
+    return keep
+
+
+def crop_requests(objects: ObjectsInput, n_inputs: int, cfg: ObjectsConfig) -> tuple[pa.Array, pa.Array, np.ndarray]:
+    """Per input, the boxes the decode stage cuts (``boxes``: float64 bytes, as given;
+    ``box_rows``: int64 bytes, their rows in the objects table) and which inputs have any: the
+    usable boxes within the per-image cap. Placement is the decode stage's, by the same rule as
+    :func:`place_objects`."""
+    boxes = objects.boxes
+    usable = is_ok(boxes["status"]) & within_cap(boxes, cfg.max_per_image) & boxes["input_id"].is_valid().to_numpy(
+        zero_copy_only=False)
+    rows = np.flatnonzero(usable)
+    owner = boxes["input_id"].to_numpy(zero_copy_only=False)[rows].astype(np.int64)
+    raw = np.array([b for b in boxes["bbox"].take(pa.array(rows)).to_pylist()], np.float64).reshape(-1, 4)
+    order = np.argsort(owner, kind="stable")
+    rows, owner, raw = rows[order], owner[order], raw[order]
+    bounds = np.searchsorted(owner, np.arange(n_inputs + 1))
+    box_bytes = [raw[a:b].tobytes() for a, b in zip(bounds[:-1], bounds[1:])]
+    row_bytes = [rows[a:b].astype(np.int64).tobytes() for a, b in zip(bounds[:-1], bounds[1:])]
+    has = np.diff(bounds) > 0
+    return pa.array(box_bytes, pa.binary()), pa.array(row_bytes, pa.binary()), has
+
+
+def crop_settings(objects: ObjectsInput, cfg: ObjectsConfig) -> dict:
+    """The decode stage's ``objects`` argument."""
+    return {"units": objects.units, "margin": cfg.context_margin, "tolerance_px": cfg.clip_tolerance_px,
+            "min_size_px": cfg.min_size_px}
+
+
+@dataclass(frozen=True)
+class ObjectVectors:
+    """The crop vectors a detection run stored (``object-embeddings/``): the files in order
+    (:func:`~curation.index.source.parquet_parts`) and, per stored vector, its box's row in the
+    objects table."""
+
+    parts: list
+    rows: np.ndarray
+
+
+def read_object_vectors(folder: Location, compact: pa.Table | None) -> ObjectVectors:
+    """The ``object-embeddings/`` parts the compact rows name (name order = input order), and
+    their ``object_row`` column (8 bytes a box on the driver; the vectors stay where they are)."""
+    names = []
+    if compact is not None and "object_vector_file" in compact.column_names:
+        names = sorted(set(pc.drop_null(compact["object_vector_file"]).to_pylist()))
+    files = [folder.child(name) for name in names]
+    rows = [pq.read_table(f.path, columns=["object_row"], filesystem=f.filesystem)["object_row"].to_numpy()
+            for f in files]
+    return ObjectVectors(parquet_parts(files), np.concatenate(rows) if rows else np.zeros(0, np.int64))
+
+
+def with_object_vectors(table: pa.Table, vector_rows: np.ndarray) -> tuple[pa.Table, np.ndarray]:
+    """``object_vector_id`` on every ok box whose crop was embedded (``vector_rows``: the
+    objects-table row of each stored crop vector, in storage order), and the mask over those
+    vectors that are kept (their box is ok). An ok box without a vector becomes a rejected row
+    that says so (never silently dropped)."""
+    n = table.num_rows
+    ok = is_ok(table["status"])
+    in_range = (vector_rows >= 0) & (vector_rows < n)
+    keep = np.zeros(len(vector_rows), bool)
+    keep[in_range] = ok[vector_rows[in_range]]
+    ids = np.full(n, -1, np.int64)
+    ids[vector_rows[keep]] = np.arange(int(keep.sum()))
+    status = table["status"].to_pylist()
+    reason = table["reason"].to_pylist()
+    missing = ok & (ids < 0)
+    for i in np.flatnonzero(missing):
+        status[i], reason[i] = STATUS_REJECTED, "no crop was embedded for this box"
+    if missing.any():
+        log.warning("objects: %d ok boxes got no crop vector (rejected with a reason)", int(missing.sum()))
+    table = table.set_column(table.schema.get_field_index("status"), "status", pa.array(status, pa.string()))
+    table = table.set_column(table.schema.get_field_index("reason"), "reason", pa.array(reason, pa.string()))
+    return table.append_column("object_vector_id", pa.array(ids, pa.int64(), mask=ids < 0)), keep
+
+
 def place_objects(objects: ObjectsInput, samples: pa.Table, cfg: ObjectsConfig) -> pa.Table:
     """The boxes on their decoded images (``samples``: one row per input, by ``input_id``), in
     ``OBJECTS_CONTRACT`` order: pixel boxes clipped to the image, ``object_id`` set, a box of a
@@ -143,9 +234,15 @@ def place_objects(objects: ObjectsInput, samples: pa.Table, cfg: ObjectsConfig) 
     image_ok = is_ok(samples["status"])[row] & has_image if samples.num_rows else np.zeros(n, bool)
     width, height = (samples[c].to_numpy(zero_copy_only=False).astype(np.float64)[row] if samples.num_rows
                      else np.zeros(n) for c in ("width", "height"))
+    if "orientation" in samples.column_names and samples.num_rows:  # the stored frame (EXIF turned 90 degrees)
+        turned = np.isin(samples["orientation"].to_numpy(zero_copy_only=False)[row], (5, 6, 7, 8))
+        width, height = np.where(turned, height, width), np.where(turned, width, height)
     image_reasons = samples["reason"].to_pylist() if samples.num_rows else []
     status = boxes["status"].to_pylist()
     reason = boxes["reason"].to_pylist()
+    over = ~within_cap(boxes, cfg.max_per_image) & is_ok(boxes["status"])
+    for i in np.flatnonzero(over):  # the per-image cap, before placement (the decode stage's rule too)
+        status[i], reason[i] = STATUS_REJECTED, f"more than objects.max_per_image ({cfg.max_per_image}) boxes on this image"
     given = boxes["bbox"].to_pylist()
     known = np.array([b is not None for b in given])
     raw = np.array([b if b is not None else [0.0] * 4 for b in given], np.float64).reshape(-1, 4)
@@ -163,13 +260,6 @@ def place_objects(objects: ObjectsInput, samples: pa.Table, cfg: ObjectsConfig) 
     for i in np.flatnonzero(has_image & ~image_ok):
         if status[i] == STATUS_OK:
             status[i], reason[i] = STATUS_REJECTED, f"image rejected: {image_reasons[row[i]]}"
-    kept: dict[int, int] = {}
-    for i in range(n):  # the per-image cap, in the annotation file's order
-        if status[i] == STATUS_OK:
-            kept[row[i]] = kept.get(row[i], 0) + 1
-            if kept[row[i]] > cfg.max_per_image:
-                status[i], reason[i] = STATUS_REJECTED, f"more than objects.max_per_image ({cfg.max_per_image}) " \
-                                                        f"boxes on this image"
     # Pixels where the image's size is known; a COCO box (pixels already) as given otherwise.
     shown = np.where(sized[:, None], placed, raw if objects.units == "pixels" else np.nan)
     bbox = pa.array([None if not known[i] or np.isnan(shown[i]).any() else shown[i].round(3).tolist()

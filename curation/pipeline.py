@@ -43,6 +43,7 @@ TARGET_ROWS_PER_BLOCK = 256
 CHECKPOINTS = 8  # a small run writes its vectors in about this many parts (large runs: 16k-row parts)
 # Columns of the inputs table that travel to the decode tasks (labels and metadata stay home).
 DECODE_INPUT_COLUMNS = ("input_id", "uri", "input_error", "fingerprint")
+BOX_COLUMNS = ("boxes", "box_rows")  # detection runs: each input's boxes to cut (see DecodeStage)
 
 
 class EmbeddingsDatasink(Datasink[pa.Table]):
@@ -52,13 +53,16 @@ class EmbeddingsDatasink(Datasink[pa.Table]):
         folder: the run's ``embeddings/`` folder.
         model_id: written beside every vector.
         store_dtype: ``float32`` or ``float16``.
+        object_folder: the run's ``object-embeddings/`` folder (detection runs: the crops' vectors).
 
     After the write, :attr:`compact` holds one row per input row without its vector (see
     :func:`curation.io.outputs.write_vector_part`) and :attr:`files` the parts written.
     """
 
-    def __init__(self, *, folder: Location, model_id: str, store_dtype: str, rows_per_part: int = EMBEDDING_ROW_GROUP):
+    def __init__(self, *, folder: Location, model_id: str, store_dtype: str, rows_per_part: int = EMBEDDING_ROW_GROUP,
+                 object_folder: Location | None = None):
         self.folder = folder
+        self.object_folder = object_folder
         self.rows_per_part = rows_per_part
         self.model_id = model_id
         self.store_dtype = store_dtype
@@ -76,7 +80,8 @@ class EmbeddingsDatasink(Datasink[pa.Table]):
         if not tables:
             return pa.table({"input_id": pa.array([], pa.int64())})
         rows = pa.concat_tables(tables, promote_options="permissive")
-        return write_vector_part(self.folder, rows, model_id=self.model_id, store_dtype=self.store_dtype)
+        return write_vector_part(self.folder, rows, model_id=self.model_id, store_dtype=self.store_dtype,
+                                 object_folder=self.object_folder)
 
     def on_write_complete(self, write_result: WriteResult[pa.Table]) -> None:
         parts = [t for t in write_result.write_returns if t.num_rows]
@@ -84,9 +89,15 @@ class EmbeddingsDatasink(Datasink[pa.Table]):
 
 
 def embed_to_storage(todo: pa.Table, reuse: Reuse | None, config: Config, resolver: Resolver, *,
-                     folder: Location, model_id: str) -> pa.Table | None:
+                     folder: Location, model_id: str, objects: dict | None = None,
+                     object_folder: Location | None = None) -> pa.Table | None:
     """Decode and embed ``todo``, fetch the ``reuse`` rows from the store, write every ok vector
-    to ``folder``; returns the compact rows (None when there was nothing to do)."""
+    to ``folder``; returns the compact rows (None when there was nothing to do).
+
+    A detection run gives ``objects`` (the decode stage's box settings, see
+    :class:`~curation.stages.decode.DecodeStage`) and ``todo`` carries ``boxes`` and
+    ``box_rows``: the boxes' crops are cut in the same decode, embedded by the same actors and
+    written to ``object_folder``."""
     ctx = ray.data.DataContext.get_current()
     # Ray Data warns "no available CPUs, the Dataset job will hang" once per process when it
     # re-reads the materialised write while the actor pool is still giving its CPUs back: a
@@ -103,7 +114,8 @@ def embed_to_storage(todo: pa.Table, reuse: Reuse | None, config: Config, resolv
         ctx.custom_execution_callback_classes.append(_RayDataProgress)
     branches = []
     if todo.num_rows:
-        branches.append(_decode_and_embed(todo.select(list(DECODE_INPUT_COLUMNS)), config, resolver))
+        columns = list(DECODE_INPUT_COLUMNS) + (list(BOX_COLUMNS) if objects is not None else [])
+        branches.append(_decode_and_embed(todo.select(columns), config, resolver, objects))
     if reuse is not None and reuse.count:
         branches.append(_stored_rows(reuse))
     if not branches:
@@ -112,26 +124,28 @@ def embed_to_storage(todo: pa.Table, reuse: Reuse | None, config: Config, resolv
     total = todo.num_rows + (reuse.count if reuse is not None else 0)
     rows_per_part = int(min(EMBEDDING_ROW_GROUP, max(TARGET_ROWS_PER_BLOCK, total // CHECKPOINTS)))
     sink = EmbeddingsDatasink(folder=folder, model_id=model_id, store_dtype=config.embedder.store_dtype,
-                              rows_per_part=rows_per_part)
+                              rows_per_part=rows_per_part, object_folder=object_folder if objects is not None else None)
     ds.write_datasink(sink)
     remove_unlisted_parts(folder, sink.compact)
+    if objects is not None:
+        remove_unlisted_parts(object_folder, sink.compact, column="object_vector_file")
     return sink.compact
 
 
-def remove_unlisted_parts(folder: Location, compact: pa.Table | None) -> list[str]:
+def remove_unlisted_parts(folder: Location, compact: pa.Table | None, *, column: str = "vector_file") -> list[str]:
     """Delete ``embeddings/`` parts no compact row points at: a write task that Ray reran
     after its node was lost may have left a first, half-reported part behind, and readers
     take the folder's name order as vector order. Returns the names removed."""
     listed = set()
-    if compact is not None and "vector_file" in compact.column_names:
-        listed = set(pc.drop_null(compact["vector_file"]).to_pylist())
+    if compact is not None and column in compact.column_names:
+        listed = set(pc.drop_null(compact[column]).to_pylist())
     infos = folder.filesystem.get_file_info(pafs.FileSelector(folder.path, allow_not_found=True))
     stray = [i for i in infos if i.type == pafs.FileType.File and i.base_name.startswith("part-")
              and i.base_name not in listed]
     for info in stray:
         folder.filesystem.delete_file(info.path)
     if stray:
-        log.info("removed %d embeddings part(s) left by retried write tasks", len(stray))
+        log.info("removed %d %s part(s) left by retried write tasks", len(stray), folder.path.rsplit("/", 1)[-1])
     return [i.base_name for i in stray]
 
 
@@ -161,7 +175,8 @@ class _RayDataProgress(ExecutionCallback):
         progress.streaming = False
 
 
-def _decode_and_embed(inputs: pa.Table, config: Config, resolver: Resolver) -> ray.data.Dataset:
+def _decode_and_embed(inputs: pa.Table, config: Config, resolver: Resolver,
+                      objects: dict | None = None) -> ray.data.Dataset:
     ctx = ray.data.DataContext.get_current()
     ctx.enable_progress_bars = log.isEnabledFor(logging.INFO)
     blocks = max(1, math.ceil(inputs.num_rows / TARGET_ROWS_PER_BLOCK))
@@ -176,7 +191,7 @@ def _decode_and_embed(inputs: pa.Table, config: Config, resolver: Resolver) -> r
     on_device = config.decode.path == "torch" or (config.decode.path == "auto" and pool["device"] == "cuda")
     decode = DecodeStage(resolver=resolver, image_size=config.embedder.image_size,
                          max_pixels=config.decode.max_pixels, background=tuple(config.decode.background),
-                         defer_jpegs=on_device)
+                         defer_jpegs=on_device, objects=objects)
     ds = ds.map_batches(
         _decode_batch,
         fn_kwargs={"stage": decode},

@@ -7,8 +7,10 @@ SUCCESS = "_SUCCESS"  # written last: the run is complete
 LATEST = "latest"  # in the output folder: the newest published run
 PROBE_FILE = "label-probe.npz"  # the label probe's models, where the next night's fits start
 CORRECTIONS_FILE = "corrections.parquet"  # the label corrections a run applied (kept for later nights)
-TRAINED_INDEX = "trained.faissindex"
-OBJECTS_FOLDER = "objects"  # detection runs: one row per box (curation/objects.py)  # a sharded index's trained, empty quantiser
+TRAINED_INDEX = "trained.faissindex"  # a sharded index's trained, empty quantiser
+OBJECTS_FOLDER = "objects"  # detection runs: one row per box (curation/objects.py)
+OBJECT_EMBEDDINGS_FOLDER = "object-embeddings"  # detection runs: the box crops' vectors
+OBJECT_KNN_FOLDER = "object-knn"  # detection runs: the crops' kNN graph
 
 
 def shard_file(index_folder, shard: int):

@@ -60,6 +60,10 @@ SAMPLES_EXTRA = pa.schema(
         ("cluster_similarity", pa.float32()),
         ("vector_id", pa.int64()),
         ("object_count", pa.int32()),  # detection runs: boxes the annotations list (null: not listed)
+        ("object_quality", pa.float32()),  # detection runs: the image's lowest box_quality (curation/object_scores.py)
+        ("box_mislabel_count", pa.int32()),
+        ("duplicate_box_count", pa.int32()),
+        ("degenerate_box_count", pa.int32()),
     ]
 )
 

@@ -110,6 +110,11 @@ class SimulatedCluster:
                     "VIRTUAL_ENV": os.path.dirname(BIN),
                     # ray.init in this process exports its own local Ray's address: not for the nodes
                     "RAY_ADDRESS": None}
+        # Cluster's head node records its address in Ray's default temp folder (/tmp/ray), not in
+        # temp_dir, and fails on a fresh machine where no Ray has made that folder yet.
+        from ray._private.utils import get_ray_address_file
+
+        os.makedirs(os.path.dirname(get_ray_address_file(None)), exist_ok=True)
         with _environment(self.env):
             self.cluster = Cluster(initialize_head=True, shutdown_at_exit=False, head_node_args={
                 "num_cpus": 0, "object_store_memory": 100 * 1024 * 1024, "node_ip_address": "127.0.0.1",

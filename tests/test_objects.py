@@ -13,7 +13,7 @@ from PIL import Image
 
 from curation.config import ConfigError, load_config
 from curation.io.filesystem import Resolver
-from curation.objects import OBJECTS_CONTRACT
+from curation.object_scores import OBJECTS_MANIFEST
 from curation.preflight import preflight
 from tests.conftest import upload_folder
 from testkit.detection import make_detection_set
@@ -78,7 +78,7 @@ def read_objects_folder(run_uri: str, fs=None):
 def test_every_box_in_is_one_row_out_with_a_reason_when_rejected(coco_run, detection_set):
     root, truth, doc = detection_set
     objects = read_objects_folder(coco_run.run_uri)
-    assert objects.schema == OBJECTS_CONTRACT
+    assert objects.schema == OBJECTS_MANIFEST
     rows = {r["annotation_id"]: r for r in objects.to_pylist()}
     assert len(rows) == objects.num_rows == len(doc["annotations"])  # accounting
     assert all(r["status"] == "ok" or r["reason"] for r in rows.values())

@@ -89,14 +89,17 @@ VECTOR_FILE_COLUMNS = ("input_id", "uri", "fingerprint", "width", "height", "bri
                        "shadows", "highlights", "content_hash", "pixel_hash", "phash")
 
 
-def write_vector_part(folder: Location, rows: pa.Table, *, model_id: str, store_dtype: str) -> pa.Table:
+def write_vector_part(folder: Location, rows: pa.Table, *, model_id: str, store_dtype: str,
+                      object_folder: Location | None = None) -> pa.Table:
     """Write the ok rows of one block of embedded rows as one ``embeddings/`` Parquet file and
     return every row of the block without its vector (the compact per-item columns the driver
     keeps), with ``vector_file`` / ``vector_row`` saying where each ok row's vector went.
 
     Runs on the workers (the embeddings datasink), so vectors never reach the driver. The file
     is named after the block's smallest ``input_id`` so that name order follows input order, and
-    written in row groups of ``EMBEDDING_ROW_GROUP`` rows so readers can stream it.
+    written in row groups of ``EMBEDDING_ROW_GROUP`` rows so readers can stream it. In a
+    detection run (``crop_rows`` and ``crop_vectors`` columns) the boxes' vectors go to a file
+    of the same name in ``object_folder``, named on each row as ``object_vector_file``.
     """
     keyed = "input_id" in rows.column_names
     if keyed:
@@ -123,9 +126,43 @@ def write_vector_part(folder: Location, rows: pa.Table, *, model_id: str, store_
                        row_group_size=EMBEDDING_ROW_GROUP)
     vector_row = np.full(rows.num_rows, -1, np.int64)
     vector_row[okmask] = np.arange(int(okmask.sum()))
+    if "crop_rows" in rows.column_names:  # a detection run: the boxes' vectors beside the images'
+        object_file = _write_object_part(object_folder, good, model_id=model_id,
+                                         store_dtype=store_dtype, name=name)
+        rows = rows.drop_columns(["crop_rows", "crop_vectors"])
+        rows = rows.append_column("object_vector_file", pa.array([object_file if m else None for m in okmask],
+                                                                 pa.string()))
     compact = rows.drop_columns([c for c in INTERNAL_COLUMNS if c in rows.column_names])
     compact = compact.append_column("vector_file", pa.array([name if m else None for m in okmask], pa.string()))
     return compact.append_column("vector_row", pa.array(vector_row))
+
+
+def _write_object_part(folder: Location, good: pa.Table, *, model_id: str, store_dtype: str,
+                       name: str | None) -> str | None:
+    """The crops' vectors of one block's ok images as one ``object-embeddings/`` file (named
+    like its images' part): ``object_row`` (the box's row in the run's objects table),
+    ``input_id`` (its image), ``embedding``. Returns the name (None: no crop in the block)."""
+    if name is None or not good.num_rows:
+        return None
+    rows = [np.frombuffer(b, np.int64) for b in good["crop_rows"].to_pylist()]
+    vectors = [np.frombuffer(b, np.float32) for b in good["crop_vectors"].to_pylist()]
+    count = sum(len(r) for r in rows)
+    if not count:
+        return None
+    dim = good["embedding"].type.list_size
+    flat = np.concatenate(vectors).astype(np.float16 if store_dtype == "float16" else np.float32)
+    value_type = pa.float16() if store_dtype == "float16" else pa.float32()
+    input_ids = good["input_id"].to_numpy()
+    table = pa.table({
+        "object_row": pa.array(np.concatenate(rows)),
+        "input_id": pa.array(np.repeat(input_ids, [len(r) for r in rows])),
+        "embedding": pa.FixedSizeListArray.from_arrays(pa.array(flat, value_type), dim),
+        "model_id": pa.array([model_id] * count, pa.string()),
+    })
+    folder.filesystem.create_dir(folder.path, recursive=True)
+    target = folder.child(name)
+    pq.write_table(table, target.path, filesystem=target.filesystem, row_group_size=EMBEDDING_ROW_GROUP)
+    return name
 
 
 KNN_ROWS_PER_STEP = 262_144  # the graph is converted and written this many rows at a time

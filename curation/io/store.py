@@ -92,13 +92,16 @@ class EmbeddingStore:
             log.warning("embedding store %s unreadable (%s); embedding everything", folder.uri, exc)
             return []
 
-    def lookup(self, inputs: pa.Table, *, resume: list[Location] = ()) -> tuple[np.ndarray, Reuse | None]:
+    def lookup(self, inputs: pa.Table, *, resume: list[Location] = (),
+               exclude: np.ndarray | None = None) -> tuple[np.ndarray, Reuse | None]:
         """Which ``inputs`` rows the store holds (same uri and fingerprint, no ``input_error``).
 
         Args:
             inputs: the listed inputs.
             resume: more vector files to reuse from: the parts an interrupted run wrote before
                 it stopped (its checkpoint). Rows of another embedder are never matched.
+            exclude: rows never to reuse (a detection run's images with boxes: their crops are
+                cut from a fresh decode).
 
         Returns the mask over ``inputs`` and the :class:`Reuse` that tells the pipeline how to
         fetch them (None when nothing is reused). Only the keys of the files are read here; a
@@ -132,6 +135,8 @@ class EmbeddingStore:
         key_owner = np.concatenate(owner)[first] if stored else np.zeros(0, np.int32)
         keys = key_hashes(inputs["uri"], inputs["fingerprint"])
         usable = (keys != 0) & ~inputs["input_error"].is_valid().to_numpy(zero_copy_only=False)
+        if exclude is not None:
+            usable &= ~exclude
         hit = usable & np.isin(keys, stored_keys)
         if not hit.any():
             return hit, None

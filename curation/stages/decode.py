@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import hashlib
 import io
+import math
 import warnings
 from dataclasses import dataclass
 
@@ -32,6 +33,7 @@ except ImportError:  # pragma: no cover - a declared dependency
 from curation.io.filesystem import Resolver
 from curation.schema import STATUS_OK, STATUS_REJECTED, is_ok
 from curation.sizing import DECODE_TASK_MEMORY
+from curation.stages.crops import CropJob
 from curation.stages.features import (  # noqa: F401 (the one-image helpers are public here too)
     COPY_DESCRIPTOR_ID, COPY_DIM, FEATURES_ID, STATS_MAX_SIDE, ThumbnailFeatures, copy_descriptor, copy_grid,
     copy_vectors, grey_statistics, luminance_percentiles, trim_border)
@@ -239,27 +241,34 @@ def decode_image(data: bytes, *, image_size: int, max_pixels: int,
 
 
 def decode_into(data: bytes, *, image_size: int, max_pixels: int, background: tuple[int, int, int],
-                pixels_out: np.ndarray) -> tuple[int, int, str, Image.Image]:
+                pixels_out: np.ndarray, crops: CropJob | None = None) -> tuple[int, int, str, Image.Image]:
     """Decode one image, its model input into ``pixels_out``. Returns its full size (EXIF
     orientation applied), its pixel hash and its grey working thumbnail (for
-    :class:`ThumbnailFeatures`). Raises :class:`RejectedInput` with a specific reason."""
+    :class:`ThumbnailFeatures`). With ``crops``, its boxes are cut from the same decode (made
+    at a scale that keeps them large enough, see :mod:`curation.stages.crops`) into
+    ``crops.out``. Raises :class:`RejectedInput` with a specific reason."""
     if not data:
         raise RejectedInput("corrupt: empty file (0 bytes)")
     pixels = None
+    orientation = 1
     # most inputs: no PIL header parse (and none without simplejpeg: PIL decodes everything then)
     size = _plain_jpeg_size(data) if simplejpeg is not None else None
     if size is not None:
         width, height = size
         _check_size(width, height, max_pixels)
-        pixels = _decode_jpeg_fast(data, width, height, image_size)
+        need = crops.decode_scale(width, height) if crops is not None else 0.0
+        pixels = _decode_jpeg_fast(data, width, height, image_size, need)
     if pixels is not None:
         scale = width / pixels.shape[1]
     else:
         image = _open(data)
         width, height = image.size
         _check_size(width, height, max_pixels)
-        rgb, scale = _decode_with_pil(image, width, image_size, background)
+        need = crops.decode_scale(width, height) if crops is not None else 0.0
+        rgb, scale, orientation = _decode_with_pil(image, width, image_size, background, need)
         pixels = np.array(rgb)  # writable: the resizes read it without copying it again
+    if crops is not None:
+        crops.cut(pixels, scale, orientation)
     # The same picture saved twice: a JPEG's coded image (whatever decodes it, see
     # jpeg_image_digest), else the decoded pixels' digest (lossless formats).
     pixel_hash = jpeg_image_digest(data) or pixel_digest(pixels)
@@ -286,36 +295,49 @@ def _check_size(width: int, height: int, max_pixels: int) -> None:
         raise RejectedInput(f"too many pixels: {width}x{height} exceeds decode.max_pixels={max_pixels}")
 
 
-def _decode_jpeg_fast(data: bytes, width: int, height: int, image_size: int) -> np.ndarray | None:
+def _decode_jpeg_fast(data: bytes, width: int, height: int, image_size: int, need: float = 0.0) -> np.ndarray | None:
     """A plain JPEG (see :func:`_plain_jpeg_size`) decoded by libjpeg-turbo at the smallest DCT
-    scale that serves every consumer; None when simplejpeg refuses it (PIL then says why)."""
-    min_width, min_height = draft_request(width, height, image_size)
+    scale that serves every consumer (``need``: at least this fraction of the full size, for
+    box crops); None when simplejpeg refuses it (PIL then says why)."""
+    min_width, min_height = _with_need(draft_request(width, height, image_size), width, height, need)
     try:
         return simplejpeg.decode_jpeg(data, colorspace="RGB", min_width=min_width, min_height=min_height)
     except (ValueError, RuntimeError, OSError):
         return None
 
 
-def _decode_with_pil(image: Image.Image, width: int, image_size: int,
-                     background: tuple[int, int, int]) -> tuple[Image.Image, float]:
-    """Every format PIL reads; JPEGs at a reduced DCT scale. Returns RGB and the decode scale."""
+def _with_need(request: tuple[int, int], width: int, height: int, need: float) -> tuple[int, int]:
+    """A decode size request raised to ``need`` of the full ``width`` x ``height``."""
+    if need <= 0:
+        return request
+    return (max(request[0], min(width, math.ceil(width * need))), max(request[1], min(height, math.ceil(height * need))))
+
+
+def _decode_with_pil(image: Image.Image, width: int, image_size: int, background: tuple[int, int, int],
+                     need: float = 0.0) -> tuple[Image.Image, float, int]:
+    """Every format PIL reads; JPEGs at a reduced DCT scale (at least ``need`` of the full
+    size). Returns RGB, the decode scale and the EXIF orientation applied."""
+    orientation = 1
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
             if image.format == "JPEG":
                 # Decode at a reduced DCT scale (1/2, 1/4, 1/8) when that still covers the model
                 # input and the statistics: most of a large JPEG's decode cost is never decoded.
-                image.draft("RGB", draft_request(*image.size, image_size))
+                image.draft("RGB", _with_need(draft_request(*image.size, image_size), *image.size, need))
             image.seek(0)  # first frame of animations
             image.load()
             scale = width / image.size[0]  # > 1 when draft mode decoded at reduced size
             if (image.format != "JPEG" or "exif" in image.info) and image.getexif().get(0x0112, 1) != 1:
+                orientation = int(image.getexif().get(0x0112, 1))
                 image = ImageOps.exif_transpose(image)
             # Formats without reduced-scale decoding (PNG, TIFF, ...) arrive at full size: cut
             # them down once, right away, so no full-size copy is ever made (RGB conversion, the
             # pixel hash): a 90-megapixel PNG then peaks near its decoded size, within the
             # stage's declared memory, instead of three times that.
             factor = max(image.size) // REDUCE_TO
+            if need > 0:  # never below what the boxes need
+                factor = min(factor, int(1 / need))
             if factor >= 2:
                 before = max(image.size)
                 try:
@@ -331,7 +353,7 @@ def _decode_with_pil(image: Image.Image, width: int, image_size: int,
         raise RejectedInput(f"corrupt: {image.format or 'image'} decode failed ({text})") from None
     except Exception as exc:
         raise RejectedInput(f"unsupported format: {image.format} mode {image.mode} ({type(exc).__name__}: {exc})") from None
-    return rgb, scale
+    return rgb, scale, orientation
 
 
 class DecodeStage:
@@ -353,13 +375,22 @@ class DecodeStage:
             ``pixel_hash`` (read here, where the bytes are). ``pixels`` is then a binary column:
             each decoded row's model input as its ``S*S*3`` bytes, empty for the others, so a
             deferred row carries no placeholder pixels to the actor.
+        objects: the boxes' settings in a detection run (``units``, ``margin``,
+            ``tolerance_px``, ``min_size_px``): the batch then has ``boxes`` (each row's boxes
+            as float64 bytes, ``[x, y, w, h]`` in ``units``) and ``box_rows`` (int64 bytes: their
+            rows in the run's objects table), and the output gains ``crops`` (the cut boxes'
+            model inputs, ``S*S*3`` bytes each, concatenated) and ``crop_rows`` (int64 bytes:
+            which boxes those are) and ``orientation`` (EXIF; boxes are in the stored frame).
+            An image with boxes is always decoded here, never deferred.
     """
 
     memory_bytes = DECODE_TASK_MEMORY  # what each decode task declares (sized in curation.sizing)
 
     def __init__(self, *, resolver: Resolver, image_size: int, max_pixels: int,
-                 background: tuple[int, int, int] = (255, 255, 255), defer_jpegs: bool = False):
+                 background: tuple[int, int, int] = (255, 255, 255), defer_jpegs: bool = False,
+                 objects: dict | None = None):
         self.defer_jpegs = defer_jpegs
+        self.objects = objects
         self.resolver = resolver
         self.image_size = image_size
         self.max_pixels = max_pixels
@@ -395,15 +426,29 @@ class DecodeStage:
         }
         if self.defer_jpegs:
             out["jpeg"] = np.full(n, b"", dtype=object)
+        if self.objects is not None:
+            out["crops"] = np.full(n, b"", dtype=object)
+            out["crop_rows"] = np.full(n, b"", dtype=object)
+            out["orientation"] = np.ones(n, np.int8)
         with _OneTorchThread():
             self._decode_rows(batch, out)
         if self.defer_jpegs:
             deferred = np.fromiter((bool(data) for data in out["jpeg"]), bool, n)
             decoded = is_ok(out["status"]) & ~deferred
             out["pixels"] = np.array([out["pixels"][i].tobytes() if decoded[i] else b"" for i in range(n)], object)
-        result = {key: value for key, value in batch.items() if key != "input_error"}
+        result = {key: value for key, value in batch.items() if key not in ("input_error", "boxes", "box_rows")}
         result.update(out)
         return result
+
+    def _crop_job(self, batch: dict[str, np.ndarray], i: int) -> CropJob | None:
+        """Row ``i``'s boxes as a :class:`CropJob` (None: not a detection run, or no boxes)."""
+        if self.objects is None or not batch["boxes"][i]:
+            return None
+        boxes = np.frombuffer(batch["boxes"][i], np.float64).reshape(-1, 4)
+        size = self.image_size
+        return CropJob(boxes, units=self.objects["units"], image_size=size, margin=self.objects["margin"],
+                       tolerance_px=self.objects["tolerance_px"], min_size_px=self.objects["min_size_px"],
+                       out=np.empty((len(boxes), size, size, 3), np.uint8))
 
     def _decode_rows(self, batch: dict[str, np.ndarray], out: dict[str, np.ndarray]) -> None:
         n = len(batch["uri"])
@@ -416,7 +461,8 @@ class DecodeStage:
                     raise RejectedInput(str(errors[i]))
                 data = self._read(str(uri))
                 out["content_hash"][i] = _digest(data)
-                if deferrable is not None and deferrable(data, self.max_pixels):
+                job = self._crop_job(batch, i)
+                if job is None and deferrable is not None and deferrable(data, self.max_pixels):
                     digest = jpeg_image_digest(data)
                     if digest is not None:  # (else decoded here, and its pixels hashed)
                         out["jpeg"][i], out["pixel_hash"][i] = data, digest  # decoded by the embedding actor
@@ -424,7 +470,13 @@ class DecodeStage:
                         continue
                 width, height, out["pixel_hash"][i], greys[i] = decode_into(
                     data, image_size=self.image_size, max_pixels=self.max_pixels, background=self.background,
-                    pixels_out=out["pixels"][i])
+                    pixels_out=out["pixels"][i], crops=job)
+                if job is not None:
+                    out["orientation"][i] = job.orientation
+                if job is not None and job.cut_mask.any():
+                    rows = np.frombuffer(batch["box_rows"][i], np.int64)
+                    out["crops"][i] = job.out[job.cut_mask].tobytes()
+                    out["crop_rows"][i] = rows[job.cut_mask].tobytes()
             except RejectedInput as exc:
                 out["pixels"][i] = 0
                 out["status"][i] = STATUS_REJECTED

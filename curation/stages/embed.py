@@ -214,6 +214,23 @@ class EmbedStage:
         """(N, S, S, 3) uint8 -> (N, D) float32, L2-normalised."""
         return self._receive(self._send(self.forward(self._to_device(pixels))))
 
+    def embed_crops(self, crops: np.ndarray, crop_rows: np.ndarray, ok: np.ndarray) -> dict[str, pa.Array]:
+        """The crops the decode stage cut (``S*S*3`` bytes each, concatenated per row) embedded
+        in chunks of at most ``CROP_CHUNK``: ``crop_rows`` (int64 bytes, which boxes) and
+        ``crop_vectors`` (their float32 vectors' bytes, in the same order) per row."""
+        size, dim = self.image_size, self.identity.dim
+        counts = np.array([len(c) // (size * size * 3) if ok[i] and c else 0 for i, c in enumerate(crops)], np.int64)
+        vectors = np.zeros((int(counts.sum()), dim), np.float32)
+        if len(vectors):
+            pixels = np.frombuffer(b"".join(c for i, c in enumerate(crops) if counts[i]), np.uint8)
+            pixels = pixels.reshape(-1, size, size, 3)
+            for start in range(0, len(pixels), CROP_CHUNK):
+                vectors[start:start + CROP_CHUNK] = self.embed(pixels[start:start + CROP_CHUNK])
+        ends = np.cumsum(counts)
+        starts = ends - counts
+        return {"crop_rows": pa.array([crop_rows[i] if counts[i] else b"" for i in range(len(crops))], pa.binary()),
+                "crop_vectors": pa.array([vectors[a:b].tobytes() for a, b in zip(starts, ends)], pa.binary())}
+
     def __call__(self, batch: dict[str, np.ndarray]) -> pa.Table:
         decoded_here = None
         if "jpeg" in batch:
@@ -230,7 +247,7 @@ class EmbedStage:
                 batch[key][decoded_here.rows] = values[decoded_here.pending.decoded]
         columns = {key: _to_arrow(value, STRING_COLUMNS.get(key), empty_is_null=key in EMPTY_IS_NULL)
                    for key, value in batch.items()
-                   if key not in ("pixels", "copy_vector")}
+                   if key not in ("pixels", "copy_vector", "crops", "crop_rows")}
         if sent is None:
             values = np.zeros((n, dim), np.float32)
         elif ok.all():  # the usual batch
@@ -240,12 +257,16 @@ class EmbedStage:
             values[ok] = self._receive(sent)
         flat = pa.array(values.reshape(-1), pa.float32())
         columns["embedding"] = pa.FixedSizeListArray.from_arrays(flat, dim, mask=pa.array(~ok))
+        if "crops" in batch:  # a detection run: the boxes' crops, embedded on the same device
+            columns.update(self.embed_crops(batch["crops"], batch["crop_rows"], ok))
         if "copy_vector" in batch:  # the copy descriptor travels with the vector, in half precision
             copies = np.asarray(batch["copy_vector"], np.float16)
             columns["copy_vector"] = pa.FixedSizeListArray.from_arrays(
                 pa.array(copies.reshape(-1), pa.float16()), copies.shape[1], mask=pa.array(~ok))
         return pa.table(columns)
 
+
+CROP_CHUNK = 256  # crops embedded per forward pass (an image with hundreds of boxes stays in bounds)
 
 # Columns whose values may all be null in one batch: give them their type explicitly so
 # batches concatenate (an all-null object column would otherwise be inferred as null/float).
