@@ -72,12 +72,13 @@ def evaluate(objects, samples, truth) -> dict:
     return out
 
 
-def run(source: str, n_images: int, model: str, seed: int) -> dict:
+def run(source: str, n_images: int, model: str, seed: int, keep: str | None = None) -> dict:
     from curation.config import load_config
     from curation.job import run_job
     from testkit.detection import make_detection_set
 
-    with tempfile.TemporaryDirectory() as tmp:
+    with tempfile.TemporaryDirectory() as scratch:
+        tmp = os.path.join(keep, model) if keep else scratch
         truth = make_detection_set(os.path.join(tmp, "set"), n_images=n_images, seed=seed, source=source,
                                    image_size=(256, 192), object_size=(32, 72))
         embedder = {"model": "thumbnail"} if model == "thumbnail" else {"model": "torchscript", "weights": ENCODER,
@@ -106,10 +107,11 @@ def main() -> None:
     parser.add_argument("--models", default="thumbnail,encoder")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--out", default=os.path.join(ROOT, "benchmarks", "objects.json"))
+    parser.add_argument("--keep", help="leave the sets and runs in this folder (for a closer look)")
     args = parser.parse_args()
     results = {}
     for model in args.models.split(","):
-        results[model] = run(args.source, args.images, model, args.seed)
+        results[model] = run(args.source, args.images, model, args.seed, args.keep)
     print(f"\n{args.source}, {args.images} images")
     print(f"{'kind':<22}" + "".join(f"{m:>34}" for m in results))
     for kind in (*KINDS, "image_has_box_error"):

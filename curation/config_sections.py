@@ -82,18 +82,26 @@ class ObjectsConfig(Section):
             file's order; the rest are rejected rows that say so.
         context_margin: each box is cut as a square around its centre, its longer side plus
             this fraction of it on each side (context the embedder sees); outside the image grey.
+        background_crops: squares of each image's background (where no box is) cut and
+            embedded beside its boxes: the evidence against a box drawn on background
+            (``is_spurious_box``). 0 turns that score off; each costs one more crop to embed.
         duplicate_iou: two usable boxes on one image overlapping by at least this IoU are one
             object boxed twice (``is_duplicate_box``).
         mislabel_below: a box whose crop's neighbours suggest another class is flagged
             ``is_box_mislabel`` when its ``box_label_quality`` is under this.
+        spurious_below: a box whose ``box_spurious_quality`` (the share of its crop's
+            neighbours that are boxes, not background squares) is under this is flagged
+            ``is_spurious_box``.
     """
 
     clip_tolerance_px: float = ranged(2.0, 0.0, 1e6)
     min_size_px: float = ranged(4.0, 0.0, 1e6)
     max_per_image: int = ranged(500, 1, 1_000_000)
     context_margin: float = ranged(0.1, 0.0, 2.0)
+    background_crops: int = ranged(2, 0, 16)
     duplicate_iou: float = ranged(0.7, 0.05, 1.0)
     mislabel_below: float = ranged(0.4, 0.0, 1.0)
+    spurious_below: float = ranged(0.3, 0.0, 1.0)
 
 
 class DecodeConfig(Section):

@@ -338,16 +338,20 @@ def _place_objects(plan: Plan, config: Config, ingested: Ingested) -> tuple[Inge
     ``object_count`` on every input's row."""
     samples = ingested.samples.sort_by("input_id")
     table = place_objects(plan.objects, samples, config.objects)
-    crops = ingested.crops or ObjectVectors([], np.zeros(0, np.int64))
+    crops = ingested.crops or ObjectVectors([], np.zeros(0, np.int64), np.zeros(0, np.int64))
     table, keep = with_object_vectors(table, crops.rows)
     summary = objects_summary(table, plan.objects.object_count)
     log.info("objects: %(annotations)d boxes, %(ok)d ok, %(rejected)d rejected", summary)
     graph = None
+    nodes = keep | (crops.rows == -1)  # the ok boxes' crops and the background squares
     if keep.any():  # the crops' own kNN graph, through the same index as the images' (built whole)
-        vectors = VectorParts(crops.parts, keep=keep)
-        graph, info = knn_graph(vectors, config.knn, save_to=plan.run.child("index-objects"))
-        summary["knn"] = {"vectors": int(keep.sum()), "method": info.get("method")}
-    table, summary["scores"] = score_objects(table, graph, config.objects)
+        graph, info = knn_graph(VectorParts(crops.parts, keep=nodes), config.knn,
+                                save_to=plan.run.child("index-objects"))
+        summary["knn"] = {"boxes": int(keep.sum()), "background_squares": int((crops.rows == -1).sum()),
+                          "method": info.get("method")}
+    table, summary["scores"] = score_objects(table, graph, crops.rows[nodes], crops.images[nodes], config.objects,
+                                             vectors=VectorParts(crops.parts, keep=keep),
+                                             probe_weight=config.scores.label_probe_weight)
     samples = samples.drop_columns([c for c in ("orientation",) if c in samples.column_names])
     samples = samples.append_column("object_count", plan.objects.object_count)
     for name, column in per_image(table, samples.num_rows).items():

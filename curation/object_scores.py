@@ -1,26 +1,32 @@
 """The box scores of a detection run (issue 37), from the crops' kNN graph and the boxes'
 geometry; each score in [0, 1] with **low = likely an error**.
 
-* ``box_label_quality`` -- is the class right: a kNN vote among the crop vectors (neighbours
-  on the same image left out, so a second box on the same object does not vouch for the
-  first), each neighbour weighted by its cosine similarity, smoothed by the class's share
-  of the boxes; the score is the normalised margin ``(1 + p[given] - max other p) / 2``. The
-  class the neighbours vote for most is ``suggested_box_label``, its share
-  ``suggested_box_confidence``.
+* ``box_label_quality`` -- is the class right: the probability of the given class, the
+  average (``scores.label_probe_weight``) of a kNN vote among the crop vectors (neighbours on
+  the same image left out, so a second box on the same object does not vouch for the first;
+  each weighted by its cosine similarity, smoothed by the classes' shares) and the images'
+  linear probe fitted on the crops, out of sample (:mod:`curation.scores.label_probe`). The
+  most probable class is ``suggested_box_label``, its probability ``suggested_box_confidence``.
+  (Measured on CIFAR-10 crops, benchmarks/README.md: the probability of the given class ranks
+  swapped classes better than the normalised margin, and the average better than either.)
+* ``box_spurious_quality`` -- is there an object in the box: each image also gives
+  ``objects.background_crops`` squares of its background (where no box is); the share of a
+  crop's neighbours (other images') that are boxes rather than background squares.
 * ``box_duplicate_quality`` (internal to ``box_quality``) -- ``1 - IoU`` with the box it
   repeats: two usable boxes on one image overlapping by at least ``objects.duplicate_iou``;
   of a same-class pair the later-listed box is the duplicate, of a pair with different
   classes the one whose class the neighbours believe less.
-* ``box_quality`` -- the one column to sort annotated boxes by: the lowest of the above, 0 for
-  a degenerate box (no area).
+* ``box_quality`` -- the one column to sort annotated boxes by: the lowest of the above, each
+  taken as its share of the run's scored boxes at or below it (the components have scales of
+  their own); 0 for a degenerate box (no area).
 
-Flags: ``is_box_mislabel`` (the neighbours suggest another class and ``box_label_quality`` is
-under ``objects.mislabel_below``), ``is_duplicate_box`` (+ ``duplicate_box_of``, the
+Flags: ``is_box_mislabel`` (another class is more probable and ``box_label_quality`` is under
+``objects.mislabel_below``), ``is_spurious_box`` (``box_spurious_quality`` under
+``objects.spurious_below``), ``is_duplicate_box`` (+ ``duplicate_box_of``, the
 ``object_id`` repeated), ``is_degenerate_box``. Crowd boxes (``iscrowd``) are scored for their
 class but neither vote nor take part in duplicates.
 
-Still to come (issue 37): a K-fold probe beside the vote, spurious boxes (a crop that looks
-like background), and the detector's predictions (location, overlooked objects).
+Still to come (issue 37): the detector's predictions (location, overlooked objects).
 """
 
 from __future__ import annotations
@@ -34,6 +40,7 @@ import pyarrow.compute as pc
 from curation.config_sections import ObjectsConfig
 from curation.objects import OBJECTS_CONTRACT
 from curation.schema import is_ok
+from curation.scores.label_probe import FOLDS, dense_probabilities, fold_keys, probe_probabilities
 
 log = logging.getLogger(__name__)
 
@@ -42,61 +49,86 @@ SMOOTHING = 1.0  # prior weight of the class shares in the vote (in units of one
 
 # The columns this module adds to objects/, in order, and the flags among them.
 OBJECT_SCORE_COLUMNS = pa.schema([
-    ("object_vector_id", pa.int64()), ("box_label_quality", pa.float32()), ("box_quality", pa.float32()),
-    ("suggested_box_label", pa.string()), ("suggested_box_confidence", pa.float32()),
-    ("is_box_mislabel", pa.bool_()), ("is_duplicate_box", pa.bool_()), ("duplicate_box_of", pa.string()),
-    ("is_degenerate_box", pa.bool_()),
+    ("object_vector_id", pa.int64()), ("box_label_quality", pa.float32()), ("box_spurious_quality", pa.float32()),
+    ("box_quality", pa.float32()), ("suggested_box_label", pa.string()), ("suggested_box_confidence", pa.float32()),
+    ("is_box_mislabel", pa.bool_()), ("is_spurious_box", pa.bool_()), ("is_duplicate_box", pa.bool_()),
+    ("duplicate_box_of", pa.string()), ("is_degenerate_box", pa.bool_()),
 ])
 OBJECT_FLAGS = {
     "is_box_mislabel": "the crop's neighbours name another class",
+    "is_spurious_box": "the crop looks like the images' background, not like the boxed objects",
     "is_duplicate_box": "a second box on an object already boxed",
     "is_degenerate_box": "a box with no area",
 }
 # objects/*.parquet as published: the placed boxes (curation/objects.py) and these scores.
 OBJECTS_MANIFEST = pa.schema(list(OBJECTS_CONTRACT) + list(OBJECT_SCORE_COLUMNS))
 # samples/ columns of a detection run (beside object_count): per image.
-SAMPLE_OBJECT_COLUMNS = ("object_quality", "box_mislabel_count", "duplicate_box_count", "degenerate_box_count")
+SAMPLE_OBJECT_COLUMNS = ("object_quality", "box_mislabel_count", "spurious_box_count", "duplicate_box_count",
+                         "degenerate_box_count")
 
 
-def score_objects(table: pa.Table, graph, cfg: ObjectsConfig) -> tuple[pa.Table, dict]:
+def score_objects(table: pa.Table, graph, node_rows: np.ndarray, node_images: np.ndarray, cfg: ObjectsConfig, *,
+                  vectors=None, probe_weight: float = 0.0) -> tuple[pa.Table, dict]:
     """``table`` (objects, with ``object_vector_id``) with the score columns, and a summary for
-    ``run.json`` (flag counts, thresholds). ``graph``: the crops' kNN graph, rows and neighbour
-    ids in vector-id order (None when no box was usable)."""
+    ``run.json`` (flag counts, thresholds).
+
+    ``graph``: the kNN graph of the crops (None when no box was usable); its nodes are the ok
+    boxes' crops and the background squares, ``node_rows`` the box's row in ``table`` for each
+    (-1: background) and ``node_images`` its image's ``input_id``. ``vectors``: the ok boxes'
+    crop vectors by ``object_vector_id``, for the linear probe (its share of the class
+    probabilities: ``probe_weight``, ``scores.label_probe_weight``)."""
     n = table.num_rows
     ok = is_ok(table["status"])
-    vector_id = table["object_vector_id"].to_numpy(zero_copy_only=False)
-    has_vector = ok & ~np.isnan(vector_id.astype(np.float64))
+    node_of_row = np.full(n, -1, np.int64)
+    is_box = node_rows >= 0
+    node_of_row[node_rows[is_box]] = np.flatnonzero(is_box)
+    has_node = ok & (node_of_row >= 0)
     crowd = table["iscrowd"].fill_null(False).to_numpy(zero_copy_only=False).astype(bool)
     labels = table["label"].to_pylist()
-    classes = sorted({label for label, usable in zip(labels, has_vector) if usable and label is not None})
+    classes = sorted({label for label, usable in zip(labels, has_node) if usable and label is not None})
     code_of = {c: i for i, c in enumerate(classes)}
     codes = np.array([code_of.get(label, -1) if label is not None else -1 for label in labels], np.int64)
-    image = table["input_id"].to_numpy(zero_copy_only=False).astype(np.float64)
 
     label_quality = np.full(n, np.nan, np.float32)
+    spurious_quality = np.full(n, np.nan, np.float32)
     suggested = np.full(n, -1, np.int64)
     confidence = np.full(n, np.nan, np.float32)
-    if graph is not None and classes and has_vector.any():
-        rows_of_vector = np.full(int(np.nanmax(vector_id[has_vector])) + 1, -1, np.int64)
-        rows_of_vector[vector_id[has_vector].astype(np.int64)] = np.flatnonzero(has_vector)
-        voters = has_vector & ~crowd & (codes >= 0)
-        scored = np.flatnonzero(has_vector & (codes >= 0))
-        q, s, c = _class_vote(scored, vector_id, rows_of_vector, graph, codes, voters, image, len(classes))
-        label_quality[scored], suggested[scored], confidence[scored] = q, s, c
+    probe_info: dict = {"probe": "off"}
+    if graph is not None and classes and has_node.any():
+        voters = has_node & ~crowd & (codes >= 0)
+        scored = np.flatnonzero(has_node & (codes >= 0))
+        probe = None
+        if vectors is not None and probe_weight > 0 and len(classes) > 1 and voters.sum() >= 2 * FOLDS:
+            probe, probe_info["probe"] = _probe(table, vectors, codes, voters, classes, scored)
+        vote = _neighbour_vote(node_of_row[scored], graph, node_rows, node_images, codes, voters, len(classes),
+                               probe=probe, probe_weight=probe_weight)
+        label_quality[scored], suggested[scored], confidence[scored] = vote[0], vote[1], vote[2]
+        if (~is_box).any():  # background squares were cut: how much a crop looks like them
+            spurious_quality[scored] = vote[3]
 
-    dup, dup_of, dup_quality = _duplicates(table, has_vector & ~crowd, codes, label_quality, cfg.duplicate_iou)
+    dup, dup_of, dup_quality = _duplicates(table, has_node & ~crowd, codes, label_quality, cfg.duplicate_iou)
     degenerate = np.array([bool(r) and r.startswith("degenerate") for r in table["reason"].to_pylist()]) & ~ok
-    box_quality = np.where(np.isnan(label_quality), np.nan, np.minimum(label_quality, dup_quality)).astype(np.float32)
+    # The components are on scales of their own (a class probability, a share of neighbours,
+    # 1 - IoU): each becomes its share of the run's scored boxes at or below it before the
+    # lowest is taken, so every kind of error reaches the top of the review queue.
+    scored_rows = ~np.isnan(label_quality)
+    box_quality = np.fmin(np.fmin(_share_at_or_below(label_quality, scored_rows),
+                                  _share_at_or_below(spurious_quality, scored_rows)),
+                          _share_at_or_below(np.where(scored_rows, dup_quality, np.nan), scored_rows))
+    box_quality = box_quality.astype(np.float32)
     box_quality[degenerate] = 0.0
     mislabel = (suggested >= 0) & (suggested != codes) & (label_quality < cfg.mislabel_below)
+    spurious = ~np.isnan(spurious_quality) & (spurious_quality < cfg.spurious_below) & ~crowd
     ids = table["object_id"].to_pylist()
     columns = {
         "object_vector_id": table["object_vector_id"],
         "box_label_quality": _nullable(label_quality),
+        "box_spurious_quality": _nullable(spurious_quality),
         "box_quality": _nullable(box_quality),
         "suggested_box_label": pa.array([classes[k] if k >= 0 else None for k in suggested], pa.string()),
         "suggested_box_confidence": _nullable(confidence),
         "is_box_mislabel": pa.array(mislabel),
+        "is_spurious_box": pa.array(spurious),
         "is_duplicate_box": pa.array(dup),
         "duplicate_box_of": pa.array([ids[j] if j >= 0 else None for j in dup_of], pa.string()),
         "is_degenerate_box": pa.array(degenerate),
@@ -106,8 +138,9 @@ def score_objects(table: pa.Table, graph, cfg: ObjectsConfig) -> tuple[pa.Table,
         out = out.append_column(field, columns[field.name].cast(field.type))
     out = out.select(OBJECTS_MANIFEST.names).cast(OBJECTS_MANIFEST)
     flags = {name: int(np.asarray(columns[name]).sum()) for name in OBJECT_FLAGS}
-    summary = {"flags": flags, "classes_voted": len(classes),
-               "thresholds": {"mislabel_below": cfg.mislabel_below, "duplicate_iou": cfg.duplicate_iou}}
+    summary = {"flags": flags, "classes_voted": len(classes), **probe_info,
+               "thresholds": {"mislabel_below": cfg.mislabel_below, "spurious_below": cfg.spurious_below,
+                              "duplicate_iou": cfg.duplicate_iou}}
     log.info("object scores: %s", ", ".join(f"{k} {v}" for k, v in flags.items()))
     return out, summary
 
@@ -125,11 +158,22 @@ def per_image(objects: pa.Table, n_inputs: int) -> dict[str, pa.Array]:
     np.minimum.at(quality, at[scored], box_quality[scored])
     out = {"object_quality": pa.array(np.where(np.isinf(quality), np.nan, quality), pa.float32(),
                                       mask=np.isinf(quality))}
-    for name, flag in (("box_mislabel_count", "is_box_mislabel"), ("duplicate_box_count", "is_duplicate_box"),
-                       ("degenerate_box_count", "is_degenerate_box")):
+    for name, flag in (("box_mislabel_count", "is_box_mislabel"), ("spurious_box_count", "is_spurious_box"),
+                       ("duplicate_box_count", "is_duplicate_box"), ("degenerate_box_count", "is_degenerate_box")):
         counts = np.zeros(n_inputs, np.int32)
         np.add.at(counts, at, objects[flag].to_numpy(zero_copy_only=False)[placed].astype(np.int32))
         out[name] = pa.array(counts)
+    return out
+
+
+def _share_at_or_below(values: np.ndarray, rows: np.ndarray) -> np.ndarray:
+    """Each of ``rows``' values as the share of ``rows``' values at or below it (NaN where
+    there is none)."""
+    out = np.full(len(values), np.nan)
+    known = rows & ~np.isnan(values)
+    if known.any():
+        ordered = np.sort(values[known])
+        out[known] = np.searchsorted(ordered, values[known], side="right") / len(ordered)
     return out
 
 
@@ -137,37 +181,62 @@ def _nullable(values: np.ndarray) -> pa.Array:
     return pa.array(values, pa.float32(), mask=np.isnan(values))
 
 
-def _class_vote(rows: np.ndarray, vector_id: np.ndarray, rows_of_vector: np.ndarray, graph, codes: np.ndarray,
-                voters: np.ndarray, image: np.ndarray, n_classes: int):
-    """The neighbours' class vote for ``rows`` (see the module): quality, the class voted for
-    most, its share."""
+def _probe(table: pa.Table, vectors, codes: np.ndarray, voters: np.ndarray, classes: list, scored: np.ndarray):
+    """The linear probe's out-of-sample top classes for the ``scored`` rows (the images'
+    probe, :func:`~curation.scores.label_probe.probe_probabilities`, on the crop vectors; its
+    folds follow the ``object_id``)."""
+    vector_id = table["object_vector_id"].to_numpy(zero_copy_only=False).astype(np.float64)
+    has = ~np.isnan(vector_id)
+    row_of_vector = np.full(int(vector_id[has].max()) + 1, -1, np.int64)
+    row_of_vector[vector_id[has].astype(np.int64)] = np.flatnonzero(has)
+    vector_codes = np.where(voters[row_of_vector], codes[row_of_vector], -1)
+    keys = fold_keys(table["object_id"].take(pa.array(row_of_vector)))
+    top_classes, top_p, info, _ = probe_probabilities(vectors, vector_codes, len(classes), keys=keys)
+    at = vector_id[scored].astype(np.int64)
+    return (top_classes[at], top_p[at]), info
+
+
+def _neighbour_vote(nodes: np.ndarray, graph, node_rows: np.ndarray, node_images: np.ndarray, codes: np.ndarray,
+                    voters: np.ndarray, n_classes: int, *, probe=None, probe_weight: float = 0.0):
+    """What the neighbours of ``nodes`` say (see the module), neighbours on the same image left
+    out: the class probabilities' quality (the probability of the given class; the vote's,
+    averaged with ``probe``'s by ``probe_weight``), the most probable class and its
+    probability; and the share of the weight on boxes rather than background squares
+    (smoothed by their shares of all nodes)."""
     prior = np.bincount(codes[voters], minlength=n_classes).astype(np.float64)
     prior = prior / max(prior.sum(), 1.0)
-    quality = np.empty(len(rows), np.float32)
-    best = np.empty(len(rows), np.int64)
-    share = np.empty(len(rows), np.float32)
-    for start in range(0, len(rows), VOTE_ROWS_PER_STEP):
-        part = rows[start:start + VOTE_ROWS_PER_STEP]
-        ids = graph.ids[vector_id[part].astype(np.int64)]
-        sims = graph.sims[vector_id[part].astype(np.int64)].astype(np.float64)
+    box_share = float((node_rows >= 0).mean()) if len(node_rows) else 1.0
+    quality = np.empty(len(nodes), np.float32)
+    best = np.empty(len(nodes), np.int64)
+    share = np.empty(len(nodes), np.float32)
+    objectness = np.empty(len(nodes), np.float32)
+    for start in range(0, len(nodes), VOTE_ROWS_PER_STEP):
+        part = nodes[start:start + VOTE_ROWS_PER_STEP]
+        ids = graph.ids[part].astype(np.int64)
         valid = ids >= 0
-        neighbour = np.where(valid, rows_of_vector[np.where(valid, ids, 0)], -1)
-        valid &= neighbour >= 0
-        neighbour = np.where(valid, neighbour, 0)
-        valid &= voters[neighbour] & (image[neighbour] != image[part][:, None])
-        weight = np.where(valid, np.clip(sims, 0.0, 1.0), 0.0)
+        ids = np.where(valid, ids, 0)
+        weight = np.where(valid & (node_images[ids] != node_images[part][:, None]),
+                          np.clip(graph.sims[part].astype(np.float64), 0.0, 1.0), 0.0)
+        row = node_rows[ids]
+        background = row < 0
+        on_box = np.where(background, 0.0, weight)
+        objectness[start:start + len(part)] = ((on_box.sum(axis=1) + SMOOTHING * box_share)
+                                               / (weight.sum(axis=1) + SMOOTHING))
+        row = np.where(background, 0, row)
+        vote_weight = np.where(~background & voters[row], weight, 0.0)
         votes = np.tile(SMOOTHING * prior, (len(part), 1))
-        np.add.at(votes, (np.repeat(np.arange(len(part)), ids.shape[1]), codes[neighbour].reshape(-1)),
-                  weight.reshape(-1))
+        np.add.at(votes, (np.repeat(np.arange(len(part)), ids.shape[1]), np.maximum(codes[row], 0).reshape(-1)),
+                  vote_weight.reshape(-1))
         votes /= votes.sum(axis=1, keepdims=True)
-        given = codes[part]
-        p_given = votes[np.arange(len(part)), given]
-        others = votes.copy()
-        others[np.arange(len(part)), given] = -1.0
-        quality[start:start + len(part)] = (1.0 + p_given - others.max(axis=1)) / 2.0
+        if probe is not None:
+            stop = start + len(part)
+            votes = (probe_weight * dense_probabilities(probe[0][start:stop], probe[1][start:stop], prior)
+                     + (1.0 - probe_weight) * votes)
+        given = codes[node_rows[part]]
+        quality[start:start + len(part)] = votes[np.arange(len(part)), given]
         best[start:start + len(part)] = votes.argmax(axis=1)
         share[start:start + len(part)] = votes.max(axis=1)
-    return quality, best, share
+    return quality, best, share, objectness
 
 
 def iou_matrix(a: np.ndarray, b: np.ndarray) -> np.ndarray:

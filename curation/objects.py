@@ -172,17 +172,18 @@ def crop_requests(objects: ObjectsInput, n_inputs: int, cfg: ObjectsConfig) -> t
 def crop_settings(objects: ObjectsInput, cfg: ObjectsConfig) -> dict:
     """The decode stage's ``objects`` argument."""
     return {"units": objects.units, "margin": cfg.context_margin, "tolerance_px": cfg.clip_tolerance_px,
-            "min_size_px": cfg.min_size_px}
+            "min_size_px": cfg.min_size_px, "backgrounds": cfg.background_crops}
 
 
 @dataclass(frozen=True)
 class ObjectVectors:
     """The crop vectors a detection run stored (``object-embeddings/``): the files in order
     (:func:`~curation.index.source.parquet_parts`) and, per stored vector, its box's row in the
-    objects table."""
+    objects table (-1: a square of its image's background) and its image's ``input_id``."""
 
     parts: list
     rows: np.ndarray
+    images: np.ndarray
 
 
 def read_object_vectors(folder: Location, compact: pa.Table | None) -> ObjectVectors:
@@ -192,9 +193,12 @@ def read_object_vectors(folder: Location, compact: pa.Table | None) -> ObjectVec
     if compact is not None and "object_vector_file" in compact.column_names:
         names = sorted(set(pc.drop_null(compact["object_vector_file"]).to_pylist()))
     files = [folder.child(name) for name in names]
-    rows = [pq.read_table(f.path, columns=["object_row"], filesystem=f.filesystem)["object_row"].to_numpy()
-            for f in files]
-    return ObjectVectors(parquet_parts(files), np.concatenate(rows) if rows else np.zeros(0, np.int64))
+    tables = [pq.read_table(f.path, columns=["object_row", "input_id"], filesystem=f.filesystem) for f in files]
+    rows = [t["object_row"].to_numpy() for t in tables]
+    images = [t["input_id"].to_numpy() for t in tables]
+    empty = np.zeros(0, np.int64)
+    return ObjectVectors(parquet_parts(files), np.concatenate(rows) if rows else empty,
+                         np.concatenate(images) if images else empty)
 
 
 def with_object_vectors(table: pa.Table, vector_rows: np.ndarray) -> tuple[pa.Table, np.ndarray]:

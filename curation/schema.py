@@ -62,6 +62,7 @@ SAMPLES_EXTRA = pa.schema(
         ("object_count", pa.int32()),  # detection runs: boxes the annotations list (null: not listed)
         ("object_quality", pa.float32()),  # detection runs: the image's lowest box_quality (curation/object_scores.py)
         ("box_mislabel_count", pa.int32()),
+        ("spurious_box_count", pa.int32()),
         ("duplicate_box_count", pa.int32()),
         ("degenerate_box_count", pa.int32()),
     ]

@@ -410,6 +410,20 @@ def probe_probabilities(vectors, codes: np.ndarray, n_classes: int, previous: Pr
     return top_classes, top_p, info, state
 
 
+def dense_probabilities(top_classes: np.ndarray, top_p: np.ndarray, prior: np.ndarray) -> np.ndarray:
+    """Rows of :func:`probe_probabilities`' top classes as dense probabilities (rows x
+    classes): the top classes as predicted, the rest of the mass spread over the other classes
+    in proportion to ``prior``."""
+    p = top_p.astype(np.float64)
+    rest = np.maximum(1.0 - p.sum(axis=1), 0.0)
+    listed = np.zeros((len(top_classes), len(prior)), bool)
+    np.put_along_axis(listed, top_classes, True, axis=1)
+    spread = np.where(listed, 0.0, prior[None, :])
+    out = spread * (rest / np.maximum(spread.sum(axis=1), 1e-12))[:, None]
+    np.put_along_axis(out, top_classes, p, axis=1)
+    return out
+
+
 def _dense_weights(model: tuple, n_classes: int) -> tuple[np.ndarray, np.ndarray]:
     """A model's ``(weights, bias)`` over every class code; a class it never saw gets zero
     weights and a bias far below the others (what a fit would give it, near enough)."""

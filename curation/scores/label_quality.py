@@ -50,7 +50,8 @@ import pyarrow.compute as pc
 from curation.corrections import MIN_CLASS_MEMBERS, corrected_mask
 from curation.scores.base import REASON_COLUMN, Flag, ScoreContext, count_true, evidence_of, masked, nearby, \
     one_sided_counts, side_by_side, with_evidence
-from curation.scores.label_probe import PROBE_SAMPLE, ProbeState, probe_keys, probe_probabilities, stratified_sample
+from curation.scores.label_probe import (PROBE_SAMPLE, ProbeState, dense_probabilities, probe_keys,
+                                        probe_probabilities, stratified_sample)
 from curation.schema import ok_rows_in_vector_order
 from curation.io.filesystem import write_bytes
 from curation.run_layout import PROBE_FILE
@@ -85,16 +86,8 @@ def _vote_block(graph, codes: np.ndarray, group_vals: np.ndarray, prior: np.ndar
 
 
 def _probe_block(top_classes: np.ndarray, top_p: np.ndarray, prior: np.ndarray, lo: int, hi: int) -> np.ndarray:
-    """Rows ``[lo, hi)``'s probe probabilities, dense: the top classes as predicted, the rest of
-    the mass spread over the other classes by frequency."""
-    classes, p = top_classes[lo:hi], top_p[lo:hi].astype(np.float64)
-    rest = np.maximum(1.0 - p.sum(axis=1), 0.0)
-    listed = np.zeros((hi - lo, len(prior)), bool)
-    np.put_along_axis(listed, classes, True, axis=1)
-    spread = np.where(listed, 0.0, prior[None, :])
-    out = spread * (rest / np.maximum(spread.sum(axis=1), 1e-12))[:, None]
-    np.put_along_axis(out, classes, p, axis=1)
-    return out
+    """Rows ``[lo, hi)``'s probe probabilities, dense (see :func:`dense_probabilities`)."""
+    return dense_probabilities(top_classes[lo:hi], top_p[lo:hi], prior)
 
 
 def label_codes(labels) -> tuple[pa.DictionaryArray, np.ndarray, np.ndarray]:

@@ -18,6 +18,7 @@ decoded image (bounded by ``decode.max_pixels``) plus ``k`` model inputs.
 from __future__ import annotations
 
 import math
+import zlib
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -25,6 +26,8 @@ import numpy as np
 from curation.annotations import place_boxes
 
 PAD_GREY = 124  # the area of a square outside the image (near the datasets' mean grey)
+BACKGROUND_TRIES = 12  # places drawn per background square before giving up (a crowded image has none)
+BACKGROUND_OVERLAP = 0.25  # a background square may have at most this share of its area under a box
 
 
 def stored_size(width: int, height: int, orientation: int) -> tuple[int, int]:
@@ -64,10 +67,13 @@ class CropJob:
         image_size: the model input's side.
         margin: context around the box, as a fraction of its longer side, on each side.
         tolerance_px, min_size_px: the placement rule's (``objects.*``).
-        out: ``(k, S, S, 3)`` uint8, written for each box that is cut.
+        backgrounds: how many background squares to cut too (see :meth:`cut`).
+        out: ``(k + backgrounds, S, S, 3)`` uint8: each cut box at its own row, then the
+            background squares.
 
-    After :meth:`cut`, ``cut_mask`` marks the boxes whose crop is in ``out`` and
-    ``orientation`` is the image's EXIF orientation (the driver places boxes in the stored frame).
+    After :meth:`cut`, ``cut_mask`` marks the boxes whose crop is in ``out``,
+    ``background_count`` says how many background squares follow them and ``orientation`` is
+    the image's EXIF orientation (the driver places boxes in the stored frame).
     """
 
     boxes: np.ndarray
@@ -77,7 +83,9 @@ class CropJob:
     tolerance_px: float
     min_size_px: float
     out: np.ndarray
+    backgrounds: int = 0
     cut_mask: np.ndarray = field(init=False)
+    background_count: int = field(default=0, init=False)
     orientation: int = field(default=1, init=False)  # the image's EXIF orientation, once cut
 
     def __post_init__(self):
@@ -107,8 +115,6 @@ class CropJob:
     def cut(self, pixels: np.ndarray, scale: float, orientation: int) -> None:
         """Cut every placeable box from ``pixels`` (the decoded, upright image at ``1/scale`` of
         its full size) into ``out``."""
-        from curation.stages.decode import model_input
-
         self.orientation = orientation
         full_w, full_h = round(pixels.shape[1] * scale), round(pixels.shape[0] * scale)
         width, height = stored_size(full_w, full_h, orientation)
@@ -116,17 +122,44 @@ class CropJob:
         if not ok.any():
             return
         up = upright_boxes(boxes, width, height, orientation) / scale
-        h_img, w_img = pixels.shape[:2]
         for i in np.flatnonzero(ok):
             x, y, w, h = up[i]
             side = max(w, h) * (1 + 2 * self.margin)
-            side_px = max(1, int(math.ceil(side)))
-            left = int(math.floor(x + w / 2 - side / 2))
-            top = int(math.floor(y + h / 2 - side / 2))
-            square = np.full((side_px, side_px, 3), PAD_GREY, np.uint8)
-            x0, y0 = max(left, 0), max(top, 0)
-            x1, y1 = min(left + side_px, w_img), min(top + side_px, h_img)
-            if x1 > x0 and y1 > y0:
-                square[y0 - top:y1 - top, x0 - left:x1 - left] = pixels[y0:y1, x0:x1]
-            model_input(square, self.image_size, out=self.out[i])
+            self._cut_square(pixels, x + w / 2 - side / 2, y + h / 2 - side / 2, side, self.out[i])
             self.cut_mask[i] = True
+        if self.backgrounds:
+            self._cut_backgrounds(pixels, up[ok])
+
+    def _cut_square(self, pixels: np.ndarray, left: float, top: float, side: float, out: np.ndarray) -> None:
+        from curation.stages.decode import model_input
+
+        side_px = max(1, int(math.ceil(side)))
+        left, top = int(math.floor(left)), int(math.floor(top))
+        h_img, w_img = pixels.shape[:2]
+        square = np.full((side_px, side_px, 3), PAD_GREY, np.uint8)
+        x0, y0 = max(left, 0), max(top, 0)
+        x1, y1 = min(left + side_px, w_img), min(top + side_px, h_img)
+        if x1 > x0 and y1 > y0:
+            square[y0 - top:y1 - top, x0 - left:x1 - left] = pixels[y0:y1, x0:x1]
+        model_input(square, self.image_size, out=out)
+
+    def _cut_backgrounds(self, pixels: np.ndarray, boxes: np.ndarray) -> None:
+        """Squares of the image where no box is (at most a quarter of a square under any box),
+        as large as its boxes' squares, at places drawn from a generator seeded by the boxes
+        (the same image and boxes give the same squares every night): what this image's
+        background looks like to the embedder, the evidence against a box drawn on it."""
+        h_img, w_img = pixels.shape[:2]
+        sides = np.minimum(np.maximum(boxes[:, 2], boxes[:, 3]) * (1 + 2 * self.margin), min(h_img, w_img))
+        rng = np.random.default_rng(zlib.crc32(np.ascontiguousarray(boxes).tobytes()))
+        first = len(self.boxes)
+        for attempt in range(BACKGROUND_TRIES * self.backgrounds):
+            if self.background_count == self.backgrounds:
+                break
+            side = float(sides[attempt % len(sides)])
+            left, top = rng.uniform(0, w_img - side), rng.uniform(0, h_img - side)
+            ix = np.clip(np.minimum(left + side, boxes[:, 0] + boxes[:, 2]) - np.maximum(left, boxes[:, 0]), 0, None)
+            iy = np.clip(np.minimum(top + side, boxes[:, 1] + boxes[:, 3]) - np.maximum(top, boxes[:, 1]), 0, None)
+            if (ix * iy).max() > BACKGROUND_OVERLAP * side * side:
+                continue
+            self._cut_square(pixels, left, top, side, self.out[first + self.background_count])
+            self.background_count += 1

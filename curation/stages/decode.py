@@ -380,7 +380,7 @@ class DecodeStage:
             as float64 bytes, ``[x, y, w, h]`` in ``units``) and ``box_rows`` (int64 bytes: their
             rows in the run's objects table), and the output gains ``crops`` (the cut boxes'
             model inputs, ``S*S*3`` bytes each, concatenated) and ``crop_rows`` (int64 bytes:
-            which boxes those are) and ``orientation`` (EXIF; boxes are in the stored frame).
+            which boxes those are; -1 for ``backgrounds`` squares of background after them) and ``orientation`` (EXIF; boxes are in the stored frame).
             An image with boxes is always decoded here, never deferred.
     """
 
@@ -446,9 +446,10 @@ class DecodeStage:
             return None
         boxes = np.frombuffer(batch["boxes"][i], np.float64).reshape(-1, 4)
         size = self.image_size
+        extra = int(self.objects.get("backgrounds", 0))
         return CropJob(boxes, units=self.objects["units"], image_size=size, margin=self.objects["margin"],
                        tolerance_px=self.objects["tolerance_px"], min_size_px=self.objects["min_size_px"],
-                       out=np.empty((len(boxes), size, size, 3), np.uint8))
+                       out=np.empty((len(boxes) + extra, size, size, 3), np.uint8), backgrounds=extra)
 
     def _decode_rows(self, batch: dict[str, np.ndarray], out: dict[str, np.ndarray]) -> None:
         n = len(batch["uri"])
@@ -473,10 +474,11 @@ class DecodeStage:
                     pixels_out=out["pixels"][i], crops=job)
                 if job is not None:
                     out["orientation"][i] = job.orientation
-                if job is not None and job.cut_mask.any():
-                    rows = np.frombuffer(batch["box_rows"][i], np.int64)
-                    out["crops"][i] = job.out[job.cut_mask].tobytes()
-                    out["crop_rows"][i] = rows[job.cut_mask].tobytes()
+                if job is not None and job.cut_mask.any():  # the boxes, then background squares (row -1)
+                    cut = np.concatenate([job.cut_mask, np.arange(job.backgrounds) < job.background_count])
+                    rows = np.concatenate([np.frombuffer(batch["box_rows"][i], np.int64)[job.cut_mask],
+                                           np.full(job.background_count, -1, np.int64)])
+                    out["crops"][i], out["crop_rows"][i] = job.out[cut].tobytes(), rows.tobytes()
             except RejectedInput as exc:
                 out["pixels"][i] = 0
                 out["status"][i] = STATUS_REJECTED
