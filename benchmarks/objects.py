@@ -19,63 +19,17 @@ import sys
 import tempfile
 import time
 
-import numpy as np
 import pyarrow.parquet as pq
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 ENCODER = os.path.join(ROOT, "benchmarks", "models", "cifar10_cnn.pt")
-KINDS = ("swapped", "misplaced", "duplicate", "spurious")
-
-
-def auroc(bad: np.ndarray, good: np.ndarray) -> float:
-    """P(a bad item scores lower than a good one), ties counting half: low score = error."""
-    if not len(bad) or not len(good):
-        return float("nan")
-    bad, good = np.asarray(bad, np.float64)[:, None], np.asarray(good, np.float64)[None]
-    return float((bad < good).mean() + 0.5 * (bad == good).mean())
-
-
-def evaluate(objects, samples, truth) -> dict:
-    rows = objects.to_pylist()
-    by_ann = {int(r["annotation_id"]): r for r in rows if r["annotation_id"].isdigit()}
-    planted = {kind: set(truth.errors[kind]) for kind in KINDS}
-    bad_any = set().union(*planted.values())
-    clean = [a for a, r in by_ann.items() if a not in bad_any and r["box_quality"] is not None]
-    out = {}
-    for kind in KINDS:
-        ids = [a for a in planted[kind] if a in by_ann and by_ann[a]["box_quality"] is not None]
-        bad_q = np.array([by_ann[a]["box_quality"] for a in ids])
-        good_q = np.array([by_ann[a]["box_quality"] for a in clean])
-        row = {"planted": len(ids), "auroc_box_quality": auroc(bad_q, good_q)}
-        if kind == "swapped":
-            row["auroc_box_label_quality"] = auroc(np.array([by_ann[a]["box_label_quality"] for a in ids]),
-                                                   np.array([by_ann[a]["box_label_quality"] for a in clean]))
-            flagged = {a for a, r in by_ann.items() if r["is_box_mislabel"]}
-        elif kind == "duplicate":
-            flagged = {a for a, r in by_ann.items() if r["is_duplicate_box"]}
-        else:
-            flagged = set()
-        pool = ids + clean
-        worst = sorted(pool, key=lambda a: by_ann[a]["box_quality"])[:len(ids)]
-        row["precision_at_planted"] = len(set(worst) & set(ids)) / max(len(ids), 1)
-        if flagged:
-            row["flag_precision"] = len(flagged & set(ids)) / len(flagged)
-            row["flag_recall"] = len(flagged & set(ids)) / max(len(ids), 1)
-        out[kind] = row
-    image_bad = {by_ann[a]["uri"] for a in bad_any if a in by_ann}
-    dropped_images = {truth.objects[o]["file_name"] for o in truth.errors["dropped"]}
-    q = [(r["uri"], r["object_quality"]) for r in samples.to_pylist() if r["object_quality"] is not None]
-    bad = np.array([v for u, v in q if u in image_bad])
-    good = np.array([v for u, v in q if u not in image_bad and os.path.basename(u) not in dropped_images])
-    out["image_has_box_error"] = {"images": len(q), "with_error": len(bad), "auroc_object_quality": auroc(bad, good)}
-    return out
 
 
 def run(source: str, n_images: int, model: str, seed: int, keep: str | None = None) -> dict:
     from curation.config import load_config
     from curation.job import run_job
-    from testkit.detection import make_detection_set
+    from testkit.detection import evaluate_boxes, make_detection_set
 
     with tempfile.TemporaryDirectory() as scratch:
         tmp = os.path.join(keep, model) if keep else scratch
@@ -93,7 +47,7 @@ def run(source: str, n_images: int, model: str, seed: int, keep: str | None = No
         objects = pq.read_table(os.path.join(result.run_uri, "objects"))
         samples = pq.read_table(os.path.join(result.run_uri, "samples"), columns=["uri", "object_quality"])
         info = json.load(open(os.path.join(result.run_uri, "run.json")))
-        scores = evaluate(objects, samples, truth)
+        scores = evaluate_boxes(objects, samples, truth)
         scores["boxes"] = objects.num_rows
         scores["wall_s"] = round(wall, 1)
         scores["objects_phase_s"] = info.get("timings_s", {}).get("objects")
@@ -113,8 +67,8 @@ def main() -> None:
     for model in args.models.split(","):
         results[model] = run(args.source, args.images, model, args.seed, args.keep)
     print(f"\n{args.source}, {args.images} images")
-    print(f"{'kind':<22}" + "".join(f"{m:>34}" for m in results))
-    for kind in (*KINDS, "image_has_box_error"):
+    print(f"{'kind':<22}" + "".join(f"{m:>48}" for m in results))
+    for kind in ("swapped", "misplaced", "duplicate", "spurious", "image_has_box_error"):
         cells = []
         for m in results:
             r = results[m][kind]
@@ -122,8 +76,10 @@ def main() -> None:
                 cells.append(f"AUROC {r['auroc_object_quality']:.3f} ({r['with_error']}/{r['images']})")
             else:
                 extra = f" P@n {r['precision_at_planted']:.2f}"
+                if "flag_precision" in r:
+                    extra += f" flag P/R {r['flag_precision']:.2f}/{r['flag_recall']:.2f}"
                 cells.append(f"AUROC {r['auroc_box_quality']:.3f}{extra} (n={r['planted']})")
-        print(f"{kind:<22}" + "".join(f"{c:>34}" for c in cells))
+        print(f"{kind:<22}" + "".join(f"{c:>48}" for c in cells))
     for m in results:
         print(f"{m}: {results[m]['boxes']} boxes, run {results[m]['wall_s']} s, objects phase "
               f"{results[m]['objects_phase_s']} s; swapped label AUROC "

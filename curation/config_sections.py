@@ -87,8 +87,9 @@ class ObjectsConfig(Section):
             (``is_spurious_box``). 0 turns that score off; each costs one more crop to embed.
         duplicate_iou: two usable boxes on one image overlapping by at least this IoU are one
             object boxed twice (``is_duplicate_box``).
-        mislabel_below: a box whose crop's neighbours suggest another class is flagged
-            ``is_box_mislabel`` when its ``box_label_quality`` is under this.
+        mislabel_below: a box is flagged ``is_box_mislabel`` when another class is at least
+            as probable as its own boxes are on average, and more probable than half, while
+            its ``box_label_quality`` is under this (and under its class's average).
         spurious_below: a box whose ``box_spurious_quality`` (the share of its crop's
             neighbours that are boxes, not background squares) is under this is flagged
             ``is_spurious_box``.
@@ -100,7 +101,7 @@ class ObjectsConfig(Section):
     context_margin: float = ranged(0.1, 0.0, 2.0)
     background_crops: int = ranged(2, 0, 16)
     duplicate_iou: float = ranged(0.7, 0.05, 1.0)
-    mislabel_below: float = ranged(0.4, 0.0, 1.0)
+    mislabel_below: float = ranged(0.1, 0.0, 1.0)
     spurious_below: float = ranged(0.3, 0.0, 1.0)
 
 

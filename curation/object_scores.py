@@ -45,6 +45,7 @@ from curation.scores.label_probe import FOLDS, dense_probabilities, fold_keys, p
 log = logging.getLogger(__name__)
 
 VOTE_ROWS_PER_STEP = 65_536  # the class-vote matrix is built this many boxes at a time
+MAJORITY = 0.5  # a box is flagged mislabelled only when another class has at least this probability
 SMOOTHING = 1.0  # prior weight of the class shares in the vote (in units of one perfect neighbour)
 
 # The columns this module adds to objects/, in order, and the flags among them.
@@ -117,7 +118,8 @@ def score_objects(table: pa.Table, graph, node_rows: np.ndarray, node_images: np
                           _share_at_or_below(np.where(scored_rows, dup_quality, np.nan), scored_rows))
     box_quality = box_quality.astype(np.float32)
     box_quality[degenerate] = 0.0
-    mislabel = (suggested >= 0) & (suggested != codes) & (label_quality < cfg.mislabel_below)
+    mislabel = _confidently_another_class(label_quality, suggested, confidence, codes, len(classes),
+                                          cfg.mislabel_below)
     spurious = ~np.isnan(spurious_quality) & (spurious_quality < cfg.spurious_below) & ~crowd
     ids = table["object_id"].to_pylist()
     columns = {
@@ -164,6 +166,24 @@ def per_image(objects: pa.Table, n_inputs: int) -> dict[str, pa.Array]:
         np.add.at(counts, at, objects[flag].to_numpy(zero_copy_only=False)[placed].astype(np.int32))
         out[name] = pa.array(counts)
     return out
+
+
+def _confidently_another_class(quality: np.ndarray, suggested: np.ndarray, confidence: np.ndarray,
+                               codes: np.ndarray, n_classes: int, ceiling: float) -> np.ndarray:
+    """Confident learning's rule, per class: a box is flagged when another class is more
+    probable, at least as probable as that class's own boxes are on average (and at least
+    ``MAJORITY``), while its given class is less probable than its class's boxes are on
+    average -- and under ``ceiling``. (Weak features give near-flat probabilities, where the
+    rule alone flagged half the boxes of a CIFAR set; the majority keeps those quiet.)"""
+    scored = ~np.isnan(quality) & (codes >= 0)
+    if not scored.any():
+        return np.zeros(len(quality), bool)
+    totals = np.bincount(codes[scored], weights=quality[scored], minlength=n_classes)
+    counts = np.bincount(codes[scored], minlength=n_classes)
+    threshold = np.where(counts > 0, totals / np.maximum(counts, 1), 1.0)
+    safe_code, safe_best = np.maximum(codes, 0), np.maximum(suggested, 0)
+    return (scored & (suggested >= 0) & (suggested != codes) & (quality < threshold[safe_code])
+            & (np.nan_to_num(confidence) >= np.maximum(threshold[safe_best], MAJORITY)) & (quality < ceiling))
 
 
 def _share_at_or_below(values: np.ndarray, rows: np.ndarray) -> np.ndarray:

@@ -37,6 +37,7 @@ from PIL import Image, ImageDraw
 SHARED_DATA = os.path.join(os.path.dirname(__file__), "..", "..", "shared", "data")
 SHAPES = ("circle", "square", "triangle", "cross")
 ERROR_KINDS = ("swapped", "misplaced", "dropped", "duplicate", "spurious")
+SCORED_KINDS = ("swapped", "misplaced", "duplicate", "spurious")  # errors on annotated boxes
 
 
 @dataclass
@@ -240,3 +241,54 @@ def _write_yolo(root: str, images: list[dict], annotations: list[dict], classes:
         name = os.path.splitext(image["file_name"])[0] + ".txt"
         with open(os.path.join(root, "labels", name), "w") as fh:
             fh.write("".join(line + "\n" for line in by_image[image["id"]]))
+
+
+def auroc(bad: np.ndarray, good: np.ndarray) -> float:
+    """P(a bad item scores lower than a good one), ties counting half: low score = error."""
+    if not len(bad) or not len(good):
+        return float("nan")
+    bad, good = np.asarray(bad, np.float64)[:, None], np.asarray(good, np.float64)[None]
+    return float((bad < good).mean() + 0.5 * (bad == good).mean())
+
+
+def evaluate_boxes(objects, samples, truth: DetectionSet) -> dict:
+    """How a detection run's ``objects`` / ``samples`` tables (pyarrow) rank the planted box
+    errors of ``truth``: per kind (against the clean annotated boxes) the AUROC of
+    ``box_quality``, precision at the planted count, the flag's precision and recall; the
+    AUROC of ``box_label_quality`` for swapped classes; per image, of ``object_quality`` for
+    "holds any planted error" (images with a dropped object left out)."""
+    rows = objects.to_pylist()
+    by_ann = {int(r["annotation_id"]): r for r in rows if r["annotation_id"].isdigit()}
+    planted = {kind: set(truth.errors[kind]) for kind in SCORED_KINDS}
+    bad_any = set().union(*planted.values())
+    clean = [a for a, r in by_ann.items() if a not in bad_any and r["box_quality"] is not None]
+    out = {}
+    for kind in SCORED_KINDS:
+        ids = [a for a in planted[kind] if a in by_ann and by_ann[a]["box_quality"] is not None]
+        bad_q = np.array([by_ann[a]["box_quality"] for a in ids])
+        good_q = np.array([by_ann[a]["box_quality"] for a in clean])
+        row = {"planted": len(ids), "auroc_box_quality": auroc(bad_q, good_q)}
+        if kind == "swapped":
+            row["auroc_box_label_quality"] = auroc(np.array([by_ann[a]["box_label_quality"] for a in ids]),
+                                                   np.array([by_ann[a]["box_label_quality"] for a in clean]))
+            flagged = {a for a, r in by_ann.items() if r["is_box_mislabel"]}
+        elif kind == "duplicate":
+            flagged = {a for a, r in by_ann.items() if r["is_duplicate_box"]}
+        elif kind == "spurious":
+            flagged = {a for a, r in by_ann.items() if r["is_spurious_box"]}
+        else:
+            flagged = set()
+        pool = ids + clean
+        worst = sorted(pool, key=lambda a: by_ann[a]["box_quality"])[:len(ids)]
+        row["precision_at_planted"] = len(set(worst) & set(ids)) / max(len(ids), 1)
+        if flagged:
+            row["flag_precision"] = len(flagged & set(ids)) / len(flagged)
+            row["flag_recall"] = len(flagged & set(ids)) / max(len(ids), 1)
+        out[kind] = row
+    image_bad = {by_ann[a]["uri"] for a in bad_any if a in by_ann}
+    dropped_images = {truth.objects[o]["file_name"] for o in truth.errors["dropped"]}
+    q = [(r["uri"], r["object_quality"]) for r in samples.to_pylist() if r["object_quality"] is not None]
+    bad = np.array([v for u, v in q if u in image_bad])
+    good = np.array([v for u, v in q if u not in image_bad and os.path.basename(u) not in dropped_images])
+    out["image_has_box_error"] = {"images": len(q), "with_error": len(bad), "auroc_object_quality": auroc(bad, good)}
+    return out

@@ -221,15 +221,15 @@ def test_the_model_input_is_pil_bilinear_centre_square_within_rounding(width, he
 
 
 def test_the_resampling_fallback_gives_the_same_pixels(monkeypatch):
-    import curation.stages.decode as decode
+    import curation.stages.resize as resize
 
     photo = np.asarray(_photo(640, 480, seed=5)).copy()
     # The pinned torch has the in-place operator; without it this would compare the fallback
     # with itself.
-    assert decode._RESAMPLE_INTO is not None
-    fast = decode.model_input(photo, 224)
-    monkeypatch.setattr(decode, "_RESAMPLE_INTO", None)
-    np.testing.assert_array_equal(decode.model_input(photo, 224), fast)
+    assert resize._RESAMPLE_INTO is not None
+    fast = resize.model_input(photo, 224)
+    monkeypatch.setattr(resize, "_RESAMPLE_INTO", None)
+    np.testing.assert_array_equal(resize.model_input(photo, 224), fast)
 
 
 @pytest.mark.parametrize("width, height", [(640, 480), (300, 1000), (257, 256), (256, 100)])

@@ -24,6 +24,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from curation.annotations import place_boxes
+from curation.stages.resize import model_input
 
 PAD_GREY = 124  # the area of a square outside the image (near the datasets' mean grey)
 BACKGROUND_TRIES = 12  # places drawn per background square before giving up (a crowded image has none)
@@ -131,8 +132,6 @@ class CropJob:
             self._cut_backgrounds(pixels, up[ok])
 
     def _cut_square(self, pixels: np.ndarray, left: float, top: float, side: float, out: np.ndarray) -> None:
-        from curation.stages.decode import model_input
-
         side_px = max(1, int(math.ceil(side)))
         left, top = int(math.floor(left)), int(math.floor(top))
         h_img, w_img = pixels.shape[:2]

@@ -22,7 +22,6 @@ from dataclasses import dataclass
 
 import numpy as np
 import torch
-import torch.nn.functional as torch_functional
 from PIL import Image, ImageFile, ImageOps, UnidentifiedImageError
 
 try:  # libjpeg-turbo with DCT scaling straight into numpy (PIL's own copy skipped); PIL is the fallback
@@ -34,15 +33,12 @@ from curation.io.filesystem import Resolver
 from curation.schema import STATUS_OK, STATUS_REJECTED, is_ok
 from curation.sizing import DECODE_TASK_MEMORY
 from curation.stages.crops import CropJob
+from curation.stages.resize import _downscale_rgb, model_input  # noqa: F401 (model_input: public here too)
 from curation.stages.features import (  # noqa: F401 (the one-image helpers are public here too)
     COPY_DESCRIPTOR_ID, COPY_DIM, FEATURES_ID, STATS_MAX_SIDE, ThumbnailFeatures, copy_descriptor, copy_grid,
     copy_vectors, grey_statistics, luminance_percentiles, trim_border)
 from curation.stages.jpeg import (  # noqa: F401
     _plain_jpeg_size, draft_request, exif_orientation, jpeg_image_digest, torch_decodable)
-
-# The operator behind F.interpolate(mode="bilinear", antialias=True), in its form that writes into
-# a given tensor (see _downscale_rgb); F.interpolate itself when a torch lacks it.
-_RESAMPLE_INTO = getattr(getattr(torch.ops.aten, "_upsample_bilinear2d_aa", None), "out", None)
 
 # We enforce our own pixel cap (decode.max_pixels) before pixels are allocated.
 Image.MAX_IMAGE_PIXELS = None
@@ -132,31 +128,6 @@ def _to_rgb(image: Image.Image, background: tuple[int, int, int]) -> Image.Image
     return image
 
 
-def model_input(rgb: np.ndarray, size: int, *, out: np.ndarray | None = None) -> np.ndarray:
-    """The centred square of an ``(H, W, 3)`` uint8 image, resampled to ``size`` x ``size``
-    (the shorter side scaled to ``size``, the longer one centre-cropped), bilinear with
-    antialiasing, written into ``out`` (``(size, size, 3)`` uint8: the batch's own row) when
-    given. Downscaling runs torch's uint8 antialiased bilinear kernel (vectorised, about 5x PIL's
-    here, the same filter: pixels within a few levels of PIL's); upscaling (small images, cheap)
-    stays with PIL."""
-    if out is None:
-        out = np.empty((size, size, 3), np.uint8)
-    h, w = rgb.shape[:2]
-    side = min(w, h)
-    if side < size:
-        image = Image.fromarray(rgb, "RGB")
-        left, top = (w - side) / 2, (h - side) / 2
-        out[...] = np.asarray(image.resize((size, size), Image.BILINEAR, box=(left, top, left + side, top + side)))
-        return out
-    left, top = (w - side) // 2, (h - side) // 2
-    square = rgb[top:top + side, left:left + side]
-    if side == size:
-        out[...] = square
-    else:
-        _downscale_rgb(square, out)
-    return out
-
-
 def grey_thumbnail(rgb: np.ndarray) -> Image.Image:
     """The ``(H, W, 3)`` uint8 image in grey with its longer side at most ``STATS_MAX_SIDE``
     (never upscaled): what the statistics, the dHash and the copy descriptor are computed on.
@@ -175,29 +146,6 @@ def grey_thumbnail(rgb: np.ndarray) -> Image.Image:
 def working_thumbnail(image: Image.Image) -> Image.Image:
     """:func:`grey_thumbnail` of a PIL image of any mode (converted to RGB first)."""
     return grey_thumbnail(np.asarray(image if image.mode == "RGB" else image.convert("RGB")))
-
-
-def _downscale_rgb(rgb: np.ndarray, out: np.ndarray) -> None:
-    """``(H, W, 3)`` uint8 (a view is fine) resampled into ``out`` (``(h, w, 3)`` uint8,
-    C-contiguous) with torch's antialiased bilinear uint8 kernel: PIL's bilinear filter at about
-    five times its speed here (pixels within a few levels of PIL's, from fixed-point rounding
-    and the crop's edge). Both are handed over as NCHW views of HWC memory (channels-last
-    strides): the layout that kernel computes in, so it writes the result straight into ``out``
-    (asked for a new tensor it returns planar NCHW, and the transposition back to HWC costs as
-    much as the resampling)."""
-    if not rgb.flags.writeable:  # PIL's arrays are read-only and torch takes writable memory;
-        rgb = rgb.copy()  # copied before the transposition, so the copy stays channels-last
-    # The NCHW views are made in numpy: one torch call per tensor instead of three.
-    source = torch.from_numpy(rgb.transpose(2, 0, 1)[np.newaxis])
-    target = torch.from_numpy(out.transpose(2, 0, 1)[np.newaxis])
-    if _RESAMPLE_INTO is not None:
-        try:
-            _RESAMPLE_INTO(source, list(out.shape[:2]), False, None, None, out=target)
-            return
-        except (RuntimeError, TypeError):  # another torch's signature for this internal operator
-            pass
-    target.copy_(torch_functional.interpolate(source, size=out.shape[:2], mode="bilinear", antialias=True,
-                                              align_corners=False))
 
 
 class _OneTorchThread:
