@@ -8,6 +8,7 @@ and recall; per image, the AUROC of ``object_quality`` for "holds any box error"
 objects phase's wall time beside the run's. Prints a table, writes JSON.
 
     .venv/bin/python benchmarks/objects.py [--images 300] [--source cifar] [--out benchmarks/objects.json]
+    .venv/bin/python benchmarks/objects.py --decode-cost
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ import sys
 import tempfile
 import time
 
+import numpy as np
 import pyarrow.parquet as pq
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -26,7 +28,8 @@ sys.path.insert(0, ROOT)
 ENCODER = os.path.join(ROOT, "benchmarks", "models", "cifar10_cnn.pt")
 
 
-def run(source: str, n_images: int, model: str, seed: int, keep: str | None = None) -> dict:
+def run(source: str, n_images: int, model: str, seed: int, keep: str | None = None,
+        predictions: bool = False) -> dict:
     from curation.config import load_config
     from curation.job import run_job
     from testkit.detection import evaluate_boxes, make_detection_set
@@ -37,8 +40,10 @@ def run(source: str, n_images: int, model: str, seed: int, keep: str | None = No
                                    image_size=(256, 192), object_size=(32, 72))
         embedder = {"model": "thumbnail"} if model == "thumbnail" else {"model": "torchscript", "weights": ENCODER,
                                                                         "image_size": 32}
-        config = load_config(data={"input": {"images": truth.images,
-                                             "annotations": os.path.join(truth.root, "annotations.json")},
+        inputs = {"images": truth.images, "annotations": os.path.join(truth.root, "annotations.json")}
+        if predictions:
+            inputs["predictions"] = os.path.join(truth.root, "predictions.json")
+        config = load_config(data={"input": inputs,
                                    "output": {"uri": os.path.join(tmp, "out")}, "embedder": embedder,
                                    "report": {"map_method": "pca"}})
         start = time.perf_counter()
@@ -54,6 +59,44 @@ def run(source: str, n_images: int, model: str, seed: int, keep: str | None = No
         return scores
 
 
+def decode_cost(rounds: int = 20) -> dict:
+    """The box-aware decode scale's cost: one 1920x1080 photo-like JPEG decoded by the decode
+    stage's one-image path for the whole image alone, with one 512-px box, and with one 32-px
+    box (full size: the DCT scale cannot drop), at the encoder's 32-px and resnet's 224-px input
+    (median ms per image; two background squares cut beside the boxes)."""
+    import io
+
+    from PIL import Image
+
+    from curation.stages.crops import CropJob
+    from curation.stages.decode import decode_into
+
+    rng = np.random.default_rng(0)
+    small = Image.fromarray(rng.integers(0, 255, (68, 120, 3), dtype=np.uint8)).resize((1920, 1080), Image.BICUBIC)
+    buffer = io.BytesIO()
+    small.save(buffer, "JPEG", quality=90)
+    data = buffer.getvalue()
+    out = {}
+    for size in (32, 224):
+        for name, boxes in (("image only", None), ("one 512-px box", [[700, 300, 512, 512]]),
+                            ("one 32-px box", [[900, 500, 32, 32]])):
+            times = []
+            job = None
+            for _ in range(rounds):
+                job = None if boxes is None else CropJob(np.array(boxes, float), units="pixels", image_size=size,
+                                                         margin=0.1, tolerance_px=2, min_size_px=4,
+                                                         out=np.empty((len(boxes) + 2, size, size, 3), np.uint8),
+                                                         backgrounds=2)
+                start = time.perf_counter()
+                decode_into(data, image_size=size, max_pixels=10**9, background=(255, 255, 255),
+                            pixels_out=np.empty((size, size, 3), np.uint8), crops=job)
+                times.append(time.perf_counter() - start)
+            scale = None if job is None else job.decode_scale(1920, 1080)
+            out[f"{name} @ {size}px"] = {"ms": round(1000 * float(np.median(times)), 2),
+                                         "decode_scale_for_boxes": None if scale is None else round(scale, 3)}
+    return out
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--images", type=int, default=300)
@@ -62,17 +105,31 @@ def main() -> None:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--out", default=os.path.join(ROOT, "benchmarks", "objects.json"))
     parser.add_argument("--keep", help="leave the sets and runs in this folder (for a closer look)")
+    parser.add_argument("--predictions", action="store_true", help="give the simulated detector's boxes too")
+    parser.add_argument("--decode-cost", action="store_true", help="only the box-aware decode's cost per image")
     args = parser.parse_args()
+    if args.decode_cost:
+        cost = decode_cost()
+        for name, row in cost.items():
+            print(f"{name:<28} {row['ms']:>8.2f} ms  decode scale for the boxes {row['decode_scale_for_boxes']}")
+        with open(args.out, "w") as fh:
+            json.dump({"decode_cost": cost}, fh, indent=1)
+        return
     results = {}
     for model in args.models.split(","):
-        results[model] = run(args.source, args.images, model, args.seed, args.keep)
+        results[model] = run(args.source, args.images, model, args.seed, args.keep, args.predictions)
     print(f"\n{args.source}, {args.images} images")
     print(f"{'kind':<22}" + "".join(f"{m:>48}" for m in results))
-    for kind in ("swapped", "misplaced", "duplicate", "spurious", "image_has_box_error"):
+    kinds = ["swapped", "misplaced", "duplicate", "spurious", "image_has_box_error"]
+    kinds += ["overlooked"] if args.predictions else []
+    for kind in kinds:
         cells = []
         for m in results:
             r = results[m][kind]
-            if kind == "image_has_box_error":
+            if kind == "overlooked":
+                cells.append(f"AUROC {r['auroc_overlooked_quality']:.3f} recall {r['flag_recall']:.2f} "
+                             f"(n={r['on_dropped_objects']}/{r['predictions']})")
+            elif kind == "image_has_box_error":
                 cells.append(f"AUROC {r['auroc_object_quality']:.3f} ({r['with_error']}/{r['images']})")
             else:
                 extra = f" P@n {r['precision_at_planted']:.2f}"
@@ -85,7 +142,8 @@ def main() -> None:
               f"{results[m]['objects_phase_s']} s; swapped label AUROC "
               f"{results[m]['swapped'].get('auroc_box_label_quality', float('nan')):.3f}")
     with open(args.out, "w") as fh:
-        json.dump({"source": args.source, "images": args.images, "seed": args.seed, "results": results}, fh, indent=1)
+        json.dump({"source": args.source, "images": args.images, "seed": args.seed, "predictions": args.predictions,
+                   "results": results}, fh, indent=1)
 
 
 if __name__ == "__main__":

@@ -27,7 +27,7 @@ from __future__ import annotations
 import json
 import math
 import posixpath
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 import pyarrow as pa
@@ -59,6 +59,10 @@ class Annotations:
     images: pa.Table
     units: str
     classes: tuple[str, ...]
+    # How a detector's results name images and classes (COCO results format): the COCO file's
+    # image ids and category ids (in the file's order); YOLO: no image ids, class index -> name.
+    image_ids: dict = field(default_factory=dict)
+    category_ids: dict = field(default_factory=dict)
 
 
 def read_annotations(location: Location, *, fmt: str | None = None, label_files: dict[str, Location] | None = None
@@ -115,7 +119,7 @@ def read_coco(text: str, *, source: str = "annotations") -> Annotations:
             raise AnnotationsError(f"{source}: images[{i}]: expected an object with 'id' and 'file_name', got "
                                    f"{str(image)[:80]}")
         images[image["id"]] = len(rows_images["file_name"])
-        rows_images["file_name"].append(_normal_name(image["file_name"]))
+        rows_images["file_name"].append(normal_name(image["file_name"]))
         rows_images["width"].append(_positive_int(image.get("width")))
         rows_images["height"].append(_positive_int(image.get("height")))
         rows_images["boxes"].append(0)
@@ -131,7 +135,7 @@ def read_coco(text: str, *, source: str = "annotations") -> Annotations:
         bbox, problem = _coco_bbox(ann.get("bbox"))
         if image is None:
             problem = f"image_id {ann.get('image_id')!r} is not in images"
-        elif _escapes(file_name):
+        elif escapes_root(file_name):
             problem = f"file_name {file_name!r} is not a path inside input.images"
         elif label is None and problem is None:
             problem = f"category_id {ann.get('category_id')!r} is not in categories"
@@ -140,7 +144,8 @@ def read_coco(text: str, *, source: str = "annotations") -> Annotations:
         _add(rows, file_name, ann_id, label, bbox, area=ann.get("area"), iscrowd=bool(ann.get("iscrowd", 0)),
              segmentation=ann.get("segmentation"), reason=problem)
     classes = tuple(sorted(set(categories.values())))
-    return Annotations(_boxes_table(rows), _images_table(rows_images), "pixels", classes)
+    image_ids = {key: rows_images["file_name"][row] for key, row in images.items()}
+    return Annotations(_boxes_table(rows), _images_table(rows_images), "pixels", classes, image_ids, categories)
 
 
 def _coco_bbox(value) -> tuple[list[float] | None, str | None]:
@@ -173,7 +178,7 @@ def yolo_class_names(text: str, *, source: str = "data.yaml") -> tuple[str, ...]
 def yolo_label_path(image_name: str) -> str:
     """The ``.txt`` beside an image by the common convention: ``images/a/b.jpg`` ->
     ``labels/a/b.txt`` (the last ``images`` folder of the path becomes ``labels``)."""
-    parts = _normal_name(image_name).split("/")
+    parts = normal_name(image_name).split("/")
     for i in range(len(parts) - 2, -1, -1):
         if parts[i] == "images":
             parts[i] = "labels"
@@ -190,7 +195,7 @@ def read_yolo(names: tuple[str, ...], files: dict[str, str | None]) -> Annotatio
         text = files[file_name]
         if text is None:
             continue
-        name = _normal_name(file_name)
+        name = normal_name(file_name)
         count = 0
         for number, line in enumerate(text.splitlines(), start=1):
             fields = line.split()
@@ -198,7 +203,7 @@ def read_yolo(names: tuple[str, ...], files: dict[str, str | None]) -> Annotatio
                 continue
             count += 1
             label, bbox, segmentation, problem = _yolo_line(fields, names)
-            if _escapes(name):
+            if escapes_root(name):
                 problem = f"image {name!r} is not a path inside input.images"
             _add(rows, name, f"{yolo_label_path(name)}:{number}", label, bbox, segmentation=segmentation,
                  reason=problem)
@@ -206,7 +211,8 @@ def read_yolo(names: tuple[str, ...], files: dict[str, str | None]) -> Annotatio
         rows_images["width"].append(None)
         rows_images["height"].append(None)
         rows_images["boxes"].append(count)
-    return Annotations(_boxes_table(rows), _images_table(rows_images), "fraction", tuple(sorted(set(names))))
+    return Annotations(_boxes_table(rows), _images_table(rows_images), "fraction", tuple(sorted(set(names))),
+                       {}, dict(enumerate(names)))
 
 
 def _yolo_line(fields: list[str], names: tuple[str, ...]):
@@ -284,12 +290,12 @@ def to_pixels(bbox: np.ndarray, *, units: str, width, height) -> np.ndarray:
 # ------------------------------------------------------------------------------------- helpers
 
 
-def _normal_name(name: str) -> str:
+def normal_name(name: str) -> str:
     """A file name relative to ``input.images``, with ``/`` separators and no ``.`` parts."""
     return posixpath.normpath(name.replace("\\", "/"))
 
 
-def _escapes(name: str) -> bool:
+def escapes_root(name: str) -> bool:
     """A name that leaves ``input.images`` (absolute, or through ``..``), or names nothing."""
     return name in ("", ".") or name.startswith(("/", "../")) or name == ".."
 

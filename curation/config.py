@@ -147,7 +147,7 @@ def _known_keys(cls: type[BaseModel], data: dict) -> dict:
 # file's own folder (or S3 prefix), so a config shipped with `--working-dir` means the same
 # wherever the job runs.
 PATH_KEYS = (("input", "images"), ("input", "manifest"), ("input", "labels"), ("input", "embeddings"),
-             ("input", "annotations"),
+             ("input", "annotations"), ("input", "predictions"),
              ("output", "uri"), ("store", "uri"), ("embedder", "weights"))
 
 
@@ -199,6 +199,9 @@ def validate(config: Config) -> None:
     if inp.annotations and not inp.images:
         raise ConfigError("config key 'input.annotations': only with input.images (the annotations name files "
                           "relative to it)")
+    if inp.predictions and not inp.annotations:
+        raise ConfigError("config key 'input.predictions': only with input.annotations (a detector's boxes are "
+                          "read beside the annotated ones)")
     if inp.annotations and inp.labels:
         raise ConfigError("config key 'input.labels': give input.annotations or input.labels, not both (a "
                           "detection set's classes are its boxes')")

@@ -48,6 +48,9 @@ class InputConfig(Section):
             Every box becomes a row of the run's ``objects/`` (see :mod:`curation.objects`).
         annotations_format: ``auto`` (``coco`` for a ``.json``, ``yolo`` for a ``.yaml``) |
             ``coco`` | ``yolo``.
+        predictions: a detector's boxes in COCO's results format, beside ``annotations`` (see
+            :mod:`curation.predictions`): location and overlooked-object scores, and the
+            detector's class scores in ``box_label_quality``.
         follow_symlinks: follow symbolic links to directories when listing a local ``images``
             folder. Off by default (as ``find`` and ``os.walk``); when on, each real directory
             is listed once (loops end) and a link to the input root or above it is not
@@ -68,6 +71,7 @@ class InputConfig(Section):
     allow_new_classes: bool = False
     annotations: Text | None = None
     annotations_format: Literal["auto", "coco", "yolo"] = "auto"
+    predictions: Text | None = None
 
 
 class ObjectsConfig(Section):
@@ -93,6 +97,17 @@ class ObjectsConfig(Section):
         spurious_below: a box whose ``box_spurious_quality`` (the share of its crop's
             neighbours that are boxes, not background squares) is under this is flagged
             ``is_spurious_box``.
+        prediction_min_score: predictions scoring under this are left out of every match.
+        match_iou: an annotated box and a prediction overlapping by at least this IoU are the
+            same object (the detector's class scores then count in ``box_label_quality``).
+        covered_iou: a prediction overlapping some usable annotated box by at least this is
+            covered; one that is not, scoring at least ``overlooked_min_score``, becomes a
+            ``source = prediction`` row (a possibly overlooked object).
+        overlooked_min_score: see ``covered_iou``.
+        misplaced_below: ``is_box_misplaced`` when a prediction overlaps the box (IoU at least
+            0.1) but no prediction by this much (``box_location_quality`` under it).
+        overlooked_below: ``is_overlooked_object`` on prediction rows whose
+            ``overlooked_quality`` (1 - the detector's score) is under this.
     """
 
     clip_tolerance_px: float = ranged(2.0, 0.0, 1e6)
@@ -103,6 +118,12 @@ class ObjectsConfig(Section):
     duplicate_iou: float = ranged(0.7, 0.05, 1.0)
     mislabel_below: float = ranged(0.1, 0.0, 1.0)
     spurious_below: float = ranged(0.3, 0.0, 1.0)
+    prediction_min_score: float = ranged(0.05, 0.0, 1.0)
+    match_iou: float = ranged(0.5, 0.0, 1.0)
+    covered_iou: float = ranged(0.3, 0.0, 1.0)
+    overlooked_min_score: float = ranged(0.3, 0.0, 1.0)
+    misplaced_below: float = ranged(0.5, 0.0, 1.0)
+    overlooked_below: float = ranged(0.5, 0.0, 1.0)
 
 
 class DecodeConfig(Section):

@@ -351,7 +351,8 @@ def _place_objects(plan: Plan, config: Config, ingested: Ingested) -> tuple[Inge
                           "method": info.get("method")}
     table, summary["scores"] = score_objects(table, graph, crops.rows[nodes], crops.images[nodes], config.objects,
                                              vectors=VectorParts(crops.parts, keep=keep),
-                                             probe_weight=config.scores.label_probe_weight)
+                                             probe_weight=config.scores.label_probe_weight,
+                                             predictions=plan.objects.predictions, classes_listed=plan.objects.classes)
     samples = samples.drop_columns([c for c in ("orientation",) if c in samples.column_names])
     samples = samples.append_column("object_count", plan.objects.object_count)
     for name, column in per_image(table, samples.num_rows).items():

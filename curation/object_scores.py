@@ -39,6 +39,7 @@ import pyarrow.compute as pc
 
 from curation.config_sections import ObjectsConfig
 from curation.objects import OBJECTS_CONTRACT
+from curation.predictions import detector_evidence, iou_matrix, overlooked_rows
 from curation.schema import is_ok
 from curation.scores.label_probe import FOLDS, dense_probabilities, fold_keys, probe_probabilities
 
@@ -54,22 +55,27 @@ OBJECT_SCORE_COLUMNS = pa.schema([
     ("box_quality", pa.float32()), ("suggested_box_label", pa.string()), ("suggested_box_confidence", pa.float32()),
     ("is_box_mislabel", pa.bool_()), ("is_spurious_box", pa.bool_()), ("is_duplicate_box", pa.bool_()),
     ("duplicate_box_of", pa.string()), ("is_degenerate_box", pa.bool_()),
+    ("box_location_quality", pa.float32()), ("suggested_bbox", pa.list_(pa.float64(), 4)),
+    ("is_box_misplaced", pa.bool_()), ("overlooked_quality", pa.float32()), ("is_overlooked_object", pa.bool_()),
 ])
 OBJECT_FLAGS = {
     "is_box_mislabel": "the crop's neighbours name another class",
     "is_spurious_box": "the crop looks like the images' background, not like the boxed objects",
     "is_duplicate_box": "a second box on an object already boxed",
     "is_degenerate_box": "a box with no area",
+    "is_box_misplaced": "the detector's nearest box overlaps it, but by less than objects.misplaced_below",
+    "is_overlooked_object": "a confident prediction no annotated box covers (source = prediction rows)",
 }
 # objects/*.parquet as published: the placed boxes (curation/objects.py) and these scores.
 OBJECTS_MANIFEST = pa.schema(list(OBJECTS_CONTRACT) + list(OBJECT_SCORE_COLUMNS))
 # samples/ columns of a detection run (beside object_count): per image.
 SAMPLE_OBJECT_COLUMNS = ("object_quality", "box_mislabel_count", "spurious_box_count", "duplicate_box_count",
-                         "degenerate_box_count")
+                         "degenerate_box_count", "misplaced_box_count", "overlooked_object_count")
 
 
 def score_objects(table: pa.Table, graph, node_rows: np.ndarray, node_images: np.ndarray, cfg: ObjectsConfig, *,
-                  vectors=None, probe_weight: float = 0.0) -> tuple[pa.Table, dict]:
+                  vectors=None, probe_weight: float = 0.0, predictions: pa.Table | None = None,
+                  classes_listed: tuple = ()) -> tuple[pa.Table, dict]:
     """``table`` (objects, with ``object_vector_id``) with the score columns, and a summary for
     ``run.json`` (flag counts, thresholds).
 
@@ -77,7 +83,9 @@ def score_objects(table: pa.Table, graph, node_rows: np.ndarray, node_images: np
     boxes' crops and the background squares, ``node_rows`` the box's row in ``table`` for each
     (-1: background) and ``node_images`` its image's ``input_id``. ``vectors``: the ok boxes'
     crop vectors by ``object_vector_id``, for the linear probe (its share of the class
-    probabilities: ``probe_weight``, ``scores.label_probe_weight``)."""
+    probabilities: ``probe_weight``, ``scores.label_probe_weight``). ``predictions``: a
+    detector's boxes (:mod:`curation.predictions`, their probabilities over ``classes_listed``):
+    location, the detector's class scores, and rows for the objects no box covers."""
     n = table.num_rows
     ok = is_ok(table["status"])
     node_of_row = np.full(n, -1, np.int64)
@@ -107,15 +115,26 @@ def score_objects(table: pa.Table, graph, node_rows: np.ndarray, node_images: np
         if (~is_box).any():  # background squares were cut: how much a crop looks like them
             spurious_quality[scored] = vote[3]
 
+    location = np.full(n, np.nan)
+    misplaced = np.zeros(n, bool)
+    suggested_bbox: list = [None] * n
+    detector = None
+    if predictions is not None:
+        detector = detector_evidence(table, ok & table["bbox"].is_valid().to_numpy(zero_copy_only=False),
+                                     predictions, classes_listed, cfg)
+        location, misplaced, suggested_bbox = detector["location"], detector["misplaced"], detector["suggested_bbox"]
+        said = ~np.isnan(detector["class_probability"]) & ~np.isnan(label_quality)
+        label_quality[said] = (label_quality[said] + detector["class_probability"][said]) / 2  # crops and detector
+
     dup, dup_of, dup_quality = _duplicates(table, has_node & ~crowd, codes, label_quality, cfg.duplicate_iou)
     degenerate = np.array([bool(r) and r.startswith("degenerate") for r in table["reason"].to_pylist()]) & ~ok
     # The components are on scales of their own (a class probability, a share of neighbours,
     # 1 - IoU): each becomes its share of the run's scored boxes at or below it before the
     # lowest is taken, so every kind of error reaches the top of the review queue.
     scored_rows = ~np.isnan(label_quality)
-    box_quality = np.fmin(np.fmin(_share_at_or_below(label_quality, scored_rows),
-                                  _share_at_or_below(spurious_quality, scored_rows)),
-                          _share_at_or_below(np.where(scored_rows, dup_quality, np.nan), scored_rows))
+    box_quality = np.nan
+    for component in (label_quality, spurious_quality, np.where(scored_rows, dup_quality, np.nan), location):
+        box_quality = np.fmin(box_quality, _share_at_or_below(component, scored_rows))
     box_quality = box_quality.astype(np.float32)
     box_quality[degenerate] = 0.0
     mislabel = _confidently_another_class(label_quality, suggested, confidence, codes, len(classes),
@@ -134,34 +153,54 @@ def score_objects(table: pa.Table, graph, node_rows: np.ndarray, node_images: np
         "is_duplicate_box": pa.array(dup),
         "duplicate_box_of": pa.array([ids[j] if j >= 0 else None for j in dup_of], pa.string()),
         "is_degenerate_box": pa.array(degenerate),
+        "box_location_quality": _nullable(location.astype(np.float32)),
+        "suggested_bbox": pa.array(suggested_bbox, pa.list_(pa.float64(), 4)),
+        "is_box_misplaced": pa.array(misplaced),
+        "overlooked_quality": pa.nulls(n, pa.float32()),
+        "is_overlooked_object": pa.array(np.zeros(n, bool)),
     }
     out = table.drop_columns([c for c in OBJECT_SCORE_COLUMNS.names if c in table.column_names])
     for field in OBJECT_SCORE_COLUMNS:
         out = out.append_column(field, columns[field.name].cast(field.type))
     out = out.select(OBJECTS_MANIFEST.names).cast(OBJECTS_MANIFEST)
-    flags = {name: int(np.asarray(columns[name]).sum()) for name in OBJECT_FLAGS}
+    if detector is not None and len(detector["overlooked"]):  # the objects no annotated box covers
+        uris = dict(zip(table["input_id"].to_pylist(), table["uri"].to_pylist()))
+        extra = overlooked_rows(predictions, detector["overlooked"], uris, cfg)
+        count = len(detector["overlooked"])
+        rows = pa.table({field.name: pa.array(extra[field.name], field.type) if field.name in extra
+                         else pa.array([False] * count) if field.type == pa.bool_()  # flags are never null
+                         else pa.nulls(count, field.type) for field in OBJECTS_MANIFEST})
+        out = pa.concat_tables([out, rows.cast(OBJECTS_MANIFEST)])
+    flags = {name: int(pc.sum(out[name]).as_py() or 0) for name in OBJECT_FLAGS}
     summary = {"flags": flags, "classes_voted": len(classes), **probe_info,
                "thresholds": {"mislabel_below": cfg.mislabel_below, "spurious_below": cfg.spurious_below,
                               "duplicate_iou": cfg.duplicate_iou}}
+    if detector is not None:
+        summary["predictions"] = detector["summary"]
     log.info("object scores: %s", ", ".join(f"{k} {v}" for k, v in flags.items()))
     return out, summary
 
 
 def per_image(objects: pa.Table, n_inputs: int) -> dict[str, pa.Array]:
     """The samples/ columns a detection run adds (``SAMPLE_OBJECT_COLUMNS``), by ``input_id``:
-    ``object_quality`` (the image's lowest ``box_quality``; low = it likely holds a box error;
-    null without a scored box) and its flagged boxes per flag."""
+    ``object_quality`` (the image's lowest ``box_quality``, or ``overlooked_quality`` of an
+    object the annotations may have missed; low = it likely holds a box error; null without a
+    scored box) and its flagged boxes per flag."""
     owner = objects["input_id"].to_numpy(zero_copy_only=False).astype(np.float64)
     placed = ~np.isnan(owner)
     at = owner[placed].astype(np.int64)
     quality = np.full(n_inputs, np.inf)
-    box_quality = objects["box_quality"].to_numpy(zero_copy_only=False).astype(np.float64)[placed]
+    # an annotated box's box_quality; a possibly overlooked object's overlooked_quality
+    box_quality = pc.coalesce(objects["box_quality"], objects["overlooked_quality"]).to_numpy(
+        zero_copy_only=False).astype(np.float64)[placed]
     scored = ~np.isnan(box_quality)
     np.minimum.at(quality, at[scored], box_quality[scored])
     out = {"object_quality": pa.array(np.where(np.isinf(quality), np.nan, quality), pa.float32(),
                                       mask=np.isinf(quality))}
     for name, flag in (("box_mislabel_count", "is_box_mislabel"), ("spurious_box_count", "is_spurious_box"),
-                       ("duplicate_box_count", "is_duplicate_box"), ("degenerate_box_count", "is_degenerate_box")):
+                       ("duplicate_box_count", "is_duplicate_box"), ("degenerate_box_count", "is_degenerate_box"),
+                       ("misplaced_box_count", "is_box_misplaced"),
+                       ("overlooked_object_count", "is_overlooked_object")):
         counts = np.zeros(n_inputs, np.int32)
         np.add.at(counts, at, objects[flag].to_numpy(zero_copy_only=False)[placed].astype(np.int32))
         out[name] = pa.array(counts)
@@ -257,18 +296,6 @@ def _neighbour_vote(nodes: np.ndarray, graph, node_rows: np.ndarray, node_images
         best[start:start + len(part)] = votes.argmax(axis=1)
         share[start:start + len(part)] = votes.max(axis=1)
     return quality, best, share, objectness
-
-
-def iou_matrix(a: np.ndarray, b: np.ndarray) -> np.ndarray:
-    """Intersection over union of every box of ``a`` (n, 4) with every box of ``b`` (m, 4),
-    ``[x, y, w, h]``."""
-    ax1, ay1 = a[:, 0] + a[:, 2], a[:, 1] + a[:, 3]
-    bx1, by1 = b[:, 0] + b[:, 2], b[:, 1] + b[:, 3]
-    w = np.clip(np.minimum(ax1[:, None], bx1[None]) - np.maximum(a[:, 0][:, None], b[:, 0][None]), 0, None)
-    h = np.clip(np.minimum(ay1[:, None], by1[None]) - np.maximum(a[:, 1][:, None], b[:, 1][None]), 0, None)
-    inter = w * h
-    union = (a[:, 2] * a[:, 3])[:, None] + (b[:, 2] * b[:, 3])[None] - inter
-    return np.where(union > 0, inter / np.where(union > 0, union, 1), 0.0)
 
 
 def _duplicates(table: pa.Table, usable: np.ndarray, codes: np.ndarray, label_quality: np.ndarray,

@@ -22,6 +22,7 @@ S3 at millions of images this step belongs on Ray tasks).
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import posixpath
 from dataclasses import dataclass
@@ -39,6 +40,7 @@ from curation.config_sections import ObjectsConfig
 from curation.index.source import parquet_parts
 from curation.io.filesystem import Location, Resolver, StorageError, to_uri
 from curation.item_key import object_ids
+from curation.predictions import read_predictions
 from curation.schema import STATUS_OK, STATUS_REJECTED, is_ok
 
 log = logging.getLogger(__name__)
@@ -62,6 +64,8 @@ class ObjectsInput:
     units: str
     object_count: pa.Array
     classes: tuple[str, ...]
+    # input.predictions (curation/predictions.py) with each one's input_id; None without
+    predictions: pa.Table | None = None
 
 
 def read_objects(config: Config, resolver: Resolver, inputs: pa.Table) -> ObjectsInput:
@@ -78,7 +82,16 @@ def read_objects(config: Config, resolver: Resolver, inputs: pa.Table) -> Object
             annotations = read_annotations(location, fmt=fmt)
     except StorageError as exc:
         raise AnnotationsError(f"input.annotations: {exc}") from None
-    return _joined(annotations, root, inputs)
+    joined = _joined(annotations, root, inputs)
+    if not inp.predictions:
+        return joined
+    try:
+        predictions = read_predictions(resolver.resolve(inp.predictions), annotations)
+    except StorageError as exc:
+        raise AnnotationsError(f"input.predictions: {exc}") from None
+    input_of = {name: i for i, name in enumerate(_relative_names(root, inputs)) if name is not None}
+    ids = [input_of.get(f) if f is not None else None for f in predictions["file_name"].to_pylist()]
+    return dataclasses.replace(joined, predictions=predictions.append_column("input_id", pa.array(ids, pa.int64())))
 
 
 def _relative_names(root: Location, inputs: pa.Table) -> list[str | None]:

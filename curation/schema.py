@@ -65,6 +65,8 @@ SAMPLES_EXTRA = pa.schema(
         ("spurious_box_count", pa.int32()),
         ("duplicate_box_count", pa.int32()),
         ("degenerate_box_count", pa.int32()),
+        ("misplaced_box_count", pa.int32()),
+        ("overlooked_object_count", pa.int32()),
     ]
 )
 

@@ -291,4 +291,38 @@ def evaluate_boxes(objects, samples, truth: DetectionSet) -> dict:
     bad = np.array([v for u, v in q if u in image_bad])
     good = np.array([v for u, v in q if u not in image_bad and os.path.basename(u) not in dropped_images])
     out["image_has_box_error"] = {"images": len(q), "with_error": len(bad), "auroc_object_quality": auroc(bad, good)}
+    predicted = [r for r in rows if r["source"] == "prediction"]
+    if predicted or any(r["box_location_quality"] is not None for r in rows):
+        out["overlooked"] = _overlooked(predicted, truth)
     return out
+
+
+def _overlooked(predicted: list[dict], truth: DetectionSet) -> dict:
+    """Among every prediction of the detector (``predictions.json``): is it a dropped object
+    (IoU at least 0.5 with one's true box)? Scored by its ``source = prediction`` row's
+    ``overlooked_quality``, 1 where it has none (the run found it covered or unsure)."""
+    with open(os.path.join(truth.root, "predictions.json")) as fh:
+        predictions = json.load(fh)
+    dropped = {}
+    for o in truth.errors["dropped"]:
+        dropped.setdefault(truth.objects[o]["file_name"], []).append(truth.objects[o]["bbox"])
+    rows = {(os.path.basename(r["uri"]), tuple(round(v, 2) for v in r["bbox"])): r["overlooked_quality"]
+            for r in predicted}
+    labels, scores = [], []
+    for pred in predictions:
+        key = (pred["file_name"], tuple(round(float(v), 2) for v in pred["bbox"]))
+        truths = dropped.get(pred["file_name"], [])
+        hit = any(_iou(pred["bbox"], t) >= 0.5 for t in truths)
+        labels.append(hit)
+        scores.append(rows.get(key, 1.0))
+    labels, scores = np.array(labels, bool), np.array(scores, np.float64)
+    return {"predictions": len(labels), "on_dropped_objects": int(labels.sum()), "rows": len(predicted),
+            "auroc_overlooked_quality": auroc(scores[labels], scores[~labels]),
+            "flag_recall": float(np.mean(scores[labels] < 0.5)) if labels.any() else float("nan")}
+
+
+def _iou(a, b) -> float:
+    ax1, ay1, bx1, by1 = a[0] + a[2], a[1] + a[3], b[0] + b[2], b[1] + b[3]
+    inter = max(0.0, min(ax1, bx1) - max(a[0], b[0])) * max(0.0, min(ay1, by1) - max(a[1], b[1]))
+    union = a[2] * a[3] + b[2] * b[3] - inter
+    return inter / union if union > 0 else 0.0

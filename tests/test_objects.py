@@ -133,20 +133,39 @@ def test_the_yolo_layout_gives_the_coco_files_boxes(ray_local, detection_set, co
     assert {os.path.basename(r["uri"]): r["object_count"] for r in samples}["broken.jpg"] is None  # no .txt
 
 
-def test_coco_on_s3_end_to_end(ray_local, s3, detection_set):
+def test_coco_and_predictions_on_s3_end_to_end(ray_local, s3, detection_set):
+    import pyarrow.fs as pafs
+
     from curation.job import run_job
 
-    root, _, doc = detection_set
+    root, truth, doc = detection_set
     fs = s3.pyarrow_fs()
     fs.create_dir("detection")
     upload_folder(fs, root, "detection/set")
-    data = detection_config("s3://detection/set/images", "s3://detection/set/annotations.json", "s3://detection/out")
+    data = detection_config("s3://detection/set/images", "s3://detection/set/annotations.json", "s3://detection/out",
+                            predictions="s3://detection/set/predictions.json")
     data["storage"] = s3.storage()
     config = load_config(data=data)
     result = run_job(config, resolver=Resolver(config.storage))
     objects = read_objects_folder(result.run_uri.replace("s3://", ""), fs)
-    assert objects.num_rows == len(doc["annotations"])
+    annotated = objects.filter(pa.compute.equal(objects["source"], "annotation"))
+    assert annotated.num_rows == len(doc["annotations"])
     assert all(u.startswith("s3://detection/set/images/") for u in objects["uri"].drop_null().to_pylist())
+    stored = fs.get_file_info(pafs.FileSelector(result.run_uri.replace("s3://", "") + "/object-embeddings"))
+    assert stored and all(i.base_name.startswith("part-") for i in stored)
+    # the detector's boxes: every usable box located, the planted errors found with them
+    from testkit.detection import evaluate_boxes
+
+    ok = annotated.filter(pa.compute.equal(annotated["status"], "ok"))
+    assert ok["box_location_quality"].null_count == 0
+    predicted = objects.filter(pa.compute.equal(objects["source"], "prediction")).to_pylist()
+    assert predicted and all(r["overlooked_quality"] is not None and r["box_quality"] is None for r in predicted)
+    samples = pq.read_table(result.run_uri.replace("s3://", "") + "/samples", filesystem=fs)
+    found = evaluate_boxes(objects, samples, truth)
+    assert found["misplaced"]["auroc_box_quality"] >= 0.9
+    assert found["overlooked"]["auroc_overlooked_quality"] >= 0.8
+    info = json.loads(fs.open_input_stream(result.run_uri.replace("s3://", "") + "/run.json").read())
+    assert info["objects"]["scores"]["predictions"]["possibly_overlooked"] == len(predicted)
 
 
 def test_bad_annotation_files_are_exit_2_before_any_work(detection_set, tmp_path):
