@@ -33,6 +33,7 @@ import pyarrow as pa
 
 from curation.annotations import Annotations, AnnotationsError, escapes_root, normal_name
 from curation.io.filesystem import Location, read_bytes
+from curation.item_key import object_ids
 from curation.schema import STATUS_OK, STATUS_REJECTED, is_ok
 
 log = logging.getLogger(__name__)
@@ -221,8 +222,6 @@ def detector_evidence(table: pa.Table, usable: np.ndarray, predictions: pa.Table
 def overlooked_rows(predictions: pa.Table, rows: np.ndarray, image_uri: dict, cfg) -> dict[str, list]:
     """The ``source = prediction`` rows of ``objects/`` for predictions ``rows`` (columns by
     name; the scores an annotated box has are null on them)."""
-    from curation.item_key import object_ids
-
     picked = predictions.take(pa.array(rows, pa.int64()))
     uris = [image_uri.get(i) for i in picked["input_id"].to_pylist()]
     bbox = picked["bbox"]

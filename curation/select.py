@@ -13,7 +13,8 @@
 * ``edge_cases``: the rarest items (highest sparseness), excluding junk, non-kept duplicates
   and suspected mislabels.
 * ``label_review``: labelled items by lowest label quality, with the suggested label;
-  non-kept duplicates excluded (their twin is reviewed).
+  non-kept duplicates excluded (their twin is reviewed). In a detection run: images by lowest
+  ``object_quality`` (the image's least trusted box, see ``objects/``).
 * ``clean``: every ok item except junk and non-kept duplicates, most typical first.
 * ``validation``: ``budget`` (or ``fraction`` of the eligible) items that mirror the whole data:
   a stratified sample over label x cluster (or ``balance_on`` x cluster), excluding junk and

@@ -64,15 +64,24 @@ class LabelReview:
     name = "label_review"
 
     def eligible(self, view, sel):
+        if "object_quality" in view.table.column_names:  # a detection run: images by their boxes
+            return view.ok & view.kept & np.isfinite(self._objects(view))
         # A corrected label comes back for review only when it is disputed (a mislabel-kind flag).
         settled = corrected_mask(view.table) & ~view.suspected
         return view.ok & view.labelled & view.kept & np.isfinite(view.quality) & ~settled
 
     def rank(self, view, sel, rows):
-        order = rows[np.argsort(view.quality[rows], kind="stable")]
-        return Ranked(order, view.quality[order])
+        quality = self._objects(view) if "object_quality" in view.table.column_names else view.quality
+        order = rows[np.argsort(quality[rows], kind="stable")]
+        return Ranked(order, quality[order])
+
+    @staticmethod
+    def _objects(view) -> np.ndarray:
+        return view.table["object_quality"].to_numpy(zero_copy_only=False).astype(np.float64)
 
     def reason(self, view, row, score):
+        if "object_quality" in view.table.column_names:
+            return f"object quality {score:.3f}: the image's least trusted box (see objects/)"
         return (f"label quality {score:.3f}: labelled {view.cell('label', row)!r}, "
                 f"suggested {view.cell('suggested_label', row)!r}")
 

@@ -114,7 +114,7 @@ class SampleView:
     """
 
     NEEDED = ("uri", "label", "status", "dup_of", "dup_group", "label_quality", "sparseness", "suggested_label",
-              "suggested_confidence", "cluster", "label_source")
+              "suggested_confidence", "cluster", "label_source", "object_quality")
 
     def __init__(self, samples: pa.Table, scores: ScoresConfig, vectors, columns: set[str] | frozenset = frozenset(),
                  previous: dict[str, pa.Table] | None = None):

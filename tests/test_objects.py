@@ -231,6 +231,12 @@ def test_planted_box_errors_rank_first_with_thumbnail(coco_run, detection_set):
     assert all(abs(quality[u] - q) < 1e-6 for u, q in by_image.items())
     counts = {r["uri"]: r["duplicate_box_count"] for r in samples.to_pylist()}
     assert sum(counts.values()) == sum(r["is_duplicate_box"] for r in rows.values())
+    # label_review ranks a detection run's images by their least trusted box
+    review = pq.read_table(os.path.join(coco_run.run_uri, "selections", "label_review.parquet")).to_pylist()
+    scores = [r["score"] for r in review]
+    assert len(review) == sum(q is not None for q in quality.values()) and scores == sorted(scores)
+    assert all(abs(r["score"] - quality[r["uri"]]) < 1e-6 for r in review)
+    assert review[0]["reason"].startswith("object quality")
 
 
 @pytest.fixture(scope="module")
