@@ -29,7 +29,7 @@ ENCODER = os.path.join(ROOT, "benchmarks", "models", "cifar10_cnn.pt")
 
 
 def run(source: str, n_images: int, model: str, seed: int, keep: str | None = None,
-        predictions: bool = False) -> dict:
+        predictions: bool = False, peer: bool = False) -> dict:
     from curation.config import load_config
     from curation.job import run_job
     from testkit.detection import evaluate_boxes, make_detection_set
@@ -56,7 +56,88 @@ def run(source: str, n_images: int, model: str, seed: int, keep: str | None = No
         scores["boxes"] = objects.num_rows
         scores["wall_s"] = round(wall, 1)
         scores["objects_phase_s"] = info.get("timings_s", {}).get("objects")
+        if peer:
+            start = time.perf_counter()
+            scores["objectlab"] = objectlab(truth.root, truth)
+            scores["objectlab"]["wall_s"] = round(time.perf_counter() - start, 1)
         return scores
+
+
+def objectlab(root: str, truth) -> dict:
+    """ObjectLab (cleanlab 2.9's ``object_detection``) fed the same annotations and predictions:
+    per annotated box its swap and bad-location scores, per prediction its overlooked score,
+    per image its label quality; the AUROCs as :func:`testkit.detection.evaluate_boxes` counts
+    them (swapped: the swap score; misplaced: bad location; duplicate and spurious: the lower
+    of the two, ObjectLab's own per-box view; "box": that lower score for every kind)."""
+    from cleanlab.object_detection.rank import (compute_badloc_box_scores, compute_overlooked_box_scores,
+                                                compute_swap_box_scores, get_label_quality_scores)
+
+    from testkit.detection import SCORED_KINDS, auroc
+
+    doc = json.load(open(os.path.join(root, "annotations.json")))
+    predictions = json.load(open(os.path.join(root, "predictions.json")))
+    k = len(doc["categories"])
+    images = [image["file_name"] for image in doc["images"]]
+    by_image = {name: [] for name in images}
+    for ann in doc["annotations"]:
+        by_image[images[ann["image_id"] - 1]].append(ann)
+    preds = {name: [] for name in images}
+    for pred in predictions:
+        preds[pred["file_name"]].append(pred)
+
+    def corners(box):
+        x, y, w, h = box
+        return [x, y, x + w, y + h]
+
+    labels, predicted = [], []
+    for name in images:
+        anns = by_image[name]
+        labels.append({"bboxes": np.array([corners(a["bbox"]) for a in anns], np.float64).reshape(-1, 4),
+                       "labels": np.array([a["category_id"] - 1 for a in anns], np.int64)})
+        per_class = [np.zeros((0, 5), np.float32) for _ in range(k)]
+        for pred in preds[name]:
+            row = np.array([[*corners(pred["bbox"]), pred["score"]]], np.float32)
+            per_class[pred["category_id"] - 1] = np.vstack([per_class[pred["category_id"] - 1], row])
+        array = np.empty(k, dtype=object)
+        array[:] = per_class
+        predicted.append(array)
+    swap = compute_swap_box_scores(labels=labels, predictions=predicted)
+    badloc = compute_badloc_box_scores(labels=labels, predictions=predicted)
+    overlooked = compute_overlooked_box_scores(labels=labels, predictions=predicted)
+    image_quality = get_label_quality_scores(labels, predicted, verbose=False)
+    score = {}
+    for name, s_img, b_img in zip(images, swap, badloc):
+        for ann, s, b in zip(by_image[name], s_img, b_img):
+            score[ann["id"]] = (float(s), float(b))
+    bad_any = set().union(*(set(truth.errors[kind]) for kind in SCORED_KINDS))
+    clean = [a for a in score if a not in bad_any]
+    out = {}
+    for kind in SCORED_KINDS:
+        ids = [a for a in truth.errors[kind] if a in score]
+        pick = {"swapped": lambda v: v[0], "misplaced": lambda v: v[1]}.get(kind, lambda v: min(v))
+        out[kind] = {"auroc_own_score": auroc(np.array([pick(score[a]) for a in ids]),
+                                              np.array([pick(score[a]) for a in clean])),
+                     "auroc_box": auroc(np.array([min(score[a]) for a in ids]), np.array([min(score[a]) for a in clean]))}
+    dropped_images = {truth.objects[o]["file_name"] for o in truth.errors["dropped"]}
+    bad_images = {images[next(a for a in doc["annotations"] if a["id"] == i)["image_id"] - 1] for i in bad_any}
+    quality = dict(zip(images, image_quality))
+    out["image_has_box_error"] = {"auroc": auroc(np.array([quality[n] for n in images if n in bad_images]),
+                                                 np.array([quality[n] for n in images if n not in bad_images
+                                                           and n not in dropped_images]))}
+    # overlooked: every prediction, is it on a dropped object (as evaluate_boxes counts it)
+    from testkit.detection import _iou
+
+    truths = {}
+    for o in truth.errors["dropped"]:
+        truths.setdefault(truth.objects[o]["file_name"], []).append(truth.objects[o]["bbox"])
+    hits, scores = [], []
+    for name, per_image in zip(images, overlooked):
+        for pred, value in zip(sorted(preds[name], key=lambda p: p["category_id"]), per_image):
+            hits.append(any(_iou(pred["bbox"], t) >= 0.5 for t in truths.get(name, [])))
+            scores.append(float(value) if np.isfinite(value) else 1.0)
+    hits, scores = np.array(hits), np.array(scores)
+    out["overlooked"] = {"auroc": auroc(scores[hits], scores[~hits])}
+    return out
 
 
 def decode_cost(rounds: int = 20) -> dict:
@@ -106,6 +187,8 @@ def main() -> None:
     parser.add_argument("--out", default=os.path.join(ROOT, "benchmarks", "objects.json"))
     parser.add_argument("--keep", help="leave the sets and runs in this folder (for a closer look)")
     parser.add_argument("--predictions", action="store_true", help="give the simulated detector's boxes too")
+    parser.add_argument("--objectlab", action="store_true",
+                        help="ObjectLab (cleanlab 2.9, make bench-venv) on the same annotations and predictions")
     parser.add_argument("--decode-cost", action="store_true", help="only the box-aware decode's cost per image")
     args = parser.parse_args()
     if args.decode_cost:
@@ -117,7 +200,8 @@ def main() -> None:
         return
     results = {}
     for model in args.models.split(","):
-        results[model] = run(args.source, args.images, model, args.seed, args.keep, args.predictions)
+        results[model] = run(args.source, args.images, model, args.seed, args.keep, args.predictions
+                             or args.objectlab, args.objectlab)
     print(f"\n{args.source}, {args.images} images")
     print(f"{'kind':<22}" + "".join(f"{m:>48}" for m in results))
     kinds = ["swapped", "misplaced", "duplicate", "spurious", "image_has_box_error"]
@@ -137,6 +221,14 @@ def main() -> None:
                     extra += f" flag P/R {r['flag_precision']:.2f}/{r['flag_recall']:.2f}"
                 cells.append(f"AUROC {r['auroc_box_quality']:.3f}{extra} (n={r['planted']})")
         print(f"{kind:<22}" + "".join(f"{c:>48}" for c in cells))
+    if args.objectlab:
+        first = next(iter(results.values()))["objectlab"]
+        print("\nObjectLab (cleanlab 2.9.0) on the same annotations and predictions (its own score per kind; "
+              "its lower box score)")
+        for kind in ("swapped", "misplaced", "duplicate", "spurious"):
+            print(f"  {kind:<20} {first[kind]['auroc_own_score']:.3f}  {first[kind]['auroc_box']:.3f}")
+        print(f"  {'image':<20} {first['image_has_box_error']['auroc']:.3f}")
+        print(f"  {'overlooked':<20} {first['overlooked']['auroc']:.3f}   ({first['wall_s']} s)")
     for m in results:
         print(f"{m}: {results[m]['boxes']} boxes, run {results[m]['wall_s']} s, objects phase "
               f"{results[m]['objects_phase_s']} s; swapped label AUROC "

@@ -57,7 +57,7 @@ from curation.corrections import apply_corrections, read_answers
 from curation.leakage import find_leaks, split_values
 from curation.objects import (ObjectVectors, crop_requests, crop_settings, objects_summary, place_objects,
                               read_object_vectors, with_object_vectors)
-from curation.object_scores import per_image, score_objects
+from curation.object_scores import CropGraph, per_image, score_objects
 from curation.index.sharded import knn_graph
 from curation.run_layout import OBJECT_EMBEDDINGS_FOLDER
 log = logging.getLogger(__name__)
@@ -349,8 +349,8 @@ def _place_objects(plan: Plan, config: Config, ingested: Ingested) -> tuple[Inge
                                 save_to=plan.run.child("index-objects"))
         summary["knn"] = {"boxes": int(keep.sum()), "background_squares": int((crops.rows == -1).sum()),
                           "method": info.get("method")}
-    table, summary["scores"] = score_objects(table, graph, crops.rows[nodes], crops.images[nodes], config.objects,
-                                             vectors=VectorParts(crops.parts, keep=keep),
+    crop_graph = CropGraph(graph, crops.rows[nodes], crops.images[nodes], VectorParts(crops.parts, keep=keep))
+    table, summary["scores"] = score_objects(table, crop_graph, config.objects,
                                              probe_weight=config.scores.label_probe_weight,
                                              predictions=plan.objects.predictions, classes_listed=plan.objects.classes)
     samples = samples.drop_columns([c for c in ("orientation",) if c in samples.column_names])

@@ -32,6 +32,7 @@ Still to come (issue 37): the detector's predictions (location, overlooked objec
 from __future__ import annotations
 
 import logging
+from dataclasses import dataclass
 
 import numpy as np
 import pyarrow as pa
@@ -73,83 +74,75 @@ SAMPLE_OBJECT_COLUMNS = ("object_quality", "box_mislabel_count", "spurious_box_c
                          "degenerate_box_count", "misplaced_box_count", "overlooked_object_count")
 
 
-def score_objects(table: pa.Table, graph, node_rows: np.ndarray, node_images: np.ndarray, cfg: ObjectsConfig, *,
-                  vectors=None, probe_weight: float = 0.0, predictions: pa.Table | None = None,
-                  classes_listed: tuple = ()) -> tuple[pa.Table, dict]:
-    """``table`` (objects, with ``object_vector_id``) with the score columns, and a summary for
-    ``run.json`` (flag counts, thresholds).
+@dataclass(frozen=True)
+class CropGraph:
+    """The crops' kNN graph and what its nodes are: the ok boxes' crops and the background
+    squares, ``node_rows`` the box's row in the objects table for each (-1: background),
+    ``node_images`` its image's ``input_id``; ``vectors`` the ok boxes' crop vectors by
+    ``object_vector_id`` (for the linear probe). ``graph`` is None when no box was usable."""
 
-    ``graph``: the kNN graph of the crops (None when no box was usable); its nodes are the ok
-    boxes' crops and the background squares, ``node_rows`` the box's row in ``table`` for each
-    (-1: background) and ``node_images`` its image's ``input_id``. ``vectors``: the ok boxes'
-    crop vectors by ``object_vector_id``, for the linear probe (its share of the class
-    probabilities: ``probe_weight``, ``scores.label_probe_weight``). ``predictions``: a
-    detector's boxes (:mod:`curation.predictions`, their probabilities over ``classes_listed``):
-    location, the detector's class scores, and rows for the objects no box covers."""
+    graph: object
+    node_rows: np.ndarray
+    node_images: np.ndarray
+    vectors: object = None
+
+
+@dataclass
+class _Evidence:
+    """Per row of the objects table: what the crops (and the detector) say."""
+
+    classes: list
+    codes: np.ndarray
+    label_quality: np.ndarray
+    spurious_quality: np.ndarray
+    suggested: np.ndarray
+    confidence: np.ndarray
+    probe: dict
+
+
+def score_objects(table: pa.Table, crops: CropGraph, cfg: ObjectsConfig, *, probe_weight: float = 0.0,
+                  predictions: pa.Table | None = None, classes_listed: tuple = ()) -> tuple[pa.Table, dict]:
+    """``table`` (objects, with ``object_vector_id``) with the score columns (and, with a
+    detector's ``predictions`` -- :mod:`curation.predictions`, their probabilities over
+    ``classes_listed`` -- a row for each object no box covers), and a summary for ``run.json``.
+    ``probe_weight``: the linear probe's share of the class probabilities
+    (``scores.label_probe_weight``)."""
     n = table.num_rows
     ok = is_ok(table["status"])
-    node_of_row = np.full(n, -1, np.int64)
-    is_box = node_rows >= 0
-    node_of_row[node_rows[is_box]] = np.flatnonzero(is_box)
-    has_node = ok & (node_of_row >= 0)
     crowd = table["iscrowd"].fill_null(False).to_numpy(zero_copy_only=False).astype(bool)
-    labels = table["label"].to_pylist()
-    classes = sorted({label for label, usable in zip(labels, has_node) if usable and label is not None})
-    code_of = {c: i for i, c in enumerate(classes)}
-    codes = np.array([code_of.get(label, -1) if label is not None else -1 for label in labels], np.int64)
-
-    label_quality = np.full(n, np.nan, np.float32)
-    spurious_quality = np.full(n, np.nan, np.float32)
-    suggested = np.full(n, -1, np.int64)
-    confidence = np.full(n, np.nan, np.float32)
-    probe_info: dict = {"probe": "off"}
-    if graph is not None and classes and has_node.any():
-        voters = has_node & ~crowd & (codes >= 0)
-        scored = np.flatnonzero(has_node & (codes >= 0))
-        probe = None
-        if vectors is not None and probe_weight > 0 and len(classes) > 1 and voters.sum() >= 2 * FOLDS:
-            probe, probe_info["probe"] = _probe(table, vectors, codes, voters, classes, scored)
-        vote = _neighbour_vote(node_of_row[scored], graph, node_rows, node_images, codes, voters, len(classes),
-                               probe=probe, probe_weight=probe_weight)
-        label_quality[scored], suggested[scored], confidence[scored] = vote[0], vote[1], vote[2]
-        if (~is_box).any():  # background squares were cut: how much a crop looks like them
-            spurious_quality[scored] = vote[3]
-
-    location = np.full(n, np.nan)
-    misplaced = np.zeros(n, bool)
-    suggested_bbox: list = [None] * n
-    detector = None
+    evidence = _crop_evidence(table, crops, ok, crowd, probe_weight)
+    location, misplaced, suggested_bbox, detector = np.full(n, np.nan), np.zeros(n, bool), [None] * n, None
     if predictions is not None:
         detector = detector_evidence(table, ok & table["bbox"].is_valid().to_numpy(zero_copy_only=False),
                                      predictions, classes_listed, cfg)
         location, misplaced, suggested_bbox = detector["location"], detector["misplaced"], detector["suggested_bbox"]
-        said = ~np.isnan(detector["class_probability"]) & ~np.isnan(label_quality)
-        label_quality[said] = (label_quality[said] + detector["class_probability"][said]) / 2  # crops and detector
-
-    dup, dup_of, dup_quality = _duplicates(table, has_node & ~crowd, codes, label_quality, cfg.duplicate_iou)
+        quality, said = evidence.label_quality, ~np.isnan(detector["class_probability"]) & ~np.isnan(
+            evidence.label_quality)
+        quality[said] = (quality[said] + detector["class_probability"][said]) / 2  # the crops and the detector
+    usable = ok & ~crowd & ~np.isnan(evidence.label_quality)
+    dup, dup_of, dup_quality = _duplicates(table, usable, evidence.codes, evidence.label_quality, cfg.duplicate_iou)
     degenerate = np.array([bool(r) and r.startswith("degenerate") for r in table["reason"].to_pylist()]) & ~ok
     # The components are on scales of their own (a class probability, a share of neighbours,
     # 1 - IoU): each becomes its share of the run's scored boxes at or below it before the
     # lowest is taken, so every kind of error reaches the top of the review queue.
-    scored_rows = ~np.isnan(label_quality)
-    box_quality = np.nan
-    for component in (label_quality, spurious_quality, np.where(scored_rows, dup_quality, np.nan), location):
+    scored_rows = ~np.isnan(evidence.label_quality)
+    box_quality = np.full(n, np.nan)
+    for component in (evidence.label_quality, evidence.spurious_quality,
+                      np.where(scored_rows, dup_quality, np.nan), location):
         box_quality = np.fmin(box_quality, _share_at_or_below(component, scored_rows))
-    box_quality = box_quality.astype(np.float32)
     box_quality[degenerate] = 0.0
-    mislabel = _confidently_another_class(label_quality, suggested, confidence, codes, len(classes),
-                                          cfg.mislabel_below)
-    spurious = ~np.isnan(spurious_quality) & (spurious_quality < cfg.spurious_below) & ~crowd
     ids = table["object_id"].to_pylist()
     columns = {
         "object_vector_id": table["object_vector_id"],
-        "box_label_quality": _nullable(label_quality),
-        "box_spurious_quality": _nullable(spurious_quality),
-        "box_quality": _nullable(box_quality),
-        "suggested_box_label": pa.array([classes[k] if k >= 0 else None for k in suggested], pa.string()),
-        "suggested_box_confidence": _nullable(confidence),
-        "is_box_mislabel": pa.array(mislabel),
-        "is_spurious_box": pa.array(spurious),
+        "box_label_quality": _nullable(evidence.label_quality),
+        "box_spurious_quality": _nullable(evidence.spurious_quality),
+        "box_quality": _nullable(box_quality.astype(np.float32)),
+        "suggested_box_label": pa.array([evidence.classes[k] if k >= 0 else None for k in evidence.suggested],
+                                        pa.string()),
+        "suggested_box_confidence": _nullable(evidence.confidence),
+        "is_box_mislabel": pa.array(_confidently_another_class(evidence, cfg.mislabel_below)),
+        "is_spurious_box": pa.array(~np.isnan(evidence.spurious_quality) & ~crowd
+                                    & (evidence.spurious_quality < cfg.spurious_below)),
         "is_duplicate_box": pa.array(dup),
         "duplicate_box_of": pa.array([ids[j] if j >= 0 else None for j in dup_of], pa.string()),
         "is_degenerate_box": pa.array(degenerate),
@@ -159,26 +152,62 @@ def score_objects(table: pa.Table, graph, node_rows: np.ndarray, node_images: np
         "overlooked_quality": pa.nulls(n, pa.float32()),
         "is_overlooked_object": pa.array(np.zeros(n, bool)),
     }
-    out = table.drop_columns([c for c in OBJECT_SCORE_COLUMNS.names if c in table.column_names])
-    for field in OBJECT_SCORE_COLUMNS:
-        out = out.append_column(field, columns[field.name].cast(field.type))
-    out = out.select(OBJECTS_MANIFEST.names).cast(OBJECTS_MANIFEST)
-    if detector is not None and len(detector["overlooked"]):  # the objects no annotated box covers
-        uris = dict(zip(table["input_id"].to_pylist(), table["uri"].to_pylist()))
-        extra = overlooked_rows(predictions, detector["overlooked"], uris, cfg)
-        count = len(detector["overlooked"])
-        rows = pa.table({field.name: pa.array(extra[field.name], field.type) if field.name in extra
-                         else pa.array([False] * count) if field.type == pa.bool_()  # flags are never null
-                         else pa.nulls(count, field.type) for field in OBJECTS_MANIFEST})
-        out = pa.concat_tables([out, rows.cast(OBJECTS_MANIFEST)])
+    out = _manifest(table, columns, predictions, detector, cfg)
     flags = {name: int(pc.sum(out[name]).as_py() or 0) for name in OBJECT_FLAGS}
-    summary = {"flags": flags, "classes_voted": len(classes), **probe_info,
+    summary = {"flags": flags, "classes_voted": len(evidence.classes), **evidence.probe,
                "thresholds": {"mislabel_below": cfg.mislabel_below, "spurious_below": cfg.spurious_below,
                               "duplicate_iou": cfg.duplicate_iou}}
     if detector is not None:
         summary["predictions"] = detector["summary"]
     log.info("object scores: %s", ", ".join(f"{k} {v}" for k, v in flags.items()))
     return out, summary
+
+
+def _crop_evidence(table: pa.Table, crops: CropGraph, ok: np.ndarray, crowd: np.ndarray,
+                   probe_weight: float) -> _Evidence:
+    """The class vote (and probe) and the background share of every ok box with a crop."""
+    n = table.num_rows
+    node_of_row = np.full(n, -1, np.int64)
+    is_box = crops.node_rows >= 0
+    node_of_row[crops.node_rows[is_box]] = np.flatnonzero(is_box)
+    has_node = ok & (node_of_row >= 0)
+    labels = table["label"].to_pylist()
+    classes = sorted({label for label, usable in zip(labels, has_node) if usable and label is not None})
+    code_of = {c: i for i, c in enumerate(classes)}
+    codes = np.array([code_of.get(label, -1) if label is not None else -1 for label in labels], np.int64)
+    found = _Evidence(classes, codes, np.full(n, np.nan, np.float32), np.full(n, np.nan, np.float32),
+                      np.full(n, -1, np.int64), np.full(n, np.nan, np.float32), {"probe": "off"})
+    if crops.graph is None or not classes or not has_node.any():
+        return found
+    voters = has_node & ~crowd & (codes >= 0)
+    scored = np.flatnonzero(has_node & (codes >= 0))
+    probe = None
+    if crops.vectors is not None and probe_weight > 0 and len(classes) > 1 and voters.sum() >= 2 * FOLDS:
+        probe, found.probe["probe"] = _probe(table, crops.vectors, codes, voters, classes, scored)
+    vote = _neighbour_vote(node_of_row[scored], crops, codes, voters, len(classes), probe=probe,
+                           probe_weight=probe_weight)
+    found.label_quality[scored], found.suggested[scored], found.confidence[scored] = vote[0], vote[1], vote[2]
+    if (~is_box).any():  # background squares were cut: how much a crop looks like them
+        found.spurious_quality[scored] = vote[3]
+    return found
+
+
+def _manifest(table: pa.Table, columns: dict, predictions, detector, cfg) -> pa.Table:
+    """``table`` with the score ``columns``, in ``OBJECTS_MANIFEST`` order, and the rows of the
+    objects no annotated box covers (flags false, the other scores null)."""
+    out = table.drop_columns([c for c in OBJECT_SCORE_COLUMNS.names if c in table.column_names])
+    for field in OBJECT_SCORE_COLUMNS:
+        out = out.append_column(field, columns[field.name].cast(field.type))
+    out = out.select(OBJECTS_MANIFEST.names).cast(OBJECTS_MANIFEST)
+    if detector is None or not len(detector["overlooked"]):
+        return out
+    uris = dict(zip(table["input_id"].to_pylist(), table["uri"].to_pylist()))
+    extra = overlooked_rows(predictions, detector["overlooked"], uris, cfg)
+    count = len(detector["overlooked"])
+    rows = pa.table({field.name: pa.array(extra[field.name], field.type) if field.name in extra
+                     else pa.array([False] * count) if field.type == pa.bool_()  # flags are never null
+                     else pa.nulls(count, field.type) for field in OBJECTS_MANIFEST})
+    return pa.concat_tables([out, rows.cast(OBJECTS_MANIFEST)])
 
 
 def per_image(objects: pa.Table, n_inputs: int) -> dict[str, pa.Array]:
@@ -207,22 +236,24 @@ def per_image(objects: pa.Table, n_inputs: int) -> dict[str, pa.Array]:
     return out
 
 
-def _confidently_another_class(quality: np.ndarray, suggested: np.ndarray, confidence: np.ndarray,
-                               codes: np.ndarray, n_classes: int, ceiling: float) -> np.ndarray:
+def _confidently_another_class(evidence: _Evidence, ceiling: float) -> np.ndarray:
     """Confident learning's rule, per class: a box is flagged when another class is more
     probable, at least as probable as that class's own boxes are on average (and at least
     ``MAJORITY``), while its given class is less probable than its class's boxes are on
     average -- and under ``ceiling``. (Weak features give near-flat probabilities, where the
     rule alone flagged half the boxes of a CIFAR set; the majority keeps those quiet.)"""
+    quality, suggested, codes = evidence.label_quality, evidence.suggested, evidence.codes
     scored = ~np.isnan(quality) & (codes >= 0)
     if not scored.any():
         return np.zeros(len(quality), bool)
+    n_classes = len(evidence.classes)
     totals = np.bincount(codes[scored], weights=quality[scored], minlength=n_classes)
     counts = np.bincount(codes[scored], minlength=n_classes)
     threshold = np.where(counts > 0, totals / np.maximum(counts, 1), 1.0)
     safe_code, safe_best = np.maximum(codes, 0), np.maximum(suggested, 0)
     return (scored & (suggested >= 0) & (suggested != codes) & (quality < threshold[safe_code])
-            & (np.nan_to_num(confidence) >= np.maximum(threshold[safe_best], MAJORITY)) & (quality < ceiling))
+            & (np.nan_to_num(evidence.confidence) >= np.maximum(threshold[safe_best], MAJORITY))
+            & (quality < ceiling))
 
 
 def _share_at_or_below(values: np.ndarray, rows: np.ndarray) -> np.ndarray:
@@ -255,13 +286,14 @@ def _probe(table: pa.Table, vectors, codes: np.ndarray, voters: np.ndarray, clas
     return (top_classes[at], top_p[at]), info
 
 
-def _neighbour_vote(nodes: np.ndarray, graph, node_rows: np.ndarray, node_images: np.ndarray, codes: np.ndarray,
-                    voters: np.ndarray, n_classes: int, *, probe=None, probe_weight: float = 0.0):
+def _neighbour_vote(nodes: np.ndarray, crops: CropGraph, codes: np.ndarray, voters: np.ndarray, n_classes: int, *,
+                    probe=None, probe_weight: float = 0.0):
     """What the neighbours of ``nodes`` say (see the module), neighbours on the same image left
     out: the class probabilities' quality (the probability of the given class; the vote's,
     averaged with ``probe``'s by ``probe_weight``), the most probable class and its
     probability; and the share of the weight on boxes rather than background squares
     (smoothed by their shares of all nodes)."""
+    graph, node_rows, node_images = crops.graph, crops.node_rows, crops.node_images
     prior = np.bincount(codes[voters], minlength=n_classes).astype(np.float64)
     prior = prior / max(prior.sum(), 1.0)
     box_share = float((node_rows >= 0).mean()) if len(node_rows) else 1.0
