@@ -57,7 +57,7 @@ test: $(STAMP) browser $(LS_STAMP)
 # The quick loop: everything but the `integration` tests (real Ray, the S3 server, subprocesses,
 # the browser); about a minute.
 test-fast: $(STAMP)
-	$(VENV)/bin/python -m pytest -q -m "not integration"
+	$(VENV)/bin/python -m pytest -q -n 2 --dist loadfile -m "not integration"
 
 # The report test opens report.html in Debian's Chromium (never a downloaded browser build).
 # Not locked: apt installs the distribution's current release.
