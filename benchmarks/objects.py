@@ -89,15 +89,25 @@ def objectlab(root: str, truth) -> dict:
         x, y, w, h = box
         return [x, y, x + w, y + h]
 
-    labels, predicted = [], []
+    labels, predicted, entry_owner = [], [], {}
     for name in images:
         anns = by_image[name]
         labels.append({"bboxes": np.array([corners(a["bbox"]) for a in anns], np.float64).reshape(-1, 4),
                        "labels": np.array([a["category_id"] - 1 for a in anns], np.int64)})
+        # Each box in every class's list with the detector's probability of that class (its
+        # per-class scores, as a detector's per-class output gives them); ObjectLab ignores
+        # entries under its own low-probability threshold.
         per_class = [np.zeros((0, 5), np.float32) for _ in range(k)]
-        for pred in preds[name]:
-            row = np.array([[*corners(pred["bbox"]), pred["score"]]], np.float32)
-            per_class[pred["category_id"] - 1] = np.vstack([per_class[pred["category_id"] - 1], row])
+        owners = [[] for _ in range(k)]
+        for index, pred in enumerate(preds[name]):
+            probabilities = pred.get("probabilities") or [
+                pred["score"] if c == pred["category_id"] - 1 else 0.0 for c in range(k)]
+            for c, value in enumerate(probabilities):
+                if value >= 0.01:
+                    row = np.array([[*corners(pred["bbox"]), value]], np.float32)
+                    per_class[c] = np.vstack([per_class[c], row])
+                    owners[c].append(index)
+        entry_owner[name] = [i for c in range(k) for i in owners[c]]
         array = np.empty(k, dtype=object)
         array[:] = per_class
         predicted.append(array)
@@ -132,9 +142,13 @@ def objectlab(root: str, truth) -> dict:
         truths.setdefault(truth.objects[o]["file_name"], []).append(truth.objects[o]["bbox"])
     hits, scores = [], []
     for name, per_image in zip(images, overlooked):
-        for pred, value in zip(sorted(preds[name], key=lambda p: p["category_id"]), per_image):
+        lowest = {}  # a prediction's lowest overlooked score over its class entries
+        for index, value in zip(entry_owner[name], per_image):
+            value = float(value) if np.isfinite(value) else 1.0
+            lowest[index] = min(lowest.get(index, 1.0), value)
+        for index, pred in enumerate(preds[name]):
             hits.append(any(_iou(pred["bbox"], t) >= 0.5 for t in truths.get(name, [])))
-            scores.append(float(value) if np.isfinite(value) else 1.0)
+            scores.append(lowest.get(index, 1.0))
     hits, scores = np.array(hits), np.array(scores)
     out["overlooked"] = {"auroc": auroc(scores[hits], scores[~hits])}
     return out
