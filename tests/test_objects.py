@@ -204,13 +204,18 @@ def test_every_ok_box_has_its_crop_vector_and_each_image_its_background_squares(
     assert info["knn"]["boxes"] == len(ok) and info["knn"]["background_squares"] == backgrounds.num_rows
 
 
-def test_planted_box_errors_rank_first_with_thumbnail(coco_run, detection_set):
+def found_in(run_uri: str, truth) -> tuple[dict, pa.Table, pa.Table]:
+    """How a local detection run ranks ``truth``'s planted errors, with its objects and samples."""
     from testkit.detection import evaluate_boxes
 
+    objects = read_objects_folder(run_uri)
+    samples = pq.read_table(os.path.join(run_uri, "samples"))
+    return evaluate_boxes(objects, samples, truth), objects, samples
+
+
+def test_planted_box_errors_rank_first_with_thumbnail(coco_run, detection_set):
     _, truth, _ = detection_set
-    objects = read_objects_folder(coco_run.run_uri)
-    samples = pq.read_table(os.path.join(coco_run.run_uri, "samples"))
-    found = evaluate_boxes(objects, samples, truth)
+    found, objects, samples = found_in(coco_run.run_uri, truth)
     # drawn shapes: measured 1.000 / 0.97 / 0.997 (150 images); floors with margin for this small set
     assert found["swapped"]["auroc_box_label_quality"] >= 0.9
     assert found["spurious"]["auroc_box_quality"] >= 0.85
@@ -260,12 +265,8 @@ def test_planted_box_errors_on_cifar_crops_with_the_trained_encoder(cifar_encode
     measured on seeds 0/1/2 (benchmarks/README.md): swapped class (box_label_quality, no
     predictions) 0.927/0.951/0.970, spurious 0.991/0.993/0.992, duplicate 0.945/0.986/0.951,
     image holds an error 0.940/0.935/0.885."""
-    from testkit.detection import evaluate_boxes
-
     result, truth = cifar_encoder_run
-    objects = read_objects_folder(result.run_uri)
-    samples = pq.read_table(os.path.join(result.run_uri, "samples"))
-    found = evaluate_boxes(objects, samples, truth)
+    found, _, _ = found_in(result.run_uri, truth)
     assert found["swapped"]["auroc_box_label_quality"] >= 0.88
     assert found["spurious"]["auroc_box_quality"] >= 0.93
     assert found["duplicate"]["auroc_box_quality"] >= 0.88
