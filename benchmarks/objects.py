@@ -29,7 +29,7 @@ ENCODER = os.path.join(ROOT, "benchmarks", "models", "cifar10_cnn.pt")
 
 
 def run(source: str, n_images: int, model: str, seed: int, keep: str | None = None,
-        predictions: bool = False, peer: bool = False) -> dict:
+        predictions: bool = False, peer: bool = False, detector_boost: float = 8.0) -> dict:
     from curation.config import load_config
     from curation.job import run_job
     from testkit.detection import evaluate_boxes, make_detection_set
@@ -37,7 +37,7 @@ def run(source: str, n_images: int, model: str, seed: int, keep: str | None = No
     with tempfile.TemporaryDirectory() as scratch:
         tmp = os.path.join(keep, model) if keep else scratch
         truth = make_detection_set(os.path.join(tmp, "set"), n_images=n_images, seed=seed, source=source,
-                                   image_size=(256, 192), object_size=(32, 72))
+                                   image_size=(256, 192), object_size=(32, 72), detector_boost=detector_boost)
         embedder = {"model": "thumbnail"} if model == "thumbnail" else {"model": "torchscript", "weights": ENCODER,
                                                                         "image_size": 32}
         inputs = {"images": truth.images, "annotations": os.path.join(truth.root, "annotations.json")}
@@ -201,6 +201,9 @@ def main() -> None:
     parser.add_argument("--out", default=os.path.join(ROOT, "benchmarks", "objects.json"))
     parser.add_argument("--keep", help="leave the sets and runs in this folder (for a closer look)")
     parser.add_argument("--predictions", action="store_true", help="give the simulated detector's boxes too")
+    parser.add_argument("--detector-boost", type=float, default=8.0,
+                        help="how sure the simulated detector is of its class (8: median top probability "
+                             "about 0.65; 200: about 0.98)")
     parser.add_argument("--objectlab", action="store_true",
                         help="ObjectLab (cleanlab 2.9, make bench-venv) on the same annotations and predictions")
     parser.add_argument("--decode-cost", action="store_true", help="only the box-aware decode's cost per image")
@@ -215,11 +218,11 @@ def main() -> None:
     results = {}
     for model in args.models.split(","):
         results[model] = run(args.source, args.images, model, args.seed, args.keep, args.predictions
-                             or args.objectlab, args.objectlab)
+                             or args.objectlab, args.objectlab, args.detector_boost)
     print(f"\n{args.source}, {args.images} images")
     print(f"{'kind':<22}" + "".join(f"{m:>48}" for m in results))
     kinds = ["swapped", "misplaced", "duplicate", "spurious", "image_has_box_error"]
-    kinds += ["overlooked"] if args.predictions else []
+    kinds += ["overlooked"] if args.predictions or args.objectlab else []
     for kind in kinds:
         cells = []
         for m in results:
@@ -249,6 +252,7 @@ def main() -> None:
               f"{results[m]['swapped'].get('auroc_box_label_quality', float('nan')):.3f}")
     with open(args.out, "w") as fh:
         json.dump({"source": args.source, "images": args.images, "seed": args.seed, "predictions": args.predictions,
+                   "detector_boost": args.detector_boost,
                    "results": results}, fh, indent=1)
 
 
