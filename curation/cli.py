@@ -45,9 +45,12 @@ def _parser() -> argparse.ArgumentParser:
     query = similar.add_mutually_exclusive_group(required=True)
     query.add_argument("--image", nargs="+", metavar="PATH_OR_URI", help="image files to search with")
     query.add_argument("--uri", nargs="+", metavar="URI_IN_RUN", help="items of the run (their stored vectors)")
+    query.add_argument("--object", nargs="+", metavar="OBJECT_ID",
+                       help="boxes of a detection run (their object_id; with --space object)")
     similar.add_argument("-k", type=int, default=20, help="hits per query (default 20)")
-    similar.add_argument("--space", default="embedding", choices=("embedding", "copy"),
-                         help="embedding (what it shows) or copy (how it looks: the copy descriptors)")
+    similar.add_argument("--space", default="embedding", choices=("embedding", "copy", "object"),
+                         help="embedding (what it shows), copy (how it looks: the copy descriptors) or object "
+                              "(a detection run's box crops; query with --object)")
     similar.add_argument("--where", default=None, help="filter the run's items first (a selection's where syntax)")
     similar.add_argument("--out", default=None, help="also write the hits as Parquet here")
     similar.add_argument("--quiet", action="store_true", help="only warnings and errors")
@@ -163,8 +166,15 @@ def _similar(args) -> int:
 
     resolver = Resolver()
     try:
-        hits = similar(run=args.run, images=args.image, uris=args.uri, k=args.k, space=args.space,
-                       where=args.where, resolver=resolver)
+        if args.space == "object" or args.object:
+            from curation.similar_objects import ObjectSearch
+
+            if args.space != "object" or not args.object:
+                raise SimilarError("boxes are searched with --space object and --object OBJECT_ID (one or more)")
+            hits = ObjectSearch(args.run, resolver=resolver).by_object(list(args.object), k=args.k, where=args.where)
+        else:
+            hits = similar(run=args.run, images=args.image, uris=args.uri, k=args.k, space=args.space,
+                           where=args.where, resolver=resolver)
     except (SimilarError, ValueError) as exc:
         print(f"curation: error: {exc}", file=sys.stderr)
         return EXIT_CONFIG

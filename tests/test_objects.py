@@ -274,3 +274,34 @@ def test_planted_box_errors_on_cifar_crops_with_the_trained_encoder(cifar_encode
     assert found["image_has_box_error"]["auroc_object_quality"] >= 0.82
     assert found["duplicate"]["flag_recall"] >= 0.8 and found["duplicate"]["flag_precision"] >= 0.8
     assert found["spurious"]["flag_precision"] >= 0.6
+
+
+def test_similar_boxes_of_a_box_in_the_object_space(coco_run, detection_set, capsys):
+    """``curation similar --space object --object ID``: the box's own crop never comes back, the
+    hits are the run's ok boxes nearest first, and ``--where`` filters over object columns."""
+    from curation.cli import main
+    from curation.similar_objects import ObjectSearch
+
+    objects = read_objects_folder(coco_run.run_uri)
+    ok = [r for r in objects.to_pylist() if r["status"] == "ok"]
+    query = ok[0]
+    search = ObjectSearch(coco_run.run_uri)
+    hits = search.by_object([query["object_id"]], k=5).to_pylist()
+    assert len(hits) == 5 and query["object_id"] not in {h["object_id"] for h in hits}
+    assert [h["rank"] for h in hits] == [1, 2, 3, 4, 5]
+    sims = [h["similarity"] for h in hits]
+    assert sims == sorted(sims, reverse=True)
+    # the nearest hit is the box whose stored crop vector is closest (checked against the vectors)
+    x = search.vectors.take(np.arange(search.vectors.n))
+    own = x[query["object_vector_id"]]
+    scores = x @ own
+    scores[query["object_vector_id"]] = -np.inf
+    best = int(np.argmax(scores))
+    assert hits[0]["object_id"] == search.objects["object_id"][best].as_py()
+    same_label = search.by_object([query["object_id"]], k=3, where=f"label == '{query['label']}'").to_pylist()
+    assert same_label and all(h["label"] == query["label"] for h in same_label)
+    assert main(["similar", "--run", coco_run.run_uri, "--space", "object", "--object", query["object_id"],
+                 "-k", "2"]) == 0
+    assert f"like {query['object_id']}" in capsys.readouterr().out
+    assert main(["similar", "--run", coco_run.run_uri, "--space", "object", "--object", "nope"]) == 2
+    assert "not a box of run" in capsys.readouterr().err
