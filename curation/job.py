@@ -125,7 +125,8 @@ def run_job(config: Config, *, resolver: Resolver | None = None, plan: Plan | No
                                              leakage=leakage[0] if leakage is not None else None,
                                              drift=drift.new_region_items if drift is not None else None,
                                              score_summary=score_report["summary"],
-                                             previous=_updated_from(neighbours.info, plan))
+                                             previous=_updated_from(neighbours.info, plan),
+                                             objects=objects[0] if objects is not None else None)
     return publish(plan, config, Scored(samples, score_report["summary"], selections, report, leakage, corrections,
                                         drift, objects),
                    clock, embedder=ingested.embedder, knn=neighbours.info, snapshot=ingested.snapshot)

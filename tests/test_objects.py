@@ -305,3 +305,33 @@ def test_similar_boxes_of_a_box_in_the_object_space(coco_run, detection_set, cap
     assert f"like {query['object_id']}" in capsys.readouterr().out
     assert main(["similar", "--run", coco_run.run_uri, "--space", "object", "--object", "nope"]) == 2
     assert "not a box of run" in capsys.readouterr().err
+
+
+def test_the_report_shows_crops_of_the_boxes_to_review_with_their_box_drawn(coco_run):
+    import re
+
+    page = open(os.path.join(coco_run.run_uri, "report.html"), encoding="utf-8").read()
+    assert "Boxes to review" in page
+    crops = re.findall(r'<img src="data:image/webp;base64,[^"]+" alt="([^"]+#box=[0-9a-f]+)"', page)
+    objects = read_objects_folder(coco_run.run_uri)
+    worst = objects.filter(pa.compute.is_valid(objects["box_quality"])).sort_by("box_quality")
+    first = f"{worst['uri'][0].as_py()}#box={worst['object_id'][0].as_py()}"
+    assert crops and crops[0] == first  # lowest box_quality first, each a crop of its box
+
+
+def test_a_crop_is_cut_in_the_stored_frame_with_its_box_drawn_then_turned_upright():
+    import io
+
+    from curation.report.boxes import GIVEN, make_crop
+
+    image = Image.new("RGB", (160, 120), (90, 90, 90))
+    exif = Image.Exif()
+    exif[0x0112] = 6  # shown turned 90 degrees clockwise
+    buffer = io.BytesIO()
+    image.save(buffer, "PNG", exif=exif.tobytes())
+    crop = Image.open(io.BytesIO(make_crop(buffer.getvalue(), [40, 20, 60, 20], None, 200, max_pixels=10**8)))
+    # the box is wider than tall in the file; upright (turned) it is taller than wide
+    pixels = np.asarray(crop.convert("RGB")).astype(int)
+    orange = (np.abs(pixels - np.array(GIVEN)).sum(axis=2) < 90)
+    ys, xs = np.nonzero(orange)
+    assert len(ys) and (ys.max() - ys.min()) > 2 * (xs.max() - xs.min())

@@ -16,6 +16,7 @@ import pyarrow.compute as pc
 
 from curation.config import Config
 from curation.io.filesystem import Resolver
+from curation.report.boxes import box_galleries, crop_requests, fetch_crops
 from curation.report.galleries import Gallery, choose_galleries
 from curation.report.map import highlight_masks, map_coordinates
 from curation.report.page import render_report
@@ -51,15 +52,17 @@ def thumbnail_order(samples: pa.Table, galleries: list[Gallery], masks: dict[str
     return list(wanted)[:cap]
 
 
-# Nine parameters, kept: the report reads every earlier phase's result; each arrives by name.
+# Ten parameters, kept: the report reads every earlier phase's result; each arrives by name.
 def prepare_report(samples: pa.Table, vectors, selections: list, config: Config,
                    resolver: Resolver, *, leakage: pa.Table | None = None,
                    drift: pa.Table | None = None, score_summary: dict | None = None,
-                   previous=None) -> tuple[pa.Table, ReportAssets]:
-    """Map coordinates, galleries and thumbnails (``samples`` comes back with ``x``, ``y``)."""
+                   previous=None, objects: pa.Table | None = None) -> tuple[pa.Table, ReportAssets]:
+    """Map coordinates, galleries and thumbnails (``samples`` comes back with ``x``, ``y``);
+    in a detection run (``objects``), the box galleries first, with their crops."""
     tables = {r.name: r.table for r in selections}
     modes = {r.name: r.mode for r in selections}
     samples, map_info = map_coordinates(samples, vectors, tables, modes, config.report, previous=previous)
+    boxes = box_galleries(objects, config.report.gallery_size)
     galleries = choose_galleries(samples, tables, modes, size=config.report.gallery_size, leakage=leakage,
                                  drift=drift, score_summary=score_summary)
     thumbnails: dict[str, str] = {}
@@ -67,5 +70,8 @@ def prepare_report(samples: pa.Table, vectors, selections: list, config: Config,
         uris = thumbnail_order(samples, galleries, highlight_masks(samples, tables, modes), config.report.thumbnails)
         thumbnails = fetch_thumbnails(uris, resolver, px=config.report.thumbnail_px,
                                       max_pixels=config.decode.max_pixels)
+        thumbnails.update(fetch_crops(crop_requests(objects, boxes), resolver, px=config.report.thumbnail_px,
+                                      max_pixels=config.decode.max_pixels))
+    galleries = boxes + galleries
     map_info["thumbnails"] = len(thumbnails)
     return samples, ReportAssets(modes, galleries, thumbnails, map_info)
