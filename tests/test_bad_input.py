@@ -185,7 +185,8 @@ def test_without_ray_address_a_run_starts_its_own_ray_not_the_one_already_on_the
         assert seen["cpus"] == 1.0 and seen["gcs"] != other
         assert head.poll() is None  # the other Ray is still up, untouched
     finally:
-        os.killpg(head.pid, signal.SIGTERM)
+        # Ctrl-C is what `ray start --block` stops on (in about a second); it waits out SIGTERM.
+        os.killpg(head.pid, signal.SIGINT)
         try:
             head.wait(timeout=30)
         except subprocess.TimeoutExpired:
