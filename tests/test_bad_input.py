@@ -6,6 +6,7 @@ Embeddings-mode runs below `knn.exact_below` (no Ray), except the Ray address te
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shutil
@@ -148,28 +149,48 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
+def _other_ray_head(env: dict, marker: str, tmp_path, tries: int = 3) -> tuple[subprocess.Popen, int]:
+    """`ray start --head --block` on a free port, up when Ray's address file names it; another
+    port when it exits first (a port another process took meanwhile), with its log on failure."""
+    ray_bin = os.path.join(os.path.dirname(sys.executable), "ray")
+    for attempt in range(tries):
+        port = _free_port()
+        log = tmp_path / f"ray-head-{attempt}.log"
+        head = subprocess.Popen([ray_bin, "start", "--head", "--block", "--num-cpus=3", "--node-ip-address=127.0.0.1",
+                                 f"--port={port}", "--include-dashboard=false", "--object-store-memory=100000000"],
+                                env=env, stdout=open(log, "wb"), stderr=subprocess.STDOUT, start_new_session=True)
+        deadline = time.time() + 150
+        while time.time() < deadline and head.poll() is None:
+            if os.path.exists(marker) and open(marker).read().strip().endswith(f":{port}"):
+                return head, port
+            time.sleep(0.5)
+        _stop_head(head)
+    raise AssertionError(f"the other Ray did not start in {tries} tries: {log.read_text(errors='replace')[-2000:]}")
+
+
+def _stop_head(head: subprocess.Popen) -> None:
+    """Ctrl-C, which `ray start --block` stops on in about a second (it waits out SIGTERM)."""
+    with contextlib.suppress(ProcessLookupError):
+        os.killpg(head.pid, signal.SIGINT)
+    try:
+        head.wait(timeout=30)
+    except subprocess.TimeoutExpired:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(head.pid, signal.SIGKILL)
+        head.wait()
+
+
 @pytest.mark.integration
 def test_without_ray_address_a_run_starts_its_own_ray_not_the_one_already_on_the_machine(tmp_path):
     """Another Ray head (3 CPUs) started on this machine writes Ray's `ray_current_cluster`
     file; a run with no RAY_ADDRESS must still start a new local Ray with its own settings."""
     env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
     env["RAY_AUTH_MODE"] = "disabled"
-    ray_bin = os.path.join(os.path.dirname(sys.executable), "ray")
-    port = _free_port()
     marker = "/tmp/ray/ray_current_cluster"  # where ray.init() without an address looks
     before = open(marker).read() if os.path.exists(marker) else None
-    head = subprocess.Popen([ray_bin, "start", "--head", "--block", "--num-cpus=3", "--node-ip-address=127.0.0.1",
-                             f"--port={port}", "--include-dashboard=false",
-                             "--object-store-memory=100000000"],
-                            env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    head, port = _other_ray_head(env, marker, tmp_path)
     try:
-        deadline = time.time() + 150
-        while time.time() < deadline and not (os.path.exists(marker) and open(marker).read().strip()
-                                              .endswith(f":{port}")):
-            assert head.poll() is None, "the other Ray exited"
-            time.sleep(0.5)
         other = open(marker).read().strip()
-        assert other.endswith(f":{port}"), "the other Ray did not start"
         code = ("import ray, json\n"
                 "from curation.config import load_config\n"
                 "from curation.session import ray_session\n"
@@ -185,12 +206,7 @@ def test_without_ray_address_a_run_starts_its_own_ray_not_the_one_already_on_the
         assert seen["cpus"] == 1.0 and seen["gcs"] != other
         assert head.poll() is None  # the other Ray is still up, untouched
     finally:
-        # Ctrl-C is what `ray start --block` stops on (in about a second); it waits out SIGTERM.
-        os.killpg(head.pid, signal.SIGINT)
-        try:
-            head.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            os.killpg(head.pid, signal.SIGKILL)
+        _stop_head(head)
         # Leave the machine's pointer as it was, not naming the Ray just stopped.
         if os.path.exists(marker) and open(marker).read().strip().endswith(f":{port}"):
             if before is None:

@@ -19,6 +19,7 @@ import pyarrow.compute as pc
 from PIL import Image, ImageDraw
 
 from curation.io.filesystem import Resolver
+from curation.object_scores import OBJECT_FLAGS
 from curation.report.galleries import Gallery, GalleryItem
 from curation.session import run_tasks
 
@@ -61,8 +62,7 @@ def box_galleries(objects: pa.Table | None, size: int) -> list[Gallery]:
 
 
 def _item(row: dict, by: str) -> GalleryItem:
-    flags = [name.removeprefix("is_") for name in ("is_box_mislabel", "is_spurious_box", "is_duplicate_box",
-                                                    "is_box_misplaced", "is_overlooked_object") if row.get(name)]
+    flags = [name.removeprefix("is_") for name in OBJECT_FLAGS if row.get(name)]  # the declared box flags
     lines = [f"{by} {row[by]:.3f}", f"label {row['label']!r}"]
     if row.get("suggested_box_label") and row["suggested_box_label"] != row["label"]:
         lines.append(f"suggested {row['suggested_box_label']!r}")
