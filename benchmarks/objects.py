@@ -135,7 +135,7 @@ def objectlab(root: str, truth) -> dict:
                                                  np.array([quality[n] for n in images if n not in bad_images
                                                            and n not in dropped_images]))}
     # overlooked: every prediction, is it on a dropped object (as evaluate_boxes counts it)
-    from testkit.detection import _iou
+    from testkit.detection import box_iou
 
     truths = {}
     for o in truth.errors["dropped"]:
@@ -147,7 +147,7 @@ def objectlab(root: str, truth) -> dict:
             value = float(value) if np.isfinite(value) else 1.0
             lowest[index] = min(lowest.get(index, 1.0), value)
         for index, pred in enumerate(preds[name]):
-            hits.append(any(_iou(pred["bbox"], t) >= 0.5 for t in truths.get(name, [])))
+            hits.append(any(box_iou(pred["bbox"], t) >= 0.5 for t in truths.get(name, [])))
             scores.append(lowest.get(index, 1.0))
     hits, scores = np.array(hits), np.array(scores)
     out["overlooked"] = {"auroc": auroc(scores[hits], scores[~hits])}

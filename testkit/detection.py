@@ -316,7 +316,7 @@ def _overlooked(predicted: list[dict], truth: DetectionSet) -> dict:
     for pred in predictions:
         key = (pred["file_name"], tuple(round(float(v), 2) for v in pred["bbox"]))
         truths = dropped.get(pred["file_name"], [])
-        hit = any(_iou(pred["bbox"], t) >= 0.5 for t in truths)
+        hit = any(box_iou(pred["bbox"], t) >= 0.5 for t in truths)
         labels.append(hit)
         scores.append(rows.get(key, 1.0))
     labels, scores = np.array(labels, bool), np.array(scores, np.float64)
@@ -325,7 +325,7 @@ def _overlooked(predicted: list[dict], truth: DetectionSet) -> dict:
             "flag_recall": float(np.mean(scores[labels] < 0.5)) if labels.any() else float("nan")}
 
 
-def _iou(a, b) -> float:
+def box_iou(a, b) -> float:
     ax1, ay1, bx1, by1 = a[0] + a[2], a[1] + a[3], b[0] + b[2], b[1] + b[3]
     inter = max(0.0, min(ax1, bx1) - max(a[0], b[0])) * max(0.0, min(ay1, by1) - max(a[1], b[1]))
     union = a[2] * a[3] + b[2] * b[3] - inter

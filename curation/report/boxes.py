@@ -76,8 +76,10 @@ def crop_requests(objects: pa.Table | None, galleries: list[Gallery]) -> list[tu
     if objects is None:
         return []
     wanted = {item.uri for g in galleries for item in g.groups[0]} if galleries else set()
+    ids = [key.rsplit("#box=", 1)[1] for key in wanted]
+    shown = objects.filter(pc.is_in(objects["object_id"], value_set=pa.array(ids, pa.string())))  # not every box
     requests = []
-    for row in objects.select(["uri", "object_id", "bbox", "suggested_bbox"]).to_pylist():
+    for row in shown.select(["uri", "object_id", "bbox", "suggested_bbox"]).to_pylist():
         key = crop_key(row["uri"], row["object_id"]) if row["uri"] and row["object_id"] else None
         if key in wanted and row["bbox"] is not None:
             requests.append((key, row["uri"], row["bbox"], row["suggested_bbox"]))
