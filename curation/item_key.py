@@ -121,3 +121,49 @@ def _as_array(values) -> pa.Array:
     if isinstance(values, pa.ChunkedArray):
         return values.combine_chunks()
     return values if isinstance(values, pa.Array) else pa.array(values)
+
+
+def _mix(h: np.ndarray) -> np.ndarray:
+    """splitmix64's finaliser over uint64 (a well-spread 64-bit hash of a 64-bit value)."""
+    with np.errstate(over="ignore"):
+        h = (h ^ (h >> np.uint64(30))) * np.uint64(0xBF58476D1CE4E5B9)
+        h = (h ^ (h >> np.uint64(27))) * np.uint64(0x94D049BB133111EB)
+        return h ^ (h >> np.uint64(31))
+
+
+def crop_keys(image_keys: np.ndarray, boxes: np.ndarray, *, salt: str) -> np.ndarray:
+    """Per box, the 64-bit key of its crop vector: what makes an unchanged box's crop reusable.
+
+    Built on the rule above: the box's image version (``image_keys``, :func:`key_hashes` of its
+    ``uri`` and ``fingerprint``, 0 when unknown) plus the box's geometry as the annotations give
+    it (``boxes``, ``(m, 4)``) and ``salt`` (what else shapes the crop: its margin, its size).
+    Two boxes of one image with the same geometry get their order of appearance as another
+    part, so no two boxes share a key. An unknown image version keys to 0 (never reused)."""
+    image_keys = np.asarray(image_keys, np.int64)
+    h = _mix(image_keys.view(np.uint64) ^ np.uint64(int(hashlib.blake2b(salt.encode(), digest_size=8).hexdigest(), 16)))
+    for part in np.ascontiguousarray(np.asarray(boxes, np.float64).reshape(-1, 4)).view(np.uint64).T:
+        h = _mix(h ^ part)
+    # The n-th box with this geometry on this image: its n as a last part.
+    _, first, inverse = np.unique(h, return_index=True, return_inverse=True)
+    order = np.argsort(inverse, kind="stable")
+    rank = np.empty(len(h), np.int64)
+    starts = np.searchsorted(inverse[order], np.arange(len(first)))
+    rank[order] = np.arange(len(h)) - np.repeat(starts, np.diff(np.append(starts, len(h))))
+    keys = _mix(h ^ rank.astype(np.uint64)).view(np.int64)
+    return np.where(image_keys == 0, 0, keys)
+
+
+def background_keys(image_keys: np.ndarray, box_keys_per_image: list[np.ndarray], count: int, *,
+                    salt: str) -> np.ndarray:
+    """``(n, count)`` keys of each image's background squares: they are placed away from the
+    image's boxes, so they depend on its image version and its whole set of boxes (their crop
+    keys): a changed box set cuts new ones."""
+    image_keys = np.asarray(image_keys, np.int64)
+    base = np.array([np.bitwise_xor.reduce(_mix(np.asarray(k, np.int64).view(np.uint64))) if len(k) else 0
+                     for k in box_keys_per_image], np.uint64).reshape(-1)
+    salted = crop_keys(image_keys, np.zeros((len(image_keys), 4)), salt=f"background\x00{salt}").view(np.uint64)
+    out = np.stack([_mix(salted ^ _mix(base + np.uint64(j + 1))) for j in range(count)], axis=1) \
+        if count else np.zeros((len(image_keys), 0), np.uint64)
+    out = out.view(np.int64)
+    out[image_keys == 0] = 0
+    return out

@@ -55,7 +55,8 @@ from curation.index.incremental import neighbour_graph
 from curation.scores import run_scores
 from curation.corrections import apply_corrections, read_answers
 from curation.leakage import find_leaks, split_values
-from curation.objects import (ObjectVectors, crop_requests, crop_settings, objects_summary, place_objects,
+from curation.crop_store import CropStore, CropWork, plan_crops
+from curation.objects import (ObjectVectors, objects_summary, place_objects,
                               read_object_vectors, with_object_vectors)
 from curation.object_scores import CropGraph, per_image, score_objects
 from curation.index.sharded import knn_graph
@@ -148,13 +149,6 @@ def _ingest_images(plan: Plan, config: Config, resolver: Resolver, clock: Clock)
 
     inputs = plan.inputs
     identity = run_tasks(_describe_embedder, [(config, resolver)])[0]  # the model loads on a worker
-    # A detection run sends each image's usable boxes to the decode stage, which cuts them from
-    # the same decode; an image with boxes is decoded (not reused from the store) for its crops.
-    with_boxes, has_boxes, crop_cfg = inputs, None, None
-    if plan.objects is not None:
-        box_bytes, row_bytes, has_boxes = crop_requests(plan.objects, inputs.num_rows, config.objects)
-        with_boxes = inputs.append_column("boxes", box_bytes).append_column("box_rows", row_bytes)
-        crop_cfg = crop_settings(plan.objects, config.objects)
     store = None
     reused = np.zeros(inputs.num_rows, bool)
     reuse = None
@@ -164,22 +158,34 @@ def _ingest_images(plan: Plan, config: Config, resolver: Resolver, clock: Clock)
         # What a run that stopped before publishing had already embedded is reused too: its
         # embeddings/ parts are written as blocks complete (the checkpoint).
         resume = outputs.interrupted_vector_files(plan.output, plan.run_id, skip=(store.snapshot_run(),))
-        reused, reuse = store.lookup(inputs, resume=resume, exclude=has_boxes)
+        reused, reuse = store.lookup(inputs, resume=resume)
         if resume:
             log.info("resuming: %d vector part(s) of interrupted runs considered", len(resume))
-    todo = with_boxes.filter(pa.array(~reused))
+    # A detection run sends each image's boxes to the decode stage, which cuts the crops the
+    # crop store does not hold from the same decode (curation.crop_store).
+    todo, work, crop_cfg = inputs.filter(pa.array(~reused)), None, None
+    if plan.objects is not None:
+        crop_plan = plan_crops(plan.objects, inputs, config.objects)
+        crop_store = CropStore(store) if store is not None else None
+        work = crop_store.plan(crop_plan, reused) if crop_store is not None else CropWork.whole(crop_plan)
+        with_boxes = inputs
+        for name, column in work.decode_columns(crop_plan).items():
+            with_boxes = with_boxes.append_column(name, column)
+        todo = with_boxes.filter(pa.array(~reused | work.crop_only))
+        crop_cfg = crop_plan.settings
     log.info("inputs: %d; reused from the embedding store: %d; to decode and embed: %d",
-             inputs.num_rows, int(reused.sum()), todo.num_rows)
+             inputs.num_rows, int(reused.sum()), int((~reused).sum()))
     folder = plan.run.child("embeddings")
+    object_folder = plan.run.child(OBJECT_EMBEDDINGS_FOLDER)
     with clock.phase("decode_embed" if todo.num_rows else "copy_stored"):
         compact = pipeline.embed_to_storage(todo, reuse, config, resolver, folder=folder,
                                             model_id=identity["model_id"], objects=crop_cfg,
-                                            object_folder=plan.run.child(OBJECT_EMBEDDINGS_FOLDER))
+                                            object_folder=object_folder)
+        copied = pipeline.copy_stored_crops(work.reuse, folder=object_folder) \
+            if work is not None and work.reuse is not None else []
     crops = None
     if plan.objects is not None:
-        crops = read_object_vectors(plan.run.child(OBJECT_EMBEDDINGS_FOLDER), compact)
-        compact = compact.drop_columns(["object_vector_file"]) if "object_vector_file" in compact.column_names \
-            else compact
+        compact, crops = _split_crops(compact, object_folder, copied)
     samples = _join_compact(inputs, compact)
     names = sorted(set(pc.drop_null(samples["vector_file"]).to_pylist())) if "vector_file" in samples.column_names else []
     files = [folder.child(name) for name in names]
@@ -188,11 +194,30 @@ def _ingest_images(plan: Plan, config: Config, resolver: Resolver, clock: Clock)
     ok = is_ok(samples["status"])
     counts = {"reused": int(reused.sum()), "embedded": int(ok.sum()) - int(reused.sum()),
               "rejected": int((~ok).sum())}
+    if crops is not None:
+        counts.update(crops_embedded=len(crops.rows) - crops.copied, crops_copied=crops.copied)
     identity["store"] = counts
     log.info("embedding store: reused %(reused)d, embedded %(embedded)d, rejected %(rejected)d", counts)
     snapshot = store.stage(files, plan.run_id, rows=int(ok.sum())) if store is not None and files else None
+    if snapshot is not None and crops is not None and crops.parts:
+        staged = CropStore(store).stage([p[0] for p in crops.parts], plan.run_id, rows=len(crops.rows))
+        snapshot = dataclasses.replace(snapshot, also=(staged,))
     return Ingested(samples, VectorParts(parts), identity, VectorParts(parts, column="copy_vector"), snapshot,
                     crops)
+
+
+def _split_crops(compact: pa.Table | None, object_folder, copied: list[str]) -> tuple[pa.Table | None, ObjectVectors]:
+    """The crop vectors written tonight (named by the compact rows) and copied from the store,
+    and the compact rows without the crop-only rows (their image row came from the store)."""
+    names = copied
+    if compact is not None and "object_vector_file" in compact.column_names:
+        names = sorted(set(pc.drop_null(compact["object_vector_file"]).to_pylist())) + copied
+        compact = compact.drop_columns(["object_vector_file"])
+    crops = read_object_vectors(object_folder, names, copied=copied)
+    if compact is not None and "crop_only" in compact.column_names:
+        crop_only = pc.fill_null(compact["crop_only"], False).to_numpy(zero_copy_only=False)
+        compact = compact.filter(pa.array(~crop_only)).drop_columns(["crop_only"])
+    return compact, crops
 
 
 def _describe_embedder(config: Config, resolver: Resolver) -> dict:

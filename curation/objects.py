@@ -12,7 +12,7 @@ Two steps, each returning a new table:
   (:func:`curation.item_key.object_ids`).
 
 Accounting: every annotated box in is exactly one ``annotation`` row out, ``ok`` or
-``rejected`` with a reason. The usable boxes travel to the decode stage (:func:`crop_requests`),
+``rejected`` with a reason. The usable boxes travel to the decode stage (:mod:`curation.crop_store`),
 which cuts their crops from the same decode as the image (:mod:`curation.stages.crops`); their
 vectors are stored in ``object-embeddings/`` and named on each row (:func:`with_object_vectors`).
 
@@ -162,56 +162,31 @@ def within_cap(boxes: pa.Table, max_per_image: int) -> np.ndarray:
     return keep
 
 
-def crop_requests(objects: ObjectsInput, n_inputs: int, cfg: ObjectsConfig) -> tuple[pa.Array, pa.Array, np.ndarray]:
-    """Per input, the boxes the decode stage cuts (``boxes``: float64 bytes, as given;
-    ``box_rows``: int64 bytes, their rows in the objects table) and which inputs have any: the
-    usable boxes within the per-image cap. Placement is the decode stage's, by the same rule as
-    :func:`place_objects`."""
-    boxes = objects.boxes
-    usable = is_ok(boxes["status"]) & within_cap(boxes, cfg.max_per_image) & boxes["input_id"].is_valid().to_numpy(
-        zero_copy_only=False)
-    rows = np.flatnonzero(usable)
-    owner = boxes["input_id"].to_numpy(zero_copy_only=False)[rows].astype(np.int64)
-    raw = np.array([b for b in boxes["bbox"].take(pa.array(rows)).to_pylist()], np.float64).reshape(-1, 4)
-    order = np.argsort(owner, kind="stable")
-    rows, owner, raw = rows[order], owner[order], raw[order]
-    bounds = np.searchsorted(owner, np.arange(n_inputs + 1))
-    box_bytes = [raw[a:b].tobytes() for a, b in zip(bounds[:-1], bounds[1:])]
-    row_bytes = [rows[a:b].astype(np.int64).tobytes() for a, b in zip(bounds[:-1], bounds[1:])]
-    has = np.diff(bounds) > 0
-    return pa.array(box_bytes, pa.binary()), pa.array(row_bytes, pa.binary()), has
-
-
-def crop_settings(objects: ObjectsInput, cfg: ObjectsConfig) -> dict:
-    """The decode stage's ``objects`` argument."""
-    return {"units": objects.units, "margin": cfg.context_margin, "tolerance_px": cfg.clip_tolerance_px,
-            "min_size_px": cfg.min_size_px, "backgrounds": cfg.background_crops}
-
-
 @dataclass(frozen=True)
 class ObjectVectors:
     """The crop vectors a detection run stored (``object-embeddings/``): the files in order
     (:func:`~curation.index.source.parquet_parts`) and, per stored vector, its box's row in the
-    objects table (-1: a square of its image's background) and its image's ``input_id``."""
+    objects table (-1: a square of its image's background) and its image's ``input_id``;
+    ``copied``: how many of them came from the crop store (:mod:`curation.crop_store`)."""
 
     parts: list
     rows: np.ndarray
     images: np.ndarray
+    copied: int = 0
 
 
-def read_object_vectors(folder: Location, compact: pa.Table | None) -> ObjectVectors:
-    """The ``object-embeddings/`` parts the compact rows name (name order = input order), and
-    their ``object_row`` column (8 bytes a box on the driver; the vectors stay where they are)."""
-    names = []
-    if compact is not None and "object_vector_file" in compact.column_names:
-        names = sorted(set(pc.drop_null(compact["object_vector_file"]).to_pylist()))
+def read_object_vectors(folder: Location, names: list[str], *, copied: list[str] = ()) -> ObjectVectors:
+    """The ``object-embeddings/`` files ``names`` (those written tonight, then ``copied``: those
+    copied from the crop store) and their ``object_row`` column (8 bytes a box on the driver;
+    the vectors stay where they are)."""
     files = [folder.child(name) for name in names]
     tables = [pq.read_table(f.path, columns=["object_row", "input_id"], filesystem=f.filesystem) for f in files]
     rows = [t["object_row"].to_numpy() for t in tables]
     images = [t["input_id"].to_numpy() for t in tables]
     empty = np.zeros(0, np.int64)
+    from_store = sum(t.num_rows for t, name in zip(tables, names) if name in set(copied))
     return ObjectVectors(parquet_parts(files), np.concatenate(rows) if rows else empty,
-                         np.concatenate(images) if images else empty)
+                         np.concatenate(images) if images else empty, from_store)
 
 
 def with_object_vectors(table: pa.Table, vector_rows: np.ndarray) -> tuple[pa.Table, np.ndarray]:

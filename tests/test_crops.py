@@ -86,7 +86,10 @@ def test_the_decode_stage_cuts_usable_boxes_and_names_their_rows(tmp_path):
                         objects={"units": "pixels", "margin": 0.1, "tolerance_px": 2.0, "min_size_px": 4.0})
     out = stage({"uri": np.array([str(path), str(path)], object), "input_id": np.array([0, 1]),
                  "boxes": np.array([boxes.tobytes(), b""], object),
-                 "box_rows": np.array([np.array([7, 8, 9], np.int64).tobytes(), b""], object)})
+                 "box_rows": np.array([np.array([7, 8, 9], np.int64).tobytes(), b""], object),
+                 "box_cut": np.array([np.ones(3, np.uint8).tobytes(), b""], object),
+                 "box_keys": np.array([np.array([70, 80, 90], np.int64).tobytes(), b""], object)})
     assert np.frombuffer(out["crop_rows"][0], np.int64).tolist() == [7]
+    assert np.frombuffer(out["crop_keys"][0], np.int64).tolist() == [70]
     assert len(out["crops"][0]) == 32 * 32 * 3 and out["crops"][1] == b""
     assert "boxes" not in out and out["status"].tolist() == ["ok", "ok"]

@@ -128,7 +128,8 @@ def _check_graph(graph: pa.Table, ids: np.ndarray, sims: np.ndarray, old_input: 
     values = sims[valid]
     if not np.isfinite(values).all() or (np.abs(values) > 1.01).any():
         raise UntrustedGraph(f"{where}: similarities outside [-1, 1]")
-    ordered = np.where(valid[:, 1:] & valid[:, :-1], sims[:, 1:] - sims[:, :-1], 0.0)
+    filled = np.where(valid, sims, 0.0)  # (unnamed slots hold NaN)
+    ordered = np.where(valid[:, 1:] & valid[:, :-1], filled[:, 1:] - filled[:, :-1], 0.0)
     if (ordered > 1e-4).any():
         raise UntrustedGraph(f"{where}: neighbours not in descending similarity")
 

@@ -86,7 +86,8 @@ def write_samples(run: Location, samples: pa.Table) -> list[Location]:
 # What a vector file holds besides the vector: enough for the embedding store to reuse an item
 # without decoding it again (its key and its decode-time outputs).
 VECTOR_FILE_COLUMNS = ("input_id", "uri", "fingerprint", "width", "height", "brightness", "contrast", "sharpness",
-                       "shadows", "highlights", "content_hash", "pixel_hash", "phash")
+                       "shadows", "highlights", "content_hash", "pixel_hash", "phash",
+                       "orientation")  # a detection run's: its boxes are placed in the stored frame
 
 
 def write_vector_part(folder: Location, rows: pa.Table, *, model_id: str, store_dtype: str,
@@ -104,7 +105,12 @@ def write_vector_part(folder: Location, rows: pa.Table, *, model_id: str, store_
     keyed = "input_id" in rows.column_names
     if keyed:
         rows = rows.sort_by("input_id")
-    okmask = is_ok(rows["status"])
+    decoded = is_ok(rows["status"])
+    # crop_only rows (see curation.crop_store): their crops are written here, their image's
+    # vector came from the store in another row.
+    crop_only = pc.fill_null(rows["crop_only"], False).to_numpy(zero_copy_only=False) \
+        if "crop_only" in rows.column_names else np.zeros(rows.num_rows, bool)
+    okmask = decoded & ~crop_only
     good = rows.filter(pa.array(okmask))
     name = None
     if good.num_rows:
@@ -127,28 +133,31 @@ def write_vector_part(folder: Location, rows: pa.Table, *, model_id: str, store_
     vector_row = np.full(rows.num_rows, -1, np.int64)
     vector_row[okmask] = np.arange(int(okmask.sum()))
     if "crop_rows" in rows.column_names:  # a detection run: the boxes' vectors beside the images'
-        object_file = _write_object_part(object_folder, good, model_id=model_id,
-                                         store_dtype=store_dtype, name=name)
-        rows = rows.drop_columns(["crop_rows", "crop_vectors"])
-        rows = rows.append_column("object_vector_file", pa.array([object_file if m else None for m in okmask],
+        object_file = _write_object_part(object_folder, rows.filter(pa.array(decoded)), model_id=model_id,
+                                         store_dtype=store_dtype)
+        rows = rows.drop_columns(["crop_rows", "crop_vectors", "crop_keys"])
+        rows = rows.append_column("object_vector_file", pa.array([object_file if m else None for m in decoded],
                                                                  pa.string()))
     compact = rows.drop_columns([c for c in INTERNAL_COLUMNS if c in rows.column_names])
     compact = compact.append_column("vector_file", pa.array([name if m else None for m in okmask], pa.string()))
     return compact.append_column("vector_row", pa.array(vector_row))
 
 
-def _write_object_part(folder: Location, good: pa.Table, *, model_id: str, store_dtype: str,
-                       name: str | None) -> str | None:
-    """The crops' vectors of one block's ok images as one ``object-embeddings/`` file (named
-    like its images' part): ``object_row`` (the box's row in the run's objects table),
-    ``input_id`` (its image), ``embedding``. Returns the name (None: no crop in the block)."""
-    if name is None or not good.num_rows:
+def _write_object_part(folder: Location, good: pa.Table, *, model_id: str, store_dtype: str) -> str | None:
+    """The crops' vectors of one block's decoded images as one ``object-embeddings/`` file
+    (named by the block's input ids, as the images' parts): ``object_row`` (the box's row in
+    the run's objects table), ``input_id`` (its image), ``embedding``, ``crop_key`` (what the
+    crop store reuses it by). Returns the name (None: no crop in the block)."""
+    if not good.num_rows:
         return None
-    rows = [np.frombuffer(b, np.int64) for b in good["crop_rows"].to_pylist()]
-    vectors = [np.frombuffer(b, np.float32) for b in good["crop_vectors"].to_pylist()]
+    # (null on rows copied from the embedding store: they cut no crop tonight)
+    rows = [np.frombuffer(b or b"", np.int64) for b in good["crop_rows"].to_pylist()]
+    vectors = [np.frombuffer(b or b"", np.float32) for b in good["crop_vectors"].to_pylist()]
+    keys = [np.frombuffer(b or b"", np.int64) for b in good["crop_keys"].to_pylist()]
     count = sum(len(r) for r in rows)
     if not count:
         return None
+    name = f"part-{int(good['input_id'][0].as_py()):012d}-{int(good['input_id'][-1].as_py()):012d}.parquet"
     dim = good["embedding"].type.list_size
     flat = np.concatenate(vectors).astype(np.float16 if store_dtype == "float16" else np.float32)
     value_type = pa.float16() if store_dtype == "float16" else pa.float32()
@@ -158,6 +167,7 @@ def _write_object_part(folder: Location, good: pa.Table, *, model_id: str, store
         "input_id": pa.array(np.repeat(input_ids, [len(r) for r in rows])),
         "embedding": pa.FixedSizeListArray.from_arrays(pa.array(flat, value_type), dim),
         "model_id": pa.array([model_id] * count, pa.string()),
+        "crop_key": pa.array(np.concatenate(keys), pa.int64()),
     })
     folder.filesystem.create_dir(folder.path, recursive=True)
     target = folder.child(name)

@@ -92,16 +92,13 @@ class EmbeddingStore:
             log.warning("embedding store %s unreadable (%s); embedding everything", folder.uri, exc)
             return []
 
-    def lookup(self, inputs: pa.Table, *, resume: list[Location] = (),
-               exclude: np.ndarray | None = None) -> tuple[np.ndarray, Reuse | None]:
+    def lookup(self, inputs: pa.Table, *, resume: list[Location] = ()) -> tuple[np.ndarray, Reuse | None]:
         """Which ``inputs`` rows the store holds (same uri and fingerprint, no ``input_error``).
 
         Args:
             inputs: the listed inputs.
             resume: more vector files to reuse from: the parts an interrupted run wrote before
                 it stopped (its checkpoint). Rows of another embedder are never matched.
-            exclude: rows never to reuse (a detection run's images with boxes: their crops are
-                cut from a fresh decode).
 
         Returns the mask over ``inputs`` and the :class:`Reuse` that tells the pipeline how to
         fetch them (None when nothing is reused). Only the keys of the files are read here; a
@@ -135,8 +132,6 @@ class EmbeddingStore:
         key_owner = np.concatenate(owner)[first] if stored else np.zeros(0, np.int32)
         keys = key_hashes(inputs["uri"], inputs["fingerprint"])
         usable = (keys != 0) & ~inputs["input_error"].is_valid().to_numpy(zero_copy_only=False)
-        if exclude is not None:
-            usable &= ~exclude
         hit = usable & np.isin(keys, stored_keys)
         if not hit.any():
             return hit, None
@@ -149,10 +144,15 @@ class EmbeddingStore:
         """Copy the run's vector files into a new snapshot (server-side on S3). ``CURRENT`` is
         not moved: :meth:`StagedSnapshot.point` does that once the run has published, so of two
         concurrent runs the store follows the one that published, not the one that lost."""
+        return self.stage_into(self.root, vector_files, run_id, rows)
+
+    @staticmethod
+    def stage_into(root: Location, vector_files: list[Location], run_id: str, rows: int) -> "StagedSnapshot":
+        """Copy ``vector_files`` into ``root``'s snapshot of ``run_id`` (not yet current)."""
         snapshot = f"snapshot-{run_id}"
         for location in vector_files:
-            copy_file(location, self.root.child(snapshot, location.path.rsplit("/", 1)[-1]))
-        return StagedSnapshot(self.root, snapshot, rows)
+            copy_file(location, root.child(snapshot, location.path.rsplit("/", 1)[-1]))
+        return StagedSnapshot(root, snapshot, rows)
 
     def write(self, vector_files: list[Location], run_id: str, rows: int) -> int:
         """Stage the snapshot and point ``CURRENT`` at it at once. Returns the rows stored."""
@@ -167,8 +167,11 @@ class StagedSnapshot:
     root: Location
     snapshot: str
     rows: int
+    also: tuple["StagedSnapshot", ...] = ()  # named in the same step (a detection run's crop vectors)
 
     def point(self) -> None:
+        for other in self.also:
+            other.point()
         write_bytes(self.root.child("CURRENT"), json.dumps({"snapshot": self.snapshot, "rows": self.rows}).encode())
 
 

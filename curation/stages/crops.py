@@ -69,6 +69,9 @@ class CropJob:
         margin: context around the box, as a fraction of its longer side, on each side.
         tolerance_px, min_size_px: the placement rule's (``objects.*``).
         backgrounds: how many background squares to cut too (see :meth:`cut`).
+        want: which boxes to cut (default all): the others still shape the decode scale and
+            keep the background squares off them, so a night that cuts only a changed box
+            cuts exactly what a whole decode would.
         out: ``(k + backgrounds, S, S, 3)`` uint8: each cut box at its own row, then the
             background squares.
 
@@ -85,6 +88,7 @@ class CropJob:
     min_size_px: float
     out: np.ndarray
     backgrounds: int = 0
+    want: np.ndarray | None = None
     cut_mask: np.ndarray = field(init=False)
     background_count: int = field(default=0, init=False)
     orientation: int = field(default=1, init=False)  # the image's EXIF orientation, once cut
@@ -123,7 +127,8 @@ class CropJob:
         if not ok.any():
             return
         up = upright_boxes(boxes, width, height, orientation) / scale
-        for i in np.flatnonzero(ok):
+        wanted = ok if self.want is None else ok & np.asarray(self.want, bool)
+        for i in np.flatnonzero(wanted):
             x, y, w, h = up[i]
             side = max(w, h) * (1 + 2 * self.margin)
             self._cut_square(pixels, x + w / 2 - side / 2, y + h / 2 - side / 2, side, self.out[i])

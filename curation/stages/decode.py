@@ -325,10 +325,13 @@ class DecodeStage:
             deferred row carries no placeholder pixels to the actor.
         objects: the boxes' settings in a detection run (``units``, ``margin``,
             ``tolerance_px``, ``min_size_px``): the batch then has ``boxes`` (each row's boxes
-            as float64 bytes, ``[x, y, w, h]`` in ``units``) and ``box_rows`` (int64 bytes: their
-            rows in the run's objects table), and the output gains ``crops`` (the cut boxes'
-            model inputs, ``S*S*3`` bytes each, concatenated) and ``crop_rows`` (int64 bytes:
-            which boxes those are; -1 for ``backgrounds`` squares of background after them) and ``orientation`` (EXIF; boxes are in the stored frame).
+            as float64 bytes, ``[x, y, w, h]`` in ``units``), ``box_rows`` (int64 bytes: their
+            rows in the run's objects table), ``box_cut`` (uint8 bytes: which of them to cut;
+            the rest are stored from an earlier night) and ``box_keys`` (int64 bytes: their crop
+            keys, then one per background square to cut), and the output gains ``crops`` (the
+            cut boxes' model inputs, ``S*S*3`` bytes each, concatenated), ``crop_rows`` (int64
+            bytes: which boxes those are; -1 for the squares of background after them),
+            ``crop_keys`` (their keys) and ``orientation`` (EXIF; boxes are in the stored frame).
             An image with boxes is always decoded here, never deferred.
     """
 
@@ -377,6 +380,7 @@ class DecodeStage:
         if self.objects is not None:
             out["crops"] = np.full(n, b"", dtype=object)
             out["crop_rows"] = np.full(n, b"", dtype=object)
+            out["crop_keys"] = np.full(n, b"", dtype=object)
             out["orientation"] = np.ones(n, np.int8)
         with _OneTorchThread():
             self._decode_rows(batch, out)
@@ -384,7 +388,7 @@ class DecodeStage:
             deferred = np.fromiter((bool(data) for data in out["jpeg"]), bool, n)
             decoded = is_ok(out["status"]) & ~deferred
             out["pixels"] = np.array([out["pixels"][i].tobytes() if decoded[i] else b"" for i in range(n)], object)
-        result = {key: value for key, value in batch.items() if key not in ("input_error", "boxes", "box_rows")}
+        result = {key: value for key, value in batch.items() if key not in ("input_error", "boxes", "box_rows", "box_cut", "box_keys")}
         result.update(out)
         return result
 
@@ -394,10 +398,11 @@ class DecodeStage:
             return None
         boxes = np.frombuffer(batch["boxes"][i], np.float64).reshape(-1, 4)
         size = self.image_size
-        extra = int(self.objects.get("backgrounds", 0))
+        want = np.frombuffer(batch["box_cut"][i], np.uint8).astype(bool)
+        extra = len(batch["box_keys"][i]) // 8 - len(boxes)  # the background squares still to cut
         return CropJob(boxes, units=self.objects["units"], image_size=size, margin=self.objects["margin"],
                        tolerance_px=self.objects["tolerance_px"], min_size_px=self.objects["min_size_px"],
-                       out=np.empty((len(boxes) + extra, size, size, 3), np.uint8), backgrounds=extra)
+                       out=np.empty((len(boxes) + extra, size, size, 3), np.uint8), backgrounds=extra, want=want)
 
     def _decode_rows(self, batch: dict[str, np.ndarray], out: dict[str, np.ndarray]) -> None:
         n = len(batch["uri"])
@@ -422,11 +427,15 @@ class DecodeStage:
                     pixels_out=out["pixels"][i], crops=job)
                 if job is not None:
                     out["orientation"][i] = job.orientation
-                if job is not None and job.cut_mask.any():  # the boxes, then background squares (row -1)
+                if job is not None and (job.cut_mask.any() or job.background_count):  # boxes, then background squares (row -1)
                     cut = np.concatenate([job.cut_mask, np.arange(job.backgrounds) < job.background_count])
                     rows = np.concatenate([np.frombuffer(batch["box_rows"][i], np.int64)[job.cut_mask],
                                            np.full(job.background_count, -1, np.int64)])
+                    keys = np.frombuffer(batch["box_keys"][i], np.int64)
+                    keys = np.concatenate([keys[:len(job.boxes)][job.cut_mask],
+                                           keys[len(job.boxes):][:job.background_count]])
                     out["crops"][i], out["crop_rows"][i] = job.out[cut].tobytes(), rows.tobytes()
+                    out["crop_keys"][i] = keys.tobytes()
             except RejectedInput as exc:
                 out["pixels"][i] = 0
                 out["status"][i] = STATUS_REJECTED

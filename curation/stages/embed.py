@@ -236,7 +236,10 @@ class EmbedStage:
         if "jpeg" in batch:
             batch, decoded_here = self.decode_deferred(dict(batch))
         status = batch["status"]
-        ok = is_ok(np.asarray(status, dtype=object))
+        decoded_ok = is_ok(np.asarray(status, dtype=object))
+        # crop_only rows (a detection run's unchanged image with a changed box): decoded for
+        # their crops; the image's own vector comes from the store.
+        ok = decoded_ok & ~np.asarray(batch["crop_only"], bool) if "crop_only" in batch else decoded_ok
         n = len(status)
         dim = self.identity.dim
         sent = None
@@ -247,7 +250,7 @@ class EmbedStage:
                 batch[key][decoded_here.rows] = values[decoded_here.pending.decoded]
         columns = {key: _to_arrow(value, STRING_COLUMNS.get(key), empty_is_null=key in EMPTY_IS_NULL)
                    for key, value in batch.items()
-                   if key not in ("pixels", "copy_vector", "crops", "crop_rows")}
+                   if key not in ("pixels", "copy_vector", "crops", "crop_rows", "crop_keys")}
         if sent is None:
             values = np.zeros((n, dim), np.float32)
         elif ok.all():  # the usual batch
@@ -258,7 +261,9 @@ class EmbedStage:
         flat = pa.array(values.reshape(-1), pa.float32())
         columns["embedding"] = pa.FixedSizeListArray.from_arrays(flat, dim, mask=pa.array(~ok))
         if "crops" in batch:  # a detection run: the boxes' crops, embedded on the same device
-            columns.update(self.embed_crops(batch["crops"], batch["crop_rows"], ok))
+            columns.update(self.embed_crops(batch["crops"], batch["crop_rows"], decoded_ok))
+            columns["crop_keys"] = pa.array([k if decoded_ok[i] and batch["crops"][i] else b""
+                                             for i, k in enumerate(batch["crop_keys"])], pa.binary())
         if "copy_vector" in batch:  # the copy descriptor travels with the vector, in half precision
             copies = np.asarray(batch["copy_vector"], np.float16)
             columns["copy_vector"] = pa.FixedSizeListArray.from_arrays(

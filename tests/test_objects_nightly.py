@@ -1,0 +1,102 @@
+"""Detection runs night after night: an image whose boxes changed re-embeds only the changed
+crops (and its background squares, which avoid its boxes); unchanged images are neither decoded
+nor embedded; every copied crop vector is the one the first night embedded."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+
+import numpy as np
+import pyarrow.parquet as pq
+import pytest
+from PIL import Image
+
+from curation.config import load_config
+from testkit.detection import make_detection_set
+from tests.test_objects import detection_config, read_objects_folder
+
+
+def crop_vectors(run_uri: str) -> dict[str, np.ndarray]:
+    """object_id -> its crop vector, for the run's ok boxes."""
+    objects = read_objects_folder(run_uri)
+    stored = pq.read_table(os.path.join(run_uri, "object-embeddings"))
+    vectors = np.stack(stored["embedding"].to_numpy(zero_copy_only=False)).astype(np.float32)
+    by_row = {int(r): vectors[i] for i, r in enumerate(stored["object_row"].to_numpy()) if r >= 0}
+    return {row["object_id"]: by_row[i] for i, row in enumerate(objects.to_pylist()) if row["status"] == "ok"}
+
+
+def store_counts(run_uri: str) -> dict:
+    return json.load(open(os.path.join(run_uri, "run.json")))["embedder"]["store"]
+
+
+@pytest.fixture(scope="module")
+def three_nights(ray_local, tmp_path_factory):
+    """Night 1 on a shapes set; night 2 with one box moved and one added on image A, and image
+    B's file rewritten; night 3 with nothing changed."""
+    from curation.job import run_job
+
+    root = str(tmp_path_factory.mktemp("nightly-detection"))
+    make_detection_set(root, n_images=8, seed=11, source="shapes")
+    out = str(tmp_path_factory.mktemp("nightly-out"))
+    annotations = os.path.join(root, "annotations.json")
+    config = load_config(data=detection_config(os.path.join(root, "images"), annotations, out))
+    first = run_job(config)
+    doc = json.load(open(annotations))
+    image_a, image_b = doc["images"][0], doc["images"][1]
+    boxes_a = [a for a in doc["annotations"] if a["image_id"] == image_a["id"]]
+    moved = boxes_a[0]
+    moved["bbox"] = [moved["bbox"][0] + 6, moved["bbox"][1] + 4, moved["bbox"][2], moved["bbox"][3]]
+    added = dict(boxes_a[-1], id=max(a["id"] for a in doc["annotations"]) + 1,
+                 bbox=[2, 2, 24, 24], area=576.0)
+    doc["annotations"].append(added)
+    json.dump(doc, open(annotations, "w"))
+    path_b = os.path.join(root, "images", image_b["file_name"])
+    with Image.open(path_b) as image:
+        image.load()
+        image.transpose(Image.Transpose.FLIP_TOP_BOTTOM).save(path_b + ".tmp", format=image.format)
+    shutil.move(path_b + ".tmp", path_b)
+    second = run_job(config)
+    third = run_job(config)
+    prefix = os.path.join(root, "images") + "/"
+    return first, second, third, {"a": prefix + image_a["file_name"], "b": prefix + image_b["file_name"],
+                                  "boxes_b": sum(a["image_id"] == image_b["id"] for a in doc["annotations"])}
+
+
+def test_a_changed_box_re_embeds_only_its_crops(three_nights):
+    first, second, third, changed = three_nights
+    before, after = crop_vectors(first.run_uri), crop_vectors(second.run_uri)
+    objects = read_objects_folder(second.run_uri).to_pylist()
+    uri_of = {r["object_id"]: r["uri"] for r in objects}
+    kept = set(before) & set(after)
+    new = set(after) - set(before)
+    # the moved box and the added box are new objects; image B's boxes keep their ids (same
+    # geometry) but their image changed, so their crops are new vectors
+    assert {uri_of[o] for o in new} == {changed["a"]} and len(new) == 2
+    for object_id in kept:
+        same = np.array_equal(before[object_id], after[object_id])
+        assert same == (uri_of[object_id] != changed["b"]), (object_id, uri_of[object_id])
+    counts = store_counts(second.run_uri)
+    samples = pq.read_table(os.path.join(second.run_uri, "samples"))
+    ok_images = sum(s == "ok" for s in samples["status"].to_pylist())
+    assert counts["embedded"] == 1 and counts["reused"] == ok_images - 1  # image B only; A's vector is copied
+    background = pq.read_table(os.path.join(second.run_uri, "object-embeddings"))["object_row"].to_numpy()
+    backgrounds_of_a_and_b = sum(1 for r, i in zip(background, pq.read_table(
+        os.path.join(second.run_uri, "object-embeddings"))["input_id"].to_numpy())
+        if r < 0 and samples["uri"][int(i)].as_py() in (changed["a"], changed["b"]))
+    # cut tonight: the two new boxes, image B's boxes, and the background squares of A and B
+    assert counts["crops_embedded"] == 2 + changed["boxes_b"] + backgrounds_of_a_and_b
+    assert counts["crops_copied"] == len(background) - counts["crops_embedded"]
+
+
+def test_an_unchanged_night_decodes_nothing_and_keeps_every_crop(three_nights):
+    _, second, third, _ = three_nights
+    counts = store_counts(third.run_uri)
+    assert counts["embedded"] == 0 and counts["crops_embedded"] == 0
+    before, after = crop_vectors(second.run_uri), crop_vectors(third.run_uri)
+    assert before.keys() == after.keys()
+    assert all(np.array_equal(before[o], after[o]) for o in before)
+    # the scores are those of the same vectors: the same boxes flagged, the same box_quality
+    a, b = (read_objects_folder(r.run_uri).sort_by("object_id") for r in (second, third))
+    assert a["box_quality"].to_pylist() == b["box_quality"].to_pylist()
