@@ -65,7 +65,7 @@ def read_answers(location: Location) -> dict[str, list[str]]:
     return answers
 
 
-def _checked_label(label, where: str) -> str:
+def checked_label(label, where: str) -> str:
     if not isinstance(label, str) or not label.strip():
         raise CorrectionsError(f"{where}: the label must be a non-empty string, got {str(label)[:40]!r}")
     label = label.strip()
@@ -101,7 +101,7 @@ def _label_studio_answers(data: bytes, uri: str) -> dict[str, list[str]]:
             choices = [c for result in results if result.get("type") == "choices"
                        for c in ((result.get("value") or {}).get("choices") or [])]
             if len(choices) == 1:
-                answers.setdefault(data_field["uri"], []).append(_checked_label(choices[0], where))
+                answers.setdefault(data_field["uri"], []).append(checked_label(choices[0], where))
     return answers
 
 
@@ -123,7 +123,7 @@ def _csv_answers(data: bytes, uri: str) -> dict[str, list[str]]:
         where = f"{uri}: line {line}"
         if len(row) <= max(uri_col, label_col) or not row[uri_col].strip():
             raise CorrectionsError(f"{where}: expected uri,label, got {','.join(row)[:80]!r}")
-        answers.setdefault(row[uri_col].strip(), []).append(_checked_label(row[label_col], where))
+        answers.setdefault(row[uri_col].strip(), []).append(checked_label(row[label_col], where))
     return answers
 
 

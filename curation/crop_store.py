@@ -32,7 +32,7 @@ import pyarrow.parquet as pq
 
 from curation.config_sections import ObjectsConfig
 from curation.io.filesystem import Location, list_files, read_bytes
-from curation.io.store import EmbeddingStore, StagedSnapshot
+from curation.io.store import SCHEME_AND_ROOT, EmbeddingStore, StagedSnapshot, plain_path
 from curation.item_key import background_keys, crop_keys, key_hashes
 from curation.objects import ObjectsInput, within_cap
 from curation.schema import is_ok
@@ -228,12 +228,10 @@ def match_stored_crops(batch: pa.Table, *, keys: np.ndarray, object_rows: np.nda
                        owners: np.ndarray, paths: list[str], model_id: str) -> pa.Table:
     """The rows of a stored crop file that tonight copies, renumbered to tonight's objects
     table and inputs (a Ray Data batch function; ``path`` is the column Ray Data adds)."""
-    from curation.io.store import SCHEME_AND_ROOT, _plain_path
-
     found = batch[CROP_KEY].to_numpy()
     pos = np.minimum(np.searchsorted(keys, found), max(len(keys) - 1, 0))
     hit = (len(keys) > 0) & (keys[pos] == found) & pc.equal(batch["model_id"], model_id).to_numpy(zero_copy_only=False)
-    names = pa.array([_plain_path(p) for p in paths])
+    names = pa.array([plain_path(p) for p in paths])
     batch_names = pc.replace_substring_regex(batch["path"], pattern=SCHEME_AND_ROOT, replacement="")
     file_index = np.asarray(pc.index_in(batch_names, value_set=names).to_numpy(zero_copy_only=False), np.float64)
     hit &= owners[pos] == np.where(np.isfinite(file_index), file_index, -1)

@@ -11,7 +11,8 @@
   other tool.
 
 The names in the labelling config (``image``, ``label``) are the ones the corrections import
-reads back.
+reads back. A detection run's selection exports one task per image with its boxes as
+``RectangleLabels`` (:mod:`curation.export_boxes`).
 """
 
 from __future__ import annotations
@@ -26,6 +27,7 @@ from urllib.parse import quote
 import pyarrow.parquet as pq
 import pyarrow.dataset as ds
 
+from curation.export_boxes import box_classes, box_tasks, is_detection_run, rectangle_config
 from curation.io.filesystem import Location, Resolver, is_s3, write_bytes_atomic
 from curation.published_run import PublishedRun
 from curation.run_info import RunInfo
@@ -68,19 +70,26 @@ def export_selection(*, run: str, selection: str, out: str, fmt: str = "label-st
     config = resolver.resolve(os.path.splitext(out)[0] + ".xml")
     if config.uri == target.uri:
         raise ExportError(f"--out {out}: the tasks file cannot end in .xml (the labelling config is written there)")
-    choices = list(classes) if classes else sorted(info.class_balance)
+    detection = is_detection_run(location)
+    choices = list(classes) if classes else (box_classes(location) if detection else sorted(info.class_balance))
     if not choices:
         raise ExportError(f"run {info.run_id} has no labelled item: give the classes with --classes a,b,...")
-    tasks = [_task(row, info.run_id, local_files_root) for row in rows]
+    if detection:  # one task per image, its boxes as rectangles (curation/export_boxes.py)
+        tasks = box_tasks(location, rows, run_id=info.run_id, image_field=IMAGE_FIELD,
+                          reference=lambda uri: _image_reference(uri, local_files_root))
+        text = rectangle_config(choices, image_field=IMAGE_FIELD)
+    else:
+        tasks = [_task(row, info.run_id, local_files_root) for row in rows]
+        text = labelling_config(choices)
     write_bytes_atomic(target, json.dumps(tasks, indent=1).encode("utf-8"))
-    write_bytes_atomic(config, labelling_config(choices).encode("utf-8"))
+    write_bytes_atomic(config, text.encode("utf-8"))
     return {"tasks": len(tasks), "files": [target.uri, config.uri], "run": location.uri}
 
 
 def _rows(run: Location, selection: str) -> list[dict]:
     path = run.child("selections", f"{selection}.parquet")
     chosen = pq.read_table(path.path, filesystem=run.filesystem)
-    wanted = ["uri", "suggested_label", "suggested_confidence"]
+    wanted = ["uri", "suggested_label", "suggested_confidence", "width", "height"]
     samples = pq.read_table(run.child("samples").path, filesystem=run.filesystem,
                             columns=[c for c in wanted if c in _columns(run)])
     joined = chosen.join(samples, "uri", join_type="left outer")

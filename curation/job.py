@@ -340,7 +340,7 @@ def _apply_corrections(plan: Plan, config: Config, resolver: Resolver,
     """Fold in ``input.label_corrections`` and the corrections the previous published run kept
     (see :mod:`curation.corrections`); sets ``label_source`` on every row."""
     answers = plan.answers
-    if answers is None and config.input.label_corrections:  # a plan made before this check existed
+    if answers is None and config.input.label_corrections and plan.objects is None:  # (a detection run's are of boxes)
         answers = read_answers(resolver.resolve(config.input.label_corrections))
     stored = None
     previous = plan.previous
@@ -367,6 +367,8 @@ def _place_objects(plan: Plan, config: Config, ingested: Ingested) -> tuple[Inge
     crops = ingested.crops or ObjectVectors([], np.zeros(0, np.int64), np.zeros(0, np.int64))
     table, keep = with_object_vectors(table, crops.rows)
     summary = objects_summary(table, plan.objects.object_count)
+    if plan.objects.correction_counts is not None:
+        summary["corrections"] = plan.objects.correction_counts
     log.info("objects: %(annotations)d boxes, %(ok)d ok, %(rejected)d rejected", summary)
     graph = None
     nodes = keep | (crops.rows == -1)  # the ok boxes' crops and the background squares

@@ -51,6 +51,8 @@ OBJECTS_CONTRACT = pa.schema([
     ("uri", pa.string()), ("object_id", pa.string()), ("annotation_id", pa.string()), ("source", pa.string()),
     ("label", pa.string()), ("bbox", pa.list_(pa.float64(), 4)), ("area", pa.float64()), ("iscrowd", pa.bool_()),
     ("status", pa.string()), ("reason", pa.string()), ("segmentation", pa.string()), ("input_id", pa.int64()),
+    # an annotator's correction of the box (curation/box_corrections.py): what changed and what was given
+    ("change", pa.string()), ("given_label", pa.string()), ("given_bbox", pa.list_(pa.float64(), 4)),
 ])
 
 
@@ -66,6 +68,9 @@ class ObjectsInput:
     classes: tuple[str, ...]
     # input.predictions (curation/predictions.py) with each one's input_id; None without
     predictions: pa.Table | None = None
+    # box corrections that hold tonight (kept with the run) and their counts (curation/box_corrections.py)
+    corrections: pa.Table | None = None
+    correction_counts: dict | None = None
 
 
 def read_objects(config: Config, resolver: Resolver, inputs: pa.Table) -> ObjectsInput:
@@ -134,6 +139,8 @@ def _joined(annotations: Annotations, root: Location, inputs: pa.Table) -> Objec
         "bbox": boxes["bbox"], "area": boxes["area"], "iscrowd": boxes["iscrowd"],
         "status": pa.array(status, pa.string()), "reason": pa.array(reason, pa.string()),
         "segmentation": boxes["segmentation"], "input_id": pa.array(input_id, pa.int64()),
+        "change": pa.nulls(boxes.num_rows, pa.string()), "given_label": pa.nulls(boxes.num_rows, pa.string()),
+        "given_bbox": pa.nulls(boxes.num_rows, pa.list_(pa.float64(), 4)),
     })
     counts: list[int | None] = [None] * inputs.num_rows
     for row in annotations.images.to_pylist():

@@ -20,6 +20,8 @@ from curation.schema import INPUT_COLUMNS, INTERNAL_COLUMNS, SAMPLES_CONTRACT, S
 from curation.corrections import CorrectionsError, check_answers, read_answers
 from curation.embedder_check import check_embedder
 from curation.annotations import AnnotationsError
+from curation.box_corrections import read_box_answers, with_box_corrections
+from curation.run_layout import OBJECT_CORRECTIONS_FILE
 from curation.objects import ObjectsInput, read_objects
 from curation.scores import reserved_columns
 from curation.select import check_selection_columns
@@ -78,9 +80,41 @@ def preflight(config: Config, resolver: Resolver) -> Plan:
         raise ConfigError(f"config key 'input.split_column': no column {config.input.split_column!r} in the inputs "
                           f"(columns: {', '.join(metadata) or 'none'})")
     _check_selection_columns(config, metadata, plan)
-    if config.input.label_corrections:
+    if plan.objects is not None:  # a detection run's corrections are of boxes
+        plan.objects = _box_corrections(config, resolver, plan)
+    elif config.input.label_corrections:
         plan.answers = _checked_corrections(config, resolver, plan)
     return plan
+
+
+def _box_corrections(config: Config, resolver: Resolver, plan: Plan):
+    """The box corrections of ``input.label_corrections`` (checked before any work) and those
+    the previous published run kept, applied to the boxes (:mod:`curation.box_corrections`)."""
+    new = None
+    if config.input.label_corrections:
+        location = resolver.resolve(config.input.label_corrections)
+        try:
+            new, skipped = read_box_answers(location)
+            if new.num_rows and not pc.any(pc.is_in(new["uri"], value_set=plan.inputs["uri"])).as_py():
+                raise CorrectionsError(f"{location.uri}: none of its {new.num_rows} box corrections is on an input "
+                                       f"of this run (e.g. {new['uri'][0].as_py()[:200]!r})")
+            unknown = sorted(set(new["label"].drop_null().to_pylist()) - set(plan.objects.classes))
+            if unknown and not config.input.allow_new_classes:
+                raise CorrectionsError(f"{location.uri}: {len(unknown)} label(s) the annotations have no class for, "
+                                       f"e.g. {unknown[0][:80]!r}; set input.allow_new_classes to add classes")
+        except CorrectionsError as exc:
+            raise ConfigError(f"config key 'input.label_corrections': {exc}") from None
+        log.info("box corrections: %d in %s (%s)", new.num_rows, location.uri, skipped)
+    stored = None
+    if plan.previous is not None:
+        kept = plan.previous.child(OBJECT_CORRECTIONS_FILE)
+        try:
+            stored = pq.read_table(kept.path, filesystem=kept.filesystem)
+        except (OSError, pa.ArrowException):
+            stored = None  # that run kept none
+    if new is None and stored is None:
+        return plan.objects
+    return with_box_corrections(plan.objects, plan.inputs, new=new, stored=stored, run_id=plan.run_id)
 
 
 def _checked_corrections(config: Config, resolver: Resolver, plan: Plan) -> dict[str, list[str]]:

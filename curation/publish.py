@@ -17,7 +17,7 @@ from curation.io import outputs
 from curation.io.filesystem import PreconditionFailed, read_tagged, write_bytes
 from curation.report import ReportAssets, render_report
 from curation.published_run import CORRECTIONS_FILE, latest_run_id
-from curation.run_layout import OBJECTS_FOLDER
+from curation.run_layout import OBJECT_CORRECTIONS_FILE, OBJECTS_FOLDER
 from curation.run_diff import diff_runs
 from curation.run_info import Counts, RunInfo
 from curation.schema import is_ok
@@ -125,6 +125,8 @@ def _write_outputs(plan: Plan, config: Config, info: RunInfo, samples: pa.Table,
     if scored.objects is not None:
         outputs.write_parquet_parts(run.child(OBJECTS_FOLDER), scored.objects[0])
         info.objects = scored.objects[1]
+        if plan.objects is not None and plan.objects.corrections is not None:  # kept for the next nights
+            outputs.write_table(run.child(OBJECT_CORRECTIONS_FILE), plan.objects.corrections)
     if scored.leakage is not None:
         outputs.write_table(run.child("leakage.parquet"), scored.leakage[0])
         info.leakage = scored.leakage[1]

@@ -11,6 +11,7 @@ TRAINED_INDEX = "trained.faissindex"  # a sharded index's trained, empty quantis
 OBJECTS_FOLDER = "objects"  # detection runs: one row per box (curation/objects.py)
 OBJECT_EMBEDDINGS_FOLDER = "object-embeddings"  # detection runs: the box crops' vectors
 OBJECT_KNN_FOLDER = "object-knn"  # detection runs: the crops' kNN graph
+OBJECT_CORRECTIONS_FILE = "object-corrections.parquet"  # detection runs: the box corrections applied (kept)
 
 
 def shard_file(index_folder, shard: int):

@@ -77,3 +77,82 @@ def test_review_round_trip_through_a_real_label_studio(tmp_path, label_studio):
     assert not {uris[i] for i in flips} & review(second)  # settled: no longer for review
     assert rows[uris[150]]["label"] == "c" and rows[uris[150]]["is_disputed"]
     assert uris[150] in review(second)  # the label models doubt that one: back to review
+
+
+def _rectangles(task: dict, version: str) -> list[dict]:
+    return next(p["result"] for p in task["predictions"] if p["model_version"].startswith(version))
+
+
+def test_box_review_round_trip_through_a_real_label_studio(tmp_path, label_studio):
+    """A detection run's review exported as rectangles; an annotator relabels, moves, deletes
+    and adds boxes in Label Studio; its export folds into the next nights, box by box."""
+    from curation.export import export_selection
+    from curation.job import run_job
+    from testkit.detection import make_detection_set
+    from tests.test_objects import detection_config
+
+    root = tmp_path / "detection"
+    make_detection_set(str(root), n_images=10, seed=21, source="shapes")
+    data = detection_config(str(root / "images"), str(root / "annotations.json"), str(tmp_path / "out"))
+    first = run_job(load_config(data=data))
+    export_selection(run=str(tmp_path / "out"), selection="label_review", out=str(tmp_path / "review.json"),
+                     local_files_root=str(root))
+    tasks = json.loads((tmp_path / "review.json").read_text())
+    config = (tmp_path / "review.xml").read_text()
+    assert "<RectangleLabels" in config and len(tasks) == 10
+    task = max(tasks, key=lambda t: len(t["data"]["objects"]))
+    given = _rectangles(task, "given")
+    assert len(given) == len(task["data"]["objects"]) >= 3
+    for region, obj in zip(given, task["data"]["objects"]):  # percent of the image, region id = object_id
+        assert region["id"] == obj["object_id"] and region["type"] == "rectanglelabels"
+        assert abs(region["value"]["x"] * task["data"]["width"] / 100 - obj["bbox"][0]) < 1e-6
+
+    project = label_studio.api("POST", "/api/projects/", json={"title": "box review", "label_config": config}).json()
+    label_studio.api("POST", f"/api/projects/{project['id']}/import", json=tasks)
+    listed = label_studio.api("GET", "/api/tasks/", params={"project": project["id"], "page_size": 1000}).json()
+    listed = listed["tasks"] if isinstance(listed, dict) else listed
+    task_id = next(t["id"] for t in listed if t["data"]["uri"] == task["data"]["uri"])
+    classes = sorted({o["label"] for t in tasks for o in t["data"]["objects"]})
+    relabel, move, delete = given[0], given[1], given[2]
+    new_label = next(c for c in classes if c != relabel["value"]["rectanglelabels"][0])
+    answer = [dict(relabel, value=dict(relabel["value"], rectanglelabels=[new_label])),
+              dict(move, value=dict(move["value"], x=move["value"]["x"] + 5.0))]
+    answer += given[3:]
+    added = dict(relabel, id="drawn1", value=dict(relabel["value"], x=1.0, y=1.0, width=12.0, height=12.0))
+    answer.append(added)
+    label_studio.api("POST", f"/api/tasks/{task_id}/annotations/", json={"result": answer})
+    exported = label_studio.api("GET", f"/api/projects/{project['id']}/export", params={"exportType": "JSON"}).content
+    (tmp_path / "box-export.json").write_bytes(exported)
+
+    data["input"]["label_corrections"] = str(tmp_path / "box-export.json")
+    second = run_job(load_config(data=data))
+    objects = pq.read_table(os.path.join(second.run_uri, "objects")).to_pylist()
+    by_change = {}
+    for row in objects:
+        if row["change"]:
+            by_change.setdefault(row["change"], []).append(row)
+    assert sorted(by_change) == ["added", "deleted", "moved", "relabelled"]
+    width = task["data"]["width"]
+    relabelled = by_change["relabelled"][0]
+    assert relabelled["object_id"] == relabel["id"] and relabelled["label"] == new_label
+    assert relabelled["given_label"] == relabel["value"]["rectanglelabels"][0] and relabelled["status"] == "ok"
+    moved = by_change["moved"][0]
+    assert abs(moved["bbox"][0] - (move["value"]["x"] + 5.0) * width / 100) < 0.01 and moved["status"] == "ok"
+    assert moved["object_vector_id"] is not None  # its crop cut where the annotator put it
+    deleted = by_change["deleted"][0]
+    assert deleted["object_id"] == delete["id"] and deleted["status"] == "rejected"
+    assert "deleted by a label correction" in deleted["reason"]
+    new = by_change["added"][0]
+    assert new["source"] == "correction" and new["status"] == "ok" and abs(new["bbox"][2] - 0.12 * width) < 0.01
+    counts = second.run_info["objects"]["corrections"]
+    assert counts["applied"] == 4 and counts["unmatched"] == 0
+    # the annotations' boxes are all still there, one row each, plus the added one
+    assert sum(r["source"] == "annotation" for r in objects) == len(
+        [r for r in pq.read_table(os.path.join(first.run_uri, "objects")).to_pylist() if r["source"] == "annotation"])
+
+    data["input"].pop("label_corrections")  # the next night keeps them without the file
+    third = run_job(load_config(data=data))
+    again = {r["object_id"]: r for r in pq.read_table(os.path.join(third.run_uri, "objects")).to_pylist()}
+    assert again[relabelled["object_id"]]["label"] == new_label and again[moved["object_id"]]["change"] == "moved"
+    assert third.run_info["objects"]["corrections"]["kept_from_previous_runs"] == 4
+    assert third.run_info["embedder"]["store"]["crops_embedded"] == 0  # nothing changed since: every crop reused

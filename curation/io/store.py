@@ -178,7 +178,7 @@ class StagedSnapshot:
 SCHEME_AND_ROOT = r"^([a-z0-9]+://)?/*"  # what readers may spell differently in one path
 
 
-def _plain_path(path: str) -> str:
+def plain_path(path: str) -> str:
     return re.sub(SCHEME_AND_ROOT, "", path)
 
 
@@ -193,7 +193,7 @@ def match_stored(batch: pa.Table, *, keys: np.ndarray, input_ids: np.ndarray, mo
     hit = (len(keys) > 0) & (keys[pos] == hashes) & (hashes != 0)
     if owners is not None and paths is not None and "path" in batch.column_names:
         # Matched by path, spelled without a scheme or a leading slash (readers may differ there).
-        names = pa.array([_plain_path(p) for p in paths])
+        names = pa.array([plain_path(p) for p in paths])
         batch_names = pc.replace_substring_regex(batch["path"], pattern=SCHEME_AND_ROOT, replacement="")
         file_index = pc.index_in(batch_names, value_set=names).to_numpy(zero_copy_only=False)
         file_index = np.asarray(file_index, np.float64)
