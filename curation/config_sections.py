@@ -282,7 +282,7 @@ class ScoresConfig(Section):
     n_clusters: int = ranged(0, 0)
 
 
-SELECTION_MODES = ("representative", "edge_cases", "label_review", "clean", "to_label", "validation")
+SELECTION_MODES = ("representative", "edge_cases", "label_review", "clean", "to_label", "validation", "box_review")
 
 
 class SelectionConfig(Section):
@@ -290,8 +290,10 @@ class SelectionConfig(Section):
 
     Attributes:
         name: output file ``selections/<name>.parquet``.
-        mode: ``representative`` | ``edge_cases`` | ``label_review`` | ``clean`` | ``to_label``.
-        budget: maximum rows (``clean`` ignores it unless set).
+        mode: ``representative`` | ``edge_cases`` | ``label_review`` | ``clean`` | ``to_label`` |
+            ``validation`` | ``box_review`` (detection runs: boxes, not images; see
+            :mod:`curation.select_boxes`).
+        budget: maximum rows (``clean`` ignores it unless set; ``box_review``: boxes).
         class_balance: ``uniform`` | ``proportional`` | ``tempered:<alpha>`` (representative).
         where: a filter over sample/metadata columns (pandas ``query`` syntax, parsed by
             :mod:`curation.where`; never evaluated as text).

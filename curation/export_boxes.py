@@ -67,8 +67,11 @@ def box_tasks(run: Location, rows: list[dict], *, run_id: str, image_field: str,
     by_uri: dict[str, list[dict]] = {}
     for obj in objects.to_pylist():
         by_uri.setdefault(obj["uri"], []).append(obj)
-    tasks = []
+    tasks, seen = [], set()
     for row in rows:
+        if row["uri"] in seen:  # a box_review selection: one task per image, at its first box's rank
+            continue
+        seen.add(row["uri"])
         width, height = row.get("width"), row.get("height")
         mine = by_uri.get(row["uri"], [])
         given = [o for o in mine if o["source"] == SOURCE_ANNOTATION and o["status"] == STATUS_OK and o["bbox"]]

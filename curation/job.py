@@ -120,7 +120,8 @@ def run_job(config: Config, *, resolver: Resolver | None = None, plan: Plan | No
             leakage = _split_leakage(samples, ingested, config, resolver)
         with clock.phase("selections"):
             selections = build_selections(samples, config.scores, config.selections, ingested.vectors,
-                                          previous=_previous_selections(plan, config))
+                                          previous=_previous_selections(plan, config),
+                                          objects=objects[0] if objects is not None else None)
         with clock.phase("report_data"):
             samples, report = prepare_report(samples, ingested.vectors, selections, config, resolver,
                                              leakage=leakage[0] if leakage is not None else None,

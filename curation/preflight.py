@@ -24,7 +24,9 @@ from curation.box_corrections import read_box_answers, with_box_corrections
 from curation.run_layout import OBJECT_CORRECTIONS_FILE
 from curation.objects import ObjectsInput, read_objects
 from curation.scores import reserved_columns
+from curation.object_scores import OBJECTS_MANIFEST
 from curation.select import check_selection_columns
+from curation.select_boxes import MODE as BOX_MODE
 
 log = logging.getLogger(__name__)
 
@@ -152,4 +154,9 @@ def _check_selection_columns(config: Config, metadata: list[str], plan: Plan) ->
     source = plan.inputs.schema if plan.inputs is not None else None
     for name in metadata:
         fields.append(source.field(name) if source is not None else pa.field(name, pa.string()))
-    check_selection_columns(config.selections, pa.schema(fields))
+    images = [sel for sel in config.selections if sel.mode != BOX_MODE]
+    boxes = [sel for sel in config.selections if sel.mode == BOX_MODE]
+    if boxes and plan.objects is None:
+        raise ConfigError(f"selection {boxes[0].name!r}: mode {BOX_MODE} selects boxes; it needs input.annotations")
+    check_selection_columns(images, pa.schema(fields))
+    check_selection_columns(boxes, OBJECTS_MANIFEST)  # a box_review's where and balance_on name box columns

@@ -111,7 +111,8 @@ def _write_outputs(plan: Plan, config: Config, info: RunInfo, samples: pa.Table,
     outputs.write_samples(run, samples)
     previous = plan.previous
     if previous is not None:
-        info.diff = diff_runs(previous, samples, tables, run.child("diff"))
+        info.diff = diff_runs(previous, samples, tables, run.child("diff"),
+                              objects=scored.objects[0] if scored.objects is not None else None)
     for name, table in tables.items():
         outputs.write_table(run.child("selections", f"{name}.parquet"), table)
     if scored.corrections is not None:

@@ -52,6 +52,7 @@ import pyarrow as pa
 from curation.config import ConfigError, ScoresConfig, SelectionConfig
 from curation.schema import SELECTION_SCHEMA
 from curation.where import WhereError, where_mask
+from curation.select_boxes import MODE as BOX_MODE, box_review
 from curation.select_modes import MODES, blocked_by
 from curation.select_view import SampleView, SelectionResult, columns_named, interleave_by
 
@@ -139,14 +140,23 @@ def check_selection_columns(selections: list[SelectionConfig], schema: pa.Schema
 
 
 def build_selections(samples: pa.Table, scores: ScoresConfig, selections: list[SelectionConfig],
-                     vectors, *, previous: dict[str, pa.Table] | None = None) -> list[SelectionResult]:
+                     vectors, *, previous: dict[str, pa.Table] | None = None,
+                     objects: pa.Table | None = None) -> list[SelectionResult]:
     """Every configured selection; ``previous``: the previous published run's selections by name
-    (``to_label`` keeps its still-pending items at the head)."""
+    (``to_label`` keeps its still-pending items at the head); ``objects``: a detection run's
+    boxes (``box_review`` selects among them, :mod:`curation.select_boxes`)."""
+    results: dict[str, SelectionResult] = {}
+    for sel in selections:
+        if sel.mode == BOX_MODE:
+            if objects is None:
+                raise ConfigError(f"selection {sel.name!r}: mode {BOX_MODE} needs boxes (input.annotations)")
+            results[sel.name] = box_review(objects, sel)
+    order = [sel.name for sel in selections]
+    selections = [sel for sel in selections if sel.mode != BOX_MODE]
     selector = Selector(samples, scores, vectors, selections, previous)
     by_name = {sel.name: sel for sel in selections}
     excluded: dict[str, np.ndarray] = {}
     blocked: dict[str, np.ndarray] = {}
-    results: dict[str, SelectionResult] = {}
     for sel in build_order(selections):
         results[sel.name] = result = selector.build(sel, excluded.get(sel.name))
         if sel.disjoint_from:
@@ -156,7 +166,7 @@ def build_selections(samples: pa.Table, scores: ScoresConfig, selections: list[S
     for name, rows_blocked in blocked.items():  # what crosses a declared boundary: zero by construction
         results[name].details = {**(results[name].details or {}), "leakage": {
             other: int(rows_blocked[results[other].rows].sum()) for other in by_name[name].disjoint_from}}
-    return [results[sel.name] for sel in selections]
+    return [results[name] for name in order]
 
 
 def build_order(selections: list[SelectionConfig]) -> list[SelectionConfig]:

@@ -41,7 +41,10 @@ def three_nights(ray_local, tmp_path_factory):
     make_detection_set(root, n_images=8, seed=11, source="shapes")
     out = str(tmp_path_factory.mktemp("nightly-out"))
     annotations = os.path.join(root, "annotations.json")
-    config = load_config(data=detection_config(os.path.join(root, "images"), annotations, out))
+    data = detection_config(os.path.join(root, "images"), annotations, out)
+    data["selections"] = [{"name": "boxes", "mode": "box_review", "budget": 6, "where": "area > 0"},
+                          {"name": "label_review", "mode": "label_review", "budget": 4}]
+    config = load_config(data=data)
     first = run_job(config)
     doc = json.load(open(annotations))
     image_a, image_b = doc["images"][0], doc["images"][1]
@@ -100,3 +103,59 @@ def test_an_unchanged_night_decodes_nothing_and_keeps_every_crop(three_nights):
     # the scores are those of the same vectors: the same boxes flagged, the same box_quality
     a, b = (read_objects_folder(r.run_uri).sort_by("object_id") for r in (second, third))
     assert a["box_quality"].to_pylist() == b["box_quality"].to_pylist()
+
+
+def test_box_review_selects_boxes_lowest_quality_first_and_the_diff_keys_them_by_object_id(three_nights):
+    first, second, _, changed = three_nights
+    chosen = pq.read_table(os.path.join(first.run_uri, "selections", "boxes.parquet")).to_pylist()
+    objects = read_objects_folder(first.run_uri)
+    annotated = [r for r in objects.to_pylist() if r["source"] == "annotation" and r["status"] == "ok"]
+    lowest = sorted(annotated, key=lambda r: r["box_quality"])[:6]
+    assert len(chosen) == 6 and [r["object_id"] for r in chosen] == [r["object_id"] for r in lowest]
+    assert [r["rank"] for r in chosen] == list(range(1, 7)) and chosen[0]["reason"].startswith("box quality")
+    info = json.load(open(os.path.join(first.run_uri, "run.json")))
+    assert next(s for s in info["selections"] if s["name"] == "boxes")["eligible"] == len(annotated)
+    # night 2 against night 1, box by box: the moved box is a new object and its old self is gone
+    diff = json.load(open(os.path.join(second.run_uri, "run.json")))["diff"]
+    assert diff["objects"]["new"] == 2 and diff["objects"]["gone"] == 1
+    rows = pq.read_table(os.path.join(second.run_uri, "diff", "boxes.parquet"))
+    assert "object_id" in rows.column_names
+    before = {r["object_id"] for r in chosen}
+    after = {r["object_id"] for r in pq.read_table(os.path.join(second.run_uri, "selections", "boxes.parquet"))
+             .to_pylist()}
+    changes = {(r["object_id"], r["change"]) for r in rows.to_pylist()}
+    assert changes == {(o, "added") for o in after - before} | {(o, "removed") for o in before - after}
+
+
+def test_box_review_and_box_corrections_are_checked_before_any_work(tmp_path):
+    from curation.config import ConfigError
+    from curation.io.filesystem import Resolver
+    from curation.preflight import preflight
+
+    root = str(tmp_path / "set")
+    make_detection_set(root, n_images=3, seed=2, source="shapes")
+    images, annotations = os.path.join(root, "images"), os.path.join(root, "annotations.json")
+    data = detection_config(images, annotations, str(tmp_path / "out"))
+    data["selections"] = [{"name": "boxes", "mode": "box_review", "where": "no_such_column > 1"}]
+    with pytest.raises(ConfigError, match=r"selections\[0\].where"):
+        preflight(load_config(data=data), Resolver())
+    data["selections"] = [{"name": "boxes", "mode": "box_review", "where": "box_quality < 0.5 and label == 'x'"}]
+    preflight(load_config(data=data), Resolver())  # box columns are known to it
+    plain = {"input": {"images": images}, "output": {"uri": str(tmp_path / "out")}, "embedder": {"model": "thumbnail"},
+             "selections": data["selections"]}
+    with pytest.raises(ConfigError, match="box_review selects boxes; it needs input.annotations"):
+        preflight(load_config(data=plain), Resolver())
+    doc = json.load(open(annotations))
+    name = doc["images"][0]["file_name"]
+    export = [{"data": {"uri": os.path.join(images, name), "width": 192, "height": 144, "objects": []},
+               "annotations": [{"result": [{"type": "rectanglelabels", "original_width": 192, "original_height": 144,
+                                            "value": {"x": 1, "y": 1, "width": 10, "height": 10, "rotation": 0,
+                                                      "rectanglelabels": ["no such class"]}}]}]}]
+    json.dump(export, open(tmp_path / "export.json", "w"))
+    data["input"]["label_corrections"] = str(tmp_path / "export.json")
+    with pytest.raises(ConfigError, match="label_corrections.*no such class"):
+        preflight(load_config(data=data), Resolver())
+    json.dump([{"data": {"uri": "x"}}], open(tmp_path / "export.json", "w"))  # an image-choice export
+    with pytest.raises(ConfigError, match="data.objects"):
+        preflight(load_config(data=data), Resolver())
+    assert not (tmp_path / "out").exists()
