@@ -26,7 +26,7 @@ from curation.objects import ObjectsInput, read_objects
 from curation.scores import reserved_columns
 from curation.object_scores import OBJECTS_MANIFEST
 from curation.select import check_selection_columns
-from curation.select_boxes import MODE as BOX_MODE
+from curation.select_boxes import MODE as BOX_MODE, OBJECT_LABEL
 
 log = logging.getLogger(__name__)
 
@@ -158,5 +158,10 @@ def _check_selection_columns(config: Config, metadata: list[str], plan: Plan) ->
     boxes = [sel for sel in config.selections if sel.mode == BOX_MODE]
     if boxes and plan.objects is None:
         raise ConfigError(f"selection {boxes[0].name!r}: mode {BOX_MODE} selects boxes; it needs input.annotations")
+    by_objects = [sel for sel in images if sel.balance_on == OBJECT_LABEL]
+    if by_objects and plan.objects is None:
+        raise ConfigError(f"selection {by_objects[0].name!r}: balance_on {OBJECT_LABEL} balances over the boxes' "
+                          f"classes; it needs input.annotations")
+    images = [sel.model_copy(update={"balance_on": None}) if sel.balance_on == OBJECT_LABEL else sel for sel in images]
     check_selection_columns(images, pa.schema(fields))
     check_selection_columns(boxes, OBJECTS_MANIFEST)  # a box_review's where and balance_on name box columns

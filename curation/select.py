@@ -43,6 +43,7 @@ checked against the known columns before any work (:func:`check_selection_column
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 
 import numpy as np
@@ -52,11 +53,14 @@ import pyarrow as pa
 from curation.config import ConfigError, ScoresConfig, SelectionConfig
 from curation.schema import SELECTION_SCHEMA
 from curation.where import WhereError, where_mask
-from curation.select_boxes import MODE as BOX_MODE, box_review
+from curation.select_boxes import MODE as BOX_MODE, OBJECT_LABEL, ObjectClasses, balance_by_objects, box_review, \
+    object_classes
 from curation.select_modes import MODES, blocked_by
 from curation.select_view import SampleView, SelectionResult, columns_named, interleave_by
 
 log = logging.getLogger(__name__)
+
+WIDER_FIELD = 3  # balance_on object_label: the mode ranks this many times the budget to choose from
 
 
 class Selector:
@@ -69,10 +73,12 @@ class Selector:
     """
 
     def __init__(self, samples: pa.Table, scores: ScoresConfig, vectors,
-                 selections: list[SelectionConfig] | None = None, previous: dict[str, pa.Table] | None = None):
+                 selections: list[SelectionConfig] | None = None, previous: dict[str, pa.Table] | None = None,
+                 object_classes: ObjectClasses | None = None):
         named = columns_named(selections or [], samples.column_names) if selections is not None else set(
             samples.column_names)
         self.view = SampleView(samples, scores, vectors, named, previous)
+        self.object_classes = object_classes  # balance_on: object_label (a detection run's boxes per image)
 
     def _where(self, sel: SelectionConfig) -> np.ndarray:
         if not sel.where:
@@ -82,10 +88,34 @@ class Selector:
     def eligible(self, sel: SelectionConfig, excluded: np.ndarray | None = None) -> np.ndarray:
         """Rows ``sel`` may pick from (its ``where`` applied, and not ``excluded`` by a selection
         it must stay disjoint from), before the budget."""
+        if sel.balance_on == OBJECT_LABEL:  # (not a column: see build)
+            sel = sel.model_copy(update={"balance_on": None})
         eligible = MODES[sel.mode].eligible(self.view, sel) & self._where(sel)
         return eligible if excluded is None else eligible & ~excluded
 
     def build(self, sel: SelectionConfig, excluded: np.ndarray | None = None) -> SelectionResult:
+        if sel.balance_on == OBJECT_LABEL:  # the mode ranks a wider field; the boxes' classes then pick the budget from it
+            if self.object_classes is None:
+                raise ConfigError(f"selection {sel.name!r} balance_on {OBJECT_LABEL}: needs boxes (input.annotations)")
+            sel_in = sel.model_copy(update={"balance_on": None, "budget": sel.budget and WIDER_FIELD * sel.budget})
+            result = self._build(sel_in, excluded)
+            return self._by_objects(sel, result)
+        return self._build(sel, excluded)
+
+    def _by_objects(self, sel: SelectionConfig, result: SelectionResult) -> SelectionResult:
+        positions, per_class = balance_by_objects(result.rows, self.object_classes, sel.budget)
+        if sel.budget is not None:
+            positions = positions[: sel.budget]
+        table = result.table.take(pa.array(positions, pa.int64()))
+        table = table.set_column(table.schema.get_field_index("rank"), "rank",
+                                 pa.array(np.arange(1, len(positions) + 1, dtype=np.int32)))
+        details = {**(result.details or {}), "objects_per_class": per_class}
+        note = None
+        if sel.budget is not None and sel.budget > len(positions):
+            note = f"budget {sel.budget} exceeds the {result.eligible} eligible items; returned {len(positions)}"
+        return dataclasses.replace(result, table=table, rows=result.rows[positions], details=details, note=note)
+
+    def _build(self, sel: SelectionConfig, excluded: np.ndarray | None = None) -> SelectionResult:
         view, mode = self.view, MODES[sel.mode]
         eligible = self.eligible(sel, excluded)
         ranked = mode.rank(view, sel, np.flatnonzero(eligible))
@@ -153,7 +183,9 @@ def build_selections(samples: pa.Table, scores: ScoresConfig, selections: list[S
             results[sel.name] = box_review(objects, sel)
     order = [sel.name for sel in selections]
     selections = [sel for sel in selections if sel.mode != BOX_MODE]
-    selector = Selector(samples, scores, vectors, selections, previous)
+    classes = object_classes(samples, objects) if objects is not None and any(
+        sel.balance_on == OBJECT_LABEL for sel in selections) else None
+    selector = Selector(samples, scores, vectors, selections, previous, classes)
     by_name = {sel.name: sel for sel in selections}
     excluded: dict[str, np.ndarray] = {}
     blocked: dict[str, np.ndarray] = {}

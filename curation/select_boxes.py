@@ -6,15 +6,21 @@ Eligible: ``source = annotation`` rows that are ``ok`` and scored; ``where`` fil
 ``objects/`` columns (``label``, ``area``, the box scores and flags, ...), ``balance_on`` names
 one of them (interleaved round-robin over its values). The selection file adds ``object_id``
 and ``bbox`` to the usual columns, and the nightly diff keys it by ``object_id``.
+
+Image selections of a detection run may balance over the boxes' classes (``balance_on:
+object_label``, :func:`balance_by_objects`): the budget stays in images, and run.json reports
+the boxes per class the selection brings.
 """
 
 from __future__ import annotations
 
 import logging
+from dataclasses import dataclass
 
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
+from scipy import sparse
 
 from curation.config import SelectionConfig
 from curation.object_scores import OBJECT_FLAGS, OBJECTS_MANIFEST
@@ -76,3 +82,67 @@ def _reason(row: dict) -> str:
 def box_columns() -> pa.Schema:
     """The columns a ``box_review`` selection's ``where`` and ``balance_on`` may name."""
     return OBJECTS_MANIFEST
+
+
+OBJECT_LABEL = "object_label"  # balance_on: an image selection balanced over its boxes' classes
+BALANCE_WINDOW = 16  # images weighed per step (the best ranked that hold the class served)
+
+
+@dataclass(frozen=True)
+class ObjectClasses:
+    """Per samples row, how many ok annotated boxes of each class it holds (``counts``: a
+    sparse ``(n_samples, len(names))`` matrix)."""
+
+    names: list[str]
+    counts: "sparse.csr_matrix"
+
+
+def object_classes(samples: pa.Table, objects: pa.Table) -> ObjectClasses:
+    """The boxes' classes per image of ``samples`` (matched by ``uri``)."""
+    usable = pc.fill_null(pc.and_(pc.equal(objects["source"], SOURCE_ANNOTATION),
+                                  pc.equal(objects["status"], STATUS_OK)), False)
+    boxes = objects.filter(usable).select(["uri", "label"]).drop_null()
+    row = pc.index_in(boxes["uri"], value_set=samples["uri"].combine_chunks().cast(pa.string()))
+    row = np.asarray(row.to_numpy(zero_copy_only=False), np.float64)
+    names, codes = np.unique(np.asarray(boxes["label"].to_pylist(), dtype=object).astype(str), return_inverse=True) \
+        if boxes.num_rows else (np.array([], str), np.zeros(0, np.int64))
+    found = np.isfinite(row)
+    counts = sparse.csr_matrix((np.ones(int(found.sum())), (row[found].astype(np.int64), codes[found])),
+                               shape=(samples.num_rows, len(names)))
+    return ObjectClasses([str(n) for n in names], counts)
+
+
+def balance_by_objects(order: np.ndarray, classes: ObjectClasses, budget: int | None) -> tuple[np.ndarray, dict]:
+    """Positions in ``order`` (rows, best first) that re-order it so that the first ``budget``
+    bring the boxes' classes as evenly as whole images allow: each step serves the class with
+    the fewest boxes so far (ties: the class with the fewest boxes on offer), taking among the
+    next ``BALANCE_WINDOW`` images that hold it the one whose boxes are most of that class
+    (ties: the better ranked); images without boxes follow. Returns the positions and the boxes
+    per class of the first ``budget``."""
+    budget = len(order) if budget is None else min(int(budget), len(order))
+    by_row = classes.counts[order].tocsr()
+    by_class = by_row.tocsc()
+    k = by_row.shape[1]
+    queues = [by_class.indices[by_class.indptr[c]:by_class.indptr[c + 1]] for c in range(k)]  # positions, ascending
+    offered = np.asarray(by_row.sum(axis=0)).ravel()
+    sizes = np.asarray(by_row.sum(axis=1)).ravel()
+    heads = np.zeros(k, np.int64)
+    taken = np.zeros(len(order), bool)
+    totals = np.zeros(k)
+    picks: list[int] = []
+    while len(picks) < budget:
+        for c in range(k):  # drop taken positions from each queue's head
+            while heads[c] < len(queues[c]) and taken[queues[c][heads[c]]]:
+                heads[c] += 1
+        open_ = np.array([heads[c] < len(queues[c]) for c in range(k)], bool)
+        if not open_.any():
+            break
+        c = int(np.lexsort((offered, np.where(open_, totals, np.inf)))[0])
+        window = [int(p) for p in queues[c][heads[c]:] if not taken[p]][:BALANCE_WINDOW]
+        share = [by_row[p, c] / max(sizes[p], 1.0) for p in window]
+        position = window[int(np.argmax(share))]  # (argmax: the first, best ranked, of equals)
+        taken[position] = True
+        picks.append(position)
+        totals += by_row[position].toarray().ravel()
+    rest = np.flatnonzero(~taken)
+    return np.concatenate([np.asarray(picks, np.int64), rest]), {n: int(totals[i]) for i, n in enumerate(classes.names)}

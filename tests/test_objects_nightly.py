@@ -43,7 +43,8 @@ def three_nights(ray_local, tmp_path_factory):
     annotations = os.path.join(root, "annotations.json")
     data = detection_config(os.path.join(root, "images"), annotations, out)
     data["selections"] = [{"name": "boxes", "mode": "box_review", "budget": 6, "where": "area > 0"},
-                          {"name": "label_review", "mode": "label_review", "budget": 4}]
+                          {"name": "label_review", "mode": "label_review", "budget": 4},
+                          {"name": "even", "mode": "clean", "budget": 3, "balance_on": "object_label"}]
     config = load_config(data=data)
     first = run_job(config)
     doc = json.load(open(annotations))
@@ -159,3 +160,38 @@ def test_box_review_and_box_corrections_are_checked_before_any_work(tmp_path):
     with pytest.raises(ConfigError, match="data.objects"):
         preflight(load_config(data=data), Resolver())
     assert not (tmp_path / "out").exists()
+
+
+def test_balance_on_object_label_brings_box_classes_as_evenly_as_images_allow():
+    from scipy import sparse
+
+    from curation.select_boxes import ObjectClasses, balance_by_objects
+
+    # 12 images ranked best first; the best ones hold only class a (3 boxes each), then mixed,
+    # then class c alone: the top 4 by rank would be 12 a-boxes and nothing else
+    rows = [{"a": 3}] * 6 + [{"a": 1, "b": 1}] * 3 + [{"c": 2}] * 3
+    names = ["a", "b", "c"]
+    counts = sparse.csr_matrix(np.array([[r.get(n, 0) for n in names] for r in rows], float))
+    order = np.arange(len(rows))
+    positions, per_class = balance_by_objects(order, ObjectClasses(names, counts), 4)
+    assert sorted(positions.tolist()) == list(range(12))  # a permutation: nothing dropped
+    picked = positions[:4]
+    totals = counts[picked].sum(axis=0).A1
+    assert per_class == dict(zip(names, totals.astype(int).tolist()))
+    # the best whole images allow is 3 a, 3 b, 2 c (three mixed images and one c); by rank: 12 a
+    assert totals.tolist() == [3, 3, 2]
+    assert picked[0] == 6  # the rarest class first, its best-ranked image
+
+
+def test_an_image_selection_balanced_over_box_classes_reports_its_boxes_per_class(three_nights):
+    first = three_nights[0]
+    info = json.load(open(os.path.join(first.run_uri, "run.json")))
+    even = next(s for s in info["selections"] if s["name"] == "even")
+    chosen = set(pq.read_table(os.path.join(first.run_uri, "selections", "even.parquet"))["uri"].to_pylist())
+    assert len(chosen) == 3  # the budget stays in images
+    objects = [r for r in read_objects_folder(first.run_uri).to_pylist()
+               if r["uri"] in chosen and r["source"] == "annotation" and r["status"] == "ok"]
+    counted = {}
+    for r in objects:
+        counted[r["label"]] = counted.get(r["label"], 0) + 1
+    assert {k: v for k, v in even["details"]["objects_per_class"].items() if v} == counted

@@ -26,9 +26,10 @@ def test_needs_ray_is_decided_once_from_the_config_and_n():
 
 
 def test_selection_modes_registry_matches_the_config():
-    from curation.select import MODES
+    from curation.select import BOX_MODE, MODES
 
-    assert set(MODES) == set(SELECTION_MODES)
+    # the image modes' registry, and box_review (over a detection run's boxes, not images)
+    assert set(MODES) | {BOX_MODE} == set(SELECTION_MODES) and BOX_MODE not in MODES
 
 
 def test_a_manifest_may_not_use_any_score_or_internal_column_name(tmp_path):
