@@ -147,7 +147,7 @@ def _known_keys(cls: type[BaseModel], data: dict) -> dict:
 # file's own folder (or S3 prefix), so a config shipped with `--working-dir` means the same
 # wherever the job runs.
 PATH_KEYS = (("input", "images"), ("input", "manifest"), ("input", "labels"), ("input", "embeddings"),
-             ("input", "annotations"), ("input", "predictions"),
+             ("input", "annotations"), ("input", "predictions"), ("input", "object_embeddings"),
              ("output", "uri"), ("store", "uri"), ("embedder", "weights"))
 
 
@@ -205,6 +205,15 @@ def validate(config: Config) -> None:
     if inp.annotations and inp.labels:
         raise ConfigError("config key 'input.labels': give input.annotations or input.labels, not both (a "
                           "detection set's classes are its boxes')")
+    if inp.object_embeddings and not inp.embeddings:
+        raise ConfigError("config key 'input.object_embeddings': only with input.embeddings (box vectors beside "
+                          "precomputed image vectors; with input.images give input.annotations)")
+    if inp.object_embeddings and inp.label_corrections:
+        raise ConfigError("config key 'input.label_corrections': not with input.object_embeddings (box corrections "
+                          "come back from exported image tasks: run on input.images with input.annotations)")
+    if inp.object_embeddings and (inp.annotations or inp.predictions):
+        raise ConfigError("config key 'input.object_embeddings': give input.object_embeddings or "
+                          "input.annotations, not both")
     if inp.split_from_path and not inp.images:
         raise ConfigError("config key 'input.split_from_path': only with input.images")
     if inp.split_from_path and inp.split_column:

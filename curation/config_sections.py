@@ -48,6 +48,10 @@ class InputConfig(Section):
             Every box becomes a row of the run's ``objects/`` (see :mod:`curation.objects`).
         annotations_format: ``auto`` (``coco`` for a ``.json``, ``yolo`` for a ``.yaml``) |
             ``coco`` | ``yolo``.
+        object_embeddings: with ``embeddings``: precomputed box vectors, Parquet ``uri`` (the
+            image, as in ``embeddings``), ``bbox`` (``[x, y, w, h]`` pixels), ``label``,
+            ``embedding`` (optional ``annotation_id``, ``iscrowd``): every row a box, curated
+            as ``annotations`` boxes are without decoding (see :mod:`curation.object_vectors`).
         predictions: a detector's boxes in COCO's results format, beside ``annotations`` (see
             :mod:`curation.predictions`): location and overlooked-object scores, and the
             detector's class scores in ``box_label_quality``.
@@ -72,6 +76,7 @@ class InputConfig(Section):
     annotations: Text | None = None
     annotations_format: Literal["auto", "coco", "yolo"] = "auto"
     predictions: Text | None = None
+    object_embeddings: Text | None = None
 
 
 class ObjectsConfig(Section):

@@ -56,6 +56,7 @@ from curation.scores import run_scores
 from curation.corrections import apply_corrections, read_answers
 from curation.leakage import find_leaks, split_values
 from curation.crop_store import CropStore, CropWork, plan_crops
+from curation.object_vectors import joined_to_samples
 from curation.objects import (ObjectVectors, objects_summary, place_objects,
                               read_object_vectors, with_object_vectors)
 from curation.object_scores import CropGraph, per_image, score_objects
@@ -364,12 +365,16 @@ def _place_objects(plan: Plan, config: Config, ingested: Ingested) -> tuple[Inge
     """The annotations' boxes on their decoded images (see :mod:`curation.objects`), and
     ``object_count`` on every input's row."""
     samples = ingested.samples.sort_by("input_id")
-    table = place_objects(plan.objects, samples, config.objects)
-    crops = ingested.crops or ObjectVectors([], np.zeros(0, np.int64), np.zeros(0, np.int64))
+    objects_in, crops = plan.objects, ingested.crops
+    if objects_in.vector_files is not None:  # input.object_embeddings: the vectors as given, checked where stored
+        checks = run_tasks(inputs_io.check_vectors, [(location,) for location in objects_in.vector_files])
+        objects_in, crops = joined_to_samples(objects_in, samples, checks)
+    table = place_objects(objects_in, samples, config.objects)
+    crops = crops or ObjectVectors([], np.zeros(0, np.int64), np.zeros(0, np.int64))
     table, keep = with_object_vectors(table, crops.rows)
-    summary = objects_summary(table, plan.objects.object_count)
-    if plan.objects.correction_counts is not None:
-        summary["corrections"] = plan.objects.correction_counts
+    summary = objects_summary(table, objects_in.object_count)
+    if objects_in.correction_counts is not None:
+        summary["corrections"] = objects_in.correction_counts
     log.info("objects: %(annotations)d boxes, %(ok)d ok, %(rejected)d rejected", summary)
     graph = None
     nodes = keep | (crops.rows == -1)  # the ok boxes' crops and the background squares
@@ -381,9 +386,9 @@ def _place_objects(plan: Plan, config: Config, ingested: Ingested) -> tuple[Inge
     crop_graph = CropGraph(graph, crops.rows[nodes], crops.images[nodes], VectorParts(crops.parts, keep=keep))
     table, summary["scores"] = score_objects(table, crop_graph, config.objects,
                                              probe_weight=config.scores.label_probe_weight,
-                                             predictions=plan.objects.predictions, classes_listed=plan.objects.classes)
+                                             predictions=objects_in.predictions, classes_listed=objects_in.classes)
     samples = samples.drop_columns([c for c in ("orientation",) if c in samples.column_names])
-    samples = samples.append_column("object_count", plan.objects.object_count)
+    samples = samples.append_column("object_count", objects_in.object_count)
     for name, column in per_image(table, samples.num_rows).items():
         samples = samples.append_column(name, column)
     return dataclasses.replace(ingested, samples=samples), (table, summary)

@@ -71,6 +71,8 @@ class ObjectsInput:
     # box corrections that hold tonight (kept with the run) and their counts (curation/box_corrections.py)
     corrections: pa.Table | None = None
     correction_counts: dict | None = None
+    # input.object_embeddings: the box vectors' files (row i = box i; curation/object_vectors.py)
+    vector_files: list | None = None
 
 
 def read_objects(config: Config, resolver: Resolver, inputs: pa.Table) -> ObjectsInput:
@@ -233,6 +235,9 @@ def place_objects(objects: ObjectsInput, samples: pa.Table, cfg: ObjectsConfig) 
     image_ok = is_ok(samples["status"])[row] & has_image if samples.num_rows else np.zeros(n, bool)
     width, height = (samples[c].to_numpy(zero_copy_only=False).astype(np.float64)[row] if samples.num_rows
                      else np.zeros(n) for c in ("width", "height"))
+    # No size (precomputed vectors: nothing decoded): a box is placed on an unbounded image.
+    unknown = ~(np.nan_to_num(width) > 0) | ~(np.nan_to_num(height) > 0)
+    width, height = np.where(unknown, np.inf, width), np.where(unknown, np.inf, height)
     if "orientation" in samples.column_names and samples.num_rows:  # the stored frame (EXIF turned 90 degrees)
         turned = np.isin(samples["orientation"].to_numpy(zero_copy_only=False)[row], (5, 6, 7, 8))
         width, height = np.where(turned, height, width), np.where(turned, width, height)
@@ -252,7 +257,8 @@ def place_objects(objects: ObjectsInput, samples: pa.Table, cfg: ObjectsConfig) 
     placed = pixels.copy()
     if sized.any():
         placed[sized], why = place_boxes(raw[sized], units=objects.units, width=width[sized], height=height[sized],
-                                         tolerance_px=cfg.clip_tolerance_px, min_size_px=cfg.min_size_px)
+                                         tolerance_px=cfg.clip_tolerance_px,
+                                         min_size_px=0.0 if objects.vector_files else cfg.min_size_px)
         for i, problem in zip(np.flatnonzero(sized), why):
             if problem and status[i] == STATUS_OK:
                 status[i], reason[i] = STATUS_REJECTED, problem

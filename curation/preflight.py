@@ -23,6 +23,7 @@ from curation.annotations import AnnotationsError
 from curation.box_corrections import read_box_answers, with_box_corrections
 from curation.run_layout import OBJECT_CORRECTIONS_FILE
 from curation.objects import ObjectsInput, read_objects
+from curation.object_vectors import read_object_embeddings
 from curation.scores import reserved_columns
 from curation.object_scores import OBJECTS_MANIFEST
 from curation.select import check_selection_columns
@@ -68,6 +69,8 @@ def preflight(config: Config, resolver: Resolver) -> Plan:
     if config.input.embeddings:
         plan.embedding_files, names, plan.count = inputs_io.embeddings_files(config, resolver)
         metadata = [n for n in names if n not in inputs_io.EMBEDDINGS_COLUMNS]
+        if config.input.object_embeddings:
+            plan.objects = read_object_embeddings(config, resolver)
     else:
         check_embedder(config.embedder.model, config.embedder.weights, resolver=resolver)
         plan.inputs = inputs_io.list_inputs(config, resolver)
@@ -82,7 +85,7 @@ def preflight(config: Config, resolver: Resolver) -> Plan:
         raise ConfigError(f"config key 'input.split_column': no column {config.input.split_column!r} in the inputs "
                           f"(columns: {', '.join(metadata) or 'none'})")
     _check_selection_columns(config, metadata, plan)
-    if plan.objects is not None:  # a detection run's corrections are of boxes
+    if plan.objects is not None and plan.inputs is not None:  # a detection run's corrections are of boxes
         plan.objects = _box_corrections(config, resolver, plan)
     elif config.input.label_corrections:
         plan.answers = _checked_corrections(config, resolver, plan)
