@@ -155,4 +155,11 @@ def test_box_review_round_trip_through_a_real_label_studio(tmp_path, label_studi
     again = {r["object_id"]: r for r in pq.read_table(os.path.join(third.run_uri, "objects")).to_pylist()}
     assert again[relabelled["object_id"]]["label"] == new_label and again[moved["object_id"]]["change"] == "moved"
     assert third.run_info["objects"]["corrections"]["kept_from_previous_runs"] == 4
-    assert third.run_info["embedder"]["store"]["crops_embedded"] == 0  # nothing changed since: every crop reused
+    counts = third.run_info["embedder"]["store"]
+    assert counts["crops_embedded"] == 0 and counts["embedded"] == 0  # nothing changed since: nothing decoded
+    # the same vectors: the same scores, box by box
+    before = {r["object_id"]: r["box_quality"] for r in objects}
+    assert {o: r["box_quality"] for o, r in again.items()} == before
+    # tonight's moved and added boxes were cut where the annotator put them; nothing else was
+    night_two = second.run_info["embedder"]["store"]
+    assert night_two["embedded"] == 0 and 2 <= night_two["crops_embedded"] <= 2 + 2 * 1  # + its background squares

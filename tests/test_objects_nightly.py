@@ -1,6 +1,7 @@
 """Detection runs night after night: an image whose boxes changed re-embeds only the changed
 crops (and its background squares, which avoid its boxes); unchanged images are neither decoded
-nor embedded; every copied crop vector is the one the first night embedded."""
+nor embedded; every copied crop vector is the one the first night embedded. Box selections,
+their diff by object_id, and image selections balanced over the boxes' classes."""
 
 from __future__ import annotations
 
@@ -32,9 +33,9 @@ def store_counts(run_uri: str) -> dict:
 
 
 @pytest.fixture(scope="module")
-def three_nights(ray_local, tmp_path_factory):
+def two_nights(ray_local, tmp_path_factory):
     """Night 1 on a shapes set; night 2 with one box moved and one added on image A, and image
-    B's file rewritten; night 3 with nothing changed."""
+    B's file rewritten (a night with nothing changed: tests/test_label_studio.py's third)."""
     from curation.job import run_job
 
     root = str(tmp_path_factory.mktemp("nightly-detection"))
@@ -62,14 +63,13 @@ def three_nights(ray_local, tmp_path_factory):
         image.transpose(Image.Transpose.FLIP_TOP_BOTTOM).save(path_b + ".tmp", format=image.format)
     shutil.move(path_b + ".tmp", path_b)
     second = run_job(config)
-    third = run_job(config)
     prefix = os.path.join(root, "images") + "/"
-    return first, second, third, {"a": prefix + image_a["file_name"], "b": prefix + image_b["file_name"],
+    return first, second, {"a": prefix + image_a["file_name"], "b": prefix + image_b["file_name"],
                                   "boxes_b": sum(a["image_id"] == image_b["id"] for a in doc["annotations"])}
 
 
-def test_a_changed_box_re_embeds_only_its_crops(three_nights):
-    first, second, third, changed = three_nights
+def test_a_changed_box_re_embeds_only_its_crops(two_nights):
+    first, second, changed = two_nights
     before, after = crop_vectors(first.run_uri), crop_vectors(second.run_uri)
     objects = read_objects_folder(second.run_uri).to_pylist()
     uri_of = {r["object_id"]: r["uri"] for r in objects}
@@ -94,20 +94,8 @@ def test_a_changed_box_re_embeds_only_its_crops(three_nights):
     assert counts["crops_copied"] == len(background) - counts["crops_embedded"]
 
 
-def test_an_unchanged_night_decodes_nothing_and_keeps_every_crop(three_nights):
-    _, second, third, _ = three_nights
-    counts = store_counts(third.run_uri)
-    assert counts["embedded"] == 0 and counts["crops_embedded"] == 0
-    before, after = crop_vectors(second.run_uri), crop_vectors(third.run_uri)
-    assert before.keys() == after.keys()
-    assert all(np.array_equal(before[o], after[o]) for o in before)
-    # the scores are those of the same vectors: the same boxes flagged, the same box_quality
-    a, b = (read_objects_folder(r.run_uri).sort_by("object_id") for r in (second, third))
-    assert a["box_quality"].to_pylist() == b["box_quality"].to_pylist()
-
-
-def test_box_review_selects_boxes_lowest_quality_first_and_the_diff_keys_them_by_object_id(three_nights):
-    first, second, _, changed = three_nights
+def test_box_review_selects_boxes_lowest_quality_first_and_the_diff_keys_them_by_object_id(two_nights):
+    first, second, changed = two_nights
     chosen = pq.read_table(os.path.join(first.run_uri, "selections", "boxes.parquet")).to_pylist()
     objects = read_objects_folder(first.run_uri)
     annotated = [r for r in objects.to_pylist() if r["source"] == "annotation" and r["status"] == "ok"]
@@ -183,8 +171,8 @@ def test_balance_on_object_label_brings_box_classes_as_evenly_as_images_allow():
     assert picked[0] == 6  # the rarest class first, its best-ranked image
 
 
-def test_an_image_selection_balanced_over_box_classes_reports_its_boxes_per_class(three_nights):
-    first = three_nights[0]
+def test_an_image_selection_balanced_over_box_classes_reports_its_boxes_per_class(two_nights):
+    first = two_nights[0]
     info = json.load(open(os.path.join(first.run_uri, "run.json")))
     even = next(s for s in info["selections"] if s["name"] == "even")
     chosen = set(pq.read_table(os.path.join(first.run_uri, "selections", "even.parquet"))["uri"].to_pylist())
