@@ -119,6 +119,8 @@ def main() -> None:
     parser.add_argument("--classes", type=int, default=20)
     parser.add_argument("--swap", type=float, default=0.05)
     parser.add_argument("--slope", type=int, default=0, help="a second, smaller detection run of this many images")
+    parser.add_argument("--image-from", default=None,
+                        help="take the image run from this earlier JSON of the same machine and session")
     parser.add_argument("--work", default=os.path.join(tempfile.gettempdir(), "curation-bench-objects-scale"))
     parser.add_argument("--out", default="benchmarks/results/objects-scale.json")
     args = parser.parse_args()
@@ -135,7 +137,10 @@ def main() -> None:
                                             "object_embeddings": os.path.join(work, "objects.parquet")})
         print(f"  detection run: {detection['wall_s']} s, driver {detection['driver_peak_mib']} MiB", flush=True)
         results[f"detection_{n}"] = detection
-        if n == args.images:
+        if n == args.images and args.image_from:
+            results["image"] = json.load(open(args.image_from))["image"]
+            results["image_from"] = args.image_from
+        elif n == args.images:
             image = run(work, "image", {"embeddings": os.path.join(work, "items.parquet")})
             print(f"  image run of {counts['boxes']} items: {image['wall_s']} s, driver {image['driver_peak_mib']} MiB",
                   flush=True)

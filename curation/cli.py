@@ -31,7 +31,8 @@ def _parser() -> argparse.ArgumentParser:
     run.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY.PATH=VALUE",
                      help="override a config key (repeatable)")
     run.add_argument("--quiet", action="store_true", help="only warnings and errors")
-    export = sub.add_parser("export", help="a published run's selection as Label Studio tasks (or CSV)")
+    export = sub.add_parser("export", help="a published run's selection as Label Studio tasks (or CSV); in a "
+                                           "detection run one task per image, its boxes as rectangles")
     export.add_argument("--run", required=True, help="a run URI, or an output URI (its latest run)")
     export.add_argument("--selection", required=True, help="the selection to export (e.g. to_label)")
     export.add_argument("--format", default="label-studio", choices=("label-studio", "csv"))

@@ -11,7 +11,7 @@ night sorts each image with boxes into one of three cases:
 * image stored, some crops not (a box added, moved or resized): the image is decoded for
   those crops only -- its own vector is copied, not embedded again, and so are its unchanged
   boxes' crops (``crop_only`` rows: the decode stage cuts the missing crops, the embedding
-  actors embed only them);
+  actors embed only them; :func:`copy_stored_crops` copies the rest, one Ray task per file);
 * image not stored (new or changed file): decoded and embedded whole, every crop cut.
 
 Background squares (the spurious-box evidence) are placed away from the image's boxes, so
@@ -32,10 +32,11 @@ import pyarrow.parquet as pq
 
 from curation.config_sections import ObjectsConfig
 from curation.io.filesystem import Location, list_files, read_bytes
-from curation.io.store import SCHEME_AND_ROOT, EmbeddingStore, StagedSnapshot, plain_path
+from curation.io.store import EmbeddingStore, StagedSnapshot
 from curation.item_key import background_keys, crop_keys, key_hashes
 from curation.objects import ObjectsInput, within_cap
 from curation.schema import is_ok
+from curation.session import run_tasks
 
 log = logging.getLogger(__name__)
 
@@ -224,23 +225,34 @@ class CropStore:
         return EmbeddingStore.stage_into(self.root, vector_files, run_id, rows)
 
 
-def match_stored_crops(batch: pa.Table, *, keys: np.ndarray, object_rows: np.ndarray, input_ids: np.ndarray,
-                       owners: np.ndarray, paths: list[str], model_id: str) -> pa.Table:
-    """The rows of a stored crop file that tonight copies, renumbered to tonight's objects
-    table and inputs (a Ray Data batch function; ``path`` is the column Ray Data adds)."""
-    found = batch[CROP_KEY].to_numpy()
+def copy_stored_crops(reuse: StoredCrops, *, folder: Location) -> list[str]:
+    """Copy the crop vectors ``reuse`` names from the crop store into ``folder``: one Ray task
+    per stored file, given only that file's keys (the vectors never reach the driver). Returns
+    the names of the files written."""
+    args = []
+    for f, location in enumerate(reuse.files):
+        mine = reuse.owners == f
+        if mine.any():
+            args.append((location, reuse.keys[mine], reuse.object_rows[mine], reuse.input_ids[mine],
+                         reuse.model_id, folder))
+    return sorted(name for name in run_tasks(_copy_one_file, args) if name)
+
+
+def _copy_one_file(location: Location, keys: np.ndarray, object_rows: np.ndarray, input_ids: np.ndarray,
+                   model_id: str, folder: Location) -> str | None:
+    """The rows of one stored crop file that tonight copies (``keys`` sorted), renumbered to
+    tonight's objects table and inputs, written to ``folder``."""
+    table = pq.read_table(location.path, columns=[CROP_KEY, "embedding", "model_id"], filesystem=location.filesystem)
+    found = table[CROP_KEY].to_numpy()
     pos = np.minimum(np.searchsorted(keys, found), max(len(keys) - 1, 0))
-    hit = (len(keys) > 0) & (keys[pos] == found) & pc.equal(batch["model_id"], model_id).to_numpy(zero_copy_only=False)
-    names = pa.array([plain_path(p) for p in paths])
-    batch_names = pc.replace_substring_regex(batch["path"], pattern=SCHEME_AND_ROOT, replacement="")
-    file_index = np.asarray(pc.index_in(batch_names, value_set=names).to_numpy(zero_copy_only=False), np.float64)
-    hit &= owners[pos] == np.where(np.isfinite(file_index), file_index, -1)
+    hit = (len(keys) > 0) & (keys[pos] == found) & pc.equal(table["model_id"], model_id).to_numpy(
+        zero_copy_only=False)
     where = pos[hit]
-    return pa.table({"object_row": pa.array(object_rows[where], pa.int64()),
-                     "input_id": pa.array(input_ids[where], pa.int64()),
-                     "embedding": batch["embedding"].filter(pa.array(hit)),
-                     "model_id": batch["model_id"].filter(pa.array(hit)),
-                     CROP_KEY: pa.array(found[hit], pa.int64())})
+    mask = pa.array(hit)
+    return write_stored_crops(folder, pa.table({
+        "object_row": pa.array(object_rows[where], pa.int64()), "input_id": pa.array(input_ids[where], pa.int64()),
+        "embedding": table["embedding"].filter(mask), "model_id": table["model_id"].filter(mask),
+        CROP_KEY: pa.array(found[hit], pa.int64())}))
 
 
 def write_stored_crops(folder: Location, rows: pa.Table) -> str | None:

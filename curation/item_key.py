@@ -102,19 +102,47 @@ def object_ids(uri, bbox, *, grid: float = 0.5) -> pa.Array:
     as a third part. Whether the box is *unchanged* is its image's question, asked by the rule
     above (``uri`` and ``fingerprint``): a box of a changed image is a changed object. A row
     with a null uri or bbox gets a null id."""
-    uris = _as_array(uri).cast(pa.string()).to_pylist()
-    boxes = _as_array(bbox).to_pylist()
-    seen: dict[str, int] = {}
+    uris, boxes = _as_array(uri).cast(pa.string()), _as_array(bbox)
+    n = len(uris)
+    # Two passes over bounded chunks (a million boxes never become a million Python lists at
+    # once): the keys' 64-bit hashes give each key its order of appearance, then the ids.
+    hashes = np.zeros(n, np.uint64)
+    known = np.zeros(n, bool)
+    for start in range(0, n, IDS_CHUNK):
+        keys = _geometry_keys(uris, boxes, start, grid)
+        mine = np.array([k is not None for k in keys], bool)
+        known[start:start + len(keys)] = mine
+        if mine.any():
+            hashes[start:start + len(keys)][mine] = pd.util.hash_array(
+                np.array([k for k in keys if k is not None], dtype=object), categorize=False)
+    rank = np.zeros(n, np.int64)
+    rows = np.flatnonzero(known)
+    if len(rows):
+        order = rows[np.argsort(hashes[rows], kind="stable")]
+        sorted_hashes = hashes[order]
+        starts = np.flatnonzero(np.r_[True, sorted_hashes[1:] != sorted_hashes[:-1]])
+        rank[order] = np.arange(len(order)) - np.repeat(starts, np.diff(np.r_[starts, len(order)]))
     out: list[str | None] = []
-    for u, box in zip(uris, boxes):
+    for start in range(0, n, IDS_CHUNK):
+        for i, key in enumerate(_geometry_keys(uris, boxes, start, grid), start):
+            out.append(None if key is None else hashlib.blake2b(f"{key}{_SEPARATOR}{rank[i]}".encode(),
+                                                                digest_size=12).hexdigest())
+    return pa.array(out, pa.string())
+
+
+IDS_CHUNK = 65_536  # boxes turned into key text at a time
+
+
+def _geometry_keys(uris: pa.Array, boxes: pa.Array, start: int, grid: float) -> list[str | None]:
+    """``uri`` + snapped geometry of the boxes ``start:start + IDS_CHUNK`` (None: unknown)."""
+    out = []
+    for u, box in zip(uris.slice(start, IDS_CHUNK).to_pylist(), boxes.slice(start, IDS_CHUNK).to_pylist()):
         if u is None or box is None or any(v is None for v in box):
             out.append(None)
             continue
         geometry = ",".join(f"{round(float(v) / grid) * grid:g}" for v in box)
-        key = f"{u}{_SEPARATOR}{geometry}"
-        seen[key] = seen.get(key, -1) + 1
-        out.append(hashlib.blake2b(f"{key}{_SEPARATOR}{seen[key]}".encode(), digest_size=12).hexdigest())
-    return pa.array(out, pa.string())
+        out.append(f"{u}{_SEPARATOR}{geometry}")
+    return out
 
 
 def _as_array(values) -> pa.Array:

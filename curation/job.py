@@ -55,7 +55,7 @@ from curation.index.incremental import neighbour_graph
 from curation.scores import run_scores
 from curation.corrections import apply_corrections, read_answers
 from curation.leakage import find_leaks, split_values
-from curation.crop_store import CropStore, CropWork, plan_crops
+from curation.crop_store import CropStore, CropWork, copy_stored_crops, plan_crops
 from curation.object_vectors import joined_to_samples
 from curation.objects import (ObjectVectors, objects_summary, place_objects,
                               read_object_vectors, with_object_vectors)
@@ -175,15 +175,16 @@ def _ingest_images(plan: Plan, config: Config, resolver: Resolver, clock: Clock)
             with_boxes = with_boxes.append_column(name, column)
         todo = with_boxes.filter(pa.array(~reused | work.crop_only))
         crop_cfg = crop_plan.settings
-    log.info("inputs: %d; reused from the embedding store: %d; to decode and embed: %d",
-             inputs.num_rows, int(reused.sum()), int((~reused).sum()))
+    log.info("inputs: %d; reused from the embedding store: %d; to decode and embed: %d%s",
+             inputs.num_rows, int(reused.sum()), int((~reused).sum()),
+             f" (+{int(work.crop_only.sum())} decoded for changed boxes only)" if work is not None else "")
     folder = plan.run.child("embeddings")
     object_folder = plan.run.child(OBJECT_EMBEDDINGS_FOLDER)
     with clock.phase("decode_embed" if todo.num_rows else "copy_stored"):
         compact = pipeline.embed_to_storage(todo, reuse, config, resolver, folder=folder,
                                             model_id=identity["model_id"], objects=crop_cfg,
                                             object_folder=object_folder)
-        copied = pipeline.copy_stored_crops(work.reuse, folder=object_folder) \
+        copied = copy_stored_crops(work.reuse, folder=object_folder) \
             if work is not None and work.reuse is not None else []
     crops = None
     if plan.objects is not None:

@@ -248,9 +248,7 @@ def place_objects(objects: ObjectsInput, samples: pa.Table, cfg: ObjectsConfig) 
     over = ~within_cap(boxes, cfg.max_per_image) & is_ok(boxes["status"])
     for i in np.flatnonzero(over):  # the per-image cap, before placement (the decode stage's rule too)
         status[i], reason[i] = STATUS_REJECTED, f"more than objects.max_per_image ({cfg.max_per_image}) boxes on this image"
-    given = boxes["bbox"].to_pylist()
-    known = np.array([b is not None for b in given])
-    raw = np.array([b if b is not None else [0.0] * 4 for b in given], np.float64).reshape(-1, 4)
+    raw, known = box_matrix(boxes["bbox"])
     sized = image_ok & known
     pixels = np.full((n, 4), np.nan)
     if sized.any():
@@ -267,21 +265,37 @@ def place_objects(objects: ObjectsInput, samples: pa.Table, cfg: ObjectsConfig) 
         if status[i] == STATUS_OK:
             status[i], reason[i] = STATUS_REJECTED, f"image rejected: {image_reasons[row[i]]}"
     # Pixels where the image's size is known; a COCO box (pixels already) as given otherwise.
-    shown = np.where(sized[:, None], placed, raw if objects.units == "pixels" else np.nan)
-    bbox = pa.array([None if not known[i] or np.isnan(shown[i]).any() else shown[i].round(3).tolist()
-                     for i in range(n)], pa.list_(pa.float64(), 4))
-    ids = object_ids(boxes["uri"], pa.array([p.tolist() if sized[i] else None for i, p in enumerate(pixels)],
-                                            pa.list_(pa.float64(), 4)))
-    area = pc.if_else(pc.is_valid(boxes["area"]), boxes["area"],
-                      pa.array([b[2] * b[3] if b is not None else None for b in bbox.to_pylist()], pa.float64()))
+    shown = np.where(sized[:, None], placed, raw if objects.units == "pixels" else np.nan).round(3)
+    shown_ok = known & ~np.isnan(shown).any(axis=1)
+    bbox = _box_array(shown, shown_ok)
+    ids = object_ids(boxes["uri"], _box_array(pixels, sized))
+    pixel_area = pa.array(shown[:, 2] * shown[:, 3], pa.float64(), mask=~shown_ok)
+    area = pc.if_else(pc.is_valid(boxes["area"]), boxes["area"], pixel_area)
     if objects.units == "fraction":  # YOLO gives no area: the pixel box's
-        area = pa.array([b[2] * b[3] if b is not None else None for b in bbox.to_pylist()], pa.float64())
+        area = pixel_area
     table = boxes.set_column(boxes.schema.get_field_index("bbox"), "bbox", bbox)
     table = table.set_column(table.schema.get_field_index("area"), "area", area)
     table = table.set_column(table.schema.get_field_index("status"), "status", pa.array(status, pa.string()))
     table = table.set_column(table.schema.get_field_index("reason"), "reason", pa.array(reason, pa.string()))
     table = table.append_column("object_id", ids)
     return table.select(OBJECTS_CONTRACT.names).cast(OBJECTS_CONTRACT)
+
+
+def box_matrix(column) -> tuple[np.ndarray, np.ndarray]:
+    """``[x, y, w, h]`` boxes (a list column, four numbers or null per row) as an ``(n, 4)``
+    float64 matrix (zeros where null) and which rows have one; without a Python object per box."""
+    arr = column.combine_chunks() if isinstance(column, pa.ChunkedArray) else column
+    if not pa.types.is_fixed_size_list(arr.type):
+        arr = pc.cast(arr, pa.list_(pa.float64(), 4))
+    known = arr.is_valid().to_numpy(zero_copy_only=False)
+    values = arr.values.slice(arr.offset * 4, len(arr) * 4).cast(pa.float64())
+    matrix = values.to_numpy(zero_copy_only=False).astype(np.float64).reshape(-1, 4)
+    return np.where(known[:, None], np.nan_to_num(matrix), 0.0), known
+
+
+def _box_array(matrix: np.ndarray, valid: np.ndarray) -> pa.Array:
+    return pa.FixedSizeListArray.from_arrays(pa.array(np.where(valid[:, None], matrix, 0.0).ravel(), pa.float64()), 4,
+                                             mask=pa.array(~valid))
 
 
 def objects_summary(objects: pa.Table, object_count: pa.Array) -> dict:

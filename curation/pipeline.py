@@ -29,7 +29,6 @@ import pyarrow.compute as pc
 import pyarrow.fs as pafs
 
 from curation.config import Config
-from curation.crop_store import StoredCrops, match_stored_crops, write_stored_crops
 from curation.io.filesystem import Location, Resolver
 from curation.io.outputs import EMBEDDING_ROW_GROUP, write_vector_part
 from curation.io.store import Reuse, match_stored
@@ -132,38 +131,6 @@ def embed_to_storage(todo: pa.Table, reuse: Reuse | None, config: Config, resolv
     if objects is not None:
         remove_unlisted_parts(object_folder, sink.compact, column="object_vector_file")
     return sink.compact
-
-
-class StoredCropsDatasink(Datasink[pa.Table]):
-    """Writes the crop vectors a detection run copies from the crop store into its
-    ``object-embeddings/`` folder, from the workers (see :mod:`curation.crop_store`);
-    :attr:`names` holds the files written."""
-
-    def __init__(self, *, folder: Location):
-        self.folder = folder
-        self.names: list[str] = []
-
-    def write(self, blocks: Iterable, ctx) -> list[str]:
-        tables = [t for t in (BlockAccessor.for_block(b).to_arrow() for b in blocks) if t.num_rows]
-        name = write_stored_crops(self.folder, pa.concat_tables(tables)) if tables else None
-        return [name] if name else []
-
-    def on_write_complete(self, write_result: WriteResult[list[str]]) -> None:
-        self.names = sorted({name for names in write_result.write_returns for name in names})
-
-
-def copy_stored_crops(reuse: StoredCrops, *, folder: Location) -> list[str]:
-    """Copy the crop vectors ``reuse`` names from the crop store into ``folder`` (Ray Data
-    tasks: the vectors never reach the driver). Returns the names of the files written."""
-    paths = [f.path for f in reuse.files]
-    ds = ray.data.read_parquet(paths, filesystem=reuse.files[0].filesystem, include_paths=True,
-                               columns=["crop_key", "embedding", "model_id"])
-    ds = ds.map_batches(match_stored_crops, batch_format="pyarrow",
-                        fn_kwargs={"keys": reuse.keys, "object_rows": reuse.object_rows, "input_ids": reuse.input_ids,
-                                   "owners": reuse.owners, "paths": paths, "model_id": reuse.model_id})
-    sink = StoredCropsDatasink(folder=folder)
-    ds.write_datasink(sink)
-    return sink.names
 
 
 def remove_unlisted_parts(folder: Location, compact: pa.Table | None, *, column: str = "vector_file") -> list[str]:

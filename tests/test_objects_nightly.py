@@ -10,6 +10,7 @@ import os
 import shutil
 
 import numpy as np
+import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 from PIL import Image
@@ -183,3 +184,27 @@ def test_an_image_selection_balanced_over_box_classes_reports_its_boxes_per_clas
     for r in objects:
         counted[r["label"]] = counted.get(r["label"], 0) + 1
     assert {k: v for k, v in even["details"]["objects_per_class"].items() if v} == counted
+
+
+def test_box_corrections_hold_while_their_image_is_unchanged_and_the_newer_one_wins():
+    from curation.box_corrections import STORE_SCHEMA, apply_box_corrections, kept_corrections
+    from curation.item_key import object_ids
+
+    inputs = pa.table({"uri": ["a.jpg", "b.jpg"], "fingerprint": ["1", "2"]})
+    box = [10.0, 10.0, 20.0, 20.0]
+    oid = object_ids(pa.array(["a.jpg"]), pa.array([box], pa.list_(pa.float64(), 4)))[0].as_py()
+    row = {"uri": "a.jpg", "fingerprint": "1", "object_id": oid, "change": "relabelled", "label": "dog",
+           "bbox": box, "width": 100, "height": 80, "given_label": "cat", "given_bbox": box, "run_id": "r1"}
+    stored = pa.Table.from_pylist([row, dict(row, uri="b.jpg", fingerprint="old", object_id="x")], schema=STORE_SCHEMA)
+    kept = kept_corrections(None, stored, inputs, "r2")
+    assert kept["uri"].to_pylist() == ["a.jpg"]  # b.jpg's file changed since: its correction lapses
+    newer = pa.Table.from_pylist([{k: v for k, v in dict(row, label="fox").items() if k not in ("fingerprint", "run_id")}],
+                                 schema=STORE_SCHEMA.remove(10).remove(1))
+    kept = kept_corrections(newer, stored, inputs, "r2")
+    assert kept.to_pylist()[0]["label"] == "fox" and kept.to_pylist()[0]["run_id"] == "r2"
+    boxes = pa.table({"uri": ["a.jpg", "a.jpg"], "label": ["cat", "cat"], "bbox": [box, [50.0, 10, 20, 20]],
+                      "status": ["ok", "ok"], "reason": [None, None], "source": ["annotation"] * 2,
+                      "iscrowd": [False, False]})
+    applied, counts = apply_box_corrections(boxes, "pixels", kept)
+    assert applied["label"].to_pylist() == ["fox", "cat"] and applied["change"].to_pylist() == ["relabelled", None]
+    assert applied["given_label"].to_pylist() == ["cat", None] and counts["relabelled"] == 1
