@@ -25,8 +25,9 @@ INTEGRATION_FIXTURES = {"ray_local", "s3", "cluster", "local_run", "undisturbed"
 # `_nodeid` attribute pytest no longer reads; tests/test_structure.py checks the grouping.)
 # Files are handed out in the order of this list, then the rest in collection order: the
 # longest first, so that no long file starts last (times of one suite run on this two-core box).
-LONGEST_FIRST = ("test_multinode", "test_faults", "test_end_to_end", "test_ingestion", "test_bad_input",
-                 "test_knn", "test_storage_faults", "test_embedders", "test_decode_torch", "test_phases")
+LONGEST_FIRST = ("test_multinode", "test_faults", "test_end_to_end", "test_ingestion", "test_storage_faults",
+                 "test_knn", "test_bad_input", "test_phases", "test_objects", "test_label_studio",
+                 "test_objects_nightly", "test_incremental", "test_report", "test_decode_torch", "test_embedders")
 
 
 def file_rank(module: str) -> int:
