@@ -31,8 +31,8 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from curation.config_sections import ObjectsConfig
-from curation.io.filesystem import Location, list_files, read_bytes
-from curation.io.store import EmbeddingStore, StagedSnapshot
+from curation.io.filesystem import Location
+from curation.io.store import EmbeddingStore, StagedSnapshot, current_snapshot_files
 from curation.item_key import background_keys, crop_keys, key_hashes
 from curation.objects import ObjectsInput, within_cap
 from curation.schema import is_ok
@@ -155,20 +155,11 @@ class CropStore:
         self.root = store.root.child("objects")
         self.model_id = store.model_id
 
-    def _files(self) -> list[Location]:
-        try:
-            pointer = json.loads(read_bytes(self.root.child("CURRENT")))
-            folder = self.root.child(pointer.get("snapshot") or "-")
-            return [folder.child(i.base_name) for i in list_files(folder)
-                    if i.problem is None and i.path.endswith(".parquet")]
-        except (FileNotFoundError, OSError, ValueError):
-            return []
-
     def stored_keys(self) -> tuple[list[Location], np.ndarray, np.ndarray]:
         """The stored crop keys (sorted, unique), the files and, per key, the file holding it
         (the first one). Only keys are read here (8 bytes a crop)."""
         files, keys, owner = [], [], []
-        for location in self._files():
+        for location in current_snapshot_files(self.root):
             try:
                 table = pq.read_table(location.path, columns=[CROP_KEY, "model_id"], filesystem=location.filesystem)
             except (OSError, pa.ArrowException) as exc:

@@ -80,17 +80,7 @@ class EmbeddingStore:
         return snapshot.removeprefix("snapshot-") or None
 
     def _snapshot_files(self) -> list[Location]:
-        try:
-            pointer = json.loads(read_bytes(self.root.child("CURRENT")))
-        except (FileNotFoundError, OSError, ValueError):
-            return []
-        folder = self.root.child(pointer.get("snapshot") or "-")
-        try:
-            return [folder.child(info.base_name) for info in list_files(folder)
-                    if info.problem is None and info.path.endswith(".parquet")]
-        except OSError as exc:
-            log.warning("embedding store %s unreadable (%s); embedding everything", folder.uri, exc)
-            return []
+        return current_snapshot_files(self.root)
 
     def lookup(self, inputs: pa.Table, *, resume: list[Location] = ()) -> tuple[np.ndarray, Reuse | None]:
         """Which ``inputs`` rows the store holds (same uri and fingerprint, no ``input_error``).
@@ -158,6 +148,22 @@ class EmbeddingStore:
         """Stage the snapshot and point ``CURRENT`` at it at once. Returns the rows stored."""
         self.stage(vector_files, run_id, rows).point()
         return rows
+
+
+def current_snapshot_files(root: Location) -> list[Location]:
+    """The Parquet files of the snapshot ``root/CURRENT`` names (none without one, or when it
+    cannot be read: everything is then embedded anew, with a warning)."""
+    try:
+        pointer = json.loads(read_bytes(root.child("CURRENT")))
+    except (FileNotFoundError, OSError, ValueError):
+        return []
+    folder = root.child(pointer.get("snapshot") or "-")
+    try:
+        return [folder.child(info.base_name) for info in list_files(folder)
+                if info.problem is None and info.path.endswith(".parquet")]
+    except OSError as exc:
+        log.warning("embedding store %s unreadable (%s); embedding everything", folder.uri, exc)
+        return []
 
 
 @dataclass(frozen=True)
