@@ -32,6 +32,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 import pyarrow as pa
+import pyarrow.compute as pc
 import yaml
 
 from curation.io.filesystem import Location, read_bytes
@@ -255,10 +256,10 @@ def _yolo_line(fields: list[str], names: tuple[str, ...]):
 
 
 def place_boxes(bbox: np.ndarray, *, units: str, width, height, tolerance_px: float = 2.0,
-                min_size_px: float = 0.0) -> tuple[np.ndarray, list[str | None]]:
+                min_size_px: float = 0.0) -> tuple[np.ndarray, pa.Array]:
     """Boxes (n, 4) ``[x, y, w, h]`` in ``units`` on decoded images ``width`` x ``height`` (one
-    size, or one per box), as pixel boxes clipped to the image, and per box None or why it
-    cannot be cut: a box reaching more than ``tolerance_px`` outside the image, with no area,
+    size, or one per box), as pixel boxes clipped to the image, and per box null or why it
+    cannot be cut (a string array): a box reaching more than ``tolerance_px`` outside the image, with no area,
     or with a side under ``min_size_px`` (after clipping)."""
     box = np.asarray(bbox, np.float64).reshape(-1, 4).copy()
     width = np.broadcast_to(np.asarray(width, np.float64), len(box))
@@ -270,19 +271,32 @@ def place_boxes(bbox: np.ndarray, *, units: str, width, height, tolerance_px: fl
     cx0, cy0 = np.clip(x0, 0, width), np.clip(y0, 0, height)
     cx1, cy1 = np.clip(x1, 0, width), np.clip(y1, 0, height)
     placed = np.stack([cx0, cy0, cx1 - cx0, cy1 - cy0], axis=1)
-    reasons: list[str | None] = []
-    for i in range(len(box)):
-        if box[i, 2] <= 0 or box[i, 3] <= 0:
-            reasons.append(f"degenerate box (w={box[i, 2]:.4g}, h={box[i, 3]:.4g} px)")
-        elif outside[i] > tolerance_px:
-            reasons.append(f"box reaches {outside[i]:.1f} px outside the {width[i]:.0f}x{height[i]:.0f} image "
-                           f"(more than the {tolerance_px:g} px tolerance)")
-        elif min(placed[i, 2], placed[i, 3]) < max(min_size_px, 1e-9):
-            reasons.append(f"box {placed[i, 2]:.1f}x{placed[i, 3]:.1f} px is under the "
-                           f"{min_size_px:g} px minimum side")
-        else:
-            reasons.append(None)
+    degenerate = (box[:, 2] <= 0) | (box[:, 3] <= 0)
+    out = ~degenerate & (outside > tolerance_px)
+    small = ~degenerate & ~out & (np.minimum(placed[:, 2], placed[:, 3]) < max(min_size_px, 1e-9))
+    # A reason is written for the few boxes that have one: no Python object per box (millions).
+    reasons = np.full(len(box), None, object)
+    for i in np.flatnonzero(degenerate):
+        reasons[i] = f"degenerate box (w={box[i, 2]:.4g}, h={box[i, 3]:.4g} px)"
+    for i in np.flatnonzero(out):
+        reasons[i] = (f"box reaches {outside[i]:.1f} px outside the {width[i]:.0f}x{height[i]:.0f} image "
+                      f"(more than the {tolerance_px:g} px tolerance)")
+    for i in np.flatnonzero(small):
+        reasons[i] = f"box {placed[i, 2]:.1f}x{placed[i, 3]:.1f} px is under the {min_size_px:g} px minimum side"
+    return placed, pa.array(reasons, pa.string())
     return placed, reasons
+
+
+def box_matrix(column) -> tuple[np.ndarray, np.ndarray]:
+    """``[x, y, w, h]`` boxes (a list column, four numbers or null per row) as an ``(n, 4)``
+    float64 matrix (zeros where null) and which rows have one; without a Python object per box."""
+    arr = column.combine_chunks() if isinstance(column, pa.ChunkedArray) else column
+    if not pa.types.is_fixed_size_list(arr.type):
+        arr = pc.cast(arr, pa.list_(pa.float64(), 4))
+    known = arr.is_valid().to_numpy(zero_copy_only=False)
+    values = arr.values.slice(arr.offset * 4, len(arr) * 4).cast(pa.float64())
+    matrix = values.to_numpy(zero_copy_only=False).astype(np.float64).reshape(-1, 4)
+    return np.where(known[:, None], np.nan_to_num(matrix), 0.0), known
 
 
 def to_pixels(bbox: np.ndarray, *, units: str, width, height) -> np.ndarray:

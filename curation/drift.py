@@ -22,6 +22,9 @@ the previous run has no profile, or when the embedder's ``model_id`` changed):
   region: its size, how many of it are far, the nearest previous cluster; every member is a
   row of ``drift.parquet`` (``uri, region, far, similarity_to_previous``);
 * ``flags``: each flag's rate before and after;
+* ``objects`` (detection runs): the ok annotated boxes' class and size shares before and after
+  (:mod:`curation.object_profile`); a box class share that moved more than
+  ``alarm_class_share_change`` fires the alarm;
 * ``mmd``: a two-sample test between the two profiles' samples (maximum mean discrepancy, a
   Gaussian kernel with the median-distance bandwidth), with a permutation p-value; items in
   both samples are left out of tonight's. ``mmd_new_items``: the same test between the
@@ -43,6 +46,7 @@ from curation.drift_profile import SEED, Profile, build_profile, profile_sample_
 from curation.published_run import PublishedRun
 from curation.index.source import CachedVectors, as_source, map_vectors
 from curation.item_key import match_items
+from curation.object_profile import box_profile, compare_boxes
 from curation.schema import ok_rows_in_vector_order
 
 log = logging.getLogger(__name__)
@@ -286,6 +290,10 @@ def compare(previous: Profile, current: Profile, config: DriftConfig, *, on_prev
         if big:
             fired.append(f"{len(big)} new region(s) of at least {config.alarm_region_items} items "
                          f"(largest {big[0]['items']})")
+    if previous.objects and current.objects:  # a detection run's boxes: classes and sizes
+        out["objects"], rules = compare_boxes(previous.objects, current.objects,
+                                              alarm_class_share_change=config.alarm_class_share_change)
+        fired += rules
     out["alarm"] = bool(fired)
     out["rules_fired"] = fired
     out["rules"] = {"alarm_p_value": config.alarm_p_value, "alarm_class_share_change": config.alarm_class_share_change,
@@ -313,8 +321,10 @@ def _new_sample_ids(is_new: np.ndarray, sample_size: int) -> np.ndarray:
 
 
 def drift_phase(samples: pa.Table, vectors, graph, config: DriftConfig, *, model_id: str,
-                previous: PublishedRun | None, centroids: np.ndarray | None = None) -> DriftResult:
-    """Tonight's profile and its comparison with the previous published run's."""
+                previous: PublishedRun | None, centroids: np.ndarray | None = None,
+                objects: pa.Table | None = None) -> DriftResult:
+    """Tonight's profile and its comparison with the previous published run's (``objects``: a
+    detection run's boxes, whose classes and sizes the profile keeps too)."""
 
     before = previous.profile() if previous is not None else None
     usable = before is not None and before.model_id == model_id
@@ -332,6 +342,7 @@ def drift_phase(samples: pa.Table, vectors, graph, config: DriftConfig, *, model
     profile, on_previous = build_profile(samples, vectors, graph, model_id=model_id, sample_size=config.sample_size,
                                          previous_centroids=before.centroids if usable else None,
                                          centroids=centroids)
+    profile.objects = box_profile(objects)
     if previous is None:
         return DriftResult(profile, {"skipped": "first night: no previous published run"})
     if before is None:

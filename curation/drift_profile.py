@@ -48,6 +48,7 @@ class Profile:
         nearest_similarity: the median of every item's nearest-neighbour similarity.
         centroids: ``(clusters, d)`` unit vectors: those the clusters score assigned to.
         sample: ``(m, d)`` unit vectors of a uniform sample of ok items; ``sample_uris`` theirs.
+        objects: a detection run's boxes (None otherwise).
     """
 
     model_id: str
@@ -61,10 +62,12 @@ class Profile:
     centroids: np.ndarray = field(repr=False)
     sample: np.ndarray = field(repr=False)
     sample_uris: list[str] = field(default_factory=list, repr=False)
+    # a detection run's boxes: counts, class and size shares (curation.object_profile.box_profile)
+    objects: dict | None = None
 
     def write(self, run: Location) -> None:
         meta = {k: getattr(self, k) for k in ("model_id", "items", "labelled", "label_shares", "cluster_shares",
-                                             "flag_rates", "kth_similarity", "nearest_similarity")}
+                                             "flag_rates", "kth_similarity", "nearest_similarity", "objects")}
         write_bytes(run.child(PROFILE_JSON), json.dumps(meta, indent=1).encode("utf-8"))
         d = self.centroids.shape[1] if self.centroids.size else self.sample.shape[1]
         vectors = np.concatenate([self.centroids, self.sample]).astype(np.float32).reshape(-1, d)

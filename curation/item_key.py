@@ -122,12 +122,12 @@ def object_ids(uri, bbox, *, grid: float = 0.5) -> pa.Array:
         sorted_hashes = hashes[order]
         starts = np.flatnonzero(np.r_[True, sorted_hashes[1:] != sorted_hashes[:-1]])
         rank[order] = np.arange(len(order)) - np.repeat(starts, np.diff(np.r_[starts, len(order)]))
-    out: list[str | None] = []
+    out: list[pa.Array] = []
     for start in range(0, n, IDS_CHUNK):
-        for i, key in enumerate(_geometry_keys(uris, boxes, start, grid), start):
-            out.append(None if key is None else hashlib.blake2b(f"{key}{_SEPARATOR}{rank[i]}".encode(),
-                                                                digest_size=12).hexdigest())
-    return pa.array(out, pa.string())
+        out.append(pa.array([None if key is None else hashlib.blake2b(f"{key}{_SEPARATOR}{rank[i]}".encode(),
+                                                                       digest_size=12).hexdigest()
+                             for i, key in enumerate(_geometry_keys(uris, boxes, start, grid), start)], pa.string()))
+    return pa.concat_arrays(out) if out else pa.array([], pa.string())
 
 
 IDS_CHUNK = 65_536  # boxes turned into key text at a time

@@ -59,6 +59,7 @@ from curation.crop_store import CropStore, CropWork, copy_stored_crops, plan_cro
 from curation.object_vectors import joined_to_samples
 from curation.objects import (ObjectVectors, objects_summary, place_objects,
                               read_object_vectors, with_object_vectors)
+from curation.object_profile import leaked_boxes
 from curation.object_scores import CropGraph, per_image, score_objects
 from curation.index.sharded import knn_graph
 from curation.run_layout import OBJECT_EMBEDDINGS_FOLDER
@@ -115,10 +116,11 @@ def run_job(config: Config, *, resolver: Resolver | None = None, plan: Plan | No
             _write_graphs(plan, samples, neighbours)
         with clock.phase("drift"):
             drift = _drift(plan, config, samples, ingested, neighbours.graph,
-                           centroids=score_report["artifacts"].get("clusters", {}).get("centroids"))
+                           centroids=score_report["artifacts"].get("clusters", {}).get("centroids"),
+                           objects=objects[0] if objects is not None else None)
         neighbours = dataclasses.replace(neighbours, graph=None, copy_graph=None)  # the graphs' last reference
         with clock.phase("leakage"):
-            leakage = _split_leakage(samples, ingested, config, resolver)
+            leakage = _split_leakage(samples, ingested, config, resolver, objects[0] if objects is not None else None)
         with clock.phase("selections"):
             selections = build_selections(samples, config.scores, config.selections, ingested.vectors,
                                           previous=_previous_selections(plan, config),
@@ -406,18 +408,19 @@ def _write_graphs(plan: Plan, samples: pa.Table, neighbours: Neighbours) -> None
             outputs.write_knn_graph(plan.run.child(f"{folder}-margin"), samples, graph.margin)
 
 
-def _drift(plan: Plan, config: Config, samples: pa.Table, ingested: Ingested, graph, *, centroids=None):
+def _drift(plan: Plan, config: Config, samples: pa.Table, ingested: Ingested, graph, *, centroids=None,
+           objects: pa.Table | None = None):
     """Tonight's profile and its comparison with the previous published run (see
     :mod:`curation.drift`); None when ``drift.enabled`` is off."""
     if not config.drift.enabled:
         return None
 
     return drift_phase(samples, ingested.vectors, graph, config.drift, model_id=str(ingested.embedder.get("model_id")),
-                       previous=plan.previous, centroids=centroids)
+                       previous=plan.previous, centroids=centroids, objects=objects)
 
 
-def _split_leakage(samples: pa.Table, ingested: Ingested, config: Config,
-                   resolver: Resolver) -> tuple[pa.Table, dict] | None:
+def _split_leakage(samples: pa.Table, ingested: Ingested, config: Config, resolver: Resolver,
+                   objects: pa.Table | None = None) -> tuple[pa.Table, dict] | None:
     """Copies across splits (see :mod:`curation.leakage`), or None when the run has no split."""
     inp = config.input
     column = inp.split_column or (None if inp.split_from_path else "split")
@@ -427,6 +430,11 @@ def _split_leakage(samples: pa.Table, ingested: Ingested, config: Config,
         return None
     table, summary = find_leaks(samples, split, ingested.copies if ingested.copies is not None else ingested.vectors)
     summary["split_from"] = f"column {column!r}" if column else f"the first path component under {root}"
+    if objects is not None:  # a leaked image leaks its boxes: by split, class and size
+        summary["objects"] = leaked_boxes(objects, pa.concat_arrays([table["uri_a"].combine_chunks(),
+                                                                     table["uri_b"].combine_chunks()]),
+                                          pa.concat_arrays([table["split_a"].combine_chunks(),
+                                                            table["split_b"].combine_chunks()]))
     log.info("leakage: %d pairs of copies across splits", summary["pairs"])
     return table, summary
 

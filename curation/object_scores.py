@@ -39,6 +39,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from curation.config_sections import ObjectsConfig
+from curation.annotations import box_matrix
 from curation.objects import OBJECTS_CONTRACT
 from curation.predictions import detector_evidence, iou_matrix, overlooked_rows
 from curation.schema import is_ok
@@ -46,7 +47,7 @@ from curation.scores.label_probe import FOLDS, dense_probabilities, fold_keys, p
 
 log = logging.getLogger(__name__)
 
-VOTE_ROWS_PER_STEP = 65_536  # the class-vote matrix is built this many boxes at a time
+VOTE_ROWS_PER_STEP = 16_384  # the class-vote matrix is built this many boxes at a time
 MAJORITY = 0.5  # a box is flagged mislabelled only when another class has at least this probability
 SMOOTHING = 1.0  # prior weight of the class shares in the vote (in units of one perfect neighbour)
 
@@ -111,7 +112,8 @@ def score_objects(table: pa.Table, crops: CropGraph, cfg: ObjectsConfig, *, prob
     ok = is_ok(table["status"])
     crowd = table["iscrowd"].fill_null(False).to_numpy(zero_copy_only=False).astype(bool)
     evidence = _crop_evidence(table, crops, ok, crowd, probe_weight)
-    location, misplaced, suggested_bbox, detector = np.full(n, np.nan), np.zeros(n, bool), [None] * n, None
+    location, misplaced, detector = np.full(n, np.nan), np.zeros(n, bool), None
+    suggested_bbox = pa.nulls(n, pa.list_(pa.float64(), 4))
     if predictions is not None:
         detector = detector_evidence(table, ok & table["bbox"].is_valid().to_numpy(zero_copy_only=False),
                                      predictions, classes_listed, cfg)
@@ -121,7 +123,8 @@ def score_objects(table: pa.Table, crops: CropGraph, cfg: ObjectsConfig, *, prob
         quality[said] = (quality[said] + detector["class_probability"][said]) / 2  # the crops and the detector
     usable = ok & ~crowd & ~np.isnan(evidence.label_quality)
     dup, dup_of, dup_quality = _duplicates(table, usable, evidence.codes, evidence.label_quality, cfg.duplicate_iou)
-    degenerate = np.array([bool(r) and r.startswith("degenerate") for r in table["reason"].to_pylist()]) & ~ok
+    degenerate = pc.fill_null(pc.starts_with(table["reason"], "degenerate"), False).to_numpy(
+        zero_copy_only=False) & ~ok
     # The components are on scales of their own (a class probability, a share of neighbours,
     # 1 - IoU): each becomes its share of the run's scored boxes at or below it before the
     # lowest is taken, so every kind of error reaches the top of the review queue.
@@ -131,23 +134,21 @@ def score_objects(table: pa.Table, crops: CropGraph, cfg: ObjectsConfig, *, prob
                       np.where(scored_rows, dup_quality, np.nan), location):
         box_quality = np.fmin(box_quality, _share_at_or_below(component, scored_rows))
     box_quality[degenerate] = 0.0
-    ids = table["object_id"].to_pylist()
     columns = {
         "object_vector_id": table["object_vector_id"],
         "box_label_quality": _nullable(evidence.label_quality),
         "box_spurious_quality": _nullable(evidence.spurious_quality),
         "box_quality": _nullable(box_quality.astype(np.float32)),
-        "suggested_box_label": pa.array([evidence.classes[k] if k >= 0 else None for k in evidence.suggested],
-                                        pa.string()),
+        "suggested_box_label": _names(evidence.classes, evidence.suggested),
         "suggested_box_confidence": _nullable(evidence.confidence),
         "is_box_mislabel": pa.array(_confidently_another_class(evidence, cfg.mislabel_below)),
         "is_spurious_box": pa.array(~np.isnan(evidence.spurious_quality) & ~crowd
                                     & (evidence.spurious_quality < cfg.spurious_below)),
         "is_duplicate_box": pa.array(dup),
-        "duplicate_box_of": pa.array([ids[j] if j >= 0 else None for j in dup_of], pa.string()),
+        "duplicate_box_of": table["object_id"].take(pa.array(np.maximum(dup_of, 0), mask=dup_of < 0)),
         "is_degenerate_box": pa.array(degenerate),
         "box_location_quality": _nullable(location.astype(np.float32)),
-        "suggested_bbox": pa.array(suggested_bbox, pa.list_(pa.float64(), 4)),
+        "suggested_bbox": suggested_bbox,
         "is_box_misplaced": pa.array(misplaced),
         "overlooked_quality": pa.nulls(n, pa.float32()),
         "is_overlooked_object": pa.array(np.zeros(n, bool)),
@@ -171,10 +172,10 @@ def _crop_evidence(table: pa.Table, crops: CropGraph, ok: np.ndarray, crowd: np.
     is_box = crops.node_rows >= 0
     node_of_row[crops.node_rows[is_box]] = np.flatnonzero(is_box)
     has_node = ok & (node_of_row >= 0)
-    labels = table["label"].to_pylist()
-    classes = sorted({label for label, usable in zip(labels, has_node) if usable and label is not None})
-    code_of = {c: i for i, c in enumerate(classes)}
-    codes = np.array([code_of.get(label, -1) if label is not None else -1 for label in labels], np.int64)
+    labels = table["label"].cast(pa.string())
+    classes = sorted(pc.unique(labels.filter(pa.array(has_node)).drop_null()).to_pylist())
+    codes = pc.fill_null(pc.index_in(labels, value_set=pa.array(classes, pa.string())), -1).to_numpy(
+        zero_copy_only=False).astype(np.int64)
     found = _Evidence(classes, codes, np.full(n, np.nan, np.float32), np.full(n, np.nan, np.float32),
                       np.full(n, -1, np.int64), np.full(n, np.nan, np.float32), {"probe": "off"})
     if crops.graph is None or not classes or not has_node.any():
@@ -201,7 +202,8 @@ def _manifest(table: pa.Table, columns: dict, predictions, detector, cfg) -> pa.
     out = out.select(OBJECTS_MANIFEST.names).cast(OBJECTS_MANIFEST)
     if detector is None or not len(detector["overlooked"]):
         return out
-    uris = dict(zip(table["input_id"].to_pylist(), table["uri"].to_pylist()))
+    images, first = np.unique(table["input_id"].fill_null(-1).to_numpy(zero_copy_only=False), return_index=True)
+    uris = dict(zip(images.tolist(), table["uri"].take(pa.array(first)).to_pylist()))  # one per image
     extra = overlooked_rows(predictions, detector["overlooked"], uris, cfg)
     count = len(detector["overlooked"])
     rows = pa.table({field.name: pa.array(extra[field.name], field.type) if field.name in extra
@@ -265,6 +267,12 @@ def _share_at_or_below(values: np.ndarray, rows: np.ndarray) -> np.ndarray:
         ordered = np.sort(values[known])
         out[known] = np.searchsorted(ordered, values[known], side="right") / len(ordered)
     return out
+
+
+def _names(classes: list, codes: np.ndarray) -> pa.Array:
+    """Class names of ``codes`` (null for -1), without a Python object per row."""
+    return pa.array(classes, pa.string()).take(pa.array(np.maximum(codes, 0), mask=codes < 0)) if classes \
+        else pa.nulls(len(codes), pa.string())
 
 
 def _nullable(values: np.ndarray) -> pa.Array:
@@ -340,7 +348,7 @@ def _duplicates(table: pa.Table, usable: np.ndarray, codes: np.ndarray, label_qu
     rows = np.flatnonzero(usable)
     if not len(rows):
         return dup, dup_of, quality
-    boxes = np.array(table["bbox"].take(pa.array(rows)).to_pylist(), np.float64).reshape(-1, 4)
+    boxes = box_matrix(table["bbox"].take(pa.array(rows)))[0]
     owner = pc.fill_null(table["input_id"], -1).to_numpy(zero_copy_only=False)[rows]
     order = np.argsort(owner, kind="stable")
     bounds = np.flatnonzero(np.diff(owner[order])) + 1

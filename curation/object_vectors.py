@@ -23,9 +23,10 @@ import pyarrow.dataset as pads
 
 from curation.config import Config, ConfigError
 from curation.io.filesystem import Location, Resolver, to_uri
-from curation.objects import SOURCE_ANNOTATION, ObjectVectors, ObjectsInput, box_matrix
+from curation.annotations import box_matrix
+from curation.objects import SOURCE_ANNOTATION, ObjectVectors, ObjectsInput
 from curation.index.source import parquet_parts
-from curation.schema import STATUS_OK, STATUS_REJECTED
+from curation.schema import STATUS_OK, STATUS_REJECTED, with_rejections
 
 REQUIRED = ("uri", "bbox", "label", "embedding")
 BOX = pa.list_(pa.float64(), 4)
@@ -57,13 +58,13 @@ def read_object_embeddings(config: Config, resolver: Resolver) -> ObjectsInput:
     matrix, _ = box_matrix(bbox)
     area = pa.array(matrix[:, 2] * matrix[:, 3], pa.float64(), mask=~bbox.is_valid().to_numpy(zero_copy_only=False))
     annotation_id = (table["annotation_id"].cast(pa.string()) if "annotation_id" in names
-                     else pa.array([str(i) for i in range(n)], pa.string()))
+                     else pa.array(np.arange(n)).cast(pa.string()))
     iscrowd = pc.fill_null(table["iscrowd"].cast(pa.bool_()), False) if "iscrowd" in names else pa.array(
         np.zeros(n, bool))
     boxes = pa.table({
         "uri": table["uri"].cast(pa.string()), "annotation_id": annotation_id,
-        "source": pa.array([SOURCE_ANNOTATION] * n, pa.string()), "label": label, "bbox": bbox, "area": area,
-        "iscrowd": iscrowd, "status": pa.array(np.where(ok, STATUS_OK, STATUS_REJECTED).tolist(), pa.string()),
+        "source": pa.repeat(pa.scalar(SOURCE_ANNOTATION), n), "label": label, "bbox": bbox, "area": area,
+        "iscrowd": iscrowd, "status": pc.if_else(pa.array(ok), pa.scalar(STATUS_OK), pa.scalar(STATUS_REJECTED)),
         "reason": reason, "segmentation": pa.nulls(n, pa.string()), "input_id": pa.nulls(n, pa.int64()),
         "change": pa.nulls(n, pa.string()), "given_label": pa.nulls(n, pa.string()), "given_bbox": pa.nulls(n, BOX),
     })
@@ -118,18 +119,14 @@ def joined_to_samples(objects: ObjectsInput, samples: pa.Table, checks: list) ->
     finite = np.concatenate([c[1] for c in checks]) if checks else np.zeros(0, bool)
     valid = lengths >= 0
     dim = int(lengths[valid][0]) if valid.any() else 0
-    status, reason = boxes["status"].to_pylist(), boxes["reason"].to_pylist()
-    for i in np.flatnonzero(~found | ~valid | (lengths != dim) | ~finite):
-        if status[i] != STATUS_OK:
-            continue
-        status[i] = STATUS_REJECTED
-        reason[i] = (f"image {boxes['uri'][int(i)].as_py()!r} is not among input.embeddings" if not found[i]
-                     else "corrupt: null embedding" if not valid[i]
-                     else f"corrupt: embedding length differs from {dim}" if lengths[i] != dim
-                     else "corrupt: embedding is zero or not finite")
+    # Column-wise (millions of boxes): the first problem of each box, as its reason.
+    for bad, why in ((~found, pc.binary_join_element_wise("image '", boxes["uri"], "' is not among input.embeddings",
+                                                          "")),
+                     (~valid, "corrupt: null embedding"),
+                     (lengths != dim, f"corrupt: embedding length differs from {dim}"),
+                     (~finite, "corrupt: embedding is zero or not finite")):
+        boxes = with_rejections(boxes, bad, why)
     input_id = np.where(found, ids, -1).astype(np.int64)
-    boxes = boxes.set_column(boxes.schema.get_field_index("status"), "status", pa.array(status, pa.string()))
-    boxes = boxes.set_column(boxes.schema.get_field_index("reason"), "reason", pa.array(reason, pa.string()))
     boxes = boxes.set_column(boxes.schema.get_field_index("input_id"), "input_id",
                              pa.array(input_id, pa.int64(), mask=~found))
     counts = np.bincount(input_id[found], minlength=samples.num_rows)[:samples.num_rows]

@@ -34,15 +34,15 @@ import pyarrow.compute as pc
 import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 
-from curation.annotations import (COCO, YOLO, AnnotationsError, Annotations, place_boxes, read_annotations,
-                                  to_pixels, yolo_label_path)
+from curation.annotations import (COCO, YOLO, AnnotationsError, Annotations, box_matrix, place_boxes,
+                                  read_annotations, to_pixels, yolo_label_path)
 from curation.config import Config
 from curation.config_sections import ObjectsConfig
 from curation.index.source import parquet_parts
 from curation.io.filesystem import Location, Resolver, StorageError, to_uri
 from curation.item_key import object_ids
 from curation.predictions import read_predictions
-from curation.schema import STATUS_OK, STATUS_REJECTED, is_ok
+from curation.schema import is_ok, with_rejections
 
 log = logging.getLogger(__name__)
 
@@ -127,24 +127,23 @@ def _joined(annotations: Annotations, root: Location, inputs: pa.Table) -> Objec
     names = _relative_names(root, inputs)
     input_of = {name: i for i, name in enumerate(names) if name is not None}
     boxes = annotations.boxes
-    file_names = boxes["file_name"].to_pylist()
-    input_id = [input_of.get(f) if f is not None else None for f in file_names]
-    status = boxes["status"].to_pylist()
-    reason = boxes["reason"].to_pylist()
-    for i, (f, found) in enumerate(zip(file_names, input_id)):
-        if found is None and status[i] == STATUS_OK:
-            status[i], reason[i] = STATUS_REJECTED, f"image {f!r} is not among the inputs under {root.uri}"
+    n = boxes.num_rows
+    # Column-wise (millions of boxes): each box's input row by its file name, null where none.
+    file_name = boxes["file_name"].cast(pa.string())
+    input_id = pc.index_in(file_name, value_set=pa.array(names, pa.string()))
     prefix = root.uri.rstrip("/") + "/"
-    uris = [prefix + f if f is not None else None for f in file_names]
     table = pa.table({
-        "uri": pa.array(uris, pa.string()), "annotation_id": boxes["annotation_id"],
-        "source": pa.array([SOURCE_ANNOTATION] * boxes.num_rows, pa.string()), "label": boxes["label"],
+        "uri": pc.binary_join_element_wise(prefix, file_name, ""), "annotation_id": boxes["annotation_id"],
+        "source": pa.repeat(pa.scalar(SOURCE_ANNOTATION), n), "label": boxes["label"],
         "bbox": boxes["bbox"], "area": boxes["area"], "iscrowd": boxes["iscrowd"],
-        "status": pa.array(status, pa.string()), "reason": pa.array(reason, pa.string()),
-        "segmentation": boxes["segmentation"], "input_id": pa.array(input_id, pa.int64()),
-        "change": pa.nulls(boxes.num_rows, pa.string()), "given_label": pa.nulls(boxes.num_rows, pa.string()),
-        "given_bbox": pa.nulls(boxes.num_rows, pa.list_(pa.float64(), 4)),
+        "status": boxes["status"], "reason": boxes["reason"],
+        "segmentation": boxes["segmentation"], "input_id": input_id.cast(pa.int64()),
+        "change": pa.nulls(n, pa.string()), "given_label": pa.nulls(n, pa.string()),
+        "given_bbox": pa.nulls(n, pa.list_(pa.float64(), 4)),
     })
+    not_listed = pc.binary_join_element_wise("image '", file_name, f"' is not among the inputs under {root.uri}", "")
+    table = with_rejections(table, ~pc.is_valid(input_id).to_numpy(zero_copy_only=False), pc.fill_null(
+        not_listed, "no file name"))
     counts: list[int | None] = [None] * inputs.num_rows
     for row in annotations.images.to_pylist():
         where = input_of.get(row["file_name"])
@@ -160,15 +159,14 @@ def within_cap(boxes: pa.Table, max_per_image: int) -> np.ndarray:
     """The boxes among the first ``max_per_image`` of their image that the annotations list
     usable (in the file's order); the rest are over the per-image cap."""
     ok = is_ok(boxes["status"])
-    input_id = boxes["input_id"].to_numpy(zero_copy_only=False)
+    input_id = boxes["input_id"].to_numpy(zero_copy_only=False).astype(np.float64)
     keep = np.ones(len(ok), bool)
-    seen: dict[int, int] = {}
-    for i in np.flatnonzero(ok):
-        key = input_id[i]
-        if key != key:  # no image
-            continue
-        seen[key] = seen.get(key, 0) + 1
-        keep[i] = seen[key] <= max_per_image
+    rows = np.flatnonzero(ok & ~np.isnan(input_id))
+    order = rows[np.argsort(input_id[rows], kind="stable")]  # each image's usable boxes, in file order
+    owner = input_id[order]
+    starts = np.flatnonzero(np.r_[True, owner[1:] != owner[:-1]]) if len(order) else np.zeros(0, np.int64)
+    place = np.arange(len(order)) - np.repeat(starts, np.diff(np.r_[starts, len(order)]))
+    keep[order] = place < max_per_image
     return keep
 
 
@@ -211,15 +209,10 @@ def with_object_vectors(table: pa.Table, vector_rows: np.ndarray) -> tuple[pa.Ta
     keep[in_range] = ok[vector_rows[in_range]]
     ids = np.full(n, -1, np.int64)
     ids[vector_rows[keep]] = np.arange(int(keep.sum()))
-    status = table["status"].to_pylist()
-    reason = table["reason"].to_pylist()
     missing = ok & (ids < 0)
-    for i in np.flatnonzero(missing):
-        status[i], reason[i] = STATUS_REJECTED, "no crop was embedded for this box"
     if missing.any():
         log.warning("objects: %d ok boxes got no crop vector (rejected with a reason)", int(missing.sum()))
-    table = table.set_column(table.schema.get_field_index("status"), "status", pa.array(status, pa.string()))
-    table = table.set_column(table.schema.get_field_index("reason"), "reason", pa.array(reason, pa.string()))
+    table = with_rejections(table, missing, "no crop was embedded for this box")
     return table.append_column("object_vector_id", pa.array(ids, pa.int64(), mask=ids < 0)), keep
 
 
@@ -242,12 +235,8 @@ def place_objects(objects: ObjectsInput, samples: pa.Table, cfg: ObjectsConfig) 
     if "orientation" in samples.column_names and samples.num_rows:  # the stored frame (EXIF turned 90 degrees)
         turned = np.isin(samples["orientation"].to_numpy(zero_copy_only=False)[row], (5, 6, 7, 8))
         width, height = np.where(turned, height, width), np.where(turned, width, height)
-    image_reasons = samples["reason"].to_pylist() if samples.num_rows else []
-    status = boxes["status"].to_pylist()
-    reason = boxes["reason"].to_pylist()
-    over = ~within_cap(boxes, cfg.max_per_image) & is_ok(boxes["status"])
-    for i in np.flatnonzero(over):  # the per-image cap, before placement (the decode stage's rule too)
-        status[i], reason[i] = STATUS_REJECTED, f"more than objects.max_per_image ({cfg.max_per_image}) boxes on this image"
+    over = ~within_cap(boxes, cfg.max_per_image)  # the per-image cap, before placement (the decode stage's rule too)
+    boxes = with_rejections(boxes, over, f"more than objects.max_per_image ({cfg.max_per_image}) boxes on this image")
     raw, known = box_matrix(boxes["bbox"])
     sized = image_ok & known
     pixels = np.full((n, 4), np.nan)
@@ -258,12 +247,12 @@ def place_objects(objects: ObjectsInput, samples: pa.Table, cfg: ObjectsConfig) 
         placed[sized], why = place_boxes(raw[sized], units=objects.units, width=width[sized], height=height[sized],
                                          tolerance_px=cfg.clip_tolerance_px,
                                          min_size_px=0.0 if objects.vector_files else cfg.min_size_px)
-        for i, problem in zip(np.flatnonzero(sized), why):
-            if problem and status[i] == STATUS_OK:
-                status[i], reason[i] = STATUS_REJECTED, problem
-    for i in np.flatnonzero(has_image & ~image_ok):
-        if status[i] == STATUS_OK:
-            status[i], reason[i] = STATUS_REJECTED, f"image rejected: {image_reasons[row[i]]}"
+        why = pc.replace_with_mask(pa.nulls(n, pa.string()), pa.array(sized), why)  # a reason per row, or null
+        boxes = with_rejections(boxes, why.is_valid().to_numpy(zero_copy_only=False), why)
+    unplaced = has_image & ~image_ok
+    if unplaced.any():
+        image_reason = pc.fill_null(samples["reason"].take(pa.array(row)).cast(pa.string()), "no reason given")
+        boxes = with_rejections(boxes, unplaced, pc.binary_join_element_wise("image rejected: ", image_reason, ""))
     # Pixels where the image's size is known; a COCO box (pixels already) as given otherwise.
     shown = np.where(sized[:, None], placed, raw if objects.units == "pixels" else np.nan).round(3)
     shown_ok = known & ~np.isnan(shown).any(axis=1)
@@ -275,22 +264,8 @@ def place_objects(objects: ObjectsInput, samples: pa.Table, cfg: ObjectsConfig) 
         area = pixel_area
     table = boxes.set_column(boxes.schema.get_field_index("bbox"), "bbox", bbox)
     table = table.set_column(table.schema.get_field_index("area"), "area", area)
-    table = table.set_column(table.schema.get_field_index("status"), "status", pa.array(status, pa.string()))
-    table = table.set_column(table.schema.get_field_index("reason"), "reason", pa.array(reason, pa.string()))
     table = table.append_column("object_id", ids)
     return table.select(OBJECTS_CONTRACT.names).cast(OBJECTS_CONTRACT)
-
-
-def box_matrix(column) -> tuple[np.ndarray, np.ndarray]:
-    """``[x, y, w, h]`` boxes (a list column, four numbers or null per row) as an ``(n, 4)``
-    float64 matrix (zeros where null) and which rows have one; without a Python object per box."""
-    arr = column.combine_chunks() if isinstance(column, pa.ChunkedArray) else column
-    if not pa.types.is_fixed_size_list(arr.type):
-        arr = pc.cast(arr, pa.list_(pa.float64(), 4))
-    known = arr.is_valid().to_numpy(zero_copy_only=False)
-    values = arr.values.slice(arr.offset * 4, len(arr) * 4).cast(pa.float64())
-    matrix = values.to_numpy(zero_copy_only=False).astype(np.float64).reshape(-1, 4)
-    return np.where(known[:, None], np.nan_to_num(matrix), 0.0), known
 
 
 def _box_array(matrix: np.ndarray, valid: np.ndarray) -> pa.Array:
@@ -301,10 +276,10 @@ def _box_array(matrix: np.ndarray, valid: np.ndarray) -> pa.Array:
 def objects_summary(objects: pa.Table, object_count: pa.Array) -> dict:
     """``run.json`` → ``objects``: boxes in, ok and rejected, per class, and the reasons."""
     ok = is_ok(objects["status"])
-    labels = objects.filter(pa.array(ok))["label"].drop_null()
+    labels = objects["label"].filter(pa.array(ok)).drop_null()
     per_class = {str(v["values"]): int(v["counts"]) for v in pc.value_counts(labels).to_pylist()} if len(labels) else {}
     reasons: dict[str, int] = {}
-    for text in objects.filter(pa.array(~ok))["reason"].to_pylist():
+    for text in objects["reason"].filter(pa.array(~ok)).to_pylist():
         head = (text or "").split(":")[0].split(" (")[0][:80]
         reasons[head] = reasons.get(head, 0) + 1
     listed = pc.drop_null(object_count)

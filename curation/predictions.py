@@ -31,7 +31,7 @@ import logging
 import numpy as np
 import pyarrow as pa
 
-from curation.annotations import Annotations, AnnotationsError, escapes_root, normal_name
+from curation.annotations import Annotations, AnnotationsError, box_matrix, escapes_root, normal_name
 from curation.io.filesystem import Location, read_bytes
 from curation.item_key import object_ids
 from curation.schema import STATUS_OK, STATUS_REJECTED, is_ok
@@ -133,8 +133,7 @@ def match_predictions(boxes: np.ndarray, box_images: np.ndarray, usable: np.ndar
     covered = np.zeros(m)
     ok = is_ok(predictions["status"]) & (predictions["score"].fill_null(0).to_numpy() >= min_score) \
         & (prediction_images >= 0)
-    pred_boxes = np.array([b if b is not None else [0, 0, 0, 0] for b in predictions["bbox"].to_pylist()],
-                          np.float64).reshape(-1, 4)
+    pred_boxes = box_matrix(predictions["bbox"])[0]
     rows = np.flatnonzero(usable)
     pred_rows = np.flatnonzero(ok)
     by_image: dict[int, list[int]] = {}
@@ -193,16 +192,16 @@ def detector_evidence(table: pa.Table, usable: np.ndarray, predictions: pa.Table
     matched) and which predictions no box covers (see the module): ``location`` (NaN where not
     usable), ``suggested_bbox``, ``class_probability`` (the matched prediction's probability of
     the box's class; NaN where unmatched), ``misplaced``, and ``overlooked`` (prediction rows)."""
-    boxes = np.array([b if b is not None else [0, 0, 0, 0] for b in table["bbox"].to_pylist()],
-                     np.float64).reshape(-1, 4)
+    boxes = box_matrix(table["bbox"])[0]
     images = table["input_id"].fill_null(-1).to_numpy(zero_copy_only=False)
     prediction_images = predictions["input_id"].fill_null(-1).to_numpy(zero_copy_only=False)
     found = match_predictions(boxes, images, usable, predictions, prediction_images,
                               min_score=cfg.prediction_min_score, match_iou=cfg.match_iou,
                               covered_iou=cfg.covered_iou)
     location = np.where(usable, found["location"], np.nan)
-    given = predictions["bbox"].to_pylist()
-    suggested_bbox = [given[j] if usable[i] and j >= 0 else None for i, j in enumerate(found["best"])]
+    suggest = usable & (found["best"] >= 0)
+    suggested_bbox = predictions["bbox"].take(pa.array(np.maximum(found["best"], 0), mask=~suggest)).cast(
+        pa.list_(pa.float64(), 4))
     matched = np.where(found["matched"] & usable, found["best"], -1)
     probability = detector_class_probability(predictions, matched, table["label"].to_pylist(), classes)
     misplaced = usable & (location >= SUGGEST_IOU) & (location < cfg.misplaced_below)

@@ -165,6 +165,10 @@ def _check_selection_columns(config: Config, metadata: list[str], plan: Plan) ->
     if by_objects and plan.objects is None:
         raise ConfigError(f"selection {by_objects[0].name!r}: balance_on {OBJECT_LABEL} balances over the boxes' "
                           f"classes; it needs input.annotations")
+    to_label = [sel for sel in by_objects if sel.mode == "to_label"]
+    if to_label:
+        raise ConfigError(f"selection {to_label[0].name!r}: balance_on {OBJECT_LABEL} does not apply to mode to_label "
+                          f"(it picks images the annotations do not list, which have no boxes to balance by)")
     images = [sel.model_copy(update={"balance_on": None}) if sel.balance_on == OBJECT_LABEL else sel for sel in images]
     check_selection_columns(images, pa.schema(fields))
     check_selection_columns(boxes, OBJECTS_MANIFEST)  # a box_review's where and balance_on name box columns

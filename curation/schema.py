@@ -100,6 +100,21 @@ def is_ok(status) -> np.ndarray:
     return np.asarray(status == STATUS_OK, bool)
 
 
+def with_rejections(table: pa.Table, mask: np.ndarray, reason) -> pa.Table:
+    """``table`` with its ok rows under ``mask`` rejected for ``reason``: one string, or an
+    array with one per row (only the masked rows' are read). A row already rejected keeps its
+    first reason. Column-wise, without a Python object per row (tables of millions of boxes)."""
+    change = np.asarray(mask, bool) & is_ok(table["status"])
+    if not change.any():
+        return table
+    where = pa.array(change)
+    why = pa.scalar(reason, pa.string()) if isinstance(reason, str) else pc.cast(reason, pa.string())
+    status = pc.if_else(where, pa.scalar(STATUS_REJECTED), table["status"])
+    reasons = pc.if_else(where, why, table["reason"])
+    table = table.set_column(table.schema.get_field_index("status"), "status", status)
+    return table.set_column(table.schema.get_field_index("reason"), "reason", reasons)
+
+
 def vector_id_of_rows(samples: pa.Table) -> np.ndarray:
     """Each row's position among the stored vectors (-1 for a rejected row): the inverse of
     :func:`ok_rows_in_vector_order`."""

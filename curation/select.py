@@ -54,7 +54,7 @@ from curation.config import ConfigError, ScoresConfig, SelectionConfig
 from curation.schema import SELECTION_SCHEMA
 from curation.where import WhereError, where_mask
 from curation.select_boxes import MODE as BOX_MODE, OBJECT_LABEL, ObjectClasses, balance_by_objects, box_review, \
-    object_classes
+    object_classes, object_strata
 from curation.select_modes import MODES, blocked_by
 from curation.select_view import SampleView, SelectionResult, columns_named, interleave_by
 
@@ -79,6 +79,9 @@ class Selector:
             samples.column_names)
         self.view = SampleView(samples, scores, vectors, named, previous)
         self.object_classes = object_classes  # balance_on: object_label (a detection run's boxes per image)
+        if object_classes is not None:  # validation's strata in a detection run: the images' main box class
+            self.view.object_classes = object_classes
+            self.view.object_strata = object_strata(object_classes, self.view.labelled)
 
     def _where(self, sel: SelectionConfig) -> np.ndarray:
         if not sel.where:
@@ -94,6 +97,11 @@ class Selector:
         return eligible if excluded is None else eligible & ~excluded
 
     def build(self, sel: SelectionConfig, excluded: np.ndarray | None = None) -> SelectionResult:
+        if sel.balance_on == OBJECT_LABEL and getattr(MODES[sel.mode], "balances_itself", False):
+            if sel.mode == "to_label":
+                raise ConfigError(f"selection {sel.name!r} balance_on {OBJECT_LABEL}: not for mode to_label "
+                                  f"(its images have no boxes yet)")
+            return self._build(sel, excluded)  # validation stratifies by the images' box classes itself
         if sel.balance_on == OBJECT_LABEL:  # the mode ranks a wider field; the boxes' classes then pick the budget from it
             if self.object_classes is None:
                 raise ConfigError(f"selection {sel.name!r} balance_on {OBJECT_LABEL}: needs boxes (input.annotations)")
@@ -184,7 +192,7 @@ def build_selections(samples: pa.Table, scores: ScoresConfig, selections: list[S
     order = [sel.name for sel in selections]
     selections = [sel for sel in selections if sel.mode != BOX_MODE]
     classes = object_classes(samples, objects) if objects is not None and any(
-        sel.balance_on == OBJECT_LABEL for sel in selections) else None
+        sel.balance_on == OBJECT_LABEL or sel.mode in ("to_label", "validation") for sel in selections) else None
     selector = Selector(samples, scores, vectors, selections, previous, classes)
     by_name = {sel.name: sel for sel in selections}
     excluded: dict[str, np.ndarray] = {}

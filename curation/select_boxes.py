@@ -104,12 +104,39 @@ def object_classes(samples: pa.Table, objects: pa.Table) -> ObjectClasses:
     boxes = objects.filter(usable).select(["uri", "label"]).drop_null()
     row = pc.index_in(boxes["uri"], value_set=samples["uri"].combine_chunks().cast(pa.string()))
     row = np.asarray(row.to_numpy(zero_copy_only=False), np.float64)
-    names, codes = np.unique(np.asarray(boxes["label"].to_pylist(), dtype=object).astype(str), return_inverse=True) \
-        if boxes.num_rows else (np.array([], str), np.zeros(0, np.int64))
+    label = boxes["label"].cast(pa.string())
+    names = sorted(pc.unique(label).to_pylist())
+    codes = pc.index_in(label, value_set=pa.array(names, pa.string())).to_numpy(zero_copy_only=False).astype(np.int64)
     found = np.isfinite(row)
     counts = sparse.csr_matrix((np.ones(int(found.sum())), (row[found].astype(np.int64), codes[found])),
                                shape=(samples.num_rows, len(names)))
     return ObjectClasses([str(n) for n in names], counts)
+
+
+NO_OBJECTS, UNLABELLED = "<no objects>", "<unlabelled>"
+
+
+def object_strata(classes: ObjectClasses, listed: np.ndarray) -> tuple[np.ndarray, list[str]]:
+    """Each image's stratum in a detection run: the class most of its boxes have (ties: the
+    first name), ``<no objects>`` for an image listed with none, ``<unlabelled>`` for one the
+    annotations do not list (``listed``). Returns ``(code per row, name of each code)``."""
+    counts = classes.counts.tocsr()
+    has = np.diff(counts.indptr) > 0
+    main = np.asarray(counts.argmax(axis=1)).ravel() if counts.shape[1] else np.zeros(counts.shape[0], np.int64)
+    k = len(classes.names)
+    codes = np.where(has, main, np.where(listed, k, k + 1)).astype(np.int64)
+    return codes, list(classes.names) + [NO_OBJECTS, UNLABELLED]
+
+
+def class_shares_tv(classes: ObjectClasses, population: np.ndarray, sample: np.ndarray) -> float:
+    """Total-variation distance between the boxes' class shares on the ``sample`` rows and on
+    the ``population`` rows (0: the selection's boxes mirror the data's)."""
+    def shares(rows):
+        totals = np.asarray(classes.counts[rows].sum(axis=0)).ravel()
+        return totals / max(totals.sum(), 1.0)
+    if not len(classes.names) or not len(sample) or not len(population):
+        return 0.0
+    return round(float(0.5 * np.abs(shares(sample) - shares(population)).sum()), 4)
 
 
 def balance_by_objects(order: np.ndarray, classes: ObjectClasses, budget: int | None) -> tuple[np.ndarray, dict]:

@@ -16,6 +16,7 @@ from curation.corrections import corrected_mask
 from curation.cover import farthest_first
 from curation.labelling import rank_for_labelling
 from curation.schema import ok_rows_in_vector_order
+from curation.select_boxes import OBJECT_LABEL, class_shares_tv
 from curation.select_view import Ranked, SampleView, _floats, allocate, interleave, interleave_by
 from curation.index.source import map_vectors
 
@@ -190,7 +191,9 @@ class Validation:
     def rank(self, view, sel, rows):
         budget = sel.budget if sel.budget is not None else int(round((sel.fraction or 0.0) * len(rows)))
         budget = min(budget, len(rows))
-        labels, names = view.groups(sel.balance_on or "label", selection=sel.name)
+        by_objects = view.object_strata is not None and sel.balance_on in (None, OBJECT_LABEL)
+        column = OBJECT_LABEL if by_objects else sel.balance_on or "label"
+        labels, names = view.object_strata if by_objects else view.groups(column, selection=sel.name)
         cluster = np.nan_to_num(view.cluster, nan=-1).astype(np.int64)
         sticky = previous_members(view, sel, rows)[0][:budget]  # a shrunk budget keeps the earliest-ranked
         # Systematic sampling over the rows sorted by label, then cluster, then a random key: every
@@ -206,11 +209,14 @@ class Validation:
         else:
             chosen = np.zeros(0, np.int64)
         picked = np.concatenate([sticky, chosen]).astype(np.int64)
-        column = sel.balance_on or "label"
         reasons = ["validation: kept from the previous run's validation set" for _ in sticky] + [
             f"validation: stratum {column} {names[labels[r]]!r} x cluster {cluster[r]}" for r in picked[len(sticky):]]
         details = {"sticky": int(len(sticky)),
                    f"{column}_tv": _tv(labels[rows], labels[picked]), "cluster_tv": _tv(cluster[rows], cluster[picked])}
+        if view.object_classes is not None:  # a detection run: the boxes the set holds, against the data's
+            details["object_class_tv"] = class_shares_tv(view.object_classes, rows, picked)
+            details["objects_per_class"] = dict(zip(view.object_classes.names, np.asarray(
+                view.object_classes.counts[picked].sum(axis=0)).ravel().astype(int).tolist()))
         return Ranked(picked, np.zeros(len(picked)), reasons, details=details)
 
     def reason(self, view, row, score):

@@ -114,7 +114,7 @@ class SampleView:
     """
 
     NEEDED = ("uri", "label", "status", "dup_of", "dup_group", "label_quality", "sparseness", "suggested_label",
-              "suggested_confidence", "cluster", "label_source", "object_quality")
+              "suggested_confidence", "cluster", "label_source", "object_quality", "object_count")
 
     def __init__(self, samples: pa.Table, scores: ScoresConfig, vectors, columns: set[str] | frozenset = frozenset(),
                  previous: dict[str, pa.Table] | None = None):
@@ -133,7 +133,12 @@ class SampleView:
         self.suspected = self._any("mislabel")
         self.quality = _floats(table["label_quality"])
         self.sparseness = _floats(table["sparseness"])
-        self.labelled = table["label"].is_valid().to_numpy(zero_copy_only=False)
+        # A detection run's image is labelled when the annotations list it (zero boxes included).
+        labels = table["object_count"] if "object_count" in table.column_names else table["label"]
+        self.labelled = labels.is_valid().to_numpy(zero_copy_only=False)
+        # a detection run's boxes per image and strata (curation.select_boxes.object_strata), when a mode needs them
+        self.object_classes = None
+        self.object_strata: tuple[np.ndarray, list[str]] | None = None
         self.cluster = _floats(table["cluster"])
         self.previous = previous or {}  # the previous published run's selections, by name
 

@@ -116,6 +116,13 @@ def test_box_review_selects_boxes_lowest_quality_first_and_the_diff_keys_them_by
              .to_pylist()}
     changes = {(r["object_id"], r["change"]) for r in rows.to_pylist()}
     assert changes == {(o, "added") for o in after - before} | {(o, "removed") for o in before - after}
+    # drift sees the boxes: one more annotated box tonight, its class's share up
+    boxes = json.load(open(os.path.join(second.run_uri, "run.json")))["drift"]["objects"]
+    annotated_after = [r for r in read_objects_folder(second.run_uri).to_pylist()
+                       if r["source"] == "annotation" and r["status"] == "ok"]
+    assert boxes["boxes_before"] == len(annotated) and boxes["boxes_after"] == len(annotated_after)
+    assert set(boxes["classes"]["shares"]) == {r["label"] for r in annotated_after}
+    assert sum(s["after"] for s in boxes["sizes"]["shares"].values()) == pytest.approx(1.0, abs=1e-5)
 
 
 def test_box_review_and_box_corrections_are_checked_before_any_work(tmp_path):

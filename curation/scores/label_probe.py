@@ -80,8 +80,13 @@ def fold_keys(names) -> np.ndarray:
     return z ^ (z >> np.uint64(31))
 
 
-def _as_strings(names) -> list:
-    return names.to_pylist() if hasattr(names, "to_pylist") else list(names)
+def _as_strings(names):
+    """The names one by one; an Arrow column a slice at a time (not a Python string per row at once)."""
+    if not hasattr(names, "to_pylist"):
+        yield from names
+        return
+    for start in range(0, len(names), 65_536):
+        yield from names.slice(start, 65_536).to_pylist()
 
 
 def probe_keys(table, rows: np.ndarray) -> np.ndarray:

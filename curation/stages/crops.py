@@ -103,7 +103,7 @@ class CropJob:
             return np.zeros((0, 4)), np.zeros(0, bool)
         boxes, problems = place_boxes(self.boxes, units=self.units, width=width, height=height,
                                       tolerance_px=self.tolerance_px, min_size_px=self.min_size_px)
-        return boxes, np.array([p is None for p in problems], bool)
+        return boxes, problems.is_null().to_numpy(zero_copy_only=False)
 
     def square_sides(self, width: int, height: int) -> np.ndarray:
         boxes, ok = self.placed(width, height)
