@@ -41,6 +41,7 @@ from curation.io import inputs as inputs_io, outputs
 from curation.io.filesystem import Resolver
 from curation.io.store import EmbeddingStore
 from curation.report import prepare_report
+from curation.report.box_map import box_map_coordinates
 from curation.published_run import PublishedRun
 from curation.schema import is_ok
 from curation.session import check_cluster, needs_ray, ray_session, run_tasks
@@ -57,7 +58,7 @@ from curation.corrections import apply_corrections, read_answers
 from curation.leakage import find_leaks, split_values
 from curation.crop_store import CropStore, CropWork, copy_stored_crops, plan_crops
 from curation.object_vectors import joined_to_samples
-from curation.objects import (ObjectVectors, objects_summary, place_objects,
+from curation.objects import (ObjectVectors, PlacedObjects, objects_summary, place_objects,
                               read_object_vectors, with_object_vectors)
 from curation.object_profile import leaked_boxes
 from curation.object_scores import CropGraph, per_image, score_objects
@@ -117,21 +118,23 @@ def run_job(config: Config, *, resolver: Resolver | None = None, plan: Plan | No
         with clock.phase("drift"):
             drift = _drift(plan, config, samples, ingested, neighbours.graph,
                            centroids=score_report["artifacts"].get("clusters", {}).get("centroids"),
-                           objects=objects[0] if objects is not None else None)
+                           objects=objects.table if objects is not None else None)
         neighbours = dataclasses.replace(neighbours, graph=None, copy_graph=None)  # the graphs' last reference
         with clock.phase("leakage"):
-            leakage = _split_leakage(samples, ingested, config, resolver, objects[0] if objects is not None else None)
+            leakage = _split_leakage(samples, ingested, config, resolver, objects.table if objects is not None else None)
         with clock.phase("selections"):
             selections = build_selections(samples, config.scores, config.selections, ingested.vectors,
                                           previous=_previous_selections(plan, config),
-                                          objects=objects[0] if objects is not None else None)
+                                          objects=objects.table if objects is not None else None)
         with clock.phase("report_data"):
+            if objects is not None:
+                objects = _box_map(objects, config)
             samples, report = prepare_report(samples, ingested.vectors, selections, config, resolver,
                                              leakage=leakage[0] if leakage is not None else None,
                                              drift=drift.new_region_items if drift is not None else None,
                                              score_summary=score_report["summary"],
                                              previous=_updated_from(neighbours.info, plan),
-                                             objects=objects[0] if objects is not None else None)
+                                             objects=objects.table if objects is not None else None)
     return publish(plan, config, Scored(samples, score_report["summary"], selections, report, leakage, corrections,
                                         drift, objects),
                    clock, embedder=ingested.embedder, knn=neighbours.info, snapshot=ingested.snapshot)
@@ -364,7 +367,7 @@ def _apply_corrections(plan: Plan, config: Config, resolver: Resolver,
     return ingested, (store, summary)
 
 
-def _place_objects(plan: Plan, config: Config, ingested: Ingested) -> tuple[Ingested, tuple[pa.Table, dict]]:
+def _place_objects(plan: Plan, config: Config, ingested: Ingested) -> tuple[Ingested, PlacedObjects]:
     """The annotations' boxes on their decoded images (see :mod:`curation.objects`), and
     ``object_count`` on every input's row."""
     samples = ingested.samples.sort_by("input_id")
@@ -394,7 +397,13 @@ def _place_objects(plan: Plan, config: Config, ingested: Ingested) -> tuple[Inge
     samples = samples.append_column("object_count", objects_in.object_count)
     for name, column in per_image(table, samples.num_rows).items():
         samples = samples.append_column(name, column)
-    return dataclasses.replace(ingested, samples=samples), (table, summary)
+    return dataclasses.replace(ingested, samples=samples), PlacedObjects(table, summary, crop_graph.vectors)
+
+
+def _box_map(objects: PlacedObjects, config: Config) -> PlacedObjects:
+    """The report's box map: ``x``, ``y`` of the plotted boxes (:mod:`curation.report.box_map`)."""
+    table, info = box_map_coordinates(objects.table, objects.vectors, config.report)
+    return dataclasses.replace(objects, table=table, summary={**objects.summary, "map": info})
 
 
 def _write_graphs(plan: Plan, samples: pa.Table, neighbours: Neighbours) -> None:

@@ -25,11 +25,15 @@ from curation.schema import STATUS_OK
 SIZE_BINS = (("small", 32.0 ** 2), ("medium", 96.0 ** 2), ("large", float("inf")))
 
 
+def annotated_ok_mask(objects: pa.Table) -> pa.Array:
+    """Which rows are ok boxes the annotations give (not the detector's possibly overlooked ones)."""
+    return pc.fill_null(pc.and_(pc.equal(objects["source"], SOURCE_ANNOTATION),
+                                pc.equal(objects["status"], STATUS_OK)), False)
+
+
 def annotated_ok(objects: pa.Table) -> pa.Table:
-    """The ok boxes the annotations give (not the detector's possibly overlooked ones)."""
-    usable = pc.fill_null(pc.and_(pc.equal(objects["source"], SOURCE_ANNOTATION),
-                                  pc.equal(objects["status"], STATUS_OK)), False)
-    return objects.filter(usable)
+    """The ok boxes the annotations give."""
+    return objects.filter(annotated_ok_mask(objects))
 
 
 def size_bins(area) -> pa.Array:

@@ -68,8 +68,10 @@ OBJECT_FLAGS = {
     "is_box_misplaced": "the detector's nearest box overlaps it, but by less than objects.misplaced_below",
     "is_overlooked_object": "a confident prediction no annotated box covers (source = prediction rows)",
 }
-# objects/*.parquet as published: the placed boxes (curation/objects.py) and these scores.
-OBJECTS_MANIFEST = pa.schema(list(OBJECTS_CONTRACT) + list(OBJECT_SCORE_COLUMNS))
+# The box map's coordinates (curation/report/box_map.py; null for a box not plotted).
+OBJECT_MAP_COLUMNS = pa.schema([("x", pa.float32()), ("y", pa.float32())])
+# objects/*.parquet as published: the placed boxes (curation/objects.py), these scores, the map.
+OBJECTS_MANIFEST = pa.schema(list(OBJECTS_CONTRACT) + list(OBJECT_SCORE_COLUMNS) + list(OBJECT_MAP_COLUMNS))
 # samples/ columns of a detection run (beside object_count): per image.
 SAMPLE_OBJECT_COLUMNS = ("object_quality", "box_mislabel_count", "spurious_box_count", "duplicate_box_count",
                          "degenerate_box_count", "misplaced_box_count", "overlooked_object_count")
@@ -196,9 +198,12 @@ def _crop_evidence(table: pa.Table, crops: CropGraph, ok: np.ndarray, crowd: np.
 def _manifest(table: pa.Table, columns: dict, predictions, detector, cfg) -> pa.Table:
     """``table`` with the score ``columns``, in ``OBJECTS_MANIFEST`` order, and the rows of the
     objects no annotated box covers (flags false, the other scores null)."""
-    out = table.drop_columns([c for c in OBJECT_SCORE_COLUMNS.names if c in table.column_names])
+    out = table.drop_columns([c for c in OBJECT_SCORE_COLUMNS.names + OBJECT_MAP_COLUMNS.names
+                              if c in table.column_names])
     for field in OBJECT_SCORE_COLUMNS:
         out = out.append_column(field, columns[field.name].cast(field.type))
+    for field in OBJECT_MAP_COLUMNS:  # set by the report's box map
+        out = out.append_column(field, pa.nulls(out.num_rows, field.type))
     out = out.select(OBJECTS_MANIFEST.names).cast(OBJECTS_MANIFEST)
     if detector is None or not len(detector["overlooked"]):
         return out

@@ -183,6 +183,17 @@ class ObjectVectors:
     copied: int = 0
 
 
+@dataclass(frozen=True)
+class PlacedObjects:
+    """A detection run's objects after scoring: the ``objects/`` table, ``run.json`` →
+    ``objects``, and the ok boxes' crop vectors by ``object_vector_id`` (a
+    :class:`~curation.index.source.VectorParts`; None when no box had one)."""
+
+    table: pa.Table
+    summary: dict
+    vectors: object = None
+
+
 def read_object_vectors(folder: Location, names: list[str], *, copied: list[str] = ()) -> ObjectVectors:
     """The ``object-embeddings/`` files ``names`` (those written tonight, then ``copied``: those
     copied from the crop store) and their ``object_row`` column (8 bytes a box on the driver;

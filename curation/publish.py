@@ -15,6 +15,7 @@ from curation.config import Config
 from curation.drift import DriftResult
 from curation.io import outputs
 from curation.io.filesystem import PreconditionFailed, read_tagged, write_bytes
+from curation.objects import PlacedObjects
 from curation.report import ReportAssets, render_report
 from curation.published_run import CORRECTIONS_FILE, latest_run_id
 from curation.run_layout import OBJECT_CORRECTIONS_FILE, OBJECTS_FOLDER
@@ -63,7 +64,7 @@ class Scored:
     leakage: tuple[pa.Table, dict] | None = None  # copies across splits (leakage.parquet, run.json)
     corrections: tuple[pa.Table, dict] | None = None  # label corrections kept with the run, and their counts
     drift: DriftResult | None = None  # tonight's profile, the comparison with the previous run, far new items
-    objects: tuple[pa.Table, dict] | None = None  # detection runs: objects/ and its run.json summary
+    objects: PlacedObjects | None = None  # detection runs: objects/, its run.json summary, the crop vectors
 
 
 def publish(plan: Plan, config: Config, scored: Scored, clock: Clock, *, embedder: dict, knn: dict,
@@ -112,7 +113,7 @@ def _write_outputs(plan: Plan, config: Config, info: RunInfo, samples: pa.Table,
     previous = plan.previous
     if previous is not None:
         info.diff = diff_runs(previous, samples, tables, run.child("diff"),
-                              objects=scored.objects[0] if scored.objects is not None else None)
+                              objects=scored.objects.table if scored.objects is not None else None)
     for name, table in tables.items():
         outputs.write_table(run.child("selections", f"{name}.parquet"), table)
     if scored.corrections is not None:
@@ -124,8 +125,8 @@ def _write_outputs(plan: Plan, config: Config, info: RunInfo, samples: pa.Table,
             info.diff["corrections"] = {"new": new.num_rows,
                                         "listed": new.slice(0, DIFF_CORRECTIONS_LISTED).to_pylist()}
     if scored.objects is not None:
-        outputs.write_parquet_parts(run.child(OBJECTS_FOLDER), scored.objects[0])
-        info.objects = scored.objects[1]
+        outputs.write_parquet_parts(run.child(OBJECTS_FOLDER), scored.objects.table)
+        info.objects = scored.objects.summary
         if plan.objects is not None and plan.objects.corrections is not None:  # kept for the next nights
             outputs.write_table(run.child(OBJECT_CORRECTIONS_FILE), plan.objects.corrections)
     if scored.leakage is not None:
@@ -140,7 +141,8 @@ def _write_outputs(plan: Plan, config: Config, info: RunInfo, samples: pa.Table,
     info.map = report.map_info
     write_bytes(run.child("report.html"), render_report(
         run_id=plan.run_id, samples=samples, run_info=info, selections=tables, modes=report.modes,
-        galleries=report.galleries, thumbnails=report.thumbnails, scores_config=config.scores).encode("utf-8"))
+        galleries=report.galleries, thumbnails=report.thumbnails, scores_config=config.scores,
+        objects=scored.objects.table if scored.objects is not None else None).encode("utf-8"))
 
 
 def _swap_latest(plan: Plan, config: Config) -> None:

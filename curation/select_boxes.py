@@ -24,8 +24,8 @@ from scipy import sparse
 
 from curation.config import SelectionConfig
 from curation.object_scores import OBJECT_FLAGS, OBJECTS_MANIFEST
-from curation.objects import SOURCE_ANNOTATION
-from curation.schema import SELECTION_SCHEMA, STATUS_OK
+from curation.object_profile import annotated_ok, annotated_ok_mask
+from curation.schema import SELECTION_SCHEMA
 from curation.select_view import SelectionResult, columns_named, interleave_by
 from curation.where import where_mask
 
@@ -39,9 +39,7 @@ BOX_SELECTION_SCHEMA = pa.schema(list(SELECTION_SCHEMA) + [("object_id", pa.stri
 def box_review(objects: pa.Table, sel: SelectionConfig) -> SelectionResult:
     """``sel`` (mode ``box_review``) over a detection run's ``objects`` table."""
     quality = objects["box_quality"].to_numpy(zero_copy_only=False).astype(np.float64)
-    eligible = (pc.fill_null(pc.and_(pc.equal(objects["source"], SOURCE_ANNOTATION),
-                                     pc.equal(objects["status"], STATUS_OK)), False).to_numpy(zero_copy_only=False)
-                & np.isfinite(quality))
+    eligible = annotated_ok_mask(objects).to_numpy(zero_copy_only=False) & np.isfinite(quality)
     if sel.where:  # (preflight checked its columns against OBJECTS_MANIFEST)
         named = sorted(columns_named([sel], objects.column_names)) or ["box_quality"]
         eligible &= where_mask(objects.select(named).to_pandas(), sel.where)
@@ -99,9 +97,7 @@ class ObjectClasses:
 
 def object_classes(samples: pa.Table, objects: pa.Table) -> ObjectClasses:
     """The boxes' classes per image of ``samples`` (matched by ``uri``)."""
-    usable = pc.fill_null(pc.and_(pc.equal(objects["source"], SOURCE_ANNOTATION),
-                                  pc.equal(objects["status"], STATUS_OK)), False)
-    boxes = objects.filter(usable).select(["uri", "label"]).drop_null()
+    boxes = annotated_ok(objects).select(["uri", "label"]).drop_null()
     row = pc.index_in(boxes["uri"], value_set=samples["uri"].combine_chunks().cast(pa.string()))
     row = np.asarray(row.to_numpy(zero_copy_only=False), np.float64)
     label = boxes["label"].cast(pa.string())

@@ -319,6 +319,22 @@ def test_the_report_shows_crops_of_the_boxes_to_review_with_their_box_drawn(coco
     assert crops and crops[0] == first  # lowest box_quality first, each a crop of its box
 
 
+def test_the_box_map_plots_every_flagged_box_and_the_page_draws_it(coco_run):
+    from curation.object_scores import OBJECT_FLAGS
+
+    objects = read_objects_folder(coco_run.run_uri).to_pylist()
+    plotted = [r for r in objects if r["x"] is not None]
+    usable = [r for r in objects if r["source"] == "annotation" and r["status"] == "ok"]
+    assert plotted and all(r["y"] is not None and r["object_vector_id"] is not None for r in plotted)
+    assert {r["object_id"] for r in plotted} <= {r["object_id"] for r in usable}  # ok annotated boxes only
+    flagged = {r["object_id"] for r in usable if any(r[f] for f in OBJECT_FLAGS)}
+    assert flagged and flagged <= {r["object_id"] for r in plotted}  # every flagged box is on the map
+    info = json.load(open(os.path.join(coco_run.run_uri, "run.json")))["objects"]["map"]
+    assert info["points"] == len(plotted) and info["method"] == "PCA"
+    page = open(os.path.join(coco_run.run_uri, "report.html"), encoding="utf-8").read()
+    assert "<h2>Box map</h2>" in page and "box_points" in page and f"{len(plotted)} boxes plotted" in page
+
+
 def test_a_crop_is_cut_in_the_stored_frame_with_its_box_drawn_then_turned_upright():
     import io
 

@@ -70,8 +70,9 @@ def prepare_report(samples: pa.Table, vectors, selections: list, config: Config,
         uris = thumbnail_order(samples, galleries, highlight_masks(samples, tables, modes), config.report.thumbnails)
         thumbnails = fetch_thumbnails(uris, resolver, px=config.report.thumbnail_px,
                                       max_pixels=config.decode.max_pixels)
-        thumbnails.update(fetch_crops(crop_requests(objects, boxes), resolver, px=config.report.thumbnail_px,
-                                      max_pixels=config.decode.max_pixels))
+        room = max(0, config.report.thumbnails - len(thumbnails))  # the box map's crops share the cap
+        thumbnails.update(fetch_crops(crop_requests(objects, boxes, map_cap=room), resolver,
+                                      px=config.report.thumbnail_px, max_pixels=config.decode.max_pixels))
     galleries = boxes + galleries
     map_info["thumbnails"] = len(thumbnails)
     return samples, ReportAssets(modes, galleries, thumbnails, map_info)

@@ -20,6 +20,7 @@ from PIL import Image, ImageDraw
 
 from curation.io.filesystem import Resolver
 from curation.object_scores import OBJECT_FLAGS
+from curation.report.box_map import flagged_boxes
 from curation.report.galleries import Gallery, GalleryItem
 from curation.session import run_tasks
 
@@ -71,11 +72,18 @@ def _item(row: dict, by: str) -> GalleryItem:
     return GalleryItem(crop_key(row["uri"], row["object_id"]), lines, badge=flags[0] if flags else None)
 
 
-def crop_requests(objects: pa.Table | None, galleries: list[Gallery]) -> list[tuple]:
-    """``(key, uri, bbox, suggested_bbox)`` for every gallery item of :func:`box_galleries`."""
+def crop_requests(objects: pa.Table | None, galleries: list[Gallery], *, map_cap: int = 0) -> list[tuple]:
+    """``(key, uri, bbox, suggested_bbox)`` for every gallery item of :func:`box_galleries`,
+    then for the box map's flagged boxes and the rest of its boxes, at most ``map_cap`` more."""
     if objects is None:
         return []
     wanted = {item.uri for g in galleries for item in g.groups[0]} if galleries else set()
+    if map_cap > 0 and "x" in objects.column_names:
+        plotted = pc.is_valid(objects["x"]).to_numpy(zero_copy_only=False)
+        flagged = flagged_boxes(objects)
+        rows = np.concatenate([np.flatnonzero(plotted & flagged), np.flatnonzero(plotted & ~flagged)])[:map_cap]
+        picked = objects.take(pa.array(rows, pa.int64())).select(["uri", "object_id"]).to_pylist()
+        wanted |= {crop_key(r["uri"], r["object_id"]) for r in picked}
     ids = [key.rsplit("#box=", 1)[1] for key in wanted]
     shown = objects.filter(pc.is_in(objects["object_id"], value_set=pa.array(ids, pa.string())))  # not every box
     requests = []

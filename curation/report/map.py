@@ -214,7 +214,7 @@ def embed_2d(x: np.ndarray, method: str, *, seed: int = SEED) -> tuple[np.ndarra
     return xy, f"UMAP ({backend}, after PCA to {reduced.shape[1]} dims)"
 
 
-def _embed_sample(vectors, ids: np.ndarray, method: str) -> tuple[np.ndarray, str]:
+def embed_sample(vectors, ids: np.ndarray, method: str) -> tuple[np.ndarray, str]:
     return embed_2d(vectors.take(ids), method)
 
 
@@ -316,7 +316,7 @@ def map_coordinates(samples: pa.Table, vectors, selections: dict[str, pa.Table],
         else:
             shape = ClusterShape.current()
             request = shape.fit("the map's UMAP task", cpus=1, gpus=gpu_request(shape))
-            xy, how = run_tasks(_embed_sample, [(as_source(vectors), ids[order], config.map_method)],
+            xy, how = run_tasks(embed_sample, [(as_source(vectors), ids[order], config.map_method)],
                                 request=request)[0]
             coords[rows[order]] = xy
     has = np.isfinite(coords[:, 0])

@@ -18,6 +18,8 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
+from curation.object_scores import OBJECT_FLAGS
+from curation.report.boxes import crop_key
 from curation.report.galleries import Gallery
 from curation.report.map import highlight_masks
 from curation.run_info import RunInfo
@@ -47,7 +49,8 @@ figure.kept img{outline:3px solid #2ca02c}.badge{color:#2ca02c;font-weight:bold}
 #controls{margin:.5em 0}#controls label{margin-right:1em}#detail{min-height:110px;font-size:12px}
 #detail img{width:128px;height:128px;object-fit:contain;float:left;margin-right:1em;background:#eee}
 .maprow{display:flex;gap:1.5em;align-items:flex-start}#legend span{display:inline-block;width:10px;height:10px;
-margin-right:4px}#legend div{font-size:12px}
+margin-right:4px}#legend div{font-size:12px}#box_legend span{display:inline-block;width:10px;height:10px;
+margin-right:4px}#box_legend div{font-size:12px}
 """
 
 SCRIPT = """
@@ -164,6 +167,46 @@ def _map_figure(data: dict):
           <div>cluster @cluster, sparseness @sparseness_txt, label quality @label_quality_txt</div>
           <div>@flags</div></div>""")
     fig.add_tools(hover, TapTool())
+    fig.axis.visible = False
+    fig.grid.visible = False
+    return fig
+
+
+def box_map_source_data(objects: pa.Table, thumbnails: dict[str, str]) -> tuple[dict, str]:
+    """The box map's columns (one entry per plotted box: coloured by class, a flagged box ringed
+    and larger) and its class legend."""
+    picked = objects.filter(pc.is_valid(objects["x"]))
+    label = [v if v is not None else "(none)" for v in picked["label"].to_pylist()]
+    flags = [name for name in OBJECT_FLAGS if name in picked.column_names]
+    marks = {name: pc.fill_null(picked[name], False).to_pylist() for name in flags}
+    flag_text = [", ".join(n.removeprefix("is_") for n in flags if marks[n][i]) or "no flag" for i in range(len(label))]
+    flagged = [text != "no flag" for text in flag_text]
+    colour, legend = _colour_codes(label, PALETTE)
+    uri, ids = picked["uri"].to_pylist(), picked["object_id"].to_pylist()
+    data = {"x": picked["x"].to_numpy(zero_copy_only=False).astype(np.float64),
+            "y": picked["y"].to_numpy(zero_copy_only=False).astype(np.float64),
+            "uri": uri, "object_id": ids, "label": label, "flags": flag_text, "colour": colour,
+            "suggested": [v or "-" for v in picked["suggested_box_label"].to_pylist()],
+            "quality_txt": [_text(v) for v in picked["box_quality"].to_pylist()],
+            "thumb": [thumbnails.get(crop_key(u, o), BLANK) for u, o in zip(uri, ids)],
+            "ring": [1.0 if f else 0.0 for f in flagged], "size": [8 if f else 5 for f in flagged]}
+    return data, _legend_html(legend, len(set(label)) - len(legend))
+
+
+def _box_map_figure(data: dict):
+    from bokeh.models import ColumnDataSource, HoverTool
+    from bokeh.plotting import figure
+
+    source = ColumnDataSource(data, name="box_points")
+    fig = figure(width=820, height=560, output_backend="webgl", tools="pan,wheel_zoom,box_zoom,reset,save",
+                 active_scroll="wheel_zoom", title=None, name="box_map")
+    fig.scatter("x", "y", source=source, fill_color="colour", fill_alpha=0.85, size="size", line_color="black",
+                line_alpha="ring", name="box_scatter")
+    fig.add_tools(HoverTool(tooltips="""
+        <div style="width:230px;font-size:11px">
+          <img src="@thumb" style="width:96px;height:96px;object-fit:contain;background:#eee">
+          <div><b>@uri</b></div><div>box @object_id</div><div>label: @label &rarr; @suggested</div>
+          <div>box quality @quality_txt</div><div>@flags</div></div>"""))
     fig.axis.visible = False
     fig.grid.visible = False
     return fig
@@ -333,7 +376,7 @@ def _header(run_id: str, samples: pa.Table, run_info: RunInfo) -> list[str]:
 
 def render_report(*, run_id: str, samples: pa.Table, run_info: RunInfo, selections: dict[str, pa.Table],
                   modes: dict[str, str] | None = None, galleries: list[Gallery] | None = None,
-                  thumbnails: dict[str, str] | None = None, scores_config=None) -> str:
+                  thumbnails: dict[str, str] | None = None, scores_config=None, objects: pa.Table | None = None) -> str:
     """The whole page as one HTML string (scripts, data and thumbnails inlined)."""
     from bokeh.embed import components
     from bokeh.resources import Resources
@@ -354,6 +397,10 @@ def render_report(*, run_id: str, samples: pa.Table, run_info: RunInfo, selectio
     if has_map:
         data, legends = map_source_data(samples, masks, thumbnails)
         plots["map"] = _map_figure(data)
+    box_legend = None
+    if objects is not None and "x" in objects.column_names and bool(pc.any(pc.is_valid(objects["x"])).as_py()):
+        box_data, box_legend = box_map_source_data(objects, thumbnails)
+        plots["box_map"] = _box_map_figure(box_data)
     distribution = _class_distribution(samples, selections)
     if distribution is not None:
         plots["classes"] = distribution
@@ -393,6 +440,13 @@ def render_report(*, run_id: str, samples: pa.Table, run_info: RunInfo, selectio
     else:
         parts.append("<p>No map: no item has coordinates (report.map_points is 0, or no usable item).</p>")
 
+    if box_legend is not None:
+        plotted = int(pc.sum(pc.is_valid(objects["x"]).cast(pa.int64())).as_py())
+        parts.append("<h2>Box map</h2>")
+        parts.append(f'<p class=note>{html.escape(str((run_info.objects or {}).get("map", {}).get("method", "")))} of the '
+                     f"boxes' crop vectors; {plotted} boxes plotted (every flagged box, ringed, the rest stratified "
+                     "by class), coloured by class. Hover for the crop.</p>")
+        parts.append(f'<div class=maprow>{divs["box_map"]}<div id=box_legend>{box_legend}</div></div>')
     parts.append("<h2>Charts</h2>")
     for key in ("classes", "clusters"):
         if key in divs:
