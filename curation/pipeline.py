@@ -36,6 +36,7 @@ from curation.session import progress
 from curation.sizing import ClusterShape, stage_requests
 from curation.stages.decode import DecodeStage
 from curation.stages.embed import EMPTY_IS_NULL, EmbedStage
+from curation.store_copy import copy_reused
 
 log = logging.getLogger(__name__)
 
@@ -113,6 +114,11 @@ def embed_to_storage(todo: pa.Table, reuse: Reuse | None, config: Config, resolv
     ctx.execution_options.preserve_order = True
     if _RayDataProgress not in ctx.custom_execution_callback_classes:
         ctx.custom_execution_callback_classes.append(_RayDataProgress)
+    total = todo.num_rows + (reuse.count if reuse is not None else 0)
+    rows_per_part = int(min(EMBEDDING_ROW_GROUP, max(TARGET_ROWS_PER_BLOCK, total // CHECKPOINTS)))
+    if not todo.num_rows and reuse is not None and reuse.count:  # nothing to decode: no pipeline to start
+        return copy_reused(reuse, folder=folder, model_id=model_id, store_dtype=config.embedder.store_dtype,
+                           rows_per_part=rows_per_part)
     branches = []
     if todo.num_rows:
         columns = list(DECODE_INPUT_COLUMNS) + (list(BOX_COLUMNS) if objects is not None else [])
@@ -122,8 +128,6 @@ def embed_to_storage(todo: pa.Table, reuse: Reuse | None, config: Config, resolv
     if not branches:
         return None
     ds = branches[0] if len(branches) == 1 else branches[0].union(*branches[1:])
-    total = todo.num_rows + (reuse.count if reuse is not None else 0)
-    rows_per_part = int(min(EMBEDDING_ROW_GROUP, max(TARGET_ROWS_PER_BLOCK, total // CHECKPOINTS)))
     sink = EmbeddingsDatasink(folder=folder, model_id=model_id, store_dtype=config.embedder.store_dtype,
                               rows_per_part=rows_per_part, object_folder=object_folder if objects is not None else None)
     ds.write_datasink(sink)
