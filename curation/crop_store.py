@@ -30,6 +30,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
+from curation.annotations import box_matrix
 from curation.config_sections import ObjectsConfig
 from curation.io.filesystem import Location
 from curation.io.store import EmbeddingStore, StagedSnapshot, current_snapshot_files
@@ -79,7 +80,7 @@ def plan_crops(objects: ObjectsInput, inputs: pa.Table, cfg: ObjectsConfig) -> C
         zero_copy_only=False)
     rows = np.flatnonzero(usable)
     owner = boxes["input_id"].to_numpy(zero_copy_only=False)[rows].astype(np.int64)
-    raw = np.array(boxes["bbox"].take(pa.array(rows)).to_pylist(), np.float64).reshape(-1, 4)
+    raw = box_matrix(boxes["bbox"].take(pa.array(rows)))[0]
     order = np.argsort(owner, kind="stable")
     rows, owner, raw = rows[order], owner[order], raw[order]
     bounds = np.searchsorted(owner, np.arange(n + 1))
