@@ -10,6 +10,7 @@ is on.
 from __future__ import annotations
 
 import argparse
+import ctypes
 import logging
 import os
 import sys
@@ -77,8 +78,6 @@ _M_MMAP_THRESHOLD, _MMAP_THRESHOLD_BYTES = -3, 1 << 20
 def _return_freed_memory() -> None:
     """Large blocks always mmapped, so freeing them shrinks the driver (glibc only; a no-op elsewhere)."""
     try:
-        import ctypes
-
         ctypes.CDLL("libc.so.6").mallopt(_M_MMAP_THRESHOLD, _MMAP_THRESHOLD_BYTES)
     except (OSError, AttributeError):
         pass

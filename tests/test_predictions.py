@@ -71,7 +71,8 @@ def test_location_class_evidence_and_overlooked_objects_per_image():
     assert location[0] == pytest.approx(1.0) and location[1] == pytest.approx(49 / 151)
     assert location[2] == 0 and location[3] == 0  # nothing near it; another image's predictions never count
     assert found["misplaced"].tolist() == [False, True, False, False]
-    assert found["suggested_bbox"][1] == [53, 53, 10, 10] and found["suggested_bbox"][2] is None
+    suggested = found["suggested_bbox"].to_pylist()
+    assert suggested[1] == [53, 53, 10, 10] and suggested[2] is None
     assert found["class_probability"][0] == pytest.approx(0.9) and np.isnan(found["class_probability"][1])
     # the confident prediction on nothing annotated is possibly overlooked; the 0.1 one is not,
     # and the 0.02 one is under prediction_min_score (it does not even cover box 0)
