@@ -26,7 +26,9 @@ Flags: ``is_box_mislabel`` (another class is more probable and ``box_label_quali
 ``object_id`` repeated), ``is_degenerate_box``. Crowd boxes (``iscrowd``) are scored for their
 class but neither vote nor take part in duplicates.
 
-Still to come (issue 37): the detector's predictions (location, overlooked objects).
+With a detector's predictions (:mod:`curation.predictions`): ``box_location_quality``,
+``suggested_bbox``, ``is_box_misplaced`` and the ``source = prediction`` rows of possibly
+overlooked objects (``overlooked_quality``: 1 - the detector's score).
 """
 
 from __future__ import annotations
