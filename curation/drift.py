@@ -42,7 +42,7 @@ import numpy as np
 import pyarrow as pa
 
 from curation.config import DriftConfig
-from curation.drift_profile import SEED, Profile, build_profile, profile_sample_ids  # noqa: F401 (public here too)
+from curation.drift_profile import SEED, Profile, build_profile, profile_sample_ids, shares_change  # noqa: F401 (public here too)
 from curation.published_run import PublishedRun
 from curation.index.source import CachedVectors, as_source, map_vectors
 from curation.item_key import match_items
@@ -111,14 +111,6 @@ def mmd_test(a: np.ndarray, b: np.ndarray, *, permutations: int = 200, seed: int
     p_value = (1 + exceed) / (1 + done)
     return {"statistic": round(statistic, 6), "p_value": round(p_value, 6), "permutations": done,
             "bandwidth": round(bandwidth, 6), "items": [n, m]}
-
-
-def _shares_change(before: dict[str, float], after: dict[str, float]) -> tuple[dict, float]:
-    names = sorted(set(before) | set(after))
-    changes = {name: {"before": round(before.get(name, 0.0), 6), "after": round(after.get(name, 0.0), 6),
-                      "change": round(after.get(name, 0.0) - before.get(name, 0.0), 6)} for name in names}
-    tv = 0.5 * sum(abs(c["change"]) for c in changes.values())
-    return changes, round(tv, 6)
 
 
 def _js(p: np.ndarray, q: np.ndarray) -> float:
@@ -248,7 +240,7 @@ def find_new_regions(graph, is_new: np.ndarray, threshold: float, vectors, *, ne
 def compare(previous: Profile, current: Profile, config: DriftConfig, *, on_previous: np.ndarray | None,
             regions: dict | None, new_sample: np.ndarray | None = None) -> dict:
     """The ``drift`` section: every statistic, then the alarm and the rules that fired."""
-    classes, label_tv = _shares_change(previous.label_shares, current.label_shares)
+    classes, label_tv = shares_change(previous.label_shares, current.label_shares)
     out: dict = {"classes": {"labelled_before": previous.labelled, "labelled_after": current.labelled,
                              "tv": label_tv, "shares": classes}}
     fired = []
@@ -267,7 +259,7 @@ def compare(previous: Profile, current: Profile, config: DriftConfig, *, on_prev
                                       "after": round(float(after[c]), 6)} for c in moved]}
         if tv > config.alarm_cluster_tv:
             fired.append(f"cluster shares moved by total variation {tv:.3f} (more than {config.alarm_cluster_tv})")
-    flags, _ = _shares_change(previous.flag_rates, current.flag_rates)
+    flags, _ = shares_change(previous.flag_rates, current.flag_rates)
     out["flags"] = flags
     # Items in both samples are dropped from tonight's: the two nights share most of their
     # items, and shared rows would make the samples look alike whatever happened.

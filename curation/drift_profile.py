@@ -97,6 +97,15 @@ class Profile:
                    sample_uris=[u for u, k in zip(table["uri"].to_pylist(), kind) if k == "sample"], **meta)
 
 
+def shares_change(before: dict[str, float], after: dict[str, float]) -> tuple[dict, float]:
+    """Each name's share before and after and its change, and the total-variation distance."""
+    names = sorted(set(before) | set(after))
+    changes = {name: {"before": round(before.get(name, 0.0), 6), "after": round(after.get(name, 0.0), 6),
+                      "change": round(after.get(name, 0.0) - before.get(name, 0.0), 6)} for name in names}
+    tv = 0.5 * sum(abs(c["change"]) for c in changes.values())
+    return changes, round(tv, 6)
+
+
 def _cluster_pass(ids: np.ndarray, x: np.ndarray, cluster_of: np.ndarray, n_clusters: int,
                   previous_centroids: np.ndarray | None):
     """Per range of vectors: member sums and counts of tonight's clusters, and how many of

@@ -18,6 +18,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
+from curation.drift_profile import shares_change
 from curation.objects import SOURCE_ANNOTATION
 from curation.schema import STATUS_OK
 
@@ -62,17 +63,10 @@ def box_profile(objects: pa.Table | None) -> dict | None:
             "size_shares": _shares(size_bins(boxes["area"]))}
 
 
-def _change(before: dict[str, float], after: dict[str, float]) -> tuple[dict, float]:
-    names = sorted(set(before) | set(after))
-    changes = {name: {"before": before.get(name, 0.0), "after": after.get(name, 0.0),
-                      "change": round(after.get(name, 0.0) - before.get(name, 0.0), 6)} for name in names}
-    return changes, round(0.5 * sum(abs(c["change"]) for c in changes.values()), 6)
-
-
 def compare_boxes(before: dict, after: dict, *, alarm_class_share_change: float) -> tuple[dict, list[str]]:
     """``drift.objects`` between two :func:`box_profile` s, and the alarm rules it fires."""
-    classes, class_tv = _change(before.get("class_shares", {}), after.get("class_shares", {}))
-    sizes, size_tv = _change(before.get("size_shares", {}), after.get("size_shares", {}))
+    classes, class_tv = shares_change(before.get("class_shares", {}), after.get("class_shares", {}))
+    sizes, size_tv = shares_change(before.get("size_shares", {}), after.get("size_shares", {}))
     out = {"boxes_before": before.get("boxes", 0), "boxes_after": after.get("boxes", 0),
            "classes": {"tv": class_tv, "shares": classes}, "sizes": {"tv": size_tv, "shares": sizes}}
     fired = []

@@ -17,12 +17,9 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from curation.config import ReportConfig
-from curation.index.source import as_source
 from curation.object_profile import annotated_ok_mask
 from curation.object_scores import OBJECT_FLAGS
-from curation.report.map import embed_sample, choose_map_rows
-from curation.session import run_tasks
-from curation.sizing import ClusterShape, gpu_request
+from curation.report.map import choose_map_rows, layout_in_task
 
 log = logging.getLogger(__name__)
 
@@ -38,7 +35,7 @@ def flagged_boxes(objects: pa.Table) -> np.ndarray:
 
 def box_map_coordinates(objects: pa.Table, vectors, config: ReportConfig) -> tuple[pa.Table, dict]:
     """``objects`` with ``x``, ``y`` for the plotted boxes, and a summary (``run.json`` →
-    ``map.boxes``). ``vectors``: the ok boxes' crop vectors by ``object_vector_id``."""
+    ``objects.map``). ``vectors``: the ok boxes' crop vectors by ``object_vector_id``."""
     start = time.perf_counter()
     vector_id = objects["object_vector_id"].to_numpy(zero_copy_only=False).astype(np.float64)
     usable = np.isfinite(vector_id) & annotated_ok_mask(objects).to_numpy(zero_copy_only=False)
@@ -50,9 +47,7 @@ def box_map_coordinates(objects: pa.Table, vectors, config: ReportConfig) -> tup
     if len(rows):
         ids = vector_id[rows].astype(np.int64)
         order = np.argsort(ids)
-        shape = ClusterShape.current()
-        request = shape.fit("the box map's UMAP task", cpus=1, gpus=gpu_request(shape))
-        xy, how = run_tasks(embed_sample, [(as_source(vectors), ids[order], config.map_method)], request=request)[0]
+        xy, how = layout_in_task(vectors, ids[order], config.map_method, what="the box map's UMAP task")
         coords[rows[order]] = xy
     has = np.isfinite(coords[:, 0])
     for name, column in (("x", coords[:, 0]), ("y", coords[:, 1])):

@@ -214,8 +214,16 @@ def embed_2d(x: np.ndarray, method: str, *, seed: int = SEED) -> tuple[np.ndarra
     return xy, f"UMAP ({backend}, after PCA to {reduced.shape[1]} dims)"
 
 
-def embed_sample(vectors, ids: np.ndarray, method: str) -> tuple[np.ndarray, str]:
+def _embed_sample(vectors, ids: np.ndarray, method: str) -> tuple[np.ndarray, str]:
     return embed_2d(vectors.take(ids), method)
+
+
+def layout_in_task(vectors, ids: np.ndarray, method: str, *, what: str) -> tuple[np.ndarray, str]:
+    """2-D coordinates of the vectors ``ids`` (sorted) in one Ray task sized for the map (on a
+    GPU worker when the cluster has one), and how they were made; ``what`` names the task."""
+    shape = ClusterShape.current()
+    request = shape.fit(what, cpus=1, gpus=gpu_request(shape))
+    return run_tasks(_embed_sample, [(as_source(vectors), ids, method)], request=request)[0]
 
 
 REUSE_MIN_SHARE = 0.5  # an incremental night keeps the previous layout when this share of the points had a place
@@ -314,10 +322,7 @@ def map_coordinates(samples: pa.Table, vectors, selections: dict[str, pa.Table],
             coords[rows] = known
             how = "the previous run's layout"
         else:
-            shape = ClusterShape.current()
-            request = shape.fit("the map's UMAP task", cpus=1, gpus=gpu_request(shape))
-            xy, how = run_tasks(embed_sample, [(as_source(vectors), ids[order], config.map_method)],
-                                request=request)[0]
+            xy, how = layout_in_task(vectors, ids[order], config.map_method, what="the map's UMAP task")
             coords[rows[order]] = xy
     has = np.isfinite(coords[:, 0])
     for name, column in (("x", coords[:, 0]), ("y", coords[:, 1])):
